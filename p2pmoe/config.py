@@ -1,0 +1,96 @@
+"""Run configuration: dataclass defaults < a TOML file < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to rerun a simulation; saved whole into summary.json."""
+
+    method: str = "fedavg"
+    data: str = "fmnist"
+    data_root: str | None = None
+    nodes: int = 10
+    partition: str = "dirichlet:0.5"
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    seed: int = 0
+    experts: int = 4
+    embed_dim: int = 64
+    expert_hidden: int = 64
+    gate: str = "dense"
+    top_k: int | None = None
+    eval_every: int = 1
+    threads: int = 0
+    out: str = "runs/latest"
+
+    def __post_init__(self) -> None:
+        positive = ("nodes", "rounds", "local_epochs", "batch_size", "experts", "embed_dim", "expert_hidden", "eval_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"config: lr must be > 0, got {self.lr}")
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Coerce a TOML or command-line value to the field's type, with an error naming the key."""
+    kind = _FIELD_TYPES[name]
+    if value is None:
+        return None
+    try:
+        if "int" in kind and "float" not in kind:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if "float" in kind:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config: {name} must be of type {kind}, got {value!r}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; unknown keys are an error (a typo must not be silently ignored)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - set(_FIELD_TYPES))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(_FIELD_TYPES)}")
+    return {name: _convert(name, value) for name, value in raw.items()}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per config field (dashes for underscores), plus --config FILE."""
+    parser.add_argument("--config", type=Path, help="TOML file with any of the options below")
+    for f in fields(RunConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=f"(default: {f.default})")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+    """Defaults, then the --config file, then explicit flags, then `overrides`."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_toml(args.config))
+    for name in _FIELD_TYPES:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = _convert(name, given)
+    values.update(overrides)
+    return dataclasses.replace(RunConfig(), **values)

@@ -1,0 +1,70 @@
+"""Image classification on one node: its train split, its own test split, the global test set."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from p2pmoe.eval.metrics import accuracy
+
+
+class ImageClassifierLearner:
+    """SGD training of any classifier module on in-memory image tensors.
+
+    Project decision: the optimiser (SGD with momentum) is rebuilt at the start of every
+    `train` call, so every method starts each round from the same optimiser state and no
+    momentum computed for weights that were since replaced by an aggregate carries over.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor],
+        global_test: tuple[torch.Tensor, torch.Tensor] | None = None,
+        batch_size: int = 64,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        seed: int = 0,
+    ) -> None:
+        if len(train[0]) == 0:
+            raise ValueError("a learner needs at least one training example")
+        self.model = model
+        self.train_x, self.train_y = train
+        self.test_x, self.test_y = test
+        self.global_test = global_test
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.num_train_examples = len(self.train_y)
+        self._shuffle = torch.Generator().manual_seed(seed)
+
+    def train(self, epochs: int) -> dict[str, float]:
+        optimiser = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
+        self.model.train()
+        total, batches = 0.0, 0
+        for _ in range(epochs):
+            order = torch.randperm(self.num_train_examples, generator=self._shuffle)
+            for start in range(0, self.num_train_examples, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                loss = F.cross_entropy(self.model(self.train_x[idx]), self.train_y[idx])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += float(loss)
+                batches += 1
+        return {"train_loss": total / max(batches, 1)}
+
+    @torch.no_grad()
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
+        self.model.eval()
+        preds = torch.cat([self.model(x[i : i + batch]).argmax(dim=1) for i in range(0, len(x), batch)])
+        return accuracy(preds, y)
+
+    def evaluate(self) -> dict[str, float]:
+        """Personalised accuracy (own test split) and, if given, accuracy on the global test set."""
+        metrics = {"accuracy": self._accuracy(self.test_x, self.test_y)} if len(self.test_y) else {}
+        if self.global_test is not None:
+            metrics["global_accuracy"] = self._accuracy(*self.global_test)
+        return metrics

@@ -1,0 +1,85 @@
+"""Byte accounting: every message a driver moves is one ledger row.
+
+Sizes are those of the encoded frames (header + payload), so the simulator and the daemon
+report the same numbers for the same messages.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from p2pmoe.fsio import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    round: int
+    src: str
+    dst: str
+    kind: str
+    header_bytes: int
+    payload_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.header_bytes + self.payload_bytes
+
+
+class ByteLedger:
+    """Append-only record of messages; summaries are derived, never stored twice."""
+
+    def __init__(self) -> None:
+        self.entries: list[LedgerEntry] = []
+
+    def record(self, round_index: int, src: str, dst: str, kind: str, header_bytes: int, payload_bytes: int) -> None:
+        self.entries.append(LedgerEntry(round_index, src, dst, kind, header_bytes, payload_bytes))
+
+    def totals(self) -> dict[str, object]:
+        """Bytes of all messages, split into header and payload and by message kind."""
+        by_kind: dict[str, int] = defaultdict(int)
+        for e in self.entries:
+            by_kind[e.kind] += e.total
+        return {
+            "total": sum(e.total for e in self.entries),
+            "header": sum(e.header_bytes for e in self.entries),
+            "payload": sum(e.payload_bytes for e in self.entries),
+            "messages": len(self.entries),
+            "by_kind": dict(sorted(by_kind.items())),
+        }
+
+    def node_traffic(self, node: str, round_index: int | None = None) -> dict[str, int]:
+        """Bytes `node` sent and received (in `round_index`, or in all rounds)."""
+        rows = [e for e in self.entries if round_index is None or e.round == round_index]
+        return {
+            "sent": sum(e.total for e in rows if e.src == node),
+            "received": sum(e.total for e in rows if e.dst == node),
+        }
+
+    def per_node_per_round(self, nodes: Iterable[str], rounds: int) -> dict[str, object]:
+        """Mean over `nodes` of bytes sent plus received per round, in all and by kind.
+
+        This is the figure a client pays per round: for FedAvg, one upload and one download.
+        """
+        nodes = list(nodes)
+        scale = 1.0 / (len(nodes) * rounds) if nodes and rounds else 0.0
+        members = set(nodes)
+        by_kind: dict[str, float] = defaultdict(float)
+        total = 0.0
+        for e in self.entries:
+            touches = (e.src in members) + (e.dst in members)
+            by_kind[e.kind] += touches * e.total * scale
+            total += touches * e.total * scale
+        return {"total": total, "by_kind": dict(sorted(by_kind.items()))}
+
+    def write_csv(self, path: Path) -> None:
+        """The ledger as CSV, one row per message, written atomically."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(LedgerEntry.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(e) for e in self.entries)
+        atomic_write_bytes(path, buffer.getvalue().encode())

@@ -1,0 +1,76 @@
+"""The sans-IO contract between a method and the driver that runs it.
+
+A method is plain synchronous code: events in (a round starts, a message arrives, a peer is
+lost, time is up), sends out. It never touches a socket, a clock or an event loop, so the
+daemon and the simulator run the very same objects (the way h11 keeps HTTP apart from I/O).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from p2pmoe.wire.messages import Message, Send
+
+
+class Learner(Protocol):
+    """A node's local model, data and training loop; methods decide what to share of it."""
+
+    model: nn.Module
+    num_train_examples: int
+
+    def train(self, epochs: int) -> dict[str, float]:
+        """Blocking local training; returns training statistics such as the mean loss."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics with lowercase names (accuracy, mrr, ndcg@10, ...)."""
+
+
+class Method(ABC):
+    """One node's role in a federated method.
+
+    Drivers call, each round r: `train_local(r)` (blocking, may run in a worker thread),
+    `start_round(r)`, then `on_message` for every delivery until `round_complete()`; if the
+    round's deadline passes first, `on_deadline(r)` lets the method go on with what it has.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+
+    def train_local(self, round_index: int) -> dict[str, float]:
+        """Local work before the round's exchange; nodes without data do nothing."""
+        return {}
+
+    @abstractmethod
+    def start_round(self, round_index: int) -> list[Send]:
+        """What to publish or request once local training is done."""
+
+    @abstractmethod
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        """Take in a validated message from `src`; answer with further sends."""
+
+    def on_peer_lost(self, peer: str) -> list[Send]:
+        """The driver gave up on `peer`; stop waiting for it."""
+        return []
+
+    def on_deadline(self, round_index: int) -> list[Send]:
+        """The round's time is up: finish it with whatever has arrived."""
+        return []
+
+    @abstractmethod
+    def round_complete(self) -> bool:
+        """True once this node has everything it needs from the current round."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of this node after the round; empty for nodes with no data (a server)."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything to checkpoint, as named tensors (the codec can carry it)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned."""

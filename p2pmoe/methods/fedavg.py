@@ -1,0 +1,124 @@
+"""FedAvg over the whole model: the byte-count baseline every other method is compared to.
+
+The server is one more node: it waits for every live client's weights, averages them weighted
+by the client's number of training examples and sends the average back to every client.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from p2pmoe.methods.base import Learner, Method
+from p2pmoe.methods.params import float_state, load_float_state, weighted_average
+from p2pmoe.wire.codec import ProtocolError, check_shapes
+from p2pmoe.wire.messages import Message, MessageKind, Send
+
+
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise ProtocolError(reason)
+
+
+class FedAvgClient(Method):
+    """Trains locally, uploads all floating-point weights, adopts the server's average."""
+
+    def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1) -> None:
+        super().__init__(node_id)
+        self.learner = learner
+        self.server_id = server_id
+        self.local_epochs = local_epochs
+        self._round = -1
+        self._synced = True
+
+    def train_local(self, round_index: int) -> dict[str, float]:
+        return self.learner.train(self.local_epochs)
+
+    def start_round(self, round_index: int) -> list[Send]:
+        self._round = round_index
+        self._synced = False
+        update = Message(
+            MessageKind.MODEL_UPDATE,
+            round_index,
+            float_state(self.learner.model),
+            {"num_examples": self.learner.num_train_examples},
+        )
+        return [Send(self.server_id, update)]
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        _expect(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
+        _expect(message.round == self._round, f"global model for round {message.round}, current round is {self._round}")
+        load_float_state(self.learner.model, message.tensors)
+        self._synced = True
+        return []
+
+    def on_deadline(self, round_index: int) -> list[Send]:
+        self._synced = True  # no average arrived in time: go on with the local weights
+        return []
+
+    def round_complete(self) -> bool:
+        return self._synced
+
+    def evaluate(self) -> dict[str, float]:
+        return self.learner.evaluate()
+
+
+class FedAvgServer(Method):
+    """Collects client weights for a round and broadcasts their weighted average."""
+
+    def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, torch.Tensor]) -> None:
+        super().__init__(node_id)
+        self.clients = list(clients)
+        self._shapes = {name: t.shape for name, t in template.items()}
+        self.global_state = {name: t.clone() for name, t in template.items()}
+        self._live = set(self.clients)
+        self._updates: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
+        self._round = -1
+        self._done = True
+
+    def start_round(self, round_index: int) -> list[Send]:
+        self._round = round_index
+        self._updates = {}
+        self._done = False
+        return []
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        _expect(message.kind == MessageKind.MODEL_UPDATE, f"server takes model_update, not {message.kind.value}")
+        _expect(src in self._live, f"{src} is not a client of this server")
+        _expect(message.round == self._round and not self._done, f"update for round {message.round}, server is at {self._round}")
+        count = message.meta.get("num_examples")
+        _expect(isinstance(count, int) and count > 0, "meta.num_examples must be a positive integer")
+        check_shapes(message.tensors, self._shapes)
+        self._updates[src] = (message.tensors, count)
+        return self._finish_if_ready()
+
+    def on_peer_lost(self, peer: str) -> list[Send]:
+        self._live.discard(peer)
+        self._updates.pop(peer, None)
+        return self._finish_if_ready()
+
+    def on_deadline(self, round_index: int) -> list[Send]:
+        return self._broadcast() if self._updates and not self._done else []
+
+    def round_complete(self) -> bool:
+        return self._done
+
+    def _finish_if_ready(self) -> list[Send]:
+        if self._done or not self._updates or set(self._updates) != self._live:
+            return []
+        return self._broadcast()
+
+    def _broadcast(self) -> list[Send]:
+        states, counts = zip(*self._updates.values())
+        self.global_state = weighted_average(states, counts)
+        self._done = True
+        message = Message(MessageKind.MODEL_GLOBAL, self._round, self.global_state)
+        return [Send(client, message) for client in self.clients if client in self._live]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.global_state)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        check_shapes(state, self._shapes)
+        self.global_state = dict(state)

@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+from p2pmoe.ledger import ByteLedger
+from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
+from p2pmoe.methods.local import LocalMethod
+from p2pmoe.methods.params import float_state, weighted_average
+from p2pmoe.sim.bus import InMemoryBus
+from p2pmoe.wire.codec import ProtocolError, encode, frame_sizes
+from p2pmoe.wire.messages import Message, MessageKind
+
+
+class ConstantLearner:
+    """A learner whose 'training' sets its weight to a fixed value: averages are then exact."""
+
+    def __init__(self, value: float, examples: int) -> None:
+        self.model = nn.Linear(3, 2)
+        self.value = value
+        self.num_train_examples = examples
+
+    def train(self, epochs: int) -> dict[str, float]:
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(self.value)
+        return {"train_loss": self.value}
+
+    def evaluate(self) -> dict[str, float]:
+        return {"accuracy": float(self.model.weight.mean())}
+
+
+def _fedavg(values, counts):
+    learners = [ConstantLearner(v, n) for v, n in zip(values, counts)]
+    ids = [f"c{i}" for i in range(len(learners))]
+    nodes = {"server": FedAvgServer("server", ids, float_state(learners[0].model))}
+    nodes.update({i: FedAvgClient(i, l, "server") for i, l in zip(ids, learners)})
+    return nodes, learners, ids
+
+
+def test_fedavg_gives_every_client_the_example_weighted_mean():
+    nodes, learners, _ = _fedavg([1.0, 4.0], [1, 2])
+    InMemoryBus(nodes).run_round(0)
+    for learner in learners:
+        assert torch.allclose(learner.model.weight, torch.full((2, 3), 3.0))
+
+
+def test_fedavg_ledger_counts_one_upload_and_one_download_per_client():
+    nodes, learners, ids = _fedavg([1.0, 2.0, 3.0], [1, 1, 1])
+    ledger = ByteLedger()
+    InMemoryBus(nodes, ledger).run_round(0)
+    kinds = [(e.src, e.dst, e.kind) for e in ledger.entries]
+    assert sorted(kinds) == sorted(
+        [(c, "server", "model_update") for c in ids] + [("server", c, "model_global") for c in ids]
+    )
+    update = encode("c0", Message(MessageKind.MODEL_UPDATE, 0, float_state(learners[0].model), {"num_examples": 1}))
+    assert ledger.entries[0].total == sum(frame_sizes(update))
+    assert ledger.entries[0].payload_bytes == 4 * (2 * 3 + 2)
+    per_client = ledger.per_node_per_round(ids, 1)["total"]
+    assert per_client == pytest.approx(sum(e.total for e in ledger.entries) / 3)
+
+
+def test_server_finishes_the_round_without_a_lost_client():
+    nodes, learners, ids = _fedavg([1.0, 5.0, 9.0], [1, 1, 1])
+    server = nodes["server"]
+    server.start_round(0)
+    sends = server.on_message("c0", nodes["c0"].start_round(0)[0].message)
+    sends += server.on_message("c1", nodes["c1"].start_round(0)[0].message)
+    assert sends == [] and not server.round_complete()
+    sends = server.on_peer_lost("c2")
+    assert server.round_complete()
+    assert sorted(s.dst for s in sends) == ["c0", "c1"]
+
+
+def test_server_on_deadline_averages_what_arrived():
+    nodes, learners, ids = _fedavg([2.0, 8.0], [1, 1])
+    for learner in learners:
+        learner.train(1)
+    server = nodes["server"]
+    server.start_round(0)
+    server.on_message("c0", nodes["c0"].start_round(0)[0].message)
+    sends = server.on_deadline(0)
+    assert {s.dst for s in sends} == {"c0", "c1"}
+    assert torch.allclose(sends[0].message.tensors["weight"], torch.full((2, 3), 2.0))
+
+
+def test_server_rejects_bad_updates_and_keeps_its_state():
+    nodes, learners, _ = _fedavg([1.0, 1.0], [1, 1])
+    server = nodes["server"]
+    before = {k: v.clone() for k, v in server.state_dict().items()}
+    server.start_round(0)
+    wrong_shape = Message(MessageKind.MODEL_UPDATE, 0, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, {"num_examples": 1})
+    with pytest.raises(ProtocolError, match="shape"):
+        server.on_message("c0", wrong_shape)
+    good = nodes["c0"].start_round(0)[0].message
+    with pytest.raises(ProtocolError, match="not a client"):
+        server.on_message("mallory", good)
+    with pytest.raises(ProtocolError, match="round"):
+        server.on_message("c0", Message(MessageKind.MODEL_UPDATE, 5, good.tensors, good.meta))
+    with pytest.raises(ProtocolError, match="num_examples"):
+        server.on_message("c0", Message(MessageKind.MODEL_UPDATE, 0, good.tensors, {"num_examples": -3}))
+    assert all(torch.equal(before[k], v) for k, v in server.state_dict().items())
+
+
+def test_client_ignores_nothing_silently():
+    nodes, _, _ = _fedavg([1.0], [1])
+    client = nodes["c0"]
+    client.start_round(0)
+    with pytest.raises(ProtocolError, match="unexpected"):
+        client.on_message("c9", Message(MessageKind.MODEL_GLOBAL, 0, {}))
+
+
+def test_local_sends_nothing_and_completes_at_once():
+    node = LocalMethod("a", ConstantLearner(2.0, 1))
+    ledger = ByteLedger()
+    stats = InMemoryBus({"a": node}, ledger).run_round(0)
+    assert stats == {"a": {"train_loss": 2.0}} and ledger.entries == []
+
+
+def test_weighted_average_rejects_mismatched_states():
+    with pytest.raises(ProtocolError):
+        weighted_average([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], [1, 1])
+    with pytest.raises(ValueError):
+        weighted_average([{"a": torch.zeros(1)}], [0])
