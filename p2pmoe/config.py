@@ -31,6 +31,7 @@ class RunConfig:
     gate: str = "dense"
     top_k: int | None = None
     eval_every: int = 1
+    max_train_per_node: int | None = None
     threads: int = 0
     out: str = "runs/latest"
 
@@ -39,6 +40,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_per_node is not None and self.max_train_per_node < 1:
+            raise ValueError(f"config: max_train_per_node must be >= 1, got {self.max_train_per_node}")
         if self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}")
 

@@ -56,6 +56,9 @@ def build_image_learners(cfg: RunConfig) -> list[Learner]:
         torch.manual_seed(cfg.seed)
         model = build_image_model(cfg, data)
         train_idx, test_idx = torch.from_numpy(split.train), torch.from_numpy(split.test)
+        if cfg.max_train_per_node is not None and len(train_idx) > cfg.max_train_per_node:
+            keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + k))
+            train_idx = train_idx[keep[: cfg.max_train_per_node]].sort().values
         learners.append(
             ImageClassifierLearner(
                 model,

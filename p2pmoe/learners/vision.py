@@ -52,7 +52,7 @@ class ImageClassifierLearner:
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                total += float(loss)
+                total += float(loss.detach())
                 batches += 1
         return {"train_loss": total / max(batches, 1)}
 

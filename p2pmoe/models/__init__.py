@@ -1,0 +1,28 @@
+"""Models shared by the methods: sequence encoders, gates, experts, mixtures, LoRA, a CNN."""
+
+from p2pmoe.models.cnn import CNNEmbedder
+from p2pmoe.models.experts import MLP, MLPExpert
+from p2pmoe.models.gates import GATE_KINDS, DenseGate, Gate, NoisyGate, TopKGate, make_gate
+from p2pmoe.models.lora import LoRALinear, apply_lora
+from p2pmoe.models.mmoe import MMoE
+from p2pmoe.models.moe import MixtureOfExperts, MoEClassifier
+from p2pmoe.models.sasrec import SASRec, SASRecEncoder
+
+__all__ = [
+    "CNNEmbedder",
+    "DenseGate",
+    "GATE_KINDS",
+    "Gate",
+    "LoRALinear",
+    "MLP",
+    "MLPExpert",
+    "MMoE",
+    "MixtureOfExperts",
+    "MoEClassifier",
+    "NoisyGate",
+    "SASRec",
+    "SASRecEncoder",
+    "TopKGate",
+    "apply_lora",
+    "make_gate",
+]

