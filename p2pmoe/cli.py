@@ -5,37 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
 from p2pmoe.data.errors import DataFormatError, DataNotFoundError
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain-text table with right-aligned numbers, for terminals and READMEs alike."""
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        if isinstance(value, int):
-            return f"{value:,}"
-        return str(value)
-
-    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
-
-
-def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The columns every results table shows for one run."""
-    return {
-        "method": summary["method"],
-        **summary["metrics"],
-        "MB/node/round": summary["bytes"]["per_node_per_round"]["total"] / 1e6,
-        "total MB": summary["bytes"]["total"] / 1e6,
-        "wall s": summary["wall_seconds"],
-    }
+from p2pmoe.report import format_table, summary_row
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -77,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="Local vs FedAvg on Fashion-MNIST, with a results table")
     add_config_arguments(demo)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.set_defaults(handler=_demo, rounds="10", out="runs/demo")
+    demo.set_defaults(handler=_demo, rounds="5", out="runs/demo")
     return parser
 
 

@@ -28,6 +28,12 @@ class ConstantLearner:
     def evaluate(self) -> dict[str, float]:
         return {"accuracy": float(self.model.weight.mean())}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return float_state(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
 
 def _fedavg(values, counts):
     learners = [ConstantLearner(v, n) for v, n in zip(values, counts)]
@@ -121,3 +127,14 @@ def test_weighted_average_rejects_mismatched_states():
         weighted_average([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], [1, 1])
     with pytest.raises(ValueError):
         weighted_average([{"a": torch.zeros(1)}], [0])
+
+
+def test_server_counts_on_a_rejoined_client_again():
+    nodes, learners, ids = _fedavg([1.0, 3.0], [1, 1])
+    server = nodes["server"]
+    server.on_peer_lost("c1")
+    server.on_peer_joined("c1")
+    server.on_peer_joined("mallory")
+    server.start_round(0)
+    assert server.on_message("c0", nodes["c0"].start_round(0)[0].message) == []
+    assert len(server.on_message("c1", nodes["c1"].start_round(0)[0].message)) == 2

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from p2pmoe.eval.metrics import accuracy
+from p2pmoe.methods.params import float_state, load_float_state
 
 
 class ImageClassifierLearner:
@@ -55,6 +56,15 @@ class ImageClassifierLearner:
                 total += float(loss.detach())
                 batches += 1
         return {"train_loss": total / max(batches, 1)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Model weights and the shuffling RNG: enough to resume training exactly."""
+        return {**{f"model.{k}": v for k, v in float_state(self.model).items()}, "rng": self._shuffle.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_dict()` output; shapes are checked before anything changes."""
+        load_float_state(self.model, {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+        self._shuffle.set_state(state["rng"])
 
     @torch.no_grad()
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:

@@ -28,6 +28,12 @@ class Learner(Protocol):
     def evaluate(self) -> dict[str, float]:
         """Metrics with lowercase names (accuracy, mrr, ndcg@10, ...)."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume local training, as named tensors."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned."""
+
 
 class Method(ABC):
     """One node's role in a federated method.
@@ -52,6 +58,10 @@ class Method(ABC):
     def on_message(self, src: str, message: Message) -> list[Send]:
         """Take in a validated message from `src`; answer with further sends."""
 
+    def on_peer_joined(self, peer: str) -> list[Send]:
+        """`peer` is (back) in the membership table; count on it again."""
+        return []
+
     def on_peer_lost(self, peer: str) -> list[Send]:
         """The driver gave up on `peer`; stop waiting for it."""
         return []
@@ -74,3 +84,24 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state_dict` returned."""
+
+
+class LearnerMethod(Method):
+    """A method whose node owns a Learner: training, evaluation and checkpoints delegate to it."""
+
+    def __init__(self, node_id: str, learner: Learner, local_epochs: int = 1) -> None:
+        super().__init__(node_id)
+        self.learner = learner
+        self.local_epochs = local_epochs
+
+    def train_local(self, round_index: int) -> dict[str, float]:
+        return self.learner.train(self.local_epochs)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.learner.evaluate()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.learner.load_state_dict(state)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from p2pmoe.methods.base import Learner, Method
+from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.params import float_state, load_float_state, weighted_average
 from p2pmoe.wire.codec import ProtocolError, check_shapes
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -21,19 +21,14 @@ def _expect(condition: bool, reason: str) -> None:
         raise ProtocolError(reason)
 
 
-class FedAvgClient(Method):
+class FedAvgClient(LearnerMethod):
     """Trains locally, uploads all floating-point weights, adopts the server's average."""
 
     def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1) -> None:
-        super().__init__(node_id)
-        self.learner = learner
+        super().__init__(node_id, learner, local_epochs)
         self.server_id = server_id
-        self.local_epochs = local_epochs
         self._round = -1
         self._synced = True
-
-    def train_local(self, round_index: int) -> dict[str, float]:
-        return self.learner.train(self.local_epochs)
 
     def start_round(self, round_index: int) -> list[Send]:
         self._round = round_index
@@ -59,9 +54,6 @@ class FedAvgClient(Method):
 
     def round_complete(self) -> bool:
         return self._synced
-
-    def evaluate(self) -> dict[str, float]:
-        return self.learner.evaluate()
 
 
 class FedAvgServer(Method):
@@ -92,6 +84,11 @@ class FedAvgServer(Method):
         check_shapes(message.tensors, self._shapes)
         self._updates[src] = (message.tensors, count)
         return self._finish_if_ready()
+
+    def on_peer_joined(self, peer: str) -> list[Send]:
+        if peer in self.clients:
+            self._live.add(peer)
+        return []
 
     def on_peer_lost(self, peer: str) -> list[Send]:
         self._live.discard(peer)

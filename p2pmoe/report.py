@@ -1,0 +1,46 @@
+"""Results tables and benchmark rows, shared by the command line and bench/ scripts."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table with right-aligned numbers, for terminals and READMEs alike."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The columns every results table shows for one run."""
+    return {
+        "method": summary["method"],
+        **summary["metrics"],
+        "MB/node/round": summary["bytes"]["per_node_per_round"]["total"] / 1e6,
+        "total MB": summary["bytes"]["total"] / 1e6,
+        "wall s": summary["wall_seconds"],
+    }
+
+
+def bench_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The row bench/results/<benchmark>.json keeps for one run: method, data, metrics,
+    bytes (totals and per node per round, by message kind) and the full setting."""
+    return {
+        "method": summary["method"],
+        "data": summary["data"],
+        "metrics": summary["metrics"],
+        "metrics_spread": summary["metrics_spread"],
+        "bytes": summary["bytes"],
+        "wall_seconds": summary["wall_seconds"],
+        "setting": summary["setting"],
+    }
