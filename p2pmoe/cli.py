@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
@@ -39,6 +41,48 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import torch
+
+    from p2pmoe.node.config import load_node_config
+    from p2pmoe.node.daemon import NodeDaemon
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_node_config(args.config)
+    if cfg.experiment.threads:
+        torch.set_num_threads(cfg.experiment.threads)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(NodeDaemon(cfg).run())
+    return 0
+
+
+def _swarm(args: argparse.Namespace) -> int:
+    from p2pmoe.node.config import Timing
+    from p2pmoe.node.swarm import run_swarm
+
+    timing = Timing(round_deadline=args.round_deadline, startup=args.startup, linger=args.linger)
+    summary = run_swarm(config_from_args(args), timing)
+    row = summary_row(summary)
+    print(format_table([row], list(row)))
+    print(f"run folder: {summary['setting']['out']}")
+    return 0 if all(code == 0 for code in summary["exit_codes"].values()) else 1
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from p2pmoe.node.security import write_keys
+
+    for path in write_keys(args.out, args.names):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(demo)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_demo, rounds="5", out="runs/demo")
+    node = sub.add_parser("node", help="run one node daemon from its config file")
+    node.add_argument("--config", type=Path, required=True, help="node TOML (see peers/README.md)")
+    node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    node.set_defaults(handler=_node)
+
+    swarm = sub.add_parser("swarm", help="run every node as a real daemon process on loopback")
+    add_config_arguments(swarm)
+    swarm.add_argument("--round-deadline", type=float, default=120.0, help="seconds a node waits for a round's messages")
+    swarm.add_argument("--startup", type=float, default=60.0, help="seconds to wait for peers before round 0")
+    swarm.add_argument("--linger", type=float, default=30.0, help="seconds a finished node keeps serving peers")
+    swarm.set_defaults(handler=_swarm)
+
+    keys = sub.add_parser("keys", help="write CURVE key pairs for node names")
+    keys.add_argument("--out", type=Path, required=True)
+    keys.add_argument("names", nargs="+")
+    keys.set_defaults(handler=_keys)
     return parser
 
 

@@ -49,7 +49,7 @@ class RunConfig:
 _FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
 
 
-def _convert(name: str, value: Any) -> Any:
+def convert_value(name: str, value: Any) -> Any:
     """Coerce a TOML or command-line value to the field's type, with an error naming the key."""
     kind = _FIELD_TYPES[name]
     if value is None:
@@ -76,7 +76,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(_FIELD_TYPES))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(_FIELD_TYPES)}")
-    return {name: _convert(name, value) for name, value in raw.items()}
+    return {name: convert_value(name, value) for name, value in raw.items()}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +94,6 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     for name in _FIELD_TYPES:
         given = getattr(args, name, None)
         if given is not None:
-            values[name] = _convert(name, given)
+            values[name] = convert_value(name, given)
     values.update(overrides)
     return dataclasses.replace(RunConfig(), **values)

@@ -46,56 +46,68 @@ def build_image_model(cfg: RunConfig, data: ImageDataset) -> torch.nn.Module:
     return MoEClassifier(embedder, cfg.embed_dim, cfg.experts, cfg.expert_hidden, data.num_classes, gate=cfg.gate, top_k=cfg.top_k)
 
 
-def build_image_learners(cfg: RunConfig) -> list[Learner]:
-    """Partition the image data set and give each client a learner with identically
+def build_image_learners(cfg: RunConfig, indices: list[int]) -> dict[int, Learner]:
+    """Partition the image data set and give clients `indices` learners with identically
     initialised weights (the shared starting point every federated method assumes)."""
     data = load_image_dataset(cfg.data, cfg.data_root)
     splits = partition_clients(data.train_y.numpy(), data.test_y.numpy(), cfg.nodes, cfg.partition, cfg.seed)
-    learners: list[Learner] = []
-    for k, split in enumerate(splits):
+    learners: dict[int, Learner] = {}
+    for k in indices:
+        split = splits[k]
         torch.manual_seed(cfg.seed)
         model = build_image_model(cfg, data)
         train_idx, test_idx = torch.from_numpy(split.train), torch.from_numpy(split.test)
         if cfg.max_train_per_node is not None and len(train_idx) > cfg.max_train_per_node:
             keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + k))
             train_idx = train_idx[keep[: cfg.max_train_per_node]].sort().values
-        learners.append(
-            ImageClassifierLearner(
-                model,
-                (data.train_x[train_idx], data.train_y[train_idx]),
-                (data.test_x[test_idx], data.test_y[test_idx]),
-                global_test=(data.test_x, data.test_y),
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                seed=cfg.seed * 1000 + k,
+        learners[k] = ImageClassifierLearner(
+            model,
+            (data.train_x[train_idx], data.train_y[train_idx]),
+            (data.test_x[test_idx], data.test_y[test_idx]),
+            global_test=(data.test_x, data.test_y),
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            seed=cfg.seed * 1000 + k,
             )
-        )
     return learners
 
 
-def _local(cfg: RunConfig, ids: list[str], learners: list[Learner]) -> dict[str, Method]:
-    return {node: LocalMethod(node, learner, cfg.local_epochs) for node, learner in zip(ids, learners)}
+def _local(cfg: RunConfig, ids: list[str], wanted: set[str]) -> dict[str, Method]:
+    learners = build_image_learners(cfg, [k for k, node in enumerate(ids) if node in wanted])
+    return {ids[k]: LocalMethod(ids[k], learner, cfg.local_epochs) for k, learner in learners.items()}
 
 
-def _fedavg(cfg: RunConfig, ids: list[str], learners: list[Learner]) -> dict[str, Method]:
-    nodes: dict[str, Method] = {SERVER_ID: FedAvgServer(SERVER_ID, ids, float_state(learners[0].model))}
-    nodes.update({node: FedAvgClient(node, learner, SERVER_ID, cfg.local_epochs) for node, learner in zip(ids, learners)})
+def _fedavg(cfg: RunConfig, ids: list[str], wanted: set[str]) -> dict[str, Method]:
+    indices = [k for k, node in enumerate(ids) if node in wanted]
+    learners = build_image_learners(cfg, indices or [0])  # the server needs one model as its template
+    nodes: dict[str, Method] = {}
+    if SERVER_ID in wanted:
+        nodes[SERVER_ID] = FedAvgServer(SERVER_ID, ids, float_state(next(iter(learners.values())).model))
+    nodes.update({ids[k]: FedAvgClient(ids[k], learners[k], SERVER_ID, cfg.local_epochs) for k in indices})
     return nodes
 
 
-METHODS: dict[str, Callable[[RunConfig, list[str], list[Learner]], dict[str, Method]]] = {
-    "local": _local,
-    "fedavg": _fedavg,
-}
+MethodBuilder = Callable[[RunConfig, list[str], set[str]], dict[str, Method]]
+METHODS: dict[str, MethodBuilder] = {"local": _local, "fedavg": _fedavg}
+SERVER_METHODS = {"fedavg"}
 
 
-def build_experiment(cfg: RunConfig) -> Experiment:
-    """Load data, build learners and wrap each in the configured method."""
+def node_ids(cfg: RunConfig) -> list[str]:
+    """Every node a run of `cfg` has: the clients, then the server if the method needs one."""
+    return client_ids(cfg.nodes) + ([SERVER_ID] if cfg.method in SERVER_METHODS else [])
+
+
+def build_experiment(cfg: RunConfig, only: str | None = None) -> Experiment:
+    """Load data, build learners and wrap each in the configured method; with `only`, build
+    just that node (what one daemon process needs)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {sorted(METHODS)}")
     if cfg.data not in IMAGE_DATA:
         raise ValueError(f"unknown data {cfg.data!r}; choose from {list(IMAGE_DATA)}")
-    learners = build_image_learners(cfg)
     ids = client_ids(cfg.nodes)
-    return Experiment(METHODS[cfg.method](cfg, ids, learners), ids)
+    everyone = node_ids(cfg)
+    if only is not None and only not in everyone:
+        raise ValueError(f"node {only!r} is not part of this run; its nodes are {everyone}")
+    wanted = set(everyone) if only is None else {only}
+    return Experiment(METHODS[cfg.method](cfg, ids, wanted), [node for node in ids if node in wanted])

@@ -6,14 +6,9 @@ report the same numbers for the same messages.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterable
-
-from p2pmoe.fsio import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -75,11 +70,3 @@ class ByteLedger:
             by_kind[e.kind] += touches * e.total * scale
             total += touches * e.total * scale
         return {"total": total, "by_kind": dict(sorted(by_kind.items()))}
-
-    def write_csv(self, path: Path) -> None:
-        """The ledger as CSV, one row per message, written atomically."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(LedgerEntry.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(asdict(e) for e in self.entries)
-        atomic_write_bytes(path, buffer.getvalue().encode())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import statistics
 import time
 from typing import Any
 
@@ -13,23 +11,8 @@ from tqdm import tqdm
 from p2pmoe.config import RunConfig
 from p2pmoe.experiment import build_experiment
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.runs import RunFolder
+from p2pmoe.runs import RunFolder, make_summary, summarise_metrics
 from p2pmoe.sim.bus import InMemoryBus
-
-
-def summarise_metrics(per_node: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Mean over nodes of each metric, and its spread (std, min, max) over nodes."""
-    names = sorted({name for metrics in per_node.values() for name in metrics})
-    means, spread = {}, {}
-    for name in names:
-        values = [m[name] for m in per_node.values() if name in m]
-        means[name] = statistics.fmean(values)
-        spread[name] = {
-            "std": statistics.pstdev(values),
-            "min": min(values),
-            "max": max(values),
-        }
-    return means, spread
 
 
 def run_simulation(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -55,18 +38,7 @@ def run_simulation(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         if evaluate and last_eval:
             means, _ = summarise_metrics(last_eval)
             rounds.set_postfix({name: f"{value:.4f}" for name, value in means.items()})
-    means, spread = summarise_metrics(last_eval)
-    summary = {
-        "method": cfg.method,
-        "data": cfg.data,
-        "nodes": cfg.nodes,
-        "rounds": cfg.rounds,
-        "seed": cfg.seed,
-        "metrics": means,
-        "metrics_spread": spread,
-        "bytes": {**ledger.totals(), "per_node_per_round": ledger.per_node_per_round(experiment.clients, cfg.rounds)},
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        "setting": dataclasses.asdict(cfg),
-    }
-    folder.finish(summary, ledger)
+    summary = make_summary(cfg, last_eval, ledger, experiment.clients, time.perf_counter() - started)
+    folder.log_messages(ledger.entries)
+    folder.finish(summary)
     return summary

@@ -1,0 +1,139 @@
+"""`p2pmoe swarm`: N real daemon processes on loopback, then one run folder for all of them.
+
+Each node gets a generated config, its own process (one torch thread each) and its own
+folder under <out>/nodes/<id>; when all exit, their metrics and ledgers are merged into the
+same summary.json / metrics.jsonl / ledger.csv that `p2pmoe simulate` writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pmoe.config import RunConfig
+from p2pmoe.experiment import SERVER_ID, SERVER_METHODS, client_ids, node_ids
+from p2pmoe.ledger import ByteLedger
+from p2pmoe.node.config import Timing
+from p2pmoe.runs import RunFolder, make_summary
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel says are free on 127.0.0.1 right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def peer_map(cfg: RunConfig, addresses: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Who talks to whom: clients and their server in server-mediated methods, everyone
+    otherwise."""
+    if cfg.method in SERVER_METHODS:
+        clients = client_ids(cfg.nodes)
+        peers = {c: {SERVER_ID: addresses[SERVER_ID]} for c in clients}
+        peers[SERVER_ID] = {c: addresses[c] for c in clients}
+        return peers
+    return {n: {p: a for p, a in addresses.items() if p != n} for n in addresses}
+
+
+def write_node_configs(cfg: RunConfig, out: Path, timing: Timing) -> dict[str, Path]:
+    """One node.toml per node under <out>/nodes/<id>/, addresses on free loopback ports."""
+    ids = node_ids(cfg)
+    addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
+    experiment = dataclasses.replace(cfg, threads=1, out=str(out))
+    paths = {}
+    for node, peers in peer_map(cfg, addresses).items():
+        folder = out / "nodes" / node
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [f'node_id = "{node}"', f'bind = "{addresses[node]}"', 'out = "."', "", "[peers]"]
+        lines += [f'"{p}" = "{a}"' for p, a in peers.items()]
+        lines += ["", "[timing]"] + [f"{k} = {v}" for k, v in dataclasses.asdict(timing).items()]
+        lines += ["", "[experiment]"] + [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(experiment).items() if v is not None]
+        (folder / "node.toml").write_text("\n".join(lines) + "\n")
+        paths[node] = folder / "node.toml"
+    return paths
+
+
+def start_node(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Launch `p2pmoe node --config config` as a child process with one torch thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "p2pmoe.cli", "node", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def merge_run(cfg: RunConfig, out: Path, wall_seconds: float) -> dict[str, Any]:
+    """Combine every node's metrics.jsonl and ledger.csv into the run folder's own files."""
+    rows: list[dict[str, Any]] = []
+    ledger = ByteLedger()
+    for folder in sorted((out / "nodes").iterdir()):
+        metrics = folder / "metrics.jsonl"
+        if metrics.exists():
+            rows += [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        ledger_csv = folder / "ledger.csv"
+        if ledger_csv.exists():
+            with open(ledger_csv, newline="") as handle:
+                for r in csv.DictReader(handle):
+                    ledger.record(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]))
+    clients = client_ids(cfg.nodes)
+    last: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["round"]):
+        if row["node"] in clients:
+            last[row["node"]] = row
+    metric_names = {k for row in last.values() for k in row} - {"round", "node", "train_loss", "bytes_sent"}
+    last_eval = {node: {k: v for k, v in row.items() if k in metric_names} for node, row in last.items()}
+    folder = RunFolder(out)
+    for row in sorted(rows, key=lambda r: (r["round"], r["node"])):
+        folder.log(row)
+    folder.log_messages(ledger.entries)
+    summary = make_summary(cfg, last_eval, ledger, clients, wall_seconds)
+    summary["driver"] = "swarm"
+    summary["nodes_finished"] = sorted(last)
+    folder.finish(summary)
+    return summary
+
+
+def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None) -> dict[str, Any]:
+    """Start every node, wait for all (killing stragglers after `timeout`), merge results."""
+    out = Path(cfg.out)
+    started = time.perf_counter()
+    configs = write_node_configs(cfg, out, timing)
+    procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
+    budget = timeout or timing.startup + cfg.rounds * timing.round_deadline + timing.linger + 60
+    deadline = time.monotonic() + budget
+    try:
+        for node, proc in procs.items():
+            remaining = max(deadline - time.monotonic(), 0.1)
+            try:
+                proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                print(f"swarm: {node} still running after {budget:.0f}s; stopping it", file=sys.stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    failed = {node: proc.returncode for node, proc in procs.items() if proc.returncode != 0}
+    summary = merge_run(cfg, out, time.perf_counter() - started)
+    summary["exit_codes"] = {node: proc.returncode for node, proc in procs.items()}
+    if failed:
+        print(f"swarm: nodes exited with errors {failed}; see {out}/nodes/<id>/node.log", file=sys.stderr)
+    return summary

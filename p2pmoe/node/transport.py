@@ -1,0 +1,409 @@
+"""The node's ZeroMQ transport: one ROUTER that peers and clients connect to, one DEALER per
+configured peer, every incoming message validated before anyone sees it.
+
+Routing. Our DEALERs carry `ROUTING_ID = node_id`, so a peer's ROUTER knows who is speaking.
+`send(dst)` goes over our DEALER to `dst` when `dst` is a configured peer, else back through
+our ROUTER to the connection whose routing id is `dst` and which has sent us a valid message:
+a plain pyzmq DEALER client that sets `ROUTING_ID` to the node id it puts in its headers gets
+replies on its own connection.
+
+Trust. A peer is untrusted input. Each multipart goes through `codec.decode`; the header's
+`src` must equal the connection's identity (the routing id on the ROUTER, the peer on a
+DEALER) and, with CURVE, the node id that the sender's key is listed under. A bad message is
+logged, answered with an ERROR message when it came on the ROUTER, and never returned.
+
+Flow control. High-water marks count messages, not bytes. Frames of 64 KB or more are sent
+zero-copy with a MessageTracker (and a message of 64 KB or more always has at least one
+tracked frame); a message counts as in flight until libzmq has released all its tracked
+frames, i.e. handed them to the kernel. `send` waits while a destination has more than
+`max_inflight_bytes` in flight. Messages under 64 KB are copied, not tracked, and bounded in
+number by the high-water mark.
+
+Tensors are sent zero-copy: do not modify a sent tensor in place until `in_flight(dst)` says
+its bytes have left (send copies, e.g. `state_dict` clones, when training continues).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from collections import defaultdict, deque
+from typing import Callable, Sequence
+
+import zmq
+import zmq.asyncio
+
+from p2pmoe.ledger import ByteLedger
+from p2pmoe.node.security import CurveGuard, CurveSettings
+from p2pmoe.wire.codec import DEFAULT_LIMITS, Envelope, Limits, ProtocolError, decode, encode, frame_sizes
+from p2pmoe.wire.messages import Message, MessageKind
+
+log = logging.getLogger("p2pmoe.transport")
+
+ZERO_COPY_BYTES = 64 * 1024  # below this, copying a frame is cheaper than sharing it
+HWM = 1000  # messages queued per connection and direction
+LINGER_MS = 200  # how long close() lets queued messages drain
+DECODE_IN_THREAD_BYTES = 1 << 20  # bigger messages are decoded off the event loop
+INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
+MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
+_REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
+
+
+class TransportError(RuntimeError):
+    """Base of the transport's own errors."""
+
+
+class PeerUnreachable(TransportError):
+    """No route to the destination, or no connection took the message in time."""
+
+
+class SendTimeout(TransportError):
+    """The destination kept more than `max_inflight_bytes` in flight for `send_timeout` seconds."""
+
+
+class RequestTimeout(TransportError):
+    """A request got no reply after all its tries."""
+
+
+class TransportClosed(TransportError):
+    """The transport was closed."""
+
+
+@dataclasses.dataclass
+class _Hold:
+    nbytes: int
+    tracker: zmq.MessageTracker | None = None  # None while the message is being handed over
+
+
+class _InFlight:
+    """Bytes handed to libzmq for one destination and not yet released by it."""
+
+    def __init__(self) -> None:
+        self._holds: list[_Hold] = []
+
+    def total(self) -> int:
+        self._holds = [h for h in self._holds if h.tracker is None or not h.tracker.done]
+        return sum(h.nbytes for h in self._holds)
+
+    async def wait_for_room(self, nbytes: int, limit: int, timeout: float, dst: str) -> _Hold:
+        """Reserve `nbytes` once they fit under `limit` (or nothing else is in flight)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.0005
+        while (used := self.total()) and used + nbytes > limit:
+            if loop.time() >= deadline:
+                raise SendTimeout(f"{dst!r} still has {used} bytes in flight after {timeout}s (limit {limit})")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.02)
+        hold = _Hold(nbytes)
+        self._holds.append(hold)
+        return hold
+
+    def settle(self, hold: _Hold, tracker: zmq.MessageTracker | None) -> None:
+        """The message of `hold` was handed over: track it, or forget it if it was copied."""
+        if tracker is None:
+            self.release(hold)
+        else:
+            hold.tracker = tracker
+
+    def release(self, hold: _Hold) -> None:
+        self._holds.remove(hold)
+
+
+def _zmq_parts(frames: Sequence[bytes | memoryview]) -> tuple[list[bytes | memoryview | zmq.Frame], zmq.MessageTracker | None]:
+    """Frames to hand to `send_multipart(copy=True)`: big ones wrapped as tracked zero-copy Frames.
+
+    The caller must drop the returned parts after sending: a tracker completes only once no
+    Python Frame refers to the buffer any more.
+    """
+    parts: list[bytes | memoryview | zmq.Frame] = list(frames)
+    shared = [i for i, f in enumerate(frames) if len(f) >= ZERO_COPY_BYTES]
+    if not shared and sum(len(f) for f in frames) >= ZERO_COPY_BYTES:
+        shared = [len(frames) - 1]  # libzmq releases the last frame after all earlier ones
+    tracked = [zmq.Frame(frames[i], copy=False, track=True) for i in shared]
+    for i, frame in zip(shared, tracked):
+        parts[i] = frame
+    return parts, (zmq.MessageTracker(*tracked) if tracked else None)
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+@dataclasses.dataclass
+class _Peer:
+    address: str
+    socket: zmq.asyncio.Socket
+    pump: asyncio.Task[None]
+
+
+class Transport:
+    """Sends and receives validated protocol messages for one node.
+
+    Create it inside a running event loop (it starts reader tasks and, with CURVE, the ZAP
+    handler); `close()` it, or use `async with`.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        bind: str,
+        limits: Limits = DEFAULT_LIMITS,
+        ledger: ByteLedger | None = None,
+        curve: CurveSettings | None = None,
+        max_inflight_bytes: int = 64 * 2**20,
+        round_of: Callable[[], int] | None = None,
+        send_timeout: float = 10.0,
+    ) -> None:
+        asyncio.get_running_loop()  # fail early and clearly outside a coroutine
+        self.node_id = node_id
+        self.limits = limits
+        self.ledger = ledger
+        self.max_inflight_bytes = max_inflight_bytes
+        self.send_timeout = send_timeout
+        self.bytes_received: dict[str, int] = defaultdict(int)
+        self._round_of = round_of or (lambda: 0)
+        self._context = zmq.asyncio.Context()
+        self._guard = CurveGuard(curve, self._context) if curve else None  # before bind: see CurveGuard
+        self._peers: dict[str, _Peer] = {}
+        self._contacts: set[str] = set()
+        self._inflight: dict[str, _InFlight] = defaultdict(_InFlight)
+        self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue(INBOX_MESSAGES)
+        self._waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        self._finished_requests: deque[tuple[str, int]] = deque(maxlen=_REMEMBERED_REQUESTS)
+        self._closed = False
+
+        self._router = self._socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self._guard:
+            self._guard.serve(self._router)
+        self._router.bind(bind)
+        self.address: str = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._router_pump = asyncio.create_task(self._pump(self._router, None), name=f"{node_id}-router")
+        if not self._guard:
+            log.warning(
+                "traffic is NOT encrypted or authenticated: node %r at %s runs without CURVE keys; "
+                "anyone who can reach it can read its messages and speak as any node", node_id, self.address,
+            )
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        socket = self._context.socket(kind)
+        socket.setsockopt(zmq.LINGER, LINGER_MS)
+        socket.setsockopt(zmq.SNDHWM, HWM)
+        socket.setsockopt(zmq.RCVHWM, HWM)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + self.limits.max_header_bytes)
+        return socket
+
+    # -- peers ---------------------------------------------------------------------------------
+
+    @property
+    def peers(self) -> dict[str, str]:
+        """Configured peers: node id -> address."""
+        return {peer_id: peer.address for peer_id, peer in self._peers.items()}
+
+    def add_peer(self, peer_id: str, address: str, public_key: bytes | None = None) -> None:
+        """Connect a DEALER to `peer_id` at `address` (replacing an earlier one).
+
+        With CURVE, `public_key` (z85) is the peer's server key and joins our allow-list;
+        without it the key listed for `peer_id` in the CURVE settings is used.
+        """
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        if public_key is not None and not self._guard:
+            raise ValueError(f"a public key was given for {peer_id!r} but this transport has no CURVE settings")
+        self.remove_peer(peer_id)
+        socket = self._socket(zmq.DEALER)
+        socket.setsockopt(zmq.ROUTING_ID, self.node_id.encode())
+        socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
+        if self._guard:
+            self._guard.connect_to(socket, peer_id, public_key)
+        socket.connect(address)
+        pump = asyncio.create_task(self._pump(socket, peer_id), name=f"{self.node_id}-to-{peer_id}")
+        self._peers[peer_id] = _Peer(address, socket, pump)
+
+    def remove_peer(self, peer_id: str) -> None:
+        """Drop the DEALER to `peer_id` and its queued messages (no-op for an unknown peer)."""
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return
+        peer.pump.cancel()
+        peer.socket.close(linger=0)
+        self._inflight.pop(peer_id, None)
+
+    def in_flight(self, dst: str) -> int:
+        """Bytes sent to `dst` that libzmq has not released yet (see the module docstring)."""
+        return self._inflight[dst].total() if dst in self._inflight else 0
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _record(self, round_index: int, dst: str, kind: MessageKind, frames: Sequence[bytes | memoryview]) -> None:
+        if self.ledger is not None:
+            header, payload = frame_sizes(frames)
+            self.ledger.record(round_index, self.node_id, dst, MessageKind(kind).value, header, payload)
+
+    async def send(self, dst: str, message: Message) -> None:
+        """Queue `message` for `dst`; returns once libzmq holds it.
+
+        Raises PeerUnreachable (no route, or no connection took it within `send_timeout`) or
+        SendTimeout (too many bytes still in flight to `dst` for `send_timeout`).
+        """
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        peer = self._peers.get(dst)
+        if peer is None and dst not in self._contacts:
+            raise PeerUnreachable(f"{dst!r} is neither a configured peer nor a client connected to us")
+        frames = encode(self.node_id, message, self.limits)
+        inflight = self._inflight[dst]
+        hold = await inflight.wait_for_room(sum(len(f) for f in frames), self.max_inflight_bytes, self.send_timeout, dst)
+        parts, tracker = _zmq_parts(frames)
+        socket = peer.socket if peer else self._router
+        if peer is None:
+            parts.insert(0, dst.encode())
+        try:
+            await asyncio.wait_for(socket.send_multipart(parts, copy=True), self.send_timeout)
+        except BaseException as exc:
+            inflight.release(hold)
+            if isinstance(exc, TimeoutError):
+                raise PeerUnreachable(f"no connection to {dst!r} took the message within {self.send_timeout}s") from None
+            if isinstance(exc, zmq.ZMQError):
+                self._contacts.discard(dst)
+                raise PeerUnreachable(f"{dst!r} is unreachable: {exc}") from None
+            raise
+        del parts  # a live Frame keeps its tracker pending
+        inflight.settle(hold, tracker)
+        self._record(message.round, dst, message.kind, frames)
+
+    async def request(self, dst: str, message: Message, timeout: float, retries: int = 2) -> Message:
+        """Send `message` with a fresh `meta["req"]` and return the reply from `dst` carrying it.
+
+        The request is sent again after each `timeout` without a reply, `retries` times, then
+        RequestTimeout is raised. A responder copies `meta["req"]` into its reply; an ERROR
+        reply carrying it is returned like any other. Later duplicate replies are dropped.
+        """
+        req = secrets.randbits(62)  # random, so ids never collide with the peer's own requests
+        key = (dst, req)
+        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiters[key] = waiter
+        outgoing = dataclasses.replace(message, meta={**message.meta, "req": req})
+        try:
+            for _ in range(retries + 1):
+                await self.send(dst, outgoing)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+                except TimeoutError:
+                    continue
+            raise RequestTimeout(f"{dst!r} did not answer {MessageKind(message.kind).value} request {req}: {retries + 1} tries of {timeout}s")
+        finally:
+            del self._waiters[key]
+            self._finished_requests.append(key)
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def recv(self) -> Envelope:
+        """The next valid message from any peer or client, in arrival order per connection."""
+        if self._closed and self._inbox.empty():
+            raise TransportClosed("transport is closed")
+        envelope = await self._inbox.get()
+        if envelope is None:
+            raise TransportClosed("transport is closed")
+        return envelope
+
+    async def _pump(self, socket: zmq.asyncio.Socket, peer: str | None) -> None:
+        """Read `socket` until closed; `peer` is the DEALER's peer, None for the ROUTER."""
+        while True:
+            try:
+                frames = await socket.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if self._closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                log.warning("receive error on %s: %s", peer or "router", exc)
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                await self._accept(frames, peer)
+            except Exception:  # last line of defence: one message never stops the loop
+                log.exception("dropped a message after an unexpected error")
+
+    async def _accept(self, frames: list[zmq.Frame], peer: str | None) -> None:
+        routing_id = frames.pop(0).bytes if peer is None else None
+        sender = peer if routing_id is None else routing_id.decode("utf-8", "backslashreplace")
+        self.bytes_received[sender] += sum(len(f) for f in frames)
+        try:
+            envelope = await self._validate(frames, peer, routing_id)
+        except Exception as exc:  # decode may raise more than ProtocolError on hostile bytes
+            reason = _short(str(exc) if isinstance(exc, ProtocolError) else f"undecodable message ({type(exc).__name__})")
+            log.warning("rejected a message from %r: %s", sender, reason)
+            if routing_id is not None:
+                await self._reply_error(routing_id, sender, reason)
+            return
+        if peer is None:
+            self._contacts.add(envelope.src)
+        req = envelope.message.meta.get("req")
+        if isinstance(req, int):
+            waiter = self._waiters.get((envelope.src, req))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(envelope.message)
+                return
+            if waiter is not None or (envelope.src, req) in self._finished_requests:
+                return  # a duplicate reply to a request already answered
+        await self._inbox.put(envelope)
+
+    async def _validate(self, frames: list[zmq.Frame], peer: str | None, routing_id: bytes | None) -> Envelope:
+        buffers = [f.buffer for f in frames]
+        if sum(len(b) for b in buffers) > DECODE_IN_THREAD_BYTES:
+            envelope = await asyncio.to_thread(decode, buffers, self.limits)
+        else:
+            envelope = decode(buffers, self.limits)
+        if peer is not None and envelope.src != peer:
+            raise ProtocolError(f"header src {envelope.src!r} arrived on the connection to {peer!r}")
+        if routing_id is not None and routing_id != envelope.src.encode():
+            raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
+        if self._guard and routing_id is not None:
+            owner = frames[0].get("User-Id")
+            if owner != envelope.src:
+                raise ProtocolError(f"header src {envelope.src!r} but the CURVE key belongs to {owner!r}")
+        return envelope
+
+    async def _reply_error(self, routing_id: bytes, sender: str, reason: str) -> None:
+        """Best effort: an ERROR to the connection a bad message came on, never blocking."""
+        message = Message(MessageKind.ERROR, self._round_of(), meta={"reason": reason})
+        frames = encode(self.node_id, message, self.limits)
+        try:
+            await self._router.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("could not send an error reply to %r: %s", sender, exc)
+            return
+        self._record(message.round, sender, message.kind, frames)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the readers, fail pending requests, close every socket and the context."""
+        if self._closed:
+            return
+        self._closed = True
+        pumps = [self._router_pump, *(p.pump for p in self._peers.values())]
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(TransportClosed("transport closed while waiting for a reply"))
+        if self._guard:
+            self._guard.stop()
+        for socket in [self._router, *(p.socket for p in self._peers.values())]:
+            socket.close()
+        self._peers.clear()
+        await asyncio.to_thread(self._context.term)
+        try:
+            self._inbox.put_nowait(None)  # wake a recv() that is waiting
+        except asyncio.QueueFull:
+            pass
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,324 @@
+"""Fuzz a LIVE transport on loopback with hostile multiparts from one persistent raw DEALER.
+
+After every case the client sends a valid probe that the node echoes, so each case proves the
+receive loop is still alive, and (the connection being ordered) everything the case caused has
+happened by the time the echo comes back: exactly one ERROR reply for a rejected message, or
+exactly one message handed to recv() for a valid one, and nothing that recv() yields is invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+
+import msgpack
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2pmoe.node.transport import Transport
+from p2pmoe.wire.codec import DTYPES, PROTOCOL_VERSION, Envelope, Limits, decode, encode
+from p2pmoe.wire.messages import Message, MessageKind
+
+LIMITS = Limits(max_message_bytes=2**20, max_tensors=16, max_header_bytes=2**16, frame_bytes=1024)
+ME = "fuzzer"
+FUZZ = settings(
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example],
+)
+pytestmark = pytest.mark.timeout(180)
+
+
+class _Counter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@dataclass
+class Outcome:
+    errors: list[Message]
+    accepted: list[Envelope]
+
+
+@dataclass
+class Harness:
+    """A transport, a task that echoes probes and checks everything else, and the raw client."""
+
+    transport: Transport
+    context: zmq.asyncio.Context
+    client: zmq.asyncio.Socket
+    accepted: list[Envelope] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    cases: int = 0
+
+    async def echo(self) -> None:
+        while True:
+            env = await self.transport.recv()
+            if env.message.kind is MessageKind.HEARTBEAT and set(env.message.meta) == {"probe"}:
+                await self.transport.send(env.src, env.message)
+                continue
+            self.accepted.append(env)
+            try:
+                assert env.src == ME, f"src {env.src!r}"
+                decode(encode(env.src, env.message, LIMITS), LIMITS)  # what recv yields is itself valid
+                for name, t in env.message.tensors.items():
+                    assert not t.is_floating_point() or bool(torch.isfinite(t).all()), f"non-finite {name}"
+            except Exception as exc:
+                self.violations.append(f"recv yielded an invalid message: {exc!r}")
+
+    async def case(self, frames: list[bytes]) -> Outcome:
+        self.cases += 1
+        probe = self.cases
+        before = len(self.accepted)
+        await self.client.send_multipart(frames)
+        await self.client.send_multipart(encode(ME, Message(MessageKind.HEARTBEAT, 0, meta={"probe": probe})))
+        errors: list[Message] = []
+        while True:
+            reply = decode(await asyncio.wait_for(self.client.recv_multipart(), 10), LIMITS)
+            if reply.message.meta == {"probe": probe}:
+                return Outcome(errors, self.accepted[before:])
+            assert reply.message.kind is MessageKind.ERROR and isinstance(reply.message.meta["reason"], str)
+            errors.append(reply.message)
+
+
+@pytest.fixture(scope="module")
+def live():
+    loop = asyncio.new_event_loop()
+    logger = logging.getLogger("p2pmoe.transport")
+    counter, level = _Counter(), logger.level
+    logger.addHandler(counter)
+    logger.setLevel(logging.ERROR)  # thousands of rejection warnings are expected; errors are not
+
+    async def start() -> tuple[Harness, asyncio.Task[None]]:
+        transport = Transport("node", "tcp://127.0.0.1:0", limits=LIMITS)
+        context = zmq.asyncio.Context()
+        client = context.socket(zmq.DEALER)
+        client.linger = 0
+        client.routing_id = ME.encode()
+        client.connect(transport.address)
+        harness = Harness(transport, context, client)
+        return harness, asyncio.create_task(harness.echo())
+
+    harness, echo = loop.run_until_complete(start())
+
+    def run_case(frames: list[bytes]) -> Outcome:
+        return loop.run_until_complete(asyncio.wait_for(harness.case(frames), 20))
+
+    yield harness, run_case
+    try:
+        assert not echo.done(), "the echo task died"
+        assert harness.violations == []
+        assert counter.records == [], [r.getMessage() for r in counter.records]
+    finally:
+        echo.cancel()
+        loop.run_until_complete(asyncio.gather(echo, return_exceptions=True))
+        loop.run_until_complete(harness.transport.close())
+        harness.context.destroy(linger=0)
+        loop.close()
+        logger.removeHandler(counter)
+        logger.setLevel(level)
+
+
+def rejected(outcome: Outcome) -> None:
+    assert len(outcome.errors) == 1 and outcome.accepted == [], outcome
+
+
+def handled(outcome: Outcome) -> None:
+    """Either rejected with one ERROR or accepted once, never both, never silently lost."""
+    assert len(outcome.errors) + len(outcome.accepted) == 1, outcome
+
+
+# -- strategies --------------------------------------------------------------------------------
+
+_DTYPE_NAMES = sorted(DTYPES)
+_small_shapes = st.lists(st.integers(0, 6), max_size=3)
+
+
+@st.composite
+def tensors(draw) -> torch.Tensor:
+    dtype = DTYPES[draw(st.sampled_from(_DTYPE_NAMES))]
+    shape = draw(_small_shapes)
+    n = math.prod(shape)
+    if dtype == torch.bool:
+        return torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(shape)
+    if dtype.is_floating_point:
+        values = draw(st.lists(st.floats(-1e3, 1e3, width=16), min_size=n, max_size=n))
+    else:
+        values = draw(st.lists(st.integers(0, 100), min_size=n, max_size=n))
+    return torch.tensor(values, dtype=torch.float64 if dtype.is_floating_point else torch.int64).to(dtype).reshape(shape)
+
+
+@st.composite
+def valid_messages(draw) -> Message:
+    named = draw(st.dictionaries(st.text("abcxyz._", min_size=1, max_size=8), tensors(), max_size=4))
+    meta = draw(st.dictionaries(st.text(max_size=5).filter(lambda k: k != "probe"), _ints | st.text(max_size=10), max_size=3))
+    return Message(draw(st.sampled_from(list(MessageKind))), draw(st.integers(0, 2**31)), named, meta)
+
+
+def _header(frames: list[bytes]) -> dict:
+    return msgpack.unpackb(frames[0], raw=False)
+
+
+def _pack(header: object, payload: list[bytes]) -> list[bytes]:
+    return [msgpack.packb(header, use_bin_type=True), *payload]
+
+
+def _encoded(message: Message) -> list[bytes]:
+    return [bytes(f) for f in encode(ME, message, LIMITS)]
+
+
+_ints = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
+_not_a_kind = st.text(max_size=20).filter(lambda s: s not in {k.value for k in MessageKind}) | _ints | st.none()
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | _ints | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@st.composite
+def corrupted(draw) -> list[bytes]:
+    """A valid message broken in exactly one way that the protocol forbids."""
+    message = draw(valid_messages())
+    frames = _encoded(message)
+    header, payload = _header(frames), frames[1:]
+    table = header["tensors"]
+    sized = [i for i, row in enumerate(table) if row[3] > 0]
+    floats = [name for name, t in message.tensors.items() if t.is_floating_point() and t.numel()]
+    ways = ["version", "kind", "src", "round", "meta", "tensors", "not_a_map", "garbage", "extra_frame", "huge", "dtype", "dup_name", "dims"]
+    if payload:
+        ways += ["drop_frame"]
+    if sized:
+        ways += ["truncate", "lie_nbytes", "lie_nframes_up"]
+    if floats:
+        ways += ["nan"]
+    way = draw(st.sampled_from(ways))
+    if way == "version":
+        header["v"] = draw(_ints.filter(lambda v: v != PROTOCOL_VERSION) | st.text(max_size=3) | st.none())
+    elif way == "kind":
+        header["kind"] = draw(_not_a_kind)
+    elif way == "src":
+        header["src"] = draw(st.text(max_size=10).filter(lambda s: s != ME) | _ints | st.none())
+    elif way == "round":
+        header["round"] = draw(st.text(max_size=3) | st.floats() | st.none() | st.lists(_ints, max_size=2))
+    elif way == "meta":
+        header["meta"] = draw(st.lists(_ints, max_size=3) | _ints | st.text(max_size=3))
+    elif way == "tensors":
+        header["tensors"] = draw(st.dictionaries(st.text(max_size=3), _ints, max_size=2) | _ints | st.none())
+    elif way == "not_a_map":
+        return _pack(draw(st.lists(_ints, max_size=3) | _ints | st.text(max_size=5)), payload)
+    elif way == "garbage":  # a strict prefix of a msgpack object, or trailing bytes after it
+        if draw(st.booleans()):
+            return [frames[0][: draw(st.integers(0, len(frames[0]) - 1))], *payload]
+        return [frames[0] + draw(st.binary(min_size=1, max_size=16)), *payload]
+    elif way == "extra_frame":
+        position = draw(st.integers(1, len(frames)))
+        return [*frames[:position], draw(st.binary(max_size=64)), *frames[position:]]
+    elif way == "drop_frame":
+        del payload[draw(st.integers(0, len(payload) - 1))]
+    elif way == "huge":
+        dims = draw(st.lists(st.integers(2**10, 2**30), min_size=2, max_size=2))  # > limit, < 2**64
+        table.append(["huge", "float32", dims, 4 * math.prod(dims), 1])
+        payload.append(b"\x00" * 16)
+    elif way == "dtype":
+        if not table:
+            table.append(["t", "float32", [1], 4, 1])
+            payload.append(b"\x00" * 4)
+        table[0][1] = draw(st.sampled_from(["object", "complex64", "float8", "str", "", "uint16"]) | _ints | st.none())
+    elif way == "dup_name":
+        table += [["d", "uint8", [1], 1, 1], ["d", "uint8", [1], 1, 1]]
+        payload += [b"\x01", b"\x02"]
+    elif way == "dims":
+        table.append(["deep", "uint8", [1] * (LIMITS.max_dims + 1), 1, 1])
+        payload.append(b"\x00")
+    elif way == "truncate":
+        i = draw(st.sampled_from(sized))
+        index = sum(r[4] for r in table[:i]) + draw(st.integers(0, table[i][4] - 1))  # one of its frames
+        payload[index] = payload[index][: draw(st.integers(0, len(payload[index]) - 1))]
+    elif way == "lie_nbytes":
+        row = table[draw(st.sampled_from(sized))]
+        row[3] += draw(st.integers(-row[3], 4096).filter(lambda d: d != 0))
+    elif way == "lie_nframes_up":
+        table[draw(st.sampled_from(sized))][4] += draw(st.integers(1, 4))
+    elif way == "nan":
+        name = draw(st.sampled_from(floats))
+        bad = message.tensors[name].clone().reshape(-1)
+        bad[draw(st.integers(0, bad.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+        return _encoded(Message(message.kind, message.round, {**message.tensors, name: bad.reshape(message.tensors[name].shape)}, message.meta))
+    return _pack(header, payload)
+
+
+@st.composite
+def random_tables(draw) -> list[bytes]:
+    """A well-formed header whose tensor table and frames are drawn at random."""
+    rows, payload = [], []
+    for i in range(draw(st.integers(0, 4))):
+        dtype = draw(st.sampled_from(_DTYPE_NAMES) | st.text(max_size=6))
+        shape = draw(_small_shapes | st.lists(st.integers(-2, 2**33), max_size=9))
+        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size() if dtype in DTYPES else 1
+        honest = math.prod(shape) * itemsize
+        lies = st.integers(-1, 2**34)
+        nbytes = draw(st.just(honest) | lies if -(2**63) <= honest < 2**64 else lies)
+        nframes = draw(st.integers(-1, 3))
+        rows.append([draw(st.just(f"t{i}") | st.text(max_size=3)), dtype, shape, nbytes, nframes])
+        for _ in range(max(0, nframes)):
+            fits = draw(st.booleans()) and 0 <= nbytes <= 256
+            payload.append(draw(st.binary(min_size=nbytes, max_size=nbytes) if fits else st.binary(max_size=64)))
+    header = {"v": PROTOCOL_VERSION, "kind": draw(st.sampled_from([k.value for k in MessageKind])), "src": ME, "round": draw(st.integers(0, 10)), "meta": {}, "tensors": rows}
+    return _pack(header, payload)
+
+
+# -- the fuzz ----------------------------------------------------------------------------------
+
+
+@settings(FUZZ, max_examples=1500)
+@given(frames=st.lists(st.binary(max_size=300), min_size=1, max_size=6))
+def test_random_bytes_frames(live, frames):
+    handled(live[1](frames))
+
+
+@settings(FUZZ, max_examples=2500)
+@given(frames=corrupted())
+def test_each_protocol_violation_gets_an_error_reply(live, frames):
+    rejected(live[1](frames))
+
+
+@settings(FUZZ, max_examples=1500)
+@given(frames=random_tables())
+def test_valid_header_with_random_tensor_table(live, frames):
+    handled(live[1](frames))
+
+
+@settings(FUZZ, max_examples=1000)
+@given(header=_msgpack_values, payload=st.lists(st.binary(max_size=32), max_size=3))
+def test_arbitrary_msgpack_headers(live, header, payload):
+    handled(live[1](_pack(header, payload)))
+
+
+@settings(FUZZ, max_examples=500)
+@given(message=valid_messages())
+def test_valid_messages_arrive_intact(live, message):
+    outcome = live[1](_encoded(message))
+    assert outcome.errors == [] and len(outcome.accepted) == 1
+    got = outcome.accepted[0].message
+    assert got.kind is message.kind and got.meta == message.meta and got.tensors.keys() == message.tensors.keys()
+    for name, t in message.tensors.items():
+        assert got.tensors[name].dtype == t.dtype and torch.equal(got.tensors[name], t)
+
+
+def test_zz_node_still_serves_after_the_fuzz(live):
+    """Runs last in this module: a real request round trip on the same connection."""
+    _, run_case = live
+    big = Message(MessageKind.EXPERT_RESPONSE, 1, {"w": torch.randn(2**17)})  # 512 KB, 512 frames
+    outcome = run_case(_encoded(big))
+    assert outcome.errors == [] and torch.equal(outcome.accepted[0].message.tensors["w"], big.tensors["w"])
