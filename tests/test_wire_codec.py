@@ -2,7 +2,7 @@ import msgpack
 import pytest
 import torch
 
-from p2pmoe.wire.codec import Limits, ProtocolError, check_shapes, decode, encode, frame_sizes
+from p2pmoe.wire.codec import Limits, ProtocolError, check_like, decode, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
 
@@ -110,9 +110,33 @@ def test_too_many_tensors_is_rejected():
         decode(encode("a", message), Limits(max_tensors=4))
 
 
-def test_check_shapes_names_the_offending_tensor():
-    check_shapes({"a": torch.zeros(2, 3)}, {"a": (2, 3)})
-    with pytest.raises(ProtocolError, match="'a'"):
-        check_shapes({"a": torch.zeros(3, 2)}, {"a": (2, 3)})
+def test_check_like_names_the_offending_tensor():
+    template = {"a": torch.zeros(2, 3)}
+    check_like({"a": torch.ones(2, 3)}, template)
+    with pytest.raises(ProtocolError, match="'a'.*shape"):
+        check_like({"a": torch.zeros(3, 2)}, template)
+    with pytest.raises(ProtocolError, match="'a'.*dtype"):
+        check_like({"a": torch.zeros(2, 3, dtype=torch.float64)}, template)
     with pytest.raises(ProtocolError, match="missing"):
-        check_shapes({}, {"a": (2, 3)})
+        check_like({}, template)
+
+
+@pytest.mark.parametrize("field, value", [("round", True), ("round", -1)])
+def test_bools_and_negative_rounds_are_not_counts(field, value):
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {}))
+    with pytest.raises(ProtocolError, match="round"):
+        decode(_with_header(frames, **{field: value}))
+
+
+def test_bool_in_a_shape_is_rejected():
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.zeros(1)}))
+    header = _header(frames)
+    header["tensors"][0][2] = [True]
+    with pytest.raises(ProtocolError, match="bad shape"):
+        decode([msgpack.packb(header), *frames[1:]])
+
+
+def test_frame_count_is_bounded_before_anything_is_parsed():
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.zeros(64)}), Limits(frame_bytes=1))
+    with pytest.raises(ProtocolError, match="too many frames"):
+        decode(frames, Limits(max_frames=100))

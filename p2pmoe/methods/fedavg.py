@@ -12,7 +12,7 @@ import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.params import float_state, load_float_state, weighted_average
-from p2pmoe.wire.codec import ProtocolError, check_shapes
+from p2pmoe.wire.codec import ProtocolError, check_like
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
@@ -62,7 +62,6 @@ class FedAvgServer(Method):
     def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, torch.Tensor]) -> None:
         super().__init__(node_id)
         self.clients = list(clients)
-        self._shapes = {name: t.shape for name, t in template.items()}
         self.global_state = {name: t.clone() for name, t in template.items()}
         self._live = set(self.clients)
         self._updates: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
@@ -81,7 +80,7 @@ class FedAvgServer(Method):
         _expect(message.round == self._round and not self._done, f"update for round {message.round}, server is at {self._round}")
         count = message.meta.get("num_examples")
         _expect(isinstance(count, int) and count > 0, "meta.num_examples must be a positive integer")
-        check_shapes(message.tensors, self._shapes)
+        check_like(message.tensors, self.global_state)
         self._updates[src] = (message.tensors, count)
         return self._finish_if_ready()
 
@@ -117,5 +116,5 @@ class FedAvgServer(Method):
         return dict(self.global_state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        check_shapes(state, self._shapes)
+        check_like(state, self.global_state)
         self.global_state = dict(state)

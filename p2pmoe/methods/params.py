@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from p2pmoe.wire.codec import ProtocolError, check_shapes
+from p2pmoe.wire.codec import ProtocolError, check_like
 
 
 def float_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -24,8 +24,8 @@ def load_float_state(model: nn.Module, state: dict[str, torch.Tensor], prefix: s
 
     Raises ProtocolError (and changes nothing) on any mismatch: the state may come from a peer.
     """
-    own = {name: t.shape for name, t in model.state_dict().items() if name.startswith(prefix) and t.is_floating_point()}
-    check_shapes(state, own)
+    own = {name: t for name, t in model.state_dict().items() if name.startswith(prefix) and t.is_floating_point()}
+    check_like(state, own)
     with torch.no_grad():
         targets = model.state_dict()
         for name, tensor in state.items():

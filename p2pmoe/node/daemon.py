@@ -28,7 +28,8 @@ from p2pmoe.wire.messages import Message, MessageKind, Send
 log = logging.getLogger("p2pmoe.node")
 
 CONTROL_KINDS = {MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR}
-MAX_BUFFERED = 1024  # messages from rounds this node has not reached yet
+MAX_ROUNDS_AHEAD = 2  # messages for later rounds than this are dropped, not held
+MAX_BUFFERED_BYTES = 512 * 2**20  # payload held for rounds this node has not reached yet
 
 
 class NodeDaemon:
@@ -82,17 +83,31 @@ class NodeDaemon:
         if src in self.cfg.peers:
             self.membership.seen(src, time.monotonic())
         if message.kind in CONTROL_KINDS:
-            self._take_control(src, message)
+            if src in self.cfg.peers:  # only configured peers may move our round or liveness
+                self._take_control(src, message)
             if message.kind == MessageKind.HELLO and not message.meta.get("reply"):
-                await self._send(src, Message(MessageKind.HELLO, max(self.round, 0), meta={"round": self.round, "done": self.done, "reply": True}))
+                await self._send(src, self._reply_to(message, MessageKind.HELLO, {"round": self.round, "done": self.done, "reply": True}))
             return
         if message.round > self.round:
-            if sum(map(len, self._buffered.values())) >= MAX_BUFFERED:
-                log.warning("%s: dropping %s from %s for round %d: buffer full", self.cfg.node_id, message.kind.value, src, message.round)
-                return
-            self._buffered[message.round].append(envelope)
+            self._hold(envelope)
             return
         await self._handle(src, message)
+
+    def _hold(self, envelope: Envelope) -> None:
+        """Keep a peer's message for a round this node has not started, within bounds."""
+        src, message = envelope.src, envelope.message
+        size = sum(t.numel() * t.element_size() for t in message.tensors.values())
+        held = sum(t.numel() * t.element_size() for group in self._buffered.values() for e in group for t in e.message.tensors.values())
+        if src not in self.cfg.peers or message.round > self.round + MAX_ROUNDS_AHEAD or held + size > MAX_BUFFERED_BYTES:
+            log.warning("%s: dropping %s from %s for round %d (at round %d)", self.cfg.node_id, message.kind.value, src, message.round, self.round)
+            return
+        self._buffered[message.round].append(envelope)
+
+    def _reply_to(self, request: Message, kind: MessageKind, meta: dict[str, Any]) -> Message:
+        """A reply that carries the request's id (meta.req) when it had one."""
+        if "req" in request.meta:
+            meta = {**meta, "req": request.meta["req"]}
+        return Message(kind, request.round, meta=meta)
 
     def _take_control(self, src: str, message: Message) -> None:
         if message.kind == MessageKind.ERROR:
@@ -110,7 +125,7 @@ class NodeDaemon:
             sends = self.method.on_message(src, message)
         except ProtocolError as exc:
             log.warning("%s: rejected %s from %s: %s", self.cfg.node_id, message.kind.value, src, exc)
-            await self._send(src, Message(MessageKind.ERROR, message.round, meta={"reason": str(exc), "kind": message.kind.value}))
+            await self._send(src, self._reply_to(message, MessageKind.ERROR, {"reason": str(exc), "kind": message.kind.value}))
             return
         await self._send_all(sends)
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from p2pmoe.config import RunConfig
 from p2pmoe.experiment import SERVER_ID, SERVER_METHODS, client_ids, node_ids
@@ -52,10 +52,11 @@ def peer_map(cfg: RunConfig, addresses: dict[str, str]) -> dict[str, dict[str, s
     return {n: {p: a for p, a in addresses.items() if p != n} for n in addresses}
 
 
-def write_node_configs(cfg: RunConfig, out: Path, timing: Timing) -> dict[str, Path]:
-    """One node.toml per node under <out>/nodes/<id>/, addresses on free loopback ports."""
+def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None) -> dict[str, Path]:
+    """One node.toml per node under <out>/nodes/<id>/; by default on free loopback ports."""
     ids = node_ids(cfg)
-    addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
+    if addresses is None:
+        addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
     experiment = dataclasses.replace(cfg, threads=1, out=str(out))
     paths = {}
     for node, peers in peer_map(cfg, addresses).items():
@@ -70,11 +71,13 @@ def write_node_configs(cfg: RunConfig, out: Path, timing: Timing) -> dict[str, P
     return paths
 
 
-def start_node(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """Launch `p2pmoe node --config config` as a child process with one torch thread."""
+def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Launch `p2pmoe node --config config` as a child process with one torch thread;
+    `prefix` wraps the command (e.g. `ip netns exec NS`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "p2pmoe.cli", "node", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    command = [*prefix, sys.executable, "-m", "p2pmoe.cli", "node", "--config", str(config)]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def merge_run(cfg: RunConfig, out: Path, wall_seconds: float) -> dict[str, Any]:

@@ -8,8 +8,9 @@ has been checked against the header, the limits and the dtype allow-list. No pic
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -47,6 +48,7 @@ class Limits:
     max_tensors: int = 4096
     max_header_bytes: int = 1 * 2**20
     max_dims: int = 8
+    max_frames: int = 8192
     frame_bytes: int = 2 * 2**20
     require_finite: bool = True
 
@@ -68,7 +70,10 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
         return memoryview(b"")
     if data.dtype == torch.bfloat16:  # numpy has no bfloat16: ship its raw 16-bit words
         data = data.view(torch.int16)
-    return memoryview(data.numpy()).cast("B")
+    array = data.numpy()
+    if sys.byteorder == "big":  # the wire is little-endian
+        array = array.byteswap()
+    return memoryview(array).cast("B")
 
 
 def encode(src: str, message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
@@ -103,6 +108,11 @@ def _require(condition: bool, reason: str) -> None:
         raise ProtocolError(reason)
 
 
+def _is_count(value: Any) -> bool:
+    """A non-negative int that is not a bool (msgpack gives True for a packed true)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _parse_table(header: dict[str, Any], limits: Limits) -> list[tuple[str, str, list[int], int, int]]:
     table = header.get("tensors")
     _require(isinstance(table, list), "header field 'tensors' must be a list")
@@ -117,15 +127,15 @@ def _parse_table(header: dict[str, Any], limits: Limits) -> list[tuple[str, str,
         _require(dtype in DTYPES, f"tensor {name!r}: dtype {dtype!r} not allowed")
         _require(
             isinstance(shape, list) and len(shape) <= limits.max_dims
-            and all(isinstance(d, int) and 0 <= d for d in shape),
+            and all(_is_count(d) for d in shape),
             f"tensor {name!r}: bad shape {shape!r}",
         )
         itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
         _require(
-            isinstance(nbytes, int) and nbytes == math.prod(shape) * itemsize,
+            _is_count(nbytes) and nbytes == math.prod(shape) * itemsize,
             f"tensor {name!r}: declared {nbytes!r} bytes, shape {shape} of {dtype} needs {math.prod(shape) * itemsize}",
         )
-        _require(isinstance(nframes, int) and 0 <= nframes <= max(1, nbytes), f"tensor {name!r}: bad frame count")
+        _require(_is_count(nframes) and nframes <= max(1, nbytes), f"tensor {name!r}: bad frame count")
         rows.append((name, dtype, shape, nbytes, nframes))
     total = sum(r[3] for r in rows)
     _require(total <= limits.max_message_bytes, f"message declares {total} bytes > limit {limits.max_message_bytes}")
@@ -141,7 +151,7 @@ def _decode_header(frame: bytes | memoryview, limits: Limits) -> dict[str, Any]:
     _require(isinstance(header, dict), "header must be a map")
     _require(header.get("v") == PROTOCOL_VERSION, f"unsupported protocol version {header.get('v')!r} (speak {PROTOCOL_VERSION})")
     _require(isinstance(header.get("src"), str), "header field 'src' must be a string")
-    _require(isinstance(header.get("round"), int), "header field 'round' must be an integer")
+    _require(_is_count(header.get("round")), "header field 'round' must be a non-negative integer")
     _require(isinstance(header.get("meta", {}), dict), "header field 'meta' must be a map")
     try:
         MessageKind(header.get("kind"))
@@ -153,28 +163,32 @@ def _decode_header(frame: bytes | memoryview, limits: Limits) -> dict[str, Any]:
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Envelope:
     """Validate and decode frames into an Envelope, or raise ProtocolError saying why."""
     _require(len(frames) >= 1, "empty message")
+    _require(len(frames) <= limits.max_frames, f"too many frames: {len(frames)} > {limits.max_frames}")
     header = _decode_header(frames[0], limits)
     rows = _parse_table(header, limits)
     _require(len(frames) - 1 == sum(r[4] for r in rows), f"expected {sum(r[4] for r in rows)} tensor frames, got {len(frames) - 1}")
     tensors: dict[str, torch.Tensor] = {}
     cursor = 1
     for name, dtype, shape, nbytes, nframes in rows:
-        parts = frames[cursor : cursor + nframes]
+        parts = [memoryview(p).cast("B") for p in frames[cursor : cursor + nframes]]
         cursor += nframes
         got = sum(len(p) for p in parts)
         _require(got == nbytes, f"tensor {name!r}: header says {nbytes} bytes, frames carry {got}")
-        buffer = bytearray(nbytes)
+        raw = torch.empty(nbytes, dtype=torch.uint8)  # no zero fill: every byte is copied below
+        view = raw.numpy()
         offset = 0
         for part in parts:
-            buffer[offset : offset + len(part)] = part
+            view[offset : offset + len(part)] = np.frombuffer(part, dtype=np.uint8)
             offset += len(part)
+        if sys.byteorder == "big" and torch.empty((), dtype=DTYPES[dtype]).element_size() > 1:
+            width = torch.empty((), dtype=DTYPES[dtype]).element_size()
+            view[:] = view.reshape(-1, width)[:, ::-1].reshape(-1)
         wire_dtype = torch.int16 if dtype == "bfloat16" else DTYPES[dtype]
-        array = np.frombuffer(buffer, dtype=torch.empty((), dtype=wire_dtype).numpy().dtype)
-        tensor = torch.from_numpy(array).reshape(shape)
+        if dtype == "bool":
+            _require(bool((raw <= 1).all()), f"tensor {name!r}: bool bytes must be 0 or 1")
+        tensor = raw.view(wire_dtype).reshape(shape)
         if dtype == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
-        if dtype == "bool":
-            _require(bool((array.view(np.uint8) <= 1).all()), f"tensor {name!r}: bool bytes must be 0 or 1")
         if limits.require_finite and dtype in _FLOAT_NAMES:
             _require(bool(torch.isfinite(tensor).all()), f"tensor {name!r} holds NaN or infinite values")
         tensors[name] = tensor
@@ -182,10 +196,12 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     return Envelope(header["src"], message)
 
 
-def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size | Sequence[int]]) -> None:
-    """Raise ProtocolError unless `tensors` has exactly the expected names and shapes."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+def check_like(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> None:
+    """Raise ProtocolError unless `tensors` has exactly the template's names, shapes and dtypes."""
+    missing = sorted(set(template) - set(tensors))
+    extra = sorted(set(tensors) - set(template))
     _require(not missing and not extra, f"tensor names differ from the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, shape in expected.items():
-        _require(tuple(tensors[name].shape) == tuple(shape), f"tensor {name!r}: shape {tuple(tensors[name].shape)} != model's {tuple(shape)}")
+    for name, like in template.items():
+        got = tensors[name]
+        _require(got.shape == like.shape, f"tensor {name!r}: shape {tuple(got.shape)} != model's {tuple(like.shape)}")
+        _require(got.dtype == like.dtype, f"tensor {name!r}: dtype {got.dtype} != model's {like.dtype}")

@@ -1,0 +1,108 @@
+"""Nodes in separate network namespaces, joined by veth pairs on a bridge, so traffic really
+crosses interfaces. Cutting one node's link makes it drop out; the rest finish the run.
+
+Needs root and iproute2; skipped with the reason otherwise. Addresses are from TEST-NET-1
+(192.0.2.0/24), which exists only inside the namespaces this test makes and removes.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pmoe.config import RunConfig
+from p2pmoe.data.images import FMNIST_ROOT
+from p2pmoe.experiment import node_ids
+from p2pmoe.node.config import Timing
+from p2pmoe.node.swarm import start_node, write_node_configs
+
+
+def _can_make_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (ip)"
+    probe = f"p2pm-probe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return "ip netns add is not permitted here"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    if not Path(FMNIST_ROOT).is_dir():
+        return "Fashion-MNIST not installed (make data)"
+    return None
+
+
+SKIP = _can_make_namespaces()
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class Namespaces:
+    """A bridge namespace and one namespace per node, each with one veth into the bridge."""
+
+    def __init__(self, nodes: list[str]) -> None:
+        tag = os.getpid() % 10000
+        self.bridge = f"p2pm{tag}-br"
+        self.ns = {node: f"p2pm{tag}-{i}" for i, node in enumerate(nodes)}
+        self.bridge_side = {node: f"p2pb{tag}x{i}" for i, node in enumerate(nodes)}
+        self.address = {node: f"192.0.2.{10 + i}" for i, node in enumerate(nodes)}
+
+    def __enter__(self) -> "Namespaces":
+        _ip("netns", "add", self.bridge)
+        _ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.bridge, "link", "set", "br0", "up")
+        for node, ns in self.ns.items():
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", self.bridge_side[node], "netns", self.bridge)
+            _ip("-n", ns, "addr", "add", f"{self.address[node]}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", self.bridge, "link", "set", self.bridge_side[node], "master", "br0")
+            _ip("-n", self.bridge, "link", "set", self.bridge_side[node], "up")
+        return self
+
+    def cut(self, node: str) -> None:
+        _ip("-n", self.bridge, "link", "set", self.bridge_side[node], "down")
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in [*self.ns.values(), self.bridge]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@pytest.mark.timeout(300)
+def test_cut_link_drops_a_node_and_the_rest_finish(tmp_path):
+    cfg = RunConfig(method="fedavg", data="fmnist", nodes=3, rounds=4, max_train_per_node=300, seed=1, out=str(tmp_path))
+    ids = node_ids(cfg)
+    timing = Timing(round_deadline=15, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=30, linger=3)
+    with Namespaces(ids) as net:
+        addresses = {node: f"tcp://{net.address[node]}:5550" for node in ids}
+        configs = write_node_configs(cfg, tmp_path, timing, addresses)
+        procs = {n: start_node(configs[n], configs[n].parent / "node.log", ["ip", "netns", "exec", net.ns[n]]) for n in ids}
+        try:
+            victim = tmp_path / "nodes" / "node-02"
+            deadline = time.monotonic() + 120
+            while not _rows(victim / "metrics.jsonl") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _rows(victim / "metrics.jsonl"), (victim / "node.log").read_text()[-2000:]
+            net.cut("node-02")
+            for node in ("node-00", "node-01", "server"):
+                assert procs[node].wait(timeout=180) == 0, (tmp_path / "nodes" / node / "node.log").read_text()[-2000:]
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+    for node in ("node-00", "node-01", "server"):
+        assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.rounds))
+    assert "peer node-02 is gone" in (tmp_path / "nodes" / "server" / "node.log").read_text()
