@@ -83,6 +83,13 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology(args: argparse.Namespace) -> int:
+    from p2pmoe.sim.topology import write_topology
+
+    print(write_topology(args.kind, args.nodes, args.out, args.seed, args.bandwidth, args.latency))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--startup", type=float, default=60.0, help="seconds to wait for peers before round 0")
     swarm.add_argument("--linger", type=float, default=30.0, help="seconds a finished node keeps serving peers")
     swarm.set_defaults(handler=_swarm)
+
+    topology = sub.add_parser("topology", help="generate a topology file (node-link JSON or edge list)")
+    topology.add_argument("--kind", required=True, help="full, ring, star, random-regular:D, small-world:K:P, erdos-renyi:P")
+    topology.add_argument("--nodes", type=int, required=True)
+    topology.add_argument("--bandwidth", type=float, default=100e6, help="bits per second of every link")
+    topology.add_argument("--latency", type=float, default=0.0005, help="seconds of every link")
+    topology.add_argument("--seed", type=int, default=0)
+    topology.add_argument("--out", type=Path, required=True, help=".json for node-link, .edges for an edge list")
+    topology.set_defaults(handler=_topology)
 
     keys = sub.add_parser("keys", help="write CURVE key pairs for node names")
     keys.add_argument("--out", type=Path, required=True)

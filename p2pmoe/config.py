@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from p2pmoe.wire.compression import parse_compression
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -31,17 +33,31 @@ class RunConfig:
     gate: str = "dense"
     top_k: int | None = None
     eval_every: int = 1
+    compression: str = "none"
+    topology: str = "full"
+    hops: int = 1
+    link_bandwidth: float = 100e6
+    link_latency: float = 0.0005
+    fedmoe_p: int = 2
+    fedmoe_tau: float = 1.0
+    fedmoe_interval: int = 1
+    embedding: str = "gossip"
     max_train_per_node: int | None = None
     threads: int = 0
     out: str = "runs/latest"
 
     def __post_init__(self) -> None:
-        positive = ("nodes", "rounds", "local_epochs", "batch_size", "experts", "embed_dim", "expert_hidden", "eval_every")
+        positive = ("nodes", "rounds", "local_epochs", "batch_size", "experts", "embed_dim", "expert_hidden", "eval_every", "hops", "fedmoe_interval")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if self.max_train_per_node is not None and self.max_train_per_node < 1:
             raise ValueError(f"config: max_train_per_node must be >= 1, got {self.max_train_per_node}")
+        parse_compression(self.compression)
+        if self.fedmoe_p < 0 or self.fedmoe_tau <= 0:
+            raise ValueError(f"config: need fedmoe_p >= 0 and fedmoe_tau > 0, got {self.fedmoe_p}, {self.fedmoe_tau}")
+        if self.embedding not in ("gossip", "frozen", "server"):
+            raise ValueError(f"config: embedding must be gossip, frozen or server, got {self.embedding!r}")
         if self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}")
 

@@ -7,8 +7,10 @@ methods over the same data splits for the same seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import networkx as nx
 import torch
 
 from p2pmoe.config import RunConfig
@@ -17,9 +19,12 @@ from p2pmoe.data.partition import partition_clients
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.methods.base import Learner, Method
 from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
+from p2pmoe.methods.fedmoe_da import EMBEDDING_PREFIX, FedMoEDANode, FedMoEDAServer
+from p2pmoe.methods.gossip import GossipNode
 from p2pmoe.methods.local import LocalMethod
 from p2pmoe.methods.params import float_state
 from p2pmoe.models import CNNEmbedder, MoEClassifier
+from p2pmoe.sim.topology import load_topology, make_topology, neighbours_within
 
 SERVER_ID = "server"
 IMAGE_DATA = ("fmnist", "mnist", "mnist5k", "cifar10")
@@ -27,10 +32,11 @@ IMAGE_DATA = ("fmnist", "mnist", "mnist5k", "cifar10")
 
 @dataclass
 class Experiment:
-    """The nodes of one run, and which of them are clients holding data."""
+    """The nodes of one run, which of them are clients holding data, and their topology."""
 
     nodes: dict[str, Method]
     clients: list[str]
+    graph: nx.Graph
 
 
 def client_ids(count: int) -> list[str]:
@@ -73,29 +79,102 @@ def build_image_learners(cfg: RunConfig, indices: list[int]) -> dict[int, Learne
     return learners
 
 
-def _local(cfg: RunConfig, ids: list[str], wanted: set[str]) -> dict[str, Method]:
-    learners = build_image_learners(cfg, [k for k, node in enumerate(ids) if node in wanted])
-    return {ids[k]: LocalMethod(ids[k], learner, cfg.local_epochs) for k, learner in learners.items()}
+def build_topology(cfg: RunConfig) -> nx.Graph:
+    """The clients' graph: a file (node-link JSON or edge list) or a kind such as 'ring'."""
+    if cfg.nodes == 1:  # a lone node has no links to lay out
+        graph = nx.Graph(name="single")
+        graph.add_nodes_from(client_ids(1))
+        return graph
+    if Path(cfg.topology).suffix in (".json", ".edges", ".txt"):
+        return load_topology(cfg.topology, cfg.nodes)
+    return make_topology(cfg.topology, cfg.nodes, cfg.seed, cfg.link_bandwidth, cfg.link_latency)
 
 
-def _fedavg(cfg: RunConfig, ids: list[str], wanted: set[str]) -> dict[str, Method]:
+Builder = Callable[[RunConfig, list[str], set[str], nx.Graph], dict[str, Method]]
+
+
+def _learners(cfg: RunConfig, ids: list[str], wanted: set[str]) -> dict[str, Learner]:
+    """Learners of the wanted clients (one, for a template, when only a server is wanted)."""
     indices = [k for k, node in enumerate(ids) if node in wanted]
-    learners = build_image_learners(cfg, indices or [0])  # the server needs one model as its template
+    built = build_image_learners(cfg, indices or [0])
+    return {ids[k]: learner for k, learner in built.items()}
+
+
+def _local(cfg: RunConfig, ids: list[str], wanted: set[str], graph: nx.Graph) -> dict[str, Method]:
+    learners = _learners(cfg, ids, wanted)
+    return {node: LocalMethod(node, learners[node], cfg.local_epochs) for node in ids if node in wanted}
+
+
+def _fedavg(cfg: RunConfig, ids: list[str], wanted: set[str], graph: nx.Graph) -> dict[str, Method]:
+    learners = _learners(cfg, ids, wanted)
     nodes: dict[str, Method] = {}
     if SERVER_ID in wanted:
         nodes[SERVER_ID] = FedAvgServer(SERVER_ID, ids, float_state(next(iter(learners.values())).model))
-    nodes.update({ids[k]: FedAvgClient(ids[k], learners[k], SERVER_ID, cfg.local_epochs) for k in indices})
+    nodes.update({n: FedAvgClient(n, learners[n], SERVER_ID, cfg.local_epochs) for n in ids if n in wanted})
     return nodes
 
 
-MethodBuilder = Callable[[RunConfig, list[str], set[str]], dict[str, Method]]
-METHODS: dict[str, MethodBuilder] = {"local": _local, "fedavg": _fedavg}
-SERVER_METHODS = {"fedavg"}
+def _gossip(cfg: RunConfig, ids: list[str], wanted: set[str], graph: nx.Graph) -> dict[str, Method]:
+    learners = _learners(cfg, ids, wanted)
+    return {n: GossipNode(n, learners[n], sorted(graph.neighbors(n)), cfg.local_epochs) for n in ids if n in wanted}
+
+
+def _fedmoe_da(cfg: RunConfig, ids: list[str], wanted: set[str], graph: nx.Graph) -> dict[str, Method]:
+    """Peer-to-peer FedMoE-DA, or (method fedmoe-da-server) the paper's server-assisted variant,
+    which always FedAvgs φ on the server (its original embedding handling)."""
+    assisted = cfg.method == "fedmoe-da-server"
+    embedding = "server" if assisted else cfg.embedding
+    learners = _learners(cfg, ids, wanted)
+    nodes: dict[str, Method] = {}
+    if SERVER_ID in wanted:
+        template = float_state(next(iter(learners.values())).model, EMBEDDING_PREFIX) if embedding == "server" else None
+        nodes[SERVER_ID] = FedMoEDAServer(SERVER_ID, ids, template, cfg.fedmoe_p, cfg.fedmoe_tau, plans=assisted, interval=cfg.fedmoe_interval)
+    for n in ids:
+        if n in wanted:
+            visible = [m for m in ids if m != n] if assisted else neighbours_within(graph, n, cfg.hops)
+            nodes[n] = FedMoEDANode(
+                n, learners[n], visible, sorted(graph.neighbors(n)), p=cfg.fedmoe_p, tau=cfg.fedmoe_tau,
+                interval=cfg.fedmoe_interval, embedding=embedding, server_id=SERVER_ID if embedding == "server" else None,
+                planner="server" if assisted else "p2p", local_epochs=cfg.local_epochs,
+            )
+    return nodes
+
+
+METHODS: dict[str, Builder] = {
+    "local": _local,
+    "fedavg": _fedavg,
+    "gossip": _gossip,
+    "fedmoe-da": _fedmoe_da,
+    "fedmoe-da-server": _fedmoe_da,
+}
+
+
+def needs_server(cfg: RunConfig) -> bool:
+    """Whether a run of `cfg` has a coordinator node."""
+    return cfg.method in ("fedavg", "fedmoe-da-server") or (cfg.method == "fedmoe-da" and cfg.embedding == "server")
+
+
+def peers_of(cfg: RunConfig, graph: nx.Graph) -> dict[str, list[str]]:
+    """Who talks to whom in a run of `cfg`: the peers each node's daemon connects to."""
+    ids = client_ids(cfg.nodes)
+    if cfg.method == "local":
+        peers: dict[str, set[str]] = {n: set() for n in ids}
+    elif cfg.method == "fedavg":
+        peers = {n: set() for n in ids}
+    elif cfg.method == "fedmoe-da-server":
+        peers = {n: set(ids) - {n} for n in ids}
+    else:
+        peers = {n: set(neighbours_within(graph, n, cfg.hops)) | set(graph.neighbors(n)) for n in ids}
+    if needs_server(cfg):
+        for n in ids:
+            peers[n].add(SERVER_ID)
+        peers[SERVER_ID] = set(ids)
+    return {n: sorted(p) for n, p in peers.items()}
 
 
 def node_ids(cfg: RunConfig) -> list[str]:
     """Every node a run of `cfg` has: the clients, then the server if the method needs one."""
-    return client_ids(cfg.nodes) + ([SERVER_ID] if cfg.method in SERVER_METHODS else [])
+    return client_ids(cfg.nodes) + ([SERVER_ID] if needs_server(cfg) else [])
 
 
 def build_experiment(cfg: RunConfig, only: str | None = None) -> Experiment:
@@ -110,4 +189,5 @@ def build_experiment(cfg: RunConfig, only: str | None = None) -> Experiment:
     if only is not None and only not in everyone:
         raise ValueError(f"node {only!r} is not part of this run; its nodes are {everyone}")
     wanted = set(everyone) if only is None else {only}
-    return Experiment(METHODS[cfg.method](cfg, ids, wanted), [node for node in ids if node in wanted])
+    graph = build_topology(cfg)
+    return Experiment(METHODS[cfg.method](cfg, ids, wanted, graph), [node for node in ids if node in wanted], graph)

@@ -19,6 +19,7 @@ class LedgerEntry:
     kind: str
     header_bytes: int
     payload_bytes: int
+    phase: int = 0  # causal depth in the round: 0 = sent at round start, k = in reply to phase k-1
 
     @property
     def total(self) -> int:
@@ -31,8 +32,8 @@ class ByteLedger:
     def __init__(self) -> None:
         self.entries: list[LedgerEntry] = []
 
-    def record(self, round_index: int, src: str, dst: str, kind: str, header_bytes: int, payload_bytes: int) -> None:
-        self.entries.append(LedgerEntry(round_index, src, dst, kind, header_bytes, payload_bytes))
+    def record(self, round_index: int, src: str, dst: str, kind: str, header_bytes: int, payload_bytes: int, phase: int = 0) -> None:
+        self.entries.append(LedgerEntry(round_index, src, dst, kind, header_bytes, payload_bytes, phase))
 
     def totals(self) -> dict[str, object]:
         """Bytes of all messages, split into header and payload and by message kind."""

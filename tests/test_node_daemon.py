@@ -18,7 +18,7 @@ from p2pmoe.sim.runner import run_simulation
 pytestmark = pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
 
 CFG = RunConfig(method="fedavg", data="fmnist", nodes=3, rounds=3, partition="dirichlet:0.5", max_train_per_node=300, seed=5)
-METHOD_KINDS = ("model_update", "model_global")
+CONTROL_KINDS = {"hello", "heartbeat", "error"}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -26,18 +26,22 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(300)
-def test_four_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path):
-    swarm = run_swarm(dataclasses.replace(CFG, out=str(tmp_path / "swarm")), Timing(round_deadline=60, startup=60, linger=10))
-    sim = run_simulation(dataclasses.replace(CFG, out=str(tmp_path / "sim")), progress=False)
+@pytest.mark.parametrize("method, clients", [("fedavg", 3), ("fedmoe-da", 4)])
+def test_four_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, method, clients):
+    cfg = dataclasses.replace(CFG, method=method, nodes=clients, rounds=2)
+    swarm = run_swarm(dataclasses.replace(cfg, out=str(tmp_path / "swarm")), Timing(round_deadline=60, startup=60, linger=10))
+    sim = run_simulation(dataclasses.replace(cfg, out=str(tmp_path / "sim")), progress=False)
 
-    assert swarm["exit_codes"] == {"node-00": 0, "node-01": 0, "node-02": 0, "server": 0}
-    for kind in METHOD_KINDS:
-        assert swarm["bytes"]["by_kind"][kind] == sim["bytes"]["by_kind"][kind]
+    assert len(swarm["exit_codes"]) == 4 and set(swarm["exit_codes"].values()) == {0}
+    method_kinds = {k: v for k, v in swarm["bytes"]["by_kind"].items() if k not in CONTROL_KINDS}
+    assert method_kinds == sim["bytes"]["by_kind"]  # every method kind, to the byte
+    if method == "fedmoe-da":
+        assert method_kinds["expert_response"] > 0
     # Same seed, same messages, same arithmetic: the daemons learn exactly what the simulator does.
     assert swarm["metrics"] == sim["metrics"]
     rows = _rows(tmp_path / "swarm" / "metrics.jsonl")
     assert {(r["node"], r["round"]) for r in rows if r["node"] != "server"} == {
-        (f"node-0{k}", r) for k in range(3) for r in range(3)
+        (f"node-0{k}", r) for k in range(clients) for r in range(2)
     }
 
 
@@ -77,3 +81,25 @@ def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_pat
         assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.rounds))
     summary = merge_run(cfg, tmp_path, time.monotonic() - started)
     assert summary["nodes_finished"] == ["node-00", "node-01", "node-02"]
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_a_node_cleanly_with_a_checkpoint(tmp_path):
+    cfg = dataclasses.replace(CFG, method="local", nodes=1, rounds=1000, out=str(tmp_path))
+    configs = write_node_configs(cfg, tmp_path, Timing(startup=1))
+    folder = configs["node-00"].parent
+    proc = start_node(configs["node-00"], folder / "node.log")
+    try:
+        deadline = time.monotonic() + 90
+        while not _rows(folder / "metrics.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rounds = [r["round"] for r in _rows(folder / "metrics.jsonl")]
+    assert 1 <= len(rounds) < cfg.rounds
+    from p2pmoe.node.checkpoint import load_checkpoint
+
+    assert load_checkpoint(folder / "checkpoint.safetensors").round == rounds[-1]

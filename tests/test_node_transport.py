@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, SendTimeout, Transport
+from p2pmoe.node.transport import ZERO_COPY_BYTES, PeerUnreachable, RequestTimeout, SendTimeout, Transport, _zmq_parts
 from p2pmoe.wire.codec import decode, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -42,6 +42,26 @@ def raw_client(context: zmq.asyncio.Context, address: str, routing_id: bytes | N
         client.routing_id = routing_id
     client.connect(address)
     return client
+
+
+def test_big_frames_are_shared_and_tracked_small_ones_copied():
+    header, big, small = b"h" * 10, memoryview(bytes(ZERO_COPY_BYTES)), memoryview(bytes(100))
+    parts, tracker = _zmq_parts([header, big, small])
+    assert [type(p) for p in parts] == [bytes, zmq.Frame, memoryview] and tracker is not None
+    parts, tracker = _zmq_parts([header, small])
+    assert parts == [header, small] and tracker is None  # a small message is bounded by the HWM
+    many_small = [header, *[memoryview(bytes(ZERO_COPY_BYTES // 4))] * 4]
+    parts, tracker = _zmq_parts(many_small)
+    assert isinstance(parts[-1], zmq.Frame) and tracker is not None  # 64 KB or more: always tracked
+
+
+def test_a_busy_port_raises_without_leaking():
+    async def scenario():
+        async with Transport("a", LOOPBACK) as a:
+            with pytest.raises(zmq.ZMQError):
+                Transport("b", a.address)
+
+    run(scenario)
 
 
 def test_two_transports_exchange_messages_and_count_bytes():

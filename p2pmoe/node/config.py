@@ -44,11 +44,14 @@ class Timing:
     dead_after: float = 10.0
     startup: float = 60.0
     linger: float = 30.0
+    request_timeout: float = 10.0
+    request_retries: int = 2
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if not getattr(self, f.name) > 0:
-                raise ValueError(f"timing.{f.name} must be > 0, got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if not (value >= 0 if f.name == "request_retries" else value > 0):
+                raise ValueError(f"timing.{f.name} must be > 0, got {value}")
         if self.suspect_after > self.dead_after:
             raise ValueError("timing.suspect_after must be <= timing.dead_after")
 
@@ -95,7 +98,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     if not all(isinstance(v, str) for v in peers.values()) or raw["node_id"] in peers:
         raise ValueError(f"{path}: [peers] maps other node ids to 'tcp://host:port' strings")
     try:
-        timing = Timing(**{k: float(v) for k, v in _table(raw, "timing", path).items()})
+        timing = Timing(**{k: (int(v) if k == "request_retries" else float(v)) for k, v in _table(raw, "timing", path).items()})
     except TypeError as exc:
         raise ValueError(f"{path}: [timing]: {exc}") from None
     experiment_values = _table(raw, "experiment", path)

@@ -23,11 +23,13 @@ from p2pmoe.node.membership import Membership
 from p2pmoe.node.transport import Transport, TransportError
 from p2pmoe.runs import RunFolder
 from p2pmoe.wire.codec import Envelope, ProtocolError
+from p2pmoe.wire.compression import parse_compression
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 log = logging.getLogger("p2pmoe.node")
 
 CONTROL_KINDS = {MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR}
+REQUEST_KINDS = {MessageKind.EXPERT_REQUEST}  # sent with a timeout and retries; the reply goes to the method
 MAX_ROUNDS_AHEAD = 2  # messages for later rounds than this are dropped, not held
 MAX_BUFFERED_BYTES = 512 * 2**20  # payload held for rounds this node has not reached yet
 
@@ -49,6 +51,7 @@ class NodeDaemon:
         self._stop = asyncio.Event()
         self.membership = Membership(cfg.peers, cfg.timing.suspect_after, cfg.timing.dead_after)
         self.transport: Transport | None = None
+        self._requests: set[asyncio.Task[None]] = set()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -60,9 +63,32 @@ class NodeDaemon:
             log.warning("%s: could not send %s to %s: %s", self.cfg.node_id, message.kind.value, dst, exc)
 
     async def _send_all(self, sends: list[Send]) -> None:
+        """In order per destination, concurrently across destinations, so one unreachable
+        peer (each send waits up to the transport's send timeout) does not hold up the rest."""
+        by_dst: dict[str, list[Message]] = defaultdict(list)
         for send in sends:
-            await self._send(send.dst, send.message)
+            by_dst[send.dst].append(send.message)
+
+        async def to(dst: str, messages: list[Message]) -> None:
+            for message in messages:
+                if message.kind in REQUEST_KINDS:
+                    self._requests.add(asyncio.create_task(self._request(dst, message)))
+                else:
+                    await self._send(dst, message)
+
+        await asyncio.gather(*(to(dst, messages) for dst, messages in by_dst.items()))
         self._progress.set()
+
+    async def _request(self, dst: str, message: Message) -> None:
+        """A request whose reply the transport matches by meta.req, retried on silence."""
+        assert self.transport is not None
+        try:
+            reply = await self.transport.request(dst, message, self.cfg.timing.request_timeout, self.cfg.timing.request_retries)
+            await self._dispatch(Envelope(dst, reply))
+        except TransportError as exc:
+            log.warning("%s: %s to %s failed: %s", self.cfg.node_id, message.kind.value, dst, exc)
+        finally:
+            self._requests.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     def _control(self, kind: MessageKind) -> Message:
         return Message(kind, max(self.round, 0), meta={"round": self.round, "done": self.done})
@@ -133,8 +159,10 @@ class NodeDaemon:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            for peer in self.cfg.peers:
-                await self._send(peer, self._control(MessageKind.HEARTBEAT))
+            beat = self._control(MessageKind.HEARTBEAT)
+            sending = [asyncio.ensure_future(self._send(peer, beat)) for peer in self.cfg.peers]
+            if sending:  # a dead peer's send may wait for the transport timeout: don't wait for it
+                await asyncio.wait(sending, timeout=self.cfg.timing.heartbeat)
             now = time.monotonic()
             for peer in self.membership.newly_dead(now):
                 log.warning("%s: peer %s is gone", self.cfg.node_id, peer)
@@ -173,8 +201,7 @@ class NodeDaemon:
             first = checkpoint.round + 1
             log.info("%s: resumed from %s after round %d", self.cfg.node_id, self.cfg.checkpoint_path, checkpoint.round)
         self.round = first - 1
-        for peer in self.cfg.peers:
-            await self._send(peer, self._control(MessageKind.HELLO))
+        await self._send_all([Send(peer, self._control(MessageKind.HELLO)) for peer in self.cfg.peers])
         heard = await self._wait(lambda: set(self.peer_rounds) >= set(self.cfg.peers), self.cfg.timing.startup)
         if not heard:
             log.warning("%s: starting without %s", self.cfg.node_id, sorted(set(self.cfg.peers) - set(self.peer_rounds)))
@@ -214,6 +241,7 @@ class NodeDaemon:
         self.transport = Transport(
             self.cfg.node_id, self.cfg.bind, ledger=self.ledger, curve=self.cfg.curve,
             max_inflight_bytes=self.cfg.max_inflight_bytes, round_of=lambda: max(self.round, 0),
+            compression=parse_compression(self.cfg.experiment.compression),
         )
         for peer, address in self.cfg.peers.items():
             key = self.cfg.curve.allowed_public_keys.get(peer) if self.cfg.curve else None
@@ -229,14 +257,13 @@ class NodeDaemon:
                 await self._run_round(r, folder)
             else:
                 self.done = True
-                for peer in self.cfg.peers:
-                    await self._send(peer, self._control(MessageKind.HEARTBEAT))
+                await self._send_all([Send(peer, self._control(MessageKind.HEARTBEAT)) for peer in self.cfg.peers])
                 alive = lambda: set(self.membership.alive(time.monotonic())) <= self.peers_done  # noqa: E731
                 await self._wait(alive, self.cfg.timing.linger)
         finally:
-            for task in tasks:
+            for task in [*tasks, *self._requests]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._requests, return_exceptions=True)
             self._flush_ledger(folder)
             folder.close()
             await self.transport.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,16 +62,16 @@ def _certificate(public: bytes, secret: bytes | None = None) -> bytes:
 
 def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     """Write `name.key` (public, 0644) and `name.key_secret` (0600); never overwrite a key."""
+    if not name or Path(name).name != name or name in {".", ".."}:
+        raise ValueError(f"key name {name!r} must be a plain file name")
     directory = Path(directory)
     public_path, secret_path = directory / f"{name}.key", directory / f"{name}.key_secret"
     for path in (public_path, secret_path):
         if path.exists():
             raise FileExistsError(f"{path} exists; refusing to replace a key")
     public, secret = zmq.curve_keypair()
-    atomic_write_bytes(secret_path, _certificate(public, secret))  # mkstemp creates it 0600
-    os.chmod(secret_path, 0o600)
-    atomic_write_bytes(public_path, _certificate(public))
-    os.chmod(public_path, 0o644)
+    atomic_write_bytes(secret_path, _certificate(public, secret), mode=0o600)
+    atomic_write_bytes(public_path, _certificate(public), mode=0o644)
     return public_path, secret_path
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from p2pmoe.config import RunConfig
-from p2pmoe.experiment import SERVER_ID, SERVER_METHODS, client_ids, node_ids
+from p2pmoe.experiment import build_topology, client_ids, node_ids, peers_of
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.node.config import Timing
 from p2pmoe.runs import RunFolder, make_summary
@@ -41,17 +41,6 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def peer_map(cfg: RunConfig, addresses: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Who talks to whom: clients and their server in server-mediated methods, everyone
-    otherwise."""
-    if cfg.method in SERVER_METHODS:
-        clients = client_ids(cfg.nodes)
-        peers = {c: {SERVER_ID: addresses[SERVER_ID]} for c in clients}
-        peers[SERVER_ID] = {c: addresses[c] for c in clients}
-        return peers
-    return {n: {p: a for p, a in addresses.items() if p != n} for n in addresses}
-
-
 def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None) -> dict[str, Path]:
     """One node.toml per node under <out>/nodes/<id>/; by default on free loopback ports."""
     ids = node_ids(cfg)
@@ -59,7 +48,8 @@ def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dic
         addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
     experiment = dataclasses.replace(cfg, threads=1, out=str(out))
     paths = {}
-    for node, peers in peer_map(cfg, addresses).items():
+    for node, peer_list in peers_of(cfg, build_topology(cfg)).items():
+        peers = {p: addresses[p] for p in peer_list}
         folder = out / "nodes" / node
         folder.mkdir(parents=True, exist_ok=True)
         lines = [f'node_id = "{node}"', f'bind = "{addresses[node]}"', 'out = "."', "", "[peers]"]
@@ -80,7 +70,7 @@ def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subp
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def merge_run(cfg: RunConfig, out: Path, wall_seconds: float) -> dict[str, Any]:
+def merge_run(cfg: RunConfig, out: Path, wall_seconds: float, exit_codes: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Combine every node's metrics.jsonl and ledger.csv into the run folder's own files."""
     rows: list[dict[str, Any]] = []
     ledger = ByteLedger()
@@ -107,6 +97,7 @@ def merge_run(cfg: RunConfig, out: Path, wall_seconds: float) -> dict[str, Any]:
     summary = make_summary(cfg, last_eval, ledger, clients, wall_seconds)
     summary["driver"] = "swarm"
     summary["nodes_finished"] = sorted(last)
+    summary["exit_codes"] = exit_codes or {}
     folder.finish(summary)
     return summary
 
@@ -135,8 +126,7 @@ def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None) -> d
                 except subprocess.TimeoutExpired:
                     proc.kill()
     failed = {node: proc.returncode for node, proc in procs.items() if proc.returncode != 0}
-    summary = merge_run(cfg, out, time.perf_counter() - started)
-    summary["exit_codes"] = {node: proc.returncode for node, proc in procs.items()}
+    summary = merge_run(cfg, out, time.perf_counter() - started, {node: proc.returncode for node, proc in procs.items()})
     if failed:
         print(f"swarm: nodes exited with errors {failed}; see {out}/nodes/<id>/node.log", file=sys.stderr)
     return summary

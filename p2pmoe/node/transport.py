@@ -29,8 +29,8 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-from collections import defaultdict, deque
-from typing import Callable, Sequence
+from collections import OrderedDict, defaultdict
+from typing import Callable, Mapping, Sequence
 
 import zmq
 import zmq.asyncio
@@ -156,6 +156,7 @@ class Transport:
         max_inflight_bytes: int = 64 * 2**20,
         round_of: Callable[[], int] | None = None,
         send_timeout: float = 10.0,
+        compression: Mapping[str, str] | None = None,
     ) -> None:
         asyncio.get_running_loop()  # fail early and clearly outside a coroutine
         self.node_id = node_id
@@ -163,23 +164,34 @@ class Transport:
         self.ledger = ledger
         self.max_inflight_bytes = max_inflight_bytes
         self.send_timeout = send_timeout
+        self.compression = dict(compression or {})
         self.bytes_received: dict[str, int] = defaultdict(int)
         self._round_of = round_of or (lambda: 0)
-        self._context = zmq.asyncio.Context()
-        self._guard = CurveGuard(curve, self._context) if curve else None  # before bind: see CurveGuard
         self._peers: dict[str, _Peer] = {}
         self._contacts: set[str] = set()
         self._inflight: dict[str, _InFlight] = defaultdict(_InFlight)
         self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue(INBOX_MESSAGES)
-        self._waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
-        self._finished_requests: deque[tuple[str, int]] = deque(maxlen=_REMEMBERED_REQUESTS)
+        # (peer, req) -> (waiter, the request's kind): a reply is a message with that req and
+        # another kind, so a peer's own request that happens to reuse the number is not taken
+        self._waiters: dict[tuple[str, int], tuple[asyncio.Future[Message], MessageKind]] = {}
+        self._finished_requests: OrderedDict[tuple[str, int], MessageKind] = OrderedDict()
         self._closed = False
 
-        self._router = self._socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self._guard:
-            self._guard.serve(self._router)
-        self._router.bind(bind)
+        self._context = zmq.asyncio.Context()
+        self._guard: CurveGuard | None = None
+        try:
+            if curve:
+                self._guard = CurveGuard(curve, self._context)  # before bind: see CurveGuard
+            self._router = self._socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if self._guard:
+                self._guard.serve(self._router)
+            self._router.bind(bind)
+        except BaseException:  # a bad key file or a busy port must not leak the context
+            if self._guard:
+                self._guard.stop()
+            self._context.destroy(linger=0)
+            raise
         self.address: str = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._router_pump = asyncio.create_task(self._pump(self._router, None), name=f"{node_id}-router")
         if not self._guard:
@@ -254,7 +266,7 @@ class Transport:
         peer = self._peers.get(dst)
         if peer is None and dst not in self._contacts:
             raise PeerUnreachable(f"{dst!r} is neither a configured peer nor a client connected to us")
-        frames = encode(self.node_id, message, self.limits)
+        frames = encode(self.node_id, message, self.limits, self.compression)
         inflight = self._inflight[dst]
         hold = await inflight.wait_for_room(sum(len(f) for f in frames), self.max_inflight_bytes, self.send_timeout, dst)
         parts, tracker = _zmq_parts(frames)
@@ -276,16 +288,22 @@ class Transport:
         self._record(message.round, dst, message.kind, frames)
 
     async def request(self, dst: str, message: Message, timeout: float, retries: int = 2) -> Message:
-        """Send `message` with a fresh `meta["req"]` and return the reply from `dst` carrying it.
+        """Send `message` and return the reply from `dst` carrying the same `meta["req"]`.
 
-        The request is sent again after each `timeout` without a reply, `retries` times, then
-        RequestTimeout is raised. A responder copies `meta["req"]` into its reply; an ERROR
-        reply carrying it is returned like any other. Later duplicate replies are dropped.
+        The caller's `meta["req"]` is kept (so the bytes match a simulation of the same method);
+        without one a random id is drawn. The request is sent again after each `timeout`
+        without a reply, `retries` times, then RequestTimeout is raised. A responder copies
+        `meta["req"]` into its reply; an ERROR reply carrying it is returned like any other.
+        Later duplicate replies are dropped.
         """
-        req = secrets.randbits(62)  # random, so ids never collide with the peer's own requests
+        req = message.meta.get("req")
+        if not isinstance(req, int) or isinstance(req, bool):
+            req = secrets.randbits(62)
         key = (dst, req)
+        if key in self._waiters:
+            raise TransportError(f"request {req} to {dst!r} is already waiting for its reply")
         waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._waiters[key] = waiter
+        self._waiters[key] = (waiter, MessageKind(message.kind))
         outgoing = dataclasses.replace(message, meta={**message.meta, "req": req})
         try:
             for _ in range(retries + 1):
@@ -297,7 +315,9 @@ class Transport:
             raise RequestTimeout(f"{dst!r} did not answer {MessageKind(message.kind).value} request {req}: {retries + 1} tries of {timeout}s")
         finally:
             del self._waiters[key]
-            self._finished_requests.append(key)
+            self._finished_requests[key] = MessageKind(message.kind)
+            while len(self._finished_requests) > _REMEMBERED_REQUESTS:
+                self._finished_requests.popitem(last=False)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -342,11 +362,14 @@ class Transport:
             self._contacts.add(envelope.src)
         req = envelope.message.meta.get("req")
         if isinstance(req, int):
-            waiter = self._waiters.get((envelope.src, req))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(envelope.message)
+            key, kind = (envelope.src, req), envelope.message.kind
+            waiting = self._waiters.get(key)
+            if waiting is not None and kind != waiting[1]:
+                if not waiting[0].done():
+                    waiting[0].set_result(envelope.message)
                 return
-            if waiter is not None or (envelope.src, req) in self._finished_requests:
+            finished = self._finished_requests.get(key)
+            if finished is not None and kind != finished:
                 return  # a duplicate reply to a request already answered
         await self._inbox.put(envelope)
 
@@ -388,7 +411,7 @@ class Transport:
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
-        for waiter in self._waiters.values():
+        for waiter, _ in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(TransportClosed("transport closed while waiting for a reply"))
         if self._guard:

@@ -13,6 +13,8 @@ from p2pmoe.experiment import build_experiment
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.runs import RunFolder, make_summary, summarise_metrics
 from p2pmoe.sim.bus import InMemoryBus
+from p2pmoe.sim.links import round_comm_time
+from p2pmoe.wire.compression import parse_compression
 
 
 def run_simulation(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -22,23 +24,27 @@ def run_simulation(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     experiment = build_experiment(cfg)
     ledger = ByteLedger()
-    bus = InMemoryBus(experiment.nodes, ledger)
+    bus = InMemoryBus(experiment.nodes, ledger, compression=parse_compression(cfg.compression))
     folder = RunFolder(cfg.out)
     last_eval: dict[str, dict[str, float]] = {}
     rounds = tqdm(range(cfg.rounds), desc=f"{cfg.method} on {cfg.data}", unit="round", disable=not progress)
+    comm_seconds: list[float] = []
     for r in rounds:
+        first_entry = len(ledger.entries)
         train_stats = bus.run_round(r)
+        comm_seconds.append(round_comm_time(ledger.entries[first_entry:], experiment.graph, (cfg.link_bandwidth, cfg.link_latency)))
         evaluate = (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1
         for node in experiment.clients:
             metrics = experiment.nodes[node].evaluate() if evaluate else {}
             if evaluate:
                 last_eval[node] = metrics
             traffic = ledger.node_traffic(node, r)
-            folder.log({"round": r, "node": node, **train_stats[node], **metrics, "bytes_sent": traffic["sent"], "bytes_received": traffic["received"]})
+            folder.log({"round": r, "node": node, **train_stats[node], **metrics, "bytes_sent": traffic["sent"], "bytes_received": traffic["received"], "sim_comm_seconds": comm_seconds[-1]})
         if evaluate and last_eval:
             means, _ = summarise_metrics(last_eval)
             rounds.set_postfix({name: f"{value:.4f}" for name, value in means.items()})
     summary = make_summary(cfg, last_eval, ledger, experiment.clients, time.perf_counter() - started)
+    summary["sim_seconds"] = {"comm_total": sum(comm_seconds), "comm_per_round": sum(comm_seconds) / len(comm_seconds)}
     folder.log_messages(ledger.entries)
     folder.finish(summary)
     return summary

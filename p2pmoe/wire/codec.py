@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 import torch
 
+from p2pmoe.wire.compression import CompressionError, compress, decompress, scheme_for
 from p2pmoe.wire.messages import Message, MessageKind
 
 PROTOCOL_VERSION = 1
@@ -76,11 +77,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def encode(src: str, message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
-    """Frames for `message`: header first, then each tensor in chunks of `frame_bytes`."""
+def encode(
+    src: str, message: Message, limits: Limits = DEFAULT_LIMITS, compression: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """Frames for `message`: header first, then each tensor in chunks of `frame_bytes`.
+
+    `compression` maps message kinds (or '*') to a scheme of p2pmoe.wire.compression.
+    """
     table: list[list[Any]] = []
     payload: list[memoryview] = []
-    for name, tensor in message.tensors.items():
+    tensors, comp = compress(message.tensors, scheme_for(MessageKind(message.kind).value, compression or {}))
+    for name, tensor in tensors.items():
         if tensor.dtype not in _DTYPE_NAMES:
             raise ProtocolError(f"tensor {name!r}: dtype {tensor.dtype} is not sendable")
         raw = _tensor_bytes(tensor)
@@ -95,6 +102,8 @@ def encode(src: str, message: Message, limits: Limits = DEFAULT_LIMITS) -> list[
         "meta": message.meta,
         "tensors": table,
     }
+    if comp:
+        header["comp"] = comp
     return [msgpack.packb(header, use_bin_type=True), *payload]
 
 
@@ -192,6 +201,11 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
         if limits.require_finite and dtype in _FLOAT_NAMES:
             _require(bool(torch.isfinite(tensor).all()), f"tensor {name!r} holds NaN or infinite values")
         tensors[name] = tensor
+    if "comp" in header:
+        try:
+            tensors = decompress(tensors, header["comp"])
+        except CompressionError as exc:
+            raise ProtocolError(str(exc)) from None
     message = Message(MessageKind(header["kind"]), header["round"], tensors, header.get("meta", {}))
     return Envelope(header["src"], message)
 

@@ -25,6 +25,8 @@ class MessageKind(str, Enum):
     EMBEDDING = "embedding"
     MODEL_UPDATE = "model_update"
     MODEL_GLOBAL = "model_global"
+    AGGREGATION_PLAN = "aggregation_plan"
+    GOSSIP = "gossip"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,352 @@
+"""FedMoE-DA: domain-aware, expert-by-expert aggregation (arXiv 2411.02115), sans-IO.
+
+Peer-to-peer (the project's main mode): every I rounds a node publishes its gating matrix to
+the peers it can see, computes its own row of the correlation and aggregation matrices, and
+fetches only the selected experts, each (peer, slot) once, straight from their owner. The
+embedding model φ is gossiped with neighbours, frozen, or FedAvg'd by a server.
+Server-assisted (the paper's original): nodes send their gates to a coordinator that computes
+every node's aggregation plan; experts still move peer to peer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from p2pmoe.methods.base import Learner, LearnerMethod, Method
+from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_weights
+from p2pmoe.methods.fedavg import FedAvgServer
+from p2pmoe.methods.gossip import GossipExchange
+from p2pmoe.methods.params import float_state, load_float_state
+from p2pmoe.wire.codec import ProtocolError, check_like
+from p2pmoe.wire.messages import Message, MessageKind, Send
+
+EMBEDDING_MODES = ("gossip", "frozen", "server")
+EMBEDDING_PREFIX = "embedder."
+
+
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise ProtocolError(reason)
+
+
+def expert_tensors(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Wire names for expert states: expert.<slot>.<param>."""
+    return {f"expert.{slot}.{name}": t for slot, state in states.items() for name, t in state.items()}
+
+
+class Plan:
+    """An aggregation plan: candidate (node, slot) columns and the [E, M] weights over them."""
+
+    def __init__(self, sources: list[tuple[str, int]], weights: torch.Tensor) -> None:
+        self.sources = sources
+        self.weights = weights
+
+    def to_message(self, round_index: int) -> Message:
+        return Message(MessageKind.AGGREGATION_PLAN, round_index, {"weights": self.weights.float()}, {"sources": [list(s) for s in self.sources]})
+
+    @classmethod
+    def from_message(cls, message: Message, num_experts: int) -> "Plan":
+        sources = message.meta.get("sources")
+        weights = message.tensors.get("weights")
+        _expect(isinstance(sources, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in sources), "meta.sources must be a list of [node, slot]")
+        _expect(weights is not None and tuple(weights.shape) == (num_experts, len(sources)) and weights.dtype == torch.float32, "plan weights must be float32 [experts, sources]")
+        _expect(bool((weights >= 0).all()) and bool(torch.allclose(weights.sum(dim=1), torch.ones(num_experts), atol=1e-4)), "plan weights must be non-negative rows summing to 1")
+        return cls([(n, s) for n, s in sources], weights.double())
+
+
+def make_plan(node: str, own_gate: torch.Tensor, gates: dict[str, torch.Tensor], p: int, tau: float) -> Plan:
+    """Node's row of Eq. 9–10: candidates are its own experts first, then each peer's by name."""
+    sources = [(node, e) for e in range(own_gate.shape[0])]
+    sources += [(peer, e) for peer in sorted(gates) for e in range(gates[peer].shape[0])]
+    candidates = torch.cat([own_gate, *(gates[peer] for peer in sorted(gates))])
+    return Plan(sources, selection_weights(correlation(own_gate, candidates), p, tau))
+
+
+class FedMoEDANode(LearnerMethod):
+    """One node of FedMoE-DA over a model with `embedder` and `moe` (a MoEClassifier)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        learner: Learner,
+        visible: Sequence[str],
+        neighbours: Sequence[str],
+        p: int = 2,
+        tau: float = 1.0,
+        interval: int = 1,
+        embedding: str = "gossip",
+        server_id: str | None = None,
+        planner: str = "p2p",
+        local_epochs: int = 1,
+    ) -> None:
+        super().__init__(node_id, learner, local_epochs)
+        if embedding not in EMBEDDING_MODES:
+            raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
+        if planner not in ("p2p", "server") or ((planner == "server" or embedding == "server") and server_id is None):
+            raise ValueError("planner 'server' and embedding 'server' need a server_id")
+        if interval < 1 or p < 0 or tau <= 0:
+            raise ValueError("need interval >= 1, P >= 0 and tau > 0")
+        self.visible = set(visible)
+        self.p, self.tau, self.interval = p, tau, interval
+        self.embedding, self.server_id, self.planner = embedding, server_id, planner
+        self.moe = learner.model.moe
+        self.num_experts = self.moe.num_experts
+        model = learner.model
+        self.gossip = GossipExchange(
+            neighbours if embedding == "gossip" else [],
+            MessageKind.EMBEDDING,
+            lambda: float_state(model, EMBEDDING_PREFIX),
+            lambda state: load_float_state(model, state, EMBEDDING_PREFIX),
+        )
+        self.plan: Plan | None = None
+        self._round = -1
+        self._snapshot: dict[int, dict[str, torch.Tensor]] = {}
+        self._gates: dict[str, torch.Tensor] = {}
+        self._gates_awaited: set[str] = set()
+        self._plan_awaited = False
+        self._fetched: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._fetch_awaited: dict[str, list[int]] = {}
+        self._embedding_awaited = False
+        self._aggregated = True
+        self._req = 0
+
+    # -- round start ---------------------------------------------------------------------
+
+    def start_round(self, round_index: int) -> list[Send]:
+        self._round = round_index
+        self._snapshot = {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)}
+        self._fetched, self._fetch_awaited, self._aggregated = {}, {}, False
+        sends = self.gossip.start(round_index)
+        if self.embedding == "server":
+            phi = float_state(self.learner.model, EMBEDDING_PREFIX)
+            sends.append(Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, phi, {"num_examples": self.learner.num_train_examples})))
+            self._embedding_awaited = True
+        if round_index % self.interval == 0 or self.plan is None:
+            gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self.moe.gating_matrix().float()})
+            if self.planner == "server":
+                self._plan_awaited = True
+                sends.append(Send(self.server_id, gate))
+            else:
+                self._gates = {}
+                self._gates_awaited = set(self.visible)
+                sends += [Send(peer, gate) for peer in sorted(self.visible)]
+                sends += self._plan_if_ready()
+        else:
+            sends += self._request_experts()
+        return sends
+
+    # -- messages ------------------------------------------------------------------------
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        _expect(message.round == self._round, f"{message.kind.value} for round {message.round}, node is at {self._round}")
+        handlers = {
+            MessageKind.GATE_PUBLISH: self._on_gate,
+            MessageKind.AGGREGATION_PLAN: self._on_plan,
+            MessageKind.EXPERT_REQUEST: self._on_expert_request,
+            MessageKind.EXPERT_RESPONSE: self._on_expert_response,
+            MessageKind.EMBEDDING: self._on_embedding,
+            MessageKind.MODEL_GLOBAL: self._on_global_embedding,
+        }
+        _expect(message.kind in handlers, f"FedMoE-DA nodes do not take {message.kind.value}")
+        return handlers[message.kind](src, message)
+
+    def _on_gate(self, src: str, message: Message) -> list[Send]:
+        _expect(src in self._gates_awaited, f"no gate expected from {src}")
+        own = self.moe.gating_matrix()
+        check_like(message.tensors, {"gate": own.float()})
+        self._gates[src] = message.tensors["gate"].double()
+        self._gates_awaited.discard(src)
+        return self._plan_if_ready()
+
+    def _plan_if_ready(self) -> list[Send]:
+        if self._gates_awaited or self.planner != "p2p":
+            return []
+        self.plan = make_plan(self.node_id, self.moe.gating_matrix().double(), self._gates, self.p, self.tau)
+        return self._request_experts()
+
+    def _on_plan(self, src: str, message: Message) -> list[Send]:
+        _expect(src == self.server_id and self._plan_awaited, f"no aggregation plan expected from {src}")
+        plan = Plan.from_message(message, self.num_experts)
+        own = [(n, s) for n, s in plan.sources if n == self.node_id]
+        _expect(own == [(self.node_id, e) for e in range(self.num_experts)] and plan.sources[: self.num_experts] == own, "plan must list this node's own experts first")
+        self.plan = plan
+        self._plan_awaited = False
+        return self._request_experts()
+
+    def _request_experts(self) -> list[Send]:
+        assert self.plan is not None
+        available = torch.tensor([n == self.node_id or n in self.visible for n, _ in self.plan.sources])
+        if not bool(available.all()):  # a peer of the plan is gone: renormalise over the rest
+            masked = self.plan.weights.clone()
+            masked[:, ~available] = 0
+            self.plan = Plan(self.plan.sources, masked / masked.sum(dim=1, keepdim=True))
+        self._fetch_awaited = fetch_set(self.plan.weights, self.plan.sources, self.node_id)
+        sends = []
+        for peer, slots in self._fetch_awaited.items():
+            self._req += 1
+            sends.append(Send(peer, Message(MessageKind.EXPERT_REQUEST, self._round, meta={"req": self._req, "slots": slots})))
+        self._aggregate_if_ready()
+        return sends
+
+    def _on_expert_request(self, src: str, message: Message) -> list[Send]:
+        slots = message.meta.get("slots")
+        _expect(
+            isinstance(slots, list) and slots and len(set(slots)) == len(slots)
+            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.num_experts for s in slots),
+            f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}",
+        )
+        meta = {"req": message.meta["req"]} if "req" in message.meta else {}
+        reply = Message(MessageKind.EXPERT_RESPONSE, self._round, expert_tensors({s: self._snapshot[s] for s in slots}), meta)
+        return [Send(src, reply)]
+
+    def _on_expert_response(self, src: str, message: Message) -> list[Send]:
+        slots = self._fetch_awaited.get(src)
+        _expect(slots is not None, f"no experts expected from {src}")
+        check_like(message.tensors, expert_tensors({s: self._snapshot[s] for s in slots}))
+        for slot in slots:
+            prefix = f"expert.{slot}."
+            self._fetched[(src, slot)] = {k[len(prefix):]: v for k, v in message.tensors.items() if k.startswith(prefix)}
+        del self._fetch_awaited[src]
+        self._aggregate_if_ready()
+        return []
+
+    def _on_embedding(self, src: str, message: Message) -> list[Send]:
+        self.gossip.take(src, message)
+        return []
+
+    def _on_global_embedding(self, src: str, message: Message) -> list[Send]:
+        _expect(src == self.server_id and self._embedding_awaited, f"no global embedding expected from {src}")
+        load_float_state(self.learner.model, message.tensors, EMBEDDING_PREFIX)
+        self._embedding_awaited = False
+        return []
+
+    # -- aggregation ---------------------------------------------------------------------
+
+    def _aggregate_if_ready(self, force: bool = False) -> None:
+        if self._aggregated or self.plan is None or (self._fetch_awaited and not force):
+            return
+        weights = self.plan.weights.clone()
+        present = torch.tensor([n == self.node_id or (n, s) in self._fetched for n, s in self.plan.sources])
+        weights[:, ~present] = 0
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        states = [self._snapshot[s] if n == self.node_id else self._fetched.get((n, s)) for n, s in self.plan.sources]
+        for slot in range(self.num_experts):
+            mixed = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in self._snapshot[slot].items()}
+            for column in torch.nonzero(weights[slot]).flatten().tolist():
+                for name, t in states[column].items():
+                    mixed[name] += weights[slot, column] * t.double()
+            self.moe.load_expert_state(slot, {k: v.float() for k, v in mixed.items()})
+        self._aggregated = True
+
+    def round_complete(self) -> bool:
+        waiting_gates = bool(self._gates_awaited) or self._plan_awaited
+        return not waiting_gates and self._aggregated and self.gossip.done and not self._embedding_awaited
+
+    def on_peer_lost(self, peer: str) -> list[Send]:
+        self.visible.discard(peer)
+        self.gossip.lose(peer)
+        sends: list[Send] = []
+        if peer in self._gates_awaited:
+            self._gates_awaited.discard(peer)
+            sends = self._plan_if_ready()
+        self._fetch_awaited.pop(peer, None)
+        self._aggregate_if_ready()
+        return sends
+
+    def on_peer_joined(self, peer: str) -> list[Send]:
+        self.visible.add(peer)
+        self.gossip.rejoin(peer)
+        return []
+
+    def on_deadline(self, round_index: int) -> list[Send]:
+        """Go on with what arrived: plan over the gates in hand, experts and φ that came."""
+        self.gossip.give_up()
+        self._embedding_awaited = False
+        if self._plan_awaited or (self._gates_awaited and self.planner == "p2p"):
+            self._plan_awaited = False
+            self._gates_awaited = set()
+            if self.planner == "p2p":
+                self.plan = make_plan(self.node_id, self.moe.gating_matrix().double(), self._gates, self.p, self.tau)
+            elif self.plan is None:
+                self.plan = Plan([(self.node_id, e) for e in range(self.num_experts)], torch.eye(self.num_experts, dtype=torch.float64))
+        self._aggregate_if_ready(force=True)
+        return []
+
+
+class FedMoEDAServer(Method):
+    """The coordinator of the server-assisted variant and of the `server` embedding mode:
+    FedAvg of φ, and every node's aggregation plan from all gates (experts never pass here)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        clients: Sequence[str],
+        embedding_template: dict[str, torch.Tensor] | None,
+        p: int,
+        tau: float,
+        plans: bool,
+        interval: int = 1,
+    ) -> None:
+        super().__init__(node_id)
+        self.clients = list(clients)
+        self.p, self.tau, self.plans, self.interval = p, tau, plans, interval
+        self.embedding = FedAvgServer(node_id, clients, embedding_template) if embedding_template is not None else None
+        self._live = set(self.clients)
+        self._gates: dict[str, torch.Tensor] = {}
+        self._round = -1
+        self._planned = True
+        self._gate_shape: torch.Size | None = None
+
+    def start_round(self, round_index: int) -> list[Send]:
+        self._round = round_index
+        self._gates = {}
+        self._planned = not self._expects_gates()
+        return self.embedding.start_round(round_index) if self.embedding else []
+
+    def _expects_gates(self) -> bool:
+        """Nodes publish gates on the rounds their plan is recomputed (every `interval`)."""
+        return self.plans and self._round % self.interval == 0
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        if message.kind == MessageKind.MODEL_UPDATE and self.embedding is not None:
+            return self.embedding.on_message(src, message)
+        _expect(message.kind == MessageKind.GATE_PUBLISH and self._expects_gates(), f"server does not take {message.kind.value} now")
+        _expect(src in self._live and message.round == self._round and not self._planned, f"unexpected gate from {src} for round {message.round}")
+        gate = message.tensors.get("gate")
+        _expect(set(message.tensors) == {"gate"} and gate.dtype == torch.float32 and gate.dim() == 2, "gate_publish carries one float32 matrix 'gate'")
+        if self._gate_shape is None:
+            self._gate_shape = gate.shape
+        _expect(gate.shape == self._gate_shape, f"gate shape {tuple(gate.shape)} differs from the swarm's {tuple(self._gate_shape)}")
+        self._gates[src] = gate.double()
+        return self._plan_if_ready()
+
+    def _plan_if_ready(self, force: bool = False) -> list[Send]:
+        if self._planned or (not force and (not self._gates or set(self._gates) != self._live)):
+            return []
+        self._planned = True  # with force and no gates at all, nodes keep their previous plans
+        sends = []
+        for node in sorted(self._gates):
+            others = {peer: g for peer, g in self._gates.items() if peer != node}
+            plan = make_plan(node, self._gates[node], others, self.p, self.tau)
+            sends.append(Send(node, plan.to_message(self._round)))
+        return sends
+
+    def round_complete(self) -> bool:
+        return self._planned and (self.embedding is None or self.embedding.round_complete())
+
+    def on_peer_lost(self, peer: str) -> list[Send]:
+        self._live.discard(peer)
+        self._gates.pop(peer, None)
+        sends = self.embedding.on_peer_lost(peer) if self.embedding else []
+        return sends + self._plan_if_ready()
+
+    def on_peer_joined(self, peer: str) -> list[Send]:
+        if peer in self.clients:
+            self._live.add(peer)
+        return self.embedding.on_peer_joined(peer) if self.embedding else []
+
+    def on_deadline(self, round_index: int) -> list[Send]:
+        sends = self.embedding.on_deadline(round_index) if self.embedding else []
+        return sends + self._plan_if_ready(force=True)

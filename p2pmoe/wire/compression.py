@@ -1,0 +1,103 @@
+"""Lossy compression of float32 tensors on the wire: fp16 or 8-bit uniform per tensor.
+
+A sender's driver compresses the tensors of the message kinds its config names; the header
+says which tensors were compressed and how, so the receiver restores float32 before any
+method sees them. The error each scheme introduces is measured by `compression_error`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+SCHEMES = ("none", "fp16", "int8")
+
+
+class CompressionError(ValueError):
+    """A compression field in a header that cannot be honoured."""
+
+
+def parse_compression(spec: str) -> dict[str, str]:
+    """'fp16' (every kind) or 'model_update=int8,model_global=fp16' -> {kind or '*': scheme}."""
+    spec = spec.strip()
+    if not spec or spec == "none":
+        return {}
+    if "=" not in spec:
+        pairs = [("*", spec)]
+    else:
+        pairs = [tuple(p.strip() for p in item.split("=", 1)) for item in spec.split(",")]  # type: ignore[misc]
+    mapping = dict(pairs)
+    bad = sorted(v for v in mapping.values() if v not in SCHEMES)
+    if bad:
+        raise ValueError(f"compression {spec!r}: unknown schemes {bad}; choose from {list(SCHEMES)}")
+    return {k: v for k, v in mapping.items() if v != "none"}
+
+
+def scheme_for(kind: str, compression: Mapping[str, str]) -> str:
+    """The scheme the config gives `kind` ('none' when it names none)."""
+    return compression.get(kind, compression.get("*", "none"))
+
+
+def compress(tensors: Mapping[str, torch.Tensor], scheme: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Compressed tensors and the header field that lets the receiver restore them.
+
+    Only float32 tensors are compressed; the others go as they are.
+    """
+    if scheme == "none":
+        return dict(tensors), {}
+    out: dict[str, torch.Tensor] = {}
+    params: dict[str, list[float]] = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            out[name] = tensor
+        elif scheme == "fp16":
+            out[name] = tensor.to(torch.float16)
+            params[name] = []
+        else:
+            lo = float(tensor.min()) if tensor.numel() else 0.0
+            hi = float(tensor.max()) if tensor.numel() else 0.0
+            scale = (hi - lo) / 255.0 or 1.0
+            out[name] = torch.round((tensor - lo) / scale).clamp_(0, 255).to(torch.uint8)
+            params[name] = [lo, scale]
+    return out, {"scheme": scheme, "tensors": params}
+
+
+def decompress(tensors: dict[str, torch.Tensor], field: Any) -> dict[str, torch.Tensor]:
+    """Undo `compress` from its header field; CompressionError on anything inconsistent."""
+    if not isinstance(field, dict) or field.get("scheme") not in ("fp16", "int8") or not isinstance(field.get("tensors"), dict):
+        raise CompressionError("header field 'comp' must be {scheme: 'fp16'|'int8', tensors: {name: params}}")
+    scheme, params = field["scheme"], field["tensors"]
+    restored = dict(tensors)
+    for name, values in params.items():
+        if name not in tensors:
+            raise CompressionError(f"compressed tensor {name!r} is not in the message")
+        data = tensors[name]
+        if scheme == "fp16":
+            if data.dtype != torch.float16 or values != []:
+                raise CompressionError(f"tensor {name!r}: fp16 compression needs a float16 tensor and no params")
+            restored[name] = data.to(torch.float32)
+            continue
+        ok = isinstance(values, list) and len(values) == 2 and all(isinstance(v, float) and math.isfinite(v) for v in values)
+        if data.dtype != torch.uint8 or not ok or values[1] <= 0:
+            raise CompressionError(f"tensor {name!r}: int8 compression needs a uint8 tensor and finite [min, scale > 0]")
+        lo, scale = values
+        restored[name] = data.to(torch.float32) * scale + lo
+    return restored
+
+
+def compression_error(original: Mapping[str, torch.Tensor], scheme: str) -> dict[str, float]:
+    """What a round trip through `scheme` does to `original`: relative L2 error over all
+    float32 tensors together and the largest absolute error of any element."""
+    compressed, field = compress(original, scheme)
+    restored = decompress(compressed, field) if field else compressed
+    num = den = worst = 0.0
+    for name, tensor in original.items():
+        if tensor.dtype != torch.float32:
+            continue
+        diff = (restored[name] - tensor).double()
+        num += float(diff.pow(2).sum())
+        den += float(tensor.double().pow(2).sum())
+        worst = max(worst, float(diff.abs().max()) if diff.numel() else 0.0)
+    return {"rel_l2": math.sqrt(num / den) if den else 0.0, "max_abs": worst}

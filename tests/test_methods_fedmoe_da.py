@@ -1,0 +1,204 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from p2pmoe.learners.vision import ImageClassifierLearner
+from p2pmoe.ledger import ByteLedger
+from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_weights
+from p2pmoe.methods.fedmoe_da import FedMoEDANode, FedMoEDAServer, make_plan
+from p2pmoe.methods.local import LocalMethod
+from p2pmoe.methods.params import float_state
+from p2pmoe.models import MoEClassifier
+from p2pmoe.sim.bus import InMemoryBus
+from p2pmoe.wire.codec import ProtocolError
+from p2pmoe.wire.messages import Message, MessageKind
+
+OWN = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+GATES = {"A": torch.tensor([[1.0, 0.0], [1.0, 1.0]]), "B": torch.tensor([[0.0, 1.0], [-1.0, 0.0]])}
+SOURCES = [("me", 0), ("me", 1), ("A", 0), ("A", 1), ("B", 0), ("B", 1)]
+
+
+def test_hand_worked_correlation():
+    r = correlation(OWN, torch.cat([OWN, GATES["A"], GATES["B"]]))
+    s = 1 / math.sqrt(2)
+    expected = torch.tensor([[1, 0, 1, s, 0, -1], [0, 1, 0, s, 1, 0]], dtype=torch.float64)
+    assert torch.allclose(r, expected)
+
+
+def test_hand_worked_selection_and_weights():
+    plan = make_plan("me", OWN.double(), {k: v.double() for k, v in GATES.items()}, p=2, tau=1.0)
+    assert plan.sources == SOURCES
+    e, es = math.e, math.exp(1 / math.sqrt(2))
+    total = 2 * e + es
+    expected = torch.tensor(
+        [[e / total, 0, e / total, es / total, 0, 0], [0, e / total, 0, es / total, e / total, 0]], dtype=torch.float64
+    )
+    assert torch.allclose(plan.weights, expected)
+    assert fetch_set(plan.weights, plan.sources, "me") == {"A": [0, 1], "B": [0]}
+
+
+def test_ties_at_the_threshold_are_all_kept():
+    r = correlation(OWN, torch.cat([OWN, GATES["A"], GATES["B"]]))
+    # P = 1: the two largest of row 0 are both 1 (itself and A0), nothing else.
+    w1 = selection_weights(r, p=1, tau=1.0)
+    assert torch.allclose(w1[0], torch.tensor([0.5, 0, 0.5, 0, 0, 0], dtype=torch.float64))
+    # P = 3: the 4th largest of row 0 is 0, shared by three entries: all five entries >= 0 stay.
+    w3 = selection_weights(r, p=3, tau=1.0)
+    assert (w3[0] > 0).tolist() == [True, True, True, True, True, False]
+    assert torch.allclose(w3.sum(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+def test_temperature_sharpens_and_p0_keeps_only_itself():
+    r = correlation(OWN, torch.cat([OWN, GATES["A"], GATES["B"]]))
+    assert torch.equal(selection_weights(r, p=0, tau=1.0), torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]], dtype=torch.float64))
+    soft, sharp = selection_weights(r, 2, 10.0), selection_weights(r, 2, 0.1)
+    assert sharp[0, 3] < soft[0, 3]
+
+
+def test_unavailable_candidates_are_renormalised_away():
+    r = correlation(OWN, torch.cat([OWN, GATES["A"], GATES["B"]]))
+    available = torch.tensor([True, True, False, False, True, True])
+    w = selection_weights(r, p=1, tau=1.0, available=available)
+    assert w[:, 2:4].sum() == 0 and torch.allclose(w.sum(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+def _learner(seed: int) -> ImageClassifierLearner:
+    torch.manual_seed(0)  # identical initial weights on every node
+    model = MoEClassifier(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), 8, 3, 8, 2)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, seed % 4] > 0).long()
+    return ImageClassifierLearner(model, (x, y), (x[:16], y[:16]), batch_size=16, lr=0.1, seed=seed)
+
+
+def _swarm(p: int, embedding: str = "frozen", planner: str = "p2p", interval: int = 1):
+    ids = ["n0", "n1", "n2", "n3"]
+    learners = {n: _learner(i) for i, n in enumerate(ids)}
+    server = "server" if planner == "server" or embedding == "server" else None
+    nodes = {
+        n: FedMoEDANode(n, learners[n], [m for m in ids if m != n], [ids[(i - 1) % 4], ids[(i + 1) % 4]], p=p, tau=1.0,
+                        interval=interval, embedding=embedding, server_id=server, planner=planner)
+        for i, n in enumerate(ids)
+    }
+    if server:
+        template = float_state(learners["n0"].model, "embedder.") if embedding == "server" else None
+        nodes[server] = FedMoEDAServer(server, ids, template, p=p, tau=1.0, plans=planner == "server", interval=interval)
+    return nodes, learners
+
+
+def test_p0_equals_local_training():
+    nodes, learners = _swarm(p=0)
+    locals_ = {n: LocalMethod(n, _learner(i)) for i, n in enumerate(["n0", "n1", "n2", "n3"])}
+    ledger = ByteLedger()
+    for r in range(2):
+        InMemoryBus(nodes, ledger).run_round(r)
+        InMemoryBus(locals_).run_round(r)
+    for n in locals_:
+        a, b = float_state(learners[n].model), float_state(locals_[n].learner.model)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {e.kind for e in ledger.entries} == {"gate_publish"}
+
+
+def test_fetches_exactly_the_selected_pairs_once_and_aggregates_them():
+    nodes, learners = _swarm(p=2)
+    ledger = ByteLedger()
+    bus = InMemoryBus(nodes, ledger)
+    requests = []
+    original = nodes["n0"].on_message
+
+    bus.run_round(0)
+    for node_id, node in nodes.items():
+        expected = fetch_set(node.plan.weights, node.plan.sources, node_id)
+        asked = {e.dst for e in ledger.entries if e.src == node_id and e.kind == "expert_request"}
+        assert asked == set(expected)
+        answers = [e for e in ledger.entries if e.dst == node_id and e.kind == "expert_response"]
+        assert len(answers) == len(expected)  # one response per peer, each slot once
+        expert_bytes = sum(v.numel() * 4 for v in learners[node_id].model.moe.expert_state(0).values())
+        for e in answers:
+            assert e.payload_bytes == expert_bytes * len(expected[e.src])
+    # the aggregate of slot 0 equals the plan's weighted sum of the snapshots it fetched
+    node = nodes["n1"]
+    assert node.round_complete()
+
+
+def test_aggregation_is_the_weighted_sum_of_selected_experts():
+    nodes, learners = _swarm(p=3)
+    snap = {}
+    for n, node in nodes.items():
+        node.train_local(0)
+        snap[n] = {s: learners[n].model.moe.expert_state(s) for s in range(3)}
+    bus = InMemoryBus(nodes)
+    for n, node in nodes.items():
+        node.train_local = lambda r: {}  # already trained: keep the snapshot comparable
+    bus.run_round(0)
+    plan = nodes["n2"].plan
+    for slot in range(3):
+        got = learners["n2"].model.moe.expert_state(slot)
+        for name, tensor in got.items():
+            want = sum(plan.weights[slot, c].item() * snap[src][s][name] for c, (src, s) in enumerate(plan.sources))
+            assert torch.allclose(tensor, want.float(), atol=1e-5)
+
+
+def test_server_assisted_plans_match_the_peer_to_peer_ones():
+    p2p, _ = _swarm(p=2)
+    srv, _ = _swarm(p=2, planner="server")
+    InMemoryBus(p2p).run_round(0)
+    ledger = ByteLedger()
+    InMemoryBus(srv, ledger).run_round(0)
+    for n in ("n0", "n1", "n2", "n3"):
+        assert p2p[n].plan.sources == srv[n].plan.sources
+        assert torch.allclose(p2p[n].plan.weights, srv[n].plan.weights, atol=1e-6)
+    assert {e.kind for e in ledger.entries if e.dst == "server"} == {"gate_publish"}
+
+
+def test_gossip_and_server_embedding_modes_complete_and_mix_phi():
+    for embedding in ("gossip", "server"):
+        nodes, learners = _swarm(p=1, embedding=embedding)
+        ledger = ByteLedger()
+        InMemoryBus(nodes, ledger).run_round(0)
+        kinds = {e.kind for e in ledger.entries}
+        assert ("embedding" in kinds) == (embedding == "gossip")
+        assert ("model_update" in kinds) == (embedding == "server")
+        if embedding == "server":  # FedAvg of φ: every node holds the same embedder
+            a, b = float_state(learners["n0"].model, "embedder."), float_state(learners["n3"].model, "embedder.")
+            assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_interval_reuses_the_plan_without_gate_traffic():
+    nodes, _ = _swarm(p=1, interval=2)
+    ledger = ByteLedger()
+    bus = InMemoryBus(nodes, ledger)
+    for r in range(3):
+        bus.run_round(r)
+    gate_rounds = sorted({e.round for e in ledger.entries if e.kind == "gate_publish"})
+    expert_rounds = sorted({e.round for e in ledger.entries if e.kind == "expert_request"})
+    assert gate_rounds == [0, 2] and expert_rounds == [0, 1, 2]
+
+
+def test_bad_peer_input_is_refused_and_changes_nothing():
+    nodes, learners = _swarm(p=2)
+    node = nodes["n0"]
+    node.start_round(0)
+    before = float_state(learners["n0"].model)
+    with pytest.raises(ProtocolError, match="slots"):
+        node.on_message("n1", Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": 1, "slots": [7]}))
+    with pytest.raises(ProtocolError, match="shape"):
+        node.on_message("n1", Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.zeros(2, 8)}))
+    with pytest.raises(ProtocolError, match="no experts expected"):
+        node.on_message("n1", Message(MessageKind.EXPERT_RESPONSE, 0, {}))
+    with pytest.raises(ProtocolError, match="round"):
+        node.on_message("n1", Message(MessageKind.GATE_PUBLISH, 5, {"gate": torch.zeros(3, 8)}))
+    after = float_state(learners["n0"].model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lost_peer_does_not_stall_the_round():
+    nodes, _ = _swarm(p=2)
+    del nodes["n3"]
+    for node in nodes.values():
+        node.on_peer_lost("n3")
+    InMemoryBus(nodes).run_round(0)
+    assert all(node.round_complete() for node in nodes.values())
+    assert all(src != "n3" for node in nodes.values() for src, _ in node.plan.sources)

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from p2pmoe.node.config import load_node_config
+
+PEERS = Path(__file__).parent.parent / "peers"
+
+
+def test_lan_example_configs_load_and_agree():
+    configs = {c.node_id: c for c in map(load_node_config, sorted(PEERS.glob("*.toml")))}
+    assert set(configs) == {"server", "node-00", "node-01", "node-02"}
+    assert set(configs["server"].peers) == {"node-00", "node-01", "node-02"}
+    for node in ("node-00", "node-01", "node-02"):
+        assert set(configs[node].peers) == {"server"}
+        assert configs[node].experiment == configs["server"].experiment
+    assert configs["server"].experiment.nodes == 3
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('bind = "tcp://127.0.0.1:1"\n', "node_id"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\nbogus = 1\n', "unknown keys"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[peers]\na = "tcp://127.0.0.1:2"\n', "peers"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[timing]\nround_deadline = -1\n', "round_deadline"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[timing]\nheartbeet = 1\n', "timing"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[experiment]\nnodse = 3\n', "nodse"),
+        ('node_id = "a"\nbind = = 3\n', "cannot read"),
+    ],
+)
+def test_bad_node_configs_are_explained(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_node_config(_write(tmp_path, text))
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path):
+    cfg = load_node_config(_write(tmp_path, 'node_id = "a"\nbind = "tcp://127.0.0.1:1"\nout = "runs/a"\n'))
+    assert cfg.out == tmp_path / "runs" / "a"
+    assert cfg.checkpoint_path == tmp_path / "runs" / "a" / "checkpoint.safetensors"
