@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm import tqdm
+
 from p2pmoe.config import RunConfig
 from p2pmoe.experiment import build_topology, client_ids, node_ids, peers_of
 from p2pmoe.ledger import ByteLedger
@@ -102,22 +104,33 @@ def merge_run(cfg: RunConfig, out: Path, wall_seconds: float, exit_codes: dict[s
     return summary
 
 
-def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None) -> dict[str, Any]:
-    """Start every node, wait for all (killing stragglers after `timeout`), merge results."""
+def _rounds_done(out: Path) -> int:
+    """Node-rounds finished so far, from the nodes' metrics files."""
+    total = 0
+    for metrics in (out / "nodes").glob("*/metrics.jsonl"):
+        with open(metrics, "rb") as handle:
+            total += sum(1 for _ in handle)
+    return total
+
+
+def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Start every node, wait for all (stopping stragglers after `timeout`), merge results."""
     out = Path(cfg.out)
     started = time.perf_counter()
     configs = write_node_configs(cfg, out, timing)
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
     budget = timeout or timing.startup + cfg.rounds * timing.round_deadline + timing.linger + 60
     deadline = time.monotonic() + budget
+    bar = tqdm(total=len(procs) * cfg.rounds, desc=f"{cfg.method} swarm", unit="node-round", disable=not progress)
     try:
-        for node, proc in procs.items():
-            remaining = max(deadline - time.monotonic(), 0.1)
-            try:
-                proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                print(f"swarm: {node} still running after {budget:.0f}s; stopping it", file=sys.stderr)
+        while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            bar.update(_rounds_done(out) - bar.n)
+        late = [node for node, p in procs.items() if p.poll() is None]
+        if late:
+            print(f"swarm: {late} still running after {budget:.0f}s; stopping them", file=sys.stderr)
     finally:
+        bar.close()
         for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -125,8 +138,9 @@ def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None) -> d
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    failed = {node: proc.returncode for node, proc in procs.items() if proc.returncode != 0}
-    summary = merge_run(cfg, out, time.perf_counter() - started, {node: proc.returncode for node, proc in procs.items()})
+                    proc.wait()
+    codes = {node: proc.returncode for node, proc in procs.items()}
+    failed = {node: code for node, code in codes.items() if code != 0}
     if failed:
         print(f"swarm: nodes exited with errors {failed}; see {out}/nodes/<id>/node.log", file=sys.stderr)
-    return summary
+    return merge_run(cfg, out, time.perf_counter() - started, codes)

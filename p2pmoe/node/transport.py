@@ -172,7 +172,8 @@ class Transport:
         self._inflight: dict[str, _InFlight] = defaultdict(_InFlight)
         self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue(INBOX_MESSAGES)
         # (peer, req) -> (waiter, the request's kind): a reply is a message with that req and
-        # another kind, so a peer's own request that happens to reuse the number is not taken
+        # another kind (or meta.reply true, as hello's), so a peer's own request that happens
+        # to reuse the number is not taken for a reply
         self._waiters: dict[tuple[str, int], tuple[asyncio.Future[Message], MessageKind]] = {}
         self._finished_requests: OrderedDict[tuple[str, int], MessageKind] = OrderedDict()
         self._closed = False
@@ -363,13 +364,14 @@ class Transport:
         req = envelope.message.meta.get("req")
         if isinstance(req, int):
             key, kind = (envelope.src, req), envelope.message.kind
+            flagged = envelope.message.meta.get("reply") is True
             waiting = self._waiters.get(key)
-            if waiting is not None and kind != waiting[1]:
+            if waiting is not None and (kind != waiting[1] or flagged):
                 if not waiting[0].done():
                     waiting[0].set_result(envelope.message)
                 return
             finished = self._finished_requests.get(key)
-            if finished is not None and kind != finished:
+            if finished is not None and (kind != finished or flagged):
                 return  # a duplicate reply to a request already answered
         await self._inbox.put(envelope)
 
