@@ -3,8 +3,8 @@ Fashion-MNIST, same rounds and local epochs for all, side by side in one run.
 
     python bench/bench_fedmoe_da.py --rounds 20 --max-train-per-node 2000
 
-For each Dirichlet alpha, every method runs on the full topology; the peer-to-peer methods run
-again on a ring. Prints a table per alpha, saves bench/results/fedmoe_da.json and .md, and
+For each Dirichlet alpha, every method runs on the full topology; for the last alpha the
+peer-to-peer methods run again on a ring (simulated time, full vs ring). Prints a table per alpha, saves bench/results/fedmoe_da.json and .md, and
 plots personalised accuracy against cumulative bytes per node (bench/results/fedmoe_da_*.png).
 """
 
@@ -95,9 +95,10 @@ def main() -> None:
     args = parser.parse_args()
     base: RunConfig = config_from_args(args)
     rows, text = [], []
-    for alpha in args.alphas.split(","):
+    alphas = args.alphas.split(",")
+    for alpha in alphas:
         tables, curves, fedavg_bytes = [], {}, None
-        for topology in ("full", "ring"):
+        for topology in ("full", "ring") if alpha == alphas[-1] else ("full",):
             for label, changes in VARIANTS:
                 if topology == "ring" and changes["method"] not in P2P:
                     continue

@@ -24,9 +24,9 @@ from p2pmoe.methods.gossip import GossipNode
 from p2pmoe.methods.local import LocalMethod
 from p2pmoe.methods.params import float_state
 from p2pmoe.models import CNNEmbedder, MoEClassifier
+from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.sim.topology import load_topology, make_topology, neighbours_within
 
-SERVER_ID = "server"
 IMAGE_DATA = ("fmnist", "mnist", "mnist5k", "cifar10")
 
 
@@ -37,12 +37,6 @@ class Experiment:
     nodes: dict[str, Method]
     clients: list[str]
     graph: nx.Graph
-
-
-def client_ids(count: int) -> list[str]:
-    """Stable node names: node-00, node-01, ... (zero-padded so they sort)."""
-    width = max(2, len(str(count - 1)))
-    return [f"node-{i:0{width}d}" for i in range(count)]
 
 
 def build_image_model(cfg: RunConfig, data: ImageDataset) -> torch.nn.Module:

@@ -4,7 +4,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from p2pmoe.experiment import client_ids
+from p2pmoe.naming import client_ids
 from p2pmoe.sim.topology import (
     TopologyError,
     load_topology,

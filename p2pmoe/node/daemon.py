@@ -222,7 +222,8 @@ class NodeDaemon:
         sent = sum(e.total for e in self.ledger.entries if e.round == r)
         folder.log({"round": r, "node": self.cfg.node_id, **stats, **metrics, "bytes_sent": sent})
         self._flush_ledger(folder)
-        await asyncio.to_thread(save_checkpoint, self.cfg.checkpoint_path, r, self.method.state_dict(), {"node": self.cfg.node_id})
+        extra = {"node": self.cfg.node_id, "membership": self.membership.table(time.monotonic())}
+        await asyncio.to_thread(save_checkpoint, self.cfg.checkpoint_path, r, self.method.state_dict(), extra)
         log.info("%s: round %d done %s", self.cfg.node_id, r, {k: round(v, 4) for k, v in metrics.items()})
 
     def _flush_ledger(self, folder: RunFolder) -> None:

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from p2pmoe.config import RunConfig
-from p2pmoe.experiment import build_topology, client_ids, node_ids, peers_of
+from p2pmoe.experiment import build_topology, node_ids, peers_of
+from p2pmoe.naming import client_ids
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.node.config import Timing
 from p2pmoe.runs import RunFolder, make_summary
@@ -125,7 +126,9 @@ def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None, prog
     try:
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
-            bar.update(_rounds_done(out) - bar.n)
+            done = _rounds_done(out)
+            if done > bar.n:
+                bar.update(done - bar.n)
         late = [node for node, p in procs.items() if p.poll() is None]
         if late:
             print(f"swarm: {late} still running after {budget:.0f}s; stopping them", file=sys.stderr)

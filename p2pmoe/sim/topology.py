@@ -18,6 +18,7 @@ from typing import Any, Callable
 import networkx as nx
 
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.naming import client_ids
 
 DEFAULT_BANDWIDTH = 100e6  # bits per second: 100 Mbit/s Ethernet
 DEFAULT_LATENCY = 0.0005  # seconds: one LAN hop
@@ -28,14 +29,6 @@ _MAX_DRAWS = 100  # re-draws of a random kind before we call its parameters hope
 
 class TopologyError(ValueError):
     """A topology that cannot be built, read or used, with the reason in words."""
-
-
-def _client_ids(count: int) -> list[str]:
-    # Imported here, not at module level: experiment builds nodes from topologies, so a
-    # module-level import would be circular.
-    from p2pmoe.experiment import client_ids
-
-    return client_ids(count)
 
 
 def _number(text: str, what: str, cast: Callable[[str], Any]) -> Any:
@@ -127,7 +120,7 @@ def make_topology(
         raise TopologyError(f"a topology needs at least 2 nodes, got {nodes!r}")
     bandwidth, latency = _check_link(bandwidth, latency, "link")
     generated, canonical = _generate(kind, nodes, seed)
-    ids = _client_ids(nodes)
+    ids = client_ids(nodes)
     graph = nx.Graph(name=f"{canonical.replace(':', '-')}-{nodes}", kind=canonical, seed=seed)
     graph.add_nodes_from(ids)
     edges = sorted((min(u, v), max(u, v)) for u, v in generated.edges())
@@ -212,7 +205,7 @@ def _relabel_integers(graph: nx.Graph, path: Path) -> nx.Graph:
     numbers = {n: int(n) for n in labels}
     if sorted(numbers.values()) != list(range(len(labels))):
         raise TopologyError(f"{path}: integer node labels must be exactly 0..{len(labels) - 1}")
-    ids = _client_ids(len(labels))
+    ids = client_ids(len(labels))
     return nx.relabel_nodes(graph, {n: ids[i] for n, i in numbers.items()})
 
 
@@ -246,7 +239,7 @@ def load_topology(path: str | Path, nodes: int | None = None) -> nx.Graph:
         parts = sorted((sorted(c) for c in nx.connected_components(graph)), key=len)
         raise TopologyError(f"{path}: the topology is not connected ({len(parts)} components; smallest: {parts[0][:5]})")
     if nodes is not None:
-        expected, present = set(_client_ids(nodes)), set(graph.nodes)
+        expected, present = set(client_ids(nodes)), set(graph.nodes)
         if present != expected:
             missing, extra = sorted(expected - present), sorted(present - expected, key=str)
             raise TopologyError(

@@ -1,0 +1,215 @@
+"""FMoE-CDSR (arXiv 2503.13254, METHODS §2), sans-IO: experts through a caching server.
+
+Round r on client c: train locally, upload its own expert (``model_update``, tensors
+``expert.<param>``, meta ``{"domain": c}``). The server stores each upload as is (no
+averaging) and, once every live client's expert of the round is in (or on the deadline, or
+when the missing ones are lost), sends each client the cached experts of every OTHER domain
+(``model_global``, tensors ``domain.<i>.<param>``). So round r's reply carries the others'
+experts trained in round r; a domain that never uploaded is absent from the reply, and the
+client keeps that branch masked.
+
+Project decision: a client loads the experts it received in round r just before its local
+training of round r+1, not on receipt. Its evaluation after round r then sees the foreign
+experts its adaptation parameters and gate were trained with, which is the official order
+(receive, train, upload, evaluate). Foreign branches are masked until their first expert is
+loaded, i.e. during round 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from p2pmoe.learners.sequential import NextItemLearner
+from p2pmoe.methods.base import LearnerMethod, Method
+from p2pmoe.models.fmoe_cdsr import FMoECDSR
+from p2pmoe.wire.codec import ProtocolError, check_like
+from p2pmoe.wire.messages import Message, MessageKind, Send
+
+UPLOAD_PREFIX = "expert."
+PENDING_PREFIX = "pending."
+
+
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise ProtocolError(reason)
+
+
+def domain_tensors(experts: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Wire names for experts by domain: ``domain.<i>.<param>``."""
+    return {f"domain.{i}.{name}": t for i, state in experts.items() for name, t in state.items()}
+
+
+def split_domains(
+    tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor], domains: set[int]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Parse ``domain.<i>.<param>`` tensors into one state per domain, each checked against
+    ``template`` (names, shapes, dtypes) and ``i`` against ``domains``. Raises ProtocolError."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        head, index, param = (name.split(".", 2) + ["", ""])[:3]
+        _expect(head == "domain" and index.isdigit() and str(int(index)) == index, f"tensor {name!r} is not domain.<i>.<param>")
+        _expect(int(index) in domains, f"tensor {name!r}: domain {index} is not one this node takes")
+        out.setdefault(int(index), {})[param] = tensor
+    for state in out.values():
+        check_like(state, template)
+    return out
+
+
+class FMoECDSRClient(LearnerMethod):
+    """Client of one domain: uploads its own expert, takes the other domains' experts.
+
+    ``freeze_foreign`` (default True, the paper's method) keeps received experts out of local
+    training; False is the "without freezing" ablation: they train locally until the next
+    download overwrites them.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        learner: NextItemLearner,
+        domain_index: int,
+        server_id: str,
+        local_epochs: int = 3,
+        freeze_foreign: bool = True,
+    ) -> None:
+        super().__init__(node_id, learner, local_epochs)
+        self.model: FMoECDSR = learner.model
+        if self.model.domain_index != domain_index:
+            raise ValueError(f"the model is for domain {self.model.domain_index}, not {domain_index}")
+        self.domain_index = domain_index
+        self.server_id = server_id
+        self.freeze_foreign = freeze_foreign
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self._round = -1
+        self._synced = True
+
+    def _foreign(self) -> set[int]:
+        return set(range(self.model.num_domains)) - {self.domain_index}
+
+    def _set_trainable(self) -> None:
+        """Foreign experts train only when loaded and not frozen; the optimiser follows suit."""
+        for i in self._foreign():
+            self.model.experts[i].requires_grad_(bool(self.model.available[i]) and not self.freeze_foreign)
+        self.learner.refresh_optimizer()
+
+    def _apply_pending(self) -> None:
+        for i, state in sorted(self.pending.items()):
+            self.model.set_expert_state(i, state)
+        self.pending = {}
+        self._set_trainable()
+
+    def train_local(self, round_index: int) -> dict[str, float]:
+        self._apply_pending()
+        return super().train_local(round_index)
+
+    def start_round(self, round_index: int) -> list[Send]:
+        self._round = round_index
+        self._synced = False
+        own = self.model.expert_state(self.domain_index)
+        update = Message(
+            MessageKind.MODEL_UPDATE,
+            round_index,
+            {UPLOAD_PREFIX + name: t for name, t in own.items()},
+            {"domain": self.domain_index},
+        )
+        return [Send(self.server_id, update)]
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        _expect(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
+        _expect(message.round == self._round and not self._synced, f"experts for round {message.round} not awaited (round {self._round})")
+        self.pending = split_domains(message.tensors, self.model.expert_state(self.domain_index), self._foreign())
+        self._synced = True
+        return []
+
+    def on_deadline(self, round_index: int) -> list[Send]:
+        self._synced = True  # no experts arrived in time: go on with those already loaded
+        return []
+
+    def round_complete(self) -> bool:
+        return self._synced
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The learner's state and the received experts not yet loaded (``pending.domain.<i>.*``)."""
+        return {**self.learner.state_dict(), **{PENDING_PREFIX + k: v for k, v in domain_tensors(self.pending).items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pending = {k[len(PENDING_PREFIX) :]: v for k, v in state.items() if k.startswith(PENDING_PREFIX)}
+        parsed = split_domains(pending, self.model.expert_state(self.domain_index), self._foreign())
+        self.learner.load_state_dict({k: v for k, v in state.items() if not k.startswith(PENDING_PREFIX)})
+        self.pending = parsed
+        self._set_trainable()
+
+
+class FMoECDSRServer(Method):
+    """Caches the latest expert of every domain and hands each client the other domains'."""
+
+    def __init__(self, node_id: str, clients: Mapping[str, int], expert_template: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(node_id)
+        if len(set(clients.values())) != len(clients):
+            raise ValueError("each domain must have exactly one client")
+        self.clients = dict(clients)
+        self.template = {name: t.detach().clone() for name, t in expert_template.items()}
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._live = set(self.clients)
+        self._uploaded: set[str] = set()
+        self._round = -1
+        self._done = True
+
+    def start_round(self, round_index: int) -> list[Send]:
+        self._round = round_index
+        self._uploaded = set()
+        self._done = False
+        return []
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        _expect(message.kind == MessageKind.MODEL_UPDATE, f"server takes model_update, not {message.kind.value}")
+        _expect(src in self._live, f"{src} is not a client of this server")
+        _expect(message.round == self._round and not self._done, f"update for round {message.round}, server is at {self._round}")
+        domain = self.clients[src]
+        _expect(message.meta.get("domain") == domain, f"{src} serves domain {domain}, meta.domain says {message.meta.get('domain')!r}")
+        _expect(all(name.startswith(UPLOAD_PREFIX) for name in message.tensors), "expert tensors must be named expert.<param>")
+        expert = {name[len(UPLOAD_PREFIX) :]: t for name, t in message.tensors.items()}
+        check_like(expert, self.template)
+        self.cache[domain] = expert
+        self._uploaded.add(src)
+        return self._finish_if_ready()
+
+    def on_peer_joined(self, peer: str) -> list[Send]:
+        if peer in self.clients:
+            self._live.add(peer)
+        return []
+
+    def on_peer_lost(self, peer: str) -> list[Send]:
+        """Stop waiting for ``peer``; its last expert stays in the cache and is still served."""
+        self._live.discard(peer)
+        return self._finish_if_ready()
+
+    def on_deadline(self, round_index: int) -> list[Send]:
+        return [] if self._done else self._reply()
+
+    def round_complete(self) -> bool:
+        return self._done
+
+    def _finish_if_ready(self) -> list[Send]:
+        if self._done or not self._uploaded or not self._live <= self._uploaded:
+            return []
+        return self._reply()
+
+    def _reply(self) -> list[Send]:
+        self._done = True
+        sends = []
+        for client in sorted(self._live):
+            own = self.clients[client]
+            others = {i: state for i, state in self.cache.items() if i != own}
+            sends.append(Send(client, Message(MessageKind.MODEL_GLOBAL, self._round, domain_tensors(others))))
+        return sends
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The expert cache as ``domain.<i>.<param>`` tensors."""
+        return domain_tensors(self.cache)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the cache; every tensor is checked before the cache changes."""
+        self.cache = split_domains(state, self.template, set(self.clients.values()))

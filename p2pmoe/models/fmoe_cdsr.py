@@ -1,0 +1,287 @@
+"""FMoE-CDSR's client model (arXiv 2503.13254, METHODS §2): K branches, one expert per domain.
+
+Client c of K domains holds K branches. Branch i has local adaptation parameters (item and
+positional embeddings over c's items, LayerNorm, dropout, a one-layer graph layer over c's
+item-transition graph, a prediction head over c's items) and an expert encoder
+``experts[i]``. Only experts cross the network: ``experts[c]`` is trained here and uploaded,
+``experts[i]`` for i ≠ c holds domain i's expert and is frozen. A gate mixes the branches'
+stop-gradient logits, so the mixture loss trains only the gate.
+
+Following the official code: the encoder input is ``(H[s] + E[s])·√d`` plus the positional
+embedding, then LayerNorm and dropout (``H`` the graph layer's output, ``E`` the item
+embedding); z = μ (no sampling; the log σ² stack is trained by the KL term alone); the gate
+MLP has dropout after each LayerNorm.
+
+Project decisions (options, defaults named): CE and KL are means over non-padding positions
+(the official code divides by all positions, padding included); the contrastive view is a
+fresh random permutation of each sequence's items every step (the official code draws it
+once); the contrastive weight ``contrastive_weight`` is 0.1 (METHODS is silent; the official
+code uses 1.0 on FKCB); a branch whose expert has not arrived is left out of every loss term
+and gets gate weight 0, and its slot of the gate input is zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from p2pmoe.models.sasrec import SASRecEncoder, _dropout
+from p2pmoe.wire.codec import check_like
+
+if TYPE_CHECKING:
+    from p2pmoe.learners.sequential import SequenceBatch
+
+__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "nt_xent", "transition_adjacency"]
+
+GATES = ("learned", "uniform")
+GATE_POOLINGS = ("sequence", "position", "batch")
+
+
+def transition_adjacency(sequences: Sequence[Sequence[int]], num_items: int) -> Tensor:
+    """Row-normalised next-item graph: sparse ``[N+1, N+1]``, ``A[i, j]`` = share of i's
+    successors that are j, counted over ``sequences`` (c's training data). Row and column
+    ``N`` (the padding id) are empty."""
+    pairs = [(a, b) for seq in sequences for a, b in zip(seq, seq[1:])]
+    size = (num_items + 1, num_items + 1)
+    if not pairs:
+        return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), size, check_invariants=True).coalesce()
+    counts = torch.sparse_coo_tensor(torch.tensor(pairs).T, torch.ones(len(pairs)), size, check_invariants=True).coalesce()
+    rows = counts.indices()[0]
+    out_degree = torch.zeros(num_items + 1).index_add_(0, rows, counts.values())
+    return torch.sparse_coo_tensor(counts.indices(), counts.values() / out_degree[rows], size, check_invariants=True).coalesce()
+
+
+def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
+    """Symmetric NT-Xent (SimCLR): each of the 2B views picks its partner among the other 2B−1
+    by cosine similarity; mean over the 2B views."""
+    n = a.shape[0]
+    z = F.normalize(torch.cat([a, b]), dim=-1)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, partner)
+
+
+class Branch(nn.Module):
+    """Branch i's adaptation parameters: always local, always trainable."""
+
+    def __init__(self, num_items: int, max_len: int, hidden: int) -> None:
+        super().__init__()
+        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.graph_bias = nn.Parameter(torch.zeros(hidden))
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.head = nn.Linear(hidden, num_items)
+
+    def item_table(self, adjacency: Tensor) -> Tensor:
+        """``(H + E)`` for every item, ``H = (E + A·E + b) / 2``: computed once per step and
+        shared by the sequence and its permuted view."""
+        e = self.item_emb.weight
+        return (e + torch.sparse.mm(adjacency, e) + self.graph_bias) / 2 + e
+
+    def embed(self, table: Tensor, seqs: Tensor, dropout: float) -> Tensor:
+        """Encoder input ``[B, L, d]``; positions count from the newest slot, as in SASRec."""
+        positions = torch.arange(seqs.shape[1] - 1, -1, -1, device=seqs.device)
+        x = F.embedding(seqs, table) * math.sqrt(table.shape[1]) + self.pos_emb(positions)
+        return _dropout(self.norm(x), dropout, self.training)
+
+
+class Expert(nn.Module):
+    """What crosses the network: a μ stack and, in VAE mode, a log σ² stack (SASRec encoders)."""
+
+    def __init__(self, max_len: int, hidden: int, heads: int, blocks: int, dropout: float, vae: bool) -> None:
+        super().__init__()
+        self.mu = SASRecEncoder(max_len, hidden, heads, blocks, dropout)
+        self.logvar = SASRecEncoder(max_len, hidden, heads, blocks, dropout) if vae else None
+
+
+class FMoECDSR(nn.Module):
+    """Client ``domain_index`` of ``num_domains``: K branches, K experts and a gate.
+
+    ``adjacency`` is `transition_adjacency` of this client's training sequences. Item ids are
+    ``0..num_items-1`` and the padding id is ``num_items`` (as in `SequenceBatcher`).
+    ``available[i]`` says whether branch i takes part: the own branch always does, a foreign
+    one from the moment `set_expert_state` gives it domain i's expert. Foreign experts are
+    frozen (``requires_grad`` False) from construction; a method that wants them trainable
+    says so, and then refreshes its learner's optimiser.
+
+    Options: ``vae`` (default True: μ and log σ² stacks, KL weight ``min(kl_cap,
+    step / kl_anneal_steps)``; False: μ only, no KL); ``gate`` "learned" (softmax of an MLP
+    ``K·d → gate_hidden → K`` with GELU and LayerNorm over the stop-gradient last-position
+    representations) or "uniform" (equal weights over available branches, no gate);
+    ``gate_pooling`` "sequence" (default: one weight vector per sequence, from its last
+    position, used at all of its positions), "position" (each position gated by its own
+    representations: causal, so earlier positions never see later items through the gate),
+    "batch" (the official code's pooling: mean over the batch, one vector per batch, so a
+    score depends on what else is in the batch).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        num_domains: int,
+        domain_index: int,
+        adjacency: Tensor,
+        max_len: int = 16,
+        hidden: int = 256,
+        heads: int = 4,
+        blocks: int = 2,
+        dropout: float = 0.3,
+        vae: bool = True,
+        kl_cap: float = 1.0,
+        kl_anneal_steps: int = 10_000,
+        contrastive_weight: float = 0.1,
+        temperature: float = 1.0,
+        gate: str = "learned",
+        gate_pooling: str = "sequence",
+        gate_hidden: tuple[int, int] = (1024, 512),
+    ) -> None:
+        super().__init__()
+        if not 0 <= domain_index < num_domains:
+            raise ValueError(f"domain_index {domain_index} is not one of {num_domains} domains")
+        if gate not in GATES or gate_pooling not in GATE_POOLINGS:
+            raise ValueError(f"gate must be one of {GATES} and gate_pooling one of {GATE_POOLINGS}")
+        if adjacency.shape != (num_items + 1, num_items + 1) or not adjacency.is_sparse:
+            raise ValueError(f"adjacency must be a sparse [{num_items + 1}, {num_items + 1}] tensor")
+        self.num_items = num_items
+        self.pad_index = num_items
+        self.num_domains = num_domains
+        self.domain_index = domain_index
+        self.dropout = dropout
+        self.vae = vae
+        self.kl_cap, self.kl_anneal_steps = kl_cap, kl_anneal_steps
+        self.contrastive_weight, self.temperature = contrastive_weight, temperature
+        self.gate_pooling = gate_pooling
+        self.register_buffer("adjacency", adjacency.coalesce(), persistent=False)
+        self.register_buffer("available", torch.arange(num_domains) == domain_index)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden) for _ in range(num_domains))
+        self.experts = nn.ModuleList(Expert(max_len, hidden, heads, blocks, dropout, vae) for _ in range(num_domains))
+        self.gate = None
+        if gate == "learned":
+            h1, h2 = gate_hidden
+            self.gate = nn.Sequential(
+                nn.Linear(num_domains * hidden, h1), nn.GELU(), nn.LayerNorm(h1), nn.Dropout(dropout),
+                nn.Linear(h1, h2), nn.GELU(), nn.LayerNorm(h2), nn.Dropout(dropout),
+                nn.Linear(h2, num_domains),
+            )
+        for i, expert in enumerate(self.experts):
+            expert.requires_grad_(i == domain_index)
+
+    # -- experts on the wire -----------------------------------------------------------------
+
+    def expert_state(self, i: int) -> dict[str, Tensor]:
+        """Expert i's tensors (``mu.*`` and, in VAE mode, ``logvar.*``), detached copies."""
+        return {name: t.detach().clone() for name, t in self.experts[i].state_dict().items()}
+
+    def set_expert_state(self, i: int, state: dict[str, Tensor]) -> None:
+        """Load domain i's expert into branch i and make the branch available.
+
+        Raises ValueError (a ProtocolError for a name, shape or dtype mismatch) and changes
+        nothing unless every tensor matches and is finite.
+        """
+        check_like(state, self.experts[i].state_dict())
+        if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+            raise ValueError(f"expert {i} holds NaN or infinite values")
+        self.experts[i].load_state_dict(state)
+        self.available[i] = True
+
+    # -- forward pieces ----------------------------------------------------------------------
+
+    def live_branches(self) -> list[int]:
+        return [i for i in range(self.num_domains) if bool(self.available[i])]
+
+    def kl_weight(self) -> float:
+        """β_KL(step) = min(cap, step / anneal steps); 0 without the VAE."""
+        return min(self.kl_cap, int(self.step) / self.kl_anneal_steps) if self.vae else 0.0
+
+    def _gate_weights(self, reps: dict[int, Tensor]) -> Tensor:
+        """Gate weights ``[R, K]`` (R = rows of ``reps``, or 1 with batch pooling) over the
+        stop-gradient representations ``reps[i]`` ``[R, d]`` of the available branches."""
+        like = next(iter(reps.values()))
+        if self.gate is None:
+            return (self.available / self.available.sum()).to(like.dtype).unsqueeze(0)
+        x = torch.cat([reps[i].detach() if i in reps else torch.zeros_like(like) for i in range(self.num_domains)], dim=-1)
+        if self.gate_pooling == "batch":
+            x = x.mean(dim=0, keepdim=True)
+        return self.gate(x).masked_fill(~self.available, float("-inf")).softmax(dim=-1)
+
+    def _permuted(self, inputs: Tensor, pad_mask: Tensor) -> Tensor:
+        """Each row's items in a random order, padding left where it was."""
+        keys = torch.rand(inputs.shape, device=inputs.device).masked_fill(pad_mask, -1.0)
+        return inputs.gather(1, keys.argsort(dim=1))
+
+    def loss_terms(self, batch: SequenceBatch) -> dict[str, Tensor]:
+        """Unweighted terms: ``ce`` (Σ_i over available branches), ``ce_moe``, ``kl`` (Σ_i, VAE
+        only) and ``contrastive`` (Σ_i, when its weight is non-zero)."""
+        keep = ~batch.pad_mask
+        targets = batch.targets[keep]
+        permuted = self._permuted(batch.inputs, batch.pad_mask) if self.contrastive_weight else None
+        terms: dict[str, Tensor] = {}
+        logits: dict[int, Tensor] = {}
+        reps: dict[int, Tensor] = {}
+        for i in self.live_branches():
+            branch, expert = self.branches[i], self.experts[i]
+            table = branch.item_table(self.adjacency)
+            x = branch.embed(table, batch.inputs, self.dropout)
+            mu = expert.mu(x, batch.pad_mask)
+            z = mu[keep]
+            branch_logits = branch.head(z)
+            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(branch_logits, targets)
+            logits[i] = branch_logits.detach()
+            reps[i] = z if self.gate_pooling == "position" else mu[:, -1]
+            if expert.logvar is not None:
+                logvar = expert.logvar(x, batch.pad_mask)[keep]
+                kl = -0.5 * (1 + logvar - z.pow(2) - logvar.exp()).sum(dim=-1).mean()
+                terms["kl"] = terms.get("kl", 0) + kl
+            if permuted is not None:
+                view = expert.mu(branch.embed(table, permuted, self.dropout), batch.pad_mask)[:, -1]
+                terms["contrastive"] = terms.get("contrastive", 0) + nt_xent(mu[:, -1], view, self.temperature)
+        weights = self._gate_weights(reps)
+        if self.gate is not None and self.gate_pooling == "sequence":
+            weights = weights[keep.nonzero()[:, 0]]  # each position takes its sequence's weights
+        terms["ce_moe"] = F.cross_entropy(sum(weights[:, i : i + 1] * logits[i] for i in logits), targets)
+        return terms
+
+    def loss(self, batch: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
+        """``Σ_i CE_i + CE_moe + β_KL(step)·Σ_i KL_i + β·Σ_i InfoNCE_i``.
+
+        Each call in training mode counts as one optimisation step for the KL annealing.
+        """
+        terms = self.loss_terms(batch)
+        beta_kl = self.kl_weight()
+        total = terms["ce"] + terms["ce_moe"]
+        if "kl" in terms:
+            total = total + beta_kl * terms["kl"]
+        if "contrastive" in terms:
+            total = total + self.contrastive_weight * terms["contrastive"]
+        if self.training:
+            self.step += 1
+        return total, {**{name: float(t.detach()) for name, t in terms.items()}, "kl_weight": beta_kl}
+
+    def _last_logits(self, inputs: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        pad_mask = inputs == self.pad_index
+        logits, reps = {}, {}
+        for i in self.live_branches():
+            branch = self.branches[i]
+            x = branch.embed(branch.item_table(self.adjacency), inputs, self.dropout)
+            reps[i] = self.experts[i].mu(x, pad_mask)[:, -1]
+            logits[i] = branch.head(reps[i])
+        return logits, reps
+
+    @torch.no_grad()
+    def gate_weights(self, inputs: Tensor) -> Tensor:
+        """The gate's weights ``[B, K]`` (``[1, K]`` with batch pooling or the uniform gate) for
+        predicting the item after ``inputs`` ``[B, L]``; 0 for unavailable branches."""
+        return self._gate_weights(self._last_logits(inputs)[1])
+
+    def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor:
+        """Mixture logits ``ℓ_moe`` at the last position, gathered at ``candidates`` ``[B, C]``."""
+        logits, reps = self._last_logits(inputs)
+        weights = self._gate_weights(reps)
+        mixed = sum(weights[:, i : i + 1] * logits[i] for i in logits)
+        return mixed.gather(1, candidates)

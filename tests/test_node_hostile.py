@@ -1,0 +1,160 @@
+"""Hostile input against a live node daemon running FedMoE-DA: every bad message gets an ERROR
+reply or is dropped, the node keeps serving, and its model does not change."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from p2pmoe.config import RunConfig
+from p2pmoe.learners.vision import ImageClassifierLearner
+from p2pmoe.methods.fedmoe_da import FedMoEDANode
+from p2pmoe.methods.params import float_state
+from p2pmoe.models import MoEClassifier
+from p2pmoe.node.config import NodeConfig
+from p2pmoe.node.daemon import NodeDaemon
+from p2pmoe.node.transport import Transport
+from p2pmoe.wire.codec import decode, encode
+from p2pmoe.wire.messages import Message, MessageKind
+
+NODE, ATTACKER = "node-00", "mallory"
+REPLY_TIMEOUT = 5.0
+
+
+def _node() -> FedMoEDANode:
+    torch.manual_seed(0)
+    model = MoEClassifier(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), 8, 3, 8, 2)
+    x = torch.randn(32, 4)
+    learner = ImageClassifierLearner(model, (x, (x[:, 0] > 0).long()), (x[:8], (x[:8, 0] > 0).long()))
+    # The attacker is a peer the method listens to, so the method's own checks are exercised.
+    return FedMoEDANode(NODE, learner, visible=[ATTACKER], neighbours=[], p=1, embedding="frozen")
+
+
+def _bad_messages() -> list[tuple[str, Message]]:
+    gate = torch.zeros(3, 8)
+    return [
+        ("gate of the wrong shape", Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.zeros(2, 8)})),
+        ("gate of the wrong dtype", Message(MessageKind.GATE_PUBLISH, 0, {"gate": gate.double()})),
+        ("gate with extra tensors", Message(MessageKind.GATE_PUBLISH, 0, {"gate": gate, "x": gate})),
+        ("slots out of range", Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": 1, "slots": [99]})),
+        ("no slots", Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": 2, "slots": []})),
+        ("repeated slots", Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": 3, "slots": [0, 0]})),
+        ("slots not ints", Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": 4, "slots": ["0"]})),
+        ("unsolicited experts", Message(MessageKind.EXPERT_RESPONSE, 0, {"expert.0.linears.0.weight": torch.zeros(8, 8)})),
+        ("embedding from a non-neighbour", Message(MessageKind.EMBEDDING, 0, {"embedder.0.weight": torch.zeros(8, 4)}, {"degree": 1})),
+        ("a global model nobody asked for", Message(MessageKind.MODEL_GLOBAL, 0, {})),
+        ("a plan from a non-server", Message(MessageKind.AGGREGATION_PLAN, 0, {"weights": torch.ones(3, 3)}, {"sources": []})),
+    ]
+
+
+def _raw_garbage() -> list[list[bytes]]:
+    header = msgpack.unpackb(encode(ATTACKER, Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.zeros(3, 8)}))[0])
+    nan = encode(ATTACKER, Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.full((3, 8), float("nan"))}))
+    lying = dict(header, tensors=[["gate", "float32", [3, 8], 10**12, 1]])
+    return [
+        [bytes(f) for f in nan],
+        [msgpack.packb(lying), b"\x00" * 96],
+        [msgpack.packb(dict(header, kind="exfiltrate")), b"\x00" * 96],
+        [msgpack.packb(dict(header, src=NODE)), b"\x00" * 96],  # spoofing the node itself
+        [b"\xff" * 40],
+    ]
+
+
+class Harness:
+    """A daemon's receive loop on loopback and an attacker's raw DEALER."""
+
+    def __init__(self, tmp_path) -> None:
+        self.tmp_path = tmp_path
+
+    async def __aenter__(self) -> "Harness":
+        cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {}, RunConfig(method="fedmoe-da"))
+        self.method = _node()
+        self.daemon = NodeDaemon(cfg, method=self.method)
+        self.daemon.transport = Transport(NODE, "tcp://127.0.0.1:*")
+        self.method.start_round(0)
+        self.daemon.round = 0
+        self.serving = asyncio.create_task(self.daemon._receive_loop())
+        self.context = zmq.asyncio.Context()
+        self.client = self.context.socket(zmq.DEALER)
+        self.client.setsockopt(zmq.ROUTING_ID, ATTACKER.encode())
+        self.client.setsockopt(zmq.LINGER, 0)
+        self.client.connect(self.daemon.transport.address)
+        return self
+
+    async def send(self, frames: list[bytes]) -> None:
+        await self.client.send_multipart(frames)
+
+    async def reply(self) -> Message | None:
+        if not await self.client.poll(REPLY_TIMEOUT * 1000):
+            return None
+        return decode(await self.client.recv_multipart()).message
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.serving.cancel()
+        await asyncio.gather(self.serving, return_exceptions=True)
+        self.client.close()
+        self.context.term()
+        await self.daemon.transport.close()
+
+
+@pytest.mark.timeout(60)
+def test_bad_messages_get_errors_and_change_nothing(tmp_path):
+    async def scenario() -> None:
+        async with Harness(tmp_path) as h:
+            before = float_state(h.method.learner.model)
+            for what, message in _bad_messages():
+                await h.send([bytes(f) for f in encode(ATTACKER, message)])
+                answer = await h.reply()
+                assert answer is not None and answer.kind == MessageKind.ERROR, what
+            for frames in _raw_garbage():
+                await h.send(frames)
+                answer = await h.reply()
+                assert answer is None or answer.kind == MessageKind.ERROR
+            after = float_state(h.method.learner.model)
+            assert all(torch.equal(before[k], after[k]) for k in before)
+            # Still serving, and still doing its job: a valid gate makes it plan and fetch.
+            gate = h.method.moe.gating_matrix()
+            await h.send([bytes(f) for f in encode(ATTACKER, Message(MessageKind.GATE_PUBLISH, 0, {"gate": gate}))])
+            answer = await h.reply()
+            assert answer is not None and answer.kind == MessageKind.EXPERT_REQUEST
+            assert answer.meta["slots"] == [0, 1, 2]  # identical proxies: every slot picks its twin
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(120)
+def test_random_frames_never_change_the_model(tmp_path):
+    async def scenario() -> None:
+        async with Harness(tmp_path) as h:
+            before = float_state(h.method.learner.model)
+
+            pending: list[list[bytes]] = []
+
+            # Hypothesis draws the cases; they are sent afterwards, from inside the event loop.
+            @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+            @given(st.lists(st.binary(max_size=256), min_size=1, max_size=4))
+            def draw(frames: list[bytes]) -> None:
+                pending.append(frames)
+
+            draw()
+            for frames in pending:
+                await h.send(frames)
+            hello = encode(ATTACKER, Message(MessageKind.HELLO, 0, meta={"req": 7}))
+            await h.send([bytes(f) for f in hello])
+            replies = []
+            while (answer := await h.reply()) is not None and answer.kind != MessageKind.HELLO:
+                replies.append(answer.kind)
+            assert answer is not None and answer.meta.get("req") == 7
+            assert set(replies) <= {MessageKind.ERROR}
+            after = float_state(h.method.learner.model)
+            assert all(torch.equal(before[k], after[k]) for k in before)
+
+    asyncio.run(scenario())
