@@ -24,7 +24,7 @@ class RunConfig:
     rounds: int = 20
     local_epochs: int = 1
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float | None = None
     momentum: float = 0.9
     seed: int = 0
     experts: int = 4
@@ -42,12 +42,16 @@ class RunConfig:
     fedmoe_tau: float = 1.0
     fedmoe_interval: int = 1
     embedding: str = "gossip"
+    max_len: int = 16
+    dropout: float = 0.3
+    negatives: int = 999
+    contrastive_weight: float = 0.1
     max_train_per_node: int | None = None
     threads: int = 0
     out: str = "runs/latest"
 
     def __post_init__(self) -> None:
-        positive = ("nodes", "rounds", "local_epochs", "batch_size", "experts", "embed_dim", "expert_hidden", "eval_every", "hops", "fedmoe_interval")
+        positive = ("nodes", "rounds", "local_epochs", "batch_size", "experts", "embed_dim", "expert_hidden", "eval_every", "hops", "fedmoe_interval", "max_len", "negatives")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
@@ -58,7 +62,7 @@ class RunConfig:
             raise ValueError(f"config: need fedmoe_p >= 0 and fedmoe_tau > 0, got {self.fedmoe_p}, {self.fedmoe_tau}")
         if self.embedding not in ("gossip", "frozen", "server"):
             raise ValueError(f"config: embedding must be gossip, frozen or server, got {self.embedding!r}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}")
 
 

@@ -6,6 +6,7 @@ methods over the same data splits for the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from p2pmoe.methods.local import LocalMethod
 from p2pmoe.methods.params import float_state
 from p2pmoe.models import CNNEmbedder, MoEClassifier
 from p2pmoe.naming import SERVER_ID, client_ids
+from p2pmoe.sequential_experiment import SEQUENCE_DATA, SEQUENCE_SERVER_METHODS, build_sequence_nodes, sequence_domains
 from p2pmoe.sim.topology import load_topology, make_topology, neighbours_within
 
 IMAGE_DATA = ("fmnist", "mnist", "mnist5k", "cifar10")
@@ -66,7 +68,7 @@ def build_image_learners(cfg: RunConfig, indices: list[int]) -> dict[int, Learne
             (data.test_x[test_idx], data.test_y[test_idx]),
             global_test=(data.test_x, data.test_y),
             batch_size=cfg.batch_size,
-            lr=cfg.lr,
+            lr=cfg.lr or 0.05,
             momentum=cfg.momentum,
             seed=cfg.seed * 1000 + k,
             )
@@ -145,7 +147,18 @@ METHODS: dict[str, Builder] = {
 
 def needs_server(cfg: RunConfig) -> bool:
     """Whether a run of `cfg` has a coordinator node."""
+    if cfg.data in SEQUENCE_DATA:
+        return cfg.method in SEQUENCE_SERVER_METHODS
     return cfg.method in ("fedavg", "fedmoe-da-server") or (cfg.method == "fedmoe-da" and cfg.embedding == "server")
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """Settle what the data decides: sequence data sets have one client per domain."""
+    if cfg.data in SEQUENCE_DATA:
+        domains = len(sequence_domains(cfg))
+        if cfg.nodes != domains:
+            return dataclasses.replace(cfg, nodes=domains)
+    return cfg
 
 
 def peers_of(cfg: RunConfig, graph: nx.Graph) -> dict[str, list[str]]:
@@ -153,7 +166,7 @@ def peers_of(cfg: RunConfig, graph: nx.Graph) -> dict[str, list[str]]:
     ids = client_ids(cfg.nodes)
     if cfg.method == "local":
         peers: dict[str, set[str]] = {n: set() for n in ids}
-    elif cfg.method == "fedavg":
+    elif cfg.method == "fedavg" or cfg.data in SEQUENCE_DATA:
         peers = {n: set() for n in ids}
     elif cfg.method == "fedmoe-da-server":
         peers = {n: set(ids) - {n} for n in ids}
@@ -174,14 +187,19 @@ def node_ids(cfg: RunConfig) -> list[str]:
 def build_experiment(cfg: RunConfig, only: str | None = None) -> Experiment:
     """Load data, build learners and wrap each in the configured method; with `only`, build
     just that node (what one daemon process needs)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose from {sorted(METHODS)}")
-    if cfg.data not in IMAGE_DATA:
-        raise ValueError(f"unknown data {cfg.data!r}; choose from {list(IMAGE_DATA)}")
+    if cfg.data not in IMAGE_DATA + SEQUENCE_DATA:
+        raise ValueError(f"unknown data {cfg.data!r}; choose from {list(IMAGE_DATA + SEQUENCE_DATA)}")
+    if cfg.data in IMAGE_DATA and cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r} for image data; choose from {sorted(METHODS)}")
+    cfg = resolve_config(cfg)
     ids = client_ids(cfg.nodes)
     everyone = node_ids(cfg)
     if only is not None and only not in everyone:
         raise ValueError(f"node {only!r} is not part of this run; its nodes are {everyone}")
     wanted = set(everyone) if only is None else {only}
     graph = build_topology(cfg)
-    return Experiment(METHODS[cfg.method](cfg, ids, wanted, graph), [node for node in ids if node in wanted], graph)
+    if cfg.data in SEQUENCE_DATA:
+        nodes = build_sequence_nodes(cfg, wanted)
+    else:
+        nodes = METHODS[cfg.method](cfg, ids, wanted, graph)
+    return Experiment(nodes, [node for node in ids if node in wanted], graph)

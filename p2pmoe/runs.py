@@ -83,6 +83,7 @@ def make_summary(
         "seed": cfg.seed,
         "metrics": means,
         "metrics_spread": spread,
+        "per_node": last_eval,
         "bytes": {**ledger.totals(), "per_node_per_round": ledger.per_node_per_round(clients, cfg.rounds)},
         "wall_seconds": round(wall_seconds, 2),
         "setting": dataclasses.asdict(cfg),

@@ -2,6 +2,7 @@
 
 from p2pmoe.models.cnn import CNNEmbedder
 from p2pmoe.models.experts import MLP, MLPExpert
+from p2pmoe.models.fmoe_cdsr import FMoECDSR
 from p2pmoe.models.gates import GATE_KINDS, DenseGate, Gate, NoisyGate, TopKGate, make_gate
 from p2pmoe.models.lora import LoRALinear, apply_lora
 from p2pmoe.models.mmoe import MMoE
@@ -11,6 +12,7 @@ from p2pmoe.models.sasrec import SASRec, SASRecEncoder
 __all__ = [
     "CNNEmbedder",
     "DenseGate",
+    "FMoECDSR",
     "GATE_KINDS",
     "Gate",
     "LoRALinear",

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from p2pmoe.config import RunConfig
-from p2pmoe.experiment import build_topology, node_ids, peers_of
+from p2pmoe.experiment import build_topology, node_ids, peers_of, resolve_config
 from p2pmoe.naming import client_ids
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.node.config import Timing
@@ -116,6 +116,7 @@ def _rounds_done(out: Path) -> int:
 
 def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
     """Start every node, wait for all (stopping stragglers after `timeout`), merge results."""
+    cfg = resolve_config(cfg)
     out = Path(cfg.out)
     started = time.perf_counter()
     configs = write_node_configs(cfg, out, timing)
