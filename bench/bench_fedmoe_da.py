@@ -92,15 +92,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--alphas", default="0.3,0.5")
+    parser.add_argument("--only", default="", help="comma-separated texts: run only the variants whose label contains one")
+    parser.add_argument("--name", default="fedmoe_da", help="results file stem under bench/results/")
     args = parser.parse_args()
     base: RunConfig = config_from_args(args)
+    wanted = [text for text in args.only.split(",") if text]
     rows, text = [], []
     alphas = args.alphas.split(",")
     for alpha in alphas:
         tables, curves, fedavg_bytes = [], {}, None
         for topology in ("full", "ring") if alpha == alphas[-1] else ("full",):
             for label, changes in VARIANTS:
-                if topology == "ring" and changes["method"] not in P2P:
+                if (topology == "ring" and changes["method"] not in P2P) or (wanted and not any(text in label for text in wanted)):
                     continue
                 out = Path("runs/bench_fedmoe_da") / f"alpha{alpha}" / topology / label.replace(" ", "_")
                 cfg = dataclasses.replace(base, partition=f"dirichlet:{alpha}", topology=topology, out=str(out), **changes)
@@ -111,8 +114,8 @@ def main() -> None:
                 tables.append(table_row(label, topology, summary, fedavg_bytes))
                 if topology == "full":
                     curves[label] = curve(out)
-        plot(curves, f"Fashion-MNIST, {base.nodes} nodes, Dirichlet {alpha}, {base.rounds} rounds", RESULTS / f"fedmoe_da_alpha{alpha}.png")
-        text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes](fedmoe_da_alpha{alpha}.png)\n")
+        plot(curves, f"Fashion-MNIST, {base.nodes} nodes, Dirichlet {alpha}, {base.rounds} rounds", RESULTS / f"{args.name}_alpha{alpha}.png")
+        text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n")
         print(text[-1])
     setting = (f"Fashion-MNIST, {base.nodes} nodes, {base.rounds} rounds, {base.local_epochs} local epoch(s), batch {base.batch_size}, "
                f"SGD lr {base.lr} momentum {base.momentum}, max {base.max_train_per_node} train examples per node, "
@@ -120,9 +123,9 @@ def main() -> None:
                f"FedMoE-DA P={base.fedmoe_p}, τ={base.fedmoe_tau}, I={base.fedmoe_interval}, hops {base.hops}; "
                f"links {base.link_bandwidth / 1e6:g} Mbit/s, {base.link_latency * 1e3:g} ms; seed {base.seed}")
     command = "python bench/bench_fedmoe_da.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "config")
-    atomic_write_json(RESULTS / "fedmoe_da.json", rows)
-    atomic_write_bytes(RESULTS / "fedmoe_da.md", (f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)).encode())
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k != "config")
+    atomic_write_json(RESULTS / f"{args.name}.json", rows)
+    atomic_write_bytes(RESULTS / f"{args.name}.md", (f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)).encode())
 
 
 if __name__ == "__main__":

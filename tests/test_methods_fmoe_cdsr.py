@@ -92,7 +92,7 @@ def test_server_cache_round_trips_and_rejects_bad_state():
     server = nodes["server"]
     state = server.state_dict()
     assert sorted({name.split(".")[1] for name in state}) == ["0", "1", "2"]
-    fresh = FMoECDSRServer("server", server.clients, server.template)
+    fresh = FMoECDSRServer("server", server.domain_of, server.template)
     fresh.load_state_dict(state)
     assert fresh.state_dict().keys() == state.keys()
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())

@@ -10,15 +10,11 @@ from typing import Sequence
 
 import torch
 
-from p2pmoe.methods.base import Learner, LearnerMethod, Method
+from p2pmoe.methods.base import Learner, LearnerMethod
+from p2pmoe.methods.server import CollectingServer
 from p2pmoe.methods.params import float_state, load_float_state, weighted_average
-from p2pmoe.wire.codec import ProtocolError, check_like
+from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
-
-
-def _expect(condition: bool, reason: str) -> None:
-    if not condition:
-        raise ProtocolError(reason)
 
 
 class FedAvgClient(LearnerMethod):
@@ -42,8 +38,8 @@ class FedAvgClient(LearnerMethod):
         return [Send(self.server_id, update)]
 
     def on_message(self, src: str, message: Message) -> list[Send]:
-        _expect(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
-        _expect(message.round == self._round, f"global model for round {message.round}, current round is {self._round}")
+        require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
+        require(message.round == self._round, f"global model for round {message.round}, current round is {self._round}")
         load_float_state(self.learner.model, message.tensors)
         self._synced = True
         return []
@@ -56,61 +52,29 @@ class FedAvgClient(LearnerMethod):
         return self._synced
 
 
-class FedAvgServer(Method):
+class FedAvgServer(CollectingServer):
     """Collects client weights for a round and broadcasts their weighted average."""
 
     def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, torch.Tensor]) -> None:
-        super().__init__(node_id)
-        self.clients = list(clients)
+        super().__init__(node_id, clients)
         self.global_state = {name: t.clone() for name, t in template.items()}
-        self._live = set(self.clients)
         self._updates: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
-        self._round = -1
-        self._done = True
 
     def start_round(self, round_index: int) -> list[Send]:
-        self._round = round_index
         self._updates = {}
-        self._done = False
-        return []
+        return super().start_round(round_index)
 
-    def on_message(self, src: str, message: Message) -> list[Send]:
-        _expect(message.kind == MessageKind.MODEL_UPDATE, f"server takes model_update, not {message.kind.value}")
-        _expect(src in self._live, f"{src} is not a client of this server")
-        _expect(message.round == self._round and not self._done, f"update for round {message.round}, server is at {self._round}")
+    def take(self, src: str, message: Message) -> None:
         count = message.meta.get("num_examples")
-        _expect(isinstance(count, int) and count > 0, "meta.num_examples must be a positive integer")
+        require(isinstance(count, int) and not isinstance(count, bool) and count > 0, "meta.num_examples must be a positive integer")
         check_like(message.tensors, self.global_state)
         self._updates[src] = (message.tensors, count)
-        return self._finish_if_ready()
 
-    def on_peer_joined(self, peer: str) -> list[Send]:
-        if peer in self.clients:
-            self._live.add(peer)
-        return []
-
-    def on_peer_lost(self, peer: str) -> list[Send]:
-        self._live.discard(peer)
-        self._updates.pop(peer, None)
-        return self._finish_if_ready()
-
-    def on_deadline(self, round_index: int) -> list[Send]:
-        return self._broadcast() if self._updates and not self._done else []
-
-    def round_complete(self) -> bool:
-        return self._done
-
-    def _finish_if_ready(self) -> list[Send]:
-        if self._done or not self._updates or set(self._updates) != self._live:
-            return []
-        return self._broadcast()
-
-    def _broadcast(self) -> list[Send]:
+    def reply(self) -> list[Send]:
         states, counts = zip(*self._updates.values())
         self.global_state = weighted_average(states, counts)
-        self._done = True
         message = Message(MessageKind.MODEL_GLOBAL, self._round, self.global_state)
-        return [Send(client, message) for client in self.clients if client in self._live]
+        return [Send(client, message) for client in self.live_clients()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.global_state)

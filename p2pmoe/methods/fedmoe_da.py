@@ -19,16 +19,11 @@ from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_we
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange
 from p2pmoe.methods.params import float_state, load_float_state
-from p2pmoe.wire.codec import ProtocolError, check_like
+from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 EMBEDDING_MODES = ("gossip", "frozen", "server")
 EMBEDDING_PREFIX = "embedder."
-
-
-def _expect(condition: bool, reason: str) -> None:
-    if not condition:
-        raise ProtocolError(reason)
 
 
 def expert_tensors(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -50,9 +45,9 @@ class Plan:
     def from_message(cls, message: Message, num_experts: int) -> "Plan":
         sources = message.meta.get("sources")
         weights = message.tensors.get("weights")
-        _expect(isinstance(sources, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in sources), "meta.sources must be a list of [node, slot]")
-        _expect(weights is not None and tuple(weights.shape) == (num_experts, len(sources)) and weights.dtype == torch.float32, "plan weights must be float32 [experts, sources]")
-        _expect(bool((weights >= 0).all()) and bool(torch.allclose(weights.sum(dim=1), torch.ones(num_experts), atol=1e-4)), "plan weights must be non-negative rows summing to 1")
+        require(isinstance(sources, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in sources), "meta.sources must be a list of [node, slot]")
+        require(weights is not None and tuple(weights.shape) == (num_experts, len(sources)) and weights.dtype == torch.float32, "plan weights must be float32 [experts, sources]")
+        require(bool((weights >= 0).all()) and bool(torch.allclose(weights.sum(dim=1), torch.ones(num_experts), atol=1e-4)), "plan weights must be non-negative rows summing to 1")
         return cls([(n, s) for n, s in sources], weights.double())
 
 
@@ -140,7 +135,7 @@ class FedMoEDANode(LearnerMethod):
     # -- messages ------------------------------------------------------------------------
 
     def on_message(self, src: str, message: Message) -> list[Send]:
-        _expect(message.round == self._round, f"{message.kind.value} for round {message.round}, node is at {self._round}")
+        require(message.round == self._round, f"{message.kind.value} for round {message.round}, node is at {self._round}")
         handlers = {
             MessageKind.GATE_PUBLISH: self._on_gate,
             MessageKind.AGGREGATION_PLAN: self._on_plan,
@@ -149,11 +144,11 @@ class FedMoEDANode(LearnerMethod):
             MessageKind.EMBEDDING: self._on_embedding,
             MessageKind.MODEL_GLOBAL: self._on_global_embedding,
         }
-        _expect(message.kind in handlers, f"FedMoE-DA nodes do not take {message.kind.value}")
+        require(message.kind in handlers, f"FedMoE-DA nodes do not take {message.kind.value}")
         return handlers[message.kind](src, message)
 
     def _on_gate(self, src: str, message: Message) -> list[Send]:
-        _expect(src in self._gates_awaited, f"no gate expected from {src}")
+        require(src in self._gates_awaited, f"no gate expected from {src}")
         own = self.moe.gating_matrix()
         check_like(message.tensors, {"gate": own.float()})
         self._gates[src] = message.tensors["gate"].double()
@@ -167,10 +162,10 @@ class FedMoEDANode(LearnerMethod):
         return self._request_experts()
 
     def _on_plan(self, src: str, message: Message) -> list[Send]:
-        _expect(src == self.server_id and self._plan_awaited, f"no aggregation plan expected from {src}")
+        require(src == self.server_id and self._plan_awaited, f"no aggregation plan expected from {src}")
         plan = Plan.from_message(message, self.num_experts)
         own = [(n, s) for n, s in plan.sources if n == self.node_id]
-        _expect(own == [(self.node_id, e) for e in range(self.num_experts)] and plan.sources[: self.num_experts] == own, "plan must list this node's own experts first")
+        require(own == [(self.node_id, e) for e in range(self.num_experts)] and plan.sources[: self.num_experts] == own, "plan must list this node's own experts first")
         self.plan = plan
         self._plan_awaited = False
         return self._request_experts()
@@ -192,7 +187,7 @@ class FedMoEDANode(LearnerMethod):
 
     def _on_expert_request(self, src: str, message: Message) -> list[Send]:
         slots = message.meta.get("slots")
-        _expect(
+        require(
             isinstance(slots, list) and slots and len(set(slots)) == len(slots)
             and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.num_experts for s in slots),
             f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}",
@@ -203,7 +198,7 @@ class FedMoEDANode(LearnerMethod):
 
     def _on_expert_response(self, src: str, message: Message) -> list[Send]:
         slots = self._fetch_awaited.get(src)
-        _expect(slots is not None, f"no experts expected from {src}")
+        require(slots is not None, f"no experts expected from {src}")
         check_like(message.tensors, expert_tensors({s: self._snapshot[s] for s in slots}))
         for slot in slots:
             prefix = f"expert.{slot}."
@@ -217,7 +212,7 @@ class FedMoEDANode(LearnerMethod):
         return []
 
     def _on_global_embedding(self, src: str, message: Message) -> list[Send]:
-        _expect(src == self.server_id and self._embedding_awaited, f"no global embedding expected from {src}")
+        require(src == self.server_id and self._embedding_awaited, f"no global embedding expected from {src}")
         load_float_state(self.learner.model, message.tensors, EMBEDDING_PREFIX)
         self._embedding_awaited = False
         return []
@@ -312,13 +307,13 @@ class FedMoEDAServer(Method):
     def on_message(self, src: str, message: Message) -> list[Send]:
         if message.kind == MessageKind.MODEL_UPDATE and self.embedding is not None:
             return self.embedding.on_message(src, message)
-        _expect(message.kind == MessageKind.GATE_PUBLISH and self._expects_gates(), f"server does not take {message.kind.value} now")
-        _expect(src in self._live and message.round == self._round and not self._planned, f"unexpected gate from {src} for round {message.round}")
+        require(message.kind == MessageKind.GATE_PUBLISH and self._expects_gates(), f"server does not take {message.kind.value} now")
+        require(src in self._live and message.round == self._round and not self._planned, f"unexpected gate from {src} for round {message.round}")
         gate = message.tensors.get("gate")
-        _expect(set(message.tensors) == {"gate"} and gate.dtype == torch.float32 and gate.dim() == 2, "gate_publish carries one float32 matrix 'gate'")
+        require(set(message.tensors) == {"gate"} and gate.dtype == torch.float32 and gate.dim() == 2, "gate_publish carries one float32 matrix 'gate'")
         if self._gate_shape is None:
             self._gate_shape = gate.shape
-        _expect(gate.shape == self._gate_shape, f"gate shape {tuple(gate.shape)} differs from the swarm's {tuple(self._gate_shape)}")
+        require(gate.shape == self._gate_shape, f"gate shape {tuple(gate.shape)} differs from the swarm's {tuple(self._gate_shape)}")
         self._gates[src] = gate.double()
         return self._plan_if_ready()
 

@@ -22,18 +22,14 @@ from collections.abc import Mapping
 import torch
 
 from p2pmoe.learners.sequential import NextItemLearner
-from p2pmoe.methods.base import LearnerMethod, Method
+from p2pmoe.methods.base import LearnerMethod
+from p2pmoe.methods.server import CollectingServer
 from p2pmoe.models.fmoe_cdsr import FMoECDSR
-from p2pmoe.wire.codec import ProtocolError, check_like
+from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 UPLOAD_PREFIX = "expert."
 PENDING_PREFIX = "pending."
-
-
-def _expect(condition: bool, reason: str) -> None:
-    if not condition:
-        raise ProtocolError(reason)
 
 
 def domain_tensors(experts: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -49,8 +45,8 @@ def split_domains(
     out: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         head, index, param = (name.split(".", 2) + ["", ""])[:3]
-        _expect(head == "domain" and index.isdigit() and str(int(index)) == index, f"tensor {name!r} is not domain.<i>.<param>")
-        _expect(int(index) in domains, f"tensor {name!r}: domain {index} is not one this node takes")
+        require(head == "domain" and index.isdigit() and str(int(index)) == index, f"tensor {name!r} is not domain.<i>.<param>")
+        require(int(index) in domains, f"tensor {name!r}: domain {index} is not one this node takes")
         out.setdefault(int(index), {})[param] = tensor
     for state in out.values():
         check_like(state, template)
@@ -117,8 +113,8 @@ class FMoECDSRClient(LearnerMethod):
         return [Send(self.server_id, update)]
 
     def on_message(self, src: str, message: Message) -> list[Send]:
-        _expect(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
-        _expect(message.round == self._round and not self._synced, f"experts for round {message.round} not awaited (round {self._round})")
+        require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
+        require(message.round == self._round and not self._synced, f"experts for round {message.round} not awaited (round {self._round})")
         self.pending = split_domains(message.tensors, self.model.expert_state(self.domain_index), self._foreign())
         self._synced = True
         return []
@@ -142,66 +138,32 @@ class FMoECDSRClient(LearnerMethod):
         self._set_trainable()
 
 
-class FMoECDSRServer(Method):
-    """Caches the latest expert of every domain and hands each client the other domains'."""
+class FMoECDSRServer(CollectingServer):
+    """Caches the latest expert of every domain and hands each client the other domains'.
+
+    A lost client's last expert stays in the cache and is still sent to the others.
+    """
 
     def __init__(self, node_id: str, clients: Mapping[str, int], expert_template: Mapping[str, torch.Tensor]) -> None:
-        super().__init__(node_id)
+        super().__init__(node_id, list(clients))
         if len(set(clients.values())) != len(clients):
             raise ValueError("each domain must have exactly one client")
-        self.clients = dict(clients)
+        self.domain_of = dict(clients)
         self.template = {name: t.detach().clone() for name, t in expert_template.items()}
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
-        self._live = set(self.clients)
-        self._uploaded: set[str] = set()
-        self._round = -1
-        self._done = True
 
-    def start_round(self, round_index: int) -> list[Send]:
-        self._round = round_index
-        self._uploaded = set()
-        self._done = False
-        return []
-
-    def on_message(self, src: str, message: Message) -> list[Send]:
-        _expect(message.kind == MessageKind.MODEL_UPDATE, f"server takes model_update, not {message.kind.value}")
-        _expect(src in self._live, f"{src} is not a client of this server")
-        _expect(message.round == self._round and not self._done, f"update for round {message.round}, server is at {self._round}")
-        domain = self.clients[src]
-        _expect(message.meta.get("domain") == domain, f"{src} serves domain {domain}, meta.domain says {message.meta.get('domain')!r}")
-        _expect(all(name.startswith(UPLOAD_PREFIX) for name in message.tensors), "expert tensors must be named expert.<param>")
+    def take(self, src: str, message: Message) -> None:
+        domain = self.domain_of[src]
+        require(message.meta.get("domain") == domain, f"{src} serves domain {domain}, meta.domain says {message.meta.get('domain')!r}")
+        require(all(name.startswith(UPLOAD_PREFIX) for name in message.tensors), "expert tensors must be named expert.<param>")
         expert = {name[len(UPLOAD_PREFIX) :]: t for name, t in message.tensors.items()}
         check_like(expert, self.template)
         self.cache[domain] = expert
-        self._uploaded.add(src)
-        return self._finish_if_ready()
 
-    def on_peer_joined(self, peer: str) -> list[Send]:
-        if peer in self.clients:
-            self._live.add(peer)
-        return []
-
-    def on_peer_lost(self, peer: str) -> list[Send]:
-        """Stop waiting for ``peer``; its last expert stays in the cache and is still served."""
-        self._live.discard(peer)
-        return self._finish_if_ready()
-
-    def on_deadline(self, round_index: int) -> list[Send]:
-        return [] if self._done else self._reply()
-
-    def round_complete(self) -> bool:
-        return self._done
-
-    def _finish_if_ready(self) -> list[Send]:
-        if self._done or not self._uploaded or not self._live <= self._uploaded:
-            return []
-        return self._reply()
-
-    def _reply(self) -> list[Send]:
-        self._done = True
+    def reply(self) -> list[Send]:
         sends = []
-        for client in sorted(self._live):
-            own = self.clients[client]
+        for client in self.live_clients():
+            own = self.domain_of[client]
             others = {i: state for i, state in self.cache.items() if i != own}
             sends.append(Send(client, Message(MessageKind.MODEL_GLOBAL, self._round, domain_tensors(others))))
         return sends
@@ -212,4 +174,4 @@ class FMoECDSRServer(Method):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the cache; every tensor is checked before the cache changes."""
-        self.cache = split_domains(state, self.template, set(self.clients.values()))
+        self.cache = split_domains(state, self.template, set(self.domain_of.values()))

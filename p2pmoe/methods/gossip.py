@@ -14,7 +14,7 @@ import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod
 from p2pmoe.methods.params import float_state, load_float_state
-from p2pmoe.wire.codec import ProtocolError, check_like
+from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
@@ -50,11 +50,9 @@ class GossipExchange:
 
     def take(self, src: str, message: Message) -> None:
         """A neighbour's tensors; mix once all have arrived."""
-        if src not in self.neighbours:
-            raise ProtocolError(f"{src} is not a gossip neighbour")
+        require(src in self.neighbours, f"{src} is not a gossip neighbour")
         degree = message.meta.get("degree")
-        if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
-            raise ProtocolError("meta.degree must be a positive integer")
+        require(isinstance(degree, int) and not isinstance(degree, bool) and degree >= 1, "meta.degree must be a positive integer")
         check_like(message.tensors, self._own)
         self._received[src] = (message.tensors, degree)
         self._waiting.discard(src)
@@ -105,8 +103,7 @@ class GossipNode(LearnerMethod):
         return self.exchange.start(round_index)
 
     def on_message(self, src: str, message: Message) -> list[Send]:
-        if message.kind != MessageKind.GOSSIP:
-            raise ProtocolError(f"gossip nodes take gossip messages, not {message.kind.value}")
+        require(message.kind == MessageKind.GOSSIP, f"gossip nodes take gossip messages, not {message.kind.value}")
         self.exchange.take(src, message)
         return []
 

@@ -112,7 +112,8 @@ def frame_sizes(frames: Sequence[bytes | memoryview]) -> tuple[int, int]:
     return len(frames[0]), sum(len(f) for f in frames[1:])
 
 
-def _require(condition: bool, reason: str) -> None:
+def require(condition: bool, reason: str) -> None:
+    """Raise ProtocolError(reason) unless `condition`: the one way input checks fail."""
     if not condition:
         raise ProtocolError(reason)
 
@@ -124,44 +125,44 @@ def _is_count(value: Any) -> bool:
 
 def _parse_table(header: dict[str, Any], limits: Limits) -> list[tuple[str, str, list[int], int, int]]:
     table = header.get("tensors")
-    _require(isinstance(table, list), "header field 'tensors' must be a list")
-    _require(len(table) <= limits.max_tensors, f"too many tensors: {len(table)} > {limits.max_tensors}")
+    require(isinstance(table, list), "header field 'tensors' must be a list")
+    require(len(table) <= limits.max_tensors, f"too many tensors: {len(table)} > {limits.max_tensors}")
     rows = []
     seen: set[str] = set()
     for i, row in enumerate(table):
-        _require(isinstance(row, list) and len(row) == 5, f"tensor entry {i} must be [name, dtype, shape, nbytes, nframes]")
+        require(isinstance(row, list) and len(row) == 5, f"tensor entry {i} must be [name, dtype, shape, nbytes, nframes]")
         name, dtype, shape, nbytes, nframes = row
-        _require(isinstance(name, str) and name not in seen, f"tensor entry {i}: name must be a unique string")
+        require(isinstance(name, str) and name not in seen, f"tensor entry {i}: name must be a unique string")
         seen.add(name)
-        _require(dtype in DTYPES, f"tensor {name!r}: dtype {dtype!r} not allowed")
-        _require(
+        require(dtype in DTYPES, f"tensor {name!r}: dtype {dtype!r} not allowed")
+        require(
             isinstance(shape, list) and len(shape) <= limits.max_dims
             and all(_is_count(d) for d in shape),
             f"tensor {name!r}: bad shape {shape!r}",
         )
         itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        _require(
+        require(
             _is_count(nbytes) and nbytes == math.prod(shape) * itemsize,
             f"tensor {name!r}: declared {nbytes!r} bytes, shape {shape} of {dtype} needs {math.prod(shape) * itemsize}",
         )
-        _require(_is_count(nframes) and nframes <= max(1, nbytes), f"tensor {name!r}: bad frame count")
+        require(_is_count(nframes) and nframes <= max(1, nbytes), f"tensor {name!r}: bad frame count")
         rows.append((name, dtype, shape, nbytes, nframes))
     total = sum(r[3] for r in rows)
-    _require(total <= limits.max_message_bytes, f"message declares {total} bytes > limit {limits.max_message_bytes}")
+    require(total <= limits.max_message_bytes, f"message declares {total} bytes > limit {limits.max_message_bytes}")
     return rows
 
 
 def _decode_header(frame: bytes | memoryview, limits: Limits) -> dict[str, Any]:
-    _require(len(frame) <= limits.max_header_bytes, f"header of {len(frame)} bytes exceeds {limits.max_header_bytes}")
+    require(len(frame) <= limits.max_header_bytes, f"header of {len(frame)} bytes exceeds {limits.max_header_bytes}")
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types on garbage
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
-    _require(isinstance(header, dict), "header must be a map")
-    _require(header.get("v") == PROTOCOL_VERSION, f"unsupported protocol version {header.get('v')!r} (speak {PROTOCOL_VERSION})")
-    _require(isinstance(header.get("src"), str), "header field 'src' must be a string")
-    _require(_is_count(header.get("round")), "header field 'round' must be a non-negative integer")
-    _require(isinstance(header.get("meta", {}), dict), "header field 'meta' must be a map")
+    require(isinstance(header, dict), "header must be a map")
+    require(header.get("v") == PROTOCOL_VERSION, f"unsupported protocol version {header.get('v')!r} (speak {PROTOCOL_VERSION})")
+    require(isinstance(header.get("src"), str), "header field 'src' must be a string")
+    require(_is_count(header.get("round")), "header field 'round' must be a non-negative integer")
+    require(isinstance(header.get("meta", {}), dict), "header field 'meta' must be a map")
     try:
         MessageKind(header.get("kind"))
     except ValueError:
@@ -171,18 +172,18 @@ def _decode_header(frame: bytes | memoryview, limits: Limits) -> dict[str, Any]:
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Envelope:
     """Validate and decode frames into an Envelope, or raise ProtocolError saying why."""
-    _require(len(frames) >= 1, "empty message")
-    _require(len(frames) <= limits.max_frames, f"too many frames: {len(frames)} > {limits.max_frames}")
+    require(len(frames) >= 1, "empty message")
+    require(len(frames) <= limits.max_frames, f"too many frames: {len(frames)} > {limits.max_frames}")
     header = _decode_header(frames[0], limits)
     rows = _parse_table(header, limits)
-    _require(len(frames) - 1 == sum(r[4] for r in rows), f"expected {sum(r[4] for r in rows)} tensor frames, got {len(frames) - 1}")
+    require(len(frames) - 1 == sum(r[4] for r in rows), f"expected {sum(r[4] for r in rows)} tensor frames, got {len(frames) - 1}")
     tensors: dict[str, torch.Tensor] = {}
     cursor = 1
     for name, dtype, shape, nbytes, nframes in rows:
         parts = [memoryview(p).cast("B") for p in frames[cursor : cursor + nframes]]
         cursor += nframes
         got = sum(len(p) for p in parts)
-        _require(got == nbytes, f"tensor {name!r}: header says {nbytes} bytes, frames carry {got}")
+        require(got == nbytes, f"tensor {name!r}: header says {nbytes} bytes, frames carry {got}")
         raw = torch.empty(nbytes, dtype=torch.uint8)  # no zero fill: every byte is copied below
         view = raw.numpy()
         offset = 0
@@ -194,12 +195,12 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
             view[:] = view.reshape(-1, width)[:, ::-1].reshape(-1)
         wire_dtype = torch.int16 if dtype == "bfloat16" else DTYPES[dtype]
         if dtype == "bool":
-            _require(bool((raw <= 1).all()), f"tensor {name!r}: bool bytes must be 0 or 1")
+            require(bool((raw <= 1).all()), f"tensor {name!r}: bool bytes must be 0 or 1")
         tensor = raw.view(wire_dtype).reshape(shape)
         if dtype == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
         if limits.require_finite and dtype in _FLOAT_NAMES:
-            _require(bool(torch.isfinite(tensor).all()), f"tensor {name!r} holds NaN or infinite values")
+            require(bool(torch.isfinite(tensor).all()), f"tensor {name!r} holds NaN or infinite values")
         tensors[name] = tensor
     if "comp" in header:
         try:
@@ -214,8 +215,8 @@ def check_like(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch
     """Raise ProtocolError unless `tensors` has exactly the template's names, shapes and dtypes."""
     missing = sorted(set(template) - set(tensors))
     extra = sorted(set(tensors) - set(template))
-    _require(not missing and not extra, f"tensor names differ from the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    require(not missing and not extra, f"tensor names differ from the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for name, like in template.items():
         got = tensors[name]
-        _require(got.shape == like.shape, f"tensor {name!r}: shape {tuple(got.shape)} != model's {tuple(like.shape)}")
-        _require(got.dtype == like.dtype, f"tensor {name!r}: dtype {got.dtype} != model's {like.dtype}")
+        require(got.shape == like.shape, f"tensor {name!r}: shape {tuple(got.shape)} != model's {tuple(like.shape)}")
+        require(got.dtype == like.dtype, f"tensor {name!r}: dtype {got.dtype} != model's {like.dtype}")
