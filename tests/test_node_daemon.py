@@ -45,9 +45,20 @@ def test_four_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, metho
     }
 
 
+def _kill_test_config(kind: str, tmp_path: Path, fkcb_like: Path) -> RunConfig:
+    if kind == "fedavg":
+        return dataclasses.replace(CFG, rounds=5, out=str(tmp_path))
+    return RunConfig(  # FMoE-CDSR: a server that caches experts, one client per domain
+        method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), rounds=5, embed_dim=8, max_len=8,
+        batch_size=32, negatives=20, local_epochs=1, seed=5, out=str(tmp_path),
+    )
+
+
 @pytest.mark.timeout(300)
-def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_path):
-    cfg = dataclasses.replace(CFG, rounds=5, out=str(tmp_path))
+@pytest.mark.parametrize("kind", ["fedavg", "fmoe-cdsr"])
+def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_path, fkcb_like, kind):
+    cfg = _kill_test_config(kind, tmp_path / "run", fkcb_like)
+    tmp_path = tmp_path / "run"
     timing = Timing(round_deadline=20, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=20, linger=5)
     configs = write_node_configs(cfg, tmp_path, timing)
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}

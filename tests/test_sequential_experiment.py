@@ -9,29 +9,7 @@ import pytest
 from p2pmoe.cli import main
 from p2pmoe.sequential_experiment import FKCB_ENV
 
-DOMAINS = {"Alpha": 40, "Beta": 30, "Gamma": 50}
-
-
-def _write_domain(folder: Path, items: int, seed: int) -> None:
-    import random
-
-    rng = random.Random(seed)
-    folder.mkdir(parents=True)
-    (folder / "num_items.txt").write_text(f"{items}\n")
-    for split, count in (("train", 60), ("valid", 12), ("test", 12)):
-        lines = []
-        for user in range(count):
-            start = rng.randrange(items)
-            length = rng.randint(4, 8)
-            lines.append("\t".join([str(user)] + [str((start + 3 * j) % items) for j in range(length)]))
-        (folder / f"{split}_data.txt").write_text("\n".join(lines) + "\n")
-
-
-@pytest.fixture()
-def fkcb_like(tmp_path):
-    for seed, (name, items) in enumerate(DOMAINS.items()):
-        _write_domain(tmp_path / "data" / name, items, seed)
-    return tmp_path / "data"
+from conftest import FIXTURE_DOMAINS as DOMAINS
 
 
 def _run(root: Path, method: str, out: Path) -> dict:

@@ -219,11 +219,12 @@ class NodeDaemon:
             log.warning("%s: round %d deadline passed; going on with what arrived", self.cfg.node_id, r)
             await self._send_all(self.method.on_deadline(r))
         metrics = await asyncio.to_thread(self.method.evaluate)
+        # Checkpoint first: a metrics line then always means the round can be resumed after.
+        extra = {"node": self.cfg.node_id, "membership": self.membership.table(time.monotonic())}
+        await asyncio.to_thread(save_checkpoint, self.cfg.checkpoint_path, r, self.method.state_dict(), extra)
         sent = sum(e.total for e in self.ledger.entries if e.round == r)
         folder.log({"round": r, "node": self.cfg.node_id, **stats, **metrics, "bytes_sent": sent})
         self._flush_ledger(folder)
-        extra = {"node": self.cfg.node_id, "membership": self.membership.table(time.monotonic())}
-        await asyncio.to_thread(save_checkpoint, self.cfg.checkpoint_path, r, self.method.state_dict(), extra)
         log.info("%s: round %d done %s", self.cfg.node_id, r, {k: round(v, 4) for k, v in metrics.items()})
 
     def _flush_ledger(self, folder: RunFolder) -> None:

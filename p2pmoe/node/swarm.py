@@ -46,6 +46,7 @@ def _toml_value(value: Any) -> str:
 
 def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None) -> dict[str, Path]:
     """One node.toml per node under <out>/nodes/<id>/; by default on free loopback ports."""
+    cfg = resolve_config(cfg)
     ids = node_ids(cfg)
     if addresses is None:
         addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
@@ -75,6 +76,7 @@ def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subp
 
 def merge_run(cfg: RunConfig, out: Path, wall_seconds: float, exit_codes: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Combine every node's metrics.jsonl and ledger.csv into the run folder's own files."""
+    cfg = resolve_config(cfg)
     rows: list[dict[str, Any]] = []
     ledger = ByteLedger()
     for folder in sorted((out / "nodes").iterdir()):
