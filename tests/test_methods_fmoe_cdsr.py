@@ -187,7 +187,7 @@ def test_fedsasrec_averages_only_the_encoder():
     trained = []
     for node, client in clients.items():
         client.train_local(0)
-        trained.append(float_state(client.learner.learner.model))
+        trained.append(float_state(client.learner.model))
     server.start_round(0)
     replies = []
     for node, client in clients.items():

@@ -18,11 +18,16 @@ from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
 class FedAvgClient(LearnerMethod):
-    """Trains locally, uploads all floating-point weights, adopts the server's average."""
+    """Trains locally, uploads its floating-point weights, adopts the server's average.
 
-    def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1) -> None:
+    `prefix` limits what is shared to the state entries whose names start with it (FedSASRec
+    shares only ``encoder.``); everything else stays local.
+    """
+
+    def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1, prefix: str = "") -> None:
         super().__init__(node_id, learner, local_epochs)
         self.server_id = server_id
+        self.prefix = prefix
         self._round = -1
         self._synced = True
 
@@ -32,7 +37,7 @@ class FedAvgClient(LearnerMethod):
         update = Message(
             MessageKind.MODEL_UPDATE,
             round_index,
-            float_state(self.learner.model),
+            float_state(self.learner.model, self.prefix),
             {"num_examples": self.learner.num_train_examples},
         )
         return [Send(self.server_id, update)]
@@ -40,7 +45,7 @@ class FedAvgClient(LearnerMethod):
     def on_message(self, src: str, message: Message) -> list[Send]:
         require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
         require(message.round == self._round, f"global model for round {message.round}, current round is {self._round}")
-        load_float_state(self.learner.model, message.tensors)
+        load_float_state(self.learner.model, message.tensors, self.prefix)
         self._synced = True
         return []
 

@@ -27,9 +27,8 @@ def load_float_state(model: nn.Module, state: dict[str, torch.Tensor], prefix: s
     own = {name: t for name, t in model.state_dict().items() if name.startswith(prefix) and t.is_floating_point()}
     check_like(state, own)
     with torch.no_grad():
-        targets = model.state_dict()
         for name, tensor in state.items():
-            targets[name].copy_(tensor)
+            own[name].copy_(tensor)
 
 
 def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: Iterable[float]) -> dict[str, torch.Tensor]:
