@@ -7,11 +7,14 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
 from p2pmoe.data.errors import DataFormatError, DataNotFoundError
 from p2pmoe.report import format_table, summary_row
+
+if TYPE_CHECKING:
+    from p2pmoe.node.config import NodeConfig
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -46,7 +49,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all(code == 0 for code in codes) else 1
 
 
-def _node(args: argparse.Namespace) -> int:
+def _check_role(cfg: "NodeConfig", role: str, path: Path) -> None:
+    """A coordinator config must be the server of a server-mediated method; a node config
+    must not be the server, so a swapped file fails at start, not rounds later."""
+    from p2pmoe.experiment import needs_server
+    from p2pmoe.naming import SERVER_ID
+
+    if role == "coordinator" and (cfg.node_id != SERVER_ID or not needs_server(cfg.experiment)):
+        raise ValueError(
+            f"{path}: not a coordinator config: node_id must be {SERVER_ID!r} (got {cfg.node_id!r}) and "
+            f"[experiment] method a server-mediated one (got {cfg.experiment.method!r} on {cfg.experiment.data!r}); "
+            f"start clients with `p2pmoe node`"
+        )
+    if role == "node" and cfg.node_id == SERVER_ID:
+        raise ValueError(f"{path}: node_id {SERVER_ID!r} is the coordinator; start it with `p2pmoe coordinator --config {path}`")
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    """`p2pmoe node` and `p2pmoe coordinator`: one daemon, the same machinery for both roles."""
     import asyncio
 
     import torch
@@ -56,6 +76,7 @@ def _node(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_node_config(args.config)
+    _check_role(cfg, args.command, args.config)
     if cfg.experiment.threads:
         torch.set_num_threads(cfg.experiment.threads)
     try:
@@ -107,10 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="FedMoE-DA vs FedAvg on Fashion-MNIST with real daemons on loopback")
     add_config_arguments(demo)
     demo.set_defaults(handler=_demo, nodes="4", rounds="5", max_train_per_node="2000", topology="ring", out="runs/demo")
-    node = sub.add_parser("node", help="run one node daemon from its config file")
-    node.add_argument("--config", type=Path, required=True, help="node TOML (see peers/README.md)")
-    node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    node.set_defaults(handler=_node)
+    for role, text in (
+        ("node", "run one client or peer daemon from its config file"),
+        ("coordinator", "run the server of a server-mediated method (fedavg, fedsasrec, fmoe-cdsr, ...) from its config file"),
+    ):
+        daemon = sub.add_parser(role, help=text)
+        daemon.add_argument("--config", type=Path, required=True, help="node TOML (see peers/README.md)")
+        daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        daemon.set_defaults(handler=_daemon)
 
     swarm = sub.add_parser("swarm", help="run every node as a real daemon process on loopback")
     add_config_arguments(swarm)

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pmoe.cli import main
 from p2pmoe.node.config import load_node_config
 
 PEERS = Path(__file__).parent.parent / "peers"
@@ -44,3 +45,21 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path):
     cfg = load_node_config(_write(tmp_path, 'node_id = "a"\nbind = "tcp://127.0.0.1:1"\nout = "runs/a"\n'))
     assert cfg.out == tmp_path / "runs" / "a"
     assert cfg.checkpoint_path == tmp_path / "runs" / "a" / "checkpoint.safetensors"
+
+
+@pytest.mark.parametrize(
+    "command, config, message",
+    [
+        ("coordinator", PEERS / "node-00.toml", "not a coordinator config"),
+        ("node", PEERS / "server.toml", "start it with `p2pmoe coordinator"),
+    ],
+)
+def test_a_config_in_the_wrong_role_is_refused_at_start(command, config, message, capsys):
+    assert main([command, "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_coordinator_needs_a_server_mediated_method(tmp_path, capsys):
+    text = (PEERS / "server.toml").read_text().replace('method = "fedavg"', 'method = "gossip"')
+    assert main(["coordinator", "--config", str(_write(tmp_path, text))]) == 2
+    assert "got 'gossip'" in capsys.readouterr().err

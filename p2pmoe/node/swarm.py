@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from p2pmoe.config import RunConfig
 from p2pmoe.experiment import build_topology, node_ids, peers_of, resolve_config
-from p2pmoe.naming import client_ids
+from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.node.config import Timing
+from p2pmoe.node.config import Timing, load_node_config
 from p2pmoe.runs import RunFolder, make_summary
 
 
@@ -66,10 +66,11 @@ def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dic
 
 
 def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """Launch `p2pmoe node --config config` as a child process with one torch thread;
-    `prefix` wraps the command (e.g. `ip netns exec NS`)."""
+    """Launch `p2pmoe node --config config` (`p2pmoe coordinator` for the server's config) as a
+    child process with one torch thread; `prefix` wraps the command (e.g. `ip netns exec NS`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [*prefix, sys.executable, "-m", "p2pmoe.cli", "node", "--config", str(config)]
+    role = "coordinator" if load_node_config(config).node_id == SERVER_ID else "node"
+    command = [*prefix, sys.executable, "-m", "p2pmoe.cli", role, "--config", str(config)]
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
