@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
@@ -70,7 +70,22 @@ def client_traffic(run_folder: Path, round_index: int) -> dict[str, dict[str, in
 
 
 def _run(cfg: RunConfig) -> dict[str, Any]:
-    return run_simulation(cfg, progress=False)
+    """One method in a worker process; its CPU time says what it costs whatever ran beside it."""
+    started = time.process_time()
+    summary = run_simulation(cfg, progress=False)
+    return {**summary, "cpu_seconds": round(time.process_time() - started, 1)}
+
+
+def run_all(configs: dict[str, RunConfig], jobs: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(method, summary) as each finishes: in this process for one job, else `jobs` workers."""
+    if jobs == 1:
+        for method, cfg in configs.items():
+            yield method, _run(cfg)
+        return
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run, cfg): method for method, cfg in configs.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[str, dict[str, int]]) -> dict[str, Any]:
@@ -88,6 +103,7 @@ def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[str, di
     row["down KB/client/round"] = sum(t["down"] for t in clients) / max(len(clients), 1) / 1e3
     row["best round"] = summary.get("selected_round", -1) + 1
     row["wall min"] = summary["wall_seconds"] / 60
+    row["CPU min"] = summary["cpu_seconds"] / 60
     return row
 
 
@@ -96,7 +112,8 @@ def main() -> None:
     add_config_arguments(parser)
     parser.add_argument("--only", default="", help="comma-separated methods to run (default: all five)")
     parser.add_argument("--jobs", type=int, default=1, help="methods run at once, one process each")
-    parser.add_argument("--name", default="", help="results file stem under bench/results/ (default fmoe_cdsr_<data>)")
+    parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_<data>)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
     args = parser.parse_args()
     base: RunConfig = config_from_args(args)
     methods = [m for m in args.only.split(",") if m] or list(SEQUENCE_METHODS)
@@ -105,20 +122,16 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {list(SEQUENCE_METHODS)}")
     name = args.name or f"fmoe_cdsr_{base.data.replace('-', '')}"
     domains = [d.name for d in sequence_domains(base)]
-    configs = {m: dataclasses.replace(base, method=m, out=f"runs/bench_{name}/{m}") for m in methods}
+    runs = f"runs/bench_{name}"
+    configs = {m: dataclasses.replace(base, method=m, out=f"{runs}/{m}") for m in methods}
 
     started = time.perf_counter()
+    print(f"running {len(configs)} methods on {base.data} ({', '.join(domains)}), {args.jobs} at a time; "
+          f"per-round metrics in {runs}/<method>/metrics.jsonl", flush=True)
     summaries: dict[str, dict[str, Any]] = {}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        futures = {pool.submit(_run, cfg): m for m, cfg in configs.items()}
-        print(f"running {len(futures)} methods on {base.data} ({', '.join(domains)}), {args.jobs} at a time; "
-              f"per-round metrics in runs/bench_{name}/<method>/metrics.jsonl", flush=True)
-        for future in as_completed(futures):
-            method = futures[future]
-            summaries[method] = future.result()
-            print(f"  {method}: mean test MRR {summaries[method]['metrics']['mrr']:.4f} "
-                  f"after {summaries[method]['wall_seconds'] / 60:.1f} min", flush=True)
+    for method, summary in run_all(configs, args.jobs):
+        summaries[method] = summary
+        print(f"  {method}: mean test MRR {summary['metrics']['mrr']:.4f} after {summary['wall_seconds'] / 60:.1f} min", flush=True)
     wall = time.perf_counter() - started
 
     last_round = base.rounds - 1
@@ -126,13 +139,13 @@ def main() -> None:
     for method in methods:
         summary = summaries[method]
         traffic = client_traffic(Path(configs[method].out), last_round)
-        rows.append({**bench_row(summary), "label": LABELS[method], "selected_round": summary.get("selected_round"),
+        rows.append({**bench_row(summary), "label": LABELS[method], "cpu_seconds": summary["cpu_seconds"], "selected_round": summary.get("selected_round"),
                      "per_domain": {d: summary["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
                      "last_round_payload_bytes": traffic})
         table.append(table_row(summary, domains, traffic))
     if base.data == "fkcb":
         table += PAPER_FKCB
-    columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "up KB/client/round", "down KB/client/round", "best round", "wall min"]
+    columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "up KB/client/round", "down KB/client/round", "best round", "wall min", "CPU min"]
     rendered = format_table(table, columns)
 
     expert = expert_parameters(base)
@@ -149,15 +162,15 @@ def main() -> None:
                f"{base.contrastive_weight}, seed {base.seed}; {args.jobs} method(s) at a time, {base.threads or 'all'} torch thread(s) each; "
                f"wall time of the whole benchmark {wall / 60:.1f} min")
     command = "python bench/bench_fmoe_cdsr.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k not in ("config", "out"))
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k not in ("config", "out", "results"))
     text = (f"# FMoE-CDSR replication on {base.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
             f"Metrics in %, test split, at the round with the best mean validation MRR; per-domain columns are MRR. "
             f"Bytes are tensor payload in the last round (headers excluded).\n\n```\n{rendered}\n```\n\n"
             f"One expert (μ and log σ² stacks, hidden {base.embed_dim}) has {expert:,} parameters = {4 * expert:,} B in float32.\n"
             + "\n".join(checks) + "\n")
     print(text)
-    atomic_write_json(RESULTS / f"{name}.json", rows)
-    atomic_write_bytes(RESULTS / f"{name}.md", text.encode())
+    atomic_write_json(args.results / f"{name}.json", rows)
+    atomic_write_bytes(args.results / f"{name}.md", text.encode())
 
 
 if __name__ == "__main__":
