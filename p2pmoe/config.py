@@ -46,6 +46,8 @@ class RunConfig:
     dropout: float = 0.3
     negatives: int = 999
     contrastive_weight: float = 0.1
+    fmoe_encoder: str = "vae"
+    fmoe_gate_pooling: str = "sequence"
     max_train_per_node: int | None = None
     threads: int = 0
     out: str = "runs/latest"
@@ -62,6 +64,8 @@ class RunConfig:
             raise ValueError(f"config: need fedmoe_p >= 0 and fedmoe_tau > 0, got {self.fedmoe_p}, {self.fedmoe_tau}")
         if self.embedding not in ("gossip", "frozen", "server"):
             raise ValueError(f"config: embedding must be gossip, frozen or server, got {self.embedding!r}")
+        if self.fmoe_encoder not in ("vae", "lean"):
+            raise ValueError(f"config: fmoe_encoder must be vae (μ and log σ² stacks, KL) or lean (μ only), got {self.fmoe_encoder!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}")
 

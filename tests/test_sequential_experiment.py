@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from p2pmoe.cli import main
-from p2pmoe.sequential_experiment import FKCB_ENV
+from p2pmoe.config import RunConfig
+from p2pmoe.sequential_experiment import FKCB_ENV, build_sequence_nodes
 
 from conftest import FIXTURE_DOMAINS as DOMAINS
 
@@ -47,6 +48,23 @@ def test_fmoe_cdsr_client_uploads_one_expert_and_downloads_the_others(fkcb_like,
     assert all(int(r["payload_bytes"]) == one for r in uploads)
     # Round 0's reply already carries every other domain's expert: K - 1 of them.
     assert all(int(r["payload_bytes"]) == (len(DOMAINS) - 1) * one for r in downloads)
+
+
+@pytest.mark.parametrize("encoder, pooling", [("vae", "sequence"), ("lean", "batch")])
+def test_fmoe_cdsr_encoder_and_gate_pooling_come_from_the_config(fkcb_like, encoder, pooling):
+    cfg = RunConfig(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), embed_dim=8, max_len=8, negatives=20,
+                    fmoe_encoder=encoder, fmoe_gate_pooling=pooling)
+    model = build_sequence_nodes(cfg, {"node-00"})["node-00"].learner.model
+    assert all((expert.logvar is not None) == (encoder == "vae") for expert in model.experts)
+    assert model.gate_pooling == pooling and model.vae == (encoder == "vae")
+
+
+def test_unknown_fmoe_options_are_refused(fkcb_like):
+    with pytest.raises(ValueError, match="fmoe_encoder"):
+        RunConfig(fmoe_encoder="vea")
+    cfg = RunConfig(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), embed_dim=8, negatives=20, fmoe_gate_pooling="mean")
+    with pytest.raises(ValueError, match="gate_pooling"):
+        build_sequence_nodes(cfg, {"node-00"})
 
 
 def test_missing_fkcb_path_says_how_to_point_at_it(tmp_path, capsys, monkeypatch):
