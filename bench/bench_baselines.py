@@ -13,7 +13,7 @@ from pathlib import Path
 
 from p2pmoe.config import add_config_arguments, config_from_args
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.report import bench_row, format_table, summary_row
+from p2pmoe.report import bench_row, format_table, rerun_command, summary_row
 from p2pmoe.sim.runner import run_simulation
 
 RESULTS = Path(__file__).parent / "results"
@@ -37,9 +37,7 @@ def main() -> None:
     print(table)
     name = f"baselines_{base.data}"
     atomic_write_json(RESULTS / f"{name}.json", [bench_row(s) for s in summaries])
-    command = "python bench/bench_baselines.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k not in ("config", "methods")
-    )
+    command = rerun_command("bench/bench_baselines.py", args)
     atomic_write_bytes(RESULTS / f"{name}.md", f"# {name}\n\n{setting}\n\n```\n{table}\n```\n\nCommand: `{command}`\n".encode())
 
 

@@ -18,7 +18,7 @@ from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
 from p2pmoe.experiment import build_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.methods.params import float_state
-from p2pmoe.report import bench_row, format_table
+from p2pmoe.report import bench_row, format_table, rerun_command
 from p2pmoe.sim.runner import run_simulation
 from p2pmoe.wire.compression import compression_error
 
@@ -49,8 +49,7 @@ def main() -> None:
     print(setting)
     print(text)
     atomic_write_json(RESULTS / "compression.json", rows)
-    command = "python bench/bench_compression.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "config")
+    command = rerun_command("bench/bench_compression.py", args)
     atomic_write_bytes(RESULTS / "compression.md", f"# compression\n\n{setting}\n\n```\n{text}\n```\n\nCommand: `{command}`\n".encode())
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.report import bench_row, format_table
+from p2pmoe.report import bench_row, format_table, rerun_command
 from p2pmoe.sim.runner import run_simulation
 
 RESULTS = Path(__file__).parent / "results"
@@ -122,8 +122,7 @@ def main() -> None:
                f"MoE: CNN φ (embed {base.embed_dim}), {base.experts} experts (hidden {base.expert_hidden}), dense gate; "
                f"FedMoE-DA P={base.fedmoe_p}, τ={base.fedmoe_tau}, I={base.fedmoe_interval}, hops {base.hops}; "
                f"links {base.link_bandwidth / 1e6:g} Mbit/s, {base.link_latency * 1e3:g} ms; seed {base.seed}")
-    command = "python bench/bench_fedmoe_da.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k != "config")
+    command = rerun_command("bench/bench_fedmoe_da.py", args)
     atomic_write_json(RESULTS / f"{args.name}.json", rows)
     atomic_write_bytes(RESULTS / f"{args.name}.md", (f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)).encode())
 

@@ -25,10 +25,9 @@ from typing import Any, Iterator
 
 from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.models.fmoe_cdsr import Expert
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.report import bench_row, format_table
-from p2pmoe.sequential_experiment import SEQUENCE_METHODS, sequence_domains
+from p2pmoe.report import bench_row, format_table, rerun_command
+from p2pmoe.sequential_experiment import SEQUENCE_DATA, SEQUENCE_METHODS, build_sequence_nodes, sequence_domains
 from p2pmoe.sim.runner import run_simulation
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,23 +49,30 @@ PAPER_FKCB = [
 
 
 def expert_parameters(cfg: RunConfig) -> int:
-    """Parameters of one FMoE-CDSR expert (μ and log σ² stacks) in this setting."""
-    expert = Expert(cfg.max_len, cfg.embed_dim, heads=4, blocks=2, dropout=cfg.dropout, vae=True)
-    return sum(t.numel() for t in expert.state_dict().values())
+    """Parameters of one FMoE-CDSR expert in this setting, read off a client built as the run builds it."""
+    model = build_sequence_nodes(dataclasses.replace(cfg, method="fmoe-cdsr"), {"node-00"})["node-00"].learner.model
+    return sum(t.numel() for t in model.expert_state(0).values())
 
 
-def client_traffic(run_folder: Path, round_index: int) -> dict[str, dict[str, int]]:
-    """Payload bytes each client uploaded to and downloaded from the server in one round."""
-    traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
+def client_traffic(run_folder: Path) -> dict[int, dict[str, dict[str, int]]]:
+    """Payload bytes each client uploaded to and downloaded from the server, by round."""
+    traffic: dict[int, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"up": 0, "down": 0}))
     with open(run_folder / "ledger.csv", newline="") as handle:
         for row in csv.DictReader(handle):
-            if int(row["round"]) != round_index:
-                continue
             if row["dst"] == SERVER_ID:
-                traffic[row["src"]]["up"] += int(row["payload_bytes"])
+                traffic[int(row["round"])][row["src"]]["up"] += int(row["payload_bytes"])
             elif row["src"] == SERVER_ID:
-                traffic[row["dst"]]["down"] += int(row["payload_bytes"])
-    return dict(traffic)
+                traffic[int(row["round"])][row["dst"]]["down"] += int(row["payload_bytes"])
+    return {r: {node: dict(t) for node, t in by_node.items()} for r, by_node in traffic.items()}
+
+
+def expert_traffic_check(traffic: dict[int, dict[str, dict[str, int]]], rounds: int, clients: int, expert_bytes: int) -> bool:
+    """Every round, every client uploaded exactly one expert and downloaded exactly K-1."""
+    return all(
+        len(traffic.get(r, {})) == clients
+        and all(t["up"] == expert_bytes and t["down"] == expert_bytes * (clients - 1) for t in traffic[r].values())
+        for r in range(rounds)
+    )
 
 
 def _run(cfg: RunConfig) -> dict[str, Any]:
@@ -76,19 +82,24 @@ def _run(cfg: RunConfig) -> dict[str, Any]:
     return {**summary, "cpu_seconds": round(time.process_time() - started, 1)}
 
 
-def run_all(configs: dict[str, RunConfig], jobs: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(method, summary) as each finishes: in this process for one job, else `jobs` workers."""
+def run_all(configs: dict[str, RunConfig], jobs: int) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    """(method, summary or the error that stopped it) as each finishes: in this process for
+    one job, else `jobs` workers. One method's failure does not lose the others' results."""
     if jobs == 1:
         for method, cfg in configs.items():
-            yield method, _run(cfg)
+            try:
+                yield method, _run(cfg)
+            except Exception as exc:  # reported in the table; the other methods still run
+                yield method, exc
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_run, cfg): method for method, cfg in configs.items()}
         for future in as_completed(futures):
-            yield futures[future], future.result()
+            error = future.exception()
+            yield futures[future], error if isinstance(error, Exception) else future.result()
 
 
-def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[str, dict[str, int]]) -> dict[str, Any]:
+def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[int, dict[str, dict[str, int]]]) -> dict[str, Any]:
     m = summary["metrics"]
     row = {
         "method": LABELS[summary["method"]],
@@ -98,10 +109,11 @@ def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[str, di
     }
     for k, name in enumerate(domains):
         row[name] = 100 * summary["per_node"][f"node-{k:02d}"]["mrr"]
-    clients = [t for node, t in traffic.items() if node != SERVER_ID]
-    row["up KB/client/round"] = sum(t["up"] for t in clients) / max(len(clients), 1) / 1e3
-    row["down KB/client/round"] = sum(t["down"] for t in clients) / max(len(clients), 1) / 1e3
-    row["best round"] = summary.get("selected_round", -1) + 1
+    per_client_round = [t for by_node in traffic.values() for t in by_node.values()]
+    count = max(len(domains) * summary["rounds"], 1)
+    row["up KB/client/round"] = sum(t["up"] for t in per_client_round) / count / 1e3
+    row["down KB/client/round"] = sum(t["down"] for t in per_client_round) / count / 1e3
+    row["best round"] = summary["selected_round"] + 1 if "selected_round" in summary else "-"
     row["wall min"] = summary["wall_seconds"] / 60
     row["CPU min"] = summary["cpu_seconds"] / 60
     return row
@@ -120,6 +132,14 @@ def main() -> None:
     unknown = sorted(set(methods) - set(SEQUENCE_METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(SEQUENCE_METHODS)}")
+    if base.data not in SEQUENCE_DATA:
+        parser.error(f"--data must be one of {list(SEQUENCE_DATA)}, got {base.data!r}")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.method or args.out:
+        parser.error("--method and --out are set per method by the benchmark; use --only and --name")
+    if base.compression != "none":
+        parser.error("the byte check counts float32 experts: run the replication without --compression")
     name = args.name or f"fmoe_cdsr_{base.data.replace('-', '')}"
     domains = [d.name for d in sequence_domains(base)]
     runs = f"runs/bench_{name}"
@@ -128,45 +148,50 @@ def main() -> None:
     started = time.perf_counter()
     print(f"running {len(configs)} methods on {base.data} ({', '.join(domains)}), {args.jobs} at a time; "
           f"per-round metrics in {runs}/<method>/metrics.jsonl", flush=True)
-    summaries: dict[str, dict[str, Any]] = {}
-    for method, summary in run_all(configs, args.jobs):
-        summaries[method] = summary
-        print(f"  {method}: mean test MRR {summary['metrics']['mrr']:.4f} after {summary['wall_seconds'] / 60:.1f} min", flush=True)
+    outcomes: dict[str, dict[str, Any] | Exception] = {}
+    for method, outcome in run_all(configs, args.jobs):
+        outcomes[method] = outcome
+        if isinstance(outcome, Exception):
+            print(f"  {method}: FAILED: {outcome}", flush=True)
+        else:
+            print(f"  {method}: mean test MRR {outcome['metrics']['mrr']:.4f} after {outcome['wall_seconds'] / 60:.1f} min", flush=True)
     wall = time.perf_counter() - started
 
-    last_round = base.rounds - 1
-    rows, table = [], []
+    expert_bytes = 4 * expert_parameters(base)
+    rows, table, checks = [], [], []
     for method in methods:
-        summary = summaries[method]
-        traffic = client_traffic(Path(configs[method].out), last_round)
-        rows.append({**bench_row(summary), "label": LABELS[method], "cpu_seconds": summary["cpu_seconds"], "selected_round": summary.get("selected_round"),
-                     "per_domain": {d: summary["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
-                     "last_round_payload_bytes": traffic})
-        table.append(table_row(summary, domains, traffic))
+        outcome = outcomes[method]
+        if isinstance(outcome, Exception):
+            rows.append({"method": method, "data": base.data, "error": str(outcome), "setting": dataclasses.asdict(configs[method])})
+            table.append({"method": f"{LABELS[method]}: FAILED ({outcome})"})
+            continue
+        traffic = client_traffic(Path(configs[method].out))
+        rows.append({**bench_row(outcome), "label": LABELS[method], "cpu_seconds": outcome["cpu_seconds"],
+                     "selected_round": outcome.get("selected_round"),
+                     "per_domain": {d: outcome["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
+                     "payload_bytes_by_round": traffic})
+        table.append(table_row(outcome, domains, traffic))
+        if method.startswith("fmoe-cdsr"):
+            ok = expert_traffic_check(traffic, base.rounds, len(domains), expert_bytes)
+            checks.append(f"- {method}: in each of the {base.rounds} rounds every client uploaded {expert_bytes:,} B and "
+                          f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}")
     if base.data == "fkcb":
         table += PAPER_FKCB
     columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "up KB/client/round", "down KB/client/round", "best round", "wall min", "CPU min"]
     rendered = format_table(table, columns)
-
-    expert = expert_parameters(base)
-    checks = []
-    for method in methods:
-        if method.startswith("fmoe-cdsr"):
-            traffic = client_traffic(Path(configs[method].out), last_round)
-            ok = all(t["up"] == 4 * expert and t["down"] == 4 * expert * (len(domains) - 1) for t in traffic.values())
-            checks.append(f"- {method}, round {last_round + 1}: every client uploaded {4 * expert:,} B and downloaded "
-                          f"{4 * expert * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}")
+    stacks = "μ and log σ² stacks" if base.fmoe_encoder == "vae" else "μ stack only"
     setting = (f"{base.data} ({', '.join(domains)}), one client per domain; {base.rounds} rounds x {base.local_epochs} local epoch(s), "
                f"batch {base.batch_size}, Adam lr {base.lr or 1e-3} betas (0.9, 0.98), hidden {base.embed_dim}, 2 blocks, 4 heads, "
-               f"dropout {base.dropout}, max length {base.max_len}, {base.negatives} sampled negatives, contrastive weight "
-               f"{base.contrastive_weight}, seed {base.seed}; {args.jobs} method(s) at a time, {base.threads or 'all'} torch thread(s) each; "
+               f"dropout {base.dropout}, max length {base.max_len}, {base.negatives} sampled negatives; FMoE-CDSR encoder "
+               f"{base.fmoe_encoder}, gate pooling {base.fmoe_gate_pooling}, contrastive weight {base.contrastive_weight}; "
+               f"seed {base.seed}; {args.jobs} method(s) at a time, {base.threads or 'all'} torch thread(s) each; "
                f"wall time of the whole benchmark {wall / 60:.1f} min")
-    command = "python bench/bench_fmoe_cdsr.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k not in ("config", "out", "results"))
+    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results",))
     text = (f"# FMoE-CDSR replication on {base.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
-            f"Metrics in %, test split, at the round with the best mean validation MRR; per-domain columns are MRR. "
-            f"Bytes are tensor payload in the last round (headers excluded).\n\n```\n{rendered}\n```\n\n"
-            f"One expert (μ and log σ² stacks, hidden {base.embed_dim}) has {expert:,} parameters = {4 * expert:,} B in float32.\n"
+            f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
+            f"per-domain columns are MRR. Bytes are tensor payload (headers excluded), mean per client per round; "
+            f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{rendered}\n```\n\n"
+            f"One expert ({stacks}, hidden {base.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n"
             + "\n".join(checks) + "\n")
     print(text)
     atomic_write_json(args.results / f"{name}.json", rows)

@@ -11,6 +11,8 @@ from typing import Any
 
 from p2pmoe.wire.compression import parse_compression
 
+FMOE_GATE_POOLINGS = ("sequence", "position", "batch")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -66,6 +68,8 @@ class RunConfig:
             raise ValueError(f"config: embedding must be gossip, frozen or server, got {self.embedding!r}")
         if self.fmoe_encoder not in ("vae", "lean"):
             raise ValueError(f"config: fmoe_encoder must be vae (μ and log σ² stacks, KL) or lean (μ only), got {self.fmoe_encoder!r}")
+        if self.fmoe_gate_pooling not in FMOE_GATE_POOLINGS:
+            raise ValueError(f"config: fmoe_gate_pooling must be one of {FMOE_GATE_POOLINGS}, got {self.fmoe_gate_pooling!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}")
 

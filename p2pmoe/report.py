@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import argparse
+from typing import Any, Iterable, Sequence
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -44,3 +45,9 @@ def bench_row(summary: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": summary["wall_seconds"],
         "setting": summary["setting"],
     }
+
+
+def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = ()) -> str:
+    """The command line that reruns a benchmark with the options it was given (for its .md)."""
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k not in set(skip)]
+    return " ".join([f"python {script}", *given])

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pmoe.cli import main
+from p2pmoe.cli import _check_role, main
 from p2pmoe.node.config import load_node_config
 
 PEERS = Path(__file__).parent.parent / "peers"
@@ -48,18 +48,32 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command, config, message",
+    "role, config, message",
     [
         ("coordinator", PEERS / "node-00.toml", "not a coordinator config"),
         ("node", PEERS / "server.toml", "start it with `p2pmoe coordinator"),
     ],
 )
-def test_a_config_in_the_wrong_role_is_refused_at_start(command, config, message, capsys):
-    assert main([command, "--config", str(config)]) == 2
-    assert message in capsys.readouterr().err
+def test_a_config_in_the_wrong_role_is_refused(role, config, message):
+    with pytest.raises(ValueError, match=message):
+        _check_role(load_node_config(config), role, config)
+    other = "node" if role == "coordinator" else "coordinator"
+    _check_role(load_node_config(config), other, config)  # the right role passes
 
 
-def test_a_coordinator_needs_a_server_mediated_method(tmp_path, capsys):
-    text = (PEERS / "server.toml").read_text().replace('method = "fedavg"', 'method = "gossip"')
-    assert main(["coordinator", "--config", str(_write(tmp_path, text))]) == 2
-    assert "got 'gossip'" in capsys.readouterr().err
+def test_a_coordinator_needs_a_server_mediated_method(tmp_path):
+    text = (PEERS / "server.toml").read_text()
+    assert 'method = "fedavg"' in text
+    path = _write(tmp_path, text.replace('method = "fedavg"', 'method = "gossip"'))
+    with pytest.raises(ValueError, match="got 'gossip'"):
+        _check_role(load_node_config(path), "coordinator", path)
+
+
+def test_the_cli_refuses_a_client_config_for_the_coordinator(capsys):
+    assert main(["coordinator", "--config", str(PEERS / "node-00.toml")]) == 2
+    assert "not a coordinator config" in capsys.readouterr().err
+
+
+def test_a_relative_data_root_is_taken_from_the_config_folder(tmp_path):
+    path = _write(tmp_path, 'node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[experiment]\ndata = "fkcb"\ndata_root = "data/fkcb"\n')
+    assert load_node_config(path).experiment.data_root == str(tmp_path / "data" / "fkcb")

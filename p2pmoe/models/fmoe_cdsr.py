@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p2pmoe.config import FMOE_GATE_POOLINGS
 from p2pmoe.models.sasrec import SASRecEncoder, _dropout
 from p2pmoe.wire.codec import check_like
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "nt_xent", "transition_adjacency"]
 
 GATES = ("learned", "uniform")
-GATE_POOLINGS = ("sequence", "position", "batch")
+GATE_POOLINGS = FMOE_GATE_POOLINGS
 
 
 def transition_adjacency(sequences: Sequence[Sequence[int]], num_items: int) -> Tensor:

@@ -105,6 +105,8 @@ def load_node_config(path: str | Path) -> NodeConfig:
     unknown = sorted(set(experiment_values) - {f.name for f in dataclasses.fields(RunConfig)})
     if unknown:
         raise ValueError(f"{path}: [experiment] has unknown keys {unknown}")
+    if isinstance(experiment_values.get("data_root"), str) and not Path(experiment_values["data_root"]).is_absolute():
+        experiment_values["data_root"] = str(base / experiment_values["data_root"])
     experiment = RunConfig(**{k: convert_value(k, v) for k, v in experiment_values.items()})
     security = _table(raw, "security", path)
     curve = None

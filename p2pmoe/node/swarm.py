@@ -50,7 +50,8 @@ def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dic
     ids = node_ids(cfg)
     if addresses is None:
         addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
-    experiment = dataclasses.replace(cfg, threads=1, out=str(out))
+    data_root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None  # node files resolve paths from their folder
+    experiment = dataclasses.replace(cfg, threads=1, out=str(out), data_root=data_root)
     paths = {}
     for node, peer_list in peers_of(cfg, build_topology(cfg)).items():
         peers = {p: addresses[p] for p in peer_list}
