@@ -12,6 +12,7 @@ from typing import Any
 from p2pmoe.wire.compression import parse_compression
 
 FMOE_GATE_POOLINGS = ("sequence", "position", "batch")
+FMOE_HEADS = ("linear", "tied")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class RunConfig:
     contrastive_weight: float = 0.1
     fmoe_encoder: str = "vae"
     fmoe_gate_pooling: str = "sequence"
+    fmoe_head: str = "linear"
     max_train_per_node: int | None = None
     threads: int = 0
     out: str = "runs/latest"
@@ -70,6 +72,8 @@ class RunConfig:
             raise ValueError(f"config: fmoe_encoder must be vae (μ and log σ² stacks, KL) or lean (μ only), got {self.fmoe_encoder!r}")
         if self.fmoe_gate_pooling not in FMOE_GATE_POOLINGS:
             raise ValueError(f"config: fmoe_gate_pooling must be one of {FMOE_GATE_POOLINGS}, got {self.fmoe_gate_pooling!r}")
+        if self.fmoe_head not in FMOE_HEADS:
+            raise ValueError(f"config: fmoe_head must be one of {FMOE_HEADS}, got {self.fmoe_head!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}")
 

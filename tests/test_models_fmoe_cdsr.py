@@ -174,3 +174,22 @@ def test_nt_xent_is_symmetric_and_rewards_aligned_views():
     torch.testing.assert_close(nt_xent(a, b), nt_xent(b, a))
     assert nt_xent(a, a * 2) < nt_xent(a, b)
     assert nt_xent(a[:1], b[:1]) == 0  # one pair: the partner is the only candidate
+
+
+def test_tied_head_scores_with_the_item_embeddings_and_trains_them():
+    data = domain()
+    m = model(data, head="tied")
+    assert all(branch.head is None for branch in m.branches)
+    inputs = SequenceBatcher(N, L).evaluation(data.valid)[0]
+    candidates = torch.arange(N).repeat(len(inputs), 1)
+    m.eval()
+    with torch.no_grad():
+        z = m.experts[0].mu(m.branches[0].embed(m.branches[0].item_table(m.adjacency), inputs, 0.0), inputs == N)[:, -1]
+        assert torch.allclose(m.score_candidates(inputs, candidates), z @ m.branches[0].item_emb.weight[:N].T, atol=1e-5)
+    m.train()
+    before = params(m.branches[0].item_emb)
+    learner = NextItemLearner(m, data, max_len=L, batch_size=8, num_negatives=5)
+    learner.train(1)
+    assert not same(before, m.branches[0].item_emb)
+    with pytest.raises(ValueError, match="head"):
+        model(data, head="mlp")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from p2pmoe.config import FMOE_GATE_POOLINGS
+from p2pmoe.config import FMOE_GATE_POOLINGS, FMOE_HEADS
 from p2pmoe.models.sasrec import SASRecEncoder, _dropout
 from p2pmoe.wire.codec import check_like
 
@@ -70,13 +70,21 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
 class Branch(nn.Module):
     """Branch i's adaptation parameters: always local, always trainable."""
 
-    def __init__(self, num_items: int, max_len: int, hidden: int) -> None:
+    def __init__(self, num_items: int, max_len: int, hidden: int, head: str = "linear") -> None:
         super().__init__()
+        self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.graph_bias = nn.Parameter(torch.zeros(hidden))
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.head = nn.Linear(hidden, num_items)
+        self.head = nn.Linear(hidden, num_items) if head == "linear" else None
+
+    def scores(self, z: Tensor) -> Tensor:
+        """Logits over the client's items: the linear head, or (tied) dot products with the
+        item embeddings, as SASRec scores."""
+        if self.head is not None:
+            return self.head(z)
+        return z @ self.item_emb.weight[: self.num_items].T
 
     def item_table(self, adjacency: Tensor) -> Tensor:
         """``(H + E)`` for every item, ``H = (E + A·E + b) / 2``: computed once per step and
@@ -118,7 +126,9 @@ class FMoECDSR(nn.Module):
     position, used at all of its positions), "position" (each position gated by its own
     representations: causal, so earlier positions never see later items through the gate),
     "batch" (the official code's pooling: mean over the batch, one vector per batch, so a
-    score depends on what else is in the batch).
+    score depends on what else is in the batch); ``head`` "linear" (default: each branch its
+    own linear prediction head, as the official code) or "tied" (scores are dot products with
+    the branch's item embeddings, as SASRec scores).
     """
 
     def __init__(
@@ -140,12 +150,13 @@ class FMoECDSR(nn.Module):
         gate: str = "learned",
         gate_pooling: str = "sequence",
         gate_hidden: tuple[int, int] = (1024, 512),
+        head: str = "linear",
     ) -> None:
         super().__init__()
         if not 0 <= domain_index < num_domains:
             raise ValueError(f"domain_index {domain_index} is not one of {num_domains} domains")
-        if gate not in GATES or gate_pooling not in GATE_POOLINGS:
-            raise ValueError(f"gate must be one of {GATES} and gate_pooling one of {GATE_POOLINGS}")
+        if gate not in GATES or gate_pooling not in GATE_POOLINGS or head not in FMOE_HEADS:
+            raise ValueError(f"gate must be one of {GATES}, gate_pooling one of {GATE_POOLINGS} and head one of {FMOE_HEADS}")
         if adjacency.shape != (num_items + 1, num_items + 1) or not adjacency.is_sparse:
             raise ValueError(f"adjacency must be a sparse [{num_items + 1}, {num_items + 1}] tensor")
         self.num_items = num_items
@@ -160,7 +171,7 @@ class FMoECDSR(nn.Module):
         self.register_buffer("adjacency", adjacency.coalesce(), persistent=False)
         self.register_buffer("available", torch.arange(num_domains) == domain_index)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden) for _ in range(num_domains))
+        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden, head) for _ in range(num_domains))
         self.experts = nn.ModuleList(Expert(max_len, hidden, heads, blocks, dropout, vae) for _ in range(num_domains))
         self.gate = None
         if gate == "learned":
@@ -231,7 +242,7 @@ class FMoECDSR(nn.Module):
             x = branch.embed(table, batch.inputs, self.dropout)
             mu = expert.mu(x, batch.pad_mask)
             z = mu[keep]
-            branch_logits = branch.head(z)
+            branch_logits = branch.scores(z)
             terms["ce"] = terms.get("ce", 0) + F.cross_entropy(branch_logits, targets)
             logits[i] = branch_logits.detach()
             reps[i] = z if self.gate_pooling == "position" else mu[:, -1]
@@ -271,7 +282,7 @@ class FMoECDSR(nn.Module):
             branch = self.branches[i]
             x = branch.embed(branch.item_table(self.adjacency), inputs, self.dropout)
             reps[i] = self.experts[i].mu(x, pad_mask)[:, -1]
-            logits[i] = branch.head(reps[i])
+            logits[i] = branch.scores(reps[i])
         return logits, reps
 
     @torch.no_grad()
