@@ -13,6 +13,13 @@ from p2pmoe.wire.compression import parse_compression
 
 FMOE_GATE_POOLINGS = ("sequence", "position", "batch")
 FMOE_HEADS = ("linear", "tied")
+# string options with a fixed set of values (fmoe_encoder "lean" ships only the μ stack)
+_CHOICES = {
+    "embedding": ("gossip", "frozen", "server"),
+    "fmoe_encoder": ("vae", "lean"),
+    "fmoe_gate_pooling": FMOE_GATE_POOLINGS,
+    "fmoe_head": FMOE_HEADS,
+}
 
 
 @dataclass(frozen=True)
@@ -66,14 +73,9 @@ class RunConfig:
         parse_compression(self.compression)
         if self.fedmoe_p < 0 or self.fedmoe_tau <= 0:
             raise ValueError(f"config: need fedmoe_p >= 0 and fedmoe_tau > 0, got {self.fedmoe_p}, {self.fedmoe_tau}")
-        if self.embedding not in ("gossip", "frozen", "server"):
-            raise ValueError(f"config: embedding must be gossip, frozen or server, got {self.embedding!r}")
-        if self.fmoe_encoder not in ("vae", "lean"):
-            raise ValueError(f"config: fmoe_encoder must be vae (μ and log σ² stacks, KL) or lean (μ only), got {self.fmoe_encoder!r}")
-        if self.fmoe_gate_pooling not in FMOE_GATE_POOLINGS:
-            raise ValueError(f"config: fmoe_gate_pooling must be one of {FMOE_GATE_POOLINGS}, got {self.fmoe_gate_pooling!r}")
-        if self.fmoe_head not in FMOE_HEADS:
-            raise ValueError(f"config: fmoe_head must be one of {FMOE_HEADS}, got {self.fmoe_head!r}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"config: {name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}")
 
