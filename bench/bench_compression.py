@@ -17,7 +17,7 @@ import torch
 from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
 from p2pmoe.experiment import build_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.methods.params import float_state
+from p2pmoe.models.params import float_state
 from p2pmoe.report import bench_row, format_table, rerun_command
 from p2pmoe.sim.runner import run_simulation
 from p2pmoe.wire.compression import compression_error

@@ -1,64 +1,86 @@
-"""The `p2pmoe` command line."""
+"""The `p2pmoe` command line.
+
+Nothing heavy is imported at module level: `p2pmoe --help` and `p2pmoe keys` never load torch.
+Experiment commands (simulate, swarm, demo) build their flags from the option declarations of
+`[run]`, the data's task family and the chosen method, so their `--help` is always complete.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
-
-from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
-from p2pmoe.data.errors import DataFormatError, DataNotFoundError
-from p2pmoe.report import format_table, summary_row
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
+    from p2pmoe.config import Values
     from p2pmoe.node.config import NodeConfig
+
+EXPERIMENT_COMMANDS = ("simulate", "swarm", "demo")
+DEMO_DEFAULTS: dict[str, Any] = {"data": "fmnist", "nodes": 4, "rounds": 5, "max_train_per_node": 2000, "topology": "ring", "out": "runs/demo"}
+"""What `p2pmoe demo` runs unless its --config file or flags say otherwise."""
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from p2pmoe.report import format_table, summary_row
+
+    row = summary_row(summary)
+    print(format_table([row], list(row)))
+    print(f"run folder: {summary['setting']['run']['out']}")
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from p2pmoe.config import config_from_args
     from p2pmoe.sim.runner import run_simulation
 
-    summary = run_simulation(config_from_args(args), progress=not args.quiet)
-    row = summary_row(summary)
-    print(format_table([row], list(row)))
-    print(f"run folder: {summary['setting']['out']}")
+    _print_summary(run_simulation(config_from_args(args), progress=not args.quiet))
     return 0
+
+
+def _demo_defaults() -> Values:
+    from p2pmoe.config import empty_values
+
+    values = empty_values()
+    values["run"].update(DEMO_DEFAULTS)
+    return values
 
 
 def _demo(args: argparse.Namespace) -> int:
     """FedMoE-DA and FedAvg, each as real daemons on loopback, on Fashion-MNIST."""
+    from p2pmoe.config import config_from_args, with_options
     from p2pmoe.node.config import Timing
     from p2pmoe.node.swarm import run_swarm
+    from p2pmoe.report import format_table, summary_row
 
-    base = config_from_args(args)
+    base = config_from_args(args, _demo_defaults())
     rows, codes = [], []
     for method in ("fedmoe-da", "fedavg"):
-        cfg = dataclasses.replace(base, method=method, out=f"{base.out}/{method}")
-        print(f"running {method}: {cfg.nodes} daemons on loopback, {cfg.rounds} rounds ...", flush=True)
+        cfg = with_options(base, method=method, out=f"{base.run.out}/{method}")
+        print(f"running {method}: {cfg.run.nodes} daemons on loopback, {cfg.run.rounds} rounds ...", flush=True)
         summary = run_swarm(cfg, Timing(round_deadline=120, startup=60, linger=10))
         codes += list(summary["exit_codes"].values())
         rows.append(summary_row(summary))
+    run = base.run
     print()
-    print(f"{base.data}, {base.nodes} nodes (one daemon process each), partition {base.partition}, {base.rounds} rounds, "
-          f"{base.local_epochs} local epoch(s), max {base.max_train_per_node} train examples per node, "
-          f"{base.experts} experts, FedMoE-DA P={base.fedmoe_p} with {base.embedding} embedding on a {base.topology} topology, seed {base.seed}")
+    print(f"{run.data}, {run.nodes} nodes (one daemon process each), partition {run.partition}, {run.rounds} rounds, "
+          f"{run.local_epochs} local epoch(s), max {run.max_train_per_node} train examples per node, on a {run.topology} topology, seed {run.seed}")
     print(format_table(rows, list(rows[0])))
-    print(f"run folders: {base.out}/fedmoe-da, {base.out}/fedavg (MB/node/round includes heartbeats)")
+    print(f"run folders: {run.out}/fedmoe-da, {run.out}/fedavg (MB/node/round includes heartbeats)")
     return 0 if all(code == 0 for code in codes) else 1
 
 
-def _check_role(cfg: "NodeConfig", role: str, path: Path) -> None:
+def check_role(cfg: NodeConfig, role: str, path: Path) -> None:
     """A coordinator config must be the server of a server-mediated method; a node config
     must not be the server, so a swapped file fails at start, not rounds later."""
-    from p2pmoe.experiment import needs_server
+    from p2pmoe.config import spec_of
     from p2pmoe.naming import SERVER_ID
 
-    if role == "coordinator" and (cfg.node_id != SERVER_ID or not needs_server(cfg.experiment)):
+    _, spec = spec_of(cfg.experiment)
+    if role == "coordinator" and (cfg.node_id != SERVER_ID or not spec.has_server(cfg.experiment)):
         raise ValueError(
             f"{path}: not a coordinator config: node_id must be {SERVER_ID!r} (got {cfg.node_id!r}) and "
-            f"[experiment] method a server-mediated one (got {cfg.experiment.method!r} on {cfg.experiment.data!r}); "
+            f"[run] method a server-mediated one (got {cfg.experiment.run.method!r} on {cfg.experiment.run.data!r}); "
             f"start clients with `p2pmoe node`"
         )
     if role == "node" and cfg.node_id == SERVER_ID:
@@ -76,9 +98,9 @@ def _daemon(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_node_config(args.config)
-    _check_role(cfg, args.command, args.config)
-    if cfg.experiment.threads:
-        torch.set_num_threads(cfg.experiment.threads)
+    check_role(cfg, args.command, args.config)
+    if cfg.experiment.run.threads:
+        torch.set_num_threads(cfg.experiment.run.threads)
     try:
         import uvloop
 
@@ -90,14 +112,13 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _swarm(args: argparse.Namespace) -> int:
+    from p2pmoe.config import config_from_args
     from p2pmoe.node.config import Timing
     from p2pmoe.node.swarm import run_swarm
 
     timing = Timing(round_deadline=args.round_deadline, startup=args.startup, linger=args.linger)
     summary = run_swarm(config_from_args(args), timing)
-    row = summary_row(summary)
-    print(format_table([row], list(row)))
-    print(f"run folder: {summary['setting']['out']}")
+    _print_summary(summary)
     return 0 if all(code == 0 for code in summary["exit_codes"].values()) else 1
 
 
@@ -110,39 +131,62 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _topology(args: argparse.Namespace) -> int:
-    from p2pmoe.sim.topology import write_topology
+    from p2pmoe.topology import write_topology
 
     print(write_topology(args.kind, args.nodes, args.out, args.seed, args.bandwidth, args.latency))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pmoe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _methods(args: argparse.Namespace) -> int:
+    from p2pmoe.docs import methods_markdown, methods_text
 
-    simulate = sub.add_parser("simulate", help="run every node of an experiment in one process")
-    add_config_arguments(simulate)
+    print(methods_markdown() if args.markdown else methods_text())
+    return 0
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; an experiment command's flags are added only when `argv` names it."""
+    parser = argparse.ArgumentParser(prog="p2pmoe", description="Peer-to-peer expert synchronisation for federated mixture-of-experts learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    command = _command_of(argv)
+    rest = list(argv[list(argv).index(command) + 1 :]) if command else []
+
+    def experiment(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        if command == name:
+            from p2pmoe.config import add_experiment_arguments
+
+            add_experiment_arguments(p, rest, _demo_defaults() if name == "demo" else None)
+        return p
+
+    simulate = experiment("simulate", "run every node of an experiment in one process")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(handler=_simulate)
 
-    demo = sub.add_parser("demo", help="FedMoE-DA vs FedAvg on Fashion-MNIST with real daemons on loopback")
-    add_config_arguments(demo)
-    demo.set_defaults(handler=_demo, nodes="4", rounds="5", max_train_per_node="2000", topology="ring", out="runs/demo")
+    experiment("demo", "FedMoE-DA vs FedAvg on Fashion-MNIST with real daemons on loopback").set_defaults(handler=_demo)
+
     for role, text in (
         ("node", "run one client or peer daemon from its config file"),
         ("coordinator", "run the server of a server-mediated method (fedavg, fedsasrec, fmoe-cdsr, ...) from its config file"),
     ):
-        daemon = sub.add_parser(role, help=text)
+        daemon = sub.add_parser(role, help=text, description=text)
         daemon.add_argument("--config", type=Path, required=True, help="node TOML (see peers/README.md)")
         daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         daemon.set_defaults(handler=_daemon)
 
-    swarm = sub.add_parser("swarm", help="run every node as a real daemon process on loopback")
-    add_config_arguments(swarm)
-    swarm.add_argument("--round-deadline", type=float, default=120.0, help="seconds a node waits for a round's messages")
-    swarm.add_argument("--startup", type=float, default=60.0, help="seconds to wait for peers before round 0")
-    swarm.add_argument("--linger", type=float, default=30.0, help="seconds a finished node keeps serving peers")
+    swarm = experiment("swarm", "run every node as a real daemon process on loopback")
+    swarm.add_argument("--round-deadline", type=float, default=120.0, help="seconds a node waits for a round's messages (default 120)")
+    swarm.add_argument("--startup", type=float, default=60.0, help="seconds to wait for peers before round 0 (default 60)")
+    swarm.add_argument("--linger", type=float, default=30.0, help="seconds a finished node keeps serving peers (default 30)")
     swarm.set_defaults(handler=_swarm)
+
+    methods = sub.add_parser("methods", help="list the methods, their task families and options")
+    methods.add_argument("--markdown", action="store_true", help="the option tables of docs/methods.md")
+    methods.set_defaults(handler=_methods)
 
     topology = sub.add_parser("topology", help="generate a topology file (node-link JSON or edge list)")
     topology.add_argument("--kind", required=True, help="full, ring, star, random-regular:D, small-world:K:P, erdos-renyi:P")
@@ -161,10 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.handler(args)
-    except (DataNotFoundError, DataFormatError, ValueError) as exc:
+        args = build_parser(argv).parse_args(argv)
+        return int(args.handler(args))
+    except (ValueError, FileExistsError, OSError) as exc:
         print(f"p2pmoe: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,133 +1,150 @@
-"""Run configuration: dataclass defaults < a TOML file < command-line flags."""
+"""Where an experiment's values come from: defaults < a command's own defaults < a TOML file <
+command-line flags.
+
+A TOML file has up to three tables: `[run]` (the common options of `RunOptions`), `[task]`
+(the options of the task family its data belongs to) and `[method]` (the options the method
+declares). Flags are the same keys with dashes; a method's flags carry its prefix
+(`--fedmoe-p`). Which task and method tables apply is known only once `method` and `data` are,
+so the command line is read in two passes (see `experiment_parser`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.wire.compression import parse_compression
+from p2pmoe.methods.registry import MethodSpec, all_methods, get_method
+from p2pmoe.options import add_arguments, from_mapping, values_from_args
+from p2pmoe.settings import ExperimentConfig, RunOptions
+from p2pmoe.tasks.base import Task, all_tasks, task_for_data
 
-FMOE_GATE_POOLINGS = ("sequence", "position", "batch")
-FMOE_HEADS = ("linear", "tied")
-# string options with a fixed set of values (fmoe_encoder "lean" ships only the μ stack)
-_CHOICES = {
-    "embedding": ("gossip", "frozen", "server"),
-    "fmoe_encoder": ("vae", "lean"),
-    "fmoe_gate_pooling": FMOE_GATE_POOLINGS,
-    "fmoe_head": FMOE_HEADS,
-}
+SECTIONS = ("run", "task", "method")
+Values = dict[str, dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything needed to rerun a simulation; saved whole into summary.json."""
-
-    method: str = "fedavg"
-    data: str = "fmnist"
-    data_root: str | None = None
-    nodes: int = 10
-    partition: str = "dirichlet:0.5"
-    rounds: int = 20
-    local_epochs: int = 1
-    batch_size: int = 64
-    lr: float | None = None
-    momentum: float = 0.9
-    seed: int = 0
-    experts: int = 4
-    embed_dim: int = 64
-    expert_hidden: int = 64
-    gate: str = "dense"
-    top_k: int | None = None
-    eval_every: int = 1
-    compression: str = "none"
-    topology: str = "full"
-    hops: int = 1
-    link_bandwidth: float = 100e6
-    link_latency: float = 0.0005
-    fedmoe_p: int = 2
-    fedmoe_tau: float = 1.0
-    fedmoe_interval: int = 1
-    embedding: str = "gossip"
-    max_len: int = 16
-    dropout: float = 0.3
-    negatives: int = 999
-    contrastive_weight: float = 0.1
-    fmoe_encoder: str = "vae"
-    fmoe_gate_pooling: str = "sequence"
-    fmoe_head: str = "linear"
-    max_train_per_node: int | None = None
-    threads: int = 0
-    out: str = "runs/latest"
-
-    def __post_init__(self) -> None:
-        positive = ("nodes", "rounds", "local_epochs", "batch_size", "experts", "embed_dim", "expert_hidden", "eval_every", "hops", "fedmoe_interval", "max_len", "negatives")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.max_train_per_node is not None and self.max_train_per_node < 1:
-            raise ValueError(f"config: max_train_per_node must be >= 1, got {self.max_train_per_node}")
-        parse_compression(self.compression)
-        if self.fedmoe_p < 0 or self.fedmoe_tau <= 0:
-            raise ValueError(f"config: need fedmoe_p >= 0 and fedmoe_tau > 0, got {self.fedmoe_p}, {self.fedmoe_tau}")
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"config: {name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"config: lr must be > 0, got {self.lr}")
+def empty_values() -> Values:
+    return {section: {} for section in SECTIONS}
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
-
-
-def convert_value(name: str, value: Any) -> Any:
-    """Coerce a TOML or command-line value to the field's type, with an error naming the key."""
-    kind = _FIELD_TYPES[name]
-    if value is None:
-        return None
-    try:
-        if "int" in kind and "float" not in kind:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if "float" in kind:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config: {name} must be of type {kind}, got {value!r}") from None
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a config file; unknown keys are an error (a typo must not be silently ignored)."""
+def read_toml(path: str | Path) -> Values:
+    """The `[run]`, `[task]` and `[method]` tables of a config file (any other key is an error)."""
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read config: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(raw) - set(_FIELD_TYPES))
+    return tables_of(raw, str(path))
+
+
+def tables_of(raw: Mapping[str, Any], source: str) -> Values:
+    """Split parsed TOML into the three experiment tables; stray keys are named."""
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(_FIELD_TYPES)}")
-    return {name: convert_value(name, value) for name, value in raw.items()}
+        raise ValueError(f"{source}: unknown keys or tables {unknown}; an experiment has tables {['[' + s + ']' for s in SECTIONS]}")
+    values = empty_values()
+    for section in SECTIONS:
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{source}: [{section}] must be a table")
+        values[section] = dict(table)
+    return values
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per config field (dashes for underscores), plus --config FILE."""
-    parser.add_argument("--config", type=Path, help="TOML file with any of the options below")
-    for f in fields(RunConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=f"(default: {f.default})")
+def merge(*layers: Values) -> Values:
+    """Later layers win, key by key."""
+    out = empty_values()
+    for layer in layers:
+        for section in SECTIONS:
+            out[section].update(layer.get(section, {}))
+    return out
 
 
-def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    """Defaults, then the --config file, then explicit flags, then `overrides`."""
-    values: dict[str, Any] = {}
+def build_config(values: Values, source: str = "config") -> ExperimentConfig:
+    """Typed, checked config from layered values: unknown keys, wrong types and out-of-range
+    values are errors naming the key and `source`."""
+    run = from_mapping(RunOptions, values["run"], source)
+    task = task_for_data(run.data)
+    spec = get_method(run.method, task.name)
+    return ExperimentConfig(run, from_mapping(task.options, values["task"], source), from_mapping(spec.options, values["method"], source))
+
+
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Settle what the task family decides (learning rate default, one client per domain)."""
+    return task_for_data(cfg.run.data).resolve(cfg)
+
+
+def spec_of(cfg: ExperimentConfig) -> tuple[Task, MethodSpec]:
+    task = task_for_data(cfg.run.data)
+    return task, get_method(cfg.run.method, task.name)
+
+
+def default_config(**run: Any) -> ExperimentConfig:
+    """Defaults everywhere but the given `[run]` keys (tests and benchmarks start here)."""
+    return build_config(merge(empty_values(), {"run": run}))
+
+
+def with_options(cfg: ExperimentConfig, task: Mapping[str, Any] | None = None, method: Mapping[str, Any] | None = None, **run: Any) -> ExperimentConfig:
+    """`cfg` with some keys changed; a change of method or data rebuilds the tables that follow."""
+    values = merge({"run": cfg.run.to_dict(), "task": cfg.task.to_dict(), "method": cfg.method.to_dict()}, {"run": run})
+    if "method" in run and run["method"] != cfg.run.method:
+        values["method"] = {}
+    if "data" in run and task_for_data(run["data"]) is not task_for_data(cfg.run.data):
+        values["task"] = {}
+    return build_config(merge(values, {"task": dict(task or {}), "method": dict(method or {})}))
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def _first_pass(argv: Sequence[str], defaults: Values) -> tuple[str, str]:
+    """The method and data the full parser is built for: flags, else the --config file, else defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    pre.add_argument("--method")
+    pre.add_argument("--data")
+    known, _ = pre.parse_known_args(argv)
+    from_file = read_toml(known.config)["run"] if known.config else {}
+    method = known.method or from_file.get("method") or defaults["run"].get("method") or RunOptions.method
+    data = known.data or from_file.get("data") or defaults["run"].get("data") or RunOptions.data
+    return str(method), str(data)
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, argv: Sequence[str], defaults: Values | None = None) -> None:
+    """--config FILE and one flag per option of `[run]`, of the data's task family and of the
+    method (as given in `argv` or the file); `--help` shows the defaults this command uses."""
+    defaults = defaults or empty_values()
+    method, data = _first_pass(argv, defaults)
+    parser.add_argument("--config", type=Path, help="TOML file with [run], [task] and [method] tables; flags win over it")
+    add_arguments(parser, RunOptions, "run options ([run])", defaults=defaults["run"])
+    try:
+        task = task_for_data(data)
+        spec = get_method(method, task.name)
+    except ValueError as exc:
+        parser.epilog = f"error: {exc}"
+        return
+    add_arguments(parser, task.options, f"{task.name} task options ([task])", defaults=defaults["task"])
+    add_arguments(parser, spec.options, f"{spec.name} options ([method])", prefix=spec.flag_prefix, defaults=defaults["method"])
+    names = ", ".join(f"{n} ({'/'.join(s.tasks)})" for n, s in all_methods().items())
+    data_sets = ", ".join(f"{d} ({t.name})" for t in all_tasks().values() for d in t.data)
+    parser.epilog = f"methods: {names}. data: {data_sets}. Other methods' options: --method NAME --help."
+
+
+def config_from_args(args: argparse.Namespace, defaults: Values | None = None) -> ExperimentConfig:
+    """Defaults, then the command's own defaults, then the --config file, then explicit flags."""
+    layers = [defaults or empty_values()]
     if getattr(args, "config", None):
-        values.update(load_toml(args.config))
-    for name in _FIELD_TYPES:
-        given = getattr(args, name, None)
-        if given is not None:
-            values[name] = convert_value(name, given)
-    values.update(overrides)
-    return dataclasses.replace(RunConfig(), **values)
+        layers.append(read_toml(args.config))
+    flags = empty_values()
+    flags["run"] = values_from_args(args, RunOptions)
+    base = merge(*layers, flags)
+    run = from_mapping(RunOptions, base["run"], "command line")
+    task = task_for_data(run.data)
+    spec = get_method(run.method, task.name)
+    flags["task"] = values_from_args(args, task.options)
+    flags["method"] = values_from_args(args, spec.options)
+    return build_config(merge(*layers, flags), str(getattr(args, "config", None) or "command line"))

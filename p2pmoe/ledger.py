@@ -31,9 +31,14 @@ class ByteLedger:
 
     def __init__(self) -> None:
         self.entries: list[LedgerEntry] = []
+        self._sent: dict[tuple[str, int], int] = defaultdict(int)  # (node, round) -> bytes, kept as rows come
+        self._received: dict[tuple[str, int], int] = defaultdict(int)
 
     def record(self, round_index: int, src: str, dst: str, kind: str, header_bytes: int, payload_bytes: int, phase: int = 0) -> None:
-        self.entries.append(LedgerEntry(round_index, src, dst, kind, header_bytes, payload_bytes, phase))
+        entry = LedgerEntry(round_index, src, dst, kind, header_bytes, payload_bytes, phase)
+        self.entries.append(entry)
+        self._sent[(src, round_index)] += entry.total
+        self._received[(dst, round_index)] += entry.total
 
     def totals(self) -> dict[str, object]:
         """Bytes of all messages, split into header and payload and by message kind."""
@@ -50,10 +55,11 @@ class ByteLedger:
 
     def node_traffic(self, node: str, round_index: int | None = None) -> dict[str, int]:
         """Bytes `node` sent and received (in `round_index`, or in all rounds)."""
-        rows = [e for e in self.entries if round_index is None or e.round == round_index]
+        if round_index is not None:
+            return {"sent": self._sent.get((node, round_index), 0), "received": self._received.get((node, round_index), 0)}
         return {
-            "sent": sum(e.total for e in rows if e.src == node),
-            "received": sum(e.total for e in rows if e.dst == node),
+            "sent": sum(v for (n, _), v in self._sent.items() if n == node),
+            "received": sum(v for (n, _), v in self._received.items() if n == node),
         }
 
     def per_node_per_round(self, nodes: Iterable[str], rounds: int) -> dict[str, object]:

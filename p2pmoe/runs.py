@@ -9,13 +9,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
 from p2pmoe.fsio import atomic_write_json
-from p2pmoe.config import RunConfig
-from p2pmoe.ledger import ByteLedger, LedgerEntry
+from p2pmoe.ledger import LedgerEntry
 
 LEDGER_FIELDS = [f.name for f in dataclasses.fields(LedgerEntry)]
 
@@ -53,38 +51,3 @@ class RunFolder:
         """Close the streams and write summary.json."""
         self.close()
         atomic_write_json(self.path / "summary.json", summary)
-
-
-def summarise_metrics(per_node: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Mean over nodes of each metric, and its spread (std, min, max) over nodes."""
-    names = sorted({name for metrics in per_node.values() for name in metrics})
-    means, spread = {}, {}
-    for name in names:
-        values = [m[name] for m in per_node.values() if name in m]
-        means[name] = statistics.fmean(values)
-        spread[name] = {
-            "std": statistics.pstdev(values),
-            "min": min(values),
-            "max": max(values),
-        }
-    return means, spread
-
-
-def make_summary(
-    cfg: RunConfig, last_eval: dict[str, dict[str, float]], ledger: ByteLedger, clients: list[str], wall_seconds: float
-) -> dict[str, Any]:
-    """summary.json: final metrics over clients, byte totals and the whole setting."""
-    means, spread = summarise_metrics(last_eval)
-    return {
-        "method": cfg.method,
-        "data": cfg.data,
-        "nodes": cfg.nodes,
-        "rounds": cfg.rounds,
-        "seed": cfg.seed,
-        "metrics": means,
-        "metrics_spread": spread,
-        "per_node": last_eval,
-        "bytes": {**ledger.totals(), "per_node_per_round": ledger.per_node_per_round(clients, cfg.rounds)},
-        "wall_seconds": round(wall_seconds, 2),
-        "setting": dataclasses.asdict(cfg),
-    }

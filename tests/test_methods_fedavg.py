@@ -5,7 +5,7 @@ from torch import nn
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
 from p2pmoe.methods.local import LocalMethod
-from p2pmoe.methods.params import float_state, weighted_average
+from p2pmoe.models.params import float_state, weighted_average
 from p2pmoe.sim.bus import InMemoryBus
 from p2pmoe.wire.codec import ProtocolError, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind

@@ -13,7 +13,7 @@ from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.fedsasrec import FedSASRecClient, encoder_template
 from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient, FMoECDSRServer, domain_tensors
-from p2pmoe.methods.params import float_state, weighted_average
+from p2pmoe.models.params import float_state, weighted_average
 from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
 from p2pmoe.sim.bus import InMemoryBus
 from p2pmoe.wire.codec import ProtocolError

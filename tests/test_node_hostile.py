@@ -17,7 +17,7 @@ from torch import nn
 from p2pmoe.config import RunConfig
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.methods.fedmoe_da import FedMoEDANode
-from p2pmoe.methods.params import float_state
+from p2pmoe.models.params import float_state
 from p2pmoe.models import MoEClassifier
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.daemon import NodeDaemon

@@ -6,7 +6,7 @@ import pytest
 
 from p2pmoe.ledger import LedgerEntry
 from p2pmoe.sim.links import comm_time_by_round, round_comm_time
-from p2pmoe.sim.topology import make_topology
+from p2pmoe.topology import make_topology
 
 MB = 1_000_000
 

@@ -5,7 +5,7 @@ import networkx as nx
 import pytest
 
 from p2pmoe.naming import client_ids
-from p2pmoe.sim.topology import (
+from p2pmoe.topology import (
     TopologyError,
     load_topology,
     make_topology,

@@ -36,6 +36,12 @@ class SequenceBatch:
     targets: Tensor
     pad_mask: Tensor
 
+    def to(self, device: torch.device) -> SequenceBatch:
+        """The batch on `device` (itself when already there)."""
+        if self.inputs.device == device:
+            return self
+        return SequenceBatch(self.inputs.to(device), self.targets.to(device), self.pad_mask.to(device))
+
     def select(self, rows: Tensor) -> SequenceBatch:
         """The given rows, cut to the longest of them: columns of pure padding cost attention
         time and change nothing (positions count from the newest slot)."""
@@ -122,8 +128,10 @@ class NextItemLearner:
         negative_seed: int = 0,
         seed: int = 0,
         eval_batch_size: int = 512,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model = model
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.batcher = SequenceBatcher(data.num_items, max_len)
         usable = [s for s in data.train if len(s) >= 2]
         if not usable:
@@ -171,7 +179,7 @@ class NextItemLearner:
         """One shuffled pass over the training sequences."""
         order = torch.randperm(self.num_train_examples, generator=self._shuffle)
         for start in range(0, self.num_train_examples, self.batch_size):
-            yield self.train_set.select(order[start : start + self.batch_size])
+            yield self.train_set.select(order[start : start + self.batch_size]).to(self.device)
 
     def train(self, epochs: int) -> dict[str, float]:
         """``epochs`` passes; returns the mean loss and the mean of each statistic the model reports."""
@@ -198,7 +206,7 @@ class NextItemLearner:
         pad = self.batcher.pad_index
         for start in range(0, len(inputs), self.eval_batch_size):
             rows = slice(start, start + self.eval_batch_size)
-            scores = self.model.score_candidates(_trim(inputs[rows], pad), candidates[rows])
+            scores = self.model.score_candidates(_trim(inputs[rows], pad).to(self.device), candidates[rows].to(self.device)).cpu()
             out.append(ranks_against_negatives(scores[:, 0], scores[:, 1:]))
         return torch.cat(out)
 
@@ -217,13 +225,13 @@ class NextItemLearner:
         The whole model state is kept, integer and boolean buffers included (a model's step
         counter, which branches are available), so training resumes where it stopped.
         """
-        state = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        state = {f"model.{k}": v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         names = {p: n for n, p in self.model.named_parameters()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     if torch.is_tensor(value):
-                        state[f"optim.{names[p]}.{key}"] = value.detach().clone()
+                        state[f"optim.{names[p]}.{key}"] = value.detach().to("cpu", copy=True)
         state["rng"] = self._shuffle.get_state()
         return state
 
@@ -239,7 +247,7 @@ class NextItemLearner:
             param_name, _, key = name[len("optim.") :].rpartition(".")
             if param_name not in params or (key != "step" and value.shape != params[param_name].shape):
                 raise ValueError(f"optimiser state {name!r} does not fit the model")
-            moments.setdefault(params[param_name], {})[key] = value.clone()
+            moments.setdefault(params[param_name], {})[key] = value.clone() if key == "step" else value.to(params[param_name].device, copy=True)
         if "rng" not in state:
             raise ValueError("state has no shuffle RNG ('rng')")
         self.model.load_state_dict(model_state)

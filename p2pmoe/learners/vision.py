@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from p2pmoe.eval.metrics import accuracy
-from p2pmoe.methods.params import float_state, load_float_state
+from p2pmoe.models.params import float_state, load_float_state
 
 
 class ImageClassifierLearner:
@@ -28,10 +28,12 @@ class ImageClassifierLearner:
         lr: float = 0.05,
         momentum: float = 0.9,
         seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
         if len(train[0]) == 0:
             raise ValueError("a learner needs at least one training example")
-        self.model = model
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.train_x, self.train_y = train
         self.test_x, self.test_y = test
         self.global_test = global_test
@@ -49,7 +51,8 @@ class ImageClassifierLearner:
             order = torch.randperm(self.num_train_examples, generator=self._shuffle)
             for start in range(0, self.num_train_examples, self.batch_size):
                 idx = order[start : start + self.batch_size]
-                loss = F.cross_entropy(self.model(self.train_x[idx]), self.train_y[idx])
+                x, y = self.train_x[idx].to(self.device), self.train_y[idx].to(self.device)
+                loss = F.cross_entropy(self.model(x), y)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -66,10 +69,10 @@ class ImageClassifierLearner:
         load_float_state(self.model, {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
         self._shuffle.set_state(state["rng"])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
         self.model.eval()
-        preds = torch.cat([self.model(x[i : i + batch]).argmax(dim=1) for i in range(0, len(x), batch)])
+        preds = torch.cat([self.model(x[i : i + batch].to(self.device)).argmax(dim=1).cpu() for i in range(0, len(x), batch)])
         return accuracy(preds, y)
 
     def evaluate(self) -> dict[str, float]:

@@ -8,39 +8,37 @@ daemon and the simulator run the very same objects (the way h11 keeps HTTP apart
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from p2pmoe.wire.messages import Message, Send
+from p2pmoe.learners.base import Learner
+from p2pmoe.wire.messages import Message, MessageKind, Send
+
+__all__ = ["Learner", "LearnerMethod", "Method", "SendFailure"]
 
 
-class Learner(Protocol):
-    """A node's local model, data and training loop; methods decide what to share of it."""
+@dataclass(frozen=True)
+class SendFailure:
+    """Why a message this node sent came to nothing: it could not be sent (`unreachable`),
+    a request got no reply in time (`timeout`), or the receiver refused it (`refused`, with
+    the receiver's reason). `req` is the request id when the message had one."""
 
-    model: nn.Module
-    num_train_examples: int
-
-    def train(self, epochs: int) -> dict[str, float]:
-        """Blocking local training; returns training statistics such as the mean loss."""
-
-    def evaluate(self) -> dict[str, float]:
-        """Metrics with lowercase names (accuracy, mrr, ndcg@10, ...)."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume local training, as named tensors."""
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what `state_dict` returned."""
+    kind: MessageKind
+    round: int
+    reason: str
+    cause: str = "refused"
+    req: int | None = None
 
 
 class Method(ABC):
     """One node's role in a federated method.
 
-    Drivers call, each round r: `train_local(r)` (blocking, may run in a worker thread),
-    `start_round(r)`, then `on_message` for every delivery until `round_complete()`; if the
-    round's deadline passes first, `on_deadline(r)` lets the method go on with what it has.
+    The driver (`p2pmoe.driver`) calls, each round r: `train_local(r)` (blocking, may run in a
+    worker thread), `start_round(r)`, then `on_message` for every delivery until
+    `round_complete()`; if the round's deadline passes first, `on_deadline(r)` lets the method
+    go on with what it has. Calls never overlap: a delivery that arrives while the method
+    trains or evaluates waits until that call returns.
     """
 
     def __init__(self, node_id: str) -> None:
@@ -64,6 +62,11 @@ class Method(ABC):
 
     def on_peer_lost(self, peer: str) -> list[Send]:
         """The driver gave up on `peer`; stop waiting for it."""
+        return []
+
+    def on_send_failed(self, dst: str, failure: SendFailure) -> list[Send]:
+        """Something this node sent to `dst` failed (see `SendFailure`): stop waiting for what
+        it would have brought, or try another way. Default: nothing to do."""
         return []
 
     def on_deadline(self, round_index: int) -> list[Send]:

@@ -10,9 +10,11 @@ from typing import Sequence
 
 import torch
 
-from p2pmoe.methods.base import Learner, LearnerMethod
+from p2pmoe.methods.base import Learner, LearnerMethod, Method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer
-from p2pmoe.methods.params import float_state, load_float_state, weighted_average
+from p2pmoe.naming import SERVER_ID
+from p2pmoe.models.params import float_state, load_float_state, weighted_average
 from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -87,3 +89,22 @@ class FedAvgServer(CollectingServer):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         check_like(state, self.global_state)
         self.global_state = dict(state)
+
+
+def _client(ctx: BuildContext, node: str) -> Method:
+    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs)
+
+
+def _server(ctx: BuildContext) -> Method:
+    return FedAvgServer(SERVER_ID, ctx.clients, float_state(ctx.template()))
+
+
+register_method(
+    MethodSpec(
+        name="fedavg",
+        summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
+        tasks=("image",),
+        build_client=_client,
+        build_server=_server,
+    )
+)

@@ -10,20 +10,43 @@ every node's aggregation plan; experts still move peer to peer.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import torch
 
-from p2pmoe.methods.base import Learner, LearnerMethod, Method
+from p2pmoe.methods.base import Learner, LearnerMethod, Method, SendFailure
 from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_weights
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange
-from p2pmoe.methods.params import float_state, load_float_state
-from p2pmoe.wire.codec import check_like, require
+from p2pmoe.methods.registry import BuildContext, MethodSpec, all_peers, register_method, topology_peers
+from p2pmoe.naming import SERVER_ID
+from p2pmoe.options import Options, option
+from p2pmoe.models.params import float_state, load_float_state
+from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 EMBEDDING_MODES = ("gossip", "frozen", "server")
 EMBEDDING_PREFIX = "embedder."
+
+
+@dataclass(frozen=True)
+class PlanOptions(Options):
+    """Eq. 9-11's knobs. Third-party defaults are P = 5, tau = 1, I = 5; project decision:
+    P = 2 (P must stay below the number of experts a node sees in small swarms) and I = 1."""
+
+    section: ClassVar[str] = "method"
+
+    p: int = option(2, "P: peer experts each own expert aggregates (0 = none)", minimum=0)
+    tau: float = option(1.0, "softmax temperature of the aggregation weights", above=0)
+    interval: int = option(1, "I: rounds between recomputing the aggregation plan", minimum=1)
+
+
+@dataclass(frozen=True)
+class FedMoEDAOptions(PlanOptions):
+    """Peer-to-peer FedMoE-DA: the plan's knobs and how phi is shared (a project decision)."""
+
+    embedding: str = option("gossip", "how phi is shared: gossip with neighbours, frozen (never sent), or server (FedAvg)", choices=EMBEDDING_MODES)
 
 
 def expert_tensors(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -102,7 +125,7 @@ class FedMoEDANode(LearnerMethod):
         self._gates_awaited: set[str] = set()
         self._plan_awaited = False
         self._fetched: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-        self._fetch_awaited: dict[str, list[int]] = {}
+        self._fetch_awaited: dict[str, tuple[int, list[int]]] = {}  # peer -> (request id, slots)
         self._embedding_awaited = False
         self._aggregated = True
         self._req = 0
@@ -119,7 +142,7 @@ class FedMoEDANode(LearnerMethod):
             sends.append(Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, phi, {"num_examples": self.learner.num_train_examples})))
             self._embedding_awaited = True
         if round_index % self.interval == 0 or self.plan is None:
-            gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self.moe.gating_matrix().float()})
+            gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self.moe.gating_matrix().detach().float().cpu()})
             if self.planner == "server":
                 self._plan_awaited = True
                 sends.append(Send(self.server_id, gate))
@@ -150,7 +173,7 @@ class FedMoEDANode(LearnerMethod):
     def _on_gate(self, src: str, message: Message) -> list[Send]:
         require(src in self._gates_awaited, f"no gate expected from {src}")
         own = self.moe.gating_matrix()
-        check_like(message.tensors, {"gate": own.float()})
+        check_like(message.tensors, {"gate": own.detach().float().cpu()})
         self._gates[src] = message.tensors["gate"].double()
         self._gates_awaited.discard(src)
         return self._plan_if_ready()
@@ -158,7 +181,7 @@ class FedMoEDANode(LearnerMethod):
     def _plan_if_ready(self) -> list[Send]:
         if self._gates_awaited or self.planner != "p2p":
             return []
-        self.plan = make_plan(self.node_id, self.moe.gating_matrix().double(), self._gates, self.p, self.tau)
+        self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p, self.tau)
         return self._request_experts()
 
     def _on_plan(self, src: str, message: Message) -> list[Send]:
@@ -177,10 +200,11 @@ class FedMoEDANode(LearnerMethod):
             masked = self.plan.weights.clone()
             masked[:, ~available] = 0
             self.plan = Plan(self.plan.sources, masked / masked.sum(dim=1, keepdim=True))
-        self._fetch_awaited = fetch_set(self.plan.weights, self.plan.sources, self.node_id)
+        self._fetch_awaited = {}
         sends = []
-        for peer, slots in self._fetch_awaited.items():
+        for peer, slots in fetch_set(self.plan.weights, self.plan.sources, self.node_id).items():
             self._req += 1
+            self._fetch_awaited[peer] = (self._req, slots)
             sends.append(Send(peer, Message(MessageKind.EXPERT_REQUEST, self._round, meta={"req": self._req, "slots": slots})))
         self._aggregate_if_ready()
         return sends
@@ -197,9 +221,20 @@ class FedMoEDANode(LearnerMethod):
         return [Send(src, reply)]
 
     def _on_expert_response(self, src: str, message: Message) -> list[Send]:
-        slots = self._fetch_awaited.get(src)
-        require(slots is not None, f"no experts expected from {src}")
-        check_like(message.tensors, expert_tensors({s: self._snapshot[s] for s in slots}))
+        """Take the reply to our outstanding request: the same request id, exactly the slots
+        asked for. A reply with another id (or none) is refused and the genuine one is still
+        awaited; a reply to our request that is malformed ends the wait for that peer (the
+        round goes on without its experts instead of idling to the deadline)."""
+        awaited = self._fetch_awaited.get(src)
+        require(awaited is not None, f"no experts expected from {src}")
+        req, slots = awaited
+        got = message.meta.get("req")
+        require(type(got) is int and got == req, f"expert_response answers request {got!r}, the request outstanding with {src} is {req}")
+        try:
+            check_like(message.tensors, expert_tensors({s: self._snapshot[s] for s in slots}))
+        except ProtocolError:
+            self._give_up_on(src)
+            raise
         for slot in slots:
             prefix = f"expert.{slot}."
             self._fetched[(src, slot)] = {k[len(prefix):]: v for k, v in message.tensors.items() if k.startswith(prefix)}
@@ -255,6 +290,18 @@ class FedMoEDANode(LearnerMethod):
         self.gossip.rejoin(peer)
         return []
 
+    def on_send_failed(self, dst: str, failure: SendFailure) -> list[Send]:
+        """An expert request that failed (refused, timed out, unreachable) re-plans the round
+        around that peer's experts at once: the weights renormalise over what is in hand."""
+        awaited = self._fetch_awaited.get(dst)
+        if failure.kind == MessageKind.EXPERT_REQUEST and awaited is not None and failure.req in (None, awaited[0]):
+            self._give_up_on(dst)
+        return []
+
+    def _give_up_on(self, peer: str) -> None:
+        self._fetch_awaited.pop(peer, None)
+        self._aggregate_if_ready()
+
     def on_deadline(self, round_index: int) -> list[Send]:
         """Go on with what arrived: plan over the gates in hand, experts and φ that came."""
         self.gossip.give_up()
@@ -263,7 +310,7 @@ class FedMoEDANode(LearnerMethod):
             self._plan_awaited = False
             self._gates_awaited = set()
             if self.planner == "p2p":
-                self.plan = make_plan(self.node_id, self.moe.gating_matrix().double(), self._gates, self.p, self.tau)
+                self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p, self.tau)
             elif self.plan is None:
                 self.plan = Plan([(self.node_id, e) for e in range(self.num_experts)], torch.eye(self.num_experts, dtype=torch.float64))
         self._aggregate_if_ready(force=True)
@@ -345,3 +392,56 @@ class FedMoEDAServer(Method):
     def on_deadline(self, round_index: int) -> list[Send]:
         sends = self.embedding.on_deadline(round_index) if self.embedding else []
         return sends + self._plan_if_ready(force=True)
+
+
+def _mode(ctx: BuildContext) -> tuple[PlanOptions, bool, str]:
+    """(options, server-assisted?, embedding mode): the paper's server-assisted variant always
+    FedAvgs phi on the server (its original embedding handling)."""
+    opts = ctx.cfg.method
+    assert isinstance(opts, PlanOptions)
+    if isinstance(opts, FedMoEDAOptions):
+        return opts, False, opts.embedding
+    return opts, True, "server"
+
+
+def _client(ctx: BuildContext, node: str) -> Method:
+    opts, assisted, embedding = _mode(ctx)
+    visible = [m for m in ctx.clients if m != node] if assisted else topology_peers(ctx.cfg, ctx.graph, [node])[node]
+    return FedMoEDANode(
+        node, ctx.learner(node), sorted(visible), sorted(ctx.graph.neighbors(node)), p=opts.p, tau=opts.tau,
+        interval=opts.interval, embedding=embedding, server_id=SERVER_ID if embedding == "server" else None,
+        planner="server" if assisted else "p2p", local_epochs=ctx.cfg.run.local_epochs,
+    )
+
+
+def _server(ctx: BuildContext) -> Method:
+    opts, assisted, embedding = _mode(ctx)
+    template = float_state(ctx.template(), EMBEDDING_PREFIX) if embedding == "server" else None
+    return FedMoEDAServer(SERVER_ID, ctx.clients, template, opts.p, opts.tau, plans=assisted, interval=opts.interval)
+
+
+register_method(
+    MethodSpec(
+        name="fedmoe-da",
+        summary="FedMoE-DA peer to peer: gates published to neighbours, experts chosen by gate correlation and fetched from their owners",
+        tasks=("image",),
+        options=FedMoEDAOptions,
+        flag_prefix="fedmoe",
+        build_client=_client,
+        build_server=_server,
+        uses_server=lambda cfg: getattr(cfg.method, "embedding", None) == "server",
+        peers=topology_peers,
+    )
+)
+register_method(
+    MethodSpec(
+        name="fedmoe-da-server",
+        summary="FedMoE-DA as in the paper: a coordinator FedAvgs phi and plans every node's aggregation; experts still move peer to peer",
+        tasks=("image",),
+        options=PlanOptions,
+        flag_prefix="fedmoe",
+        build_client=_client,
+        build_server=_server,
+        peers=all_peers,
+    )
+)

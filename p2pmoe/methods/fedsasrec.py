@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from p2pmoe.methods.base import Learner
-from p2pmoe.methods.fedavg import FedAvgClient
-from p2pmoe.methods.params import float_state
+from p2pmoe.methods.base import Learner, Method
+from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
+from p2pmoe.naming import SERVER_ID
+from p2pmoe.models.params import float_state
 
 ENCODER_PREFIX = "encoder."
 
@@ -27,3 +29,22 @@ class FedSASRecClient(FedAvgClient):
 
     def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1) -> None:
         super().__init__(node_id, learner, server_id, local_epochs, prefix=ENCODER_PREFIX)
+
+
+def _client(ctx: BuildContext, node: str) -> Method:
+    return FedSASRecClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs)
+
+
+def _server(ctx: BuildContext) -> Method:
+    return FedAvgServer(SERVER_ID, ctx.clients, encoder_template(ctx.template()))
+
+
+register_method(
+    MethodSpec(
+        name="fedsasrec",
+        summary="FedDCSR's baseline: FedAvg of the SASRec encoder only (item embeddings stay local)",
+        tasks=("sequential",),
+        build_client=_client,
+        build_server=_server,
+    )
+)

@@ -18,13 +18,22 @@ loaded, i.e. during round 0.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import nn
 
+from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.learners.sequential import NextItemLearner
-from p2pmoe.methods.base import LearnerMethod
+from p2pmoe.methods.base import LearnerMethod, Method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer
-from p2pmoe.models.fmoe_cdsr import FMoECDSR
+from p2pmoe.models.fmoe_cdsr import GATE_POOLINGS, HEADS, FMoECDSR, transition_adjacency
+from p2pmoe.naming import SERVER_ID
+from p2pmoe.options import Options, option
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.tasks.sequential import SequenceOptions
 from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -175,3 +184,55 @@ class FMoECDSRServer(CollectingServer):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the cache; every tensor is checked before the cache changes."""
         self.cache = split_domains(state, self.template, set(self.domain_of.values()))
+
+
+@dataclass(frozen=True)
+class FMoECDSROptions(Options):
+    """The FMoE-CDSR client model's choices; each marked where the paper or its code is silent."""
+
+    section: ClassVar[str] = "method"
+
+    encoder: str = option("vae", "experts with mu and log-sigma^2 stacks and an annealed KL (vae, the official code) or mu only (lean, half the bytes)", choices=("vae", "lean"))
+    gate_pooling: str = option("sequence", "one gate vector per sequence (project default), per position, or per batch (the official code)", choices=GATE_POOLINGS)
+    head: str = option("linear", "each branch's linear prediction head (as specified) or scores tied to its item embeddings (tied)", choices=HEADS)
+    contrastive_weight: float = option(0.1, "weight of the InfoNCE term between a sequence and a permutation of it", minimum=0)
+
+
+def _model_factory(gate: str):  # type: ignore[no-untyped-def]
+    """The sequential task's model hook: an FMoE-CDSR client model for domain k of K."""
+
+    def build(cfg: ExperimentConfig, domain: DomainSequences | None, k: int, num_domains: int) -> nn.Module:
+        task, opts = cfg.task, cfg.method
+        assert isinstance(task, SequenceOptions) and isinstance(opts, FMoECDSROptions)
+        items = domain.num_items if domain is not None else 1
+        adjacency = transition_adjacency(domain.train if domain is not None else [], items)
+        return FMoECDSR(
+            items, num_domains, k, adjacency, max_len=task.max_len, hidden=task.embed_dim, heads=task.heads, blocks=task.blocks,
+            dropout=task.dropout, contrastive_weight=opts.contrastive_weight, vae=opts.encoder == "vae", gate=gate,
+            gate_pooling=opts.gate_pooling, head=opts.head,
+        )
+
+    return build
+
+
+def _register(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:
+    model = _model_factory(gate)
+
+    def client(ctx: BuildContext, node: str) -> Method:
+        learner = ctx.learner(node, model)
+        assert isinstance(learner, NextItemLearner)
+        return FMoECDSRClient(node, learner, ctx.index(node), SERVER_ID, ctx.cfg.run.local_epochs, freeze_foreign=freeze_foreign)
+
+    def server(ctx: BuildContext) -> Method:
+        template = ctx.template(model)
+        assert isinstance(template, FMoECDSR)
+        return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, template.expert_state(0))
+
+    register_method(
+        MethodSpec(name=name, summary=summary, tasks=("sequential",), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server)
+    )
+
+
+_register("fmoe-cdsr", "FMoE-CDSR: each client's own expert goes to a caching server; the others' experts come back frozen and a gate mixes the branches", "learned", True)
+_register("fmoe-cdsr-uniform", "FMoE-CDSR ablation without the gate: a uniform mixture of the branches", "uniform", True)
+_register("fmoe-cdsr-unfrozen", "FMoE-CDSR ablation: foreign experts fine-tuned locally until the next download", "learned", False)

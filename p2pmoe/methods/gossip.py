@@ -12,8 +12,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from p2pmoe.methods.base import Learner, LearnerMethod
-from p2pmoe.methods.params import float_state, load_float_state
+from p2pmoe.methods.base import Learner, LearnerMethod, Method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method, topology_peers
+from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -121,3 +122,18 @@ class GossipNode(LearnerMethod):
 
     def round_complete(self) -> bool:
         return self.exchange.done
+
+
+def _client(ctx: BuildContext, node: str) -> Method:
+    return GossipNode(node, ctx.learner(node), sorted(ctx.graph.neighbors(node)), ctx.cfg.run.local_epochs)
+
+
+register_method(
+    MethodSpec(
+        name="gossip",
+        summary="D-PSGD: the whole model averaged with topology neighbours (Metropolis-Hastings weights), no server",
+        tasks=("image",),
+        build_client=_client,
+        peers=topology_peers,
+    )
+)

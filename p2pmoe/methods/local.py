@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from p2pmoe.methods.base import LearnerMethod
+from p2pmoe.methods.base import LearnerMethod, Method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.wire.messages import Message, Send
 
 
@@ -17,3 +18,17 @@ class LocalMethod(LearnerMethod):
 
     def round_complete(self) -> bool:
         return True
+
+
+def _client(ctx: BuildContext, node: str) -> Method:
+    return LocalMethod(node, ctx.learner(node), ctx.cfg.run.local_epochs)
+
+
+register_method(
+    MethodSpec(
+        name="local",
+        summary="each client trains alone and sends nothing (the no-communication baseline)",
+        tasks=("image", "sequential"),
+        build_client=_client,
+    )
+)

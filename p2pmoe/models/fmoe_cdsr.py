@@ -30,17 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from p2pmoe.config import FMOE_GATE_POOLINGS, FMOE_HEADS
 from p2pmoe.models.sasrec import SASRecEncoder, _dropout
 from p2pmoe.wire.codec import check_like
 
 if TYPE_CHECKING:
     from p2pmoe.learners.sequential import SequenceBatch
 
-__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "nt_xent", "transition_adjacency"]
+__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "HEADS", "nt_xent", "transition_adjacency"]
 
 GATES = ("learned", "uniform")
-GATE_POOLINGS = FMOE_GATE_POOLINGS
+GATE_POOLINGS = ("sequence", "position", "batch")
+HEADS = ("linear", "tied")
 
 
 def transition_adjacency(sequences: Sequence[Sequence[int]], num_items: int) -> Tensor:
@@ -155,8 +155,8 @@ class FMoECDSR(nn.Module):
         super().__init__()
         if not 0 <= domain_index < num_domains:
             raise ValueError(f"domain_index {domain_index} is not one of {num_domains} domains")
-        if gate not in GATES or gate_pooling not in GATE_POOLINGS or head not in FMOE_HEADS:
-            raise ValueError(f"gate must be one of {GATES}, gate_pooling one of {GATE_POOLINGS} and head one of {FMOE_HEADS}")
+        if gate not in GATES or gate_pooling not in GATE_POOLINGS or head not in HEADS:
+            raise ValueError(f"gate must be one of {GATES}, gate_pooling one of {GATE_POOLINGS} and head one of {HEADS}")
         if adjacency.shape != (num_items + 1, num_items + 1) or not adjacency.is_sparse:
             raise ValueError(f"adjacency must be a sparse [{num_items + 1}, {num_items + 1}] tensor")
         self.num_items = num_items
@@ -187,8 +187,8 @@ class FMoECDSR(nn.Module):
     # -- experts on the wire -----------------------------------------------------------------
 
     def expert_state(self, i: int) -> dict[str, Tensor]:
-        """Expert i's tensors (``mu.*`` and, in VAE mode, ``logvar.*``), detached copies."""
-        return {name: t.detach().clone() for name, t in self.experts[i].state_dict().items()}
+        """Expert i's tensors (``mu.*`` and, in VAE mode, ``logvar.*``), detached CPU copies."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.experts[i].state_dict().items()}
 
     def set_expert_state(self, i: int, state: dict[str, Tensor]) -> None:
         """Load domain i's expert into branch i and make the branch available.

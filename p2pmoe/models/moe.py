@@ -71,8 +71,8 @@ class MixtureOfExperts(nn.Module):
         return self.experts[slot]
 
     def expert_state(self, slot: int) -> dict[str, Tensor]:
-        """A detached copy of expert ``slot``'s state: later training cannot change it."""
-        return {k: v.detach().clone() for k, v in self.experts[slot].state_dict().items()}
+        """A detached CPU copy of expert ``slot``'s state: later training cannot change it."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.experts[slot].state_dict().items()}
 
     def load_expert_state(self, slot: int, state: Mapping[str, Tensor]) -> None:
         """Overwrite expert ``slot`` in place, all or nothing.

@@ -1,5 +1,5 @@
 """A node's configuration file: who it is, where it listens, its peers, timing, keys and the
-experiment it takes part in (the same keys as `p2pmoe simulate`).
+experiment it takes part in (the `[run]`, `[task]` and `[method]` tables of `p2pmoe simulate`).
 
     node_id = "node-00"
     bind = "tcp://0.0.0.0:5550"
@@ -17,7 +17,7 @@ experiment it takes part in (the same keys as `p2pmoe simulate`).
     [security.allowed]
     server = "keys/server.key"
 
-    [experiment]
+    [run]                         # identical on every node but out, data_root, threads, device
     method = "fedavg"
     nodes = 3
 """
@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.config import RunConfig, convert_value
+from p2pmoe.config import SECTIONS, build_config, tables_of
 from p2pmoe.node.security import CurveSettings, read_public_key
+from p2pmoe.settings import ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class NodeConfig:
     bind: str
     out: Path
     peers: dict[str, str]
-    experiment: RunConfig
+    experiment: ExperimentConfig
     timing: Timing = field(default_factory=Timing)
     curve: CurveSettings | None = None
     max_inflight_bytes: int = 64 * 2**20
@@ -79,6 +80,33 @@ def _table(raw: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     return value
 
 
+def _timing(raw: dict[str, Any], path: Path) -> Timing:
+    """[timing] with every value a number (seconds; request_retries a count) and no unknown key."""
+    known = {f.name: f.type for f in dataclasses.fields(Timing)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ValueError(f"{path}: [timing] has unknown key {key!r}; valid keys: {sorted(known)}")
+        wanted = int if key == "request_retries" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            raise ValueError(f"{path}: [timing] {key} must be a number{' (a whole count)' if key == 'request_retries' else ' of seconds'}, got {value!r}")
+        values[key] = value if key == "request_retries" else float(value)
+    try:
+        return Timing(**values)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _key_file(base: Path, security: dict[str, Any], key: str, path: Path) -> Path:
+    value = security.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{path}: [security] {key} must name a key file written by `p2pmoe keys`")
+    found = base / value
+    if not found.is_file():
+        raise ValueError(f"{path}: [security] {key}: no key file at {found} (write key pairs with `p2pmoe keys --out DIR NAME...`)")
+    return found
+
+
 def load_node_config(path: str | Path) -> NodeConfig:
     """Parse and check a node config file; relative paths are taken from the file's folder."""
     path = Path(path)
@@ -86,37 +114,36 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: cannot read node config: {exc}") from None
-    known = {"node_id", "bind", "out", "max_inflight_bytes", "peers", "timing", "security", "experiment"}
+    known = {"node_id", "bind", "out", "max_inflight_bytes", "peers", "timing", "security", *SECTIONS}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
     for key in ("node_id", "bind"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ValueError(f"{path}: {key} must be a non-empty string")
+    if not raw["bind"].startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError(f"{path}: bind must be an address like 'tcp://0.0.0.0:5550', got {raw['bind']!r}")
     base = path.parent
     peers = _table(raw, "peers", path)
     if not all(isinstance(v, str) for v in peers.values()) or raw["node_id"] in peers:
         raise ValueError(f"{path}: [peers] maps other node ids to 'tcp://host:port' strings")
-    try:
-        timing = Timing(**{k: (int(v) if k == "request_retries" else float(v)) for k, v in _table(raw, "timing", path).items()})
-    except TypeError as exc:
-        raise ValueError(f"{path}: [timing]: {exc}") from None
-    experiment_values = _table(raw, "experiment", path)
-    unknown = sorted(set(experiment_values) - {f.name for f in dataclasses.fields(RunConfig)})
-    if unknown:
-        raise ValueError(f"{path}: [experiment] has unknown keys {unknown}")
-    if isinstance(experiment_values.get("data_root"), str) and not Path(experiment_values["data_root"]).is_absolute():
-        experiment_values["data_root"] = str(base / experiment_values["data_root"])
-    experiment = RunConfig(**{k: convert_value(k, v) for k, v in experiment_values.items()})
+    timing = _timing(_table(raw, "timing", path), path)
+    values = tables_of({s: raw[s] for s in SECTIONS if s in raw}, str(path))
+    if isinstance(values["run"].get("data_root"), str) and not Path(values["run"]["data_root"]).is_absolute():
+        values["run"]["data_root"] = str(base / values["run"]["data_root"])
+    experiment = build_config(values, str(path))
     security = _table(raw, "security", path)
     curve = None
     if security:
         allowed = _table(security, "allowed", path)
         curve = CurveSettings(
-            secret_key_file=base / security["secret_key"],
-            public_key_file=base / security["public_key"],
-            allowed_public_keys={node: read_public_key(base / key) for node, key in allowed.items()},
+            secret_key_file=_key_file(base, security, "secret_key", path),
+            public_key_file=_key_file(base, security, "public_key", path),
+            allowed_public_keys={node: read_public_key(_key_file(base, allowed, node, path)) for node in allowed},
         )
+    inflight = raw.get("max_inflight_bytes", 64 * 2**20)
+    if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
+        raise ValueError(f"{path}: max_inflight_bytes must be a positive integer, got {inflight!r}")
     return NodeConfig(
         node_id=raw["node_id"],
         bind=raw["bind"],
@@ -125,5 +152,5 @@ def load_node_config(path: str | Path) -> NodeConfig:
         experiment=experiment,
         timing=timing,
         curve=curve,
-        max_inflight_bytes=int(raw.get("max_inflight_bytes", 64 * 2**20)),
+        max_inflight_bytes=inflight,
     )

@@ -1,8 +1,10 @@
-"""The node daemon: runs one method's rounds over real ZeroMQ sockets.
+"""The node daemon: one method's rounds over real ZeroMQ sockets.
 
-The method stays sans-IO; this module owns the I/O around it: a transport, heartbeats and
-membership, per-round deadlines, checkpoints and the node's run folder. Local training runs
-in a worker thread so the node keeps answering peers and heartbeats while it trains.
+The round loop is the driver's (`p2pmoe.driver.rounds.drive_rounds`, the same the simulator
+runs); this module is its ZeroMQ port and what only a real node has: heartbeats and membership,
+the start-up handshake (peers must run the same experiment), deadlines on the clock,
+checkpoints and the node's run folder. Training runs in a worker thread so the node keeps
+answering peers and heartbeats while it trains; deliveries meanwhile wait in the `NodeRunner`.
 """
 
 from __future__ import annotations
@@ -12,26 +14,30 @@ import logging
 import signal
 import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from p2pmoe.driver.rounds import drive_rounds
+from p2pmoe.driver.runner import NodeRunner, RateLimitedLog
+from p2pmoe.driver.summary import metrics_row
 from p2pmoe.experiment import build_experiment
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.methods.base import Method
+from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.membership import Membership
-from p2pmoe.node.transport import Transport, TransportError
+from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportError
 from p2pmoe.runs import RunFolder
-from p2pmoe.wire.codec import Envelope, ProtocolError
+from p2pmoe.settings import canonical_config, config_differences, config_hash
+from p2pmoe.wire.codec import Envelope
 from p2pmoe.wire.compression import parse_compression
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 log = logging.getLogger("p2pmoe.node")
+T = TypeVar("T")
 
-CONTROL_KINDS = {MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR}
+CONTROL_KINDS = {MessageKind.HELLO, MessageKind.HEARTBEAT}
 REQUEST_KINDS = {MessageKind.EXPERT_REQUEST}  # sent with a timeout and retries; the reply goes to the method
-MAX_ROUNDS_AHEAD = 2  # messages for later rounds than this are dropped, not held
-MAX_BUFFERED_BYTES = 512 * 2**20  # payload held for rounds this node has not reached yet
 
 
 class NodeDaemon:
@@ -39,61 +45,101 @@ class NodeDaemon:
 
     def __init__(self, cfg: NodeConfig, method: Method | None = None) -> None:
         self.cfg = cfg
-        self.method = method or build_experiment(cfg.experiment, only=cfg.node_id).nodes[cfg.node_id]
+        experiment = cfg.experiment
+        self.rounds = experiment.run.rounds
+        self.config_hash = config_hash(experiment)
+        self._canonical = canonical_config(experiment)
+        self.runner = NodeRunner(cfg.node_id, method or build_experiment(experiment, only=cfg.node_id).nodes[cfg.node_id])
         self.ledger = ByteLedger()
         self._ledger_written = 0
-        self.round = -1
         self.peer_rounds: dict[str, int] = {}
         self.peers_done: set[str] = set()
+        self.refused_peers: dict[str, list[str]] = {}
         self.done = False
-        self._buffered: dict[int, list[Envelope]] = defaultdict(list)
         self._progress = asyncio.Event()
         self._stop = asyncio.Event()
         self.membership = Membership(cfg.peers, cfg.timing.suspect_after, cfg.timing.dead_after)
         self.transport: Transport | None = None
         self._requests: set[asyncio.Task[None]] = set()
+        self._folder: RunFolder | None = None
+        self._received: dict[int, int] = defaultdict(int)
+        self._noise = RateLimitedLog()
 
-    # -- sending ---------------------------------------------------------------------------
+    # -- Port (see p2pmoe.driver.rounds) -----------------------------------------------------------
 
-    async def _send(self, dst: str, message: Message) -> None:
-        assert self.transport is not None
-        try:
-            await self.transport.send(dst, message)
-        except TransportError as exc:
-            log.warning("%s: could not send %s to %s: %s", self.cfg.node_id, message.kind.value, dst, exc)
-
-    async def _send_all(self, sends: list[Send]) -> None:
+    async def send(self, node: NodeRunner, sends: list[Send]) -> None:
         """In order per destination, concurrently across destinations, so one unreachable
         peer (each send waits up to the transport's send timeout) does not hold up the rest."""
         by_dst: dict[str, list[Message]] = defaultdict(list)
-        for send in sends:
-            by_dst[send.dst].append(send.message)
+        for item in sends:
+            by_dst[item.dst].append(item.message)
 
         async def to(dst: str, messages: list[Message]) -> None:
             for message in messages:
                 if message.kind in REQUEST_KINDS:
-                    self._requests.add(asyncio.create_task(self._request(dst, message)))
+                    task = asyncio.create_task(self._request(dst, message))
+                    self._requests.add(task)
+                    task.add_done_callback(self._requests.discard)
                 else:
-                    await self._send(dst, message)
+                    await self._send_one(dst, message)
 
         await asyncio.gather(*(to(dst, messages) for dst, messages in by_dst.items()))
         self._progress.set()
 
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def wait(self, node: NodeRunner, timeout: float) -> bool:
+        return await self._wait(node.round_complete, timeout)
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def round_done(self, node: NodeRunner, round_index: int, train: dict[str, float], metrics: dict[str, float] | None) -> None:
+        """Checkpoint first: a metrics line then always means the round can be resumed after."""
+        extra = {"node": self.cfg.node_id, "membership": self.membership.table(time.monotonic()), "config_hash": self.config_hash}
+        await asyncio.to_thread(save_checkpoint, self.cfg.checkpoint_path, round_index, node.state_dict(), extra)
+        sent = sum(e.total for e in self.ledger.entries[self._ledger_written :] if e.round == round_index)
+        assert self._folder is not None
+        self._folder.log(metrics_row(self.cfg.node_id, round_index, train, metrics, sent, self._received.pop(round_index, 0)))
+        self._flush_ledger()
+        shown = {k: round(v, 4) for k, v in (metrics or {}).items() if not k.startswith("valid_")}
+        alive = len(self.membership.alive(time.monotonic()))
+        log.info("%s: round %d done %s; sent %d B; %d/%d peers alive", self.cfg.node_id, round_index, shown, sent, alive, len(self.cfg.peers))
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    async def _send_one(self, dst: str, message: Message) -> None:
+        assert self.transport is not None
+        try:
+            await self.transport.send(dst, message)
+        except TransportError as exc:
+            if message.kind in (MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR):
+                self._noise.warning(f"send:{dst}", "%s: could not send %s to %s: %s", self.cfg.node_id, message.kind.value, dst, exc)
+                return
+            await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), "unreachable", _req(message))))
+
     async def _request(self, dst: str, message: Message) -> None:
-        """A request whose reply the transport matches by meta.req, retried on silence."""
+        """A request whose reply the transport matches by meta.req, retried on silence; a
+        timeout or an unreachable peer reaches the method as a failure."""
         assert self.transport is not None
         try:
             reply = await self.transport.request(dst, message, self.cfg.timing.request_timeout, self.cfg.timing.request_retries)
-            await self._dispatch(Envelope(dst, reply))
         except TransportError as exc:
-            log.warning("%s: %s to %s failed: %s", self.cfg.node_id, message.kind.value, dst, exc)
-        finally:
-            self._requests.discard(asyncio.current_task())  # type: ignore[arg-type]
+            cause = "timeout" if isinstance(exc, RequestTimeout) else "unreachable" if isinstance(exc, PeerUnreachable) else "failed"
+            await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), cause, _req(message))))
+            return
+        await self._dispatch(Envelope(dst, reply))
 
-    def _control(self, kind: MessageKind) -> Message:
-        return Message(kind, max(self.round, 0), meta={"round": self.round, "done": self.done})
+    def _control(self, kind: MessageKind, reply: bool = False) -> Message:
+        meta: dict[str, Any] = {"round": self.runner.round, "done": self.done, "config": self.config_hash}
+        if kind == MessageKind.HELLO:
+            meta["setting"] = self._canonical
+        if reply:
+            meta["reply"] = True
+        return Message(kind, max(self.runner.round, 0), meta=meta)
 
-    # -- receiving -------------------------------------------------------------------------
+    # -- receiving ---------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
         assert self.transport is not None
@@ -101,79 +147,68 @@ class NodeDaemon:
             envelope = await self.transport.recv()
             try:
                 await self._dispatch(envelope)
-            except Exception:  # a method bug must not take the node down
+            except Exception:  # a bug here must not take the node down
                 log.exception("%s: error handling %s from %s", self.cfg.node_id, envelope.message.kind.value, envelope.src)
 
     async def _dispatch(self, envelope: Envelope) -> None:
         src, message = envelope.src, envelope.message
-        if src in self.cfg.peers:
-            self.membership.seen(src, time.monotonic())
+        configured = src in self.cfg.peers
         if message.kind in CONTROL_KINDS:
-            if src in self.cfg.peers:  # only configured peers may move our round or liveness
+            if configured and self._same_experiment(src, message):
+                self.membership.seen(src, time.monotonic())
                 self._take_control(src, message)
-            if message.kind == MessageKind.HELLO and not message.meta.get("reply"):
-                await self._send(src, self._reply_to(message, MessageKind.HELLO, {"round": self.round, "done": self.done, "reply": True}))
+            if message.kind == MessageKind.HELLO and message.meta.get("reply") is not True:
+                await self._send_one(src, self._control(MessageKind.HELLO, reply=True))
             return
-        if message.round > self.round:
-            self._hold(envelope)
+        if src in self.refused_peers:
+            self._noise.warning(f"refused:{src}", "%s: ignoring %s from %s, which runs another experiment", self.cfg.node_id, message.kind.value, src)
             return
-        await self._handle(src, message)
+        if configured:
+            self.membership.seen(src, time.monotonic())
+        self._received[message.round] += sum(t.numel() * t.element_size() for t in message.tensors.values())
+        await self.send(self.runner, self.runner.deliver(src, message))
 
-    def _hold(self, envelope: Envelope) -> None:
-        """Keep a peer's message for a round this node has not started, within bounds."""
-        src, message = envelope.src, envelope.message
-        size = sum(t.numel() * t.element_size() for t in message.tensors.values())
-        held = sum(t.numel() * t.element_size() for group in self._buffered.values() for e in group for t in e.message.tensors.values())
-        if src not in self.cfg.peers or message.round > self.round + MAX_ROUNDS_AHEAD or held + size > MAX_BUFFERED_BYTES:
-            log.warning("%s: dropping %s from %s for round %d (at round %d)", self.cfg.node_id, message.kind.value, src, message.round, self.round)
-            return
-        self._buffered[message.round].append(envelope)
-
-    def _reply_to(self, request: Message, kind: MessageKind, meta: dict[str, Any]) -> Message:
-        """A reply that carries the request's id (meta.req) when it had one."""
-        if "req" in request.meta:
-            meta = {**meta, "req": request.meta["req"]}
-        return Message(kind, request.round, meta=meta)
+    def _same_experiment(self, src: str, message: Message) -> bool:
+        """A peer's HELLO and heartbeats carry its config hash; a peer running another experiment
+        (another seed, another split, another method option) is refused, with the keys named."""
+        theirs = message.meta.get("config")
+        if theirs == self.config_hash:
+            self.refused_peers.pop(src, None)
+            return True
+        if src not in self.refused_peers or (message.kind == MessageKind.HELLO and "setting" in message.meta):
+            keys = config_differences(self._canonical, message.meta.get("setting")) if "setting" in message.meta else ["<config hash>"]
+            if self.refused_peers.get(src) != keys:
+                log.error("%s: refusing %s: it runs another experiment; keys that differ: %s", self.cfg.node_id, src, ", ".join(keys))
+            self.refused_peers[src] = keys
+        return False
 
     def _take_control(self, src: str, message: Message) -> None:
-        if message.kind == MessageKind.ERROR:
-            log.warning("%s: %s reports an error: %s", self.cfg.node_id, src, message.meta.get("reason"))
-            return
         peer_round = message.meta.get("round")
-        if isinstance(peer_round, int):
+        if type(peer_round) is int and -1 <= peer_round < self.rounds:  # a round outside the run is ignored
             self.peer_rounds[src] = peer_round
         if message.meta.get("done") is True:
             self.peers_done.add(src)
-            self._progress.set()
+        self._progress.set()
 
-    async def _handle(self, src: str, message: Message) -> None:
-        try:
-            sends = self.method.on_message(src, message)
-        except ProtocolError as exc:
-            log.warning("%s: rejected %s from %s: %s", self.cfg.node_id, message.kind.value, src, exc)
-            await self._send(src, self._reply_to(message, MessageKind.ERROR, {"reason": str(exc), "kind": message.kind.value}))
-            return
-        await self._send_all(sends)
-
-    # -- liveness --------------------------------------------------------------------------
+    # -- liveness ----------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
         while True:
             beat = self._control(MessageKind.HEARTBEAT)
-            sending = [asyncio.ensure_future(self._send(peer, beat)) for peer in self.cfg.peers]
+            sending = [asyncio.ensure_future(self._send_one(peer, beat)) for peer in self.cfg.peers]
             if sending:  # a dead peer's send may wait for the transport timeout: don't wait for it
                 await asyncio.wait(sending, timeout=self.cfg.timing.heartbeat)
             now = time.monotonic()
             for peer in self.membership.newly_dead(now):
                 log.warning("%s: peer %s is gone", self.cfg.node_id, peer)
-                await self._send_all(self.method.on_peer_lost(peer))
+                await self.send(self.runner, self.runner.peer_lost(peer))
             for peer in self.membership.revived(now):
                 log.info("%s: peer %s is back", self.cfg.node_id, peer)
-                await self._send_all(self.method.on_peer_joined(peer))
+                await self.send(self.runner, self.runner.peer_joined(peer))
             await asyncio.sleep(self.cfg.timing.heartbeat)
 
-    async def _wait(self, condition: Any, timeout: float) -> bool:
-        """Wait until condition() holds or `timeout` passes; True if it holds."""
+    async def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Wait until condition() holds or `timeout` passes (or a stop); True if it holds."""
         deadline = time.monotonic() + timeout
         while not condition():
             remaining = deadline - time.monotonic()
@@ -186,50 +221,38 @@ class NodeDaemon:
                 pass
         return True
 
-    # -- the round loop --------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------------------
 
     async def _startup(self) -> int:
         """Resume from the checkpoint, greet peers, and pick the first round to run.
 
-        A restarted node continues from its last completed round but never behind the swarm:
-        it starts at max(checkpoint round + 1, the highest round a peer reports).
+        A restarted node continues after its last completed round but never behind the swarm:
+        it starts at the highest round a configured peer running the same experiment reports,
+        if that is later (peers' rounds outside the run are ignored; the jump is logged).
         """
         first = 0
         checkpoint = load_checkpoint(self.cfg.checkpoint_path)
         if checkpoint is not None:
-            self.method.load_state_dict(checkpoint.state)
+            saved = checkpoint.extra.get("config_hash")
+            if saved is not None and saved != self.config_hash:
+                raise ValueError(f"{self.cfg.checkpoint_path} belongs to another experiment (config hash {saved[:12]}..., this node's {self.config_hash[:12]}...); move it away to start afresh")
+            self.runner.method.load_state_dict(checkpoint.state)
             first = checkpoint.round + 1
             log.info("%s: resumed from %s after round %d", self.cfg.node_id, self.cfg.checkpoint_path, checkpoint.round)
-        self.round = first - 1
-        await self._send_all([Send(peer, self._control(MessageKind.HELLO)) for peer in self.cfg.peers])
+        self.runner.round = first - 1
+        await self.send(self.runner, [Send(peer, self._control(MessageKind.HELLO)) for peer in self.cfg.peers])
         heard = await self._wait(lambda: set(self.peer_rounds) >= set(self.cfg.peers), self.cfg.timing.startup)
         if not heard:
             log.warning("%s: starting without %s", self.cfg.node_id, sorted(set(self.cfg.peers) - set(self.peer_rounds)))
-        return max([first, *self.peer_rounds.values()])
+        ahead = max([first, *self.peer_rounds.values()])
+        if ahead > first:
+            log.info("%s: peers are at round %d; joining there instead of round %d", self.cfg.node_id, ahead, first)
+        return ahead
 
-    async def _run_round(self, r: int, folder: RunFolder) -> None:
-        stats = await asyncio.to_thread(self.method.train_local, r)
-        self.round = r
-        await self._send_all(self.method.start_round(r))
-        for envelope in self._buffered.pop(r, []):
-            await self._handle(envelope.src, envelope.message)
-        for stale in [k for k in self._buffered if k < r]:
-            del self._buffered[stale]
-        if not await self._wait(self.method.round_complete, self.cfg.timing.round_deadline):
-            log.warning("%s: round %d deadline passed; going on with what arrived", self.cfg.node_id, r)
-            await self._send_all(self.method.on_deadline(r))
-        metrics = await asyncio.to_thread(self.method.evaluate)
-        # Checkpoint first: a metrics line then always means the round can be resumed after.
-        extra = {"node": self.cfg.node_id, "membership": self.membership.table(time.monotonic())}
-        await asyncio.to_thread(save_checkpoint, self.cfg.checkpoint_path, r, self.method.state_dict(), extra)
-        sent = sum(e.total for e in self.ledger.entries if e.round == r)
-        folder.log({"round": r, "node": self.cfg.node_id, **stats, **metrics, "bytes_sent": sent})
-        self._flush_ledger(folder)
-        log.info("%s: round %d done %s", self.cfg.node_id, r, {k: round(v, 4) for k, v in metrics.items()})
-
-    def _flush_ledger(self, folder: RunFolder) -> None:
-        folder.log_messages(self.ledger.entries[self._ledger_written :])
-        self._ledger_written = len(self.ledger.entries)
+    def _flush_ledger(self) -> None:
+        if self._folder is not None:
+            self._folder.log_messages(self.ledger.entries[self._ledger_written :])
+            self._ledger_written = len(self.ledger.entries)
 
     async def run(self) -> None:
         """Run every remaining round, then linger until peers are done (or `linger` passes)."""
@@ -242,30 +265,31 @@ class NodeDaemon:
         self.cfg.out.mkdir(parents=True, exist_ok=True)
         self.transport = Transport(
             self.cfg.node_id, self.cfg.bind, ledger=self.ledger, curve=self.cfg.curve,
-            max_inflight_bytes=self.cfg.max_inflight_bytes, round_of=lambda: max(self.round, 0),
-            compression=parse_compression(self.cfg.experiment.compression),
+            max_inflight_bytes=self.cfg.max_inflight_bytes, round_of=lambda: max(self.runner.round, 0),
+            compression=parse_compression(self.cfg.experiment.run.compression),
         )
         for peer, address in self.cfg.peers.items():
             key = self.cfg.curve.allowed_public_keys.get(peer) if self.cfg.curve else None
             self.transport.add_peer(peer, address, key)
         tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
-        folder = RunFolder(self.cfg.out, append=True)
+        self._folder = RunFolder(self.cfg.out, append=True)
         try:
             first = await self._startup()
-            for r in range(first, self.cfg.experiment.rounds):
-                if self._stop.is_set():
-                    log.info("%s: stopping before round %d", self.cfg.node_id, r)
-                    break
-                await self._run_round(r, folder)
-            else:
+            run = self.cfg.experiment.run
+            last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, self.cfg.timing.round_deadline)
+            if last == self.rounds - 1:
                 self.done = True
-                await self._send_all([Send(peer, self._control(MessageKind.HEARTBEAT)) for peer in self.cfg.peers])
-                alive = lambda: set(self.membership.alive(time.monotonic())) <= self.peers_done  # noqa: E731
-                await self._wait(alive, self.cfg.timing.linger)
+                await self.send(self.runner, [Send(peer, self._control(MessageKind.HEARTBEAT)) for peer in self.cfg.peers])
+                await self._wait(lambda: set(self.membership.alive(time.monotonic())) <= self.peers_done, self.cfg.timing.linger)
         finally:
             for task in [*tasks, *self._requests]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._requests, return_exceptions=True)
-            self._flush_ledger(folder)
-            folder.close()
+            self._flush_ledger()
+            self._folder.close()
             await self.transport.close()
+
+
+def _req(message: Message) -> int | None:
+    req = message.meta.get("req")
+    return req if type(req) is int else None

@@ -1,8 +1,10 @@
 """`p2pmoe swarm`: N real daemon processes on loopback, then one run folder for all of them.
 
-Each node gets a generated config, its own process (one torch thread each) and its own
-folder under <out>/nodes/<id>; when all exit, their metrics and ledgers are merged into the
-same summary.json / metrics.jsonl / ledger.csv that `p2pmoe simulate` writes.
+Each node gets a generated config, its own process and its own folder under <out>/nodes/<id>;
+when all exit, their metrics and ledgers are merged into the same summary.json /
+metrics.jsonl / ledger.csv that `p2pmoe simulate` writes, by the same summariser.
+Thread budget: each process gets max(1, cores // processes) torch threads unless `threads`
+says otherwise, so N processes never oversubscribe the machine's cores.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from p2pmoe.config import RunConfig
-from p2pmoe.experiment import build_topology, node_ids, peers_of, resolve_config
-from p2pmoe.naming import SERVER_ID, client_ids
+from p2pmoe.config import resolve, spec_of
+from p2pmoe.driver.summary import Row, make_summary
+from p2pmoe.experiment import build_topology, links, node_ids
 from p2pmoe.ledger import ByteLedger
+from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.node.config import Timing, load_node_config
-from p2pmoe.runs import RunFolder, make_summary
+from p2pmoe.runs import RunFolder
+from p2pmoe.settings import ExperimentConfig
 
 
 def free_ports(count: int) -> list[int]:
@@ -44,23 +48,31 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None) -> dict[str, Path]:
+def _toml_table(name: str, values: dict[str, Any]) -> list[str]:
+    return ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+
+
+def thread_budget(cfg: ExperimentConfig, processes: int) -> int:
+    """Torch threads per process: the config's `threads`, else the cores shared out."""
+    return cfg.run.threads or max(1, (os.cpu_count() or 1) // max(processes, 1))
+
+
+def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None) -> dict[str, Path]:
     """One node.toml per node under <out>/nodes/<id>/; by default on free loopback ports."""
-    cfg = resolve_config(cfg)
+    cfg = resolve(cfg)
     ids = node_ids(cfg)
     if addresses is None:
         addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
-    data_root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None  # node files resolve paths from their folder
-    experiment = dataclasses.replace(cfg, threads=1, out=str(out), data_root=data_root)
+    data_root = str(Path(cfg.run.data_root).resolve()) if cfg.run.data_root else None  # node files resolve paths from their folder
+    run = dataclasses.replace(cfg.run, threads=thread_budget(cfg, len(ids)), out=str(out), data_root=data_root)
     paths = {}
-    for node, peer_list in peers_of(cfg, build_topology(cfg)).items():
-        peers = {p: addresses[p] for p in peer_list}
+    for node, peer_list in links(cfg, build_topology(cfg)).items():
         folder = out / "nodes" / node
         folder.mkdir(parents=True, exist_ok=True)
         lines = [f'node_id = "{node}"', f'bind = "{addresses[node]}"', 'out = "."', "", "[peers]"]
-        lines += [f'"{p}" = "{a}"' for p, a in peers.items()]
-        lines += ["", "[timing]"] + [f"{k} = {v}" for k, v in dataclasses.asdict(timing).items()]
-        lines += ["", "[experiment]"] + [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(experiment).items() if v is not None]
+        lines += [f'"{p}" = "{addresses[p]}"' for p in peer_list]
+        lines += _toml_table("timing", dataclasses.asdict(timing))
+        lines += _toml_table("run", run.to_dict()) + _toml_table("task", cfg.task.to_dict()) + _toml_table("method", cfg.method.to_dict())
         (folder / "node.toml").write_text("\n".join(lines) + "\n")
         paths[node] = folder / "node.toml"
     return paths
@@ -68,18 +80,23 @@ def write_node_configs(cfg: RunConfig, out: Path, timing: Timing, addresses: dic
 
 def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """Launch `p2pmoe node --config config` (`p2pmoe coordinator` for the server's config) as a
-    child process with one torch thread; `prefix` wraps the command (e.g. `ip netns exec NS`)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    role = "coordinator" if load_node_config(config).node_id == SERVER_ID else "node"
+    child process with the config's thread budget; `prefix` wraps the command (e.g. `ip netns exec NS`)."""
+    node = load_node_config(config)
+    threads = str(node.experiment.run.threads or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    role = "coordinator" if node.node_id == SERVER_ID else "node"
     command = [*prefix, sys.executable, "-m", "p2pmoe.cli", role, "--config", str(config)]
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def merge_run(cfg: RunConfig, out: Path, wall_seconds: float, exit_codes: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """Combine every node's metrics.jsonl and ledger.csv into the run folder's own files."""
-    cfg = resolve_config(cfg)
-    rows: list[dict[str, Any]] = []
+def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """Combine every node's metrics.jsonl and ledger.csv into the run folder's own files and
+    summarise them as `simulate` does. Each row's bytes are recounted from the merged ledger
+    (every message is recorded by its sender), so they mean what the simulator's rows mean."""
+    cfg = resolve(cfg)
+    task, _ = spec_of(cfg)
+    rows: list[Row] = []
     ledger = ByteLedger()
     for folder in sorted((out / "nodes").iterdir()):
         metrics = folder / "metrics.jsonl"
@@ -89,21 +106,18 @@ def merge_run(cfg: RunConfig, out: Path, wall_seconds: float, exit_codes: dict[s
         if ledger_csv.exists():
             with open(ledger_csv, newline="") as handle:
                 for r in csv.DictReader(handle):
-                    ledger.record(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]))
-    clients = client_ids(cfg.nodes)
-    last: dict[str, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: r["round"]):
-        if row["node"] in clients:
-            last[row["node"]] = row
-    metric_names = {k for row in last.values() for k in row} - {"round", "node", "train_loss", "bytes_sent"}
-    last_eval = {node: {k: v for k, v in row.items() if k in metric_names} for node, row in last.items()}
+                    ledger.record(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]), int(r["phase"]))
+    rows.sort(key=lambda r: (r["round"], r["node"]))
+    for row in rows:
+        traffic = ledger.node_traffic(row["node"], row["round"])
+        row["bytes_sent"], row["bytes_received"] = traffic["sent"], traffic["received"]
+    clients = client_ids(cfg.run.nodes)
     folder = RunFolder(out)
-    for row in sorted(rows, key=lambda r: (r["round"], r["node"])):
+    for row in rows:
         folder.log(row)
     folder.log_messages(ledger.entries)
-    summary = make_summary(cfg, last_eval, ledger, clients, wall_seconds)
-    summary["driver"] = "swarm"
-    summary["nodes_finished"] = sorted(last)
+    summary = make_summary(cfg, task.selection, rows, ledger, clients, wall_seconds, "swarm")
+    summary["nodes_finished"] = sorted({r["node"] for r in rows if r["round"] == cfg.run.rounds - 1 and r["node"] in clients})
     summary["exit_codes"] = exit_codes or {}
     folder.finish(summary)
     return summary
@@ -118,16 +132,16 @@ def _rounds_done(out: Path) -> int:
     return total
 
 
-def run_swarm(cfg: RunConfig, timing: Timing, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
+def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
     """Start every node, wait for all (stopping stragglers after `timeout`), merge results."""
-    cfg = resolve_config(cfg)
-    out = Path(cfg.out)
+    cfg = resolve(cfg)
+    out = Path(cfg.run.out)
     started = time.perf_counter()
     configs = write_node_configs(cfg, out, timing)
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
-    budget = timeout or timing.startup + cfg.rounds * timing.round_deadline + timing.linger + 60
+    budget = timeout or timing.startup + cfg.run.rounds * timing.round_deadline + timing.linger + 60
     deadline = time.monotonic() + budget
-    bar = tqdm(total=len(procs) * cfg.rounds, desc=f"{cfg.method} swarm", unit="node-round", disable=not progress)
+    bar = tqdm(total=len(procs) * cfg.run.rounds, desc=f"{cfg.run.method} swarm", unit="node-round", disable=not progress)
     try:
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -1,26 +1,38 @@
-"""The in-process driver: every node of a run in one process, messages over a queue.
+"""The simulator's port: every node of a run in one process, messages over an in-memory queue.
 
 Each message is encoded and decoded with the real codec, so the ledger counts the bytes the
 daemon would put on the wire, and a message a method could not send over ZeroMQ fails here too.
+Nodes run the same `drive_rounds` loop as daemons, as asyncio tasks on one event loop; blocking
+calls run inline (the simulation is sequential anyway). There is no clock: a node's deadline
+passes when nothing can change any more, i.e. every node still running waits for its round
+and no message is in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
-from typing import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
+from p2pmoe.driver.rounds import drive_rounds
+from p2pmoe.driver.runner import NodeRunner
+from p2pmoe.driver.summary import Row, metrics_row
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.methods.base import Method
+from p2pmoe.methods.base import Method, SendFailure
+from p2pmoe.runs import RunFolder
 from p2pmoe.wire.codec import DEFAULT_LIMITS, Limits, decode, encode, frame_sizes
 from p2pmoe.wire.messages import Send
+
+T = TypeVar("T")
 
 
 class RoundStalled(RuntimeError):
     """Nodes still waited after their deadline: a method that never finishes its round."""
 
 
-class InMemoryBus:
-    """Runs rounds over a fixed set of methods, recording every message in a ledger."""
+class SimNetwork:
+    """An in-memory network of `NodeRunner`s that is also each node's `Port`."""
 
     def __init__(
         self,
@@ -28,39 +40,123 @@ class InMemoryBus:
         ledger: ByteLedger | None = None,
         limits: Limits = DEFAULT_LIMITS,
         compression: Mapping[str, str] | None = None,
+        folder: RunFolder | None = None,
+        on_round: Callable[[Row], None] | None = None,
     ) -> None:
-        self.nodes = dict(nodes)
+        self.runners = {node: NodeRunner(node, method, strict=True) for node, method in nodes.items()}
         self.ledger = ledger if ledger is not None else ByteLedger()
         self.limits = limits
         self.compression = dict(compression or {})
+        self.folder = folder
+        self.on_round = on_round
+        self.rows: list[Row] = []
+        self._queue: deque[tuple[str, Send, int]] = deque()
+        self._draining = False
+        self._deepest: dict[int, int] = {}
+        self._late: set[str] = set()
+        self._running = 0
+        self._waiting: dict[str, asyncio.Future[bool]] = {}
+
+    # -- Port --------------------------------------------------------------------------------------
+
+    async def send(self, node: NodeRunner, sends: list[Send]) -> None:
+        phase = 0
+        if node.node_id in self._late:  # sent on the deadline: after everything the round carried
+            self._late.discard(node.node_id)
+            phase = self._deepest.get(node.round, -1) + 1
+        self._queue.extend((node.node_id, send, phase) for send in sends)
+        self._drain()
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+    async def wait(self, node: NodeRunner, timeout: float) -> bool:
+        while not node.round_complete():
+            if len(self._waiting) + 1 >= self._running:  # everyone else waits too: nothing can change
+                self._stall()
+                self._late.add(node.node_id)
+                return node.round_complete()
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._waiting[node.node_id] = future
+            if not await future:
+                self._late.add(node.node_id)
+                return node.round_complete()
+        return True
+
+    def stopping(self) -> bool:
+        return False
+
+    async def round_done(self, node: NodeRunner, round_index: int, train: dict[str, float], metrics: dict[str, float] | None) -> None:
+        traffic = self.ledger.node_traffic(node.node_id, round_index)
+        row = metrics_row(node.node_id, round_index, train, metrics, traffic["sent"], traffic["received"])
+        self.rows.append(row)
+        if self.folder is not None:
+            self.folder.log(row)
+        if self.on_round is not None:
+            self.on_round(row)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    async def _drive(self, node: NodeRunner, first: int, rounds: int, eval_every: int) -> None:
+        try:
+            await drive_rounds(node, self, first, rounds, eval_every, deadline=float("inf"))
+        finally:
+            self._running -= 1
+            if self._waiting and len(self._waiting) >= self._running:
+                self._stall()
+
+    async def run(self, rounds: int, eval_every: int = 1, first: int = 0) -> list[Row]:
+        """Run every node's rounds `first`..`rounds - 1` to the end; return the rows."""
+        self._running = len(self.runners)
+        await asyncio.gather(*(self._drive(node, first, rounds, eval_every) for node in self.runners.values()))
+        return self.rows
 
     def run_round(self, round_index: int) -> dict[str, dict[str, float]]:
-        """Train every node, exchange until every node's round is complete; return train stats."""
-        stats = {node_id: node.train_local(round_index) for node_id, node in self.nodes.items()}
-        queue: deque[tuple[str, Send, int]] = deque()
-        for node_id, node in self.nodes.items():
-            queue.extend((node_id, send, 0) for send in node.start_round(round_index))
-        depth = self._deliver(round_index, queue)
-        late = [node_id for node_id, node in self.nodes.items() if not node.round_complete()]
-        for node_id in late:
-            queue.extend((node_id, send, depth + 1) for send in self.nodes[node_id].on_deadline(round_index))
-        self._deliver(round_index, queue)
-        stalled = [node_id for node_id, node in self.nodes.items() if not node.round_complete()]
+        """One round of every node (tests of a method); returns each node's training statistics."""
+        start = len(self.rows)
+        asyncio.run(self.run(round_index + 1, eval_every=10**9, first=round_index))
+        stalled = [n for n, r in self.runners.items() if not r.round_complete()]
         if stalled:
             raise RoundStalled(f"round {round_index}: nodes {stalled} did not complete after their deadline")
-        return stats
+        return {row["node"]: row["train"] for row in self.rows[start:]}
 
-    def _deliver(self, round_index: int, queue: deque[tuple[str, Send, int]]) -> int:
-        """Deliver until the queue is empty; return the deepest causal phase delivered."""
-        deepest = -1
-        while queue:
-            src, send, phase = queue.popleft()
-            if send.dst not in self.nodes:
-                raise KeyError(f"{src} sent {send.message.kind.value} to unknown node {send.dst!r}")
-            frames = encode(src, send.message, self.limits, self.compression)
-            self.ledger.record(round_index, src, send.dst, send.message.kind.value, *frame_sizes(frames), phase=phase)
-            deepest = max(deepest, phase)
-            envelope = decode(frames, self.limits)
-            replies = self.nodes[send.dst].on_message(envelope.src, envelope.message)
-            queue.extend((send.dst, reply, phase + 1) for reply in replies)
-        return deepest
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _stall(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_result(False)
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_result(True)
+
+    def _drain(self) -> None:
+        """Deliver until the queue is empty (re-entrant calls just enqueue)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue:
+                src, send, phase = self._queue.popleft()
+                origin, replies = self._deliver(src, send, phase)
+                self._queue.extend((origin, reply, phase + 1) for reply in replies)
+        finally:
+            self._draining = False
+        self._wake()
+
+    def _deliver(self, src: str, send: Send, phase: int) -> tuple[str, list[Send]]:
+        """Move one message; return who answers and with what (the sender itself when the
+        destination does not exist: its method hears of the failure)."""
+        message = send.message
+        runner = self.runners.get(send.dst)
+        if runner is None:
+            return src, self.runners[src].failed(send.dst, SendFailure(message.kind, message.round, f"no node {send.dst!r} in this run", "unreachable"))
+        frames = encode(src, message, self.limits, self.compression)
+        self.ledger.record(message.round, src, send.dst, message.kind.value, *frame_sizes(frames), phase=phase)
+        self._deepest[message.round] = max(self._deepest.get(message.round, -1), phase)
+        envelope = decode(frames, self.limits)
+        return send.dst, runner.deliver(envelope.src, envelope.message)

@@ -31,7 +31,7 @@ import networkx as nx
 import numpy as np
 
 from p2pmoe.ledger import LedgerEntry
-from p2pmoe.sim.topology import DEFAULT_BANDWIDTH, DEFAULT_LATENCY
+from p2pmoe.topology import DEFAULT_BANDWIDTH, DEFAULT_LATENCY
 
 _Path = tuple[np.ndarray, float]  # directed-link indices along the path, summed latency
 

@@ -11,9 +11,10 @@ from p2pmoe.wire.codec import ProtocolError, check_like
 
 
 def float_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Floating-point entries of the state dict whose names start with `prefix` (detached copies)."""
+    """Floating-point entries of the state dict whose names start with `prefix`: detached copies
+    on the CPU (what the codec and the methods' arithmetic take, wherever the model trains)."""
     return {
-        name: tensor.detach().clone()
+        name: tensor.detach().to("cpu", copy=True)
         for name, tensor in model.state_dict().items()
         if name.startswith(prefix) and tensor.is_floating_point()
     }

@@ -1,0 +1,1 @@
+"""The round driver shared by the simulator and the daemon."""

@@ -1,0 +1,74 @@
+"""The round loop, written once: the simulator and the daemon both run `drive_rounds`.
+
+Per round: train (blocking, off the event loop in the daemon), start the round, deliver until
+the method's round is complete or the deadline passes, evaluate when due, then hand the row to
+the port, which checkpoints (daemon) and logs. Only the `Port` differs between drivers: the
+in-memory network of the simulator, or ZeroMQ in the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from p2pmoe.driver.runner import NodeRunner
+from p2pmoe.wire.messages import Send
+
+log = logging.getLogger("p2pmoe.driver")
+T = TypeVar("T")
+
+
+class Port(Protocol):
+    """What the round loop needs from a transport and its surroundings."""
+
+    async def send(self, node: NodeRunner, sends: list[Send]) -> None:
+        """Deliver `node`'s sends (and whatever they cause, in the simulator)."""
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call (training, evaluation) without stalling the node's I/O."""
+
+    async def wait(self, node: NodeRunner, timeout: float) -> bool:
+        """Until `node`'s round is complete (True) or its deadline passes (False)."""
+
+    def stopping(self) -> bool:
+        """The node was told to stop (SIGTERM): leave the loop before the next step."""
+
+    async def round_done(self, node: NodeRunner, round_index: int, train: dict[str, float], metrics: dict[str, float] | None) -> None:
+        """The round is complete: checkpoint (daemon) and log its row."""
+
+
+def evaluation_due(round_index: int, rounds: int, every: int) -> bool:
+    """Every `every` rounds, and always after the last one."""
+    return (round_index + 1) % every == 0 or round_index == rounds - 1
+
+
+async def drive_rounds(node: NodeRunner, port: Port, first: int, rounds: int, eval_every: int, deadline: float) -> int:
+    """Run rounds `first`..`rounds - 1`; return the last round completed (first - 1 if none).
+
+    A stop request mid-round leaves that round incomplete: it is neither logged nor
+    checkpointed, so a restarted node runs it again.
+    """
+    completed = first - 1
+    for r in range(first, rounds):
+        if port.stopping():
+            log.info("%s: stopping before round %d", node.node_id, r)
+            break
+        node.busy = True
+        train = await port.blocking(node.train, r)
+        await port.send(node, node.start(r))
+        finished = await port.wait(node, deadline)
+        if port.stopping():
+            log.info("%s: stopped during round %d; it will run again after a restart", node.node_id, r)
+            break
+        if not finished:
+            log.warning("%s: round %d deadline passed; going on with what arrived", node.node_id, r)
+            await port.send(node, node.deadline(r))
+        metrics = None
+        if evaluation_due(r, rounds, eval_every):
+            node.busy = True
+            metrics = await port.blocking(node.evaluate)
+            await port.send(node, node.resume())
+        await port.round_done(node, r, train, metrics)
+        completed = r
+    return completed

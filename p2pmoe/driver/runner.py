@@ -1,0 +1,200 @@
+"""A node's side of the round driver: every call into the method goes through here, one at a time.
+
+`NodeRunner` is plain synchronous code, like the methods it wraps: the simulator and the daemon
+both feed it events (a delivery, a failure, a lost peer, a deadline) and send what it returns.
+It is the one place that
+- holds deliveries that arrive while the method trains or evaluates, or that belong to a round
+  the node has not started, and hands them over after the call returns (bounded: a peer cannot
+  make the node hold unlimited messages);
+- turns a peer's ERROR reply into the method's `on_send_failed` event;
+- answers a message the method refuses with an ERROR reply, and keeps a method bug from
+  taking the daemon down (the simulator re-raises it: a bug there should fail the run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from p2pmoe.methods.base import Method, SendFailure
+from p2pmoe.wire.codec import ProtocolError
+from p2pmoe.wire.messages import Message, MessageKind, Send
+
+log = logging.getLogger("p2pmoe.driver")
+
+MAX_HELD_MESSAGES = 1024
+MAX_HELD_BYTES = 512 * 2**20
+MAX_ROUNDS_AHEAD = 2  # messages for rounds further ahead than this are refused, not held
+
+
+def error_reply(request: Message, reason: str) -> Message:
+    """The ERROR answer to `request`: its kind, round and request id (meta.req) when it had one."""
+    meta: dict[str, object] = {"reason": reason, "kind": request.kind.value}
+    if "req" in request.meta:
+        meta["req"] = request.meta["req"]
+    return Message(MessageKind.ERROR, request.round, meta=meta)
+
+
+def failure_of(error: Message) -> SendFailure | None:
+    """The failure a peer's ERROR reports, or None when it names no kind we could have sent."""
+    try:
+        kind = MessageKind(error.meta.get("kind"))
+    except ValueError:
+        return None
+    req = error.meta.get("req")
+    return SendFailure(kind, error.round, str(error.meta.get("reason", ""))[:500], "refused", req if type(req) is int else None)
+
+
+def _payload_bytes(message: Message) -> int:
+    return sum(t.numel() * t.element_size() for t in message.tensors.values())
+
+
+def _on_cpu(send: Send) -> Send:
+    """The codec always sees CPU tensors, wherever the model trains."""
+    tensors = send.message.tensors
+    if all(t.device.type == "cpu" for t in tensors.values()):
+        return send
+    moved = {name: t.detach().to("cpu") for name, t in tensors.items()}
+    return Send(send.dst, Message(send.message.kind, send.message.round, moved, send.message.meta))
+
+
+class RateLimitedLog:
+    """Log the first few lines of each kind, then every `every`-th: a flood of bad messages
+    must not turn into a flood of log lines."""
+
+    def __init__(self, first: int = 5, every: int = 1000) -> None:
+        self.first, self.every = first, every
+        self.counts: Counter[str] = Counter()
+
+    def warning(self, key: str, text: str, *args: object) -> None:
+        self.counts[key] += 1
+        n = self.counts[key]
+        if n <= self.first or n % self.every == 0:
+            log.warning(text + (f" ({n} so far)" if n > self.first else ""), *args)
+
+
+@dataclass(frozen=True)
+class _Held:
+    src: str
+    message: Message
+    size: int
+
+
+class NodeRunner:
+    """Serialises every call into one node's method and keeps its round bookkeeping.
+
+    The driver marks the runner `busy` around blocking calls (training, evaluation) that may
+    run in a worker thread; deliveries that arrive meanwhile are held and handed over by
+    `start` (or `resume`) once the call has returned.
+    """
+
+    def __init__(self, node_id: str, method: Method, strict: bool = False) -> None:
+        self.node_id = node_id
+        self.method = method
+        self.strict = strict
+        self.round = -1
+        self.busy = False
+        self._held: list[_Held] = []
+        self._held_bytes = 0
+        self.rejected = RateLimitedLog()
+
+    # -- events in, sends out -------------------------------------------------------------------
+
+    def deliver(self, src: str, message: Message) -> list[Send]:
+        """A validated message from `src`: handed to the method now, or held for later."""
+        if message.kind == MessageKind.ERROR:
+            failure = failure_of(message)
+            return self.failed(src, failure) if failure is not None else []
+        if self.busy or message.round > self.round:
+            return self._hold(src, message)
+        return self._call(lambda: self.method.on_message(src, message), src, message)
+
+    def failed(self, dst: str, failure: SendFailure) -> list[Send]:
+        """Something this node sent to `dst` came to nothing."""
+        self.rejected.warning(f"failed:{failure.kind.value}", "%s: %s to %s failed (%s): %s", self.node_id, failure.kind.value, dst, failure.cause, failure.reason)
+        return self._call(lambda: self.method.on_send_failed(dst, failure))
+
+    def peer_lost(self, peer: str) -> list[Send]:
+        return self._call(lambda: self.method.on_peer_lost(peer))
+
+    def peer_joined(self, peer: str) -> list[Send]:
+        return self._call(lambda: self.method.on_peer_joined(peer))
+
+    def deadline(self, round_index: int) -> list[Send]:
+        return self._call(lambda: self.method.on_deadline(round_index))
+
+    def start(self, round_index: int) -> list[Send]:
+        """After training round r: first the held messages of earlier rounds (the method is still
+        at its previous round), then `start_round(r)`, then the held messages of round r."""
+        self.busy = False
+        sends = self._release(self.round)
+        self.round = round_index
+        sends += self._call(lambda: self.method.start_round(round_index))
+        return sends + self._release(round_index)
+
+    def resume(self) -> list[Send]:
+        """After evaluation: hand over what arrived for the current round meanwhile."""
+        self.busy = False
+        return self._release(self.round)
+
+    def round_complete(self) -> bool:
+        return self.method.round_complete()
+
+    # -- blocking calls (the driver marks the runner busy around them) ---------------------------
+
+    def train(self, round_index: int) -> dict[str, float]:
+        return self.method.train_local(round_index)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.method.evaluate()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.method.state_dict()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _call(self, event: Callable[[], list[Send]], src: str | None = None, message: Message | None = None) -> list[Send]:
+        """Run one method call; a refusal of `message` becomes an ERROR reply to `src`."""
+        try:
+            sends = event()
+        except ProtocolError as exc:
+            if message is None or src is None:
+                raise
+            self.rejected.warning(f"rejected:{message.kind.value}", "%s: rejected %s from %s: %s", self.node_id, message.kind.value, src, exc)
+            return [Send(src, error_reply(message, str(exc)))]
+        except Exception:
+            if self.strict:
+                raise
+            log.exception("%s: method error handling %s", self.node_id, message.kind.value if message else "an event")
+            return [Send(src, error_reply(message, "internal error"))] if message is not None and src is not None else []
+        return [_on_cpu(send) for send in sends]
+
+    def _hold(self, src: str, message: Message) -> list[Send]:
+        size = _payload_bytes(message)
+        reason = None
+        if message.round > self.round + MAX_ROUNDS_AHEAD:
+            reason = f"round {message.round} is more than {MAX_ROUNDS_AHEAD} rounds ahead of this node's {self.round}"
+        elif len(self._held) >= MAX_HELD_MESSAGES or self._held_bytes + size > MAX_HELD_BYTES:
+            reason = f"this node already holds {len(self._held)} messages ({self._held_bytes} B) for later"
+        if reason is not None:
+            self.rejected.warning(f"dropped:{message.kind.value}", "%s: dropped %s from %s: %s", self.node_id, message.kind.value, src, reason)
+            return [Send(src, error_reply(message, reason))]
+        self._held.append(_Held(src, message, size))
+        self._held_bytes += size
+        return []
+
+    def _release(self, up_to_round: int) -> list[Send]:
+        """Deliver, in arrival order, the held messages of rounds <= `up_to_round`."""
+        ready = [h for h in self._held if h.message.round <= up_to_round]
+        if not ready:
+            return []
+        self._held = [h for h in self._held if h.message.round > up_to_round]
+        self._held_bytes = sum(h.size for h in self._held)
+        sends: list[Send] = []
+        for h in ready:
+            sends += self.deliver(h.src, h.message)
+        return sends

@@ -1,0 +1,92 @@
+"""One summariser for every driver: metrics rows and a ledger in, summary.json out.
+
+`simulate` and `swarm` (and a LAN run's gathered folders) pass their rows here, so they apply
+the same model-selection rule per task family and report the same fields. Rows keep training
+statistics (`train`) apart from evaluation metrics (`metrics`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from p2pmoe.ledger import ByteLedger
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.tasks.base import Selection
+
+Row = dict[str, Any]
+
+
+def metrics_row(node: str, round_index: int, train: dict[str, float], metrics: dict[str, float] | None, sent: int, received: int) -> Row:
+    """One metrics.jsonl line: a node's round, its training statistics, its evaluation (when
+    the round was evaluated) and the bytes it sent and received that round."""
+    row: Row = {"round": round_index, "node": node, "train": train, "bytes_sent": sent, "bytes_received": received}
+    if metrics is not None:
+        row["metrics"] = metrics
+    return row
+
+
+def summarise_metrics(per_node: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Mean over nodes of each metric, and its spread (std, min, max) over nodes."""
+    names = sorted({name for metrics in per_node.values() for name in metrics})
+    means, spread = {}, {}
+    for name in names:
+        values = [m[name] for m in per_node.values() if name in m]
+        means[name] = statistics.fmean(values)
+        spread[name] = {"std": statistics.pstdev(values), "min": min(values), "max": max(values)}
+    return means, spread
+
+
+def select_round(rows: list[Row], clients: list[str], selection: Selection) -> tuple[int | None, dict[str, dict[str, float]]]:
+    """The evaluated round that is the run's result and every client's metrics in it.
+
+    With a selection key: the round with the best mean of the key over the clients that
+    evaluated it (ties: the earliest). Without: the last evaluated round. Project decision: a
+    round counts only for the clients that logged it, so a node that died does not erase the
+    others' results.
+    """
+    by_round: dict[int, dict[str, dict[str, float]]] = {}
+    members = set(clients)
+    for row in rows:
+        if row["node"] in members and "metrics" in row:
+            by_round.setdefault(row["round"], {})[row["node"]] = row["metrics"]
+    if not by_round:
+        return None, {}
+    if selection.key is None:
+        best = max(by_round)
+    else:
+        key = selection.key
+        scored = {r: statistics.fmean(m[key] for m in nodes.values()) for r, nodes in by_round.items() if all(key in m for m in nodes.values())}
+        if not scored:
+            best = max(by_round)
+        else:
+            sign = 1 if selection.higher else -1
+            best = max(sorted(scored), key=lambda r: sign * scored[r])
+    return best, dict(sorted(by_round[best].items()))
+
+
+def make_summary(
+    cfg: ExperimentConfig, selection: Selection, rows: list[Row], ledger: ByteLedger, clients: list[str], wall_seconds: float, driver: str
+) -> dict[str, Any]:
+    """summary.json: the selected round's metrics over clients, training statistics of that
+    round, byte totals and the whole setting."""
+    chosen, per_node = select_round(rows, clients, selection)
+    means, spread = summarise_metrics(per_node)
+    train_rows = {row["node"]: row["train"] for row in rows if row["round"] == chosen and row["node"] in clients}
+    train_means, _ = summarise_metrics(train_rows)
+    return {
+        "method": cfg.run.method,
+        "data": cfg.run.data,
+        "nodes": cfg.run.nodes,
+        "rounds": cfg.run.rounds,
+        "seed": cfg.run.seed,
+        "driver": driver,
+        "selection": {"key": selection.key, "round": chosen},
+        "metrics": means,
+        "metrics_spread": spread,
+        "per_node": per_node,
+        "train": train_means,
+        "bytes": {**ledger.totals(), "per_node_per_round": ledger.per_node_per_round(clients, cfg.run.rounds)},
+        "wall_seconds": round(wall_seconds, 2),
+        "setting": cfg.to_dict(),
+    }

@@ -1,0 +1,155 @@
+"""The method registry: a method is one module that declares itself with `register_method`.
+
+A `MethodSpec` says what the framework needs to know and nothing else: the method's name, the
+task families it runs on, its own options (a frozen `Options` dataclass: TOML `[method]`,
+CLI flags, `--help` and the docs' tables come from it), which peers a client talks to, and how
+to build a client (and, for server-mediated methods, the coordinator). Adding a method is one
+module under `p2pmoe/methods/` plus its line in `BUILTIN_METHODS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import networkx as nx
+from torch import nn
+
+from p2pmoe.learners.base import Learner
+from p2pmoe.methods.base import Method
+from p2pmoe.naming import SERVER_ID
+from p2pmoe.options import Options
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.topology import neighbours_within
+from p2pmoe.tasks.base import ModelFactory, Task
+
+BUILTIN_METHODS = (
+    "p2pmoe.methods.local",
+    "p2pmoe.methods.fedavg",
+    "p2pmoe.methods.gossip",
+    "p2pmoe.methods.fedmoe_da",
+    "p2pmoe.methods.fedsasrec",
+    "p2pmoe.methods.fmoe_cdsr",
+)
+"""Modules that register the built-in methods, in the order `--help` lists them."""
+
+
+@dataclass(frozen=True)
+class NoOptions(Options):
+    """A method without options of its own."""
+
+    section: ClassVar[str] = "method"
+
+
+@dataclass
+class BuildContext:
+    """What a method's builders get: the config, the task family, the clients and the graph.
+
+    Learners are built lazily and together (the data is read once), and only for the clients
+    this process runs; `template` gives a coordinator its weight shapes without any data.
+    """
+
+    cfg: ExperimentConfig
+    task: Task
+    clients: list[str]
+    graph: nx.Graph
+    wanted: set[str]
+    _learners: dict[str, Learner] = field(default_factory=dict)
+
+    def index(self, node: str) -> int:
+        return self.clients.index(node)
+
+    def learner(self, node: str, model: ModelFactory | None = None) -> Learner:
+        """Client `node`'s learner (every wanted client's learner is built on the first call)."""
+        if not self._learners:
+            wanted = [k for k, n in enumerate(self.clients) if n in self.wanted]
+            built = self.task.learners(self.cfg, wanted, model)
+            self._learners = {self.clients[k]: learner for k, learner in built.items()}
+        return self._learners[node]
+
+    def template(self, model: ModelFactory | None = None) -> nn.Module:
+        return self.task.template(self.cfg, model)
+
+
+PeerRule = Callable[[ExperimentConfig, nx.Graph, list[str]], dict[str, set[str]]]
+
+
+def no_peers(cfg: ExperimentConfig, graph: nx.Graph, clients: list[str]) -> dict[str, set[str]]:
+    """Clients talk to nobody but the server (if there is one)."""
+    return {n: set() for n in clients}
+
+
+def topology_peers(cfg: ExperimentConfig, graph: nx.Graph, clients: list[str]) -> dict[str, set[str]]:
+    """Direct neighbours and everyone within `hops` of the topology."""
+    return {n: set(neighbours_within(graph, n, cfg.run.hops)) | set(graph.neighbors(n)) for n in clients}
+
+
+def all_peers(cfg: ExperimentConfig, graph: nx.Graph, clients: list[str]) -> dict[str, set[str]]:
+    """Every client talks to every other (experts fetched from anyone)."""
+    return {n: set(clients) - {n} for n in clients}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the framework knows about a method."""
+
+    name: str
+    summary: str
+    tasks: tuple[str, ...]
+    build_client: Callable[[BuildContext, str], Method]
+    options: type[Options] = NoOptions
+    flag_prefix: str = ""
+    build_server: Callable[[BuildContext], Method] | None = None
+    uses_server: Callable[[ExperimentConfig], bool] | None = None
+    peers: PeerRule = no_peers
+
+    def has_server(self, cfg: ExperimentConfig) -> bool:
+        """Whether a run has a coordinator: when the method builds one and, if it says so, only
+        for some of its options (FedMoE-DA's `server` embedding mode)."""
+        if self.build_server is None:
+            return False
+        return self.uses_server(cfg) if self.uses_server is not None else True
+
+    def links(self, cfg: ExperimentConfig, graph: nx.Graph, clients: list[str]) -> dict[str, list[str]]:
+        """Who talks to whom: the method's client links plus client <-> server when there is one."""
+        peers = self.peers(cfg, graph, clients)
+        if self.has_server(cfg):
+            for n in clients:
+                peers[n].add(SERVER_ID)
+            peers[SERVER_ID] = set(clients)
+        return {n: sorted(p) for n, p in peers.items()}
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Declare a method; its options' flags must not collide with common or task flags."""
+    if spec.name in _METHODS and _METHODS[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def _load_builtins() -> None:
+    for module in BUILTIN_METHODS:
+        importlib.import_module(module)
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    _load_builtins()
+    return dict(_METHODS)
+
+
+def get_method(name: str, task: str | None = None) -> MethodSpec:
+    """The method called `name`; with `task`, it must run on that family."""
+    methods = all_methods()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(methods)}")
+    spec = methods[name]
+    if task is not None and task not in spec.tasks:
+        fitting = sorted(m for m, s in methods.items() if task in s.tasks)
+        raise ValueError(f"method {name!r} does not run on {task} data; methods for {task}: {fitting}")
+    return spec

@@ -1,0 +1,97 @@
+"""What a run is: the common options (`[run]`) and the whole experiment (run + task + method).
+
+Torch-free and registry-free, so every layer can hold a config without importing the layers
+above it. Where the values come from (defaults, TOML, flags) is `p2pmoe.config`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from p2pmoe.options import Options, option
+
+# Keys that may differ between the nodes of one experiment: where a node keeps its files and
+# data, and how it uses its own hardware. Everything else must agree (see `canonical_config`).
+NODE_LOCAL_KEYS = frozenset({"out", "data_root", "threads", "device"})
+
+
+@dataclass(frozen=True)
+class RunOptions(Options):
+    """Options every method and task shares."""
+
+    section: ClassVar[str] = "run"
+
+    method: str = option("fedavg", "the federated method (see docs/methods.md)")
+    data: str = option("fmnist", "data set; it decides the task family")
+    data_root: str | None = option(None, "folder of the data set (required for fkcb, cifar10, mnist)")
+    nodes: int = option(10, "number of clients (sequence tasks: one per domain, set from the data)", minimum=1)
+    partition: str = option("dirichlet:0.5", "how image labels are split: iid, dirichlet:ALPHA or shards:N")
+    rounds: int = option(20, "communication rounds", minimum=1)
+    local_epochs: int = option(1, "local epochs per round", minimum=1)
+    batch_size: int = option(64, "training batch size", minimum=1)
+    lr: float | None = option(None, "learning rate; none takes the task's default (images 0.05 SGD, sequences 1e-3 Adam)", above=0)
+    seed: int = option(0, "one seed for partition, initial weights and shuffling")
+    eval_every: int = option(1, "evaluate every N rounds (and always after the last)", minimum=1)
+    compression: str = option("none", "wire compression: none, fp16, int8, or per kind: model_update=int8,model_global=fp16")
+    topology: str = option("full", "clients' graph: full, ring, star, random-regular:D, small-world:K:P, erdos-renyi:P, or a file")
+    hops: int = option(1, "a node sees peers within this many hops of the topology", minimum=1)
+    link_bandwidth: float = option(100e6, "bits/s of generated links, for simulated time", above=0)
+    link_latency: float = option(0.0005, "seconds of generated links, for simulated time", minimum=0)
+    max_train_per_node: int | None = option(None, "cap each client's training examples (quick looks)", minimum=1)
+    threads: int = option(0, "torch threads per process; 0: all cores for simulate, cores // processes for swarm", minimum=0)
+    device: str = option("auto", "where models train: auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    out: str = option("runs/latest", "run folder")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from p2pmoe.wire.compression import parse_compression  # imports torch: only when a run is configured
+
+        parse_compression(self.compression)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One run: common options, the task family's options and the method's options."""
+
+    run: RunOptions
+    task: Options
+    method: Options
+
+    def replace_run(self, **changes: Any) -> ExperimentConfig:
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, **changes))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The whole setting as written to summary.json and node files."""
+        return {"run": self.run.to_dict(), "task": self.task.to_dict(), "method": self.method.to_dict()}
+
+
+def canonical_config(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """The part of a config every node of one experiment must share (node-local keys dropped)."""
+    setting = cfg.to_dict()
+    setting["run"] = {k: v for k, v in setting["run"].items() if k not in NODE_LOCAL_KEYS}
+    return setting
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the canonical config as sorted JSON: equal exactly when the experiments are."""
+    text = json.dumps(canonical_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_differences(mine: dict[str, dict[str, Any]], theirs: Any) -> list[str]:
+    """Keys (`run.seed`, `method.p`, ...) whose values differ between two canonical configs;
+    `theirs` comes from a peer, so anything that is not a table of tables differs entirely."""
+    if not isinstance(theirs, dict):
+        return ["<whole config>"]
+    keys = []
+    for section in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(section, {}), theirs.get(section, {})
+        if not isinstance(b, dict):
+            keys.append(section)
+            continue
+        keys += [f"{section}.{k}" for k in sorted(set(a) | set(b), key=str) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return keys

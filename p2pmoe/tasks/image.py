@@ -1,0 +1,106 @@
+"""Image classification: Fashion-MNIST, MNIST, CIFAR-10, MNIST-5k split over clients by label.
+
+Every client holds a per-node mixture-of-experts classifier (CNN embedder phi, gate, expert
+heads) trained with SGD; it is scored on its own test split (personalised accuracy, drawn with
+the same class shares as its training split) and on the whole test set (global accuracy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from p2pmoe.data.images import IMAGE_DATASETS, ImageDataset, load_image_dataset
+from p2pmoe.data.partition import ClientSplit, partition_clients
+from p2pmoe.learners.base import Learner
+from p2pmoe.learners.vision import ImageClassifierLearner
+from p2pmoe.models import CNNEmbedder, MoEClassifier
+from p2pmoe.models.gates import GATE_KINDS
+from p2pmoe.options import Options, option
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.tasks.base import ModelFactory, Task, register_task, resolve_device
+
+# (channels, side, classes) of every data set, so a coordinator builds its template unread.
+IMAGE_SHAPES = {"fmnist": (1, 28, 10), "mnist": (1, 28, 10), "mnist5k": (1, 28, 10), "cifar10": (3, 32, 10)}
+
+
+@dataclass(frozen=True)
+class ImageOptions(Options):
+    """The per-node MoE classifier and its optimiser."""
+
+    section: ClassVar[str] = "task"
+
+    experts: int = option(4, "experts per node", minimum=1)
+    embed_dim: int = option(64, "width of the CNN embedding phi (the gate's input)", minimum=1)
+    expert_hidden: int = option(64, "hidden width of each expert head", minimum=1)
+    gate: str = option("dense", "gate kind", choices=GATE_KINDS)
+    top_k: int | None = option(None, "experts per example for the topk gate", minimum=1)
+    momentum: float = option(0.9, "SGD momentum", minimum=0, maximum=1)
+
+
+def image_model(cfg: ExperimentConfig, channels: int, side: int, classes: int) -> nn.Module:
+    """The family's model: CNN embedder phi, gate Pi and E expert heads (a `ModelFactory`)."""
+    opts = cfg.task
+    assert isinstance(opts, ImageOptions)
+    embedder = CNNEmbedder(in_channels=channels, out_dim=opts.embed_dim, image_size=side)
+    return MoEClassifier(embedder, opts.embed_dim, opts.experts, opts.expert_hidden, classes, gate=opts.gate, top_k=opts.top_k)
+
+
+@lru_cache(maxsize=2)
+def _dataset(name: str, root: str | None) -> ImageDataset:
+    return load_image_dataset(name, root)
+
+
+@lru_cache(maxsize=4)
+def _splits(name: str, root: str | None, nodes: int, partition: str, seed: int) -> tuple[ClientSplit, ...]:
+    data = _dataset(name, root)
+    return tuple(partition_clients(data.train_y.numpy(), data.test_y.numpy(), nodes, partition, seed))
+
+
+class ImageTask(Task):
+    name = "image"
+    summary = "image classification with a per-node MoE classifier; accuracy on own and global test sets"
+    data = IMAGE_DATASETS
+    options = ImageOptions
+    metrics = ("accuracy", "global_accuracy")
+    default_lr = 0.05
+
+    def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
+        run, opts = cfg.run, cfg.task
+        assert isinstance(opts, ImageOptions) and run.lr is not None
+        data = _dataset(run.data, run.data_root)
+        splits = _splits(run.data, run.data_root, run.nodes, run.partition, run.seed)
+        device = resolve_device(run.device)
+        factory = model or image_model
+        out: dict[int, Learner] = {}
+        for k in indices:
+            split = splits[k]
+            torch.manual_seed(run.seed)  # the same initial weights on every client
+            net = factory(cfg, data.train_x.shape[1], data.train_x.shape[2], data.num_classes)
+            train_idx, test_idx = torch.from_numpy(split.train), torch.from_numpy(split.test)
+            if run.max_train_per_node is not None and len(train_idx) > run.max_train_per_node:
+                keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(run.seed + k))
+                train_idx = train_idx[keep[: run.max_train_per_node]].sort().values
+            out[k] = ImageClassifierLearner(
+                net,
+                (data.train_x[train_idx], data.train_y[train_idx]),
+                (data.test_x[test_idx], data.test_y[test_idx]),
+                global_test=(data.test_x, data.test_y),
+                batch_size=run.batch_size,
+                lr=run.lr,
+                momentum=opts.momentum,
+                seed=run.seed * 1000 + k,
+                device=device,
+            )
+        return out
+
+    def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
+        torch.manual_seed(cfg.run.seed)
+        return (model or image_model)(cfg, *IMAGE_SHAPES[cfg.run.data])
+
+
+register_task(ImageTask())

@@ -1,0 +1,118 @@
+"""Cross-domain sequential recommendation: one client per domain, next-item prediction.
+
+Data: FedDCSR-format folders (FKCB: `--data fkcb --data-root DIR`, or the P2PMOE_FKCB
+environment variable) or MovieLens genre domains in the non-overlapped view (`--data ml-1m`,
+`--data ml-100k`). The default model is SASRec with tied scores; a method brings its own with
+a factory `model(cfg, domain, k, num_domains)` where `domain` is None for a coordinator's
+template (no method shares item-dependent tensors, so their size does not matter there).
+Evaluation is FedDCSR's: sampled negatives drawn once, MRR/NDCG/HR on valid and test;
+the run's result is the round with the best mean validation MRR.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from p2pmoe.data.errors import DataNotFoundError
+from p2pmoe.data.feddcsr import load_feddcsr
+from p2pmoe.data.movielens import GENRE_DOMAINS, load_movielens, non_overlapped_domains
+from p2pmoe.data.sequences import DomainSequences
+from p2pmoe.learners.base import Learner
+from p2pmoe.learners.sequential import METRICS, NextItemLearner, SASRecNextItem
+from p2pmoe.options import Options, option
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.tasks.base import ModelFactory, Selection, Task, register_task, resolve_device
+
+FKCB_ENV = "P2PMOE_FKCB"
+
+
+@dataclass(frozen=True)
+class SequenceOptions(Options):
+    """The SASRec-style encoder every sequential model shares, and the evaluation protocol."""
+
+    section: ClassVar[str] = "task"
+
+    embed_dim: int = option(64, "hidden size of item embeddings and encoders", minimum=1)
+    max_len: int = option(16, "newest items of a sequence the model reads", minimum=1)
+    heads: int = option(4, "attention heads per block", minimum=1)
+    blocks: int = option(2, "self-attention blocks", minimum=1)
+    dropout: float = option(0.3, "dropout rate", minimum=0, maximum=1)
+    negatives: int = option(999, "sampled negatives per evaluated sequence (drawn once, fixed seed)", minimum=1)
+
+
+def sasrec_model(cfg: ExperimentConfig, domain: DomainSequences | None, k: int, num_domains: int) -> nn.Module:
+    """The family's default model: SASRec over the domain's items, scores tied to item embeddings."""
+    opts = cfg.task
+    assert isinstance(opts, SequenceOptions)
+    items = domain.num_items if domain is not None else 1
+    return SASRecNextItem(items, opts.max_len, opts.embed_dim, heads=opts.heads, blocks=opts.blocks, dropout=opts.dropout)
+
+
+def _fkcb_root(root: str | None) -> Path:
+    root = root or os.environ.get(FKCB_ENV)
+    if not root:
+        raise DataNotFoundError("fkcb", "(no path given)", f"pass --data-root DIR (a FedDCSR-format folder) or set {FKCB_ENV}")
+    return Path(root)
+
+
+@lru_cache(maxsize=4)
+def sequence_domains(data: str, root: str | None) -> tuple[DomainSequences, ...]:
+    """The run's domains, in client order (node-00 is the first domain)."""
+    if data == "fkcb":
+        return tuple(load_feddcsr(_fkcb_root(root)))
+    return tuple(non_overlapped_domains(load_movielens(root or data)))
+
+
+def domain_count(data: str, root: str | None) -> int:
+    """How many clients a run has, without reading any sequence (a coordinator's question)."""
+    if data == "fkcb":
+        folder = _fkcb_root(root)
+        if not folder.is_dir():
+            raise DataNotFoundError("fkcb", folder, "pass --data-root DIR (a FedDCSR-format folder)")
+        return sum(1 for p in folder.iterdir() if (p / "train_data.txt").is_file())
+    return len(GENRE_DOMAINS)
+
+
+class SequentialTask(Task):
+    name = "sequential"
+    summary = "cross-domain sequential recommendation, one client per domain; FedDCSR's sampled ranking"
+    data = ("fkcb", "ml-1m", "ml-100k")
+    options = SequenceOptions
+    metrics = tuple(METRICS) + tuple(f"valid_{m}" for m in METRICS)
+    selection = Selection("valid_mrr", higher=True)
+    default_lr = 1e-3
+
+    def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """One client per domain: `nodes` follows the data."""
+        cfg = super().resolve(cfg)
+        domains = domain_count(cfg.run.data, cfg.run.data_root)
+        return cfg if cfg.run.nodes == domains else cfg.replace_run(nodes=domains)
+
+    def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
+        run, opts = cfg.run, cfg.task
+        assert isinstance(opts, SequenceOptions) and run.lr is not None
+        domains = sequence_domains(run.data, run.data_root)
+        device = resolve_device(run.device)
+        factory = model or sasrec_model
+        out: dict[int, Learner] = {}
+        for k in indices:
+            torch.manual_seed(run.seed)  # identical initial encoder weights on every client
+            out[k] = NextItemLearner(
+                factory(cfg, domains[k], k, len(domains)), domains[k], opts.max_len, batch_size=run.batch_size, lr=run.lr,
+                num_negatives=opts.negatives, negative_seed=run.seed, seed=run.seed * 1000 + k, device=device,
+            )
+        return out
+
+    def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
+        torch.manual_seed(cfg.run.seed)
+        return (model or sasrec_model)(cfg, None, 0, cfg.run.nodes)
+
+
+register_task(SequentialTask())
