@@ -11,28 +11,43 @@ plots personalised accuracy against cumulative bytes per node (bench/results/fed
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
+from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.report import bench_row, format_table, rerun_command
+from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.runner import run_simulation
+from p2pmoe.tasks.image import ImageOptions
 
 RESULTS = Path(__file__).parent / "results"
-# (label, config changes); the label is what tables and plots call the run
-VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("local", {"method": "local"}),
-    ("fedavg", {"method": "fedavg"}),
-    ("gossip", {"method": "gossip"}),
-    ("fedmoe-da (p2p, gossip φ)", {"method": "fedmoe-da", "embedding": "gossip"}),
-    ("fedmoe-da (p2p, frozen φ)", {"method": "fedmoe-da", "embedding": "frozen"}),
-    ("fedmoe-da (server-assisted)", {"method": "fedmoe-da-server"}),
+# (label, method, [method] changes); the label is what tables and plots call the run
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("local", "local", {}),
+    ("fedavg", "fedavg", {}),
+    ("gossip", "gossip", {}),
+    ("fedmoe-da (p2p, gossip φ)", "fedmoe-da", {"embedding": "gossip"}),
+    ("fedmoe-da (p2p, frozen φ)", "fedmoe-da", {"embedding": "frozen"}),
+    ("fedmoe-da (server-assisted)", "fedmoe-da-server", {}),
 ]
 P2P = {"gossip", "fedmoe-da"}
+
+
+def defaults() -> Values:
+    """The parser is built for FedMoE-DA, so its --fedmoe-* flags (P, τ, I) are accepted."""
+    values = empty_values()
+    values["run"]["method"] = "fedmoe-da"
+    return values
+
+
+def variant(base: ExperimentConfig, method: str, options: dict[str, Any], **run: Any) -> ExperimentConfig:
+    """`base` with another method: it keeps whichever of base's method options the method
+    also declares (FedMoE-DA's P, τ, I for the server-assisted variant), then takes `options`."""
+    return with_options(base, method_options=options, method=method, **run)
 
 
 def curve(run_folder: Path) -> list[tuple[float, float]]:
@@ -45,7 +60,7 @@ def curve(run_folder: Path) -> list[tuple[float, float]]:
     for r in sorted(by_round):
         rows = by_round[r]
         sent += sum(row["bytes_sent"] + row["bytes_received"] for row in rows) / len(rows) / 1e6
-        accuracies = [row["accuracy"] for row in rows if "accuracy" in row]
+        accuracies = [row["metrics"]["accuracy"] for row in rows if "accuracy" in row.get("metrics", {})]
         if accuracies:
             points.append((sent, sum(accuracies) / len(accuracies)))
     return points
@@ -90,23 +105,26 @@ def plot(curves: dict[str, list[tuple[float, float]]], title: str, path: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    add_experiment_arguments(parser, sys.argv[1:], defaults())
     parser.add_argument("--alphas", default="0.3,0.5")
     parser.add_argument("--only", default="", help="comma-separated texts: run only the variants whose label contains one")
-    parser.add_argument("--name", default="fedmoe_da", help="results file stem under bench/results/")
+    parser.add_argument("--name", default="fedmoe_da", help="results file stem under the results folder")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json, .md and the plots")
     args = parser.parse_args()
-    base: RunConfig = config_from_args(args)
+    base = config_from_args(args, defaults())
+    if not isinstance(base.task, ImageOptions):
+        parser.error(f"--data {base.run.data}: this benchmark runs image data sets")
     wanted = [text for text in args.only.split(",") if text]
     rows, text = [], []
     alphas = args.alphas.split(",")
     for alpha in alphas:
         tables, curves, fedavg_bytes = [], {}, None
         for topology in ("full", "ring") if alpha == alphas[-1] else ("full",):
-            for label, changes in VARIANTS:
-                if (topology == "ring" and changes["method"] not in P2P) or (wanted and not any(text in label for text in wanted)):
+            for label, method, options in VARIANTS:
+                if (topology == "ring" and method not in P2P) or (wanted and not any(text in label for text in wanted)):
                     continue
                 out = Path("runs/bench_fedmoe_da") / f"alpha{alpha}" / topology / label.replace(" ", "_")
-                cfg = dataclasses.replace(base, partition=f"dirichlet:{alpha}", topology=topology, out=str(out), **changes)
+                cfg = variant(base, method, options, partition=f"dirichlet:{alpha}", topology=topology, out=str(out))
                 summary = run_simulation(cfg)
                 if label == "fedavg":
                     fedavg_bytes = summary["bytes"]["per_node_per_round"]["total"]
@@ -114,17 +132,19 @@ def main() -> None:
                 tables.append(table_row(label, topology, summary, fedavg_bytes))
                 if topology == "full":
                     curves[label] = curve(out)
-        plot(curves, f"Fashion-MNIST, {base.nodes} nodes, Dirichlet {alpha}, {base.rounds} rounds", RESULTS / f"{args.name}_alpha{alpha}.png")
+        plot(curves, f"Fashion-MNIST, {base.run.nodes} nodes, Dirichlet {alpha}, {base.run.rounds} rounds", args.results / f"{args.name}_alpha{alpha}.png")
         text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n")
         print(text[-1])
-    setting = (f"Fashion-MNIST, {base.nodes} nodes, {base.rounds} rounds, {base.local_epochs} local epoch(s), batch {base.batch_size}, "
-               f"SGD lr {base.lr} momentum {base.momentum}, max {base.max_train_per_node} train examples per node, "
-               f"MoE: CNN φ (embed {base.embed_dim}), {base.experts} experts (hidden {base.expert_hidden}), dense gate; "
-               f"FedMoE-DA P={base.fedmoe_p}, τ={base.fedmoe_tau}, I={base.fedmoe_interval}, hops {base.hops}; "
-               f"links {base.link_bandwidth / 1e6:g} Mbit/s, {base.link_latency * 1e3:g} ms; seed {base.seed}")
-    command = rerun_command("bench/bench_fedmoe_da.py", args)
-    atomic_write_json(RESULTS / f"{args.name}.json", rows)
-    atomic_write_bytes(RESULTS / f"{args.name}.md", (f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)).encode())
+    run, task, fedmoe = resolve(base).run, base.task, variant(base, "fedmoe-da", {}).method.to_dict()
+    assert isinstance(task, ImageOptions)  # checked above
+    setting = (f"Fashion-MNIST, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
+               f"SGD lr {run.lr} momentum {task.momentum}, max {run.max_train_per_node} train examples per node, "
+               f"MoE: CNN φ (embed {task.embed_dim}), {task.experts} experts (hidden {task.expert_hidden}), {task.gate} gate; "
+               f"FedMoE-DA P={fedmoe['p']}, τ={fedmoe['tau']}, I={fedmoe['interval']}, hops {run.hops}; "
+               f"links {run.link_bandwidth / 1e6:g} Mbit/s, {run.link_latency * 1e3:g} ms; seed {run.seed}")
+    command = rerun_command("bench/bench_fedmoe_da.py", args, skip=("results",), parser=parser)
+    atomic_write_json(args.results / f"{args.name}.json", rows)
+    atomic_write_bytes(args.results / f"{args.name}.md", (f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)).encode())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.methods.registry import MethodSpec, all_methods, get_method
-from p2pmoe.options import add_arguments, from_mapping, values_from_args
+from p2pmoe.options import add_arguments, describe, from_mapping, values_from_args
 from p2pmoe.settings import ExperimentConfig, RunOptions
 from p2pmoe.tasks.base import Task, all_tasks, task_for_data
 
@@ -88,14 +88,23 @@ def default_config(**run: Any) -> ExperimentConfig:
     return build_config(merge(empty_values(), {"run": run}))
 
 
-def with_options(cfg: ExperimentConfig, task: Mapping[str, Any] | None = None, method: Mapping[str, Any] | None = None, **run: Any) -> ExperimentConfig:
-    """`cfg` with some keys changed; a change of method or data rebuilds the tables that follow."""
+def with_options(
+    cfg: ExperimentConfig, task_options: Mapping[str, Any] | None = None, method_options: Mapping[str, Any] | None = None, **run: Any
+) -> ExperimentConfig:
+    """`cfg` with some `[run]` keys and some task and method options changed; after a change
+    of method (or of task family) the new table keeps the values of the keys it also declares
+    (FedMoE-DA's P and tau carry over to its server-assisted variant) and defaults the rest."""
     values = merge({"run": cfg.run.to_dict(), "task": cfg.task.to_dict(), "method": cfg.method.to_dict()}, {"run": run})
-    if "method" in run and run["method"] != cfg.run.method:
-        values["method"] = {}
-    if "data" in run and task_for_data(run["data"]) is not task_for_data(cfg.run.data):
-        values["task"] = {}
-    return build_config(merge(values, {"task": dict(task or {}), "method": dict(method or {})}))
+    task = task_for_data(values["run"]["data"])
+    spec = get_method(values["run"]["method"], task.name)
+    values["task"] = _declared(values["task"], task.options)
+    values["method"] = _declared(values["method"], spec.options)
+    return build_config(merge(values, {"task": dict(task_options or {}), "method": dict(method_options or {})}))
+
+
+def _declared(values: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    names = {info.name for info in describe(cls)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 # -- the command line ---------------------------------------------------------------------------

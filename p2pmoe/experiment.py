@@ -55,6 +55,11 @@ def links(cfg: ExperimentConfig, graph: nx.Graph | None = None) -> dict[str, lis
     return spec.links(cfg, graph if graph is not None else build_topology(cfg), client_ids(cfg.run.nodes))
 
 
+def node_seed(cfg: ExperimentConfig, node: str) -> int:
+    """The seed of a node's own RNG stream: the run's seed and the node's place in the run."""
+    return cfg.run.seed * 100_003 + node_ids(cfg).index(node)
+
+
 def build_experiment(cfg: ExperimentConfig, only: str | None = None) -> Experiment:
     """Resolve the config, load data and build every node; with `only`, just that node (what
     one daemon process needs: a coordinator builds its template without reading any data)."""

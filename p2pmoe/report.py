@@ -47,7 +47,23 @@ def bench_row(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = ()) -> str:
-    """The command line that reruns a benchmark with the options it was given (for its .md)."""
-    given = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k not in set(skip)]
+def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (), parser: argparse.ArgumentParser | None = None) -> str:
+    """The command line that reruns a benchmark with the options it was given (for its .md).
+
+    With `parser`, each option is written as the flag that sets it (dest `method.p` is
+    `--fedmoe-p`); without, as its dest with dashes and without the section (`run.batch_size`
+    is `--batch-size`), which is wrong for a method option whose flags carry a prefix.
+    `skip` names dests to leave out."""
+    flags: dict[str, str] = {}
+    if parser is not None:
+        for action in parser._actions:
+            long = [s for s in action.option_strings if s.startswith("--")]
+            if long:
+                flags.setdefault(action.dest, long[0])
+    skipped = set(skip)
+    given = [
+        f"{flags.get(k) or '--' + k.rsplit('.', 1)[-1].replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if v not in (None, "") and k not in skipped
+    ]
     return " ".join([f"python {script}", *given])

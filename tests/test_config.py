@@ -1,43 +1,124 @@
+"""Experiment configs: typed options, layered sources, generated flags and help."""
+
 import argparse
 
 import pytest
 
-from p2pmoe.config import RunConfig, add_config_arguments, config_from_args, load_toml
+from p2pmoe.cli import build_parser
+from p2pmoe.config import add_experiment_arguments, config_from_args, default_config, read_toml, with_options
+from p2pmoe.methods.fedmoe_da import FedMoEDAOptions
+from p2pmoe.settings import RunOptions, config_differences, canonical_config, config_hash
 
 
-def _parse(argv):
+def _parse(argv, defaults=None):
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    return parser.parse_args(argv)
+    add_experiment_arguments(parser, argv, defaults)
+    return config_from_args(parser.parse_args(argv), defaults)
 
 
 def test_flags_override_toml_which_overrides_defaults(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('method = "local"\nnodes = 4\nlr = 0.1\n')
-    cfg = config_from_args(_parse(["--config", str(path), "--nodes", "6"]))
-    assert (cfg.method, cfg.nodes, cfg.lr, cfg.rounds) == ("local", 6, 0.1, RunConfig().rounds)
+    path.write_text('[run]\nmethod = "local"\nnodes = 4\nlr = 0.1\n')
+    cfg = _parse(["--config", str(path), "--nodes", "6"])
+    assert (cfg.run.method, cfg.run.nodes, cfg.run.lr, cfg.run.rounds) == ("local", 6, 0.1, RunOptions().rounds)
 
 
-def test_unknown_toml_key_is_named(tmp_path):
+def test_a_command_default_loses_to_the_toml_file_and_to_flags(tmp_path):
+    """demo's own defaults (4 nodes) used to override `nodes` from --config."""
+    defaults = {"run": {"nodes": 4, "rounds": 5}, "task": {}, "method": {}}
+    path = tmp_path / "demo.toml"
+    path.write_text("[run]\nnodes = 7\n")
+    cfg = _parse(["--config", str(path)], defaults)
+    assert (cfg.run.nodes, cfg.run.rounds) == (7, 5)
+    assert _parse(["--config", str(path), "--rounds", "9"], defaults).run.rounds == 9
+
+
+def test_demo_help_shows_the_defaults_demo_uses(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(["demo", "--help"]).parse_args(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 4)" in text and "default 2000)" in text and "default ring)" in text
+
+
+def test_method_options_come_from_the_method_table_and_prefixed_flags(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text("nodse = 4\n")
-    with pytest.raises(ValueError, match="nodse"):
-        load_toml(path)
+    path.write_text('[run]\nmethod = "fedmoe-da"\n[method]\np = 3\nembedding = "frozen"\n')
+    cfg = _parse(["--config", str(path), "--fedmoe-tau", "0.5"])
+    assert cfg.method == FedMoEDAOptions(p=3, tau=0.5, interval=1, embedding="frozen")
 
 
-def test_wrong_types_and_ranges_are_explained(tmp_path):
+def test_help_lists_type_choices_default_and_meaning_of_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(["simulate", "--method", "fedmoe-da", "--help"]).parse_args(["simulate", "--method", "fedmoe-da", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--fedmoe-embedding" in text and "one of gossip, frozen, server" in text and "default gossip" in text
+    assert "--experts" in text and "int, >= 1, default 4" in text
+    assert "--rounds" in text and "communication rounds" in text
+
+
+def test_unknown_keys_are_named_with_the_valid_ones(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('nodes = "many"\n')
-    with pytest.raises(ValueError, match="nodes must be of type int"):
-        load_toml(path)
+    path.write_text("[run]\nnodse = 4\n")
+    with pytest.raises(ValueError, match=r"nodse.*valid keys"):
+        _parse(["--config", str(path)])
+    path.write_text("nodes = 4\n")
+    with pytest.raises(ValueError, match=r"unknown keys or tables \['nodes'\]"):
+        read_toml(path)
+    path.write_text('[run]\nmethod = "fedmoe-da"\n[method]\nP = 2\n')
+    with pytest.raises(ValueError, match=r"\[method\] has unknown keys \['P'\]"):
+        _parse(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('rounds = "20"', r"\[run\] rounds must be a int, got '20'"),
+        ("nodes = 2.5", r"\[run\] nodes must be a int, got 2.5"),
+        ("nodes = true", r"\[run\] nodes must be a int, got True"),
+        ('device = "tpu"', r"device must be one of \['auto', 'cpu', 'cuda'\]"),
+        ("lr = -1", r"lr must be > 0"),
+    ],
+)
+def test_toml_values_must_have_the_right_type_and_range(tmp_path, toml, message):
+    path = tmp_path / "run.toml"
+    path.write_text(f"[run]\n{toml}\n")
+    with pytest.raises(ValueError, match=message):
+        _parse(["--config", str(path)])
+
+
+def test_flag_values_are_converted_and_checked():
     with pytest.raises(ValueError, match="rounds must be >= 1"):
-        config_from_args(_parse(["--rounds", "0"]))
-    with pytest.raises(ValueError, match="lr must be > 0"):
-        config_from_args(_parse(["--lr", "-1"]))
+        _parse(["--rounds", "0"])
+    with pytest.raises(ValueError, match="--rounds must be a int"):
+        _parse(["--rounds", "many"])
+    assert _parse(["--max-train-per-node", "none"]).run.max_train_per_node is None
 
 
 def test_broken_toml_names_the_file(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text("nodes = = 3\n")
+    path.write_text("[run]\nnodes = = 3\n")
     with pytest.raises(ValueError, match="bad.toml: not valid TOML"):
-        load_toml(path)
+        read_toml(path)
+
+
+def test_a_method_on_the_wrong_task_family_is_refused():
+    with pytest.raises(ValueError, match=r"does not run on sequential data; methods for sequential: \['fedsasrec', 'fmoe-cdsr'"):
+        default_config(method="fedmoe-da", data="ml-1m")
+    with pytest.raises(ValueError, match="unknown method 'fedprox'"):
+        default_config(method="fedprox")
+
+
+def test_changing_the_method_resets_its_options():
+    cfg = with_options(default_config(method="fedmoe-da"), method_options={"p": 3})
+    assert cfg.method.p == 3
+    assert with_options(cfg, method="fedavg").method.to_dict() == {}
+
+
+def test_config_hash_ignores_node_local_keys_and_names_differences():
+    a = default_config(method="fedavg", out="runs/a", threads=2)
+    b = default_config(method="fedavg", out="runs/b", threads=1, device="cpu", data_root="/elsewhere")
+    assert config_hash(a) == config_hash(b)
+    c = with_options(default_config(method="fedavg", seed=1), task_options={"experts": 8})
+    assert config_hash(a) != config_hash(c)
+    assert config_differences(canonical_config(a), canonical_config(c)) == ["run.seed", "task.experts"]
+    assert config_differences(canonical_config(a), "garbage") == ["<whole config>"]

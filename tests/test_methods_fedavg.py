@@ -6,7 +6,7 @@ from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
 from p2pmoe.methods.local import LocalMethod
 from p2pmoe.models.params import float_state, weighted_average
-from p2pmoe.sim.bus import InMemoryBus
+from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.wire.codec import ProtocolError, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -45,7 +45,7 @@ def _fedavg(values, counts):
 
 def test_fedavg_gives_every_client_the_example_weighted_mean():
     nodes, learners, _ = _fedavg([1.0, 4.0], [1, 2])
-    InMemoryBus(nodes).run_round(0)
+    SimNetwork(nodes).run_round(0)
     for learner in learners:
         assert torch.allclose(learner.model.weight, torch.full((2, 3), 3.0))
 
@@ -53,7 +53,7 @@ def test_fedavg_gives_every_client_the_example_weighted_mean():
 def test_fedavg_ledger_counts_one_upload_and_one_download_per_client():
     nodes, learners, ids = _fedavg([1.0, 2.0, 3.0], [1, 1, 1])
     ledger = ByteLedger()
-    InMemoryBus(nodes, ledger).run_round(0)
+    SimNetwork(nodes, ledger).run_round(0)
     kinds = [(e.src, e.dst, e.kind) for e in ledger.entries]
     assert sorted(kinds) == sorted(
         [(c, "server", "model_update") for c in ids] + [("server", c, "model_global") for c in ids]
@@ -118,7 +118,7 @@ def test_client_ignores_nothing_silently():
 def test_local_sends_nothing_and_completes_at_once():
     node = LocalMethod("a", ConstantLearner(2.0, 1))
     ledger = ByteLedger()
-    stats = InMemoryBus({"a": node}, ledger).run_round(0)
+    stats = SimNetwork({"a": node}, ledger).run_round(0)
     assert stats == {"a": {"train_loss": 2.0}} and ledger.entries == []
 
 

@@ -11,7 +11,7 @@ from p2pmoe.methods.fedmoe_da import FedMoEDANode, FedMoEDAServer, make_plan
 from p2pmoe.methods.local import LocalMethod
 from p2pmoe.models.params import float_state
 from p2pmoe.models import MoEClassifier
-from p2pmoe.sim.bus import InMemoryBus
+from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.wire.codec import ProtocolError
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -93,8 +93,8 @@ def test_p0_equals_local_training():
     locals_ = {n: LocalMethod(n, _learner(i)) for i, n in enumerate(["n0", "n1", "n2", "n3"])}
     ledger = ByteLedger()
     for r in range(2):
-        InMemoryBus(nodes, ledger).run_round(r)
-        InMemoryBus(locals_).run_round(r)
+        SimNetwork(nodes, ledger).run_round(r)
+        SimNetwork(locals_).run_round(r)
     for n in locals_:
         a, b = float_state(learners[n].model), float_state(locals_[n].learner.model)
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -104,7 +104,7 @@ def test_p0_equals_local_training():
 def test_fetches_exactly_the_selected_pairs_once_and_aggregates_them():
     nodes, learners = _swarm(p=2)
     ledger = ByteLedger()
-    bus = InMemoryBus(nodes, ledger)
+    bus = SimNetwork(nodes, ledger)
     requests = []
     original = nodes["n0"].on_message
 
@@ -129,7 +129,7 @@ def test_aggregation_is_the_weighted_sum_of_selected_experts():
     for n, node in nodes.items():
         node.train_local(0)
         snap[n] = {s: learners[n].model.moe.expert_state(s) for s in range(3)}
-    bus = InMemoryBus(nodes)
+    bus = SimNetwork(nodes)
     for n, node in nodes.items():
         node.train_local = lambda r: {}  # already trained: keep the snapshot comparable
     bus.run_round(0)
@@ -144,9 +144,9 @@ def test_aggregation_is_the_weighted_sum_of_selected_experts():
 def test_server_assisted_plans_match_the_peer_to_peer_ones():
     p2p, _ = _swarm(p=2)
     srv, _ = _swarm(p=2, planner="server")
-    InMemoryBus(p2p).run_round(0)
+    SimNetwork(p2p).run_round(0)
     ledger = ByteLedger()
-    InMemoryBus(srv, ledger).run_round(0)
+    SimNetwork(srv, ledger).run_round(0)
     for n in ("n0", "n1", "n2", "n3"):
         assert p2p[n].plan.sources == srv[n].plan.sources
         assert torch.allclose(p2p[n].plan.weights, srv[n].plan.weights, atol=1e-6)
@@ -157,7 +157,7 @@ def test_gossip_and_server_embedding_modes_complete_and_mix_phi():
     for embedding in ("gossip", "server"):
         nodes, learners = _swarm(p=1, embedding=embedding)
         ledger = ByteLedger()
-        InMemoryBus(nodes, ledger).run_round(0)
+        SimNetwork(nodes, ledger).run_round(0)
         kinds = {e.kind for e in ledger.entries}
         assert ("embedding" in kinds) == (embedding == "gossip")
         assert ("model_update" in kinds) == (embedding == "server")
@@ -169,7 +169,7 @@ def test_gossip_and_server_embedding_modes_complete_and_mix_phi():
 def test_interval_reuses_the_plan_without_gate_traffic():
     nodes, _ = _swarm(p=1, interval=2)
     ledger = ByteLedger()
-    bus = InMemoryBus(nodes, ledger)
+    bus = SimNetwork(nodes, ledger)
     for r in range(3):
         bus.run_round(r)
     gate_rounds = sorted({e.round for e in ledger.entries if e.kind == "gate_publish"})
@@ -199,6 +199,6 @@ def test_lost_peer_does_not_stall_the_round():
     del nodes["n3"]
     for node in nodes.values():
         node.on_peer_lost("n3")
-    InMemoryBus(nodes).run_round(0)
+    SimNetwork(nodes).run_round(0)
     assert all(node.round_complete() for node in nodes.values())
     assert all(src != "n3" for node in nodes.values() for src, _ in node.plan.sources)

@@ -15,7 +15,7 @@ from p2pmoe.methods.fedsasrec import FedSASRecClient, encoder_template
 from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient, FMoECDSRServer, domain_tensors
 from p2pmoe.models.params import float_state, weighted_average
 from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
-from p2pmoe.sim.bus import InMemoryBus
+from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.wire.codec import ProtocolError
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -53,7 +53,7 @@ def upload(nodes: dict, client: str, round_index: int = 0) -> Message:
 def test_a_round_moves_one_expert_up_and_the_others_down():
     nodes = federation()
     ledger = ByteLedger()
-    bus = InMemoryBus(nodes, ledger)
+    bus = SimNetwork(nodes, ledger)
     bus.run_round(0)
     expert_bytes = 4 * sum(t.numel() for t in nodes["c0"].model.expert_state(0).values())
     for c in range(K):
@@ -76,7 +76,7 @@ def test_a_round_moves_one_expert_up_and_the_others_down():
 
 def test_without_freezing_foreign_experts_train_locally():
     nodes = federation(freeze_foreign=False)
-    InMemoryBus(nodes).run_round(0)
+    SimNetwork(nodes).run_round(0)
     c0 = nodes["c0"]
     received = c0.pending[1]
     c0.train_local(1)
@@ -88,7 +88,7 @@ def test_without_freezing_foreign_experts_train_locally():
 
 def test_server_cache_round_trips_and_rejects_bad_state():
     nodes = federation()
-    InMemoryBus(nodes).run_round(0)
+    SimNetwork(nodes).run_round(0)
     server = nodes["server"]
     state = server.state_dict()
     assert sorted({name.split(".")[1] for name in state}) == ["0", "1", "2"]
@@ -169,7 +169,7 @@ def test_client_rejects_bad_downloads_and_keeps_what_it_had():
 
 def test_client_checkpoint_keeps_received_experts():
     nodes = federation()
-    InMemoryBus(nodes).run_round(0)
+    SimNetwork(nodes).run_round(0)
     saved = nodes["c0"].state_dict()
     assert any(k.startswith("pending.domain.1.") for k in saved)
     restored = FMoECDSRClient("c0", learner(0), 0, "server")

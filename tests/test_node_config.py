@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pmoe.cli import _check_role, main
+from p2pmoe.cli import check_role, main
 from p2pmoe.node.config import load_node_config
 
 PEERS = Path(__file__).parent.parent / "peers"
@@ -15,7 +15,7 @@ def test_lan_example_configs_load_and_agree():
     for node in ("node-00", "node-01", "node-02"):
         assert set(configs[node].peers) == {"server"}
         assert configs[node].experiment == configs["server"].experiment
-    assert configs["server"].experiment.nodes == 3
+    assert configs["server"].experiment.run.nodes == 3
 
 
 def _write(tmp_path, text):
@@ -32,7 +32,13 @@ def _write(tmp_path, text):
         ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[peers]\na = "tcp://127.0.0.1:2"\n', "peers"),
         ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[timing]\nround_deadline = -1\n', "round_deadline"),
         ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[timing]\nheartbeet = 1\n', "timing"),
-        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[experiment]\nnodse = 3\n', "nodse"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[run]\nnodse = 3\n', "nodse"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[experiment]\nnodes = 3\n', r"unknown keys \['experiment'\]"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[run]\nrounds = "20"\n', r"node.toml: \[run\] rounds must be a int, got '20'"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[timing]\nheartbeat = "1s"\n', r"node.toml: \[timing\] heartbeat must be a number of seconds, got '1s'"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[timing]\nrequest_retries = 1.5\n', r"request_retries must be a number \(a whole count\)"),
+        ('node_id = "a"\nbind = "127.0.0.1:1"\n', "bind must be an address like"),
+        ('node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[security]\nsecret_key = "nope.key_secret"\npublic_key = "nope.key"\n', "no key file at"),
         ('node_id = "a"\nbind = = 3\n', "cannot read"),
     ],
 )
@@ -56,9 +62,9 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path):
 )
 def test_a_config_in_the_wrong_role_is_refused(role, config, message):
     with pytest.raises(ValueError, match=message):
-        _check_role(load_node_config(config), role, config)
+        check_role(load_node_config(config), role, config)
     other = "node" if role == "coordinator" else "coordinator"
-    _check_role(load_node_config(config), other, config)  # the right role passes
+    check_role(load_node_config(config), other, config)  # the right role passes
 
 
 def test_a_coordinator_needs_a_server_mediated_method(tmp_path):
@@ -66,7 +72,7 @@ def test_a_coordinator_needs_a_server_mediated_method(tmp_path):
     assert 'method = "fedavg"' in text
     path = _write(tmp_path, text.replace('method = "fedavg"', 'method = "gossip"'))
     with pytest.raises(ValueError, match="got 'gossip'"):
-        _check_role(load_node_config(path), "coordinator", path)
+        check_role(load_node_config(path), "coordinator", path)
 
 
 def test_the_cli_refuses_a_client_config_for_the_coordinator(capsys):
@@ -75,5 +81,13 @@ def test_the_cli_refuses_a_client_config_for_the_coordinator(capsys):
 
 
 def test_a_relative_data_root_is_taken_from_the_config_folder(tmp_path):
-    path = _write(tmp_path, 'node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[experiment]\ndata = "fkcb"\ndata_root = "data/fkcb"\n')
-    assert load_node_config(path).experiment.data_root == str(tmp_path / "data" / "fkcb")
+    path = _write(tmp_path, 'node_id = "a"\nbind = "tcp://127.0.0.1:1"\n[run]\ndata = "fkcb"\nmethod = "local"\ndata_root = "data/fkcb"\n')
+    assert load_node_config(path).experiment.run.data_root == str(tmp_path / "data" / "fkcb")
+
+
+def test_keys_refusing_to_overwrite_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    assert main(["keys", "--out", str(tmp_path), "a"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "--out", str(tmp_path), "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pmoe: error:") and "Traceback" not in err

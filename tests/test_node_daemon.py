@@ -1,6 +1,5 @@
 """Real daemon processes on loopback: a swarm run, and a client killed with SIGKILL mid-run."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -9,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pmoe.config import RunConfig
+from p2pmoe.config import default_config, with_options
+from p2pmoe.settings import ExperimentConfig
 from p2pmoe.data.images import FMNIST_ROOT
 from p2pmoe.node.config import Timing
 from p2pmoe.node.swarm import merge_run, run_swarm, start_node, write_node_configs
@@ -17,7 +17,7 @@ from p2pmoe.sim.runner import run_simulation
 
 pytestmark = pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
 
-CFG = RunConfig(method="fedavg", data="fmnist", nodes=3, rounds=3, partition="dirichlet:0.5", max_train_per_node=300, seed=5)
+CFG = default_config(method="fedavg", data="fmnist", nodes=3, rounds=3, partition="dirichlet:0.5", max_train_per_node=300, seed=5)
 CONTROL_KINDS = {"hello", "heartbeat", "error"}
 
 
@@ -25,33 +25,39 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("method, clients", [("fedavg", 3), ("fedmoe-da", 4)])
-def test_four_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, method, clients):
-    cfg = dataclasses.replace(CFG, method=method, nodes=clients, rounds=2)
-    swarm = run_swarm(dataclasses.replace(cfg, out=str(tmp_path / "swarm")), Timing(round_deadline=60, startup=60, linger=10))
-    sim = run_simulation(dataclasses.replace(cfg, out=str(tmp_path / "sim")), progress=False)
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("method, clients", [("fedavg", 3), ("fedmoe-da", 4), ("fmoe-cdsr", 3)])
+def test_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, fkcb_like, method, clients):
+    """swarm and simulate run the same driver: equal bytes per message kind, and the same
+    summary (same model-selection round, same metrics) from the same seed."""
+    cfg = _fmoe_config(fkcb_like, rounds=2) if method == "fmoe-cdsr" else with_options(CFG, method=method, nodes=clients, rounds=2)
+    swarm = run_swarm(with_options(cfg, out=str(tmp_path / "swarm")), Timing(round_deadline=60, startup=60, linger=10))
+    sim = run_simulation(with_options(cfg, out=str(tmp_path / "sim")), progress=False)
 
-    assert len(swarm["exit_codes"]) == 4 and set(swarm["exit_codes"].values()) == {0}
+    server = 1 if method in ("fedavg", "fmoe-cdsr") else 0
+    assert len(swarm["exit_codes"]) == clients + server and set(swarm["exit_codes"].values()) == {0}
     method_kinds = {k: v for k, v in swarm["bytes"]["by_kind"].items() if k not in CONTROL_KINDS}
     assert method_kinds == sim["bytes"]["by_kind"]  # every method kind, to the byte
     if method == "fedmoe-da":
         assert method_kinds["expert_response"] > 0
     # Same seed, same messages, same arithmetic: the daemons learn exactly what the simulator does.
-    assert swarm["metrics"] == sim["metrics"]
+    assert swarm["metrics"] == sim["metrics"] and swarm["selection"] == sim["selection"] and swarm["train"] == sim["train"]
     rows = _rows(tmp_path / "swarm" / "metrics.jsonl")
     assert {(r["node"], r["round"]) for r in rows if r["node"] != "server"} == {
         (f"node-0{k}", r) for k in range(clients) for r in range(2)
     }
 
 
-def _kill_test_config(kind: str, tmp_path: Path, fkcb_like: Path) -> RunConfig:
+def _fmoe_config(fkcb_like: Path, **run) -> ExperimentConfig:
+    """FMoE-CDSR on the fixture: a server that caches experts, one client per domain."""
+    cfg = default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), batch_size=32, local_epochs=1, seed=5, **run)
+    return with_options(cfg, task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
+
+
+def _kill_test_config(kind: str, tmp_path: Path, fkcb_like: Path) -> ExperimentConfig:
     if kind == "fedavg":
-        return dataclasses.replace(CFG, rounds=5, out=str(tmp_path))
-    return RunConfig(  # FMoE-CDSR: a server that caches experts, one client per domain
-        method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), rounds=5, embed_dim=8, max_len=8,
-        batch_size=32, negatives=20, local_epochs=1, seed=5, out=str(tmp_path),
-    )
+        return with_options(CFG, rounds=5, out=str(tmp_path))
+    return _fmoe_config(fkcb_like, rounds=5, out=str(tmp_path))
 
 
 @pytest.mark.timeout(300)
@@ -86,17 +92,17 @@ def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_pat
     assert f"resumed from" in log and f"after round {done_before}" in log
     victim_rounds = [r["round"] for r in _rows(victim / "metrics.jsonl")]
     # Rounds up to the kill were not run again; the node went on from there to the end.
-    assert victim_rounds == sorted(set(victim_rounds)) and victim_rounds[-1] == cfg.rounds - 1
+    assert victim_rounds == sorted(set(victim_rounds)) and victim_rounds[-1] == cfg.run.rounds - 1
     assert max(r for r in victim_rounds if r <= done_before) == done_before
     for node in ("node-00", "node-01", "server"):
-        assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.rounds))
+        assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.run.rounds))
     summary = merge_run(cfg, tmp_path, time.monotonic() - started)
     assert summary["nodes_finished"] == ["node-00", "node-01", "node-02"]
 
 
 @pytest.mark.timeout(120)
 def test_sigterm_stops_a_node_cleanly_with_a_checkpoint(tmp_path):
-    cfg = dataclasses.replace(CFG, method="local", nodes=1, rounds=1000, out=str(tmp_path))
+    cfg = with_options(CFG, method="local", nodes=1, rounds=1000, out=str(tmp_path))
     configs = write_node_configs(cfg, tmp_path, Timing(startup=1))
     folder = configs["node-00"].parent
     proc = start_node(configs["node-00"], folder / "node.log")
@@ -110,7 +116,7 @@ def test_sigterm_stops_a_node_cleanly_with_a_checkpoint(tmp_path):
         if proc.poll() is None:
             proc.kill()
     rounds = [r["round"] for r in _rows(folder / "metrics.jsonl")]
-    assert 1 <= len(rounds) < cfg.rounds
+    assert 1 <= len(rounds) < cfg.run.rounds
     from p2pmoe.node.checkpoint import load_checkpoint
 
     assert load_checkpoint(folder / "checkpoint.safetensors").round == rounds[-1]

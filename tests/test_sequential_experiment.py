@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from p2pmoe.cli import main
-from p2pmoe.config import RunConfig
-from p2pmoe.sequential_experiment import FKCB_ENV, build_sequence_nodes
+from p2pmoe.config import default_config, with_options
+from p2pmoe.experiment import build_experiment
+from p2pmoe.tasks.sequential import FKCB_ENV
 
 from conftest import FIXTURE_DOMAINS as DOMAINS
 
@@ -29,7 +30,8 @@ def test_every_method_runs_one_client_per_domain_with_ranking_metrics(fkcb_like,
     assert summary["nodes"] == len(DOMAINS)  # one client per domain, whatever --nodes said
     for name in ("mrr", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "valid_mrr"):
         assert 0.0 <= summary["metrics"][name] <= 1.0
-    assert summary["selected_round"] in (0, 1)
+    assert summary["selection"]["key"] == "valid_mrr" and summary["selection"]["round"] in (0, 1)
+    assert not set(summary["metrics"]) & {"ce", "kl", "kl_weight", "train_loss"}  # training statistics stay apart
     assert set(summary["per_node"]) == {"node-00", "node-01", "node-02"}
     kinds = set(summary["bytes"]["by_kind"])
     assert kinds == {"local": set(), "fedsasrec": {"model_update", "model_global"}}.get(method, {"model_update", "model_global"})
@@ -52,18 +54,35 @@ def test_fmoe_cdsr_client_uploads_one_expert_and_downloads_the_others(fkcb_like,
 
 @pytest.mark.parametrize("encoder, pooling", [("vae", "sequence"), ("lean", "batch")])
 def test_fmoe_cdsr_encoder_and_gate_pooling_come_from_the_config(fkcb_like, encoder, pooling):
-    cfg = RunConfig(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), embed_dim=8, max_len=8, negatives=20,
-                    fmoe_encoder=encoder, fmoe_gate_pooling=pooling)
-    model = build_sequence_nodes(cfg, {"node-00"})["node-00"].learner.model
+    cfg = with_options(
+        default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like)),
+        task_options={"embed_dim": 8, "max_len": 8, "negatives": 20}, method_options={"encoder": encoder, "gate_pooling": pooling},
+    )
+    model = build_experiment(cfg, only="node-00").nodes["node-00"].learner.model
     assert all((expert.logvar is not None) == (encoder == "vae") for expert in model.experts)
     assert model.gate_pooling == pooling and model.vae == (encoder == "vae")
 
 
-def test_unknown_fmoe_options_are_refused():
-    with pytest.raises(ValueError, match="fmoe_encoder"):
-        RunConfig(fmoe_encoder="vea")
-    with pytest.raises(ValueError, match="fmoe_gate_pooling"):
-        RunConfig(fmoe_gate_pooling="mean")
+def test_unknown_fmoe_options_are_refused(fkcb_like):
+    cfg = default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like))
+    with pytest.raises(ValueError, match=r"\[method\] encoder must be one of \['vae', 'lean'\]"):
+        with_options(cfg, method_options={"encoder": "vea"})
+    with pytest.raises(ValueError, match="gate_pooling"):
+        with_options(cfg, method_options={"gate_pooling": "mean"})
+
+
+def test_a_coordinator_reads_no_client_data(fkcb_like, monkeypatch):
+    """The server builds its weight template from the model factory alone, with the shapes
+    the clients' experts really have."""
+    import p2pmoe.tasks.sequential as sequential
+
+    cfg = with_options(default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like)), task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
+    with monkeypatch.context() as patch:
+        patch.setattr(sequential, "sequence_domains", lambda *a: pytest.fail("the coordinator loaded client data"))
+        server = build_experiment(cfg, only="server").nodes["server"]
+    client = build_experiment(cfg, only="node-01").nodes["node-01"]
+    expert = client.model.expert_state(1)
+    assert {k: v.shape for k, v in server.template.items()} == {k: v.shape for k, v in expert.items()}
 
 
 def test_missing_fkcb_path_says_how_to_point_at_it(tmp_path, capsys, monkeypatch):

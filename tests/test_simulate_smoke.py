@@ -33,9 +33,10 @@ def test_fedavg_and_local_on_fashion_mnist(tmp_path):
         assert summary["nodes"] == NODES and summary["rounds"] == ROUNDS and summary["seed"] == 3
         assert 0.2 < summary["metrics"]["accuracy"] <= 1.0  # chance is 0.1
         rows = [json.loads(line) for line in (tmp_path / summary["method"] / "metrics.jsonl").read_text().splitlines()]
-        assert sorted((r["round"], r["node"]) for r in rows) == sorted(
+        assert sorted((r["round"], r["node"]) for r in rows if r["node"] != "server") == sorted(
             (r, f"node-{k:02d}") for r in range(ROUNDS) for k in range(NODES)
         )
+        assert all("metrics" in r and "accuracy" in r["metrics"] and "train_loss" in r["train"] for r in rows if r["node"] != "server")
 
     # Every FedAvg client ends with the same global model, so global accuracy is identical.
     assert fedavg["metrics_spread"]["global_accuracy"]["std"] == 0.0

@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -26,6 +27,8 @@ from p2pmoe.wire.messages import Message, MessageKind, Send
 
 log = logging.getLogger("p2pmoe.driver")
 
+T = TypeVar("T")
+RNG_KEY = "driver.rng"
 MAX_HELD_MESSAGES = 1024
 MAX_HELD_BYTES = 512 * 2**20
 MAX_ROUNDS_AHEAD = 2  # messages for rounds further ahead than this are refused, not held
@@ -92,10 +95,13 @@ class NodeRunner:
     `start` (or `resume`) once the call has returned.
     """
 
-    def __init__(self, node_id: str, method: Method, strict: bool = False) -> None:
+    def __init__(self, node_id: str, method: Method, strict: bool = False, seed: int = 0) -> None:
         self.node_id = node_id
         self.method = method
         self.strict = strict
+        # The node's own stream of torch's global RNG (dropout, sampling): a node draws the same
+        # numbers whether it runs alone in a daemon or beside others in the simulator.
+        self._rng = torch.Generator().manual_seed(seed).get_state()
         self.round = -1
         self.busy = False
         self._held: list[_Held] = []
@@ -147,13 +153,31 @@ class NodeRunner:
     # -- blocking calls (the driver marks the runner busy around them) ---------------------------
 
     def train(self, round_index: int) -> dict[str, float]:
-        return self.method.train_local(round_index)
+        return self._with_own_rng(self.method.train_local, round_index)
 
     def evaluate(self) -> dict[str, float]:
-        return self.method.evaluate()
+        return self._with_own_rng(self.method.evaluate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.method.state_dict()
+        """The method's state and the node's RNG stream (`driver.rng`), for exact resumes."""
+        return {**self.method.state_dict(), RNG_KEY: self._rng.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        rng = state.get(RNG_KEY)
+        if rng is None or rng.dtype != torch.uint8 or rng.shape != self._rng.shape:
+            raise ValueError(f"state has no usable {RNG_KEY!r}")
+        self.method.load_state_dict({k: v for k, v in state.items() if k != RNG_KEY})
+        self._rng = rng.clone()
+
+    def _with_own_rng(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` on this node's CPU RNG stream; the process's stream is left as it was.
+        Project decision: CUDA's generator is not forked (per-node CUDA streams would need a
+        device per node); runs on CUDA are reproducible per process, not across drivers."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng)
+            out = fn(*args)
+            self._rng = torch.get_rng_state()
+        return out
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -183,6 +207,8 @@ class NodeRunner:
         if reason is not None:
             self.rejected.warning(f"dropped:{message.kind.value}", "%s: dropped %s from %s: %s", self.node_id, message.kind.value, src, reason)
             return [Send(src, error_reply(message, reason))]
+        if "req" in message.meta and any(h.src == src and h.message.kind == message.kind and h.message.meta.get("req") == message.meta["req"] for h in self._held):
+            return []  # a retried request whose first copy is still held: answer it once
         self._held.append(_Held(src, message, size))
         self._held_bytes += size
         return []

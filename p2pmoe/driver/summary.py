@@ -21,7 +21,7 @@ def metrics_row(node: str, round_index: int, train: dict[str, float], metrics: d
     """One metrics.jsonl line: a node's round, its training statistics, its evaluation (when
     the round was evaluated) and the bytes it sent and received that round."""
     row: Row = {"round": round_index, "node": node, "train": train, "bytes_sent": sent, "bytes_received": received}
-    if metrics is not None:
+    if metrics:  # a node without data (a server) has nothing to report
         row["metrics"] = metrics
     return row
 

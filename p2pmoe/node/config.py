@@ -45,7 +45,10 @@ class Timing:
     dead_after: float = 10.0
     startup: float = 60.0
     linger: float = 30.0
-    request_timeout: float = 10.0
+    # A peer answers a request only between its training and evaluation calls (the driver
+    # serialises calls into a method), so the wait covers a peer's training time; three tries
+    # still end before the default round deadline.
+    request_timeout: float = 30.0
     request_retries: int = 2
 
     def __post_init__(self) -> None:
@@ -129,8 +132,12 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raise ValueError(f"{path}: [peers] maps other node ids to 'tcp://host:port' strings")
     timing = _timing(_table(raw, "timing", path), path)
     values = tables_of({s: raw[s] for s in SECTIONS if s in raw}, str(path))
+    if "out" in values["run"]:
+        raise ValueError(f"{path}: a node keeps its files in the top-level `out`; remove `out` from [run]")
     if isinstance(values["run"].get("data_root"), str) and not Path(values["run"]["data_root"]).is_absolute():
         values["run"]["data_root"] = str(base / values["run"]["data_root"])
+    out = base / raw.get("out", f"runs/{raw['node_id']}")
+    values["run"]["out"] = str(out)
     experiment = build_config(values, str(path))
     security = _table(raw, "security", path)
     curve = None
@@ -147,7 +154,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     return NodeConfig(
         node_id=raw["node_id"],
         bind=raw["bind"],
-        out=base / raw.get("out", f"runs/{raw['node_id']}"),
+        out=out,
         peers=dict(peers),
         experiment=experiment,
         timing=timing,

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import NodeRunner, RateLimitedLog
 from p2pmoe.driver.summary import metrics_row
-from p2pmoe.experiment import build_experiment
+from p2pmoe.config import resolve
+from p2pmoe.experiment import build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
@@ -45,11 +46,12 @@ class NodeDaemon:
 
     def __init__(self, cfg: NodeConfig, method: Method | None = None) -> None:
         self.cfg = cfg
-        experiment = cfg.experiment
+        experiment = resolve(cfg.experiment)  # what the data and task decide, as every peer resolves it
         self.rounds = experiment.run.rounds
         self.config_hash = config_hash(experiment)
         self._canonical = canonical_config(experiment)
-        self.runner = NodeRunner(cfg.node_id, method or build_experiment(experiment, only=cfg.node_id).nodes[cfg.node_id])
+        method = method or build_experiment(experiment, only=cfg.node_id).nodes[cfg.node_id]
+        self.runner = NodeRunner(cfg.node_id, method, seed=node_seed(experiment, cfg.node_id))
         self.ledger = ByteLedger()
         self._ledger_written = 0
         self.peer_rounds: dict[str, int] = {}
@@ -236,7 +238,7 @@ class NodeDaemon:
             saved = checkpoint.extra.get("config_hash")
             if saved is not None and saved != self.config_hash:
                 raise ValueError(f"{self.cfg.checkpoint_path} belongs to another experiment (config hash {saved[:12]}..., this node's {self.config_hash[:12]}...); move it away to start afresh")
-            self.runner.method.load_state_dict(checkpoint.state)
+            self.runner.load_state_dict(checkpoint.state)
             first = checkpoint.round + 1
             log.info("%s: resumed from %s after round %d", self.cfg.node_id, self.cfg.checkpoint_path, checkpoint.round)
         self.runner.round = first - 1

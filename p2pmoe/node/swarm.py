@@ -64,7 +64,7 @@ def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, address
     if addresses is None:
         addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
     data_root = str(Path(cfg.run.data_root).resolve()) if cfg.run.data_root else None  # node files resolve paths from their folder
-    run = dataclasses.replace(cfg.run, threads=thread_budget(cfg, len(ids)), out=str(out), data_root=data_root)
+    run = dataclasses.replace(cfg.run, threads=thread_budget(cfg, len(ids)), data_root=data_root)
     paths = {}
     for node, peer_list in links(cfg, build_topology(cfg)).items():
         folder = out / "nodes" / node
@@ -72,7 +72,8 @@ def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, address
         lines = [f'node_id = "{node}"', f'bind = "{addresses[node]}"', 'out = "."', "", "[peers]"]
         lines += [f'"{p}" = "{addresses[p]}"' for p in peer_list]
         lines += _toml_table("timing", dataclasses.asdict(timing))
-        lines += _toml_table("run", run.to_dict()) + _toml_table("task", cfg.task.to_dict()) + _toml_table("method", cfg.method.to_dict())
+        run_table = {k: v for k, v in run.to_dict().items() if k != "out"}  # a node's folder is its top-level `out`
+        lines += _toml_table("run", run_table) + _toml_table("task", cfg.task.to_dict()) + _toml_table("method", cfg.method.to_dict())
         (folder / "node.toml").write_text("\n".join(lines) + "\n")
         paths[node] = folder / "node.toml"
     return paths

@@ -38,12 +38,13 @@ class SimNetwork:
         self,
         nodes: Mapping[str, Method],
         ledger: ByteLedger | None = None,
+        seeds: Mapping[str, int] | None = None,
         limits: Limits = DEFAULT_LIMITS,
         compression: Mapping[str, str] | None = None,
         folder: RunFolder | None = None,
         on_round: Callable[[Row], None] | None = None,
     ) -> None:
-        self.runners = {node: NodeRunner(node, method, strict=True) for node, method in nodes.items()}
+        self.runners = {node: NodeRunner(node, method, strict=True, seed=(seeds or {}).get(node, 0)) for node, method in nodes.items()}
         self.ledger = ledger if ledger is not None else ByteLedger()
         self.limits = limits
         self.compression = dict(compression or {})

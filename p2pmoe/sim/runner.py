@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from p2pmoe.driver.summary import Row, make_summary
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig
@@ -54,7 +54,8 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     folder = RunFolder(cfg.run.out)
     key = experiment.task.selection.key or experiment.task.metrics[0]
     bar = _Progress(cfg.run.rounds, experiment.clients, key, ledger, f"{cfg.run.method} on {cfg.run.data}", progress)
-    network = SimNetwork(experiment.nodes, ledger, compression=parse_compression(cfg.run.compression), folder=folder, on_round=bar)
+    seeds = {node: node_seed(cfg, node) for node in experiment.nodes}
+    network = SimNetwork(experiment.nodes, ledger, seeds, compression=parse_compression(cfg.run.compression), folder=folder, on_round=bar)
     try:
         rows = asyncio.run(network.run(cfg.run.rounds, cfg.run.eval_every))
     finally:
