@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import multiprocessing
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator
 
-from p2pmoe.config import RunConfig, add_config_arguments, config_from_args
+from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
+from p2pmoe.experiment import build_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.methods.fmoe_cdsr import FMoECDSROptions
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.report import bench_row, format_table, rerun_command
-from p2pmoe.sequential_experiment import SEQUENCE_DATA, SEQUENCE_METHODS, build_sequence_nodes, sequence_domains
+from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.runner import run_simulation
+from p2pmoe.tasks.sequential import SequenceOptions, sequence_domains
 
 RESULTS = Path(__file__).parent / "results"
 LABELS = {
@@ -48,10 +51,13 @@ PAPER_FKCB = [
 ]
 
 
-def expert_parameters(cfg: RunConfig) -> int:
-    """Parameters of one FMoE-CDSR expert in this setting, read off a client built as the run builds it."""
-    model = build_sequence_nodes(dataclasses.replace(cfg, method="fmoe-cdsr"), {"node-00"})["node-00"].learner.model
-    return sum(t.numel() for t in model.expert_state(0).values())
+METHODS = tuple(LABELS)
+
+
+def expert_parameters(cfg: ExperimentConfig) -> int:
+    """Parameters of one FMoE-CDSR expert in this setting, read off the coordinator's template."""
+    server = build_experiment(with_options(cfg, method="fmoe-cdsr"), only=SERVER_ID).nodes[SERVER_ID]
+    return sum(t.numel() for t in server.template.values())  # type: ignore[attr-defined]
 
 
 def client_traffic(run_folder: Path) -> dict[int, dict[str, dict[str, int]]]:
@@ -75,14 +81,14 @@ def expert_traffic_check(traffic: dict[int, dict[str, dict[str, int]]], rounds: 
     )
 
 
-def _run(cfg: RunConfig) -> dict[str, Any]:
+def _run(cfg: ExperimentConfig) -> dict[str, Any]:
     """One method in a worker process; its CPU time says what it costs whatever ran beside it."""
     started = time.process_time()
     summary = run_simulation(cfg, progress=False)
     return {**summary, "cpu_seconds": round(time.process_time() - started, 1)}
 
 
-def run_all(configs: dict[str, RunConfig], jobs: int) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+def run_all(configs: dict[str, ExperimentConfig], jobs: int) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
     """(method, summary or the error that stopped it) as each finishes: in this process for
     one job, else `jobs` workers. One method's failure does not lose the others' results."""
     if jobs == 1:
@@ -113,40 +119,51 @@ def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[int, di
     count = max(len(domains) * summary["rounds"], 1)
     row["up KB/client/round"] = sum(t["up"] for t in per_client_round) / count / 1e3
     row["down KB/client/round"] = sum(t["down"] for t in per_client_round) / count / 1e3
-    row["best round"] = summary["selected_round"] + 1 if "selected_round" in summary else "-"
+    chosen = summary["selection"]["round"]
+    row["best round"] = chosen + 1 if chosen is not None else "-"
     row["wall min"] = summary["wall_seconds"] / 60
     row["CPU min"] = summary["cpu_seconds"] / 60
     return row
 
 
+def defaults() -> Values:
+    """The parser is built for FMoE-CDSR on FKCB, so its --fmoe-* flags are accepted."""
+    values = empty_values()
+    values["run"].update(method="fmoe-cdsr", data="fkcb")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    add_experiment_arguments(parser, sys.argv[1:], defaults())
     parser.add_argument("--only", default="", help="comma-separated methods to run (default: all five)")
     parser.add_argument("--jobs", type=int, default=1, help="methods run at once, one process each")
     parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_<data>)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
     args = parser.parse_args()
-    base: RunConfig = config_from_args(args)
-    methods = [m for m in args.only.split(",") if m] or list(SEQUENCE_METHODS)
-    unknown = sorted(set(methods) - set(SEQUENCE_METHODS))
+    if getattr(args, "run.method") or getattr(args, "run.out"):
+        parser.error("--method and --out are set per method by the benchmark; use --only and --name")
+    try:  # data that is not sequential is refused here: FMoE-CDSR runs on the sequential family only
+        base = resolve(config_from_args(args, defaults()))
+    except ValueError as exc:
+        parser.error(str(exc))
+    methods = [m for m in args.only.split(",") if m] or list(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(SEQUENCE_METHODS)}")
-    if base.data not in SEQUENCE_DATA:
-        parser.error(f"--data must be one of {list(SEQUENCE_DATA)}, got {base.data!r}")
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    if args.method or args.out:
-        parser.error("--method and --out are set per method by the benchmark; use --only and --name")
-    if base.compression != "none":
+    if base.run.compression != "none":
         parser.error("the byte check counts float32 experts: run the replication without --compression")
-    name = args.name or f"fmoe_cdsr_{base.data.replace('-', '')}"
-    domains = [d.name for d in sequence_domains(base)]
+    run, task, fmoe = base.run, base.task, base.method
+    assert isinstance(task, SequenceOptions) and isinstance(fmoe, FMoECDSROptions)
+    name = args.name or f"fmoe_cdsr_{run.data.replace('-', '')}"
+    domains = [d.name for d in sequence_domains(run.data, run.data_root)]
     runs = f"runs/bench_{name}"
-    configs = {m: dataclasses.replace(base, method=m, out=f"{runs}/{m}") for m in methods}
+    configs = {m: with_options(base, method=m, out=f"{runs}/{m}") for m in methods}
 
     started = time.perf_counter()
-    print(f"running {len(configs)} methods on {base.data} ({', '.join(domains)}), {args.jobs} at a time; "
+    print(f"running {len(configs)} methods on {run.data} ({', '.join(domains)}), {args.jobs} at a time; "
           f"per-round metrics in {runs}/<method>/metrics.jsonl", flush=True)
     outcomes: dict[str, dict[str, Any] | Exception] = {}
     for method, outcome in run_all(configs, args.jobs):
@@ -162,36 +179,36 @@ def main() -> None:
     for method in methods:
         outcome = outcomes[method]
         if isinstance(outcome, Exception):
-            rows.append({"method": method, "data": base.data, "error": str(outcome), "setting": dataclasses.asdict(configs[method])})
+            rows.append({"method": method, "data": run.data, "error": str(outcome), "setting": configs[method].to_dict()})
             table.append({"method": f"{LABELS[method]}: FAILED ({outcome})"})
             continue
-        traffic = client_traffic(Path(configs[method].out))
+        traffic = client_traffic(Path(configs[method].run.out))
         rows.append({**bench_row(outcome), "label": LABELS[method], "cpu_seconds": outcome["cpu_seconds"],
-                     "selected_round": outcome.get("selected_round"),
+                     "selected_round": outcome["selection"]["round"],
                      "per_domain": {d: outcome["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
                      "payload_bytes_by_round": traffic})
         table.append(table_row(outcome, domains, traffic))
         if method.startswith("fmoe-cdsr"):
-            ok = expert_traffic_check(traffic, base.rounds, len(domains), expert_bytes)
-            checks.append(f"- {method}: in each of the {base.rounds} rounds every client uploaded {expert_bytes:,} B and "
+            ok = expert_traffic_check(traffic, run.rounds, len(domains), expert_bytes)
+            checks.append(f"- {method}: in each of the {run.rounds} rounds every client uploaded {expert_bytes:,} B and "
                           f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}")
-    if base.data == "fkcb":
+    if run.data == "fkcb":
         table += PAPER_FKCB
     columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "up KB/client/round", "down KB/client/round", "best round", "wall min", "CPU min"]
     rendered = format_table(table, columns)
-    stacks = "μ and log σ² stacks" if base.fmoe_encoder == "vae" else "μ stack only"
-    setting = (f"{base.data} ({', '.join(domains)}), one client per domain; {base.rounds} rounds x {base.local_epochs} local epoch(s), "
-               f"batch {base.batch_size}, Adam lr {base.lr or 1e-3} betas (0.9, 0.98), hidden {base.embed_dim}, 2 blocks, 4 heads, "
-               f"dropout {base.dropout}, max length {base.max_len}, {base.negatives} sampled negatives; FMoE-CDSR encoder "
-               f"{base.fmoe_encoder}, gate pooling {base.fmoe_gate_pooling}, {base.fmoe_head} head, contrastive weight {base.contrastive_weight}; "
-               f"seed {base.seed}; {args.jobs} method(s) at a time, {base.threads or 'all'} torch thread(s) each; "
+    stacks = "μ and log σ² stacks" if fmoe.encoder == "vae" else "μ stack only"
+    setting = (f"{run.data} ({', '.join(domains)}), one client per domain; {run.rounds} rounds x {run.local_epochs} local epoch(s), "
+               f"batch {run.batch_size}, Adam lr {run.lr} betas (0.9, 0.98), hidden {task.embed_dim}, {task.blocks} blocks, {task.heads} heads, "
+               f"dropout {task.dropout}, max length {task.max_len}, {task.negatives} sampled negatives; FMoE-CDSR encoder "
+               f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, contrastive weight {fmoe.contrastive_weight}; "
+               f"seed {run.seed}; {args.jobs} method(s) at a time, {run.threads or 'all'} torch thread(s) each; "
                f"wall time of the whole benchmark {wall / 60:.1f} min")
-    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results",))
-    text = (f"# FMoE-CDSR replication on {base.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
+    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results",), parser=parser)
+    text = (f"# FMoE-CDSR replication on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
             f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
             f"per-domain columns are MRR. Bytes are tensor payload (headers excluded), mean per client per round; "
             f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{rendered}\n```\n\n"
-            f"One expert ({stacks}, hidden {base.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n"
+            f"One expert ({stacks}, hidden {task.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n"
             + "\n".join(checks) + "\n")
     print(text)
     atomic_write_json(args.results / f"{name}.json", rows)

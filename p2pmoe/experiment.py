@@ -6,6 +6,7 @@ same methods over the same data splits for the same seed.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,8 @@ def links(cfg: ExperimentConfig, graph: nx.Graph | None = None) -> dict[str, lis
 
 
 def node_seed(cfg: ExperimentConfig, node: str) -> int:
-    """The seed of a node's own RNG stream: the run's seed and the node's place in the run."""
-    return cfg.run.seed * 100_003 + node_ids(cfg).index(node)
+    """The seed of a node's own RNG stream, from the run's seed and the node's name."""
+    return cfg.run.seed * 1_000_003 + zlib.crc32(node.encode())
 
 
 def build_experiment(cfg: ExperimentConfig, only: str | None = None) -> Experiment:

@@ -4,6 +4,7 @@ import pytest
 
 from p2pmoe.cli import check_role, main
 from p2pmoe.node.config import load_node_config
+from p2pmoe.settings import config_hash
 
 PEERS = Path(__file__).parent.parent / "peers"
 
@@ -14,7 +15,7 @@ def test_lan_example_configs_load_and_agree():
     assert set(configs["server"].peers) == {"node-00", "node-01", "node-02"}
     for node in ("node-00", "node-01", "node-02"):
         assert set(configs[node].peers) == {"server"}
-        assert configs[node].experiment == configs["server"].experiment
+        assert config_hash(configs[node].experiment) == config_hash(configs["server"].experiment)  # the same experiment
     assert configs["server"].experiment.run.nodes == 3
 
 

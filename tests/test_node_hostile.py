@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from p2pmoe.config import RunConfig
+from p2pmoe.config import default_config
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.methods.fedmoe_da import FedMoEDANode
 from p2pmoe.models.params import float_state
@@ -75,12 +75,12 @@ class Harness:
         self.tmp_path = tmp_path
 
     async def __aenter__(self) -> "Harness":
-        cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {}, RunConfig(method="fedmoe-da"))
+        cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {}, default_config(method="fedmoe-da"))
         self.method = _node()
         self.daemon = NodeDaemon(cfg, method=self.method)
         self.daemon.transport = Transport(NODE, "tcp://127.0.0.1:*")
         self.method.start_round(0)
-        self.daemon.round = 0
+        self.daemon.runner.round = 0
         self.serving = asyncio.create_task(self.daemon._receive_loop())
         self.context = zmq.asyncio.Context()
         self.client = self.context.socket(zmq.DEALER)

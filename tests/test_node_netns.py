@@ -5,7 +5,6 @@ Needs root and iproute2; skipped with the reason otherwise. Addresses are from T
 (192.0.2.0/24), which exists only inside the namespaces this test makes and removes.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pmoe.config import RunConfig
+from p2pmoe.config import default_config
 from p2pmoe.data.images import FMNIST_ROOT
 from p2pmoe.experiment import node_ids
 from p2pmoe.node.config import Timing
@@ -82,7 +81,7 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.timeout(300)
 def test_cut_link_drops_a_node_and_the_rest_finish(tmp_path):
-    cfg = RunConfig(method="fedavg", data="fmnist", nodes=3, rounds=4, max_train_per_node=300, seed=1, out=str(tmp_path))
+    cfg = default_config(method="fedavg", data="fmnist", nodes=3, rounds=4, max_train_per_node=300, seed=1, out=str(tmp_path))
     ids = node_ids(cfg)
     timing = Timing(round_deadline=15, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=30, linger=3)
     with Namespaces(ids) as net:
@@ -104,5 +103,5 @@ def test_cut_link_drops_a_node_and_the_rest_finish(tmp_path):
                     proc.kill()
                     proc.wait(timeout=10)
     for node in ("node-00", "node-01", "server"):
-        assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.rounds))
+        assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.run.rounds))
     assert "peer node-02 is gone" in (tmp_path / "nodes" / "server" / "node.log").read_text()

@@ -42,14 +42,19 @@ def error_reply(request: Message, reason: str) -> Message:
     return Message(MessageKind.ERROR, request.round, meta=meta)
 
 
+def request_id(message: Message) -> int | None:
+    """`meta.req` when it is an integer (never a bool), else None."""
+    req = message.meta.get("req")
+    return req if type(req) is int else None
+
+
 def failure_of(error: Message) -> SendFailure | None:
     """The failure a peer's ERROR reports, or None when it names no kind we could have sent."""
     try:
         kind = MessageKind(error.meta.get("kind"))
     except ValueError:
         return None
-    req = error.meta.get("req")
-    return SendFailure(kind, error.round, str(error.meta.get("reason", ""))[:500], "refused", req if type(req) is int else None)
+    return SendFailure(kind, error.round, str(error.meta.get("reason", ""))[:500], "refused", request_id(error))
 
 
 def _payload_bytes(message: Message) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from p2pmoe.driver.rounds import drive_rounds
-from p2pmoe.driver.runner import NodeRunner, RateLimitedLog
+from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, request_id
 from p2pmoe.driver.summary import metrics_row
 from p2pmoe.config import resolve
 from p2pmoe.experiment import build_experiment, node_seed
@@ -119,7 +119,7 @@ class NodeDaemon:
             if message.kind in (MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR):
                 self._noise.warning(f"send:{dst}", "%s: could not send %s to %s: %s", self.cfg.node_id, message.kind.value, dst, exc)
                 return
-            await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), "unreachable", _req(message))))
+            await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), "unreachable", request_id(message))))
 
     async def _request(self, dst: str, message: Message) -> None:
         """A request whose reply the transport matches by meta.req, retried on silence; a
@@ -129,7 +129,7 @@ class NodeDaemon:
             reply = await self.transport.request(dst, message, self.cfg.timing.request_timeout, self.cfg.timing.request_retries)
         except TransportError as exc:
             cause = "timeout" if isinstance(exc, RequestTimeout) else "unreachable" if isinstance(exc, PeerUnreachable) else "failed"
-            await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), cause, _req(message))))
+            await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), cause, request_id(message))))
             return
         await self._dispatch(Envelope(dst, reply))
 
@@ -160,7 +160,10 @@ class NodeDaemon:
                 self.membership.seen(src, time.monotonic())
                 self._take_control(src, message)
             if message.kind == MessageKind.HELLO and message.meta.get("reply") is not True:
-                await self._send_one(src, self._control(MessageKind.HELLO, reply=True))
+                answer = self._control(MessageKind.HELLO, reply=True)
+                if "req" in message.meta:  # a hello with a request id doubles as a ping
+                    answer.meta["req"] = message.meta["req"]
+                await self._send_one(src, answer)
             return
         if src in self.refused_peers:
             self._noise.warning(f"refused:{src}", "%s: ignoring %s from %s, which runs another experiment", self.cfg.node_id, message.kind.value, src)
@@ -290,8 +293,3 @@ class NodeDaemon:
             self._flush_ledger()
             self._folder.close()
             await self.transport.close()
-
-
-def _req(message: Message) -> int | None:
-    req = message.meta.get("req")
-    return req if type(req) is int else None

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from p2pmoe.driver.rounds import drive_rounds
-from p2pmoe.driver.runner import NodeRunner
+from p2pmoe.driver.runner import NodeRunner, request_id
 from p2pmoe.driver.summary import Row, metrics_row
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import Method, SendFailure
@@ -155,7 +155,7 @@ class SimNetwork:
         message = send.message
         runner = self.runners.get(send.dst)
         if runner is None:
-            return src, self.runners[src].failed(send.dst, SendFailure(message.kind, message.round, f"no node {send.dst!r} in this run", "unreachable"))
+            return src, self.runners[src].failed(send.dst, SendFailure(message.kind, message.round, f"no node {send.dst!r} in this run", "unreachable", request_id(message)))
         frames = encode(src, message, self.limits, self.compression)
         self.ledger.record(message.round, src, send.dst, message.kind.value, *frame_sizes(frames), phase=phase)
         self._deepest[message.round] = max(self._deepest.get(message.round, -1), phase)
