@@ -1,0 +1,174 @@
+"""Daemons on loopback, in one process: calls into a method never overlap, a refused request
+reaches the method at once, peers running another experiment are refused, swarm threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from p2pmoe.config import default_config
+from p2pmoe.data.images import FMNIST_ROOT
+from p2pmoe.experiment import build_experiment
+from p2pmoe.methods.base import Method
+from p2pmoe.node.config import NodeConfig, Timing, load_node_config
+from p2pmoe.node.daemon import NodeDaemon
+from p2pmoe.node.swarm import free_ports, write_node_configs
+from p2pmoe.wire.codec import ProtocolError, encode
+from p2pmoe.wire.messages import Message, MessageKind, Send
+
+FAST = Timing(round_deadline=60, heartbeat=0.2, suspect_after=1, dead_after=3, startup=10, linger=1, request_timeout=20, request_retries=0)
+
+
+class SlowTrainer(Method):
+    """Trains round 1 for a while and records whether a message ever arrived mid-training."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.training = False
+        self.training_started = threading.Event()
+        self.release = threading.Event()
+        self.messages: list[tuple[int, bool]] = []
+
+    def train_local(self, round_index: int) -> dict[str, float]:
+        self.training = True
+        if round_index == 1:
+            self.training_started.set()
+            self.release.wait(20)
+        self.training = False
+        return {}
+
+    def start_round(self, round_index: int) -> list[Send]:
+        return []
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        self.messages.append((message.round, self.training))
+        return []
+
+    def round_complete(self) -> bool:
+        return True
+
+
+def _node(tmp_path: Path, name: str, peers: dict[str, str], address: str, cfg=None) -> NodeConfig:
+    cfg = cfg or default_config(method="local", rounds=2)
+    return NodeConfig(name, address, tmp_path / name, peers, cfg, FAST)
+
+
+@pytest.mark.timeout(60)
+def test_a_message_that_arrives_while_the_method_trains_waits_for_training_to_end(tmp_path):
+    (port,) = free_ports(1)
+    method = SlowTrainer("node-00")
+    daemon = NodeDaemon(_node(tmp_path, "node-00", {}, f"tcp://127.0.0.1:{port}"), method=method)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(daemon.run())
+        await asyncio.to_thread(method.training_started.wait, 20)
+        context = zmq.asyncio.Context()
+        peer = context.socket(zmq.DEALER)
+        peer.setsockopt(zmq.ROUTING_ID, b"late-peer")
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.connect(f"tcp://127.0.0.1:{port}")
+        # A late message of round 0 (a delayed reply, say) while round 1 trains.
+        await peer.send_multipart([bytes(f) for f in encode("late-peer", Message(MessageKind.GOSSIP, 0, meta={"degree": 1}))])
+        await asyncio.sleep(1.0)  # the node's receive loop has it well before training ends
+        method.release.set()
+        await asyncio.wait_for(run, 30)
+        peer.close()
+        context.term()
+
+    asyncio.run(scenario())
+    assert method.messages == [(0, False)]  # handed over, but only after training returned
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
+def test_a_refused_expert_request_replans_the_round_at_once(tmp_path, caplog):
+    cfg = default_config(method="fedmoe-da", nodes=2, rounds=1, max_train_per_node=64, seed=2)
+    nodes = build_experiment(cfg).nodes
+    refusing = nodes["node-01"]
+
+    def refuse(src, message):
+        raise ProtocolError("experts are not for you")
+
+    refusing._on_expert_request = refuse  # type: ignore[method-assign]
+    a, b = free_ports(2)
+    addresses = {"node-00": f"tcp://127.0.0.1:{a}", "node-01": f"tcp://127.0.0.1:{b}"}
+    daemons = {
+        n: NodeDaemon(_node(tmp_path, n, {p: addr for p, addr in addresses.items() if p != n}, addresses[n], cfg), method=nodes[n])
+        for n in addresses
+    }
+    requester = daemons["node-00"]
+    times: dict[str, float] = {}
+    start, wait = requester.runner.start, requester.wait
+
+    def timed_start(r):
+        times["start"] = time.monotonic()
+        return start(r)
+
+    async def timed_wait(node, timeout):
+        finished = await wait(node, timeout)
+        times["complete" if finished else "deadline"] = time.monotonic()
+        return finished
+
+    requester.runner.start = timed_start  # type: ignore[method-assign]
+    requester.wait = timed_wait  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await asyncio.gather(*(d.run() for d in daemons.values()))
+
+    with caplog.at_level(logging.WARNING, logger="p2pmoe.driver"):
+        asyncio.run(scenario())
+    assert "expert_request to node-01 failed (refused): experts are not for you" in caplog.text
+    assert "deadline" not in times and times["complete"] - times["start"] < FAST.round_deadline / 10  # no idling to the deadline
+
+
+class Idle(Method):
+    def start_round(self, round_index: int) -> list[Send]:
+        return []
+
+    def on_message(self, src: str, message: Message) -> list[Send]:
+        return []
+
+    def round_complete(self) -> bool:
+        return True
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_running_another_experiment_is_refused_with_the_keys_that_differ(tmp_path, caplog):
+    a, b = free_ports(2)
+    addresses = {"node-00": f"tcp://127.0.0.1:{a}", "node-01": f"tcp://127.0.0.1:{b}"}
+    seeds = {"node-00": 0, "node-01": 1}
+    daemons = {
+        n: NodeDaemon(
+            _node(tmp_path, n, {p: x for p, x in addresses.items() if p != n}, addresses[n], default_config(method="local", rounds=1, seed=seeds[n])),
+            method=Idle(n),
+        )
+        for n in addresses
+    }
+    for d in daemons.values():
+        d.cfg = NodeConfig(d.cfg.node_id, d.cfg.bind, d.cfg.out, d.cfg.peers, d.cfg.experiment, Timing(startup=1.5, heartbeat=0.2, linger=0.5))
+
+    async def scenario() -> None:
+        await asyncio.gather(*(d.run() for d in daemons.values()))
+
+    with caplog.at_level(logging.ERROR, logger="p2pmoe.node"):
+        asyncio.run(scenario())
+    assert daemons["node-00"].refused_peers == {"node-01": ["run.seed"]}
+    assert daemons["node-01"].refused_peers == {"node-00": ["run.seed"]}
+    assert "node-00: refusing node-01: it runs another experiment; keys that differ: run.seed" in caplog.text
+    assert daemons["node-00"].peer_rounds == {}  # its round was never taken
+
+
+def test_swarm_processes_share_the_cores_out(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    cfg = default_config(method="fedavg", nodes=4, rounds=1)  # 4 clients and a server: 5 processes
+    paths = write_node_configs(cfg, tmp_path, Timing())
+    assert {load_node_config(p).experiment.run.threads for p in paths.values()} == {3}
+    pinned = write_node_configs(default_config(method="fedavg", nodes=4, rounds=1, threads=2), tmp_path / "pinned", Timing())
+    assert {load_node_config(p).experiment.run.threads for p in pinned.values()} == {2}
