@@ -41,7 +41,7 @@ def main() -> None:
         rows.append(bench_row(summary))
         table.append({"compression": scheme, **summary["metrics"], "MB/node/round": summary["bytes"]["per_node_per_round"]["total"] / 1e6})
     reference = trained_weights(base)
-    for row, line in zip(rows, table):
+    for row, line in zip(rows, table, strict=True):
         error = compression_error(reference, line["compression"])
         row["metrics"].update({"weight_rel_l2": error["rel_l2"], "weight_max_abs": error["max_abs"]})
         line.update({"rel L2 err": error["rel_l2"], "max abs err": error["max_abs"]})

@@ -90,7 +90,7 @@ def plot(curves: dict[str, list[tuple[float, float]]], title: str, path: Path) -
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in curves.items():
         if points:
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("cumulative MB sent + received per node")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from p2pmoe.fsio import atomic_write_json
 from p2pmoe.ledger import LedgerEntry

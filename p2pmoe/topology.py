@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import networkx as nx
 
@@ -190,7 +191,7 @@ def _read_edge_list(path: Path, text: str) -> nx.Graph:
         if key in first_line:
             raise TopologyError(f"{where}: duplicate edge {u}-{v} (first on line {first_line[key]})")
         first_line[key] = number
-        values = [_number(f, f"{where}: {name}", float) for f, name in zip(fields[2:], ("bandwidth", "latency"))]
+        values = [_number(f, f"{where}: {name}", float) for f, name in zip(fields[2:], ("bandwidth", "latency"), strict=False)]
         values += [DEFAULT_BANDWIDTH, DEFAULT_LATENCY][len(values):]
         bandwidth, latency = _check_link(*values, where)
         graph.add_edge(u, v, bandwidth=bandwidth, latency=latency)

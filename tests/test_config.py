@@ -7,7 +7,7 @@ import pytest
 from p2pmoe.cli import build_parser
 from p2pmoe.config import add_experiment_arguments, config_from_args, default_config, read_toml, with_options
 from p2pmoe.methods.fedmoe_da import FedMoEDAOptions
-from p2pmoe.settings import RunOptions, config_differences, canonical_config, config_hash
+from p2pmoe.settings import RunOptions, canonical_config, config_differences, config_hash
 
 
 def _parse(argv, defaults=None):

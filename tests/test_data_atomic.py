@@ -65,7 +65,7 @@ def test_malformed_input_names_file_line_and_format(tmp_path, text, line, expect
 
 def test_invalid_utf8_names_the_line(tmp_path):
     path = tmp_path / "x.item"
-    path.write_bytes("id:token\na\n".encode() + b"caf\xe9\n")
+    path.write_bytes(b"id:token\na\n" + b"caf\xe9\n")
     with pytest.raises(DataFormatError) as err:
         read_atomic(path)
     assert err.value.line == 3 and "UTF-8" in err.value.expected

@@ -137,9 +137,9 @@ def test_overlapped_timelines_merge_domains_in_time_order(toy):
 def test_multi_scenario_labels_features_and_negatives(toy):
     scenarios = multi_scenario_multi_task(toy, neg_per_pos=2, seed=3)
     assert [s.name for s in scenarios] == ["under 18", "18-24", "25-34", "56+"]
-    observed = set(zip(toy.user.tolist(), toy.item.tolist()))
+    observed = set(zip(toy.user.tolist(), toy.item.tolist(), strict=True))
     domains = genre_domains(toy)
-    rating = {(u, i): r for u, i, r in zip(toy.user.tolist(), toy.item.tolist(), toy.rating.tolist())}
+    rating = {(u, i): r for u, i, r in zip(toy.user.tolist(), toy.item.tolist(), toy.rating.tolist(), strict=True)}
     for s in scenarios:
         assert s.tasks == ("click", "like")
         assert s.categorical_names == ("user", "item", "domain", "gender", "occupation")
@@ -151,7 +151,7 @@ def test_multi_scenario_labels_features_and_negatives(toy):
         assert (domains[items] >= 0).all()
         click, like = s.labels[:, 0], s.labels[:, 1]
         assert (click == 0).sum() == 2 * (click == 1).sum()
-        for u, i, c, lk in zip(users.tolist(), items.tolist(), click, like):
+        for u, i, c, lk in zip(users.tolist(), items.tolist(), click, like, strict=True):
             assert ((u, i) in observed) == bool(c)
             assert lk == (c == 1 and rating[(u, i)] >= 4)
         assert sorted(np.concatenate([s.train_idx, s.test_idx]).tolist()) == list(range(len(s)))
@@ -163,9 +163,9 @@ def test_multi_scenario_labels_features_and_negatives(toy):
 
 def test_multi_scenario_is_seeded(toy):
     first, again, other = (multi_scenario_multi_task(toy, seed=s) for s in (0, 0, 1))
-    assert all(np.array_equal(a.categorical, b.categorical) for a, b in zip(first, again))
-    assert all(np.array_equal(a.test_idx, b.test_idx) for a, b in zip(first, again))
-    assert any(not np.array_equal(a.categorical, b.categorical) for a, b in zip(first, other))
+    assert all(np.array_equal(a.categorical, b.categorical) for a, b in zip(first, again, strict=True))
+    assert all(np.array_equal(a.test_idx, b.test_idx) for a, b in zip(first, again, strict=True))
+    assert any(not np.array_equal(a.categorical, b.categorical) for a, b in zip(first, other, strict=True))
 
 
 def test_a_user_who_rated_every_item_gets_no_negatives():

@@ -14,7 +14,7 @@ def _rows(n, seed=0):
     num = rng.normal(size=(n, 3)).round(3)
     click = rng.integers(0, 2, size=n)
     conversion = click * rng.integers(0, 2, size=n)
-    lines = [f"{i},{c[0]},{c[1]},{x[0]},{x[1]},{x[2]},{k},{v}" for i, (c, x, k, v) in enumerate(zip(cat, num, click, conversion))]
+    lines = [f"{i},{c[0]},{c[1]},{x[0]},{x[1]},{x[2]},{k},{v}" for i, (c, x, k, v) in enumerate(zip(cat, num, click, conversion, strict=True))]
     return lines, cat, num, np.column_stack([click, conversion])
 
 

@@ -156,7 +156,7 @@ def test_refresh_optimizer_follows_trainable_parameters_and_keeps_moments():
     assert torch.equal(learner.optimizer.state[model.item_emb.weight]["exp_avg"], exp_avg)
     before = [p.clone() for p in model.encoder.parameters()]
     learner.train(1)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.encoder.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.encoder.parameters(), strict=True))
     optimiser = learner.optimizer
     learner.refresh_optimizer()  # nothing changed: same optimiser
     assert learner.optimizer is optimiser

@@ -9,8 +9,8 @@ from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_weights
 from p2pmoe.methods.fedmoe_da import FedMoEDANode, FedMoEDAServer, make_plan
 from p2pmoe.methods.local import LocalMethod
-from p2pmoe.models.params import float_state
 from p2pmoe.models import MoEClassifier
+from p2pmoe.models.params import float_state
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.wire.codec import ProtocolError
 from p2pmoe.wire.messages import Message, MessageKind

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from p2pmoe.data.sequences import DomainSequences
-from p2pmoe.ledger import ByteLedger
 from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem
+from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.fedsasrec import FedSASRecClient, encoder_template
 from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient, FMoECDSRServer, domain_tensors
-from p2pmoe.models.params import float_state, weighted_average
 from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
+from p2pmoe.models.params import float_state, weighted_average
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.wire.codec import ProtocolError
 from p2pmoe.wire.messages import Message, MessageKind
@@ -197,7 +197,7 @@ def test_fedsasrec_averages_only_the_encoder():
     for send in replies:
         clients[send.dst].on_message("server", send.message)
     expected = weighted_average([{k: v for k, v in s.items() if k.startswith("encoder.")} for s in trained], [8, 16])
-    for lrn, before in zip(learners, trained):
+    for lrn, before in zip(learners, trained, strict=True):
         after = float_state(lrn.model)
         assert all(torch.equal(after[k], v) for k, v in expected.items())
         assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith("encoder."))

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.settings import ExperimentConfig
 from p2pmoe.data.images import FMNIST_ROOT
 from p2pmoe.node.config import Timing
 from p2pmoe.node.swarm import merge_run, run_swarm, start_node, write_node_configs
+from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.runner import run_simulation
 
 pytestmark = pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
@@ -89,7 +89,7 @@ def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_pat
                 proc.kill()
 
     log = (victim / "node.log").read_text()
-    assert f"resumed from" in log and f"after round {done_before}" in log
+    assert "resumed from" in log and f"after round {done_before}" in log
     victim_rounds = [r["round"] for r in _rows(victim / "metrics.jsonl")]
     # Rounds up to the kill were not run again; the node went on from there to the end.
     assert victim_rounds == sorted(set(victim_rounds)) and victim_rounds[-1] == cfg.run.rounds - 1

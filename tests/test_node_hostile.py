@@ -17,8 +17,8 @@ from torch import nn
 from p2pmoe.config import default_config
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.methods.fedmoe_da import FedMoEDANode
-from p2pmoe.models.params import float_state
 from p2pmoe.models import MoEClassifier
+from p2pmoe.models.params import float_state
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.daemon import NodeDaemon
 from p2pmoe.node.transport import Transport
@@ -74,7 +74,7 @@ class Harness:
     def __init__(self, tmp_path) -> None:
         self.tmp_path = tmp_path
 
-    async def __aenter__(self) -> "Harness":
+    async def __aenter__(self) -> Harness:
         cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {}, default_config(method="fedmoe-da"))
         self.method = _node()
         self.daemon = NodeDaemon(cfg, method=self.method)
@@ -158,3 +158,105 @@ def test_random_frames_never_change_the_model(tmp_path):
             assert all(torch.equal(before[k], after[k]) for k in before)
 
     asyncio.run(scenario())
+
+
+def _expert_reply(method: FedMoEDANode, req: object, slots: list[int]) -> Message:
+    from p2pmoe.methods.fedmoe_da import expert_tensors
+
+    meta = {} if req is None else {"req": req}
+    return Message(MessageKind.EXPERT_RESPONSE, 0, expert_tensors({s: method.moe.expert_state(s) for s in slots}), meta)
+
+
+@pytest.mark.timeout(60)
+def test_expert_replies_must_answer_the_outstanding_request_exactly(tmp_path):
+    """A reply with another request id (or none) is refused and the genuine one still counts;
+    a reply to the request with other slots than asked ends the wait instead of idling."""
+
+    async def scenario() -> None:
+        async with Harness(tmp_path) as h:
+            gate = h.method.moe.gating_matrix().detach()
+            await h.send([bytes(f) for f in encode(ATTACKER, Message(MessageKind.GATE_PUBLISH, 0, {"gate": gate}))])
+            request = await h.reply()
+            assert request is not None and request.kind == MessageKind.EXPERT_REQUEST
+            req, slots = request.meta["req"], request.meta["slots"]
+            for wrong in (req + 1, None, True):
+                await h.send([bytes(f) for f in encode(ATTACKER, _expert_reply(h.method, wrong, slots))])
+                answer = await h.reply()
+                assert answer is not None and answer.kind == MessageKind.ERROR and "request" in answer.meta["reason"]
+            assert not h.method.round_complete()  # still waiting for the genuine reply
+            await h.send([bytes(f) for f in encode(ATTACKER, _expert_reply(h.method, req, slots))])
+            await asyncio.sleep(0.3)
+            assert h.method.round_complete()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_with_the_wrong_slots_ends_the_wait_for_that_peer(tmp_path):
+    async def scenario() -> None:
+        async with Harness(tmp_path) as h:
+            gate = h.method.moe.gating_matrix().detach()
+            await h.send([bytes(f) for f in encode(ATTACKER, Message(MessageKind.GATE_PUBLISH, 0, {"gate": gate}))])
+            request = await h.reply()
+            assert request is not None
+            await h.send([bytes(f) for f in encode(ATTACKER, _expert_reply(h.method, request.meta["req"], [0]))])
+            answer = await h.reply()
+            assert answer is not None and answer.kind == MessageKind.ERROR
+            assert h.method.round_complete()  # aggregated over what it has, no idling to the deadline
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_messages_for_later_rounds_are_held_only_up_to_the_cap(tmp_path):
+    from p2pmoe.driver.runner import MAX_HELD_MESSAGES
+
+    async def scenario() -> None:
+        async with Harness(tmp_path) as h:
+            gate = h.method.moe.gating_matrix().detach()
+            frames = [bytes(f) for f in encode(ATTACKER, Message(MessageKind.GATE_PUBLISH, 1, {"gate": gate}))]
+            for _ in range(MAX_HELD_MESSAGES + 76):
+                await h.send(frames)
+            errors = 0
+            while (answer := await h.reply()) is not None:
+                errors += answer.kind == MessageKind.ERROR
+                if errors == 76:
+                    break
+            assert errors == 76 and len(h.daemon.runner._held) == MAX_HELD_MESSAGES
+            # and it still answers at once
+            await h.send([bytes(f) for f in encode(ATTACKER, Message(MessageKind.HELLO, 0, meta={"req": 9}))])
+            answer = await h.reply()
+            assert answer is not None and answer.meta.get("req") == 9
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_round_outside_the_run_is_ignored_at_start_up(tmp_path):
+    """A hello claiming round 2**62 (or any round past the run) used to end the run at once
+    with empty metrics; now the node runs its rounds."""
+    from p2pmoe.node.config import Timing
+    from p2pmoe.node.swarm import free_ports
+    from p2pmoe.settings import canonical_config, config_hash
+
+    (port,) = free_ports(1)
+    experiment = default_config(method="fedmoe-da", rounds=2)
+    cfg = NodeConfig(NODE, f"tcp://127.0.0.1:{port}", tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:1"}, experiment, Timing(startup=3, round_deadline=1, heartbeat=0.2, linger=0.1))
+    daemon = NodeDaemon(cfg, method=_node())
+
+    async def scenario() -> None:
+        run = asyncio.create_task(daemon.run())
+        context = zmq.asyncio.Context()
+        client = context.socket(zmq.DEALER)
+        client.setsockopt(zmq.ROUTING_ID, ATTACKER.encode())
+        client.setsockopt(zmq.LINGER, 0)
+        client.connect(f"tcp://127.0.0.1:{port}")
+        meta = {"round": 2**62, "done": False, "config": config_hash(experiment), "setting": canonical_config(experiment)}
+        await client.send_multipart([bytes(f) for f in encode(ATTACKER, Message(MessageKind.HELLO, 0, meta=meta))])
+        await asyncio.wait_for(run, 60)
+        client.close()
+        context.term()
+
+    asyncio.run(scenario())
+    rows = (tmp_path / "node" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and ATTACKER not in daemon.peer_rounds

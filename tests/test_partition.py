@@ -50,8 +50,8 @@ def test_same_seed_same_partition_and_other_seed_differs():
     a = partition_clients(_labels(50), _labels(5), 3, "dirichlet:0.5", seed=4)
     b = partition_clients(_labels(50), _labels(5), 3, "dirichlet:0.5", seed=4)
     c = partition_clients(_labels(50), _labels(5), 3, "dirichlet:0.5", seed=5)
-    assert all(np.array_equal(x.train, y.train) for x, y in zip(a, b))
-    assert not all(np.array_equal(x.train, y.train) for x, y in zip(a, c))
+    assert all(np.array_equal(x.train, y.train) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x.train, y.train) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "shards:1.5", "iid:3", "zipf:2"])

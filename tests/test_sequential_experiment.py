@@ -5,13 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_DOMAINS as DOMAINS
 
 from p2pmoe.cli import main
 from p2pmoe.config import default_config, with_options
 from p2pmoe.experiment import build_experiment
 from p2pmoe.tasks.sequential import FKCB_ENV
-
-from conftest import FIXTURE_DOMAINS as DOMAINS
 
 
 def _run(root: Path, method: str, out: Path) -> dict:

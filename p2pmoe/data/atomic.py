@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
+
 import numpy as np
 
 from p2pmoe.data.errors import DataFormatError
@@ -38,6 +40,13 @@ class AtomicTable:
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    @overload
+    def column(self, name: str, kind: Literal["token"], /) -> list[str]: ...
+    @overload
+    def column(self, name: str, kind: Literal["float"], /) -> np.ndarray: ...
+    @overload
+    def column(self, name: str, *types: str) -> Column: ...
 
     def column(self, name: str, *types: str) -> Column:
         """The column ``name``, raising a DataFormatError that names the file if it is absent
@@ -122,11 +131,11 @@ def _convert(path: Path, name: str, kind: str, values: list[str], lines: np.ndar
             return np.array(values, dtype=np.float64)
         except ValueError:
             return np.array(
-                [_float(path, name, v, int(line)) for v, line in zip(values, lines)], dtype=np.float64
+                [_float(path, name, v, int(line)) for v, line in zip(values, lines, strict=True)], dtype=np.float64
             )
     return [
         np.array([_float(path, name, v, int(line)) for v in value.split()], dtype=np.float64)
-        for value, line in zip(values, lines)
+        for value, line in zip(values, lines, strict=True)
     ]
 
 

@@ -86,10 +86,10 @@ def read_idx(path: str | Path) -> np.ndarray:
         expected = f"{ndim} dimension sizes after the magic number"
         raise DataFormatError(path, None, expected, got=f"{len(raw)} bytes in all")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
+    data_bytes = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != data_bytes:
         got = f"{len(raw) - header} bytes"
-        raise DataFormatError(path, None, f"{expected} data bytes for shape {shape}", got=got)
+        raise DataFormatError(path, None, f"{data_bytes} data bytes for shape {shape}", got=got)
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -153,8 +153,8 @@ def _cifar10(root: Path, hint: str) -> ImageDataset:
         for suffix, read in ((".bin", _cifar_bin_batch), ("", _cifar_py_batch)):
             if (folder / f"data_batch_1{suffix}").is_file():
                 batches = [read(folder / f"data_batch_{i}{suffix}") for i in range(1, 6)]
-                train = tuple(np.concatenate(parts) for parts in zip(*batches))
-                return _tensors("cifar10", train, read(folder / f"test_batch{suffix}"))
+                images, labels = (np.concatenate(parts) for parts in zip(*batches, strict=True))
+                return _tensors("cifar10", (images, labels), read(folder / f"test_batch{suffix}"))
     raise DataNotFoundError("cifar10", root, hint)
 
 
@@ -222,6 +222,7 @@ def _cifar_py_batch(path: Path) -> Split:
     if not ok:
         got = f"data {getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
         raise DataFormatError(path, None, expected, got=f"{got}, labels {labels.dtype} {labels.shape}")
+    assert isinstance(data, np.ndarray)  # checked in ok
     return _cifar_images(path, data, labels)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypedDict
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def load_movielens(name_or_path: str | Path = "ml-1m") -> MovieLens:
     user, user_tokens = _renumber(inter.column("user_id", "token"))
     item, item_tokens = _renumber(inter.column("item_id", "token"))
     titles, genres = _item_metadata(read_atomic(paths["item"]), item_tokens)
-    users = _user_metadata(read_atomic(paths["user"]), user_tokens) if paths["user"].is_file() else {}
+    users: _UserMetadata = _user_metadata(read_atomic(paths["user"]), user_tokens) if paths["user"].is_file() else {}
     return MovieLens(
         name=folder.name,
         user=user,
@@ -186,7 +187,7 @@ def non_overlapped_domains(
     for u, run in _user_runs(users):
         if run.stop - run.start >= min_len:
             members[home[u]].append((u, items[run]))
-    return [_leave_one_out(name, seqs, max_len) for name, seqs in zip(GENRE_DOMAINS, members)]
+    return [_leave_one_out(name, seqs, max_len) for name, seqs in zip(GENRE_DOMAINS, members, strict=True)]
 
 
 def overlapped_timelines(ml: MovieLens, min_len: int = 3) -> list[Timeline]:
@@ -321,22 +322,35 @@ def _item_metadata(table: AtomicTable, item_tokens: list[str]) -> tuple[list[str
     genres = [tuple(g.split()) for g in _as_text(table.columns[genre_column])]
     titles = _as_text(table.columns.get("movie_title", table.columns["item_id"]))
     return (
-        [titles[r] if r >= 0 else token for r, token in zip(rows, item_tokens)],
+        [titles[r] if r >= 0 else token for r, token in zip(rows, item_tokens, strict=True)],
         [genres[r] if r >= 0 else () for r in rows],
     )
 
 
-def _user_metadata(table: AtomicTable, user_tokens: list[str]) -> dict[str, np.ndarray | list[str]]:
+class _UserMetadata(TypedDict, total=False):
+    """The optional user fields of MovieLens, as keyword arguments."""
+
+    user_age: np.ndarray
+    user_gender: list[str]
+    user_occupation: list[str]
+
+
+def _user_metadata(table: AtomicTable, user_tokens: list[str]) -> _UserMetadata:
     """MovieLens' user_age / user_gender / user_occupation fields, for the columns present."""
     rows = _rows_of(table, "user_id", user_tokens)
     # Row -1 (a user the file lacks) picks the missing-value sentinel appended last.
-    found: dict[str, np.ndarray | list[str]] = {}
+    found: _UserMetadata = {}
+
+    def text(name: str) -> list[str]:
+        values = _as_text(table.columns[name]) + [""]
+        return [values[r] for r in rows]
+
     if "age" in table.types:
         found["user_age"] = np.append(_numbers(table, "age"), np.nan)[rows]
-    for name in ("gender", "occupation"):
-        if name in table.types:
-            text = _as_text(table.columns[name]) + [""]
-            found[f"user_{name}"] = [text[r] for r in rows]
+    if "gender" in table.types:
+        found["user_gender"] = text("gender")
+    if "occupation" in table.types:
+        found["user_occupation"] = text("occupation")
     return found
 
 
@@ -365,7 +379,7 @@ def _user_runs(users: np.ndarray) -> Iterator[tuple[int, slice]]:
     if users.size == 0:
         return
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]).tolist()
-    for start, stop in zip(starts, starts[1:] + [len(users)]):
+    for start, stop in zip(starts, starts[1:] + [len(users)], strict=True):
         yield int(users[start]), slice(start, stop)
 
 

@@ -87,4 +87,4 @@ def partition_clients(
     empty = [k for k, idx in enumerate(train) if len(idx) == 0]
     if empty:
         raise ValueError(f"partition {scheme!r} left clients {empty} with no training data; use fewer clients or a larger alpha")
-    return [ClientSplit(tr, te) for tr, te in zip(train, test)]
+    return [ClientSplit(tr, te) for tr, te in zip(train, test, strict=True)]

@@ -6,15 +6,15 @@ by the client's number of training examples and sends the average back to every 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer
-from p2pmoe.naming import SERVER_ID
 from p2pmoe.models.params import float_state, load_float_state, weighted_average
+from p2pmoe.naming import SERVER_ID
 from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -78,7 +78,7 @@ class FedAvgServer(CollectingServer):
         self._updates[src] = (message.tensors, count)
 
     def reply(self) -> list[Send]:
-        states, counts = zip(*self._updates.values())
+        states, counts = zip(*self._updates.values(), strict=True)
         self.global_state = weighted_average(states, counts)
         message = Message(MessageKind.MODEL_GLOBAL, self._round, self.global_state)
         return [Send(client, message) for client in self.live_clients()]

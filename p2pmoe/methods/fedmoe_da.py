@@ -10,8 +10,9 @@ every node's aggregation plan; experts still move peer to peer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -20,9 +21,10 @@ from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_we
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange
 from p2pmoe.methods.registry import BuildContext, MethodSpec, all_peers, register_method, topology_peers
+from p2pmoe.models.moe import MixtureOfExperts
+from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
-from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -65,12 +67,21 @@ class Plan:
         return Message(MessageKind.AGGREGATION_PLAN, round_index, {"weights": self.weights.float()}, {"sources": [list(s) for s in self.sources]})
 
     @classmethod
-    def from_message(cls, message: Message, num_experts: int) -> "Plan":
+    def from_message(cls, message: Message, num_experts: int) -> Plan:
         sources = message.meta.get("sources")
         weights = message.tensors.get("weights")
-        require(isinstance(sources, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in sources), "meta.sources must be a list of [node, slot]")
-        require(weights is not None and tuple(weights.shape) == (num_experts, len(sources)) and weights.dtype == torch.float32, "plan weights must be float32 [experts, sources]")
-        require(bool((weights >= 0).all()) and bool(torch.allclose(weights.sum(dim=1), torch.ones(num_experts), atol=1e-4)), "plan weights must be non-negative rows summing to 1")
+        # Explicit raises rather than require(): they narrow the types of sources and weights.
+        if not (
+            isinstance(sources, list)
+            and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in sources)
+        ):
+            raise ProtocolError("meta.sources must be a list of [node, slot]")
+        if weights is None or tuple(weights.shape) != (num_experts, len(sources)) or weights.dtype != torch.float32:
+            raise ProtocolError("plan weights must be float32 [experts, sources]")
+        require(
+            bool((weights >= 0).all()) and bool(torch.allclose(weights.sum(dim=1), torch.ones(num_experts), atol=1e-4)),
+            "plan weights must be non-negative rows summing to 1",
+        )
         return cls([(n, s) for n, s in sources], weights.double())
 
 
@@ -109,7 +120,10 @@ class FedMoEDANode(LearnerMethod):
         self.visible = set(visible)
         self.p, self.tau, self.interval = p, tau, interval
         self.embedding, self.server_id, self.planner = embedding, server_id, planner
-        self.moe = learner.model.moe
+        moe = learner.model.moe
+        if not isinstance(moe, MixtureOfExperts):
+            raise TypeError(f"FedMoE-DA needs a model whose `moe` is a MixtureOfExperts, got {type(moe).__name__}")
+        self.moe: MixtureOfExperts = moe
         self.num_experts = self.moe.num_experts
         model = learner.model
         self.gossip = GossipExchange(
@@ -138,12 +152,14 @@ class FedMoEDANode(LearnerMethod):
         self._fetched, self._fetch_awaited, self._aggregated = {}, {}, False
         sends = self.gossip.start(round_index)
         if self.embedding == "server":
+            assert self.server_id is not None  # checked in __init__
             phi = float_state(self.learner.model, EMBEDDING_PREFIX)
             sends.append(Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, phi, {"num_examples": self.learner.num_train_examples})))
             self._embedding_awaited = True
         if round_index % self.interval == 0 or self.plan is None:
             gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self.moe.gating_matrix().detach().float().cpu()})
             if self.planner == "server":
+                assert self.server_id is not None  # checked in __init__
                 self._plan_awaited = True
                 sends.append(Send(self.server_id, gate))
             else:
@@ -188,7 +204,8 @@ class FedMoEDANode(LearnerMethod):
         require(src == self.server_id and self._plan_awaited, f"no aggregation plan expected from {src}")
         plan = Plan.from_message(message, self.num_experts)
         own = [(n, s) for n, s in plan.sources if n == self.node_id]
-        require(own == [(self.node_id, e) for e in range(self.num_experts)] and plan.sources[: self.num_experts] == own, "plan must list this node's own experts first")
+        own_first = own == [(self.node_id, e) for e in range(self.num_experts)] and plan.sources[: self.num_experts] == own
+        require(own_first, "plan must list this node's own experts first")
         self.plan = plan
         self._plan_awaited = False
         return self._request_experts()
@@ -211,11 +228,12 @@ class FedMoEDANode(LearnerMethod):
 
     def _on_expert_request(self, src: str, message: Message) -> list[Send]:
         slots = message.meta.get("slots")
-        require(
+        # An explicit raise rather than require(): it narrows the type of slots.
+        if not (
             isinstance(slots, list) and slots and len(set(slots)) == len(slots)
-            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.num_experts for s in slots),
-            f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}",
-        )
+            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.num_experts for s in slots)
+        ):
+            raise ProtocolError(f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}")
         meta = {"req": message.meta["req"]} if "req" in message.meta else {}
         reply = Message(MessageKind.EXPERT_RESPONSE, self._round, expert_tensors({s: self._snapshot[s] for s in slots}), meta)
         return [Send(src, reply)]
@@ -226,7 +244,8 @@ class FedMoEDANode(LearnerMethod):
         awaited; a reply to our request that is malformed ends the wait for that peer (the
         round goes on without its experts instead of idling to the deadline)."""
         awaited = self._fetch_awaited.get(src)
-        require(awaited is not None, f"no experts expected from {src}")
+        if awaited is None:
+            raise ProtocolError(f"no experts expected from {src}")
         req, slots = awaited
         got = message.meta.get("req")
         require(type(got) is int and got == req, f"expert_response answers request {got!r}, the request outstanding with {src} is {req}")
@@ -357,7 +376,8 @@ class FedMoEDAServer(Method):
         require(message.kind == MessageKind.GATE_PUBLISH and self._expects_gates(), f"server does not take {message.kind.value} now")
         require(src in self._live and message.round == self._round and not self._planned, f"unexpected gate from {src} for round {message.round}")
         gate = message.tensors.get("gate")
-        require(set(message.tensors) == {"gate"} and gate.dtype == torch.float32 and gate.dim() == 2, "gate_publish carries one float32 matrix 'gate'")
+        if set(message.tensors) != {"gate"} or gate is None or gate.dtype != torch.float32 or gate.dim() != 2:
+            raise ProtocolError("gate_publish carries one float32 matrix 'gate'")
         if self._gate_shape is None:
             self._gate_shape = gate.shape
         require(gate.shape == self._gate_shape, f"gate shape {tuple(gate.shape)} differs from the swarm's {tuple(self._gate_shape)}")

@@ -13,8 +13,8 @@ from torch import nn
 from p2pmoe.methods.base import Learner, Method
 from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
-from p2pmoe.naming import SERVER_ID
 from p2pmoe.models.params import float_state
+from p2pmoe.naming import SERVER_ID
 
 ENCODER_PREFIX = "encoder."
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 from p2pmoe.methods.base import Method
 from p2pmoe.wire.codec import require

@@ -39,7 +39,7 @@ class MLP(nn.Module):
         if not hidden and d_out is None:
             raise ValueError("an MLP needs at least one hidden layer or an output size")
         sizes = [d_in, *hidden] + ([d_out] if d_out is not None else [])
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.num_hidden = len(hidden)
         self.dropout = dropout
         self.activation = activation

@@ -71,6 +71,6 @@ class MMoE(nn.Module):
         expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, h]
         logits = [
             tower(torch.einsum("be,beh->bh", gate(x), expert_out)).squeeze(-1)
-            for gate, tower in zip(self.gates, self.towers)
+            for gate, tower in zip(self.gates, self.towers, strict=True)
         ]
         return torch.stack(logits, dim=-1)

@@ -52,7 +52,7 @@ class MixtureOfExperts(nn.Module):
         active = weights > 0
         rows_per_expert = active.sum(dim=0).tolist()
         out: Tensor | None = None
-        for slot, (expert, n_rows) in enumerate(zip(self.experts, rows_per_expert)):
+        for slot, (expert, n_rows) in enumerate(zip(self.experts, rows_per_expert, strict=True)):
             if n_rows == x.shape[0]:  # first, so an empty batch still yields [0, d_out]
                 y = weights[:, slot, None] * expert(x)
                 out = y if out is None else out + y

@@ -8,7 +8,8 @@ tells a method about a lost peer exactly once and again only after the peer came
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 State = Literal["alive", "suspect", "dead"]
 

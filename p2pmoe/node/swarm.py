@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -62,7 +63,7 @@ def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, address
     cfg = resolve(cfg)
     ids = node_ids(cfg)
     if addresses is None:
-        addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)))}
+        addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)), strict=True)}
     data_root = str(Path(cfg.run.data_root).resolve()) if cfg.run.data_root else None  # node files resolve paths from their folder
     run = dataclasses.replace(cfg.run, threads=thread_budget(cfg, len(ids)), data_root=data_root)
     paths = {}

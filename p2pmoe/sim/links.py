@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import networkx as nx
 import numpy as np
@@ -85,7 +85,7 @@ class _Routes:
         return self.paths[key]
 
 
-_ROUTES: "weakref.WeakKeyDictionary[nx.Graph, _Routes]" = weakref.WeakKeyDictionary()
+_ROUTES: weakref.WeakKeyDictionary[nx.Graph, _Routes] = weakref.WeakKeyDictionary()
 
 
 def _routes(graph: nx.Graph) -> _Routes:
