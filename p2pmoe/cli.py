@@ -107,7 +107,12 @@ def _daemon(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(NodeDaemon(cfg).run())
+    import zmq
+
+    try:
+        asyncio.run(NodeDaemon(cfg).run())
+    except zmq.ZMQError as exc:  # a port in use, an address that is not ours: one line, not a traceback
+        raise ValueError(f"{args.config}: cannot listen on {cfg.bind}: {exc}") from None
     return 0
 
 

@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -162,6 +162,9 @@ class NodeRunner:
 
     def evaluate(self) -> dict[str, float]:
         return self._with_own_rng(self.method.evaluate)
+
+    def diagnostics(self) -> dict[str, Any]:
+        return self.method.diagnostics()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's state and the node's RNG stream (`driver.rng`), for exact resumes."""

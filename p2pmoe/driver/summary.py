@@ -17,12 +17,17 @@ from p2pmoe.tasks.base import Selection
 Row = dict[str, Any]
 
 
-def metrics_row(node: str, round_index: int, train: dict[str, float], metrics: dict[str, float] | None, sent: int, received: int) -> Row:
+def metrics_row(
+    node: str, round_index: int, train: dict[str, float], metrics: dict[str, float] | None, sent: int, received: int, diagnostics: dict[str, Any] | None = None
+) -> Row:
     """One metrics.jsonl line: a node's round, its training statistics, its evaluation (when
-    the round was evaluated) and the bytes it sent and received that round."""
+    the round was evaluated), the bytes it sent and received that round, and the method's
+    diagnostics (when it has any)."""
     row: Row = {"round": round_index, "node": node, "train": train, "bytes_sent": sent, "bytes_received": received}
     if metrics:  # a node without data (a server) has nothing to report
         row["metrics"] = metrics
+    if diagnostics:
+        row["diagnostics"] = diagnostics
     return row
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -83,6 +84,12 @@ class Method(ABC):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything to checkpoint, as named tensors (the codec can carry it)."""
+        return {}
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What the method decided this round, for reports (JSON-ready, small): FedMoE-DA's
+        aggregation plan, say. The driver writes it into the round's metrics.jsonl row under
+        `diagnostics` when it is not empty. Default: nothing."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

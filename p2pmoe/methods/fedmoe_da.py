@@ -309,6 +309,17 @@ class FedMoEDANode(LearnerMethod):
         self.gossip.rejoin(peer)
         return []
 
+    def diagnostics(self) -> dict[str, Any]:
+        """This round's plan (candidate (node, slot) sources and the [E, M] weights, whose zero
+        columns were not fetched) and the node's own gate, for expert-selection reports."""
+        if self.plan is None:
+            return {}
+        return {
+            "plan_sources": [list(s) for s in self.plan.sources],
+            "plan_weights": [[round(float(w), 6) for w in row] for row in self.plan.weights],
+            "gate": [[round(float(v), 6) for v in row] for row in self.moe.gating_matrix().detach().cpu()],
+        }
+
     def on_send_failed(self, dst: str, failure: SendFailure) -> list[Send]:
         """An expert request that failed (refused, timed out, unreachable) re-plans the round
         around that peer's experts at once: the weights renormalise over what is in hand."""

@@ -89,7 +89,7 @@ class SimNetwork:
 
     async def round_done(self, node: NodeRunner, round_index: int, train: dict[str, float], metrics: dict[str, float] | None) -> None:
         traffic = self.ledger.node_traffic(node.node_id, round_index)
-        row = metrics_row(node.node_id, round_index, train, metrics, traffic["sent"], traffic["received"])
+        row = metrics_row(node.node_id, round_index, train, metrics, traffic["sent"], traffic["received"], node.diagnostics())
         self.rows.append(row)
         if self.folder is not None:
             self.folder.log(row)
