@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv data clean
+.PHONY: demo test test-all venv data lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ data: $(STAMP)
 demo: data
 	$(PY) -m p2pmoe.cli demo --out runs/demo
 
-test: data
+lint: $(STAMP)
+	$(PY) -m ruff check p2pmoe tests bench
+	$(PY) -m ruff format --check p2pmoe tests bench
+	$(PY) -m mypy
+
+test: data lint
 	$(PY) -m pytest -q
 
 test-all: data

@@ -132,8 +132,10 @@ def main() -> None:
                 tables.append(table_row(label, topology, summary, fedavg_bytes))
                 if topology == "full":
                     curves[label] = curve(out)
-        plot(curves, f"Fashion-MNIST, {base.run.nodes} nodes, Dirichlet {alpha}, {base.run.rounds} rounds", args.results / f"{args.name}_alpha{alpha}.png")
-        text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n")
+        title = f"Fashion-MNIST, {base.run.nodes} nodes, Dirichlet {alpha}, {base.run.rounds} rounds"
+        plot(curves, title, args.results / f"{args.name}_alpha{alpha}.png")
+        table = format_table(tables, list(tables[0]))
+        text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{table}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n")
         print(text[-1])
     run, task, fedmoe = resolve(base).run, base.task, variant(base, "fedmoe-da", {}).method.to_dict()
     assert isinstance(task, ImageOptions)  # checked above
@@ -144,7 +146,8 @@ def main() -> None:
                f"links {run.link_bandwidth / 1e6:g} Mbit/s, {run.link_latency * 1e3:g} ms; seed {run.seed}")
     command = rerun_command("bench/bench_fedmoe_da.py", args, skip=("results",), parser=parser)
     atomic_write_json(args.results / f"{args.name}.json", rows)
-    atomic_write_bytes(args.results / f"{args.name}.md", (f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)).encode())
+    report = f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)
+    atomic_write_bytes(args.results / f"{args.name}.md", report.encode())
 
 
 if __name__ == "__main__":

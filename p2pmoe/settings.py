@@ -42,6 +42,10 @@ class RunOptions(Options):
     link_bandwidth: float = option(100e6, "bits/s of generated links, for simulated time", above=0)
     link_latency: float = option(0.0005, "seconds of generated links, for simulated time", minimum=0)
     max_train_per_node: int | None = option(None, "cap each client's training examples (quick looks)", minimum=1)
+    train: str = option(
+        "local", "local: train and evaluate; none: accounting only (no training or evaluation, every message keeps its real size through the codec and the ledger)", choices=("local", "none")
+    )
+    compute_time: str = option("none", "simulated training time of a node per round: none, constant:SECONDS or per_example:SECONDS (added to sim_seconds)")
     threads: int = option(0, "torch threads per process; 0: all cores for simulate, cores // processes for swarm", minimum=0)
     device: str = option("auto", "where models train: auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     out: str = option("runs/latest", "run folder")
@@ -51,6 +55,22 @@ class RunOptions(Options):
         from p2pmoe.wire.compression import parse_compression  # imports torch: only when a run is configured
 
         parse_compression(self.compression)
+        parse_compute_time(self.compute_time)
+
+
+def parse_compute_time(spec: str) -> tuple[str, float]:
+    """`none`, `constant:S` (every node trains S seconds a round) or `per_example:S` (S seconds
+    per training example and epoch, so nodes with more data straggle) -> (kind, seconds)."""
+    kind, _, value = spec.partition(":")
+    if spec == "none":
+        return "none", 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if kind not in ("constant", "per_example") or not seconds >= 0:
+        raise ValueError(f"[run] compute_time must be none, constant:SECONDS or per_example:SECONDS, got {spec!r}")
+    return kind, seconds
 
 
 @dataclass(frozen=True)

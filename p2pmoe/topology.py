@@ -193,7 +193,7 @@ def _read_edge_list(path: Path, text: str) -> nx.Graph:
         first_line[key] = number
         values = [_number(f, f"{where}: {name}", float) for f, name in zip(fields[2:], ("bandwidth", "latency"), strict=False)]
         values += [DEFAULT_BANDWIDTH, DEFAULT_LATENCY][len(values):]
-        bandwidth, latency = _check_link(*values, where)
+        bandwidth, latency = _check_link(values[0], values[1], where)
         graph.add_edge(u, v, bandwidth=bandwidth, latency=latency)
     return graph
 

@@ -60,7 +60,11 @@ def test_every_module_belongs_to_a_layer_and_imports_only_downward():
 
 
 def test_the_command_line_answers_help_without_importing_torch():
-    code = "import sys, contextlib, io\nfrom p2pmoe.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n    try: main(['--help'])\n    except SystemExit: pass\nprint('torch' in sys.modules)"
+    code = (
+        "import sys, contextlib, io\nfrom p2pmoe.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    try: main(['--help'])\n    except SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
 

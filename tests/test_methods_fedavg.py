@@ -39,7 +39,7 @@ def _fedavg(values, counts):
     learners = [ConstantLearner(v, n) for v, n in zip(values, counts, strict=True)]
     ids = [f"c{i}" for i in range(len(learners))]
     nodes = {"server": FedAvgServer("server", ids, float_state(learners[0].model))}
-    nodes.update({i: FedAvgClient(i, l, "server") for i, l in zip(ids, learners, strict=True)})
+    nodes.update({i: FedAvgClient(i, lrn, "server") for i, lrn in zip(ids, learners, strict=True)})
     return nodes, learners, ids
 
 

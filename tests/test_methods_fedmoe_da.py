@@ -105,8 +105,6 @@ def test_fetches_exactly_the_selected_pairs_once_and_aggregates_them():
     nodes, learners = _swarm(p=2)
     ledger = ByteLedger()
     bus = SimNetwork(nodes, ledger)
-    requests = []
-    original = nodes["n0"].on_message
 
     bus.run_round(0)
     for node_id, node in nodes.items():
@@ -130,7 +128,7 @@ def test_aggregation_is_the_weighted_sum_of_selected_experts():
         node.train_local(0)
         snap[n] = {s: learners[n].model.moe.expert_state(s) for s in range(3)}
     bus = SimNetwork(nodes)
-    for n, node in nodes.items():
+    for node in nodes.values():
         node.train_local = lambda r: {}  # already trained: keep the snapshot comparable
     bus.run_round(0)
     plan = nodes["n2"].plan

@@ -185,7 +185,7 @@ def test_fedsasrec_averages_only_the_encoder():
     clients = {f"c{c}": FedSASRecClient(f"c{c}", lrn, "server") for c, lrn in enumerate(learners)}
     server = FedAvgServer("server", list(clients), encoder_template(learners[0].model))
     trained = []
-    for node, client in clients.items():
+    for client in clients.values():
         client.train_local(0)
         trained.append(float_state(client.learner.model))
     server.start_round(0)

@@ -92,3 +92,19 @@ def test_keys_refusing_to_overwrite_is_an_error_line_not_a_traceback(tmp_path, c
     assert main(["keys", "--out", str(tmp_path), "a"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("p2pmoe: error:") and "Traceback" not in err
+
+
+def test_a_node_that_cannot_bind_says_so_in_one_line(tmp_path, capsys):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        path = _write(tmp_path, f'node_id = "node-00"\nbind = "tcp://127.0.0.1:{port}"\n[run]\nmethod = "local"\nnodes = 1\n')
+        assert main(["node", "--config", str(path)]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert "cannot listen on" in err and "Traceback" not in err

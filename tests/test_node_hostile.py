@@ -241,7 +241,8 @@ def test_a_peer_round_outside_the_run_is_ignored_at_start_up(tmp_path):
 
     (port,) = free_ports(1)
     experiment = default_config(method="fedmoe-da", rounds=2)
-    cfg = NodeConfig(NODE, f"tcp://127.0.0.1:{port}", tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:1"}, experiment, Timing(startup=3, round_deadline=1, heartbeat=0.2, linger=0.1))
+    timing = Timing(startup=3, round_deadline=1, heartbeat=0.2, linger=0.1)
+    cfg = NodeConfig(NODE, f"tcp://127.0.0.1:{port}", tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:1"}, experiment, timing)
     daemon = NodeDaemon(cfg, method=_node())
 
     async def scenario() -> None:

@@ -37,7 +37,7 @@ def test_every_method_runs_one_client_per_domain_with_ranking_metrics(fkcb_like,
 
 
 def test_fmoe_cdsr_client_uploads_one_expert_and_downloads_the_others(fkcb_like, tmp_path):
-    summary = _run(fkcb_like, "fmoe-cdsr", tmp_path / "f")
+    _run(fkcb_like, "fmoe-cdsr", tmp_path / "f")
     import csv
 
     with open(tmp_path / "f" / "ledger.csv") as handle:

@@ -32,7 +32,8 @@ def test_device_auto_is_the_cpu_without_cuda_and_cuda_without_it_is_an_error():
 
 
 def test_learners_put_their_model_on_the_run_device_and_methods_send_cpu_tensors(fkcb_like):
-    cfg = with_options(default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), device="cpu"), task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
+    base = default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), device="cpu")
+    cfg = with_options(base, task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
     client = build_experiment(cfg, only="node-00").nodes["node-00"]
     assert client.learner.device == torch.device("cpu")
     assert all(p.device.type == "cpu" for p in client.learner.model.parameters())
@@ -44,7 +45,8 @@ def test_learners_put_their_model_on_the_run_device_and_methods_send_cpu_tensors
 def test_a_cuda_run_sends_the_same_bytes_as_a_cpu_run(fkcb_like, tmp_path):
     from p2pmoe.sim.runner import run_simulation
 
-    base = with_options(default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), rounds=1), task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
+    small = {"embed_dim": 8, "max_len": 8, "negatives": 20}
+    base = with_options(default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), rounds=1), task_options=small)
     cpu = run_simulation(with_options(base, device="cpu", out=str(tmp_path / "cpu")), progress=False)
     gpu = run_simulation(with_options(base, device="cuda", out=str(tmp_path / "gpu")), progress=False)
     assert cpu["bytes"]["by_kind"] == gpu["bytes"]["by_kind"] and 0 < gpu["metrics"]["mrr"] <= 1

@@ -100,10 +100,11 @@ class NodeRunner:
     `start` (or `resume`) once the call has returned.
     """
 
-    def __init__(self, node_id: str, method: Method, strict: bool = False, seed: int = 0) -> None:
+    def __init__(self, node_id: str, method: Method, strict: bool = False, seed: int = 0, accounting: bool = False) -> None:
         self.node_id = node_id
         self.method = method
         self.strict = strict
+        self.accounting = accounting  # --train none: the method is never asked to train or evaluate
         # The node's own stream of torch's global RNG (dropout, sampling): a node draws the same
         # numbers whether it runs alone in a daemon or beside others in the simulator.
         self._rng = torch.Generator().manual_seed(seed).get_state()
@@ -158,10 +159,10 @@ class NodeRunner:
     # -- blocking calls (the driver marks the runner busy around them) ---------------------------
 
     def train(self, round_index: int) -> dict[str, float]:
-        return self._with_own_rng(self.method.train_local, round_index)
+        return {} if self.accounting else self._with_own_rng(self.method.train_local, round_index)
 
     def evaluate(self) -> dict[str, float]:
-        return self._with_own_rng(self.method.evaluate)
+        return {} if self.accounting else self._with_own_rng(self.method.evaluate)
 
     def diagnostics(self) -> dict[str, Any]:
         return self.method.diagnostics()

@@ -15,7 +15,7 @@ from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer
 from p2pmoe.models.params import float_state, load_float_state, weighted_average
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.wire.codec import check_like, require
+from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
@@ -73,7 +73,8 @@ class FedAvgServer(CollectingServer):
 
     def take(self, src: str, message: Message) -> None:
         count = message.meta.get("num_examples")
-        require(isinstance(count, int) and not isinstance(count, bool) and count > 0, "meta.num_examples must be a positive integer")
+        if not (isinstance(count, int) and not isinstance(count, bool) and count > 0):  # a raise, not require(): it narrows count
+            raise ProtocolError("meta.num_examples must be a positive integer")
         check_like(message.tensors, self.global_state)
         self._updates[src] = (message.tensors, count)
 

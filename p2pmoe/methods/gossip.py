@@ -15,7 +15,7 @@ import torch
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method, topology_peers
 from p2pmoe.models.params import float_state, load_float_state
-from p2pmoe.wire.codec import check_like, require
+from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
@@ -53,7 +53,8 @@ class GossipExchange:
         """A neighbour's tensors; mix once all have arrived."""
         require(src in self.neighbours, f"{src} is not a gossip neighbour")
         degree = message.meta.get("degree")
-        require(isinstance(degree, int) and not isinstance(degree, bool) and degree >= 1, "meta.degree must be a positive integer")
+        if not (isinstance(degree, int) and not isinstance(degree, bool) and degree >= 1):  # a raise, not require(): it narrows degree
+            raise ProtocolError("meta.degree must be a positive integer")
         check_like(message.tensors, self._own)
         self._received[src] = (message.tensors, degree)
         self._waiting.discard(src)

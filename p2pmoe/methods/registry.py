@@ -65,7 +65,8 @@ class BuildContext:
         """Client `node`'s learner (every wanted client's learner is built on the first call)."""
         if not self._learners:
             wanted = [k for k, n in enumerate(self.clients) if n in self.wanted]
-            built = self.task.learners(self.cfg, wanted, model)
+            build = self.task.accounting_learners if self.cfg.run.train == "none" else self.task.learners
+            built = build(self.cfg, wanted, model)
             self._learners = {self.clients[k]: learner for k, learner in built.items()}
         return self._learners[node]
 

@@ -62,7 +62,7 @@ class MMoE(nn.Module):
         if self.num_numerical:
             if numerical is None or numerical.shape[-1] != self.num_numerical:
                 raise ValueError(f"expected {self.num_numerical} numerical features")
-            parts.append(numerical.to(self.experts[0].linears[0].weight.dtype))
+            parts.append(numerical.to(self.experts[0].get_parameter("linears.0.weight").dtype))
         return torch.cat(parts, dim=-1)
 
     def forward(self, categorical: Tensor, numerical: Tensor | None = None) -> Tensor:

@@ -42,6 +42,8 @@ def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: Iterabl
     if any(s.keys() != keys for s in states):
         raise ProtocolError("states to average hold different tensor names")
     return {
-        name: sum(w / total * s[name].to(torch.float32) for w, s in zip(weights, states, strict=True)).to(states[0][name].dtype)
+        name: sum(
+            (w / total * s[name].to(torch.float32) for w, s in zip(weights, states, strict=True)), torch.zeros((), dtype=torch.float32)
+        ).to(states[0][name].dtype)
         for name in keys
     }

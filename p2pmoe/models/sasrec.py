@@ -64,6 +64,8 @@ class SASRecEncoder(nn.Module):
     all-padding prefixes). Outputs at padding positions are exactly zero.
     """
 
+    causal: Tensor  # a registered (non-persistent) buffer
+
     def __init__(
         self, max_len: int, hidden: int, heads: int = 4, blocks: int = 2, dropout: float = 0.2
     ) -> None:

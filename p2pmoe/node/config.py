@@ -86,7 +86,7 @@ def _table(raw: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
 def _timing(raw: dict[str, Any], path: Path) -> Timing:
     """[timing] with every value a number (seconds; request_retries a count) and no unknown key."""
     known = {f.name: f.type for f in dataclasses.fields(Timing)}
-    values = {}
+    values: dict[str, Any] = {}  # checked one by one below; Timing's fields mix int and float
     for key, value in raw.items():
         if key not in known:
             raise ValueError(f"{path}: [timing] has unknown key {key!r}; valid keys: {sorted(known)}")

@@ -114,14 +114,14 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
         traffic = ledger.node_traffic(row["node"], row["round"])
         row["bytes_sent"], row["bytes_received"] = traffic["sent"], traffic["received"]
     clients = client_ids(cfg.run.nodes)
-    folder = RunFolder(out)
+    run_folder = RunFolder(out)
     for row in rows:
-        folder.log(row)
-    folder.log_messages(ledger.entries)
+        run_folder.log(row)
+    run_folder.log_messages(ledger.entries)
     summary = make_summary(cfg, task.selection, rows, ledger, clients, wall_seconds, "swarm")
     summary["nodes_finished"] = sorted({r["node"] for r in rows if r["round"] == cfg.run.rounds - 1 and r["node"] in clients})
     summary["exit_codes"] = exit_codes or {}
-    folder.finish(summary)
+    run_folder.finish(summary)
     return summary
 
 

@@ -39,12 +39,13 @@ class SimNetwork:
         nodes: Mapping[str, Method],
         ledger: ByteLedger | None = None,
         seeds: Mapping[str, int] | None = None,
+        accounting: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         compression: Mapping[str, str] | None = None,
         folder: RunFolder | None = None,
         on_round: Callable[[Row], None] | None = None,
     ) -> None:
-        self.runners = {node: NodeRunner(node, method, strict=True, seed=(seeds or {}).get(node, 0)) for node, method in nodes.items()}
+        self.runners = {node: NodeRunner(node, method, strict=True, seed=(seeds or {}).get(node, 0), accounting=accounting) for node, method in nodes.items()}
         self.ledger = ledger if ledger is not None else ByteLedger()
         self.limits = limits
         self.compression = dict(compression or {})
@@ -129,9 +130,11 @@ class SimNetwork:
             if not future.done():
                 future.set_result(False)
 
-    def _wake(self) -> None:
-        waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
+    def _wake(self, touched: set[str]) -> None:
+        """Let the waiting nodes that got a call recheck their round: a method's state changes
+        only through calls, so nobody else needs waking (thousands of nodes stay O(messages))."""
+        for node in touched & self._waiting.keys():
+            future = self._waiting.pop(node)
             if not future.done():
                 future.set_result(True)
 
@@ -140,14 +143,16 @@ class SimNetwork:
         if self._draining:
             return
         self._draining = True
+        touched: set[str] = set()
         try:
             while self._queue:
                 src, send, phase = self._queue.popleft()
                 origin, replies = self._deliver(src, send, phase)
+                touched.add(origin)
                 self._queue.extend((origin, reply, phase + 1) for reply in replies)
         finally:
             self._draining = False
-        self._wake()
+        self._wake(touched)
 
     def _deliver(self, src: str, send: Send, phase: int) -> tuple[str, list[Send]]:
         """Move one message; return who answers and with what (the sender itself when the

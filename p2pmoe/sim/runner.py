@@ -10,10 +10,11 @@ import torch
 from tqdm import tqdm
 
 from p2pmoe.driver.summary import Row, make_summary
-from p2pmoe.experiment import build_experiment, node_seed
+from p2pmoe.experiment import Experiment, build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
+from p2pmoe.methods.base import LearnerMethod
 from p2pmoe.runs import RunFolder
-from p2pmoe.settings import ExperimentConfig
+from p2pmoe.settings import ExperimentConfig, parse_compute_time
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.sim.links import comm_time_by_round
 from p2pmoe.wire.compression import parse_compression
@@ -36,11 +37,29 @@ class _Progress:
             return
         del self._rows[row["round"]]
         post = {"MB": f"{sum(e.total for e in self.ledger.entries) / 1e6:.1f}"}
-        values = [r["metrics"][self.key] for r in rows if self.key and self.key in r.get("metrics", {})]
-        if values:
-            post[self.key] = f"{sum(values) / len(values):.4f}"
+        key = self.key
+        values = [r["metrics"][key] for r in rows if key and key in r.get("metrics", {})]
+        if key and values:
+            post[key] = f"{sum(values) / len(values):.4f}"
         self.bar.set_postfix(post)
         self.bar.update(1)
+
+
+def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> float:
+    """Simulated training time of a round: the slowest client's, from `compute_time`.
+
+    Project decision: a round's simulated time is this compute time plus the links' time of
+    its messages; the straggler sets the pace because every method here waits for its
+    peers (or server) within a round.
+    """
+    kind, seconds = parse_compute_time(cfg.run.compute_time)
+    if kind == "none" or not experiment.clients:
+        return 0.0
+    if kind == "constant":
+        return seconds
+    clients = [experiment.nodes[n] for n in experiment.clients]
+    sizes = [node.learner.num_train_examples for node in clients if isinstance(node, LearnerMethod)]
+    return seconds * cfg.run.local_epochs * max(sizes, default=0)
 
 
 def run_simulation(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
@@ -55,17 +74,21 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     key = experiment.task.selection.key or experiment.task.metrics[0]
     bar = _Progress(cfg.run.rounds, experiment.clients, key, ledger, f"{cfg.run.method} on {cfg.run.data}", progress)
     seeds = {node: node_seed(cfg, node) for node in experiment.nodes}
-    network = SimNetwork(experiment.nodes, ledger, seeds, compression=parse_compression(cfg.run.compression), folder=folder, on_round=bar)
+    accounting = cfg.run.train == "none"
+    network = SimNetwork(experiment.nodes, ledger, seeds, accounting, compression=parse_compression(cfg.run.compression), folder=folder, on_round=bar)
     try:
         rows = asyncio.run(network.run(cfg.run.rounds, cfg.run.eval_every))
     finally:
         bar.bar.close()
     summary = make_summary(cfg, experiment.task.selection, rows, ledger, experiment.clients, time.perf_counter() - started, "simulate")
     per_round = comm_time_by_round(ledger.entries, experiment.graph, (cfg.run.link_bandwidth, cfg.run.link_latency))
+    compute = compute_seconds(cfg, experiment)
     summary["sim_seconds"] = {
         "comm_total": sum(per_round.values()),
         "comm_per_round": sum(per_round.values()) / cfg.run.rounds,
-        "by_round": [per_round.get(r, 0.0) for r in range(cfg.run.rounds)],
+        "compute_per_round": compute,
+        "total": sum(per_round.values()) + compute * cfg.run.rounds,
+        "by_round": [per_round.get(r, 0.0) + compute for r in range(cfg.run.rounds)],
     }
     folder.log_messages(ledger.entries)
     folder.finish(summary)

@@ -13,7 +13,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -54,6 +54,12 @@ class Task(ABC):
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         """Learners of clients `indices` with identically initialised shared weights; `model`
         replaces the family's default model (a method with its own architecture)."""
+
+    def accounting_learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
+        """Learners of an accounting-only run (`--train none`): the driver never trains or
+        evaluates them, so a family may skip its data and share tensors between nodes; by
+        default they are the ordinary learners."""
+        return self.learners(cfg, indices, model)
 
     @abstractmethod
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
@@ -110,6 +116,3 @@ def task_for_data(data: str) -> Task:
     raise ValueError(f"unknown data {data!r}; choose from {known}")
 
 
-def describe_tasks() -> dict[str, Any]:
-    """Name -> (summary, data sets), for help texts."""
-    return {t.name: (t.summary, t.data) for t in all_tasks().values()}

@@ -7,6 +7,7 @@ the same class shares as its training split) and on the whole test set (global a
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -16,6 +17,7 @@ from torch import nn
 
 from p2pmoe.data.images import IMAGE_DATASETS, ImageDataset, load_image_dataset
 from p2pmoe.data.partition import ClientSplit, partition_clients
+from p2pmoe.learners.accounting import AccountingLearner
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.models import CNNEmbedder, MoEClassifier
@@ -40,6 +42,9 @@ class ImageOptions(Options):
     gate: str = option("dense", "gate kind", choices=GATE_KINDS)
     top_k: int | None = option(None, "experts per example for the topk gate", minimum=1)
     momentum: float = option(0.9, "SGD momentum", minimum=0, maximum=1)
+    global_test_size: int | None = option(
+        2000, "size of the fixed, seeded sample of the test set every node is scored on for global accuracy (none: all of it)", minimum=1
+    )
 
 
 def image_model(cfg: ExperimentConfig, channels: int, side: int, classes: int) -> nn.Module:
@@ -61,6 +66,30 @@ def _splits(name: str, root: str | None, nodes: int, partition: str, seed: int) 
     return tuple(partition_clients(data.train_y.numpy(), data.test_y.numpy(), nodes, partition, seed))
 
 
+def _global_sample(data: ImageDataset, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images every node is scored on for global accuracy: a fixed sample (the same
+    for every node and method of a seed), so evaluation does not dominate a run's time."""
+    if size is None or size >= len(data.test_y):
+        return data.test_x, data.test_y
+    keep = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return data.test_x[keep], data.test_y[keep]
+
+
+def _own_gate(shared: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A view of `shared` (a MoEClassifier) with its own gate: the embedder and the experts are
+    the very same modules, so thousands of nodes cost one model's memory."""
+    moe = copy.copy(shared.moe)  # a new module object whose submodule table can differ
+    moe._modules = dict(shared.moe._modules)
+    gate = copy.deepcopy(shared.moe.gate)
+    with torch.no_grad():
+        gate.proj.weight.normal_(generator=generator)
+    moe._modules["gate"] = gate
+    view = copy.copy(shared)
+    view._modules = dict(shared._modules)
+    view._modules["moe"] = moe
+    return view
+
+
 class ImageTask(Task):
     name = "image"
     summary = "image classification with a per-node MoE classifier; accuracy on own and global test sets"
@@ -74,6 +103,7 @@ class ImageTask(Task):
         assert isinstance(opts, ImageOptions) and run.lr is not None
         data = _dataset(run.data, run.data_root)
         splits = _splits(run.data, run.data_root, run.nodes, run.partition, run.seed)
+        global_test = _global_sample(data, opts.global_test_size, run.seed)
         device = resolve_device(run.device)
         factory = model or image_model
         out: dict[int, Learner] = {}
@@ -89,7 +119,7 @@ class ImageTask(Task):
                 net,
                 (data.train_x[train_idx], data.train_y[train_idx]),
                 (data.test_x[test_idx], data.test_y[test_idx]),
-                global_test=(data.test_x, data.test_y),
+                global_test=global_test,
                 batch_size=run.batch_size,
                 lr=run.lr,
                 momentum=opts.momentum,
@@ -101,6 +131,17 @@ class ImageTask(Task):
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
         torch.manual_seed(cfg.run.seed)
         return (model or image_model)(cfg, *IMAGE_SHAPES[cfg.run.data])
+
+    def accounting_learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
+        """No data; one set of model tensors shared by every node, except each node's own gate.
+
+        Project decision: without training every node would keep the identical initial gate
+        and FedMoE-DA's correlations would all tie; each node's gate is drawn from N(0, 1) with
+        its own seed instead, so plans select as they do between differently trained gates.
+        Memory then grows with the gates (E x d numbers per node), not with the models.
+        """
+        shared = self.template(cfg, model)
+        return {k: AccountingLearner(_own_gate(shared, torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + k))) for k in indices}
 
 
 register_task(ImageTask())

@@ -1,0 +1,104 @@
+"""Simulator at scale: wall time and peak memory against the number of nodes.
+
+    python bench/bench_sim_scale.py --nodes 100,1000,10000 --rounds 10
+    python bench/bench_sim_scale.py --trained --nodes 100 --rounds 20
+
+Accounting-only runs (`--train none`) build every message of FedMoE-DA with its real tensor
+sizes and push it through the codec and the ledger, compute gates and plans, and skip
+training and evaluation: what does FedMoE-DA cost on N nodes of a random-regular-4 topology.
+`--trained` runs the real thing on Fashion-MNIST (all 60,000 training images split over the
+nodes by Dirichlet 0.3). Each configuration runs in its own process, so its peak RSS is its
+own. Prints a table and writes bench/results/sim_scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.report import format_table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def one_run(nodes: int, rounds: int, trained: bool, out: str, embedding: str) -> dict[str, Any]:
+    """Run one configuration in this process and return its figures."""
+    import torch
+
+    from p2pmoe.config import default_config, with_options
+    from p2pmoe.sim.runner import run_simulation
+
+    torch.set_num_threads(1)
+    run: dict[str, Any] = {"method": "fedmoe-da", "nodes": nodes, "rounds": rounds, "topology": "random-regular:4", "seed": 0, "out": out}
+    if trained:
+        run.update(data="fmnist", partition="dirichlet:0.3", eval_every=rounds)
+    else:
+        run.update(train="none")
+    cfg = with_options(default_config(**run), method_options={"embedding": embedding})
+    started = time.perf_counter()
+    summary = run_simulation(cfg, progress=False)
+    wall = time.perf_counter() - started
+    return {
+        "nodes": nodes,
+        "rounds": rounds,
+        "mode": "trained" if trained else "accounting",
+        "embedding": embedding,
+        "wall_seconds": round(wall, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "messages": summary["bytes"]["messages"],
+        "bytes_per_node_per_round": round(summary["bytes"]["per_node_per_round"]["total"]),
+        "sim_seconds_per_round": round(summary["sim_seconds"]["comm_per_round"], 4),
+        "metrics": summary["metrics"],
+        "setting": summary["setting"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", default="100,1000,10000", help="comma-separated node counts")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--trained", action="store_true", help="train on Fashion-MNIST instead of accounting only")
+    parser.add_argument("--embedding", default="frozen", choices=("gossip", "frozen"), help="how FedMoE-DA shares phi")
+    parser.add_argument("--name", default="sim_scale", help="results file stem")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one node count and print JSON
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(one_run(args.one, args.rounds, args.trained, f"runs/bench_{args.name}/{args.one}", args.embedding)))
+        return
+    rows = []
+    for nodes in (int(n) for n in args.nodes.split(",")):
+        command = [sys.executable, __file__, "--one", str(nodes), "--rounds", str(args.rounds), "--embedding", args.embedding, "--name", args.name]
+        if args.trained:
+            command.append("--trained")
+        print(f"running {nodes} nodes ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            rows.append({"nodes": nodes, "error": done.stderr[-500:]})
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {rows[-1]['wall_seconds']} s, peak RSS {rows[-1]['peak_rss_mb']} MB", flush=True)
+    columns = ["nodes", "mode", "embedding", "rounds", "wall_seconds", "peak_rss_mb", "messages", "bytes_per_node_per_round", "sim_seconds_per_round"]
+    table = format_table([r for r in rows if "error" not in r], columns)
+    mode = "trained on Fashion-MNIST (Dirichlet 0.3, all 60,000 images)" if args.trained else "accounting only (--train none)"
+    text = (
+        f"# Simulator at scale\n\nFedMoE-DA peer to peer, random-regular-4 topology, {args.rounds} rounds, phi {args.embedding}, "
+        f"{mode}, seed 0, one process per row, 1 torch thread; this machine: 2 cores, shared.\n\n"
+        f"Command: `python bench/bench_sim_scale.py --nodes {args.nodes} --rounds {args.rounds} --embedding {args.embedding}"
+        f"{' --trained' if args.trained else ''} --name {args.name}`\n\n```\n{table}\n```\n"
+    )
+    print(text)
+    atomic_write_json(args.results / f"{args.name}.json", rows)
+    atomic_write_bytes(args.results / f"{args.name}.md", text.encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Accounting-only runs (`--train none`) and simulated compute time."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from p2pmoe.config import default_config, with_options
+from p2pmoe.experiment import build_experiment
+from p2pmoe.methods.fedmoe_da import expert_tensors
+from p2pmoe.sim.runner import run_simulation
+from p2pmoe.wire.codec import encode, frame_sizes
+from p2pmoe.wire.messages import Message, MessageKind
+
+
+def _accounting(tmp_path, nodes=24, **run):
+    cfg = default_config(method="fedmoe-da", nodes=nodes, rounds=2, topology="random-regular:4", train="none", out=str(tmp_path), **run)
+    return with_options(cfg, method_options={"embedding": "frozen"})
+
+
+def test_accounting_nodes_share_one_model_but_each_has_its_own_gate(tmp_path):
+    nodes = build_experiment(_accounting(tmp_path)).nodes
+    models = [node.learner.model for node in nodes.values()]
+    assert len({m.embedder.layers[0].weight.data_ptr() if hasattr(m.embedder, "layers") else next(m.embedder.parameters()).data_ptr() for m in models}) == 1
+    assert len({m.moe.experts[0].linears[0].weight.data_ptr() for m in models}) == 1
+    assert len({m.moe.gate.proj.weight.data_ptr() for m in models}) == len(models)
+
+
+def test_an_accounting_run_counts_real_message_sizes_without_training_or_evaluating(tmp_path):
+    summary = run_simulation(_accounting(tmp_path), progress=False)
+    assert summary["metrics"] == {} and summary["train"] == {}
+    kinds = summary["bytes"]["by_kind"]
+    assert kinds.get("expert_response", 0) > 0 and kinds.get("gate_publish", 0) > 0 and "error" not in kinds
+    model = build_experiment(_accounting(tmp_path / "x"), only="node-00").nodes["node-00"].learner.model
+    one_expert = frame_sizes(encode("node-00", Message(MessageKind.EXPERT_RESPONSE, 0, expert_tensors({0: model.moe.expert_state(0)}))))[1]
+    with open(tmp_path / "ledger.csv") as handle:
+        payloads = [int(r["payload_bytes"]) for r in csv.DictReader(handle) if r["kind"] == "expert_response"]
+    assert payloads and all(p % one_expert == 0 and p > 0 for p in payloads)  # whole experts, real sizes
+    # every node fetches from its topology neighbours only: 4 gates out per node per round
+    assert summary["bytes"]["messages"] >= 24 * 2 * 4
+
+
+@pytest.mark.parametrize("spec, expected", [("constant:2.5", 2.5), ("none", 0.0)])
+def test_simulated_compute_time_is_added_to_each_round(tmp_path, spec, expected):
+    summary = run_simulation(_accounting(tmp_path, nodes=8, compute_time=spec), progress=False)
+    seconds = summary["sim_seconds"]
+    assert seconds["compute_per_round"] == expected
+    assert seconds["by_round"][0] == pytest.approx(expected + (seconds["comm_total"] - 0) / 2, rel=1.0)
+    assert seconds["total"] == pytest.approx(seconds["comm_total"] + 2 * expected)
+
+
+def test_a_bad_compute_time_is_refused():
+    with pytest.raises(ValueError, match="compute_time must be none, constant:SECONDS or per_example:SECONDS"):
+        default_config(compute_time="fast")
