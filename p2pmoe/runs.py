@@ -30,9 +30,9 @@ class RunFolder:
         fresh_ledger = not append or not ledger_path.exists() or ledger_path.stat().st_size == 0
         self._metrics = open(self.path / "metrics.jsonl", mode)
         self._ledger_file = open(ledger_path, mode, newline="")
-        self._ledger = csv.DictWriter(self._ledger_file, fieldnames=LEDGER_FIELDS)
+        self._ledger = csv.writer(self._ledger_file)
         if fresh_ledger:
-            self._ledger.writeheader()
+            self._ledger.writerow(LEDGER_FIELDS)
 
     def log(self, row: dict[str, Any]) -> None:
         """One metrics line (one node, one round)."""
@@ -41,7 +41,7 @@ class RunFolder:
 
     def log_messages(self, entries: Iterable[LedgerEntry]) -> None:
         """Append ledger rows, one per message."""
-        self._ledger.writerows(dataclasses.asdict(e) for e in entries)
+        self._ledger.writerows([getattr(e, name) for name in LEDGER_FIELDS] for e in entries)
         self._ledger_file.flush()
 
     def close(self) -> None:

@@ -135,6 +135,7 @@ class FedMoEDANode(LearnerMethod):
         self.plan: Plan | None = None
         self._round = -1
         self._snapshot: dict[int, dict[str, torch.Tensor]] = {}
+        self._previous: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None  # (round, snapshot) still served
         self._gates: dict[str, torch.Tensor] = {}
         self._gates_awaited: set[str] = set()
         self._plan_awaited = False
@@ -147,6 +148,8 @@ class FedMoEDANode(LearnerMethod):
     # -- round start ---------------------------------------------------------------------
 
     def start_round(self, round_index: int) -> list[Send]:
+        if self._snapshot:
+            self._previous = (self._round, self._snapshot)
         self._round = round_index
         self._snapshot = {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)}
         self._fetched, self._fetch_awaited, self._aggregated = {}, {}, False
@@ -174,6 +177,8 @@ class FedMoEDANode(LearnerMethod):
     # -- messages ------------------------------------------------------------------------
 
     def on_message(self, src: str, message: Message) -> list[Send]:
+        if message.kind == MessageKind.EXPERT_REQUEST and self._previous is not None and message.round == self._previous[0]:
+            return self._on_expert_request(src, message, self._previous[1])
         require(message.round == self._round, f"{message.kind.value} for round {message.round}, node is at {self._round}")
         handlers = {
             MessageKind.GATE_PUBLISH: self._on_gate,
@@ -226,7 +231,11 @@ class FedMoEDANode(LearnerMethod):
         self._aggregate_if_ready()
         return sends
 
-    def _on_expert_request(self, src: str, message: Message) -> list[Send]:
+    def _on_expert_request(self, src: str, message: Message, snapshot: dict[int, dict[str, torch.Tensor]] | None = None) -> list[Send]:
+        """Serve the experts as they were when the request's round started. Project decision:
+        a node that has moved on to round r+1 still serves round r's snapshot, because a
+        slower peer may fetch from it after this node finished its own round (the paper runs
+        rounds in lockstep; a swarm does not)."""
         slots = message.meta.get("slots")
         # An explicit raise rather than require(): it narrows the type of slots.
         if not (
@@ -235,7 +244,8 @@ class FedMoEDANode(LearnerMethod):
         ):
             raise ProtocolError(f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}")
         meta = {"req": message.meta["req"]} if "req" in message.meta else {}
-        reply = Message(MessageKind.EXPERT_RESPONSE, self._round, expert_tensors({s: self._snapshot[s] for s in slots}), meta)
+        served = self._snapshot if snapshot is None else snapshot
+        reply = Message(MessageKind.EXPERT_RESPONSE, message.round, expert_tensors({s: served[s] for s in slots}), meta)
         return [Send(src, reply)]
 
     def _on_expert_response(self, src: str, message: Message) -> list[Send]:
@@ -280,13 +290,17 @@ class FedMoEDANode(LearnerMethod):
         present = torch.tensor([n == self.node_id or (n, s) in self._fetched for n, s in self.plan.sources])
         weights[:, ~present] = 0
         weights = weights / weights.sum(dim=1, keepdim=True)
-        states = [self._snapshot[s] if n == self.node_id else self._fetched.get((n, s)) for n, s in self.plan.sources]
-        for slot in range(self.num_experts):
-            mixed = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in self._snapshot[slot].items()}
-            for column in torch.nonzero(weights[slot]).flatten().tolist():
-                for name, t in states[column].items():
-                    mixed[name] += weights[slot, column] * t.double()
-            self.moe.load_expert_state(slot, {k: v.float() for k, v in mixed.items()})
+        used = torch.nonzero(weights.sum(dim=0)).flatten().tolist()  # columns some own slot takes
+        states = [self._snapshot[s] if n == self.node_id else self._fetched[(n, s)] for n, s in (self.plan.sources[c] for c in used)]
+        mix = weights[:, used]  # [E, used]: Eq. 11 for every slot at once, in float64
+        new: dict[int, dict[str, torch.Tensor]] = {slot: {} for slot in range(self.num_experts)}
+        for name, own in self._snapshot[0].items():
+            stacked = torch.stack([state[name].double().reshape(-1) for state in states])
+            mixed = (mix @ stacked).float()
+            for slot in range(self.num_experts):
+                new[slot][name] = mixed[slot].reshape(own.shape)
+        for slot, state in new.items():
+            self.moe.load_expert_state(slot, state)
         self._aggregated = True
 
     def round_complete(self) -> bool:
@@ -316,8 +330,8 @@ class FedMoEDANode(LearnerMethod):
             return {}
         return {
             "plan_sources": [list(s) for s in self.plan.sources],
-            "plan_weights": [[round(float(w), 6) for w in row] for row in self.plan.weights],
-            "gate": [[round(float(v), 6) for v in row] for row in self.moe.gating_matrix().detach().cpu()],
+            "plan_weights": self.plan.weights.float().tolist(),
+            "gate": self.moe.gating_matrix().detach().float().cpu().tolist(),
         }
 
     def on_send_failed(self, dst: str, failure: SendFailure) -> list[Send]:

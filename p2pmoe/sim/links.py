@@ -50,7 +50,8 @@ class _Routes:
                 latency.append(float(attrs.get("latency", DEFAULT_LATENCY)))
         self.bandwidth = np.asarray(bandwidth, dtype=np.float64)
         self.latency = np.asarray(latency, dtype=np.float64)
-        self.parent = {source: self._bfs(graph, source) for source in graph}
+        self.graph = graph
+        self.parent: dict[str, dict[str, str]] = {}  # breadth-first trees, built per source on first use
         self.paths: dict[tuple[str, str], _Path] = {}
 
     @staticmethod
@@ -71,7 +72,12 @@ class _Routes:
     def path(self, src: str, dst: str) -> _Path:
         """The links from `src` to `dst` (both in the graph), memoised."""
         key = (src, dst)
+        if key not in self.paths and (src, dst) in self.link:  # neighbours: the direct link (what BFS would find)
+            link = np.asarray([self.link[(src, dst)]], dtype=np.int64)
+            self.paths[key] = (link, float(self.latency[link].sum()))
         if key not in self.paths:
+            if src not in self.parent:
+                self.parent[src] = self._bfs(self.graph, src)
             parent = self.parent[src]
             if dst not in parent:
                 raise ValueError(f"no path from {src} to {dst}: the topology is not connected")
