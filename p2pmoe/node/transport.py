@@ -37,7 +37,7 @@ import zmq.asyncio
 
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.node.security import CurveGuard, CurveSettings
-from p2pmoe.wire.codec import DEFAULT_LIMITS, Envelope, Limits, ProtocolError, decode, encode, frame_sizes
+from p2pmoe.wire.codec import DEFAULT_LIMITS, Envelope, Limits, MessageReader, ProtocolError, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
 log = logging.getLogger("p2pmoe.transport")
@@ -45,7 +45,12 @@ log = logging.getLogger("p2pmoe.transport")
 ZERO_COPY_BYTES = 64 * 1024  # below this, copying a frame is cheaper than sharing it
 HWM = 1000  # messages queued per connection and direction
 LINGER_MS = 200  # how long close() lets queued messages drain
-DECODE_IN_THREAD_BYTES = 1 << 20  # bigger messages are decoded off the event loop
+DECODE_IN_THREAD_BYTES = 1 << 20  # bigger compressed messages are restored off the event loop
+HEARTBEAT_IVL_MS = 1000  # ZMTP PING every second on every connection ...
+HEARTBEAT_TIMEOUT_MS = 5000  # ... and a connection silent this long after one is dropped
+YIELD_FRAMES = 1024  # a message's frames read between two yields to the event loop ...
+YIELD_BYTES = 8 << 20  # ... or bytes: a few milliseconds of work either way
+_DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
 INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
@@ -206,7 +211,14 @@ class Transport:
         socket.setsockopt(zmq.LINGER, LINGER_MS)
         socket.setsockopt(zmq.SNDHWM, HWM)
         socket.setsockopt(zmq.RCVHWM, HWM)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + self.limits.max_header_bytes)
+        # libzmq checks MAXMSGSIZE per frame, against the size a frame announces before its
+        # bytes come, and drops the connection: no frame bigger than the protocol allows is stored
+        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_socket_frame_bytes)
+        # ZMTP heartbeats: a connection that answers nothing for HEARTBEAT_TIMEOUT is dropped
+        # with its half-received message, so a stalled sender cannot hold memory
+        socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
         return socket
 
     # -- peers ---------------------------------------------------------------------------------
@@ -333,28 +345,82 @@ class Transport:
 
     async def _pump(self, socket: zmq.asyncio.Socket, peer: str | None) -> None:
         """Read `socket` until closed; `peer` is the DEALER's peer, None for the ROUTER."""
+        frames = zmq.Socket.shadow(socket.underlying)  # the same socket, read frame by frame without futures
         while True:
             try:
-                frames = await socket.recv_multipart(copy=False)
+                first = await socket.recv(copy=False)
+                routing_id = first.bytes if peer is None else None
+                header = first if peer is not None else frames.recv(flags=zmq.NOBLOCK, copy=False)
+                outcome, received = await self._read(frames, header)
+                await self._accept(outcome, received, header, peer, routing_id)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
                     return
                 log.warning("receive error on %s: %s", peer or "router", exc)
                 await asyncio.sleep(0.01)
-                continue
-            try:
-                await self._accept(frames, peer)
             except Exception:  # last line of defence: one message never stops the loop
                 log.exception("dropped a message after an unexpected error")
 
-    async def _accept(self, frames: list[zmq.Frame], peer: str | None) -> None:
-        routing_id = frames.pop(0).bytes if peer is None else None
-        sender = peer if routing_id is None else routing_id.decode("utf-8", "backslashreplace")
-        self.bytes_received[sender] += sum(len(f) for f in frames)
+    async def _read(self, frames: zmq.Socket, header: zmq.Frame) -> tuple[Envelope | ProtocolError, int]:
+        """Read the rest of the message whose header frame is `header`: (Envelope or why not, bytes).
+
+        libzmq delivers a multipart only once all of it has arrived, so every later frame can
+        be taken without waiting. Each goes straight into its tensor's buffer and is checked
+        there (MessageReader); from the first bad frame on, the rest are received into nothing,
+        a fraction of a microsecond each. The loop yields to the event loop every
+        `YIELD_FRAMES` frames or `YIELD_BYTES` bytes, so a flood of frames delays other
+        connections by at most that much work at a time.
+        """
+        failure: ProtocolError | None = None
+        reader: MessageReader | None = None
         try:
-            envelope = await self._validate(frames, peer, routing_id)
-        except Exception as exc:  # decode may raise more than ProtocolError on hostile bytes
-            reason = _short(str(exc) if isinstance(exc, ProtocolError) else f"undecodable message ({type(exc).__name__})")
+            reader = MessageReader(header.buffer, self.limits)
+        except ProtocolError as exc:
+            failure = exc
+        count, received, unyielded = 1, len(header), 0
+        more = header.more
+        while more:
+            target = reader.target() if reader is not None else None
+            nbytes = frames.recv_into(_DISCARD if target is None else target, flags=zmq.NOBLOCK)
+            count += 1
+            received += nbytes
+            unyielded += nbytes
+            if reader is not None and target is not None:
+                try:
+                    reader.took(nbytes)
+                except ProtocolError as exc:
+                    failure, reader = exc, None
+            more = frames.get(zmq.RCVMORE)
+            if unyielded >= YIELD_BYTES or count % YIELD_FRAMES == 0:
+                unyielded = 0
+                await asyncio.sleep(0)
+        if count > self.limits.max_frames:
+            return ProtocolError(f"too many frames: {count} > {self.limits.max_frames}"), received
+        if failure is not None:
+            return failure, received
+        assert reader is not None  # no failure: the header was read
+        if count - 1 > reader.frames:
+            return reader.frame_count_error(count), received
+        try:
+            if received > DECODE_IN_THREAD_BYTES and reader.compressed:  # restoring is a pass over every value
+                return await asyncio.to_thread(reader.finish), received
+            return reader.finish(), received
+        except ProtocolError as exc:
+            return exc, received
+
+    async def _accept(
+        self, outcome: Envelope | ProtocolError, received: int, header: zmq.Frame, peer: str | None, routing_id: bytes | None
+    ) -> None:
+        """Hand a valid message to its waiting request or to recv(); answer an invalid one."""
+        sender = peer if routing_id is None else routing_id.decode("utf-8", "backslashreplace")
+        self.bytes_received[sender] += received
+        try:
+            if isinstance(outcome, ProtocolError):
+                raise outcome
+            envelope = outcome
+            self._check_sender(envelope, header, peer, routing_id)
+        except ProtocolError as exc:
+            reason = _short(str(exc))
             log.warning("rejected a message from %r: %s", sender, reason)
             if routing_id is not None:
                 await self._reply_error(routing_id, sender, reason)
@@ -362,7 +428,7 @@ class Transport:
         if peer is None:
             self._contacts.add(envelope.src)
         req = envelope.message.meta.get("req")
-        if isinstance(req, int):
+        if req is not None:  # the codec let through only a count
             key, kind = (envelope.src, req), envelope.message.kind
             flagged = envelope.message.meta.get("reply") is True
             waiting = self._waiters.get(key)
@@ -375,21 +441,16 @@ class Transport:
                 return  # a duplicate reply to a request already answered
         await self._inbox.put(envelope)
 
-    async def _validate(self, frames: list[zmq.Frame], peer: str | None, routing_id: bytes | None) -> Envelope:
-        buffers = [f.buffer for f in frames]
-        if sum(len(b) for b in buffers) > DECODE_IN_THREAD_BYTES:
-            envelope = await asyncio.to_thread(decode, buffers, self.limits)
-        else:
-            envelope = decode(buffers, self.limits)
+    def _check_sender(self, envelope: Envelope, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
+        """The header's src must be who the connection is: its peer, routing id and CURVE key."""
         if peer is not None and envelope.src != peer:
             raise ProtocolError(f"header src {envelope.src!r} arrived on the connection to {peer!r}")
         if routing_id is not None and routing_id != envelope.src.encode():
             raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
         if self._guard and routing_id is not None:
-            owner = frames[0].get("User-Id")
+            owner = header.get("User-Id")
             if owner != envelope.src:
                 raise ProtocolError(f"header src {envelope.src!r} but the CURVE key belongs to {owner!r}")
-        return envelope
 
     async def _reply_error(self, routing_id: bytes, sender: str, reason: str) -> None:
         """Best effort: an ERROR to the connection a bad message came on, never blocking."""
