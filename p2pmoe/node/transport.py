@@ -1,16 +1,20 @@
 """The node's ZeroMQ transport: one ROUTER that peers and clients connect to, one DEALER per
 configured peer, every incoming message validated before anyone sees it.
 
-Routing. Our DEALERs carry `ROUTING_ID = node_id`, so a peer's ROUTER knows who is speaking.
-`send(dst)` goes over our DEALER to `dst` when `dst` is a configured peer, else back through
-our ROUTER to the connection whose routing id is `dst` and which has sent us a valid message:
-a plain pyzmq DEALER client that sets `ROUTING_ID` to the node id it puts in its headers gets
-replies on its own connection.
+Routing. `send(dst)` goes over our DEALER to `dst` when `dst` is a configured peer, else back
+through our ROUTER on the connection that `dst` last sent a valid message on.
 
-Trust. A peer is untrusted input. Each multipart goes through `codec.decode`; the header's
-`src` must equal the connection's identity (the routing id on the ROUTER, the peer on a
-DEALER) and, with CURVE, the node id that the sender's key is listed under. A bad message is
-logged, answered with an ERROR message when it came on the ROUTER, and never returned.
+Identity. Without CURVE, a connection's identity is its routing id: our DEALERs carry
+`ROUTING_ID = node_id`, and a message on the ROUTER must carry its routing id as `src` (a
+plain pyzmq client sets `ROUTING_ID` to the node id it puts in its headers). With CURVE, the
+identity is the node id the connection's key is listed under (the ZAP User-Id) and routing
+ids carry no meaning: our DEALERs set none, so libzmq numbers their connections, and a listed
+client that claims a peer's id as its ROUTING_ID occupies nothing the peer needs.
+`ROUTER_HANDOVER` lets a reconnecting client take its routing id back from a stale connection.
+
+Trust. A peer is untrusted input. Each message is read frame by frame through
+`codec.MessageReader`; the header's `src` must equal the connection's identity. A bad message
+is logged, answered with an ERROR message when it came on the ROUTER, and never returned.
 
 Flow control. High-water marks count messages, not bytes. Frames of 64 KB or more are sent
 zero-copy with a MessageTracker (and a message of 64 KB or more always has at least one
@@ -173,7 +177,7 @@ class Transport:
         self.bytes_received: dict[str, int] = defaultdict(int)
         self._round_of = round_of or (lambda: 0)
         self._peers: dict[str, _Peer] = {}
-        self._contacts: set[str] = set()
+        self._contacts: dict[str, bytes] = {}  # node id -> routing id of its last valid ROUTER message
         self._inflight: dict[str, _InFlight] = defaultdict(_InFlight)
         self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue(INBOX_MESSAGES)
         # (peer, req) -> (waiter, the request's kind): a reply is a message with that req and
@@ -190,6 +194,7 @@ class Transport:
                 self._guard = CurveGuard(curve, self._context)  # before bind: see CurveGuard
             self._router = self._socket(zmq.ROUTER)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             if self._guard:
                 self._guard.serve(self._router)
             self._router.bind(bind)
@@ -240,7 +245,8 @@ class Transport:
             raise ValueError(f"a public key was given for {peer_id!r} but this transport has no CURVE settings")
         self.remove_peer(peer_id)
         socket = self._socket(zmq.DEALER)
-        socket.setsockopt(zmq.ROUTING_ID, self.node_id.encode())
+        if not self._guard:  # with CURVE our key says who we are; a routing id could be squatted
+            socket.setsockopt(zmq.ROUTING_ID, self.node_id.encode())
         socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
         if self._guard:
             self._guard.connect_to(socket, peer_id, public_key)
@@ -285,7 +291,7 @@ class Transport:
         parts, tracker = _zmq_parts(frames)
         socket = peer.socket if peer else self._router
         if peer is None:
-            parts.insert(0, dst.encode())
+            parts.insert(0, self._contacts[dst])
         try:
             await asyncio.wait_for(socket.send_multipart(parts, copy=True), self.send_timeout)
         except BaseException as exc:
@@ -293,7 +299,7 @@ class Transport:
             if isinstance(exc, TimeoutError):
                 raise PeerUnreachable(f"no connection to {dst!r} took the message within {self.send_timeout}s") from None
             if isinstance(exc, zmq.ZMQError):
-                self._contacts.discard(dst)
+                self._contacts.pop(dst, None)
                 raise PeerUnreachable(f"{dst!r} is unreachable: {exc}") from None
             raise
         del parts  # a live Frame keeps its tracker pending
@@ -412,7 +418,10 @@ class Transport:
         self, outcome: Envelope | ProtocolError, received: int, header: zmq.Frame, peer: str | None, routing_id: bytes | None
     ) -> None:
         """Hand a valid message to its waiting request or to recv(); answer an invalid one."""
-        sender = peer if routing_id is None else routing_id.decode("utf-8", "backslashreplace")
+        if routing_id is None:
+            sender = peer
+        else:  # with CURVE, who a ROUTER connection is comes from its key, not its routing id
+            sender = header.get("User-Id") if self._guard else routing_id.decode("utf-8", "backslashreplace")
         self.bytes_received[sender] += received
         try:
             if isinstance(outcome, ProtocolError):
@@ -425,8 +434,8 @@ class Transport:
             if routing_id is not None:
                 await self._reply_error(routing_id, sender, reason)
             return
-        if peer is None:
-            self._contacts.add(envelope.src)
+        if routing_id is not None:
+            self._contacts[envelope.src] = routing_id
         req = envelope.message.meta.get("req")
         if req is not None:  # the codec let through only a count
             key, kind = (envelope.src, req), envelope.message.kind
@@ -445,12 +454,14 @@ class Transport:
         """The header's src must be who the connection is: its peer, routing id and CURVE key."""
         if peer is not None and envelope.src != peer:
             raise ProtocolError(f"header src {envelope.src!r} arrived on the connection to {peer!r}")
-        if routing_id is not None and routing_id != envelope.src.encode():
-            raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
-        if self._guard and routing_id is not None:
+        if routing_id is None:
+            return
+        if self._guard:
             owner = header.get("User-Id")
             if owner != envelope.src:
                 raise ProtocolError(f"header src {envelope.src!r} but the CURVE key belongs to {owner!r}")
+        elif routing_id != envelope.src.encode():
+            raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
 
     async def _reply_error(self, routing_id: bytes, sender: str, reason: str) -> None:
         """Best effort: an ERROR to the connection a bad message came on, never blocking."""
