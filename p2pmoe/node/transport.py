@@ -137,6 +137,11 @@ def _zmq_parts(frames: Sequence[bytes | memoryview]) -> tuple[list[bytes | memor
     return parts, (zmq.MessageTracker(*tracked) if tracked else None)
 
 
+def _refusal(exc: Exception) -> ProtocolError:
+    """The error a sender gets back: a ProtocolError as it is, anything else by its type only."""
+    return exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable message ({type(exc).__name__})")
+
+
 def _short(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
 
@@ -381,8 +386,8 @@ class Transport:
         reader: MessageReader | None = None
         try:
             reader = MessageReader(header.buffer, self.limits)
-        except ProtocolError as exc:
-            failure = exc
+        except Exception as exc:  # hostile bytes may raise more than ProtocolError
+            failure = _refusal(exc)
         count, received, unyielded = 1, len(header), 0
         more = header.more
         while more:
@@ -394,8 +399,8 @@ class Transport:
             if reader is not None and target is not None:
                 try:
                     reader.took(nbytes)
-                except ProtocolError as exc:
-                    failure, reader = exc, None
+                except Exception as exc:
+                    failure, reader = _refusal(exc), None
             more = frames.get(zmq.RCVMORE)
             if unyielded >= YIELD_BYTES or count % YIELD_FRAMES == 0:
                 unyielded = 0
@@ -411,8 +416,8 @@ class Transport:
             if received > DECODE_IN_THREAD_BYTES and reader.compressed:  # restoring is a pass over every value
                 return await asyncio.to_thread(reader.finish), received
             return reader.finish(), received
-        except ProtocolError as exc:
-            return exc, received
+        except Exception as exc:
+            return _refusal(exc), received
 
     async def _accept(
         self, outcome: Envelope | ProtocolError, received: int, header: zmq.Frame, peer: str | None, routing_id: bytes | None

@@ -163,9 +163,13 @@ def _parse_table(header: dict[str, Any], limits: Limits) -> list[tuple[str, str,
         seen.add(name)
         require(dtype in DTYPES, f"tensor {name!r}: dtype {dtype!r} not allowed")
         require(
-            isinstance(shape, list) and len(shape) <= limits.max_dims
-            and all(_is_count(d) for d in shape),
+            isinstance(shape, list) and len(shape) <= limits.max_dims and all(_is_count(d) for d in shape),
             f"tensor {name!r}: bad shape {shape!r}",
+        )
+        # an empty tensor's other dimensions still make strides: bound them as if it had elements
+        require(
+            math.prod(max(d, 1) for d in shape) <= limits.max_message_bytes,
+            f"tensor {name!r}: shape {shape} exceeds the message limit {limits.max_message_bytes}",
         )
         itemsize = _ITEMSIZE[dtype]
         require(
