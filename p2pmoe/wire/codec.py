@@ -208,20 +208,18 @@ def _decode_header(frame: bytes | memoryview, limits: Limits) -> dict[str, Any]:
 _ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 _NUMPY_FLOATS = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "float64": np.dtype("<f8")}
 _BF16_EXPONENT = 0x7F80  # bfloat16 words whose exponent bits are all set are inf or NaN
+_NO_BYTES = np.empty(0, dtype=np.uint8)
 
 
 def _all_finite(data: np.ndarray, dtype: str) -> bool:
     """Whether the little-endian `dtype` elements in the bytes `data` are all finite.
 
-    numpy, not torch: torch.isfinite ran at 0.03-1.1 GB/s here, numpy's reductions at memory
-    speed. min and max propagate NaN and reach +-inf, so two allocation-free reductions suffice.
+    numpy, not torch: on a 2 MiB frame still in cache np.isfinite(...).all() ran at ~50 GB/s
+    here, torch.isfinite at ~1 GB/s.
     """
-    if not data.size:
-        return True
     if dtype == "bfloat16":
         return not bool(((data.view("<u2") & _BF16_EXPONENT) == _BF16_EXPONENT).any())
-    values = data.view(_NUMPY_FLOATS[dtype])
-    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+    return bool(np.isfinite(data.view(_NUMPY_FLOATS[dtype])).all())
 
 
 class MessageReader:
@@ -246,8 +244,7 @@ class MessageReader:
         self._tensors: dict[str, torch.Tensor] = {}
         self._row = -1
         self._frames_left = 0
-        self._raw = torch.empty(0, dtype=torch.uint8)
-        self._bytes = self._raw.numpy()
+        self._bytes = _NO_BYTES
         self._filled = self._checked = 0
         self._open_rows()
 
@@ -308,8 +305,9 @@ class MessageReader:
             self._row += 1
             if self._row < len(self._rows):
                 nbytes, self._frames_left = self._rows[self._row][3:]
-                self._raw = torch.empty(nbytes, dtype=torch.uint8)  # no zero fill: frames fill it
-                self._bytes = self._raw.numpy()
+                # numpy, not torch.empty: numpy asks for transparent huge pages on big buffers,
+                # and the first write into 4 KiB pages ran at 0.8 GB/s here against 4-6 GB/s
+                self._bytes = np.empty(nbytes, dtype=np.uint8)  # no zero fill: frames fill it
                 self._filled = self._checked = 0
 
     def _close_row(self) -> None:
@@ -318,7 +316,9 @@ class MessageReader:
         width = _ITEMSIZE[dtype]
         if sys.byteorder == "big" and width > 1:
             self._bytes[:] = self._bytes.reshape(-1, width)[:, ::-1].reshape(-1)
-        tensor = self._raw.view(torch.int16 if dtype == "bfloat16" else DTYPES[dtype]).reshape(shape)
+        # torch.from_numpy gives an empty array stride 0, which a dtype view refuses
+        raw = torch.from_numpy(self._bytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+        tensor = raw.view(torch.int16 if dtype == "bfloat16" else DTYPES[dtype]).reshape(shape)
         self._tensors[name] = tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
