@@ -52,9 +52,10 @@ LINGER_MS = 200  # how long close() lets queued messages drain
 DECODE_IN_THREAD_BYTES = 1 << 20  # bigger compressed messages are restored off the event loop
 HEARTBEAT_IVL_MS = 1000  # ZMTP PING every second on every connection ...
 HEARTBEAT_TIMEOUT_MS = 5000  # ... and a connection silent this long after one is dropped
-YIELD_FRAMES = 1024  # a message's frames read between two yields to the event loop ...
-YIELD_BYTES = 8 << 20  # ... or bytes: a few milliseconds of work either way
+YIELD_FRAMES = 1024  # frames dropped between two yields to the event loop ...
+YIELD_BYTES = 8 << 20  # ... and bytes read: a few milliseconds of work either way
 _DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
+_NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)  # plain ints: pyzmq's enum flags cost microseconds a call
 INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
@@ -137,6 +138,27 @@ def _zmq_parts(frames: Sequence[bytes | memoryview]) -> tuple[list[bytes | memor
     for i, frame in zip(shared, tracked):
         parts[i] = frame
     return parts, (zmq.MessageTracker(*tracked) if tracked else None)
+
+
+async def _drop_rest(frames: zmq.Socket) -> tuple[int, int]:
+    """Receive the rest of the current multipart into nothing: (frames, bytes) dropped.
+
+    The cheapest way libzmq offers (a message cannot be skipped whole): about a microsecond a
+    frame, with int flags (pyzmq's enum flags cost several times that). Yields to the event
+    loop every YIELD_FRAMES frames so that a flood delays other tasks little at a time.
+    """
+    recv_into, get = frames.recv_into, frames.get
+    count = nbytes = 0
+    more = True
+    while more:
+        for _ in range(YIELD_FRAMES):
+            nbytes += recv_into(_DISCARD, flags=_NOBLOCK)
+            count += 1
+            if not get(_RCVMORE):
+                more = False
+                break
+        await asyncio.sleep(0)
+    return count, nbytes
 
 
 def _refusal(exc: Exception) -> ProtocolError:
@@ -335,7 +357,7 @@ class Transport:
         """
         if not self._waiting_sends[socket]:
             try:
-                self._plain[socket].send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
+                self._plain[socket].send_multipart(parts, flags=_NOBLOCK, copy=True)
                 return
             except zmq.Again:
                 pass
@@ -397,7 +419,7 @@ class Transport:
             try:
                 first = await socket.recv(copy=False)
                 routing_id = first.bytes if peer is None else None
-                header = first if peer is not None else frames.recv(flags=zmq.NOBLOCK, copy=False)
+                header = first if peer is not None else frames.recv(flags=_NOBLOCK, copy=False)
                 outcome, received = await self._read(frames, header)
                 await self._accept(outcome, received, header, peer, routing_id)
             except zmq.ZMQError as exc:
@@ -414,9 +436,10 @@ class Transport:
         libzmq delivers a multipart only once all of it has arrived, so every later frame can
         be taken without waiting. Each goes straight into its tensor's buffer and is checked
         there (MessageReader); from the first bad frame on, the rest are received into nothing,
-        a fraction of a microsecond each. The loop yields to the event loop every
-        `YIELD_FRAMES` frames or `YIELD_BYTES` bytes, so a flood of frames delays other
-        connections by at most that much work at a time.
+        about a microsecond each (_drop_rest). Reading yields to the event loop every
+        `YIELD_BYTES` bytes, dropping every `YIELD_FRAMES` frames, so other tasks wait for at
+        most that much work at a time; other messages on the same socket wait for the whole
+        message, as libzmq queues them behind it.
         """
         failure: ProtocolError | None = None
         reader: MessageReader | None = None
@@ -426,21 +449,23 @@ class Transport:
             failure = _refusal(exc)
         count, received, unyielded = 1, len(header), 0
         more = header.more
-        while more:
-            target = reader.target() if reader is not None else None
-            nbytes = frames.recv_into(_DISCARD if target is None else target, flags=zmq.NOBLOCK)
+        while more and reader is not None and (target := reader.target()) is not None:
+            nbytes = frames.recv_into(target, flags=_NOBLOCK)
             count += 1
             received += nbytes
             unyielded += nbytes
-            if reader is not None and target is not None:
-                try:
-                    reader.took(nbytes)
-                except Exception as exc:
-                    failure, reader = _refusal(exc), None
-            more = frames.get(zmq.RCVMORE)
-            if unyielded >= YIELD_BYTES or count % YIELD_FRAMES == 0:
+            try:
+                reader.took(nbytes)
+            except Exception as exc:
+                failure, reader = _refusal(exc), None
+            more = frames.get(_RCVMORE)
+            if unyielded >= YIELD_BYTES:  # other connections and tasks get their turn
                 unyielded = 0
                 await asyncio.sleep(0)
+        if more:  # after a bad frame, or past the frames the table declares
+            dropped, dropped_bytes = await _drop_rest(frames)
+            count += dropped
+            received += dropped_bytes
         if count > self.limits.max_frames:
             return ProtocolError(f"too many frames: {count} > {self.limits.max_frames}"), received
         if failure is not None:
