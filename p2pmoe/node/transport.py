@@ -161,6 +161,32 @@ async def _drop_rest(frames: zmq.Socket) -> tuple[int, int]:
     return count, nbytes
 
 
+async def _settled_within(future: asyncio.Future[Message], timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `future` without cancelling it; True if it is done.
+
+    A request's waiter outlives a try (a late reply to the first try answers the second), so
+    a timeout must not cancel it. asyncio.timeout around asyncio.shield does that too, for
+    ~35 us more per wait here: a seventh of a small round trip.
+    """
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    turn = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not turn.done():
+            turn.set_result(None)
+
+    timer = loop.call_later(timeout, wake)
+    future.add_done_callback(wake)
+    try:
+        await turn
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
+
+
 def _refusal(exc: Exception) -> ProtocolError:
     """The error a sender gets back: a ProtocolError as it is, anything else by its type only."""
     return exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable message ({type(exc).__name__})")
@@ -389,11 +415,8 @@ class Transport:
         try:
             for _ in range(retries + 1):
                 await self.send(dst, outgoing)
-                try:
-                    async with asyncio.timeout(timeout):
-                        return await asyncio.shield(waiter)  # a timeout must not cancel the waiter: a retry reuses it
-                except TimeoutError:
-                    continue
+                if await _settled_within(waiter, timeout):
+                    return waiter.result()
             raise RequestTimeout(f"{dst!r} did not answer {MessageKind(message.kind).value} request {req}: {retries + 1} tries of {timeout}s")
         finally:
             del self._waiters[key]

@@ -123,7 +123,12 @@ def frame_sizes(frames: Sequence[bytes | memoryview]) -> tuple[int, int]:
 
 
 def require(condition: bool, reason: str) -> None:
-    """Raise ProtocolError(reason) unless `condition`: the one way input checks fail."""
+    """Raise ProtocolError(reason) unless `condition`: for fixed reasons.
+
+    A reason that quotes the input is an f-string, formatted before the call even when the
+    check passes; the checks below that run for every message and frame say `if not ...:
+    raise ProtocolError(...)` instead, so their reasons cost nothing until they fail.
+    """
     if not condition:
         raise ProtocolError(reason)
 
@@ -142,58 +147,65 @@ def _check_meta(kind: str, meta: dict[str, Any]) -> None:
     A request id is matched by value, and True == 1 in Python: a boolean must not pass for a
     count, nor 1.0 for an int, nor 1 for true.
     """
-    require("req" not in meta or _is_count(meta["req"]), f"meta.req must be a non-negative integer, not {meta.get('req')!r}")
-    require("reply" not in meta or meta["reply"] is True, f"meta.reply must be true when present, not {meta.get('reply')!r}")
+    if not ("req" not in meta or _is_count(meta["req"])):
+        raise ProtocolError(f"meta.req must be a non-negative integer, not {meta.get('req')!r}")
+    if not ("reply" not in meta or meta["reply"] is True):
+        raise ProtocolError(f"meta.reply must be true when present, not {meta.get('reply')!r}")
     if kind in _CONTROL_KINDS:
         peer_round = meta.get("round", -1)
-        require(type(peer_round) is int and peer_round >= -1, f"meta.round must be an integer >= -1, not {peer_round!r}")
-        require(isinstance(meta.get("done", False), bool), f"meta.done must be true or false, not {meta.get('done')!r}")
+        if not (type(peer_round) is int and peer_round >= -1):
+            raise ProtocolError(f"meta.round must be an integer >= -1, not {peer_round!r}")
+        if not (isinstance(meta.get("done", False), bool)):
+            raise ProtocolError(f"meta.done must be true or false, not {meta.get('done')!r}")
 
 
 def _parse_table(header: dict[str, Any], limits: Limits) -> list[tuple[str, str, list[int], int, int]]:
     table = header.get("tensors")
     require(isinstance(table, list), "header field 'tensors' must be a list")
-    require(len(table) <= limits.max_tensors, f"too many tensors: {len(table)} > {limits.max_tensors}")
+    if not (len(table) <= limits.max_tensors):
+        raise ProtocolError(f"too many tensors: {len(table)} > {limits.max_tensors}")
     rows = []
     seen: set[str] = set()
     for i, row in enumerate(table):
-        require(isinstance(row, list) and len(row) == 5, f"tensor entry {i} must be [name, dtype, shape, nbytes, nframes]")
+        if not (isinstance(row, list) and len(row) == 5):
+            raise ProtocolError(f"tensor entry {i} must be [name, dtype, shape, nbytes, nframes]")
         name, dtype, shape, nbytes, nframes = row
-        require(isinstance(name, str) and name not in seen, f"tensor entry {i}: name must be a unique string")
+        if not (isinstance(name, str) and name not in seen):
+            raise ProtocolError(f"tensor entry {i}: name must be a unique string")
         seen.add(name)
-        require(dtype in DTYPES, f"tensor {name!r}: dtype {dtype!r} not allowed")
-        require(
-            isinstance(shape, list) and len(shape) <= limits.max_dims and all(_is_count(d) for d in shape),
-            f"tensor {name!r}: bad shape {shape!r}",
-        )
+        if not (dtype in DTYPES):
+            raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} not allowed")
+        if not (isinstance(shape, list) and len(shape) <= limits.max_dims and all(_is_count(d) for d in shape)):
+            raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
         # an empty tensor's other dimensions still make strides: bound them as if it had elements
-        require(
-            math.prod(max(d, 1) for d in shape) <= limits.max_message_bytes,
-            f"tensor {name!r}: shape {shape} exceeds the message limit {limits.max_message_bytes}",
-        )
+        if math.prod(max(d, 1) for d in shape) > limits.max_message_bytes:
+            raise ProtocolError(f"tensor {name!r}: shape {shape} exceeds the message limit {limits.max_message_bytes}")
         itemsize = _ITEMSIZE[dtype]
-        require(
-            _is_count(nbytes) and nbytes == math.prod(shape) * itemsize,
-            f"tensor {name!r}: declared {nbytes!r} bytes, shape {shape} of {dtype} needs {math.prod(shape) * itemsize}",
-        )
-        require(_is_count(nframes) and nframes <= max(1, nbytes), f"tensor {name!r}: bad frame count")
+        if not (_is_count(nbytes) and nbytes == math.prod(shape) * itemsize):
+            raise ProtocolError(f"tensor {name!r}: declared {nbytes!r} bytes, shape {shape} of {dtype} needs {math.prod(shape) * itemsize}")
+        if not (_is_count(nframes) and nframes <= max(1, nbytes)):
+            raise ProtocolError(f"tensor {name!r}: bad frame count")
         rows.append((name, dtype, shape, nbytes, nframes))
     total = sum(r[3] for r in rows)
-    require(total <= limits.max_message_bytes, f"message declares {total} bytes > limit {limits.max_message_bytes}")
+    if not (total <= limits.max_message_bytes):
+        raise ProtocolError(f"message declares {total} bytes > limit {limits.max_message_bytes}")
     frames = 1 + sum(r[4] for r in rows)
-    require(frames <= limits.max_frames, f"message declares {frames} frames > limit {limits.max_frames}")
+    if not (frames <= limits.max_frames):
+        raise ProtocolError(f"message declares {frames} frames > limit {limits.max_frames}")
     return rows
 
 
 def _decode_header(frame: bytes | memoryview, limits: Limits) -> dict[str, Any]:
-    require(len(frame) <= limits.max_header_bytes, f"header of {len(frame)} bytes exceeds {limits.max_header_bytes}")
+    if not (len(frame) <= limits.max_header_bytes):
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {limits.max_header_bytes}")
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types on garbage
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
     require(isinstance(header, dict), "header must be a map")
     version = header.get("v")
-    require(type(version) is int and version == PROTOCOL_VERSION, f"unsupported protocol version {version!r} (speak {PROTOCOL_VERSION})")
+    if not (type(version) is int and version == PROTOCOL_VERSION):
+        raise ProtocolError(f"unsupported protocol version {version!r} (speak {PROTOCOL_VERSION})")
     require(isinstance(header.get("src"), str), "header field 'src' must be a string")
     require(_is_count(header.get("round")), "header field 'round' must be a non-negative integer")
     require(isinstance(header.get("meta", {}), dict), "header field 'meta' must be a map")
@@ -260,8 +272,10 @@ class MessageReader:
     def took(self, nbytes: int) -> None:
         """A frame of `nbytes` arrived and its first `len(target())` bytes are in the target."""
         name, dtype, _, declared, _ = self._rows[self._row]
-        require(nbytes <= self.limits.max_frame_bytes, f"a frame of {nbytes} bytes exceeds max_frame_bytes {self.limits.max_frame_bytes}")
-        require(self._filled + nbytes <= declared, f"tensor {name!r}: header says {declared} bytes, frames carry {self._filled + nbytes}")
+        if not (nbytes <= self.limits.max_frame_bytes):
+            raise ProtocolError(f"a frame of {nbytes} bytes exceeds max_frame_bytes {self.limits.max_frame_bytes}")
+        if not (self._filled + nbytes <= declared):
+            raise ProtocolError(f"tensor {name!r}: header says {declared} bytes, frames carry {self._filled + nbytes}")
         self._filled += nbytes
         self.frames += 1
         self._frames_left -= 1
@@ -269,9 +283,11 @@ class MessageReader:
         if whole > self._checked:  # check the elements this frame completed
             fresh = self._bytes[self._checked : whole]
             if dtype == "bool":
-                require(int(fresh.max()) <= 1, f"tensor {name!r}: bool bytes must be 0 or 1")
+                if not (int(fresh.max()) <= 1):
+                    raise ProtocolError(f"tensor {name!r}: bool bytes must be 0 or 1")
             elif dtype in _FLOAT_NAMES and self.limits.require_finite:
-                require(_all_finite(fresh, dtype), f"tensor {name!r} holds NaN or infinite values")
+                if not (_all_finite(fresh, dtype)):
+                    raise ProtocolError(f"tensor {name!r} holds NaN or infinite values")
             self._checked = whole
         self._open_rows()
 
@@ -293,7 +309,8 @@ class MessageReader:
                 raise ProtocolError(str(exc)) from None
             for name in self._header["comp"]["tensors"]:  # every value is checked as the receiver will use it
                 restored = tensors[name].numpy().reshape(-1).view(np.uint8)
-                require(not self.limits.require_finite or _all_finite(restored, "float32"), f"tensor {name!r} restores to NaN or infinite values")
+                if not (not self.limits.require_finite or _all_finite(restored, "float32")):
+                    raise ProtocolError(f"tensor {name!r} restores to NaN or infinite values")
         header = self._header
         return Envelope(header["src"], Message(MessageKind(header["kind"]), header["round"], tensors, header.get("meta", {})))
 
@@ -312,7 +329,8 @@ class MessageReader:
 
     def _close_row(self) -> None:
         name, dtype, shape, nbytes, _ = self._rows[self._row]
-        require(self._filled == nbytes, f"tensor {name!r}: header says {nbytes} bytes, frames carry {self._filled}")
+        if not (self._filled == nbytes):
+            raise ProtocolError(f"tensor {name!r}: header says {nbytes} bytes, frames carry {self._filled}")
         width = _ITEMSIZE[dtype]
         if sys.byteorder == "big" and width > 1:
             self._bytes[:] = self._bytes.reshape(-1, width)[:, ::-1].reshape(-1)
@@ -325,7 +343,8 @@ class MessageReader:
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Envelope:
     """Validate and decode frames into an Envelope, or raise ProtocolError saying why."""
     require(len(frames) >= 1, "empty message")
-    require(len(frames) <= limits.max_frames, f"too many frames: {len(frames)} > {limits.max_frames}")
+    if not (len(frames) <= limits.max_frames):
+        raise ProtocolError(f"too many frames: {len(frames)} > {limits.max_frames}")
     reader = MessageReader(frames[0], limits)
     for frame in frames[1:]:
         target = reader.target()
@@ -342,8 +361,11 @@ def check_like(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch
     """Raise ProtocolError unless `tensors` has exactly the template's names, shapes and dtypes."""
     missing = sorted(set(template) - set(tensors))
     extra = sorted(set(tensors) - set(template))
-    require(not missing and not extra, f"tensor names differ from the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    if not (not missing and not extra):
+        raise ProtocolError(f"tensor names differ from the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for name, like in template.items():
         got = tensors[name]
-        require(got.shape == like.shape, f"tensor {name!r}: shape {tuple(got.shape)} != model's {tuple(like.shape)}")
-        require(got.dtype == like.dtype, f"tensor {name!r}: dtype {got.dtype} != model's {like.dtype}")
+        if not (got.shape == like.shape):
+            raise ProtocolError(f"tensor {name!r}: shape {tuple(got.shape)} != model's {tuple(like.shape)}")
+        if not (got.dtype == like.dtype):
+            raise ProtocolError(f"tensor {name!r}: dtype {got.dtype} != model's {like.dtype}")
