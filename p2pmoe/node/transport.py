@@ -410,7 +410,7 @@ class Transport:
         if key in self._waiters:
             raise TransportError(f"request {req} to {dst!r} is already waiting for its reply")
         waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._waiters[key] = (waiter, MessageKind(message.kind))
+        self._waiters[key] = (waiter, message.kind)
         outgoing = Message(message.kind, message.round, message.tensors, {**message.meta, "req": req})
         try:
             for _ in range(retries + 1):
@@ -420,7 +420,7 @@ class Transport:
             raise RequestTimeout(f"{dst!r} did not answer {MessageKind(message.kind).value} request {req}: {retries + 1} tries of {timeout}s")
         finally:
             del self._waiters[key]
-            self._finished_requests[key] = MessageKind(message.kind)
+            self._finished_requests[key] = message.kind
             while len(self._finished_requests) > _REMEMBERED_REQUESTS:
                 self._finished_requests.popitem(last=False)
 
@@ -537,7 +537,10 @@ class Transport:
             finished = self._finished_requests.get(key)
             if finished is not None and (kind != finished or flagged):
                 return  # a duplicate reply to a request already answered
-        await self._inbox.put(envelope)
+        if self._inbox.full():  # backpressure: stop reading until recv() makes room
+            await self._inbox.put(envelope)
+        else:
+            self._inbox.put_nowait(envelope)
 
     def _check_sender(self, envelope: Envelope, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
         """The header's src must be who the connection is: its peer, routing id and CURVE key."""

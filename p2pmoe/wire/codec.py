@@ -96,7 +96,8 @@ def encode(
     """
     table: list[list[Any]] = []
     payload: list[memoryview] = []
-    tensors, comp = compress(message.tensors, scheme_for(MessageKind(message.kind).value, compression or {}))
+    kind = MessageKind(message.kind).value
+    tensors, comp = compress(message.tensors, scheme_for(kind, compression or {}) if compression else "none")
     for name, tensor in tensors.items():
         if tensor.dtype not in _DTYPE_NAMES:
             raise ProtocolError(f"tensor {name!r}: dtype {tensor.dtype} is not sendable")
@@ -106,7 +107,7 @@ def encode(
         payload.extend(chunks)
     header = {
         "v": PROTOCOL_VERSION,
-        "kind": MessageKind(message.kind).value,
+        "kind": kind,
         "src": src,
         "round": int(message.round),
         "meta": message.meta,
