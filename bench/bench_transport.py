@@ -9,12 +9,14 @@
     - raw-pyzmq: received zero-copy and left in libzmq's frames (no usable tensor);
     - fair-limit: received zero-copy, then copied once into a new torch tensor: the least
       any receiver must do to hand a method a tensor it owns. This is the target's yardstick.
+    Every raw DEALER and ROUTER has a context (an I/O thread) of its own, as two nodes and the
+    two transports here have.
     Transfers run one at a time; the paths take turns repeat by repeat so that load on a
     shared machine hits all alike. MB/s is the median over the repeats (MB = 10^6 bytes).
 (b) Small-message round trips: a HELLO-size request answered by the other node through
     `Transport.request` (replies travel DEALER -> ROUTER, as between two nodes that list
     each other as peers), against raw pyzmq echoing the same header bytes on one
-    DEALER/ROUTER pair (one context each side, as two nodes have), both with blocking
+    DEALER/ROUTER pair, both with blocking
     sockets and with zmq.asyncio; the three take turns of 100 round trips.
 
 Targets (issue 15): transport / fair-limit MB/s >= 0.8 at 16 and 64 MiB, and transport round
@@ -63,6 +65,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _raw_pair(router_context: zmq.Context, dealer_context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+    """A bound ROUTER and a DEALER connected to it, each in its own context as on two nodes
+    (and as the two transports here: sharing one I/O thread made raw round trips ~15 % faster)."""
+    router, dealer = router_context.socket(zmq.ROUTER), dealer_context.socket(zmq.DEALER)
+    router.bind(f"{LOOPBACK}:*")
+    dealer.setsockopt(zmq.ROUTING_ID, b"raw-dealer")
+    dealer.connect(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+    return router, dealer
+
+
 # -- (a) transfers ---------------------------------------------------------------------------
 
 
@@ -96,12 +108,8 @@ PATHS = ("p2pmoe-transport", "fair-limit", "raw-pyzmq")
 
 async def _transfers(sizes_mib: list[int], sender: Transport, receiver: Transport) -> list[dict[str, Any]]:
     frame_bytes = DEFAULT_LIMITS.frame_bytes
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.bind(f"{LOOPBACK}:*")
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.ROUTING_ID, b"raw-sender")
-    dealer.connect(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+    contexts = [zmq.Context(), zmq.Context()]
+    router, dealer = _raw_pair(*contexts)
     rows: list[dict[str, Any]] = []
     try:
         for size in sizes_mib:
@@ -147,9 +155,8 @@ async def _transfers(sizes_mib: list[int], sender: Transport, receiver: Transpor
                     "setting": {"tensor_mib": size, "repeats": len(seconds), "frame_bytes": frame_bytes, "frames": len(frames)},
                 })
     finally:
-        dealer.close(linger=0)
-        router.close(linger=0)
-        context.term()
+        for context in contexts:
+            context.destroy(linger=0)
     return rows
 
 
@@ -162,16 +169,6 @@ async def _answer_requests(node: Transport) -> None:
         envelope = await node.recv()
         reply = {"round": 0, "done": False, "reply": True, "req": envelope.message.meta["req"]}
         await node.send(envelope.src, Message(MessageKind.HELLO, 0, meta=reply))
-
-
-def _raw_pair(router_context: zmq.Context, dealer_context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
-    """A bound ROUTER and a DEALER connected to it, each in its own context as on two nodes
-    (and as the two transports here: sharing one I/O thread made raw round trips ~15 % faster)."""
-    router, dealer = router_context.socket(zmq.ROUTER), dealer_context.socket(zmq.DEALER)
-    router.bind(f"{LOOPBACK}:*")
-    dealer.setsockopt(zmq.ROUTING_ID, b"raw-client")
-    dealer.connect(router.getsockopt(zmq.LAST_ENDPOINT).decode())
-    return router, dealer
 
 
 def _raw_sync_block(router: zmq.Socket, dealer: zmq.Socket, payload: bytes, count: int) -> list[float]:
