@@ -1,5 +1,8 @@
 """Fuzz a LIVE transport on loopback with hostile multiparts from one persistent raw DEALER.
 
+The default run is at least 10,000 cases (the sum of max_examples below) and takes about a
+minute and a half on a 2-core machine.
+
 After every case the client sends a valid probe that the node echoes, so each case proves the
 receive loop is still alive, and (the connection being ordered) everything the case caused has
 happened by the time the echo comes back: exactly one ERROR reply for a rejected message, or
@@ -25,14 +28,15 @@ from p2pmoe.node.transport import Transport
 from p2pmoe.wire.codec import DTYPES, PROTOCOL_VERSION, Envelope, Limits, decode, encode
 from p2pmoe.wire.messages import Message, MessageKind
 
-LIMITS = Limits(max_message_bytes=2**20, max_tensors=16, max_header_bytes=2**16, frame_bytes=1024)
+LIMITS = Limits(max_message_bytes=2**20, max_tensors=16, max_header_bytes=2**16, max_frames=1024, frame_bytes=1024)
 ME = "fuzzer"
 FUZZ = settings(
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example],
 )
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(240)
+RESERVED_META = {"probe", "req", "reply", "round", "done"}  # fields with one type (drawn apart)
 
 
 class _Counter(logging.Handler):
@@ -76,6 +80,13 @@ class Harness:
             except Exception as exc:
                 self.violations.append(f"recv yielded an invalid message: {exc!r}")
 
+    async def ask(self, message: Message) -> asyncio.Task[Message]:
+        """Start a request from the node to the fuzzer and return once the fuzzer holds it."""
+        pending = asyncio.create_task(self.transport.request(ME, message, timeout=30, retries=0))
+        got = decode(await asyncio.wait_for(self.client.recv_multipart(), 10), LIMITS)
+        assert got.message.meta == message.meta, got
+        return pending
+
     async def case(self, frames: list[bytes]) -> Outcome:
         self.cases += 1
         probe = self.cases
@@ -111,10 +122,13 @@ def live():
 
     harness, echo = loop.run_until_complete(start())
 
-    def run_case(frames: list[bytes]) -> Outcome:
-        return loop.run_until_complete(asyncio.wait_for(harness.case(frames), 20))
+    def run(coroutine):
+        return loop.run_until_complete(asyncio.wait_for(coroutine, 20))
 
-    yield harness, run_case
+    def run_case(frames: list[bytes]) -> Outcome:
+        return run(harness.case(frames))
+
+    yield harness, run_case, run
     try:
         assert not echo.done(), "the echo task died"
         assert harness.violations == []
@@ -159,10 +173,16 @@ def tensors(draw) -> torch.Tensor:
 
 
 @st.composite
-def valid_messages(draw) -> Message:
-    named = draw(st.dictionaries(st.text("abcxyz._", min_size=1, max_size=8), tensors(), max_size=4))
-    meta = draw(st.dictionaries(st.text(max_size=5).filter(lambda k: k != "probe"), _ints | st.text(max_size=10), max_size=3))
-    return Message(draw(st.sampled_from(list(MessageKind))), draw(st.integers(0, 2**31)), named, meta)
+def valid_messages(draw, float32_only: bool = False) -> Message:
+    values = st.lists(st.floats(-1e4, 1e4, width=32), max_size=40).map(torch.tensor) if float32_only else tensors()
+    named = draw(st.dictionaries(st.text("abcxyz._", min_size=1, max_size=8), values, max_size=4))
+    meta = draw(st.dictionaries(st.text(max_size=5).filter(lambda k: k not in RESERVED_META), _ints | st.text(max_size=10), max_size=3))
+    kind = draw(st.sampled_from(list(MessageKind)))
+    if draw(st.booleans()):
+        meta["req"] = draw(st.integers(0, 2**64 - 1))
+    if kind in (MessageKind.HELLO, MessageKind.HEARTBEAT) and draw(st.booleans()):
+        meta.update(round=draw(st.integers(-1, 2**31)), done=draw(st.booleans()))
+    return Message(kind, draw(st.integers(0, 2**31)), named, meta)
 
 
 def _header(frames: list[bytes]) -> dict:
@@ -195,7 +215,8 @@ def corrupted(draw) -> list[bytes]:
     table = header["tensors"]
     sized = [i for i, row in enumerate(table) if row[3] > 0]
     floats = [name for name, t in message.tensors.items() if t.is_floating_point() and t.numel()]
-    ways = ["version", "kind", "src", "round", "meta", "tensors", "not_a_map", "garbage", "extra_frame", "huge", "dtype", "dup_name", "dims"]
+    ways = ["version", "kind", "src", "round", "meta", "tensors", "not_a_map", "garbage", "extra_frame", "huge", "dtype", "dup_name",
+            "dims", "meta_types", "comp_field", "flood"]
     if payload:
         ways += ["drop_frame"]
     if sized:
@@ -204,7 +225,15 @@ def corrupted(draw) -> list[bytes]:
         ways += ["nan"]
     way = draw(st.sampled_from(ways))
     if way == "version":
-        header["v"] = draw(_ints.filter(lambda v: v != PROTOCOL_VERSION) | st.text(max_size=3) | st.none())
+        header["v"] = draw(_ints.filter(lambda v: v != PROTOCOL_VERSION) | st.text(max_size=3) | st.none() | st.sampled_from([1.0, True]))
+    elif way == "meta_types":  # booleans are not counts, 1.0 is not an int, 1 is not true
+        field, bad = draw(st.sampled_from([
+            ("req", st.booleans() | st.floats() | st.integers(-(2**63), -1) | st.text(max_size=3)),
+            ("reply", st.just(False) | _ints | st.floats() | st.text(max_size=3) | st.none()),
+        ]))
+        header["meta"] = {**header.get("meta", {}), field: draw(bad)}
+    elif way == "comp_field":
+        header["comp"] = draw(_hostile_comp(header["tensors"]))
     elif way == "kind":
         header["kind"] = draw(_not_a_kind)
     elif way == "src":
@@ -221,6 +250,8 @@ def corrupted(draw) -> list[bytes]:
         if draw(st.booleans()):
             return [frames[0][: draw(st.integers(0, len(frames[0]) - 1))], *payload]
         return [frames[0] + draw(st.binary(min_size=1, max_size=16)), *payload]
+    elif way == "flood":  # more frames than max_frames, after a header or after the tensors
+        return [*frames, *[b""] * draw(st.integers(LIMITS.max_frames - len(frames) + 1, 3 * LIMITS.max_frames))]
     elif way == "extra_frame":
         position = draw(st.integers(1, len(frames)))
         return [*frames[:position], draw(st.binary(max_size=64)), *frames[position:]]
@@ -258,6 +289,30 @@ def corrupted(draw) -> list[bytes]:
     return _pack(header, payload)
 
 
+_SCALE_OVER = st.floats(1.4e36, 1e300) | st.just(3.0e38)  # 255 * scale > float32's max
+_MIN_OVER = st.floats(3.5e38, 1e300)  # finite as float64, inf as float32
+
+
+@st.composite
+def _hostile_comp(draw, table: list[list]) -> object:
+    """A comp field that no receiver may honour for this tensor table."""
+    names = [row[0] for row in table]
+    uint8 = [row[0] for row in table if row[1] == "uint8"]
+    name = draw(st.sampled_from(uint8)) if uint8 and draw(st.booleans()) else draw(st.text(max_size=4).filter(lambda n: n not in names))
+    params = draw(st.one_of(
+        st.tuples(st.floats(-1e3, 1e3), _SCALE_OVER).map(list),
+        st.tuples(_MIN_OVER | st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.floats(0.01, 1)).map(list),
+        st.tuples(st.floats(-1, 1), st.floats(max_value=0.0) | st.just(5e-324)).map(list),
+        st.lists(_ints | st.booleans() | st.none(), max_size=3),
+    ))
+    return draw(st.one_of(
+        st.just({"scheme": "int8", "tensors": {name: params}}),
+        st.just({"scheme": "fp16", "tensors": {name: draw(st.just([]) | st.lists(st.floats(), min_size=1, max_size=2))}}),
+        st.just({"scheme": draw(st.text(max_size=5).filter(lambda s: s not in ("fp16", "int8"))), "tensors": {}}),
+        _msgpack_values.filter(lambda v: not isinstance(v, dict)),
+    ))
+
+
 @st.composite
 def random_tables(draw) -> list[bytes]:
     """A well-formed header whose tensor table and frames are drawn at random."""
@@ -287,7 +342,7 @@ def test_random_bytes_frames(live, frames):
     handled(live[1](frames))
 
 
-@settings(FUZZ, max_examples=2500)
+@settings(FUZZ, max_examples=3500)
 @given(frames=corrupted())
 def test_each_protocol_violation_gets_an_error_reply(live, frames):
     rejected(live[1](frames))
@@ -316,9 +371,58 @@ def test_valid_messages_arrive_intact(live, message):
         assert got.tensors[name].dtype == t.dtype and torch.equal(got.tensors[name], t)
 
 
+@settings(FUZZ, max_examples=1000)
+@given(message=valid_messages(float32_only=True), scheme=st.sampled_from(["fp16", "int8"]))
+def test_compressed_messages_arrive_restored_and_finite(live, message, scheme):
+    outcome = live[1]([bytes(f) for f in encode(ME, message, LIMITS, {"*": scheme})])
+    assert outcome.errors == [] and len(outcome.accepted) == 1
+    got = outcome.accepted[0].message.tensors
+    for name, t in message.tensors.items():
+        step = (float(t.max() - t.min()) / 255 if scheme == "int8" else float(t.abs().max()) / 1024) if t.numel() else 0.0
+        # float32 rounds |values| <= 1e4 to within 1e-3 on top of the scheme's own step
+        assert got[name].dtype == torch.float32 and torch.allclose(got[name], t, rtol=0, atol=step + 1e-3)
+
+
+@settings(FUZZ, max_examples=200)
+@given(header=valid_messages(), extra=st.integers(1, 2 * LIMITS.max_frames), size=st.integers(0, 8))
+def test_frame_floods_are_refused_with_one_error(live, header, extra, size):
+    frames = _encoded(header)
+    rejected(live[1]([*frames, *[b"\x00" * size] * (LIMITS.max_frames - len(frames) + extra)]))
+
+
+_REQ_FORMS = ["same", "other", "absent", "true", "float", "text"]
+_REPLY_FORMS = ["absent", True, False, 1, 0]
+
+
+@settings(FUZZ, max_examples=800)
+@given(req_form=st.sampled_from(_REQ_FORMS), reply_form=st.sampled_from(_REPLY_FORMS), same_kind=st.booleans(), other=st.integers(0, 2**64 - 1))
+def test_replies_without_the_requests_id_never_answer_it(live, req_form, reply_form, same_kind, other):
+    """The node asks the fuzzer; only an answer with the request's req, as an int, of another
+    kind or with `reply: true`, completes it. Anything else is refused or is an ordinary
+    message, and the request keeps waiting."""
+    harness, run_case, run = live
+    req = 10**6 + harness.cases  # fresh per example: finished ids are remembered
+    forms = {"same": req, "other": other if other != req else req + 1, "true": True, "float": float(req), "text": str(req)}
+    meta = {} if req_form == "absent" else {"req": forms[req_form]}
+    if reply_form != "absent":
+        meta["reply"] = reply_form
+    kind = MessageKind.EXPERT_REQUEST if same_kind else MessageKind.EXPERT_RESPONSE
+    pending = run(harness.ask(Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": req})))
+    outcome = run_case(_pack({"v": 1, "kind": kind.value, "src": ME, "round": 0, "meta": meta, "tensors": []}, []))
+    flagged = reply_form is True  # not `in`: 1 == True in Python, the very confusion under test
+    matches = req_form == "same" and (reply_form == "absent" or flagged) and (not same_kind or flagged)
+    if matches:
+        assert outcome.errors == [] and outcome.accepted == [] and pending.done() and pending.result().meta == meta
+    else:
+        handled(outcome)
+        assert not pending.done(), meta
+        pending.cancel()
+        run(asyncio.gather(pending, return_exceptions=True))
+
+
 def test_zz_node_still_serves_after_the_fuzz(live):
     """Runs last in this module: a real request round trip on the same connection."""
-    _, run_case = live
+    run_case = live[1]
     big = Message(MessageKind.EXPERT_RESPONSE, 1, {"w": torch.randn(2**17)})  # 512 KB, 512 frames
     outcome = run_case(_encoded(big))
     assert outcome.errors == [] and torch.equal(outcome.accepted[0].message.tensors["w"], big.tensors["w"])

@@ -150,3 +150,47 @@ def test_without_curve_a_loud_warning_is_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="p2pmoe.transport"):
         run(scenario)
     assert sum("NOT encrypted" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("squatter_first", [True, False])
+def test_a_listed_client_squatting_a_peers_routing_id_blocks_nobody(keys, squatter_first):
+    """Issue 10: mallory (listed) connects with ROUTING_ID b"b" before or after the real b;
+    b's messages keep arriving, mallory's are refused, and nothing lingers after it leaves."""
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        async with Transport("a", LOOPBACK, curve=settings(keys, "a", ["b", "mallory"])) as a, \
+                Transport("b", LOOPBACK, curve=settings(keys, "b", ["a"])) as b:
+            try:
+
+                async def heard_from_b(count: int) -> int:
+                    heard = 0
+                    for i in range(count):
+                        await b.send("a", Message(MessageKind.HELLO, 0, meta={"i": i}))
+                        try:
+                            heard += (await asyncio.wait_for(a.recv(), 1.0)).src == "b"
+                        except TimeoutError:
+                            pass
+                    return heard
+
+                squatter = None
+                if squatter_first:
+                    squatter = curve_client(context, keys, "mallory", b"b", a)
+                    await asyncio.sleep(0.3)
+                b.add_peer("a", a.address)
+                assert await heard_from_b(2) == 2
+                if squatter is None:
+                    squatter = curve_client(context, keys, "mallory", b"b", a)
+                    await asyncio.sleep(0.3)
+                await squatter.send_multipart(encode("b", Message(MessageKind.HELLO, 0)))
+                reply = decode(await asyncio.wait_for(squatter.recv_multipart(), 5))
+                assert "CURVE key belongs to 'mallory'" in reply.message.meta["reason"]
+                assert await heard_from_b(10) == 10  # the old transport heard 0 of 10
+                squatter.close(linger=0)
+                assert await heard_from_b(5) == 5
+                await a.send("b", Message(MessageKind.HELLO, 0))  # a's replies reach b, not the squatter
+                assert (await asyncio.wait_for(b.recv(), 5)).src == "a"
+            finally:
+                context.destroy(linger=0)
+
+    run(scenario)

@@ -1,8 +1,9 @@
 import msgpack
+import numpy as np
 import pytest
 import torch
 
-from p2pmoe.wire.codec import Limits, ProtocolError, check_like, decode, encode, frame_sizes
+from p2pmoe.wire.codec import Limits, MessageReader, ProtocolError, check_like, decode, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
 
@@ -140,3 +141,84 @@ def test_frame_count_is_bounded_before_anything_is_parsed():
     frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.zeros(64)}), Limits(frame_bytes=1))
     with pytest.raises(ProtocolError, match="too many frames"):
         decode(frames, Limits(max_frames=100))
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1", [1], None])
+def test_version_must_be_exactly_the_integer_1(version):
+    frames = encode("a", Message(MessageKind.HELLO, 0))
+    with pytest.raises(ProtocolError, match="unsupported protocol version"):
+        decode(_with_header(frames, v=version))
+
+
+@pytest.mark.parametrize(
+    "kind, meta, field",
+    [
+        (MessageKind.HELLO, {"reply": 1}, "meta.reply"),
+        (MessageKind.HELLO, {"reply": False}, "meta.reply"),
+        (MessageKind.HELLO, {"reply": "true"}, "meta.reply"),
+        (MessageKind.EXPERT_RESPONSE, {"req": True}, "meta.req"),
+        (MessageKind.EXPERT_REQUEST, {"req": 1.0}, "meta.req"),
+        (MessageKind.EXPERT_REQUEST, {"req": -1}, "meta.req"),
+        (MessageKind.HELLO, {"round": True}, "meta.round"),
+        (MessageKind.HEARTBEAT, {"round": 2.0}, "meta.round"),
+        (MessageKind.HEARTBEAT, {"round": -2}, "meta.round"),
+        (MessageKind.HELLO, {"done": 1}, "meta.done"),
+    ],
+)
+def test_meta_fields_that_nodes_act_on_have_one_type(kind, meta, field):
+    with pytest.raises(ProtocolError, match=field):
+        decode(encode("a", Message(kind, 0, meta=meta)))
+
+
+def test_well_typed_meta_fields_pass():
+    meta = {"round": -1, "done": False, "reply": True, "req": 2**64 - 1}
+    assert decode(encode("a", Message(MessageKind.HELLO, 0, meta=meta))).message.meta == meta
+
+
+def test_a_frame_over_max_frame_bytes_is_refused_and_senders_cannot_make_one():
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.zeros(2048)}), Limits(frame_bytes=8192))
+    with pytest.raises(ProtocolError, match="max_frame_bytes"):
+        decode(frames, Limits(frame_bytes=1024, max_frame_bytes=4096))
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        Limits(frame_bytes=8 * 2**20)
+
+
+def test_declared_frame_count_is_bounded_by_the_header_alone():
+    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {},
+              "tensors": [["x", "uint8", [1000], 1000, 1000]]}
+    with pytest.raises(ProtocolError, match="declares 1001 frames"):
+        MessageReader(msgpack.packb(header), Limits(max_frames=100))
+
+
+def test_empty_tensor_with_huge_dimensions_is_refused():
+    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {},
+              "tensors": [["x", "float32", [0, 2**33, 2**33], 0, 0]]}
+    with pytest.raises(ProtocolError, match="exceeds the message limit"):
+        decode([msgpack.packb(header)])
+
+
+def test_reader_takes_frames_in_place_and_checks_each_on_arrival():
+    values = torch.arange(6, dtype=torch.float32)
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": values}), Limits(frame_bytes=6))  # splits floats
+    reader = MessageReader(frames[0])
+    for frame in frames[1:]:
+        target = reader.target()
+        target[: len(frame)] = np.frombuffer(frame, dtype=np.uint8)
+        reader.took(len(frame))
+    assert reader.target() is None and torch.equal(reader.finish().message.tensors["x"], values)
+    bad = values.clone()
+    bad[1] = float("nan")
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": bad}), Limits(frame_bytes=6))
+    reader = MessageReader(frames[0])
+    reader.target()[:6] = np.frombuffer(frames[1], dtype=np.uint8)
+    with pytest.raises(ProtocolError, match="NaN"):
+        reader.took(6)  # the second float is complete after the second frame: checked at once
+        reader.target()[:6] = np.frombuffer(frames[2], dtype=np.uint8)
+        reader.took(6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_every_float_dtype_is_finite_checked(dtype):
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ProtocolError, match="NaN or infinite"):
+            decode(encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.tensor([1.0, value]).to(dtype)})))

@@ -1,8 +1,9 @@
 import msgpack
+import numpy as np
 import pytest
 import torch
 
-from p2pmoe.wire.codec import ProtocolError, decode, encode, frame_sizes
+from p2pmoe.wire.codec import Limits, ProtocolError, decode, encode, frame_sizes
 from p2pmoe.wire.compression import compression_error, parse_compression
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -60,3 +61,58 @@ def test_lying_compression_headers_are_protocol_errors(comp):
     header["comp"] = comp
     with pytest.raises(ProtocolError):
         decode([msgpack.packb(header), *frames[1:]])
+
+
+def _compressed_frames(kind: MessageKind, comp: object, payload: bytes) -> list[bytes]:
+    """An int8-compressed message of 8 values whose header's comp field and bytes are chosen."""
+    frames = encode("a", Message(kind, 0, {"w": torch.randn(8)}), compression={"*": "int8"})
+    header = msgpack.unpackb(frames[0], raw=False)
+    header["comp"] = comp
+    return [msgpack.packb(header, use_bin_type=True), payload]
+
+
+@pytest.mark.parametrize("kind", [MessageKind.EMBEDDING, MessageKind.EXPERT_RESPONSE, MessageKind.MODEL_UPDATE])
+@pytest.mark.parametrize(
+    "params",
+    [
+        [0.0, 3.0e38],  # the issue's case: 255 * 3e38 overflows float32
+        [1.0e39, 1.0],  # finite as a float64, inf as a float32
+        [-3.0e38, 3.0e36],  # min + 255 * scale = 4.65e38
+        [0.0, 1.0e39],
+        [0.0, 0.0],
+        [0.0, 5e-324],  # a float64 subnormal: 0 in float32
+        [0, 1],  # ints are not the floats the protocol names
+        [True, 1.0],
+        [0.0, 1.0, 2.0],
+    ],
+)
+def test_int8_parameters_that_restore_non_finite_or_are_not_floats_are_refused(kind, params):
+    with pytest.raises(ProtocolError, match="int8 compression needs"):
+        decode(_compressed_frames(kind, {"scheme": "int8", "tensors": {"w": params}}, b"\xff" * 8))
+
+
+def test_int8_extremes_that_stay_finite_are_taken_and_restored_values_are_checked():
+    top = float(np.finfo(np.float32).max) / 256  # 255 * scale stays below float32's max
+    got = decode(_compressed_frames(MessageKind.EMBEDDING, {"scheme": "int8", "tensors": {"w": [0.0, top]}}, b"\xff" * 8))
+    assert bool(torch.isfinite(got.message.tensors["w"]).all())
+
+
+def test_fp16_values_are_checked_after_restoring_and_the_sender_never_overflows():
+    message = Message(MessageKind.EMBEDDING, 0, {"big": torch.tensor([1e5, 1.0]), "edge": torch.tensor([65504.0, -65504.0]), "ok": torch.ones(2)})
+    frames = encode("a", message, compression={"*": "fp16"})
+    header = msgpack.unpackb(frames[0], raw=False)
+    assert set(header["comp"]["tensors"]) == {"edge", "ok"}  # beyond fp16's range: sent as float32
+    got = decode(frames).message.tensors
+    assert torch.equal(got["big"], message.tensors["big"]) and torch.equal(got["edge"], message.tensors["edge"])
+    inf16 = np.array([np.inf, 1.0], dtype="<f2").tobytes()
+    header["tensors"] = [["w", "float16", [2], 4, 1]]
+    header["comp"] = {"scheme": "fp16", "tensors": {"w": []}}
+    with pytest.raises(ProtocolError, match="NaN or infinite"):
+        decode([msgpack.packb(header, use_bin_type=True), inf16])
+
+
+def test_int8_sender_leaves_tensors_it_cannot_carry_uncompressed():
+    huge = torch.tensor([-3.0e38, 3.0e38])
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"huge": huge, "inf": torch.tensor([float("inf")])}), compression={"*": "int8"})
+    assert msgpack.unpackb(frames[0], raw=False)["comp"]["tensors"] == {}
+    assert torch.equal(decode(frames, Limits(require_finite=False)).message.tensors["huge"], huge)

@@ -1,16 +1,20 @@
 """The node's ZeroMQ transport: one ROUTER that peers and clients connect to, one DEALER per
 configured peer, every incoming message validated before anyone sees it.
 
-Routing. Our DEALERs carry `ROUTING_ID = node_id`, so a peer's ROUTER knows who is speaking.
-`send(dst)` goes over our DEALER to `dst` when `dst` is a configured peer, else back through
-our ROUTER to the connection whose routing id is `dst` and which has sent us a valid message:
-a plain pyzmq DEALER client that sets `ROUTING_ID` to the node id it puts in its headers gets
-replies on its own connection.
+Routing. `send(dst)` goes over our DEALER to `dst` when `dst` is a configured peer, else back
+through our ROUTER on the connection that `dst` last sent a valid message on.
 
-Trust. A peer is untrusted input. Each multipart goes through `codec.decode`; the header's
-`src` must equal the connection's identity (the routing id on the ROUTER, the peer on a
-DEALER) and, with CURVE, the node id that the sender's key is listed under. A bad message is
-logged, answered with an ERROR message when it came on the ROUTER, and never returned.
+Identity. Without CURVE, a connection's identity is its routing id: our DEALERs carry
+`ROUTING_ID = node_id`, and a message on the ROUTER must carry its routing id as `src` (a
+plain pyzmq client sets `ROUTING_ID` to the node id it puts in its headers). With CURVE, the
+identity is the node id the connection's key is listed under (the ZAP User-Id) and routing
+ids carry no meaning: our DEALERs set none, so libzmq numbers their connections, and a listed
+client that claims a peer's id as its ROUTING_ID occupies nothing the peer needs.
+`ROUTER_HANDOVER` lets a reconnecting client take its routing id back from a stale connection.
+
+Trust. A peer is untrusted input. Each message is read frame by frame through
+`codec.MessageReader`; the header's `src` must equal the connection's identity. A bad message
+is logged, answered with an ERROR message when it came on the ROUTER, and never returned.
 
 Flow control. High-water marks count messages, not bytes. Frames of 64 KB or more are sent
 zero-copy with a MessageTracker (and a message of 64 KB or more always has at least one
@@ -37,7 +41,7 @@ import zmq.asyncio
 
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.node.security import CurveGuard, CurveSettings
-from p2pmoe.wire.codec import DEFAULT_LIMITS, Envelope, Limits, ProtocolError, decode, encode, frame_sizes
+from p2pmoe.wire.codec import DEFAULT_LIMITS, Envelope, Limits, MessageReader, ProtocolError, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
 log = logging.getLogger("p2pmoe.transport")
@@ -45,7 +49,13 @@ log = logging.getLogger("p2pmoe.transport")
 ZERO_COPY_BYTES = 64 * 1024  # below this, copying a frame is cheaper than sharing it
 HWM = 1000  # messages queued per connection and direction
 LINGER_MS = 200  # how long close() lets queued messages drain
-DECODE_IN_THREAD_BYTES = 1 << 20  # bigger messages are decoded off the event loop
+DECODE_IN_THREAD_BYTES = 1 << 20  # bigger compressed messages are restored off the event loop
+HEARTBEAT_IVL_MS = 1000  # ZMTP PING every second on every connection ...
+HEARTBEAT_TIMEOUT_MS = 5000  # ... and a connection silent this long after one is dropped
+YIELD_FRAMES = 1024  # frames dropped between two yields to the event loop ...
+YIELD_BYTES = 8 << 20  # ... and bytes read: a few milliseconds of work either way
+_DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
+_NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)  # plain ints: pyzmq's enum flags cost microseconds a call
 INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
@@ -87,26 +97,25 @@ class _InFlight:
         self._holds = [h for h in self._holds if h.tracker is None or not h.tracker.done]
         return sum(h.nbytes for h in self._holds)
 
+    def try_reserve(self, nbytes: int, limit: int) -> _Hold | None:
+        """Reserve `nbytes` if they fit under `limit` (or nothing else is in flight), else None."""
+        if self._holds and (used := self.total()) and used + nbytes > limit:
+            return None
+        hold = _Hold(nbytes)
+        self._holds.append(hold)
+        return hold
+
     async def wait_for_room(self, nbytes: int, limit: int, timeout: float, dst: str) -> _Hold:
         """Reserve `nbytes` once they fit under `limit` (or nothing else is in flight)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.0005
-        while (used := self.total()) and used + nbytes > limit:
+        while (hold := self.try_reserve(nbytes, limit)) is None:
             if loop.time() >= deadline:
-                raise SendTimeout(f"{dst!r} still has {used} bytes in flight after {timeout}s (limit {limit})")
+                raise SendTimeout(f"{dst!r} still has {self.total()} bytes in flight after {timeout}s (limit {limit})")
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.02)
-        hold = _Hold(nbytes)
-        self._holds.append(hold)
         return hold
-
-    def settle(self, hold: _Hold, tracker: zmq.MessageTracker | None) -> None:
-        """The message of `hold` was handed over: track it, or forget it if it was copied."""
-        if tracker is None:
-            self.release(hold)
-        else:
-            hold.tracker = tracker
 
     def release(self, hold: _Hold) -> None:
         self._holds.remove(hold)
@@ -119,13 +128,68 @@ def _zmq_parts(frames: Sequence[bytes | memoryview]) -> tuple[list[bytes | memor
     Python Frame refers to the buffer any more.
     """
     parts: list[bytes | memoryview | zmq.Frame] = list(frames)
+    total = sum(len(f) for f in frames)
+    if total < ZERO_COPY_BYTES:  # the common control message: nothing to share or track
+        return parts, None
     shared = [i for i, f in enumerate(frames) if len(f) >= ZERO_COPY_BYTES]
-    if not shared and sum(len(f) for f in frames) >= ZERO_COPY_BYTES:
+    if not shared:
         shared = [len(frames) - 1]  # libzmq releases the last frame after all earlier ones
     tracked = [zmq.Frame(frames[i], copy=False, track=True) for i in shared]
     for i, frame in zip(shared, tracked):
         parts[i] = frame
     return parts, (zmq.MessageTracker(*tracked) if tracked else None)
+
+
+async def _drop_rest(frames: zmq.Socket) -> tuple[int, int]:
+    """Receive the rest of the current multipart into nothing: (frames, bytes) dropped.
+
+    The cheapest way libzmq offers (a message cannot be skipped whole): about a microsecond a
+    frame, with int flags (pyzmq's enum flags cost several times that). Yields to the event
+    loop every YIELD_FRAMES frames so that a flood delays other tasks little at a time.
+    """
+    recv_into, get = frames.recv_into, frames.get
+    count = nbytes = 0
+    more = True
+    while more:
+        for _ in range(YIELD_FRAMES):
+            nbytes += recv_into(_DISCARD, flags=_NOBLOCK)
+            count += 1
+            if not get(_RCVMORE):
+                more = False
+                break
+        await asyncio.sleep(0)
+    return count, nbytes
+
+
+async def _settled_within(future: asyncio.Future[Message], timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `future` without cancelling it; True if it is done.
+
+    A request's waiter outlives a try (a late reply to the first try answers the second), so
+    a timeout must not cancel it. asyncio.timeout around asyncio.shield does that too, for
+    ~35 us more per wait here: a seventh of a small round trip.
+    """
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    turn = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not turn.done():
+            turn.set_result(None)
+
+    timer = loop.call_later(timeout, wake)
+    future.add_done_callback(wake)
+    try:
+        await turn
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
+
+
+def _refusal(exc: Exception) -> ProtocolError:
+    """The error a sender gets back: a ProtocolError as it is, anything else by its type only."""
+    return exc if isinstance(exc, ProtocolError) else ProtocolError(f"undecodable message ({type(exc).__name__})")
 
 
 def _short(reason: str) -> str:
@@ -168,7 +232,7 @@ class Transport:
         self.bytes_received: dict[str, int] = defaultdict(int)
         self._round_of = round_of or (lambda: 0)
         self._peers: dict[str, _Peer] = {}
-        self._contacts: set[str] = set()
+        self._contacts: dict[str, bytes] = {}  # node id -> routing id of its last valid ROUTER message
         self._inflight: dict[str, _InFlight] = defaultdict(_InFlight)
         self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue(INBOX_MESSAGES)
         # (peer, req) -> (waiter, the request's kind): a reply is a message with that req and
@@ -177,6 +241,9 @@ class Transport:
         self._waiters: dict[tuple[str, int], tuple[asyncio.Future[Message], MessageKind]] = {}
         self._finished_requests: OrderedDict[tuple[str, int], MessageKind] = OrderedDict()
         self._closed = False
+        # each socket's plain (blocking-API) twin, for the reads and sends that need not wait
+        self._plain: dict[zmq.asyncio.Socket, zmq.Socket] = {}
+        self._waiting_sends: dict[zmq.asyncio.Socket, int] = defaultdict(int)
 
         self._context = zmq.asyncio.Context()
         self._guard: CurveGuard | None = None
@@ -185,6 +252,7 @@ class Transport:
                 self._guard = CurveGuard(curve, self._context)  # before bind: see CurveGuard
             self._router = self._socket(zmq.ROUTER)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             if self._guard:
                 self._guard.serve(self._router)
             self._router.bind(bind)
@@ -203,10 +271,18 @@ class Transport:
 
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
         socket = self._context.socket(kind)
+        self._plain[socket] = zmq.Socket.shadow(socket.underlying)
         socket.setsockopt(zmq.LINGER, LINGER_MS)
         socket.setsockopt(zmq.SNDHWM, HWM)
         socket.setsockopt(zmq.RCVHWM, HWM)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + self.limits.max_header_bytes)
+        # libzmq checks MAXMSGSIZE per frame, against the size a frame announces before its
+        # bytes come, and drops the connection: no frame bigger than the protocol allows is stored
+        socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_socket_frame_bytes)
+        # ZMTP heartbeats: a connection that answers nothing for HEARTBEAT_TIMEOUT is dropped
+        # with its half-received message, so a stalled sender cannot hold memory
+        socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
         return socket
 
     # -- peers ---------------------------------------------------------------------------------
@@ -228,7 +304,8 @@ class Transport:
             raise ValueError(f"a public key was given for {peer_id!r} but this transport has no CURVE settings")
         self.remove_peer(peer_id)
         socket = self._socket(zmq.DEALER)
-        socket.setsockopt(zmq.ROUTING_ID, self.node_id.encode())
+        if not self._guard:  # with CURVE our key says who we are; a routing id could be squatted
+            socket.setsockopt(zmq.ROUTING_ID, self.node_id.encode())
         socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
         if self._guard:
             self._guard.connect_to(socket, peer_id, public_key)
@@ -242,6 +319,8 @@ class Transport:
         if peer is None:
             return
         peer.pump.cancel()
+        self._plain.pop(peer.socket, None)
+        self._waiting_sends.pop(peer.socket, None)
         peer.socket.close(linger=0)
         self._inflight.pop(peer_id, None)
 
@@ -268,25 +347,52 @@ class Transport:
         if peer is None and dst not in self._contacts:
             raise PeerUnreachable(f"{dst!r} is neither a configured peer nor a client connected to us")
         frames = encode(self.node_id, message, self.limits, self.compression)
-        inflight = self._inflight[dst]
-        hold = await inflight.wait_for_room(sum(len(f) for f in frames), self.max_inflight_bytes, self.send_timeout, dst)
         parts, tracker = _zmq_parts(frames)
+        inflight, hold = self._inflight[dst], None
+        if tracker is not None:  # copied messages leave no bytes in flight: the HWM bounds them
+            nbytes = sum(len(f) for f in frames)
+            hold = inflight.try_reserve(nbytes, self.max_inflight_bytes)
+            if hold is None:
+                hold = await inflight.wait_for_room(nbytes, self.max_inflight_bytes, self.send_timeout, dst)
         socket = peer.socket if peer else self._router
         if peer is None:
-            parts.insert(0, dst.encode())
+            parts.insert(0, self._contacts[dst])
         try:
-            await asyncio.wait_for(socket.send_multipart(parts, copy=True), self.send_timeout)
+            await self._send_parts(socket, parts)
         except BaseException as exc:
-            inflight.release(hold)
+            if hold is not None:
+                inflight.release(hold)
             if isinstance(exc, TimeoutError):
                 raise PeerUnreachable(f"no connection to {dst!r} took the message within {self.send_timeout}s") from None
             if isinstance(exc, zmq.ZMQError):
-                self._contacts.discard(dst)
+                self._contacts.pop(dst, None)
                 raise PeerUnreachable(f"{dst!r} is unreachable: {exc}") from None
             raise
         del parts  # a live Frame keeps its tracker pending
-        inflight.settle(hold, tracker)
+        if hold is not None:
+            hold.tracker = tracker
         self._record(message.round, dst, message.kind, frames)
+
+    async def _send_parts(self, socket: zmq.asyncio.Socket, parts: list[bytes | memoryview | zmq.Frame]) -> None:
+        """Hand `parts` to libzmq: at once when it takes them, else waiting up to `send_timeout`.
+
+        Most sends go at once; doing those on the plain socket skips the future, the flag
+        arithmetic and the timer of an awaited send (a third of a small round trip here). A
+        send that would block waits in zmq.asyncio's queue, and while any waits, later sends
+        on that socket queue behind it, so messages keep their order.
+        """
+        if not self._waiting_sends[socket]:
+            try:
+                self._plain[socket].send_multipart(parts, flags=_NOBLOCK, copy=True)
+                return
+            except zmq.Again:
+                pass
+        self._waiting_sends[socket] += 1
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await socket.send_multipart(parts, copy=True)
+        finally:
+            self._waiting_sends[socket] -= 1
 
     async def request(self, dst: str, message: Message, timeout: float, retries: int = 2) -> Message:
         """Send `message` and return the reply from `dst` carrying the same `meta["req"]`.
@@ -304,19 +410,17 @@ class Transport:
         if key in self._waiters:
             raise TransportError(f"request {req} to {dst!r} is already waiting for its reply")
         waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._waiters[key] = (waiter, MessageKind(message.kind))
-        outgoing = dataclasses.replace(message, meta={**message.meta, "req": req})
+        self._waiters[key] = (waiter, message.kind)
+        outgoing = Message(message.kind, message.round, message.tensors, {**message.meta, "req": req})
         try:
             for _ in range(retries + 1):
                 await self.send(dst, outgoing)
-                try:
-                    return await asyncio.wait_for(asyncio.shield(waiter), timeout)
-                except TimeoutError:
-                    continue
+                if await _settled_within(waiter, timeout):
+                    return waiter.result()
             raise RequestTimeout(f"{dst!r} did not answer {MessageKind(message.kind).value} request {req}: {retries + 1} tries of {timeout}s")
         finally:
             del self._waiters[key]
-            self._finished_requests[key] = MessageKind(message.kind)
+            self._finished_requests[key] = message.kind
             while len(self._finished_requests) > _REMEMBERED_REQUESTS:
                 self._finished_requests.popitem(last=False)
 
@@ -333,36 +437,96 @@ class Transport:
 
     async def _pump(self, socket: zmq.asyncio.Socket, peer: str | None) -> None:
         """Read `socket` until closed; `peer` is the DEALER's peer, None for the ROUTER."""
+        frames = self._plain[socket]  # read frame by frame without futures
         while True:
             try:
-                frames = await socket.recv_multipart(copy=False)
+                first = await socket.recv(copy=False)
+                routing_id = first.bytes if peer is None else None
+                header = first if peer is not None else frames.recv(flags=_NOBLOCK, copy=False)
+                outcome, received = await self._read(frames, header)
+                await self._accept(outcome, received, header, peer, routing_id)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
                     return
                 log.warning("receive error on %s: %s", peer or "router", exc)
                 await asyncio.sleep(0.01)
-                continue
-            try:
-                await self._accept(frames, peer)
             except Exception:  # last line of defence: one message never stops the loop
                 log.exception("dropped a message after an unexpected error")
 
-    async def _accept(self, frames: list[zmq.Frame], peer: str | None) -> None:
-        routing_id = frames.pop(0).bytes if peer is None else None
-        sender = peer if routing_id is None else routing_id.decode("utf-8", "backslashreplace")
-        self.bytes_received[sender] += sum(len(f) for f in frames)
+    async def _read(self, frames: zmq.Socket, header: zmq.Frame) -> tuple[Envelope | ProtocolError, int]:
+        """Read the rest of the message whose header frame is `header`: (Envelope or why not, bytes).
+
+        libzmq delivers a multipart only once all of it has arrived, so every later frame can
+        be taken without waiting. Each goes straight into its tensor's buffer and is checked
+        there (MessageReader); from the first bad frame on, the rest are received into nothing,
+        about a microsecond each (_drop_rest). Reading yields to the event loop every
+        `YIELD_BYTES` bytes, dropping every `YIELD_FRAMES` frames, so other tasks wait for at
+        most that much work at a time; other messages on the same socket wait for the whole
+        message, as libzmq queues them behind it.
+        """
+        failure: ProtocolError | None = None
+        reader: MessageReader | None = None
         try:
-            envelope = await self._validate(frames, peer, routing_id)
-        except Exception as exc:  # decode may raise more than ProtocolError on hostile bytes
-            reason = _short(str(exc) if isinstance(exc, ProtocolError) else f"undecodable message ({type(exc).__name__})")
+            reader = MessageReader(header.buffer, self.limits)
+        except Exception as exc:  # hostile bytes may raise more than ProtocolError
+            failure = _refusal(exc)
+        count, received, unyielded = 1, len(header), 0
+        more = header.more
+        while more and reader is not None and (target := reader.target()) is not None:
+            nbytes = frames.recv_into(target, flags=_NOBLOCK)
+            count += 1
+            received += nbytes
+            unyielded += nbytes
+            try:
+                reader.took(nbytes)
+            except Exception as exc:
+                failure, reader = _refusal(exc), None
+            more = frames.get(_RCVMORE)
+            if unyielded >= YIELD_BYTES:  # other connections and tasks get their turn
+                unyielded = 0
+                await asyncio.sleep(0)
+        if more:  # after a bad frame, or past the frames the table declares
+            dropped, dropped_bytes = await _drop_rest(frames)
+            count += dropped
+            received += dropped_bytes
+        if count > self.limits.max_frames:
+            return ProtocolError(f"too many frames: {count} > {self.limits.max_frames}"), received
+        if failure is not None:
+            return failure, received
+        assert reader is not None  # no failure: the header was read
+        if count - 1 > reader.frames:
+            return reader.frame_count_error(count), received
+        try:
+            if received > DECODE_IN_THREAD_BYTES and reader.compressed:  # restoring is a pass over every value
+                return await asyncio.to_thread(reader.finish), received
+            return reader.finish(), received
+        except Exception as exc:
+            return _refusal(exc), received
+
+    async def _accept(
+        self, outcome: Envelope | ProtocolError, received: int, header: zmq.Frame, peer: str | None, routing_id: bytes | None
+    ) -> None:
+        """Hand a valid message to its waiting request or to recv(); answer an invalid one."""
+        if routing_id is None:
+            sender = peer
+        else:  # with CURVE, who a ROUTER connection is comes from its key, not its routing id
+            sender = header.get("User-Id") if self._guard else routing_id.decode("utf-8", "backslashreplace")
+        self.bytes_received[sender] += received
+        try:
+            if isinstance(outcome, ProtocolError):
+                raise outcome
+            envelope = outcome
+            self._check_sender(envelope, header, peer, routing_id)
+        except ProtocolError as exc:
+            reason = _short(str(exc))
             log.warning("rejected a message from %r: %s", sender, reason)
             if routing_id is not None:
                 await self._reply_error(routing_id, sender, reason)
             return
-        if peer is None:
-            self._contacts.add(envelope.src)
+        if routing_id is not None:
+            self._contacts[envelope.src] = routing_id
         req = envelope.message.meta.get("req")
-        if isinstance(req, int):
+        if req is not None:  # the codec let through only a count
             key, kind = (envelope.src, req), envelope.message.kind
             flagged = envelope.message.meta.get("reply") is True
             waiting = self._waiters.get(key)
@@ -373,23 +537,23 @@ class Transport:
             finished = self._finished_requests.get(key)
             if finished is not None and (kind != finished or flagged):
                 return  # a duplicate reply to a request already answered
-        await self._inbox.put(envelope)
-
-    async def _validate(self, frames: list[zmq.Frame], peer: str | None, routing_id: bytes | None) -> Envelope:
-        buffers = [f.buffer for f in frames]
-        if sum(len(b) for b in buffers) > DECODE_IN_THREAD_BYTES:
-            envelope = await asyncio.to_thread(decode, buffers, self.limits)
+        if self._inbox.full():  # backpressure: stop reading until recv() makes room
+            await self._inbox.put(envelope)
         else:
-            envelope = decode(buffers, self.limits)
+            self._inbox.put_nowait(envelope)
+
+    def _check_sender(self, envelope: Envelope, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
+        """The header's src must be who the connection is: its peer, routing id and CURVE key."""
         if peer is not None and envelope.src != peer:
             raise ProtocolError(f"header src {envelope.src!r} arrived on the connection to {peer!r}")
-        if routing_id is not None and routing_id != envelope.src.encode():
-            raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
-        if self._guard and routing_id is not None:
-            owner = frames[0].get("User-Id")
+        if routing_id is None:
+            return
+        if self._guard:
+            owner = header.get("User-Id")
             if owner != envelope.src:
                 raise ProtocolError(f"header src {envelope.src!r} but the CURVE key belongs to {owner!r}")
-        return envelope
+        elif routing_id != envelope.src.encode():
+            raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
 
     async def _reply_error(self, routing_id: bytes, sender: str, reason: str) -> None:
         """Best effort: an ERROR to the connection a bad message came on, never blocking."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 SCHEMES = ("none", "fp16", "int8")
+FP16_MAX = 65504.0  # the largest finite float16: a float32 beyond it would arrive as inf
+_INT8_LEVELS = 255  # uint8 q in 0..255 restores to min + q * scale
 
 
 class CompressionError(ValueError):
@@ -40,26 +43,47 @@ def scheme_for(kind: str, compression: Mapping[str, str]) -> str:
     return compression.get(kind, compression.get("*", "none"))
 
 
+def int8_params_ok(lo: Any, scale: Any) -> bool:
+    """Whether int8 parameters restore only finite float32 values.
+
+    Restoration computes `q * scale + min` in float32 for q in 0..255; the result is monotone
+    in q, so it is finite for every q exactly when min, scale and min + 255 * scale are finite
+    in float32 (a float64 that is finite may still overflow float32: 1e39 does).
+    """
+    if not (isinstance(lo, float) and isinstance(scale, float) and math.isfinite(lo) and math.isfinite(scale) and scale > 0):
+        return False
+    with np.errstate(over="ignore"):
+        lo32, scale32 = np.float32(lo), np.float32(scale)
+        top = np.float32(_INT8_LEVELS) * scale32 + lo32
+    return bool(np.isfinite(lo32) and np.isfinite(scale32) and scale32 > 0 and np.isfinite(top))
+
+
 def compress(tensors: Mapping[str, torch.Tensor], scheme: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Compressed tensors and the header field that lets the receiver restore them.
 
-    Only float32 tensors are compressed; the others go as they are.
+    Only float32 tensors are compressed, and only those the scheme can carry without making
+    a value non-finite (fp16: |x| <= 65504; int8: finite min and range): any other tensor goes
+    as it is, which the header says by not listing it, so a receiver never has to reject a
+    message because its sender compressed it.
     """
     if scheme == "none":
         return dict(tensors), {}
     out: dict[str, torch.Tensor] = {}
     params: dict[str, list[float]] = {}
     for name, tensor in tensors.items():
+        out[name] = tensor
         if tensor.dtype != torch.float32:
-            out[name] = tensor
-        elif scheme == "fp16":
-            out[name] = tensor.to(torch.float16)
-            params[name] = []
-        else:
-            lo = float(tensor.min()) if tensor.numel() else 0.0
-            hi = float(tensor.max()) if tensor.numel() else 0.0
-            scale = (hi - lo) / 255.0 or 1.0
-            out[name] = torch.round((tensor - lo) / scale).clamp_(0, 255).to(torch.uint8)
+            continue
+        if scheme == "fp16":
+            if tensor.numel() == 0 or float(tensor.abs().max()) <= FP16_MAX:  # NaN compares False: stays float32
+                out[name] = tensor.to(torch.float16)
+                params[name] = []
+            continue
+        lo = float(tensor.min()) if tensor.numel() else 0.0
+        hi = float(tensor.max()) if tensor.numel() else 0.0
+        scale = (hi - lo) / _INT8_LEVELS or 1.0
+        if int8_params_ok(lo, scale):
+            out[name] = torch.round((tensor - lo) / scale).clamp_(0, _INT8_LEVELS).to(torch.uint8)
             params[name] = [lo, scale]
     return out, {"scheme": scheme, "tensors": params}
 
@@ -79,9 +103,11 @@ def decompress(tensors: dict[str, torch.Tensor], field: Any) -> dict[str, torch.
                 raise CompressionError(f"tensor {name!r}: fp16 compression needs a float16 tensor and no params")
             restored[name] = data.to(torch.float32)
             continue
-        ok = isinstance(values, list) and len(values) == 2 and all(isinstance(v, float) and math.isfinite(v) for v in values)
-        if data.dtype != torch.uint8 or not ok or values[1] <= 0:
-            raise CompressionError(f"tensor {name!r}: int8 compression needs a uint8 tensor and finite [min, scale > 0]")
+        if data.dtype != torch.uint8 or not (isinstance(values, list) and len(values) == 2 and int8_params_ok(*values)):
+            raise CompressionError(
+                f"tensor {name!r}: int8 compression needs a uint8 tensor and float [min, scale > 0] "
+                "with min + 255 * scale finite in float32"
+            )
         lo, scale = values
         restored[name] = data.to(torch.float32) * scale + lo
     return restored
