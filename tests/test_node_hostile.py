@@ -182,7 +182,7 @@ def test_expert_replies_must_answer_the_outstanding_request_exactly(tmp_path):
             for wrong in (req + 1, None, True):
                 await h.send([bytes(f) for f in encode(ATTACKER, _expert_reply(h.method, wrong, slots))])
                 answer = await h.reply()
-                assert answer is not None and answer.kind == MessageKind.ERROR and "request" in answer.meta["reason"]
+                assert answer is not None and answer.kind == MessageKind.ERROR and "req" in answer.meta["reason"]
             assert not h.method.round_complete()  # still waiting for the genuine reply
             await h.send([bytes(f) for f in encode(ATTACKER, _expert_reply(h.method, req, slots))])
             await asyncio.sleep(0.3)
