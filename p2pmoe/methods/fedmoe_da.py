@@ -301,6 +301,7 @@ class FedMoEDANode(LearnerMethod):
                 new[slot][name] = mixed[slot].reshape(own.shape)
         for slot, state in new.items():
             self.moe.load_expert_state(slot, state)
+        self._fetched = {}  # mixed in: no need to hold peers' experts until the next round
         self._aggregated = True
 
     def round_complete(self) -> bool:
