@@ -18,7 +18,7 @@ import torch
 
 EPS = 1e-8
 
-__all__ = ["Stats", "aggregate_group", "cosine_softmax", "denormalise", "normalise", "project_conflicts", "stats"]
+__all__ = ["Stats", "aggregate_group", "average_touched_rows", "cosine_softmax", "denormalise", "normalise", "project_conflicts", "stats"]
 
 
 def project_conflicts(updates: torch.Tensor) -> torch.Tensor:
@@ -114,3 +114,19 @@ def _unflatten(update: torch.Tensor, base: Mapping[str, torch.Tensor], names: li
         out[name] = base[name].to(torch.float32) + update[start : start + size].reshape(base[name].shape)
         start += size
     return out
+
+
+def average_touched_rows(uploads: Sequence[torch.Tensor], base: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """An embedding table: each row moves by the weighted mean update of the clients whose
+    upload changed that row (``weights`` ``[n]``); rows no client changed keep ``base``.
+
+    A client's untouched rows come back exactly as it received them (its optimiser gave them
+    no gradient), so they would otherwise pull every other client's update towards zero:
+    with users private to one scenario, a plain average divides their rows' learning by the
+    number of clients.
+    """
+    updates = torch.stack([u.to(torch.float32) - base.to(torch.float32) for u in uploads])  # [n, rows, d]
+    touched = (updates != 0).any(dim=-1).to(torch.float32) * weights.reshape(-1, 1)  # [n, rows]
+    total = touched.sum(dim=0)
+    mean = (updates * touched.unsqueeze(-1)).sum(dim=0) / total.clamp_min(EPS).unsqueeze(-1)
+    return (base.to(torch.float32) + mean).to(base.dtype)

@@ -11,8 +11,10 @@ uploads every shared tensor; the server builds each client's own state:
   federated batch normalisation (normalise with cross-client statistics, aggregate,
   de-normalise with the client's own);
 - each task's gate and tower: a second personalised aggregation;
-- feature embeddings and the experts' BatchNorm layers: averaged (weighted by examples), or,
-  with classic FedBN, the BatchNorm layers stay local.
+- feature embeddings: each row averaged over the clients that changed it (a user private to
+  one scenario keeps its update whole), or a plain mean;
+- the experts' BatchNorm layers: averaged (weighted by examples), or, with classic FedBN,
+  kept local.
 Personalised weights are ``softmax_j(cos(theta_k, theta_j) / tau)`` over the group's tensors.
 
 Ablations are options (`--pf-template`, `--pf-fedbn`, `--pf-conflict`, `--pf-personalised`);
@@ -33,7 +35,7 @@ from torch import nn
 
 from p2pmoe.learners.multitask import MultiTaskLearner
 from p2pmoe.methods.base import LearnerMethod, Method, SendFailure
-from p2pmoe.methods.pf_aggregation import aggregate_group, cosine_softmax
+from p2pmoe.methods.pf_aggregation import aggregate_group, average_touched_rows, cosine_softmax
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer
 from p2pmoe.models.params import float_state
@@ -46,6 +48,7 @@ from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 FEDBN_MODES = ("parameter", "classic", "none")
+EMBEDDING_MODES = ("touched", "mean")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class PFMSMTrecOptions(Options):
     personalised: bool = option(True, "cosine-softmax personalised aggregation of scenario parts and towers (off: example-weighted averages)")
     tau: float = option(0.1, "temperature of the cosine softmax (project decision)", above=0)
     prox: float = option(1e-3, "lambda of the proximal term ||theta_k - theta_k^agg||^2 (project decision)", minimum=0)
+    embeddings: str = option("touched", "feature embeddings: each row averaged over the clients whose update changed it (touched, project decision) or a plain example-weighted mean (FedAvg's)", choices=EMBEDDING_MODES)
 
 
 @dataclass(frozen=True)
@@ -196,12 +200,25 @@ class PFMSMTrecServer(CollectingServer):
             part = [{n: u[n] for n in names} for u in uploads]
             weights = cosine_softmax(torch.stack([_flat(p) for p in part]), self.opts.tau) if plan.personal else by_examples
             bases = [self.sent[c] for c in senders]
-            coordinated = plan.coordinated
-            mixed = aggregate_group(part, bases, weights, coordinated and self.opts.conflict, coordinated and self.opts.fedbn == "parameter")
+            if group == "embeddings" and self.opts.embeddings == "touched":
+                mixed = self._embeddings(part, bases, by_examples[0])
+            else:
+                coordinated = plan.coordinated
+                mixed = aggregate_group(part, bases, weights, coordinated and self.opts.conflict, coordinated and self.opts.fedbn == "parameter")
             for k, tensors in enumerate(mixed):
                 states[k].update(tensors)
         self.sent.update(zip(senders, states, strict=True))
         return [Send(c, Message(MessageKind.MODEL_GLOBAL, self._round, s)) for c, s in zip(senders, states, strict=True)]
+
+    @staticmethod
+    def _embeddings(
+        part: list[dict[str, torch.Tensor]], bases: list[dict[str, torch.Tensor]], weights: torch.Tensor
+    ) -> list[dict[str, torch.Tensor]]:
+        """Row-wise averages of the touched rows; every client gets the same tables. The base
+        is the first sender's last table (all clients got the same one unless one missed a
+        round, whose stale rows then count as its update)."""
+        tables = {n: average_touched_rows([p[n] for p in part], bases[0][n], weights) for n in part[0]}
+        return [dict(tables) for _ in part]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the server last sent each client (``<client>/<name>``): the bases of updates."""
@@ -259,5 +276,5 @@ _register(
 _register(
     "fedbn-mmoe",
     "FedBN-style MMoE baseline: every tensor averaged by the server but the experts' BatchNorm layers",
-    PFMSMTrecOptions(template=False, fedbn="classic", conflict=False, personalised=False, prox=0.0),
+    PFMSMTrecOptions(template=False, fedbn="classic", conflict=False, personalised=False, prox=0.0, embeddings="mean"),
 )
