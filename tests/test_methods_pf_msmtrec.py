@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from p2pmoe.methods.pf_aggregation import aggregate_group, cosine_softmax, denormalise, normalise, project_conflicts, stats
+from p2pmoe.methods.pf_aggregation import aggregate_group, average_touched_rows, cosine_softmax, denormalise, normalise, project_conflicts, stats
 from p2pmoe.methods.pf_msmtrec import PFMSMTrecOptions, PFMSMTrecServer, group_of, plan_for
 from p2pmoe.models import MMoE
 from p2pmoe.models.params import float_state
@@ -165,3 +166,40 @@ def test_server_personalises_and_resumes_from_its_checkpoint() -> None:
     assert all(torch.equal(restored.sent["c"][n], by["c"][n]) for n in template)
     with pytest.raises(ProtocolError):
         restored.load_state_dict({})
+
+
+def test_embedding_rows_average_over_the_clients_that_changed_them() -> None:
+    base = torch.zeros(3, 2)
+    a = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 0.0]])  # changed rows 0 and 2
+    b = torch.tensor([[3.0, 3.0], [0.0, 0.0], [0.0, 0.0]])  # changed row 0 only
+    out = average_touched_rows([a, b], base, torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(out, torch.tensor([[2.5, 2.5], [0.0, 0.0], [2.0, 0.0]]))
+
+
+def test_client_adopts_its_state_anchors_training_and_refuses_garbage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from p2pmoe.data.multitask import ScenarioData
+    from p2pmoe.learners.multitask import MultiTaskLearner
+    from p2pmoe.methods.pf_msmtrec import PFMSMTrecClient
+
+    rng = np.random.default_rng(0)
+    n = 60
+    data = ScenarioData("s", rng.integers(0, 5, (n, 2)), ("a", "b"), (5, 7), rng.normal(size=(n, 2)).astype(np.float32), ("x", "y"),
+                        rng.integers(0, 2, (n, 2)).astype(np.float32), ("click", "like"), np.arange(48), np.arange(48, 60))
+    learner = MultiTaskLearner(_mmoe(template=True), data, np.arange(40, 48), batch_size=16)
+    client = PFMSMTrecClient("a", learner, "server", PFMSMTrecOptions(prox=0.5))
+    [send] = client.start_round(0)
+    assert send.dst == "server" and set(send.message.tensors) == set(float_state(learner.model))
+    target = {k: v + 1.0 for k, v in send.message.tensors.items()}
+    bad = dict(target)
+    name = next(iter(bad))
+    bad[name] = torch.full_like(bad[name], float("inf"))
+    with pytest.raises(ProtocolError):
+        client.on_message("server", Message(MessageKind.MODEL_GLOBAL, 0, bad))
+    assert not client.round_complete() and not learner.anchor
+    client.on_message("server", Message(MessageKind.MODEL_GLOBAL, 0, target))
+    assert client.round_complete()
+    assert all(torch.equal(float_state(learner.model)[k], v) for k, v in target.items())
+    assert learner.prox_weight == 0.5 and set(learner.anchor) == {n for n, _ in learner.model.named_parameters()}
+    restored = PFMSMTrecClient("a", MultiTaskLearner(_mmoe(template=True), data, np.arange(40, 48)), "server", PFMSMTrecOptions(prox=0.5))
+    restored.load_state_dict(client.state_dict())
+    assert all(torch.equal(restored.learner.anchor[k], v) for k, v in learner.anchor.items())
