@@ -1,7 +1,7 @@
 """PF-MSMTrec on MovieLens-1M (age groups as scenarios, click and like), its four ablations and
 the MMoE baselines (Local, FedAvg, FedBN-style), all under one protocol.
 
-    python bench/bench_pf_msmtrec.py --rounds 10 --users-per-scenario 100 --lr 0.005 --batch-size 512 --jobs 1 --threads 1
+    python bench/bench_pf_msmtrec.py --rounds 15 --users-per-scenario 40 --lr 0.01 --batch-size 256 --jobs 1 --threads 1
 
 Every variant is a full simulation (`p2pmoe simulate`), server included. Metrics are each
 scenario's test AUC per task at the round with the best mean validation AUC, and their mean

@@ -62,7 +62,7 @@ class PFMSMTrecOptions(Options):
     conflict: bool = option(True, "project conflicting client updates apart before aggregating (PCGrad-style; project reading of Eq. 13)")
     personalised: bool = option(True, "cosine-softmax personalised aggregation of scenario parts and towers (off: example-weighted averages)")
     tau: float = option(0.1, "temperature of the cosine softmax (project decision)", above=0)
-    prox: float = option(1e-3, "lambda of the proximal term ||theta_k - theta_k^agg||^2 (project decision)", minimum=0)
+    prox: float = option(1e-5, "lambda of the proximal term ||theta_k - theta_k^agg||^2, summed over entries (project decision)", minimum=0)
     embeddings: str = option("touched", "feature embeddings: each row averaged over the clients whose update changed it (touched, project decision) or a plain example-weighted mean (FedAvg's)", choices=EMBEDDING_MODES)
 
 
