@@ -72,3 +72,56 @@ def test_ml1m_smoke_one_round_of_pf_msmtrec(tmp_path: Path) -> None:
     assert len(summary["per_node"]) >= 7
     assert 0.5 < summary["metrics"]["auc/click"] <= 1.0  # popularity is learnable in one epoch
     assert 0.0 < summary["metrics"]["auc/like"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pf_msmtrec_daemons_match_the_simulator_and_a_killed_client_resumes(tmp_path: Path) -> None:
+    """swarm equals simulate to the byte; a client killed with SIGKILL restarts from its
+    checkpoint (server personalised state and client anchor included) and finishes."""
+    import json
+    import os
+    import signal
+    import time
+
+    from p2pmoe.node.config import Timing
+    from p2pmoe.node.swarm import run_swarm, start_node, write_node_configs
+
+    for k, country in enumerate(["AliExpress_NL", "AliExpress_ES"]):
+        _write_country(tmp_path / "data" / country, 300, seed=k)
+    cfg = _config(tmp_path / "data", "pf-msmtrec")
+    swarm = run_swarm(with_options(cfg, out=str(tmp_path / "swarm")), Timing(round_deadline=60, startup=60, linger=10))
+    sim = run_simulation(with_options(cfg, out=str(tmp_path / "sim")), progress=False)
+    assert set(swarm["exit_codes"].values()) == {0}
+    kinds = {k: v for k, v in swarm["bytes"]["by_kind"].items() if k not in {"hello", "heartbeat", "error"}}
+    assert kinds == sim["bytes"]["by_kind"] and swarm["metrics"] == sim["metrics"]
+
+    run = tmp_path / "kill"
+    cfg = with_options(cfg, rounds=4, out=str(run))
+    timing = Timing(round_deadline=20, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=20, linger=5)
+    configs = write_node_configs(cfg, run, timing)
+    procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
+    victim = run / "nodes" / "node-01"
+
+    def rounds_of(folder: Path) -> list[int]:
+        path = folder / "metrics.jsonl"
+        return [json.loads(line)["round"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    try:
+        started = time.monotonic()
+        while not rounds_of(victim) and time.monotonic() - started < 120:
+            time.sleep(0.1)
+        os.kill(procs["node-01"].pid, signal.SIGKILL)
+        procs["node-01"].wait(timeout=10)
+        done_before = max(rounds_of(victim))
+        time.sleep(timing.dead_after + 1)
+        procs["node-01"] = start_node(configs["node-01"], victim / "node.log")
+        for node, proc in procs.items():
+            assert proc.wait(timeout=180) == 0, (run / "nodes" / node / "node.log").read_text()[-2000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    assert "resumed from" in (victim / "node.log").read_text()
+    assert rounds_of(victim)[-1] == 3 and max(r for r in rounds_of(victim) if r <= done_before) == done_before
+    assert rounds_of(run / "nodes" / "server") == [0, 1, 2, 3]
