@@ -140,8 +140,11 @@ def _load_builtins() -> None:
 
 
 def all_methods() -> dict[str, MethodSpec]:
+    """Every method: the built-ins in `BUILTIN_METHODS` order (whichever module a caller
+    imported first), then plugins in registration order."""
     _load_builtins()
-    return dict(_METHODS)
+    rank = {module: i for i, module in enumerate(BUILTIN_METHODS)}
+    return dict(sorted(_METHODS.items(), key=lambda item: rank.get(item[1].build_client.__module__, len(rank))))
 
 
 def get_method(name: str, task: str | None = None) -> MethodSpec:

@@ -90,8 +90,11 @@ def _load_builtins() -> None:
 
 
 def all_tasks() -> dict[str, Task]:
+    """Every family: the built-ins in `BUILTIN_TASKS` order (whichever module was imported
+    first, a method's import of its family, say), then plugins in registration order."""
     _load_builtins()
-    return dict(_TASKS)
+    rank = {module: i for i, module in enumerate(BUILTIN_TASKS)}
+    return dict(sorted(_TASKS.items(), key=lambda item: rank.get(type(item[1]).__module__, len(rank))))
 
 
 def get_task(name: str) -> Task:
