@@ -105,9 +105,10 @@ def shared_names(model: nn.Module, opts: PFMSMTrecOptions) -> list[str]:
     and, under classic FedBN, the whole BatchNorm layers.
 
     Project decision: the running statistics describe this client's own (personalised) expert
-    outputs; averaged over clients they no longer match them, and evaluation, which uses them,
-    degrades round after round (measured: mean test AUC 0.76 -> 0.58 over 15 rounds on ML-1M
-    while the training loss kept falling)."""
+    outputs; averaged over clients (with parameter FedBN giving each client its own scale) they
+    no longer match them, and evaluation, which uses them, degraded round after round
+    (measured: mean test AUC 0.76 -> 0.58 over 15 rounds on ML-1M while the training loss kept
+    falling)."""
     return [
         n for n in float_state(model)
         if not n.endswith(RUNNING_STATS) and not (opts.fedbn == "classic" and n.startswith("norms."))
