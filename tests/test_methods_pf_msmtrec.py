@@ -203,3 +203,14 @@ def test_client_adopts_its_state_anchors_training_and_refuses_garbage(tmp_path) 
     restored = PFMSMTrecClient("a", MultiTaskLearner(_mmoe(template=True), data, np.arange(40, 48)), "server", PFMSMTrecOptions(prox=0.5))
     restored.load_state_dict(client.state_dict())
     assert all(torch.equal(restored.learner.anchor[k], v) for k, v in learner.anchor.items())
+
+
+def test_running_statistics_never_leave_and_classic_fedbn_keeps_norms_home() -> None:
+    from p2pmoe.methods.pf_msmtrec import shared_names
+
+    torch.manual_seed(0)
+    model = MMoE([5], 0, embed_dim=3, num_experts=2, expert_hidden=[4], num_tasks=2, tower_hidden=3, template=True, expert_norm=True)
+    names = shared_names(model, PFMSMTrecOptions())
+    assert "norms.0.weight" in names and not any("running" in n for n in names)
+    classic = shared_names(model, PFMSMTrecOptions(fedbn="classic"))
+    assert not any(n.startswith("norms.") for n in classic) and set(classic) < set(names)
