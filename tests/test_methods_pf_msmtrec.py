@@ -41,10 +41,10 @@ def test_template_parts_sum_to_the_weights_the_forward_pass_uses() -> None:
         plain.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("experts.")}, strict=False)
         with torch.no_grad():
             for e, expert in enumerate(model.experts):
-                for l, layer in enumerate(expert.layers):
+                for i, layer in enumerate(expert.layers):
                     weight, bias = layer.weights(t)
-                    plain.experts[e].linears[l].weight.copy_(weight)
-                    plain.experts[e].linears[l].bias.copy_(bias)
+                    plain.experts[e].linears[i].weight.copy_(weight)
+                    plain.experts[e].linears[i].bias.copy_(bias)
         torch.testing.assert_close(plain(categorical, numerical)[:, t], logits[:, t])
 
 

@@ -58,12 +58,20 @@ class PFMSMTrecOptions(Options):
     section: ClassVar[str] = "method"
 
     template: bool = option(True, "experts as glob + task(t) + scen(k) parts (off: plain experts, personalised as a whole)")
-    fedbn: str = option("parameter", "parameter: federated normalisation of expert parameters (project reading of Eq. 8); classic: BatchNorm layers stay local; none", choices=FEDBN_MODES)
+    fedbn: str = option(
+        "parameter",
+        "parameter: federated normalisation of expert parameters (project reading of Eq. 8); classic: BatchNorm layers stay local; none",
+        choices=FEDBN_MODES,
+    )
     conflict: bool = option(True, "project conflicting client updates apart before aggregating (PCGrad-style; project reading of Eq. 13)")
     personalised: bool = option(True, "cosine-softmax personalised aggregation of scenario parts and towers (off: example-weighted averages)")
     tau: float = option(0.1, "temperature of the cosine softmax (project decision)", above=0)
     prox: float = option(1e-5, "lambda of the proximal term ||theta_k - theta_k^agg||^2, summed over entries (project decision)", minimum=0)
-    embeddings: str = option("touched", "feature embeddings: each row averaged over the clients whose update changed it (touched, project decision) or a plain example-weighted mean (FedAvg's)", choices=EMBEDDING_MODES)
+    embeddings: str = option(
+        "touched",
+        "feature embeddings: each row averaged over the clients whose update changed it (touched, project decision) or a plain mean (FedAvg's)",
+        choices=EMBEDDING_MODES,
+    )
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,7 @@ class PFMSMTrecServer(CollectingServer):
     def take(self, src: str, message: Message) -> None:
         count = message.meta.get("num_examples")
         require(isinstance(count, int) and not isinstance(count, bool) and count > 0, "meta.num_examples must be a positive integer")
+        assert isinstance(count, int)
         check_like(message.tensors, self.template)
         bad = [n for n, t in message.tensors.items() if not bool(torch.isfinite(t).all())]
         require(not bad, f"non-finite values in {bad[:3]}")

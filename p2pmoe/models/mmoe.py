@@ -75,7 +75,7 @@ class MMoE(nn.Module):
         if self.num_numerical:
             if numerical is None or numerical.shape[-1] != self.num_numerical:
                 raise ValueError(f"expected {self.num_numerical} numerical features")
-            parts.append(numerical.to(self.gates[0].proj.weight.dtype))
+            parts.append(numerical.to(next(self.gates.parameters()).dtype))
         return torch.cat(parts, dim=-1)
 
     def forward(self, categorical: Tensor, numerical: Tensor | None = None) -> Tensor:

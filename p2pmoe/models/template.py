@@ -40,6 +40,7 @@ class TemplateLinear(nn.Module):
     def weights(self, task: int) -> tuple[Tensor, Tensor]:
         """(weight, bias) that task `task`'s forward pass uses: the sum of the three parts."""
         part = self.task[task]
+        assert isinstance(part, _Delta)
         return self.glob.weight + part.weight + self.scen.weight, self.glob.bias + part.bias + self.scen.bias
 
     def forward(self, x: Tensor, task: int) -> Tensor:

@@ -145,8 +145,8 @@ def _scenarios(data: str, root: str | None, seed: int, opts: MultiTaskOptions) -
         for k, folder in enumerate(_aliexpress_folders(root)):
             train = _csv(folder, "train")
             assert train is not None
-            data = read_aliexpress_csv(train, folder.name.removeprefix("AliExpress_"), _csv(folder, "test"), opts.test_fraction, seed + k)
-            out.append(_hashed(data, spec, train))
+            country = read_aliexpress_csv(train, folder.name.removeprefix("AliExpress_"), _csv(folder, "test"), opts.test_fraction, seed + k)
+            out.append(_hashed(country, spec, train))
         return tuple(out)
     found = multi_scenario_multi_task(load_movielens(root or "ml-1m"), opts.neg_per_pos, seed, opts.test_fraction)
     if found and found[0].cardinalities != spec.cardinalities:
