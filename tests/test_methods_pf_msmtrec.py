@@ -214,3 +214,15 @@ def test_running_statistics_never_leave_and_classic_fedbn_keeps_norms_home() -> 
     assert "norms.0.weight" in names and not any("running" in n for n in names)
     classic = shared_names(model, PFMSMTrecOptions(fedbn="classic"))
     assert not any(n.startswith("norms.") for n in classic) and set(classic) < set(names)
+
+
+def test_diagnostics_report_self_weight_and_conflicts() -> None:
+    from p2pmoe.methods.pf_aggregation import conflict_share
+
+    assert conflict_share(torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]])) == pytest.approx(2 / 6)
+    server, template = _server()
+    for k, client in enumerate(["a", "b", "c"]):
+        server.on_message(client, _upload(_bumped(template, k)))
+    diagnostics = server.diagnostics()
+    assert diagnostics["clients"] == 3 and 1 / 3 < diagnostics["mean_self_weight"] <= 1.0
+    assert 0.0 <= diagnostics["conflicting_pair_share"] <= 1.0

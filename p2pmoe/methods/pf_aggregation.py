@@ -18,7 +18,7 @@ import torch
 
 EPS = 1e-8
 
-__all__ = ["Stats", "aggregate_group", "average_touched_rows", "cosine_softmax", "denormalise", "normalise", "project_conflicts", "stats"]
+__all__ = ["Stats", "aggregate_group", "average_touched_rows", "conflict_share", "cosine_softmax", "denormalise", "normalise", "project_conflicts", "stats"]
 
 
 def project_conflicts(updates: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,15 @@ def project_conflicts(updates: torch.Tensor) -> torch.Tensor:
             if dot < 0:
                 out[i] -= dot / norms[j] * updates[j]
     return out
+
+
+def conflict_share(updates: torch.Tensor) -> float:
+    """Share of client pairs (rows of ``[n, d]``) whose updates have a negative dot product."""
+    n = len(updates)
+    if n < 2:
+        return 0.0
+    dots = updates @ updates.T
+    return float((dots < 0).sum()) / (n * (n - 1))
 
 
 @dataclass(frozen=True)

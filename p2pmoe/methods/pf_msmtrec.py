@@ -28,14 +28,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from p2pmoe.learners.multitask import MultiTaskLearner
 from p2pmoe.methods.base import LearnerMethod, Method, SendFailure
-from p2pmoe.methods.pf_aggregation import aggregate_group, average_touched_rows, cosine_softmax
+from p2pmoe.methods.pf_aggregation import aggregate_group, average_touched_rows, conflict_share, cosine_softmax
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer
 from p2pmoe.models.params import float_state
@@ -197,6 +197,7 @@ class PFMSMTrecServer(CollectingServer):
         for name in self.template:
             self.groups[group_of(name)].append(name)
         self._updates: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
+        self._diagnostics: dict[str, Any] = {}
 
     def start_round(self, round_index: int) -> list[Send]:
         self._updates = {}
@@ -217,11 +218,17 @@ class PFMSMTrecServer(CollectingServer):
         counts = torch.tensor([float(self._updates[c][1]) for c in senders])
         by_examples = (counts / counts.sum()).expand(len(senders), -1)
         states: list[dict[str, torch.Tensor]] = [{} for _ in senders]
+        self_weights: list[float] = []
+        conflicts: list[float] = []
         for group, names in self.groups.items():
             plan = plan_for(group, self.opts)
             part = [{n: u[n] for n in names} for u in uploads]
             weights = cosine_softmax(torch.stack([_flat(p) for p in part]), self.opts.tau) if plan.personal else by_examples
             bases = [self.sent[c] for c in senders]
+            if plan.personal:
+                self_weights.append(float(weights.diagonal().mean()))
+            if plan.coordinated:
+                conflicts.append(conflict_share(torch.stack([_flat(p) - _flat({n: b[n] for n in names}) for p, b in zip(part, bases, strict=True)])))
             if group == "embeddings" and self.opts.embeddings == "touched":
                 mixed = self._embeddings(part, bases, by_examples[0])
             else:
@@ -230,7 +237,18 @@ class PFMSMTrecServer(CollectingServer):
             for k, tensors in enumerate(mixed):
                 states[k].update(tensors)
         self.sent.update(zip(senders, states, strict=True))
+        self._diagnostics = {
+            "clients": len(senders),
+            "mean_self_weight": sum(self_weights) / len(self_weights) if self_weights else None,
+            "conflicting_pair_share": sum(conflicts) / len(conflicts) if conflicts else None,
+        }
         return [Send(c, Message(MessageKind.MODEL_GLOBAL, self._round, s)) for c, s in zip(senders, states, strict=True)]
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The round's aggregation, for reports: the mean weight a client's personalised groups
+        give its own upload (1/clients is a plain average) and the share of client pairs whose
+        expert updates conflict (negative dot product), averaged over groups."""
+        return self._diagnostics
 
     @staticmethod
     def _embeddings(
