@@ -58,3 +58,27 @@ def random_split(n: int, test_fraction: float, rng: np.random.Generator) -> tupl
     order = rng.permutation(n)
     n_test = round(n * test_fraction)
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def keep_rows(data: ScenarioData, rows: np.ndarray) -> ScenarioData:
+    """The scenario restricted to `rows` (sorted indices), its train/test split kept."""
+    rows = np.asarray(rows, dtype=np.int64)
+    position = np.full(len(data), -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+
+    def remap(idx: np.ndarray) -> np.ndarray:
+        kept = position[idx]
+        return kept[kept >= 0]
+
+    return ScenarioData(
+        name=data.name,
+        categorical=data.categorical[rows],
+        categorical_names=data.categorical_names,
+        cardinalities=data.cardinalities,
+        numerical=data.numerical[rows],
+        numerical_names=data.numerical_names,
+        labels=data.labels[rows],
+        tasks=data.tasks,
+        train_idx=remap(data.train_idx),
+        test_idx=remap(data.test_idx),
+    )

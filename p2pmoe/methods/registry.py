@@ -32,6 +32,7 @@ BUILTIN_METHODS = (
     "p2pmoe.methods.fedmoe_da",
     "p2pmoe.methods.fedsasrec",
     "p2pmoe.methods.fmoe_cdsr",
+    "p2pmoe.methods.pf_msmtrec",
 )
 """Modules that register the built-in methods, in the order `--help` lists them."""
 
@@ -140,8 +141,11 @@ def _load_builtins() -> None:
 
 
 def all_methods() -> dict[str, MethodSpec]:
+    """Every method: the built-ins in `BUILTIN_METHODS` order (whichever module a caller
+    imported first), then plugins in registration order."""
     _load_builtins()
-    return dict(_METHODS)
+    rank = {module: i for i, module in enumerate(BUILTIN_METHODS)}
+    return dict(sorted(_METHODS.items(), key=lambda item: rank.get(item[1].build_client.__module__, len(rank))))
 
 
 def get_method(name: str, task: str | None = None) -> MethodSpec:

@@ -77,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 _TASKS: dict[str, Task] = {}
-BUILTIN_TASKS = ("p2pmoe.tasks.image", "p2pmoe.tasks.sequential")
+BUILTIN_TASKS = ("p2pmoe.tasks.image", "p2pmoe.tasks.sequential", "p2pmoe.tasks.multitask")
 """Modules that register the built-in families; a new family is one module and one line here."""
 
 
@@ -96,8 +96,11 @@ def _load_builtins() -> None:
 
 
 def all_tasks() -> dict[str, Task]:
+    """Every family: the built-ins in `BUILTIN_TASKS` order (whichever module was imported
+    first, a method's import of its family, say), then plugins in registration order."""
     _load_builtins()
-    return dict(_TASKS)
+    rank = {module: i for i, module in enumerate(BUILTIN_TASKS)}
+    return dict(sorted(_TASKS.items(), key=lambda item: rank.get(type(item[1]).__module__, len(rank))))
 
 
 def get_task(name: str) -> Task:
