@@ -31,7 +31,9 @@ def test_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, fkcb_like,
     """swarm and simulate run the same driver: equal bytes per message kind, and the same
     summary (same model-selection round, same metrics) from the same seed."""
     cfg = _fmoe_config(fkcb_like, rounds=2) if method == "fmoe-cdsr" else with_options(CFG, method=method, nodes=clients, rounds=2)
-    swarm = run_swarm(with_options(cfg, out=str(tmp_path / "swarm")), Timing(round_deadline=60, startup=60, linger=10))
+    # Generous liveness bounds: on a loaded machine a late heartbeat must not drop a node here.
+    timing = Timing(round_deadline=120, startup=60, linger=10, suspect_after=30, dead_after=60, request_timeout=60)
+    swarm = run_swarm(with_options(cfg, out=str(tmp_path / "swarm")), timing)
     sim = run_simulation(with_options(cfg, out=str(tmp_path / "sim")), progress=False)
 
     server = 1 if method in ("fedavg", "fmoe-cdsr") else 0

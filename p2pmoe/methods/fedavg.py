@@ -79,7 +79,7 @@ class FedAvgServer(CollectingServer):
         self._updates[src] = (message.tensors, count)
 
     def reply(self) -> list[Send]:
-        states, counts = zip(*self._updates.values(), strict=True)
+        states, counts = zip(*(self._updates[c] for c in sorted(self._updates)), strict=True)  # client order, not arrival
         self.global_state = weighted_average(states, counts)
         message = Message(MessageKind.MODEL_GLOBAL, self._round, self.global_state)
         return [Send(client, message) for client in self.live_clients()]

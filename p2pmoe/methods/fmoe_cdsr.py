@@ -173,7 +173,7 @@ class FMoECDSRServer(CollectingServer):
         sends = []
         for client in self.live_clients():
             own = self.domain_of[client]
-            others = {i: state for i, state in self.cache.items() if i != own}
+            others = {i: state for i, state in sorted(self.cache.items()) if i != own}
             sends.append(Send(client, Message(MessageKind.MODEL_GLOBAL, self._round, domain_tensors(others))))
         return sends
 

@@ -79,12 +79,15 @@ class GossipExchange:
     def _finish_if_ready(self) -> None:
         if self.done or self._waiting:
             return
-        weights = {src: 1.0 / (1 + max(self.degree, degree)) for src, (_, degree) in self._received.items()}
-        own_weight = 1.0 - sum(weights.values())
+        # Sorted by sender, not arrival: the same sums in the same order whatever the network did,
+        # so a swarm computes exactly what the simulator does.
+        received = sorted(self._received.items())
+        weights = {src: 1.0 / (1 + max(self.degree, degree)) for src, (_, degree) in received}
+        own_weight = 1.0 - sum(weights[src] for src, _ in received)
         mixed = {}
         for name, own in self._own.items():
             total = own_weight * own
-            for src, (tensors, _) in self._received.items():
+            for src, (tensors, _) in received:
                 total = total + weights[src] * tensors[name]
             mixed[name] = total
         self._write(mixed)
