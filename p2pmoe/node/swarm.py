@@ -9,7 +9,6 @@ says otherwise, so N processes never oversubscribe the machine's cores.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -29,7 +28,7 @@ from p2pmoe.experiment import build_topology, links, node_ids
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.node.config import Timing, load_node_config
-from p2pmoe.runs import RunFolder
+from p2pmoe.runs import RunFolder, read_ledger, read_metrics
 from p2pmoe.settings import ExperimentConfig
 
 
@@ -101,14 +100,11 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     rows: list[Row] = []
     ledger = ByteLedger()
     for folder in sorted((out / "nodes").iterdir()):
-        metrics = folder / "metrics.jsonl"
-        if metrics.exists():
-            rows += [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        ledger_csv = folder / "ledger.csv"
-        if ledger_csv.exists():
-            with open(ledger_csv, newline="") as handle:
-                for r in csv.DictReader(handle):
-                    ledger.record(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]), int(r["phase"]))
+        if (folder / "metrics.jsonl").exists():
+            rows += read_metrics(folder / "metrics.jsonl")
+        if (folder / "ledger.csv").exists():
+            for e in read_ledger(folder / "ledger.csv"):
+                ledger.record(e.round, e.src, e.dst, e.kind, e.header_bytes, e.payload_bytes, e.phase)
     rows.sort(key=lambda r: (r["round"], r["node"]))
     for row in rows:
         traffic = ledger.node_traffic(row["node"], row["round"])
