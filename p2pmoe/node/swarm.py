@@ -28,6 +28,7 @@ from p2pmoe.experiment import build_topology, links, node_ids
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.node.config import Timing, load_node_config
+from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder, read_ledger, read_metrics
 from p2pmoe.settings import ExperimentConfig
 
@@ -130,8 +131,9 @@ def _rounds_done(out: Path) -> int:
     return total
 
 
-def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """Start every node, wait for all (stopping stragglers after `timeout`), merge results."""
+def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = None, progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Start every node, wait for all (stopping stragglers after `timeout`), merge results;
+    with `report`, write the run's report (figures, index.html) into `<out>/report`."""
     cfg = resolve(cfg)
     out = Path(cfg.run.out)
     started = time.perf_counter()
@@ -163,4 +165,7 @@ def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = Non
     failed = {node: code for node, code in codes.items() if code != 0}
     if failed:
         print(f"swarm: nodes exited with errors {failed}; see {out}/nodes/<id>/node.log", file=sys.stderr)
-    return merge_run(cfg, out, time.perf_counter() - started, codes)
+    summary = merge_run(cfg, out, time.perf_counter() - started, codes)
+    if report:
+        write_report([out], echo=False)
+    return summary

@@ -52,7 +52,7 @@ class Figure:
 
 def _save(fig: Any, out: Path, name: str, title: str, caption: str) -> Figure:
     fig.suptitle(title, fontsize=11)
-    wrapped = "\n".join(textwrap.wrap(caption, 150))
+    wrapped = "\n".join(textwrap.wrap(caption, int(fig.get_size_inches()[0] * 20)))  # about 20 characters of 6.5 pt per inch
     fig.text(0.01, 0.005, wrapped, fontsize=6.5, va="bottom", ha="left", color="0.3")
     lines = wrapped.count("\n") + 1
     fig.tight_layout(rect=(0, 0.02 + 0.022 * lines, 1, 0.96))
@@ -287,15 +287,16 @@ def gate_weights(run: RunData, out: Path) -> list[Figure]:
     for prefix in gate_prefixes(run) if chosen is not None else []:
         assert chosen is not None
         clients, columns, values = gate_table(run, prefix, chosen)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(columns) + 2, 1.5 + 0.45 * len(clients) + 1))
+        fig, ax = plt.subplots(figsize=(max(6.0, 3.2 + 0.7 * len(columns)), 3.0 + 0.45 * len(clients)))
         image = ax.imshow(np.array(values), cmap="magma", vmin=0, aspect="auto")
         fig.colorbar(image, ax=ax, fraction=0.046)
         ax.set_xticks(range(len(columns)), columns, fontsize=7)
         ax.set_yticks(range(len(clients)), clients, fontsize=7)
         ax.set_xlabel(prefix.rstrip("/") + " index")
+        top = max((v for row in values for v in row if v == v), default=1.0)  # v == v skips NaN
         for i, row in enumerate(values):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="c")
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="k" if value > 0.6 * top else "w")
         name = prefix.rstrip("/")
         caption = f"Round {chosen}: each client's mean {name} weight per index (metric names {prefix}<i>). {run.setting_text()}."
         figures.append(_save(fig, out, f"{slug(name)}_{slug(run.label)}.png", f"{name} per client ({run.label})", caption))

@@ -85,7 +85,7 @@ class RunData:
             return {"setting": f"{len(self.clients)} clients, {len(self.rounds)} rounds (no summary.json: setting unknown)"}
         parts = {
             "method": str(run.get("method")),
-            "data": f"on {run.get('data')}",
+            "data": f"data {run.get('data')}",
             "nodes": f"{run.get('nodes')} nodes",
             "partition": str(run.get("partition", "")),
             "rounds": f"{run.get('rounds')} rounds x {run.get('local_epochs', 1)} epoch(s)",

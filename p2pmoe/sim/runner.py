@@ -12,6 +12,7 @@ from tqdm import tqdm
 from p2pmoe.driver.summary import Row, make_summary
 from p2pmoe.experiment import build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
+from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.bus import SimNetwork
@@ -43,8 +44,9 @@ class _Progress:
         self.bar.update(1)
 
 
-def run_simulation(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
-    """Run `cfg` on the in-memory network; return the summary written to summary.json."""
+def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Run `cfg` on the in-memory network; return the summary written to summary.json. With
+    `report`, also write the run's report (figures, index.html) into `<out>/report`."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     started = time.perf_counter()
@@ -69,4 +71,6 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     }
     folder.log_messages(ledger.entries)
     folder.finish(summary)
+    if report:
+        write_report([cfg.run.out], echo=False)
     return summary
