@@ -201,11 +201,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     swarm.add_argument("--no-report", action="store_true", help="do not write the report (figures, index.html) into <out>/report")
     swarm.set_defaults(handler=_swarm)
 
-    report = sub.add_parser("report", help="figures, index.html and tables of one or more run folders",
-                            description="Figures (PNG), index.html and tables of run folders (simulate, swarm, or a LAN run's per-node folders gathered in one folder).")
+    report = sub.add_parser(
+        "report", help="figures, index.html and tables of one or more run folders",
+        description="Figures (PNG), index.html and tables of run folders (simulate, swarm, or a LAN run's per-node folders gathered in one folder).",
+    )
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders")
     report.add_argument("--out", type=Path, default=None, help="report folder (default: RUN/report for one run, ./report for several)")
-    report.add_argument("--csv", action="store_true", help="also write per_round.csv: the per-round table in long format (run, round, node, section, name, value)")
+    report.add_argument("--csv", action="store_true", help="also write per_round.csv: every round's values in long format (run, round, node, section, name, value)")
     report.set_defaults(handler=_report)
 
     methods = sub.add_parser("methods", help="list the methods, their task families and options")

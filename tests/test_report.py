@@ -120,7 +120,8 @@ def _hand_made(folder: Path) -> None:
         lines = []
         for r in range(3):
             metrics = {"mrr": 0.1 * r + k, "gate_mean/0": 0.7 - 0.1 * k, "gate_mean/1": 0.3 + 0.1 * k, "alpha/0": 0.5, "alpha/1": 0.5}
-            lines.append(json.dumps({"round": r, "node": node, "train": {"train_loss": 1.0 / (r + 1)}, "metrics": metrics, "bytes_sent": 100, "bytes_received": 100}))
+            row = {"round": r, "node": node, "train": {"train_loss": 1.0 / (r + 1)}, "metrics": metrics, "bytes_sent": 100, "bytes_received": 100}
+            lines.append(json.dumps(row))
         (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         other = "node-01" if k == 0 else "node-00"
         (part / "ledger.csv").write_text("round,src,dst,kind,header_bytes,payload_bytes,phase\n"

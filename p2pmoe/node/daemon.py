@@ -108,7 +108,8 @@ class NodeDaemon:
         self._flush_ledger()
         shown = {k: round(v, 4) for k, v in {**train, **(metrics or {})}.items() if isinstance(v, int | float) and not k.startswith("valid_")}
         alive = len(self.membership.alive(time.monotonic()))
-        log.info("%s: round %d done %s; sent %d B, received %d B; %d/%d peers alive", self.cfg.node_id, round_index, shown, sent, received, alive, len(self.cfg.peers))
+        log.info("%s: round %d done %s; sent %d B, received %d B; %d/%d peers alive",
+                 self.cfg.node_id, round_index, shown, sent, received, alive, len(self.cfg.peers))
 
     # -- sending -----------------------------------------------------------------------------------
 

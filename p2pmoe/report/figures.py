@@ -71,9 +71,9 @@ def _grid(count: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, lis
     return fig, flat[:count]
 
 
-def metric_vs_bytes(runs: list[RunData], out: Path) -> list[Figure]:
+def metric_vs_bytes(runs: list[RunData], out: Path, name: str | None = None) -> list[Figure]:
     """The headline metric against cumulative bytes per client, one line per run (one figure
-    per headline metric when runs differ in it)."""
+    per headline metric when runs differ in it); `name` names the file of a single figure."""
     groups: dict[str, list[RunData]] = {}
     for run in runs:
         if run.headline:
@@ -91,9 +91,9 @@ def metric_vs_bytes(runs: list[RunData], out: Path) -> list[Figure]:
         ax.set_ylabel(f"{metric} (mean over clients)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        name = "metric_vs_bytes.png" if len(groups) == 1 else f"metric_vs_bytes_{slug(metric)}.png"
+        file = (name or "metric_vs_bytes.png") if len(groups) == 1 else f"metric_vs_bytes_{slug(metric)}.png"
         caption = f"{metric} after each evaluated round against what a client has sent and received so far. {shared_setting(group)}."
-        figures.append(_save(fig, out, name, f"{metric} against communication", caption))
+        figures.append(_save(fig, out, file, f"{metric} against communication", caption))
     return figures
 
 
@@ -126,7 +126,9 @@ def metrics_per_round(runs: list[RunData], out: Path) -> list[Figure]:
 def train_loss_per_round(runs: list[RunData], out: Path) -> list[Figure]:
     """The training loss per round."""
     having = [r for r in runs if spread_by_round(r, "train", "train_loss")]
-    return _per_round(having, out, "train", ["train_loss"], "train_loss.png", "training loss per round", "Training loss of each round's local epochs") if having else []
+    if not having:
+        return []
+    return _per_round(having, out, "train", ["train_loss"], "train_loss.png", "training loss per round", "Training loss of each round's local epochs")
 
 
 def _per_run(runs: list[RunData], draw: Callable[[Any, RunData], None], out: Path, name: str, title: str, caption: str) -> list[Figure]:
@@ -157,7 +159,8 @@ def _draw_kinds(ax: Any, run: RunData) -> None:
 
 def bytes_per_round(runs: list[RunData], out: Path) -> list[Figure]:
     """Bytes of all messages per round, stacked by message kind."""
-    return _per_run(runs, _draw_kinds, out, "bytes_by_kind.png", "bytes per round by message kind", "Encoded bytes (header + payload) of every message in each round.")
+    caption = "Encoded bytes (header + payload) of every message in each round."
+    return _per_run(runs, _draw_kinds, out, "bytes_by_kind.png", "bytes per round by message kind", caption)
 
 
 def _draw_matrix(ax: Any, run: RunData) -> None:
@@ -180,7 +183,8 @@ def _draw_matrix(ax: Any, run: RunData) -> None:
 
 def traffic(runs: list[RunData], out: Path) -> list[Figure]:
     """Who sent how many bytes to whom over the whole run."""
-    return _per_run(runs, _draw_matrix, out, "traffic_matrix.png", "traffic between peers", "MB each node (row) sent to each node (column) over the run, from the ledger.")
+    caption = "MB each node (row) sent to each node (column) over the run, from the ledger."
+    return _per_run(runs, _draw_matrix, out, "traffic_matrix.png", "traffic between peers", caption)
 
 
 def sim_time(runs: list[RunData], out: Path) -> list[Figure]:

@@ -14,17 +14,23 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}figure{margin:2em 0}img{
 figcaption{font-size:13px;color:#444}li{font-size:13px}"""
 
 
+def _td(value: Any) -> str:
+    kind = "n" if isinstance(value, int | float) else "t"
+    return f'<td class="{kind}">{html.escape(cell(value))}</td>'
+
+
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """An HTML table with the terminal table's number formatting."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f'<td class="{"n" if isinstance(r.get(c), int | float) else "t"}">{html.escape(cell(r.get(c, "")))}</td>' for c in columns) + "</tr>"
-        for r in rows
+        "<tr>" + "".join(_td(r.get(c, "")) for c in columns) + "</tr>" for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render(title: str, runs: Sequence[tuple[str, str, str]], tables: Sequence[tuple[str, str]], figures: Sequence[tuple[str, str, str]], notes: Sequence[str] = ()) -> str:
+def render(
+    title: str, runs: Sequence[tuple[str, str, str]], tables: Sequence[tuple[str, str]], figures: Sequence[tuple[str, str, str]], notes: Sequence[str] = ()
+) -> str:
     """The page: runs as (label, folder, setting), tables as (heading, HTML), figures as
     (file, title, caption), then notes (figures left out and why)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
@@ -35,7 +41,8 @@ def render(title: str, runs: Sequence[tuple[str, str, str]], tables: Sequence[tu
     for heading, table in tables[:1]:
         parts.append(f"<h2>{html.escape(heading)}</h2>{table}")
     for file, name, caption in figures:
-        parts.append(f"<figure><h3>{html.escape(name)}</h3><img src='{html.escape(file)}' alt='{html.escape(name)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+        image = f"<img src='{html.escape(file)}' alt='{html.escape(name)}'>"
+        parts.append(f"<figure><h3>{html.escape(name)}</h3>{image}<figcaption>{html.escape(caption)}</figcaption></figure>")
     for heading, table in tables[1:]:
         parts.append(f"<h2>{html.escape(heading)}</h2><details><summary>show</summary>{table}</details>")
     parts.append("</body></html>")
