@@ -99,7 +99,7 @@ def main() -> None:
         print(text[-1])
     run, task, fedmoe = resolve(base).run, base.task, variant(base, "fedmoe-da", {}).method.to_dict()
     assert isinstance(task, ImageOptions)  # checked above
-    setting = (f"Fashion-MNIST, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
+    setting = (f"{run.data}, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
                f"SGD lr {run.lr} momentum {task.momentum}, max {run.max_train_per_node} train examples per node, "
                f"MoE: CNN φ (embed {task.embed_dim}), {task.experts} experts (hidden {task.expert_hidden}), {task.gate} gate; "
                f"FedMoE-DA P={fedmoe['p']}, τ={fedmoe['tau']}, I={fedmoe['interval']}, hops {run.hops}; "

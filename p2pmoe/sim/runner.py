@@ -21,12 +21,14 @@ from p2pmoe.wire.compression import parse_compression
 
 
 class _Progress:
-    """The progress bar: rounds done, the latest mean selection metric, bytes so far."""
+    """The progress bar: rounds done, the latest mean selection metric (kept through rounds
+    that are not evaluated), bytes so far."""
 
     def __init__(self, total_rounds: int, clients: list[str], key: str | None, ledger: ByteLedger, label: str, enabled: bool) -> None:
         self.bar = tqdm(total=total_rounds, desc=label, unit="round", disable=not enabled)
         self.clients, self.key, self.ledger = set(clients), key, ledger
         self._rows: dict[int, list[Row]] = {}
+        self._latest = ""
 
     def __call__(self, row: Row) -> None:
         if row["node"] not in self.clients:
@@ -39,7 +41,9 @@ class _Progress:
         post = {"MB": f"{sum(e.total for e in self.ledger.entries) / 1e6:.1f}"}
         values = [r["metrics"][self.key] for r in rows if self.key and self.key in r.get("metrics", {})]
         if values:
-            post[self.key] = f"{sum(values) / len(values):.4f}"
+            self._latest = f"{sum(values) / len(values):.4f}"
+        if self._latest and self.key:
+            post[self.key] = self._latest
         self.bar.set_postfix(post)
         self.bar.update(1)
 
