@@ -144,3 +144,13 @@ def test_gathered_lan_folders_and_gate_heatmaps(tmp_path):
 def test_a_folder_that_is_no_run_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_swarm_progress_reads_the_nodes_lines_and_skips_a_half_written_one(tmp_path):
+    from p2pmoe.node.swarm import _progress
+
+    _hand_made(tmp_path / "nodes")
+    with open(tmp_path / "nodes" / "node-01" / "metrics.jsonl", "a") as handle:
+        handle.write('{"round": 3, "node": "node-01", "metr')  # a line still being written
+    done, post = _progress(tmp_path, "mrr")
+    assert done == 6 and post == {"MB": "0.0", "mrr": f"{(0.2 + 1.2) / 2:.4f}"}

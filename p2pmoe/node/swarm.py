@@ -122,13 +122,24 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     return summary
 
 
-def _rounds_done(out: Path) -> int:
-    """Node-rounds finished so far, from the nodes' metrics files."""
-    total = 0
+def _progress(out: Path, key: str | None) -> tuple[int, dict[str, str]]:
+    """Node-rounds finished so far, from the nodes' metrics files, and the bar's postfix: MB
+    sent so far and the mean of `key` over the clients of the latest round that has it. A line
+    still being written is skipped until it is whole."""
+    rows = []
     for metrics in (out / "nodes").glob("*/metrics.jsonl"):
-        with open(metrics, "rb") as handle:
-            total += sum(1 for _ in handle)
-    return total
+        for line in metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    post = {"MB": f"{sum(r.get('bytes_sent', 0) for r in rows) / 1e6:.1f}"}
+    scored = [r for r in rows if r.get("node") != SERVER_ID and key in r.get("metrics", {})]
+    if scored:
+        latest = max(r["round"] for r in scored)
+        values = [r["metrics"][key] for r in scored if r["round"] == latest]
+        post[str(key)] = f"{sum(values) / len(values):.4f}"
+    return len(rows), post
 
 
 def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = None, progress: bool = True, report: bool = True) -> dict[str, Any]:
@@ -142,11 +153,14 @@ def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = Non
     budget = timeout or timing.startup + cfg.run.rounds * timing.round_deadline + timing.linger + 60
     deadline = time.monotonic() + budget
     bar = tqdm(total=len(procs) * cfg.run.rounds, desc=f"{cfg.run.method} swarm", unit="node-round", disable=not progress)
+    task, _ = spec_of(cfg)
+    key = task.selection.key or task.metrics[0]
     try:
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
-            done = _rounds_done(out)
+            done, post = _progress(out, key) if progress else (0, {})
             if done > bar.n:
+                bar.set_postfix(post, refresh=False)
                 bar.update(done - bar.n)
         late = [node for node, p in procs.items() if p.poll() is None]
         if late:
