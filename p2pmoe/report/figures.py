@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from p2pmoe.report.folders import (  # noqa: E402
     RunData,
@@ -38,7 +39,7 @@ from p2pmoe.topology import load_topology, make_topology  # noqa: E402
 
 MAX_PANELS = 8
 """Metrics drawn per round at most (the headline metric first); the CSV has all of them."""
-DPI = 110
+DPI = 100
 
 
 @dataclass(frozen=True)
@@ -235,13 +236,14 @@ def expert_graph(run: RunData, out: Path) -> list[Figure]:
     graph, pos = _layout(run, run.clients)
     fig, ax = plt.subplots(figsize=(7, 6.5))
     nx.draw_networkx_edges(graph, pos, ax=ax, edge_color="0.85", width=0.8)
-    pulled = 0
+    pulled, slots = 0, set()
     for dst, diag in plans.items():
         weights = np.array(diag.get("plan_weights", []), dtype=float)
         for m, (src, slot) in enumerate(diag.get("plan_sources", [])):
             if src == dst or weights.size == 0 or not weights[:, m].any() or src not in pos:
                 continue
             pulled += 1
+            slots.add(int(slot))
             ax.annotate("", xy=pos[dst], xytext=pos[src], arrowprops={
                 "arrowstyle": "-|>", "lw": 0.4 + 4 * float(weights[:, m].max()), "alpha": 0.6, "shrinkA": 8, "shrinkB": 8,
                 "connectionstyle": f"arc3,rad={0.08 + 0.07 * int(slot)}", "color": f"C{int(slot) % 10}",
@@ -250,6 +252,9 @@ def expert_graph(run: RunData, out: Path) -> list[Figure]:
     ax.scatter(xy[:, 0], xy[:, 1], s=120, color="k", zorder=3)
     for node in run.clients:
         ax.annotate(node, pos[node], xytext=(6, 6), textcoords="offset points", fontsize=8)
+    handles = [Line2D([], [], color=f"C{s % 10}", lw=2, label=f"slot {s}") for s in sorted(slots)]
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="lower left", title="expert", title_fontsize=7)
     ax.set_axis_off()
     caption = (f"Round {chosen}: {pulled} experts pulled. An arrow goes from the peer that served an expert to the node that "
                f"aggregated it, coloured by the expert's slot, width by the largest aggregation weight it got in that node's plan; "
