@@ -100,11 +100,11 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     task, _ = spec_of(cfg)
     rows: list[Row] = []
     ledger = ByteLedger()
-    for folder in sorted((out / "nodes").iterdir()):
-        if (folder / "metrics.jsonl").exists():
-            rows += read_metrics(folder / "metrics.jsonl")
-        if (folder / "ledger.csv").exists():
-            for e in read_ledger(folder / "ledger.csv"):
+    for part in sorted((out / "nodes").iterdir()):
+        if (part / "metrics.jsonl").exists():
+            rows += read_metrics(part / "metrics.jsonl")
+        if (part / "ledger.csv").exists():
+            for e in read_ledger(part / "ledger.csv"):
                 ledger.record(e.round, e.src, e.dst, e.kind, e.header_bytes, e.payload_bytes, e.phase)
     rows.sort(key=lambda r: (r["round"], r["node"]))
     for row in rows:

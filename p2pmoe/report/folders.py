@@ -80,7 +80,8 @@ class RunData:
 
     def setting_parts(self) -> dict[str, str]:
         """The setting as labelled phrases (method, data, nodes, partition, rounds, ...)."""
-        run, task = self.run_setting, self.summary.get("setting", {}).get("task", {})
+        setting = self.summary.get("setting", {})
+        run, task, method = self.run_setting, setting.get("task", {}), setting.get("method", {})
         if not run:
             return {"setting": f"{len(self.clients)} clients, {len(self.rounds)} rounds (no summary.json: setting unknown)"}
         parts = {
@@ -96,6 +97,8 @@ class RunData:
             parts["max_train_per_node"] = f"max {run['max_train_per_node']} train/node"
         if "embed_dim" in task:
             parts["embed_dim"] = f"hidden {task['embed_dim']}"
+        if method:
+            parts["method_options"] = "[method] " + " ".join(f"{k}={v}" for k, v in method.items())
         return parts
 
     def setting_text(self) -> str:
