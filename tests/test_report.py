@@ -154,3 +154,14 @@ def test_swarm_progress_reads_the_nodes_lines_and_skips_a_half_written_one(tmp_p
         handle.write('{"round": 3, "node": "node-01", "metr')  # a line still being written
     done, post = _progress(tmp_path, "mrr")
     assert done == 6 and post == {"MB": "0.0", "mrr": f"{(0.2 + 1.2) / 2:.4f}"}
+
+
+def test_without_matplotlib_the_page_keeps_its_tables_and_says_why(tmp_path, monkeypatch, capsys):
+    import sys
+
+    _hand_made(tmp_path / "lan")
+    monkeypatch.setitem(sys.modules, "p2pmoe.report.figures", None)  # as if the plot extra were missing
+    report = write_report([tmp_path / "lan"], echo=False)
+    page = report.index.read_text()
+    assert report.figures == [] and "<table>" in page and "plot extra" in page
+    assert "plot extra" in capsys.readouterr().err

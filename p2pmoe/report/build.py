@@ -84,7 +84,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, wri
     """Read `paths` (run folders), write the figures and index.html to `out`, and with
     `write_csv` per_round.csv in long format; with `echo`, print the tables.
 
-    Without matplotlib (the `plot` extra) the page still has every table, and says so."""
+    Without matplotlib (the `plot` extra) the page still has every table, and the page and
+    stderr say why the figures are missing."""
     if not paths:
         raise ValueError("report: no run folders given")
     runs = [load_run(p) for p in paths]
@@ -119,9 +120,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, wri
             for run in runs:
                 writer.writerows(long_rows(run))
     text = "\n\n".join([format_table(overview, _columns(overview)), format_table(rounds, _columns(rounds))])
+    for note in notes:  # even when quiet: a report without figures must say why
+        print(f"report: {note}", file=sys.stderr)
     if echo:
         print(text)
-        for note in notes:
-            print(f"report: {note}", file=sys.stderr)
         print(f"report: {index}" + (f", {table_path}" if table_path else ""))
     return Report(index, [f.file for f in figures], table_path, text)
