@@ -5,21 +5,21 @@ Fashion-MNIST, same rounds and local epochs for all, side by side in one run.
 
 For each Dirichlet alpha, every method runs on the full topology; for the last alpha the
 peer-to-peer methods run again on a ring (simulated time, full vs ring). Prints a table per alpha, saves bench/results/fedmoe_da.json and .md, and
-plots personalised accuracy against cumulative bytes per node (bench/results/fedmoe_da_*.png).
+plots personalised accuracy against cumulative bytes per client with the report's figure
+(bench/results/fedmoe_da_*.png; `p2pmoe report` on the run folders draws the rest).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.report import bench_row, format_table, rerun_command
+from p2pmoe.report import bench_row, format_table, load_run, rerun_command
+from p2pmoe.report.figures import metric_vs_bytes
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.runner import run_simulation
 from p2pmoe.tasks.image import ImageOptions
@@ -50,22 +50,6 @@ def variant(base: ExperimentConfig, method: str, options: dict[str, Any], **run:
     return with_options(base, method_options=options, method=method, **run)
 
 
-def curve(run_folder: Path) -> list[tuple[float, float]]:
-    """(cumulative MB per node, mean personalised accuracy) after each evaluated round."""
-    by_round: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for line in (run_folder / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        by_round[row["round"]].append(row)
-    points, sent = [], 0.0
-    for r in sorted(by_round):
-        rows = by_round[r]
-        sent += sum(row["bytes_sent"] + row["bytes_received"] for row in rows) / len(rows) / 1e6
-        accuracies = [row["metrics"]["accuracy"] for row in rows if "accuracy" in row.get("metrics", {})]
-        if accuracies:
-            points.append((sent, sum(accuracies) / len(accuracies)))
-    return points
-
-
 def table_row(label: str, topology: str, summary: dict[str, Any], fedavg_bytes: float | None) -> dict[str, Any]:
     m, spread = summary["metrics"], summary["metrics_spread"]
     per_round = summary["bytes"]["per_node_per_round"]["total"]
@@ -79,28 +63,6 @@ def table_row(label: str, topology: str, summary: dict[str, Any], fedavg_bytes: 
         "x fedavg bytes": per_round / fedavg_bytes if fedavg_bytes else float("nan"),
         "sim comm s/round": summary["sim_seconds"]["comm_per_round"],
     }
-
-
-def plot(curves: dict[str, list[tuple[float, float]]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in curves.items():
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlabel("cumulative MB sent + received per node")
-    ax.set_ylabel("personalised accuracy (mean over nodes)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -118,7 +80,7 @@ def main() -> None:
     rows, text = [], []
     alphas = args.alphas.split(",")
     for alpha in alphas:
-        tables, curves, fedavg_bytes = [], {}, None
+        tables, curves, fedavg_bytes = [], [], None
         for topology in ("full", "ring") if alpha == alphas[-1] else ("full",):
             for label, method, options in VARIANTS:
                 if (topology == "ring" and method not in P2P) or (wanted and not any(text in label for text in wanted)):
@@ -131,15 +93,13 @@ def main() -> None:
                 rows.append({**bench_row(summary), "label": label, "sim_seconds": summary["sim_seconds"]})
                 tables.append(table_row(label, topology, summary, fedavg_bytes))
                 if topology == "full":
-                    curves[label] = curve(out)
-        title = f"Fashion-MNIST, {base.run.nodes} nodes, Dirichlet {alpha}, {base.run.rounds} rounds"
-        plot(curves, title, args.results / f"{args.name}_alpha{alpha}.png")
-        table = format_table(tables, list(tables[0]))
-        text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{table}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n")
+                    curves.append(load_run(out, label))
+        metric_vs_bytes(curves, args.results, f"{args.name}_alpha{alpha}.png")
+        text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n")
         print(text[-1])
     run, task, fedmoe = resolve(base).run, base.task, variant(base, "fedmoe-da", {}).method.to_dict()
     assert isinstance(task, ImageOptions)  # checked above
-    setting = (f"Fashion-MNIST, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
+    setting = (f"{run.data}, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
                f"SGD lr {run.lr} momentum {task.momentum}, max {run.max_train_per_node} train examples per node, "
                f"MoE: CNN φ (embed {task.embed_dim}), {task.experts} experts (hidden {task.expert_hidden}), {task.gate} gate; "
                f"FedMoE-DA P={fedmoe['p']}, τ={fedmoe['tau']}, I={fedmoe['interval']}, hops {run.hops}; "

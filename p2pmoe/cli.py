@@ -27,14 +27,24 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     row = summary_row(summary)
     print(format_table([row], list(row)))
-    print(f"run folder: {summary['setting']['run']['out']}")
+    out = Path(summary["setting"]["run"]["out"])
+    print(f"run folder: {out}")
+    if (out / "report" / "index.html").exists():
+        print(f"report: {out / 'report' / 'index.html'}")
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from p2pmoe.config import config_from_args
     from p2pmoe.sim.runner import run_simulation
 
-    _print_summary(run_simulation(config_from_args(args), progress=not args.quiet))
+    _print_summary(run_simulation(config_from_args(args), progress=not args.quiet, report=not args.no_report))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from p2pmoe.report import write_report
+
+    write_report(args.runs, args.out, write_csv=args.csv)
     return 0
 
 
@@ -122,7 +132,7 @@ def _swarm(args: argparse.Namespace) -> int:
     from p2pmoe.node.swarm import run_swarm
 
     timing = Timing(round_deadline=args.round_deadline, startup=args.startup, linger=args.linger)
-    summary = run_swarm(config_from_args(args), timing)
+    summary = run_swarm(config_from_args(args), timing, report=not args.no_report)
     _print_summary(summary)
     return 0 if all(code == 0 for code in summary["exit_codes"].values()) else 1
 
@@ -170,6 +180,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     simulate = experiment("simulate", "run every node of an experiment in one process")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
+    simulate.add_argument("--no-report", action="store_true", help="do not write the report (figures, index.html) into <out>/report")
     simulate.set_defaults(handler=_simulate)
 
     experiment("demo", "FedMoE-DA vs FedAvg on Fashion-MNIST with real daemons on loopback").set_defaults(handler=_demo)
@@ -187,7 +198,17 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     swarm.add_argument("--round-deadline", type=float, default=120.0, help="seconds a node waits for a round's messages (default 120)")
     swarm.add_argument("--startup", type=float, default=60.0, help="seconds to wait for peers before round 0 (default 60)")
     swarm.add_argument("--linger", type=float, default=30.0, help="seconds a finished node keeps serving peers (default 30)")
+    swarm.add_argument("--no-report", action="store_true", help="do not write the report (figures, index.html) into <out>/report")
     swarm.set_defaults(handler=_swarm)
+
+    report = sub.add_parser(
+        "report", help="figures, index.html and tables of one or more run folders",
+        description="Figures (PNG), index.html and tables of run folders (simulate, swarm, or a LAN run's per-node folders gathered in one folder).",
+    )
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders")
+    report.add_argument("--out", type=Path, default=None, help="report folder (default: RUN/report for one run, ./report for several)")
+    report.add_argument("--csv", action="store_true", help="also write per_round.csv: every round's values in long format (run, round, node, section, name, value)")
+    report.set_defaults(handler=_report)
 
     methods = sub.add_parser("methods", help="list the methods, their task families and options")
     methods.add_argument("--markdown", action="store_true", help="the option tables of docs/methods.md")

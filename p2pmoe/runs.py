@@ -1,4 +1,5 @@
-"""The run folder every driver writes: summary.json, metrics.jsonl and ledger.csv.
+"""The run folder every driver writes (summary.json, metrics.jsonl and ledger.csv) and the
+readers of its streams.
 
 metrics.jsonl and ledger.csv grow line by line and are flushed as they go, so a node killed
 mid-run keeps everything up to its last completed round; summary.json is written atomically.
@@ -52,3 +53,18 @@ class RunFolder:
         """Close the streams and write summary.json."""
         self.close()
         atomic_write_json(self.path / "summary.json", summary)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file (blank lines skipped)."""
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_ledger(path: str | Path) -> list[LedgerEntry]:
+    """The messages of a ledger.csv file, as the entries they were written from."""
+    with open(path, newline="") as handle:
+        return [
+            LedgerEntry(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]), int(r["phase"]))
+            for r in csv.DictReader(handle)
+        ]

@@ -20,9 +20,9 @@ LAYERS = {
     4: {"tasks"},
     5: {"methods"},
     6: {"config", "experiment", "docs"},
-    7: {"driver"},
+    7: {"driver", "report"},
     8: {"sim", "node"},
-    9: {"cli", "report", "__init__"},
+    9: {"cli", "__init__"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
 

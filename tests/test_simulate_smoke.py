@@ -38,6 +38,10 @@ def test_fedavg_and_local_on_fashion_mnist(tmp_path):
         )
         assert all("metrics" in r and "accuracy" in r["metrics"] and "train_loss" in r["train"] for r in rows if r["node"] != "server")
 
+    # The run's report is written at its end: on real data, at least the accuracy-vs-bytes figure.
+    assert "metric_vs_bytes.png" in (tmp_path / "fedavg" / "report" / "index.html").read_text()
+    assert (tmp_path / "fedavg" / "report" / "metric_vs_bytes.png").stat().st_size > 10_000
+
     # Every FedAvg client ends with the same global model, so global accuracy is identical.
     assert fedavg["metrics_spread"]["global_accuracy"]["std"] == 0.0
     assert local["bytes"]["total"] == 0

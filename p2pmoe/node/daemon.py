@@ -103,11 +103,13 @@ class NodeDaemon:
         await asyncio.to_thread(save_checkpoint, self.cfg.checkpoint_path, round_index, node.state_dict(), extra)
         sent = sum(e.total for e in self.ledger.entries[self._ledger_written :] if e.round == round_index)
         assert self._folder is not None
-        self._folder.log(metrics_row(self.cfg.node_id, round_index, train, metrics, sent, self._received.pop(round_index, 0), node.diagnostics()))
+        received = self._received.pop(round_index, 0)
+        self._folder.log(metrics_row(self.cfg.node_id, round_index, train, metrics, sent, received, node.diagnostics()))
         self._flush_ledger()
-        shown = {k: round(v, 4) for k, v in (metrics or {}).items() if not k.startswith("valid_")}
+        shown = {k: round(v, 4) for k, v in {**train, **(metrics or {})}.items() if isinstance(v, int | float) and not k.startswith("valid_")}
         alive = len(self.membership.alive(time.monotonic()))
-        log.info("%s: round %d done %s; sent %d B; %d/%d peers alive", self.cfg.node_id, round_index, shown, sent, alive, len(self.cfg.peers))
+        log.info("%s: round %d done %s; sent %d B, received %d B; %d/%d peers alive",
+                 self.cfg.node_id, round_index, shown, sent, received, alive, len(self.cfg.peers))
 
     # -- sending -----------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ says otherwise, so N processes never oversubscribe the machine's cores.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -29,7 +28,8 @@ from p2pmoe.experiment import build_topology, links, node_ids
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.node.config import Timing, load_node_config
-from p2pmoe.runs import RunFolder
+from p2pmoe.report import write_report
+from p2pmoe.runs import RunFolder, read_ledger, read_metrics
 from p2pmoe.settings import ExperimentConfig
 
 
@@ -100,15 +100,12 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     task, _ = spec_of(cfg)
     rows: list[Row] = []
     ledger = ByteLedger()
-    for folder in sorted((out / "nodes").iterdir()):
-        metrics = folder / "metrics.jsonl"
-        if metrics.exists():
-            rows += [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        ledger_csv = folder / "ledger.csv"
-        if ledger_csv.exists():
-            with open(ledger_csv, newline="") as handle:
-                for r in csv.DictReader(handle):
-                    ledger.record(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]), int(r["phase"]))
+    for part in sorted((out / "nodes").iterdir()):
+        if (part / "metrics.jsonl").exists():
+            rows += read_metrics(part / "metrics.jsonl")
+        if (part / "ledger.csv").exists():
+            for e in read_ledger(part / "ledger.csv"):
+                ledger.record(e.round, e.src, e.dst, e.kind, e.header_bytes, e.payload_bytes, e.phase)
     rows.sort(key=lambda r: (r["round"], r["node"]))
     for row in rows:
         traffic = ledger.node_traffic(row["node"], row["round"])
@@ -125,17 +122,29 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     return summary
 
 
-def _rounds_done(out: Path) -> int:
-    """Node-rounds finished so far, from the nodes' metrics files."""
-    total = 0
+def _progress(out: Path, key: str | None) -> tuple[int, dict[str, str]]:
+    """Node-rounds finished so far, from the nodes' metrics files, and the bar's postfix: MB
+    sent so far and the mean of `key` over the clients of the latest round that has it. A line
+    still being written is skipped until it is whole."""
+    rows = []
     for metrics in (out / "nodes").glob("*/metrics.jsonl"):
-        with open(metrics, "rb") as handle:
-            total += sum(1 for _ in handle)
-    return total
+        for line in metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    post = {"MB": f"{sum(r.get('bytes_sent', 0) for r in rows) / 1e6:.1f}"}
+    scored = [r for r in rows if r.get("node") != SERVER_ID and key in r.get("metrics", {})]
+    if scored:
+        latest = max(r["round"] for r in scored)
+        values = [r["metrics"][key] for r in scored if r["round"] == latest]
+        post[str(key)] = f"{sum(values) / len(values):.4f}"
+    return len(rows), post
 
 
-def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """Start every node, wait for all (stopping stragglers after `timeout`), merge results."""
+def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = None, progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Start every node, wait for all (stopping stragglers after `timeout`), merge results;
+    with `report`, write the run's report (figures, index.html) into `<out>/report`."""
     cfg = resolve(cfg)
     out = Path(cfg.run.out)
     started = time.perf_counter()
@@ -144,11 +153,14 @@ def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = Non
     budget = timeout or timing.startup + cfg.run.rounds * timing.round_deadline + timing.linger + 60
     deadline = time.monotonic() + budget
     bar = tqdm(total=len(procs) * cfg.run.rounds, desc=f"{cfg.run.method} swarm", unit="node-round", disable=not progress)
+    task, _ = spec_of(cfg)
+    key = task.selection.key or task.metrics[0]
     try:
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
-            done = _rounds_done(out)
+            done, post = _progress(out, key) if progress else (0, {})
             if done > bar.n:
+                bar.set_postfix(post, refresh=False)
                 bar.update(done - bar.n)
         late = [node for node, p in procs.items() if p.poll() is None]
         if late:
@@ -167,4 +179,7 @@ def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = Non
     failed = {node: code for node, code in codes.items() if code != 0}
     if failed:
         print(f"swarm: nodes exited with errors {failed}; see {out}/nodes/<id>/node.log", file=sys.stderr)
-    return merge_run(cfg, out, time.perf_counter() - started, codes)
+    summary = merge_run(cfg, out, time.perf_counter() - started, codes)
+    if report:
+        write_report([out], echo=False)
+    return summary

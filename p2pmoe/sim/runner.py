@@ -13,6 +13,7 @@ from p2pmoe.driver.summary import Row, make_summary
 from p2pmoe.experiment import Experiment, build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import LearnerMethod
+from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig, parse_compute_time
 from p2pmoe.sim.bus import SimNetwork
@@ -21,12 +22,14 @@ from p2pmoe.wire.compression import parse_compression
 
 
 class _Progress:
-    """The progress bar: rounds done, the latest mean selection metric, bytes so far."""
+    """The progress bar: rounds done, the latest mean selection metric (kept through rounds
+    that are not evaluated), bytes so far."""
 
     def __init__(self, total_rounds: int, clients: list[str], key: str | None, ledger: ByteLedger, label: str, enabled: bool) -> None:
         self.bar = tqdm(total=total_rounds, desc=label, unit="round", disable=not enabled)
         self.clients, self.key, self.ledger = set(clients), key, ledger
         self._rows: dict[int, list[Row]] = {}
+        self._latest = ""
 
     def __call__(self, row: Row) -> None:
         if row["node"] not in self.clients:
@@ -39,8 +42,10 @@ class _Progress:
         post = {"MB": f"{sum(e.total for e in self.ledger.entries) / 1e6:.1f}"}
         key = self.key
         values = [r["metrics"][key] for r in rows if key and key in r.get("metrics", {})]
-        if key and values:
-            post[key] = f"{sum(values) / len(values):.4f}"
+        if values:
+            self._latest = f"{sum(values) / len(values):.4f}"
+        if self._latest and key:
+            post[key] = self._latest
         self.bar.set_postfix(post)
         self.bar.update(1)
 
@@ -62,8 +67,9 @@ def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> float:
     return seconds * cfg.run.local_epochs * max(sizes, default=0)
 
 
-def run_simulation(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
-    """Run `cfg` on the in-memory network; return the summary written to summary.json."""
+def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Run `cfg` on the in-memory network; return the summary written to summary.json. With
+    `report`, also write the run's report (figures, index.html) into `<out>/report`."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     started = time.perf_counter()
@@ -92,4 +98,6 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     }
     folder.log_messages(ledger.entries)
     folder.finish(summary)
+    if report:
+        write_report([cfg.run.out], echo=False)
     return summary

@@ -1,4 +1,4 @@
-"""Results tables and benchmark rows, shared by the command line and bench/ scripts."""
+"""Results tables and benchmark rows, shared by the command line, bench/ scripts and reports."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 
+def cell(value: Any) -> str:
+    """A table cell: floats to 4 decimals, integers with thousands separators."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A plain-text table with right-aligned numbers, for terminals and READMEs alike."""
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        if isinstance(value, int):
-            return f"{value:,}"
-        return str(value)
-
     cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), "  ".join("-" * w for w in widths)]

@@ -1,0 +1,322 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed).
+
+Every function takes runs and a folder, writes PNGs there and returns them as `Figure`s whose
+caption names the setting; the same caption is printed under the picture inside the PNG, so a
+picture copied elsewhere still says what it shows. A figure with nothing to show is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
+import networkx as nx  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from p2pmoe.report.folders import (  # noqa: E402
+    RunData,
+    bytes_by_kind,
+    diagnostics_of,
+    diagnostics_round,
+    gate_prefixes,
+    gate_table,
+    metric_against_bytes,
+    shared_setting,
+    slug,
+    spread_by_round,
+    traffic_matrix,
+)
+from p2pmoe.topology import load_topology, make_topology  # noqa: E402
+
+MAX_PANELS = 8
+"""Metrics drawn per round at most (the headline metric first); the CSV has all of them."""
+DPI = 100
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A written picture: its file name inside the report folder, a title and a caption."""
+
+    file: str
+    title: str
+    caption: str
+
+
+def _save(fig: Any, out: Path, name: str, title: str, caption: str) -> Figure:
+    fig.suptitle(title, fontsize=11)
+    wrapped = "\n".join(textwrap.wrap(caption, int(fig.get_size_inches()[0] * 20)))  # about 20 characters of 6.5 pt per inch
+    fig.text(0.01, 0.005, wrapped, fontsize=6.5, va="bottom", ha="left", color="0.3")
+    lines = wrapped.count("\n") + 1
+    fig.tight_layout(rect=(0, 0.02 + 0.022 * lines, 1, 0.96))
+    fig.savefig(out / name, dpi=DPI)
+    plt.close(fig)
+    return Figure(name, title, caption)
+
+
+def _grid(count: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, list[Any]]:
+    cols = min(count, 3)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 0.5, height * rows + 0.9), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
+def metric_vs_bytes(runs: list[RunData], out: Path, name: str | None = None) -> list[Figure]:
+    """The headline metric against cumulative bytes per client, one line per run (one figure
+    per headline metric when runs differ in it); `name` names the file of a single figure."""
+    groups: dict[str, list[RunData]] = {}
+    for run in runs:
+        if run.headline:
+            groups.setdefault(run.headline, []).append(run)
+    figures = []
+    for metric, group in groups.items():
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for run in group:
+            points = metric_against_bytes(run, metric)
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot([x / 1e6 for x in xs], ys, marker="o", markersize=3, label=run.label)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("cumulative MB sent + received per client")
+        ax.set_ylabel(f"{metric} (mean over clients)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        file = (name or "metric_vs_bytes.png") if len(groups) == 1 else f"metric_vs_bytes_{slug(metric)}.png"
+        caption = f"{metric} after each evaluated round against what a client has sent and received so far. {shared_setting(group)}."
+        figures.append(_save(fig, out, file, f"{metric} against communication", caption))
+    return figures
+
+
+def _per_round(runs: list[RunData], out: Path, section: str, names: list[str], name: str, title: str, what: str) -> list[Figure]:
+    """One panel per name: each run's mean over clients per round, the min-max band shaded."""
+    if not names:
+        return []
+    fig, axes = _grid(len(names))
+    for ax, metric in zip(axes, names, strict=True):
+        for run in runs:
+            series = spread_by_round(run, section, metric)
+            if series:
+                rounds, mean, low, high = zip(*series, strict=True)
+                (line,) = ax.plot(rounds, mean, marker="o", markersize=2.5, label=run.label)
+                ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return [_save(fig, out, name, title, f"{what}: mean over clients, band from min to max over clients. {shared_setting(runs)}.")]
+
+
+def metrics_per_round(runs: list[RunData], out: Path) -> list[Figure]:
+    """Evaluation metrics per round (the headline metrics first, at most MAX_PANELS)."""
+    first = [r.headline for r in runs if r.headline]
+    names = list(dict.fromkeys([*first, *(n for r in runs for n in r.metric_names)]))[:MAX_PANELS]
+    return _per_round(runs, out, "metrics", [str(n) for n in names], "metrics_per_round.png", "metrics per round", "Evaluation metrics per evaluated round")
+
+
+def train_loss_per_round(runs: list[RunData], out: Path) -> list[Figure]:
+    """The training loss per round."""
+    having = [r for r in runs if spread_by_round(r, "train", "train_loss")]
+    if not having:
+        return []
+    return _per_round(having, out, "train", ["train_loss"], "train_loss.png", "training loss per round", "Training loss of each round's local epochs")
+
+
+def _per_run(runs: list[RunData], draw: Callable[[Any, RunData], None], out: Path, name: str, title: str, caption: str) -> list[Figure]:
+    """One panel per run that moved any bytes."""
+    moving = [r for r in runs if r.ledger]
+    if not moving:
+        return []
+    fig, axes = _grid(len(moving), 4.8, 3.8)
+    for ax, run in zip(axes, moving, strict=True):
+        draw(ax, run)
+        ax.set_title(run.label, fontsize=9)
+    return [_save(fig, out, name, title, f"{caption} {shared_setting(moving)}.")]
+
+
+def _draw_kinds(ax: Any, run: RunData) -> None:
+    table = bytes_by_kind(run.ledger)
+    rounds = sorted(table)
+    kinds = sorted({k for kinds in table.values() for k in kinds})
+    bottom = np.zeros(len(rounds))
+    for kind in kinds:
+        values = np.array([table[r].get(kind, 0) / 1e6 for r in rounds])
+        ax.bar(rounds, values, bottom=bottom, label=kind)
+        bottom += values
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB (all messages)")
+    ax.legend(fontsize=6)
+
+
+def bytes_per_round(runs: list[RunData], out: Path) -> list[Figure]:
+    """Bytes of all messages per round, stacked by message kind."""
+    caption = "Encoded bytes (header + payload) of every message in each round."
+    return _per_run(runs, _draw_kinds, out, "bytes_by_kind.png", "bytes per round by message kind", caption)
+
+
+def _draw_matrix(ax: Any, run: RunData) -> None:
+    nodes, matrix = traffic_matrix(run.ledger)
+    values = np.array(matrix, dtype=float) / 1e6
+    image = ax.imshow(values, cmap="viridis")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, label="MB")
+    ticks = range(len(nodes))
+    ax.set_xticks(ticks, nodes, rotation=90, fontsize=6)
+    ax.set_yticks(ticks, nodes, fontsize=6)
+    ax.set_xlabel("to")
+    ax.set_ylabel("from")
+    if len(nodes) <= 12:
+        for i in ticks:
+            for j in ticks:
+                if values[i, j]:
+                    dark = values[i, j] < 0.6 * values.max()
+                    ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=6, color="w" if dark else "k")
+
+
+def traffic(runs: list[RunData], out: Path) -> list[Figure]:
+    """Who sent how many bytes to whom over the whole run."""
+    caption = "MB each node (row) sent to each node (column) over the run, from the ledger."
+    return _per_run(runs, _draw_matrix, out, "traffic_matrix.png", "traffic between peers", caption)
+
+
+def sim_time(runs: list[RunData], out: Path) -> list[Figure]:
+    """Simulated seconds messages spend on the topology's links per round (simulate only)."""
+    timed = [r for r in runs if r.summary.get("sim_seconds", {}).get("by_round")]
+    if not timed:
+        return []
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for run in timed:
+        by_round = run.summary["sim_seconds"]["by_round"]
+        ax.plot(range(len(by_round)), by_round, marker="o", markersize=3, label=run.label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("simulated communication seconds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    bandwidth = {r.run_setting.get("link_bandwidth") for r in timed}
+    caption = (f"Time messages spend on the links per round (fluid model; phases sequential), links of {', '.join(f'{b:g}' for b in bandwidth if b)} "
+               f"bit/s unless the topology file says otherwise. {shared_setting(timed)}.")
+    return [_save(fig, out, "sim_time.png", "simulated time per round", caption)]
+
+
+def _layout(run: RunData, nodes: list[str]) -> tuple[nx.Graph, dict[str, Any]]:
+    """Node positions from the run's topology: a circle for full, ring and star graphs, a
+    seeded spring layout otherwise; a topology that cannot be rebuilt gives a circle."""
+    setting = run.run_setting
+    kind = str(setting.get("topology", "full"))
+    graph = nx.Graph()
+    try:
+        if Path(kind).suffix in (".json", ".edges", ".txt"):
+            graph = load_topology(kind, setting.get("nodes"))
+        elif len(nodes) > 1:
+            graph = make_topology(kind, int(setting.get("nodes", len(nodes))), int(setting.get("seed", 0)))
+    except (ValueError, OSError):  # a topology file not on this machine: positions still help
+        graph = nx.Graph()
+    graph.add_nodes_from(nodes)
+    regular = kind.split(":")[0] in ("full", "ring", "star") or graph.number_of_edges() == 0
+    positions = nx.circular_layout(sorted(graph.nodes)) if regular else nx.spring_layout(graph, seed=0)
+    return graph, positions
+
+
+def expert_graph(run: RunData, out: Path) -> list[Figure]:
+    """FedMoE-DA's expert selection in one round: an arrow from each peer an expert was pulled
+    from to the node that pulled it, width by the largest weight it got in that node's plan."""
+    chosen = diagnostics_round(run, "plan_weights")
+    if chosen is None:
+        return []
+    plans = diagnostics_of(run, chosen)
+    graph, pos = _layout(run, run.clients)
+    fig, ax = plt.subplots(figsize=(7, 6.5))
+    nx.draw_networkx_edges(graph, pos, ax=ax, edge_color="0.85", width=0.8)
+    pulled, slots = 0, set()
+    for dst, diag in plans.items():
+        weights = np.array(diag.get("plan_weights", []), dtype=float)
+        for m, (src, slot) in enumerate(diag.get("plan_sources", [])):
+            if src == dst or weights.size == 0 or not weights[:, m].any() or src not in pos:
+                continue
+            pulled += 1
+            slots.add(int(slot))
+            ax.annotate("", xy=pos[dst], xytext=pos[src], arrowprops={
+                "arrowstyle": "-|>", "lw": 0.4 + 4 * float(weights[:, m].max()), "alpha": 0.6, "shrinkA": 8, "shrinkB": 8,
+                "connectionstyle": f"arc3,rad={0.08 + 0.07 * int(slot)}", "color": f"C{int(slot) % 10}",
+            })
+    xy = np.array([pos[n] for n in run.clients])
+    ax.scatter(xy[:, 0], xy[:, 1], s=120, color="k", zorder=3)
+    for node in run.clients:
+        ax.annotate(node, pos[node], xytext=(6, 6), textcoords="offset points", fontsize=8)
+    handles = [Line2D([], [], color=f"C{s % 10}", lw=2, label=f"slot {s}") for s in sorted(slots)]
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="lower left", title="expert", title_fontsize=7)
+    ax.set_axis_off()
+    caption = (f"Round {chosen}: {pulled} experts pulled. An arrow goes from the peer that served an expert to the node that "
+               f"aggregated it, coloured by the expert's slot, width by the largest aggregation weight it got in that node's plan; "
+               f"grey lines are the topology. {run.setting_text()}.")
+    return [_save(fig, out, f"expert_graph_{slug(run.label)}.png", f"expert selection ({run.label})", caption)]
+
+
+def gate_correlation(run: RunData, out: Path) -> list[Figure]:
+    """Cosine similarity between every node's expert proxies (rows of its gate) in one round:
+    the quantity FedMoE-DA selects experts by."""
+    chosen = diagnostics_round(run, "gate")
+    if chosen is None:
+        return []
+    gates = {node: np.array(d["gate"], dtype=float) for node, d in sorted(diagnostics_of(run, chosen).items()) if d.get("gate")}
+    rows = np.concatenate(list(gates.values()))
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="cosine similarity")
+    sizes = [len(g) for g in gates.values()]
+    edges = np.cumsum(sizes)
+    for edge in edges[:-1]:
+        ax.axhline(edge - 0.5, color="k", lw=0.5)
+        ax.axvline(edge - 0.5, color="k", lw=0.5)
+    middles = edges - np.array(sizes) / 2 - 0.5
+    ax.set_xticks(middles, list(gates), rotation=90, fontsize=7)
+    ax.set_yticks(middles, list(gates), fontsize=7)
+    caption = (f"Round {chosen}: cosine similarity between the expert proxies (rows of each node's gate, "
+               f"{sizes[0]} per node, in slot order) of every node. {run.setting_text()}.")
+    return [_save(fig, out, f"gate_correlation_{slug(run.label)}.png", f"gate correlation ({run.label})", caption)]
+
+
+def gate_weights(run: RunData, out: Path) -> list[Figure]:
+    """Each client's mean gate (or alpha) weight per expert or domain at the selected round,
+    so a gate that collapses onto one branch shows as one bright column."""
+    chosen = run.selected_round
+    figures: list[Figure] = []
+    for prefix in gate_prefixes(run) if chosen is not None else []:
+        assert chosen is not None
+        clients, columns, values = gate_table(run, prefix, chosen)
+        fig, ax = plt.subplots(figsize=(max(6.0, 3.2 + 0.7 * len(columns)), 3.0 + 0.45 * len(clients)))
+        image = ax.imshow(np.array(values), cmap="magma", vmin=0, aspect="auto")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        ax.set_xticks(range(len(columns)), columns, fontsize=7)
+        ax.set_yticks(range(len(clients)), clients, fontsize=7)
+        ax.set_xlabel(prefix.rstrip("/") + " index")
+        top = max((v for row in values for v in row if v == v), default=1.0)  # v == v skips NaN
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="k" if value > 0.6 * top else "w")
+        name = prefix.rstrip("/")
+        caption = f"Round {chosen}: each client's mean {name} weight per index (metric names {prefix}<i>). {run.setting_text()}."
+        figures.append(_save(fig, out, f"{slug(name)}_{slug(run.label)}.png", f"{name} per client ({run.label})", caption))
+    return figures
+
+
+ACROSS_RUNS = (metric_vs_bytes, metrics_per_round, train_loss_per_round, bytes_per_round, traffic, sim_time)
+PER_RUN = (expert_graph, gate_correlation, gate_weights)
+
+
+def draw_all(runs: list[RunData], out: Path) -> list[Figure]:
+    """Every figure that applies to `runs`."""
+    figures = [f for draw in ACROSS_RUNS for f in draw(runs, out)]
+    return figures + [f for run in runs for draw in PER_RUN for f in draw(run, out)]

@@ -1,0 +1,246 @@
+"""Run folders read back for a report, and the per-round figures derived from them.
+
+A report reads only what a run wrote (summary.json, metrics.jsonl, ledger.csv), so it works on
+a `simulate` or `swarm` folder, on a LAN run whose per-node folders were gathered under one
+folder, and on runs made by older versions, without building any model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pmoe.ledger import LedgerEntry
+from p2pmoe.naming import SERVER_ID
+from p2pmoe.runs import read_ledger, read_metrics
+
+GATE_PREFIXES = ("gate_mean/", "alpha/")
+"""Metric-name prefixes of a per-client weight over experts or domains (FMoE-CDSR's mean gate
+weight per branch, FeDecider's alpha): the report draws each as a client × index heatmap."""
+
+
+@dataclass
+class RunData:
+    """One run as a report sees it: its summary (empty for gathered LAN folders, which have
+    none), every metrics row and every ledger message."""
+
+    path: Path
+    label: str
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    ledger: list[LedgerEntry]
+    clients: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.clients = sorted({row["node"] for row in self.rows if row["node"] != SERVER_ID})
+
+    @property
+    def run_setting(self) -> dict[str, Any]:
+        """The `[run]` table of the setting (empty when the folder has no summary)."""
+        return dict(self.summary.get("setting", {}).get("run", {}))
+
+    @property
+    def rounds(self) -> list[int]:
+        return sorted({row["round"] for row in self.rows})
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Evaluation metrics the clients logged, gate/alpha weights left out."""
+        names = {name for row in self.client_rows() for name in row.get("metrics", {})}
+        return sorted(n for n in names if not n.startswith(GATE_PREFIXES))
+
+    @property
+    def headline(self) -> str | None:
+        """The metric a reader compares runs by: the task's selection key, else `accuracy`,
+        else the first metric logged."""
+        key = self.summary.get("selection", {}).get("key")
+        names = self.metric_names
+        if key in names:
+            return str(key)
+        return "accuracy" if "accuracy" in names else (names[0] if names else None)
+
+    @property
+    def selected_round(self) -> int | None:
+        """The round summary.json reports, else the last round with metrics."""
+        chosen = self.summary.get("selection", {}).get("round")
+        if chosen is not None:
+            return int(chosen)
+        evaluated = [row["round"] for row in self.client_rows() if row.get("metrics")]
+        return max(evaluated) if evaluated else None
+
+    def client_rows(self, round_index: int | None = None) -> list[dict[str, Any]]:
+        """Rows of clients (not the server), of one round or all."""
+        return [r for r in self.rows if r["node"] != SERVER_ID and (round_index is None or r["round"] == round_index)]
+
+    def setting_parts(self) -> dict[str, str]:
+        """The setting as labelled phrases (method, data, nodes, partition, rounds, ...)."""
+        setting = self.summary.get("setting", {})
+        run, task, method = self.run_setting, setting.get("task", {}), setting.get("method", {})
+        if not run:
+            return {"setting": f"{len(self.clients)} clients, {len(self.rounds)} rounds (no summary.json: setting unknown)"}
+        parts = {
+            "method": str(run.get("method")),
+            "data": f"data {run.get('data')}",
+            "nodes": f"{run.get('nodes')} nodes",
+            "partition": str(run.get("partition", "")),
+            "rounds": f"{run.get('rounds')} rounds x {run.get('local_epochs', 1)} epoch(s)",
+            "topology": f"topology {run.get('topology')}",
+            "seed": f"seed {run.get('seed')}",
+        }
+        if run.get("max_train_per_node"):
+            parts["max_train_per_node"] = f"max {run['max_train_per_node']} train/node"
+        if "embed_dim" in task:
+            parts["embed_dim"] = f"hidden {task['embed_dim']}"
+        if method:
+            parts["method_options"] = "[method] " + " ".join(f"{k}={v}" for k, v in method.items())
+        return parts
+
+    def setting_text(self) -> str:
+        """One line naming the setting and the run's wall time, for captions."""
+        text = ", ".join(p for p in self.setting_parts().values() if p)
+        wall = self.summary.get("wall_seconds")
+        return text if wall is None else f"{text}, {self.summary.get('driver', 'run')} {wall / 60:.1f} min wall"
+
+
+def shared_setting(runs: list[RunData]) -> str:
+    """The setting runs share, and which parts of it differ (for a figure over several runs)."""
+    if len(runs) == 1:
+        return runs[0].setting_text()
+    each = [r.setting_parts() for r in runs]
+    keys = list(dict.fromkeys(k for parts in each for k in parts))
+    same = [k for k in keys if all(parts.get(k) == each[0].get(k) for parts in each)]
+    text = ", ".join(each[0][k] for k in same if each[0].get(k))
+    differ = [k for k in keys if k not in same]
+    return f"{text}; differs: {', '.join(differ)}" if differ else text
+
+
+def _gathered(path: Path) -> list[Path]:
+    """Per-node folders under `path` (or `path/nodes`), as a LAN run's are when gathered."""
+    for base in (path, path / "nodes"):
+        found = sorted(p for p in base.iterdir() if (p / "metrics.jsonl").exists()) if base.is_dir() else []
+        if found:
+            return found
+    return []
+
+
+def load_run(path: str | Path, label: str | None = None) -> RunData:
+    """Read a run folder; without summary.json, merge the per-node folders under it.
+
+    Each message is in its sender's ledger only, so gathered ledgers are concatenated."""
+    path = Path(path)
+    if (path / "summary.json").exists():
+        summary = json.loads((path / "summary.json").read_text())
+        rows = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+        ledger = read_ledger(path / "ledger.csv") if (path / "ledger.csv").exists() else []
+    else:
+        parts = _gathered(path)
+        if not parts:
+            raise ValueError(f"{path}: not a run folder (no summary.json, and no per-node folders with metrics.jsonl)")
+        summary = {}
+        rows = sorted((row for part in parts for row in read_metrics(part / "metrics.jsonl")), key=lambda r: (r["round"], r["node"]))
+        ledger = [e for part in parts if (part / "ledger.csv").exists() for e in read_ledger(part / "ledger.csv")]
+    return RunData(path, label or path.resolve().name, summary, rows, ledger)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe spelling of a run label."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def spread_by_round(run: RunData, section: str, name: str) -> list[tuple[int, float, float, float]]:
+    """(round, mean, min, max) over clients of `row[section][name]`, for rounds that have it."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for row in run.client_rows():
+        value = row.get(section, {}).get(name)
+        if isinstance(value, int | float):
+            values[row["round"]].append(float(value))
+    return [(r, statistics.fmean(v), min(v), max(v)) for r, v in sorted(values.items())]
+
+
+def client_bytes_by_round(run: RunData) -> dict[int, float]:
+    """Bytes a client sends plus receives in each round, mean over clients (from the ledger:
+    the figure summary.json's `per_node_per_round` averages over rounds)."""
+    members = set(run.clients)
+    per_round: dict[int, float] = defaultdict(float)
+    for e in run.ledger:
+        per_round[e.round] += ((e.src in members) + (e.dst in members)) * e.total
+    scale = 1.0 / len(members) if members else 0.0
+    return {r: per_round.get(r, 0.0) * scale for r in run.rounds}
+
+
+def metric_against_bytes(run: RunData, metric: str) -> list[tuple[float, float]]:
+    """(cumulative bytes per client, mean metric) after each round that evaluated `metric`."""
+    means = {r: mean for r, mean, _, _ in spread_by_round(run, "metrics", metric)}
+    points, total = [], 0.0
+    for r, spent in sorted(client_bytes_by_round(run).items()):
+        total += spent
+        if r in means:
+            points.append((total, means[r]))
+    return points
+
+
+def bytes_by_kind(entries: Iterable[LedgerEntry]) -> dict[int, dict[str, int]]:
+    """round -> message kind -> bytes, over every message."""
+    table: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in entries:
+        table[e.round][e.kind] += e.total
+    return {r: dict(kinds) for r, kinds in sorted(table.items())}
+
+
+def traffic_matrix(entries: Iterable[LedgerEntry]) -> tuple[list[str], list[list[int]]]:
+    """Nodes (sorted) and bytes[src][dst]: who sent how much to whom over the whole run."""
+    entries = list(entries)
+    nodes = sorted({e.src for e in entries} | {e.dst for e in entries})
+    index = {n: i for i, n in enumerate(nodes)}
+    matrix = [[0] * len(nodes) for _ in nodes]
+    for e in entries:
+        matrix[index[e.src]][index[e.dst]] += e.total
+    return nodes, matrix
+
+
+def gate_prefixes(run: RunData) -> list[str]:
+    """The GATE_PREFIXES this run logged metrics under."""
+    names = {name for row in run.client_rows() for name in row.get("metrics", {})}
+    return [p for p in GATE_PREFIXES if any(n.startswith(p) for n in names)]
+
+
+def gate_table(run: RunData, prefix: str, round_index: int) -> tuple[list[str], list[str], list[list[float]]]:
+    """Clients, the indices after `prefix` (in natural order) and each client's values in
+    `round_index` (NaN where a client did not log one)."""
+    metrics = {row["node"]: row.get("metrics", {}) for row in run.client_rows(round_index)}
+    columns = sorted({n[len(prefix) :] for m in metrics.values() for n in m if n.startswith(prefix)}, key=lambda c: (len(c), c))
+    clients = sorted(metrics)
+    return clients, columns, [[float(metrics[c].get(prefix + col, float("nan"))) for col in columns] for c in clients]
+
+
+def diagnostics_round(run: RunData, key: str) -> int | None:
+    """The round whose diagnostics to draw: the selected one if it has `key`, else the last
+    that has."""
+    have = sorted({row["round"] for row in run.client_rows() if key in row.get("diagnostics", {})})
+    if not have:
+        return None
+    chosen = run.selected_round
+    return chosen if chosen in have else have[-1]
+
+
+def diagnostics_of(run: RunData, round_index: int) -> dict[str, dict[str, Any]]:
+    """node -> the diagnostics it logged in `round_index`."""
+    return {row["node"]: row["diagnostics"] for row in run.client_rows(round_index) if row.get("diagnostics")}
+
+
+def long_rows(run: RunData) -> list[dict[str, Any]]:
+    """The per-round table in long format (run, round, node, section, name, value): one line
+    per training statistic, metric and byte count, for pandas."""
+    out = []
+    for row in run.rows:
+        base = {"run": run.label, "round": row["round"], "node": row["node"]}
+        for section in ("train", "metrics"):
+            out += [{**base, "section": section, "name": k, "value": v} for k, v in row.get(section, {}).items()]
+        out += [{**base, "section": "bytes", "name": k, "value": row[k]} for k in ("bytes_sent", "bytes_received") if k in row]
+    return out
