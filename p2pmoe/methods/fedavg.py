@@ -103,7 +103,7 @@ register_method(
     MethodSpec(
         name="fedavg",
         summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
-        tasks=("image",),
+        tasks=("image", "timelines"),
         build_client=_client,
         build_server=_server,
     )
