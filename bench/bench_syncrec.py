@@ -57,7 +57,8 @@ def run_variant(args: argparse.Namespace, method: str, changes: dict[str, Any], 
     )
     start, cpu = time.time(), time.process_time()
     summary = run_simulation(cfg, progress=False)
-    return {**bench_row(summary), "selection_round": summary["selection"]["round"], "wall_min": (time.time() - start) / 60, "cpu_min": (time.process_time() - cpu) / 60}
+    cost = {"wall_min": (time.time() - start) / 60, "cpu_min": (time.process_time() - cpu) / 60}
+    return {**bench_row(summary), "selection_round": summary["selection"]["round"], **cost}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

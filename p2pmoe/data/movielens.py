@@ -254,10 +254,6 @@ def _categorical_features(
     return features
 
 
-
-
-
-
 def _as_text(column: Column) -> list[str]:
     """Any column as strings, so codes typed ``float`` (ML-1M's occupation) read as "10"."""
     if isinstance(column, np.ndarray):
@@ -331,12 +327,6 @@ def _numbers(table: AtomicTable, name: str) -> np.ndarray:
         except ValueError:
             raise DataFormatError(table.path, table.line_of(row), f"a number in column {name!r}", got=text) from None
     return values
-
-
-
-
-
-
 
 
 def _codes(tokens: list[str]) -> tuple[np.ndarray, int]:

@@ -78,7 +78,7 @@ class TimelineLearner(NextItemLearner):
         self.lr, self.betas = lr, betas
         self._shuffle = torch.Generator().manual_seed(seed)
         windows = [(t.items[:-2][-(max_len + 1) :], t.domains[:-2][-(max_len + 1) :]) for t in timelines]
-        self.train_set = TimelineBatch(
+        self.windows = TimelineBatch(
             _left_pad([w[:-1] for w, _ in windows], max_len, num_items),
             _left_pad([w[1:] for w, _ in windows], max_len, num_items),
             _left_pad([next_same_domain(w, d, num_items)[:-1] for w, d in windows], max_len, num_items),
@@ -98,7 +98,7 @@ class TimelineLearner(NextItemLearner):
     def batches(self) -> Iterator[TimelineBatch]:  # type: ignore[override]
         """One shuffled pass, each batch cut to its longest window."""
         order = torch.randperm(self.num_train_examples, generator=self._shuffle)
-        data = self.train_set
+        data = self.windows
         for start in range(0, self.num_train_examples, self.batch_size):
             rows = order[start : start + self.batch_size]
             width = int((data.inputs[rows] != self.pad).sum(dim=1).max())
@@ -114,7 +114,7 @@ class TimelineLearner(NextItemLearner):
         for start in range(0, len(inputs), self.eval_batch_size):
             rows = slice(start, start + self.eval_batch_size)
             width = int((inputs[rows] != self.pad).sum(dim=1).max())
-            scores = self.model.score_candidates(
+            scores = self.model.score_candidates(  # type: ignore[operator]
                 inputs[rows, self.max_len - width :].to(self.device), candidates[rows].to(self.device), domains[rows].to(self.device)
             ).cpu()
             out.append(ranks_against_negatives(scores[:, 0], scores[:, 1:]))

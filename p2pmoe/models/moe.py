@@ -62,8 +62,6 @@ class ExpertSlots(nn.Module):
                 tensor.copy_(state[name])
 
 
-
-
 class MixtureOfExperts(ExpertSlots):
     """``y = sum_e p_e(x) * f_e(x)`` with ``p = gate(x)``.
 

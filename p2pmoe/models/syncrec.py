@@ -100,7 +100,10 @@ class SyNCRecConfig:
     def __post_init__(self) -> None:
         single = self.single_experts
         if not 1 <= single < self.experts:
-            raise ValueError(f"{self.experts} experts at cross_expert_ratio {self.cross_expert_ratio} leave {single} single-domain experts; need at least one of each group")
+            raise ValueError(
+                f"{self.experts} experts at cross_expert_ratio {self.cross_expert_ratio} leave {single} single-domain experts; "
+                "need at least one of each group"
+            )
         if self.score_with not in SCORE_MODES:
             raise ValueError(f"score_with must be one of {SCORE_MODES}, got {self.score_with!r}")
 
@@ -178,6 +181,8 @@ class _TimelineModel(nn.Module):
     """What the three models share: the item-domain table, the sampled-negative BCE and the
     evaluation read-out at the input's last item of the target's domain."""
 
+    item_domain: Tensor
+
     def __init__(self, item_domain: Tensor, num_domains: int) -> None:
         super().__init__()
         self.num_items = len(item_domain)
@@ -230,6 +235,7 @@ class SyNCRec(_TimelineModel):
         heads: int = 2, blocks: int = 1, dropout: float = 0.2,
     ) -> None:
         super().__init__(item_domain, num_domains)
+        self.ntg_gap: Tensor
         self.cfg = cfg
         self.embedder = _Embedder(self.num_items, max_len, hidden, dropout)
         self.moe = ACMoE(hidden, max_len, num_domains + 1, cfg, heads, blocks, dropout)
@@ -327,6 +333,11 @@ class SingleSASRec(_TimelineModel):
         super().__init__(item_domain, num_domains)
         self.models = nn.ModuleList(SASRec(self.num_items, max_len, hidden, heads, blocks, dropout) for _ in range(num_domains))
 
+    def _sasrec(self, d: int) -> SASRec:
+        model = self.models[d]
+        assert isinstance(model, SASRec)
+        return model
+
     def _domain_views(self, seqs: Tensor) -> list[Tensor]:
         dom = self.domains_of(seqs)
         return [model(seqs, attn_mask_extra=dom != d) for d, model in enumerate(self.models)]
@@ -336,7 +347,7 @@ class SingleSASRec(_TimelineModel):
         keep = batch.single_targets != self.pad_index
         views = self._domain_views(batch.inputs)
         loss = sum(
-            (self.pair_loss(h, batch.single_targets, keep & (dom == d), model.item_emb) for d, (h, model) in enumerate(zip(views, self.models, strict=True))),
+            (self.pair_loss(h, batch.single_targets, keep & (dom == d), self._sasrec(d).item_emb) for d, h in enumerate(views)),
             start=torch.zeros((), device=batch.inputs.device),
         )
         return loss, {"single": float(loss.detach())}
@@ -348,5 +359,5 @@ class SingleSASRec(_TimelineModel):
             rows = domains == d
             if bool(rows.any()):
                 (single,) = self.readout(h[rows], None, inputs[rows], domains[rows])
-                scores[rows] = self.candidate_scores([single], candidates[rows], self.models[d].item_emb)
+                scores[rows] = self.candidate_scores([single], candidates[rows], self._sasrec(d).item_emb)
         return scores

@@ -21,10 +21,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from p2pmoe.data.errors import DataNotFoundError
-from p2pmoe.data.feddcsr import load_feddcsr
 from p2pmoe.data.crossdomain import load_atomic_domains
 from p2pmoe.data.crossdomain import non_overlapped_domains as atomic_non_overlapped
+from p2pmoe.data.errors import DataNotFoundError
+from p2pmoe.data.feddcsr import load_feddcsr
 from p2pmoe.data.movielens import GENRE_DOMAINS, load_movielens, non_overlapped_domains
 from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.learners.base import Learner

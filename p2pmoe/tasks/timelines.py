@@ -78,11 +78,10 @@ def timeline_model(cfg: ExperimentConfig, item_domain: torch.Tensor, num_domains
     """The model `--model` names over the catalogue's items and domains."""
     opts = cfg.task
     assert isinstance(opts, TimelineOptions)
-    sizes = {"heads": opts.heads, "blocks": opts.blocks, "dropout": opts.dropout}
     if opts.model == "syncrec":
-        return SyNCRec(item_domain, num_domains, opts.max_len, opts.embed_dim, syncrec_config(opts), **sizes)
+        return SyNCRec(item_domain, num_domains, opts.max_len, opts.embed_dim, syncrec_config(opts), opts.heads, opts.blocks, opts.dropout)
     kind = SingleSASRec if opts.model == "sasrec-single" else CrossSASRec
-    return kind(item_domain, num_domains, opts.max_len, opts.embed_dim, **sizes)
+    return kind(item_domain, num_domains, opts.max_len, opts.embed_dim, opts.heads, opts.blocks, opts.dropout)
 
 
 @lru_cache(maxsize=4)
