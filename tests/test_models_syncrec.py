@@ -157,3 +157,12 @@ def test_real_movielens_timelines_run_fedmoe_da_over_syncrec(tmp_path):
     summary = run_simulation(cfg, progress=False)
     assert 0 < summary["metrics"]["mrr"] <= 1 and summary["bytes"]["by_kind"].get("expert_response", 0) > 0
     assert {"kids/mrr", "drama/mrr"} <= set(summary["metrics"])
+
+
+def test_in_domain_negatives_come_from_the_target_domain_and_were_never_touched():
+    data = timelines(12)
+    learner = TimelineLearner(model(), data, ITEMS, ("a", "b", "c"), LEN, num_negatives=5, item_domain=ITEM_DOMAIN.numpy())
+    candidates = learner.splits["test"][1]
+    assert torch.equal(ITEM_DOMAIN[candidates], ITEM_DOMAIN[candidates[:, :1]].expand_as(candidates))
+    for row, t in zip(candidates[:, 1:], data, strict=True):
+        assert not set(row.tolist()) & set(t.items.tolist())

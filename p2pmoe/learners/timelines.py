@@ -3,7 +3,9 @@
 Split, leave-one-out on each user's merged timeline: train on items ``[:-2]``, validate on
 item ``n-1`` from ``[:-2]``, test on item ``n`` from ``[:-1]``. Each target is ranked against
 ``num_negatives`` items the user never touched, drawn once with a fixed seed (valid:
-``negative_seed``, test: ``negative_seed + 1``). Metrics per domain of the target item
+``negative_seed``, test: ``negative_seed + 1``), from the target's domain (default) or from
+every item. Project decision: in-domain negatives, because a per-domain model never trains
+other domains' item embeddings and would rank those negatives low for free. Metrics per domain of the target item
 (``<domain>/mrr``, ...) and their unweighted mean over domains (``mrr``, ``hr@10``, ...).
 
 The model (``p2pmoe.models.syncrec``) brings ``loss(TimelineBatch)`` and
@@ -38,6 +40,25 @@ def next_same_domain(items: np.ndarray, domains: np.ndarray, pad: int) -> np.nda
     return out
 
 
+def draw_negatives(
+    num_items: int, targets: Tensor, n: int, seed: int, touched: Sequence[set[int]], item_domain: np.ndarray | None
+) -> Tensor:
+    """``n`` negatives per target that its user never touched: from every item when
+    ``item_domain`` is None, else from the target's domain (one draw per domain, seed ``seed + d``)."""
+    if item_domain is None:
+        return sample_negatives(num_items, targets, n, seed, exclude=touched)
+    out = torch.empty((len(targets), n), dtype=torch.long)
+    target_domain = item_domain[targets.numpy()]
+    for d in np.unique(target_domain).tolist():
+        members = np.flatnonzero(item_domain == d)
+        local = {int(item): i for i, item in enumerate(members)}
+        rows = np.flatnonzero(target_domain == d)
+        exclude = [{local[i] for i in touched[r] if i in local} for r in rows]
+        drawn = sample_negatives(len(members), [local[int(targets[r])] for r in rows], n, seed + d, exclude=exclude)
+        out[torch.from_numpy(rows)] = torch.from_numpy(members[drawn.numpy()])
+    return out
+
+
 def _left_pad(rows: Sequence[np.ndarray], width: int, pad: int) -> Tensor:
     out = np.full((len(rows), width), pad, dtype=np.int64)
     for r, row in enumerate(rows):
@@ -62,6 +83,7 @@ class TimelineLearner(NextItemLearner):
         betas: tuple[float, float] = (0.9, 0.98),
         num_negatives: int = 100,
         negative_seed: int = 0,
+        item_domain: np.ndarray | None = None,
         seed: int = 0,
         eval_batch_size: int = 256,
         device: torch.device | str = "cpu",
@@ -90,7 +112,7 @@ class TimelineLearner(NextItemLearner):
         for offset, (split, cut) in enumerate((("valid", 2), ("test", 1))):
             inputs = _left_pad([t.items[:-cut][-max_len:] for t in timelines], max_len, num_items)
             targets = torch.tensor([int(t.items[-cut]) for t in timelines])
-            negatives = sample_negatives(num_items, targets, num_negatives, negative_seed + offset, exclude=touched)
+            negatives = draw_negatives(num_items, targets, num_negatives, negative_seed + offset, touched, item_domain)
             self.splits[split] = (inputs, torch.cat([targets[:, None], negatives], dim=1))
             self.target_domains[split] = torch.tensor([int(t.domains[-cut]) for t in timelines])
         self.optimizer = self._new_optimizer()

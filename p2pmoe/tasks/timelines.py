@@ -52,6 +52,7 @@ class TimelineOptions(Options):
     blocks: int = option(1, "self-attention blocks per expert", minimum=1)
     dropout: float = option(0.2, "dropout rate", minimum=0, maximum=1)
     negatives: int = option(100, "negatives per target, drawn once from items the user never touched", minimum=1)
+    negatives_from: str = option("domain", "draw a target's negatives from its domain's items or from all items (project decision: domain)", choices=("domain", "all"))
     experts: int = option(5, "K: ACMoE experts (distinct modules)", minimum=2)
     cross_expert_ratio: float = option(0.8, "share of the K experts in the cross-domain group (the rest are single-domain)", above=0, maximum=1)
     own_mass: float = option(0.8, "gate mass a task puts on its own expert group (the rest on the other)", minimum=0, maximum=1)
@@ -138,6 +139,7 @@ class TimelineTask(Task):
             out[k] = TimelineLearner(
                 (model or timeline_model)(cfg, item_domain, num_domains), parts[k], data.num_items, data.domains, opts.max_len,
                 batch_size=run.batch_size, lr=run.lr, num_negatives=opts.negatives, negative_seed=run.seed,
+                item_domain=data.item_domain if opts.negatives_from == "domain" else None,
                 seed=run.seed * 1000 + k, device=device,
             )
         return out
