@@ -7,8 +7,9 @@
 without SC-MIM and without the asymmetric stop-gradients, each trained on one node holding
 every sampled user (`--method local`). `p2p`: the users split over `--nodes` nodes, SyNCRec
 trained alone per node (Local), averaged whole by a server (FedAvg), and with its ACMoE
-experts shared by FedMoE-DA peer to peer (phi, the item and position embeddings, kept local:
-FedMoE-DA's `frozen` embedding mode, never sent; towers are local in every mode).
+experts shared by FedMoE-DA peer to peer (P = 1: each own expert aggregates itself and its
+most correlated visible expert; phi, the item and position embeddings, kept local: FedMoE-DA's
+`frozen` embedding mode, never sent; towers are local in every mode).
 Every variant is a full simulation with the same users, seed and candidate sets; metrics are
 the test split's at the round with the best mean validation MRR. Results are written after
 each variant to bench/results/<name>.json and .md.
@@ -31,6 +32,7 @@ from p2pmoe.sim.runner import run_simulation
 
 RESULTS = Path(__file__).parent / "results"
 DOMAINS = ("kids", "dark", "action", "comedy", "drama")
+METHOD_KEYS = ("embedding", "p")
 MODEL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "SyNCRec": ("local", {}),
     "SASRec per domain (single)": ("local", {"model": "sasrec-single"}),
@@ -42,13 +44,13 @@ MODEL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 P2P_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "Local SyNCRec": ("local", {}),
     "FedAvg SyNCRec": ("fedavg", {}),
-    "FedMoE-DA over SyNCRec experts": ("fedmoe-da", {"embedding": "frozen"}),
+    "FedMoE-DA over SyNCRec experts": ("fedmoe-da", {"embedding": "frozen", "p": 1}),
 }
 
 
 def run_variant(args: argparse.Namespace, method: str, changes: dict[str, Any], out: Path) -> dict[str, Any]:
-    method_options = {k: v for k, v in changes.items() if k == "embedding"}
-    task_options = {k: v for k, v in changes.items() if k != "embedding"}
+    method_options = {k: v for k, v in changes.items() if k in METHOD_KEYS}
+    task_options = {k: v for k, v in changes.items() if k not in METHOD_KEYS}
     task_options.update(users=args.users, embed_dim=args.embed_dim, max_len=args.max_len)
     cfg = with_options(
         default_config(data=args.data, method=method, nodes=args.nodes, rounds=args.rounds, eval_every=args.eval_every,
