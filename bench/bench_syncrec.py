@@ -18,6 +18,7 @@ each variant to bench/results/<name>.json and .md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return format_table(cells, list(cells[0]))
 
 
+def findings(rows: list[dict[str, Any]]) -> list[str]:
+    """The targets, checked on the rows there are: SyNCRec against both SASRec baselines on mean
+    MRR, the share of the negative-transfer gap it closes, each ablation's change of the mean,
+    FedMoE-DA's MRR and bytes against Local and FedAvg."""
+    mrr = {row["variant"]: row["metrics"] for row in rows}
+    out = []
+    if {"SyNCRec", "SASRec per domain (single)", "SASRec merged (cross)"} <= set(mrr):
+        syn, single, cross = mrr["SyNCRec"], mrr["SASRec per domain (single)"], mrr["SASRec merged (cross)"]
+        out.append(f"SyNCRec mean MRR {100 * syn['mrr']:.2f} vs single {100 * single['mrr']:.2f} and cross {100 * cross['mrr']:.2f}: "
+                   f"{'above both' if syn['mrr'] > max(single['mrr'], cross['mrr']) else 'NOT above both'}")
+        gaps = {d: single[f"{d}/mrr"] - cross[f"{d}/mrr"] for d in DOMAINS}
+        worst = max(gaps, key=lambda d: gaps[d])
+        closed = (syn[f"{worst}/mrr"] - cross[f"{worst}/mrr"]) / gaps[worst] if gaps[worst] > 0 else float("nan")
+        out.append(f"negative-transfer domain (cross SASRec furthest below single SASRec): {worst}, gap {100 * gaps[worst]:.2f} MRR points; "
+                   f"SyNCRec closes {100 * closed:.0f} % of it (target: at least 50 %)")
+        for label in ("SyNCRec w/o LC-NTG", "SyNCRec w/o SC-MIM", "SyNCRec w/o stop-gradients"):
+            if label in mrr:
+                delta = 100 * (mrr[label]["mrr"] - syn["mrr"])
+                out.append(f"{label}: mean MRR {delta:+.2f} points against SyNCRec ({'lowers' if delta < 0 else 'does NOT lower'} the mean)")
+    byts = {row["variant"]: row["bytes"]["per_node_per_round"]["total"] for row in rows}
+    if {"Local SyNCRec", "FedAvg SyNCRec", "FedMoE-DA over SyNCRec experts"} <= set(mrr):
+        fed, local = mrr["FedMoE-DA over SyNCRec experts"]["mrr"], mrr["Local SyNCRec"]["mrr"]
+        share = byts["FedMoE-DA over SyNCRec experts"] / byts["FedAvg SyNCRec"]
+        out.append(f"FedMoE-DA mean MRR {100 * fed:.2f} vs Local {100 * local:.2f} ({'at or above' if fed >= local else 'BELOW'}); "
+                   f"bytes per node per round {100 * share:.1f} % of FedAvg's (target: at most 25 %)")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("model", "p2p"), required=True)
@@ -90,11 +119,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated variant numbers (1-based) to run")
     parser.add_argument("--name", default="")
+    parser.add_argument("--render", action="store_true", help="only rewrite <name>.md from <name>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.nodes = args.nodes or (1 if args.part == "model" else 4)
     variants = MODEL_VARIANTS if args.part == "model" else P2P_VARIANTS
     name = args.name or ("syncrec_ml1m" if args.part == "model" else "syncrec_p2p_ml1m")
+    if args.render:
+        render(name)
+        return
     chosen = [int(i) - 1 for i in args.only.split(",") if i] or list(range(len(variants)))
     command = "python " + " ".join(["bench/bench_syncrec.py", *sys.argv[1:]])
     rows: list[dict[str, Any]] = []
@@ -108,19 +141,30 @@ def main() -> None:
         setting = (
             f"{args.data}: {args.users} users drawn with seed {args.seed} (of 6,040), {args.nodes} node(s), {args.rounds} rounds x 1 local epoch, "
             f"evaluated every {args.eval_every} rounds, batch {args.batch_size}, Adam lr {args.lr}, hidden {args.embed_dim}, max length {args.max_len}, "
-            "1 block and 2 heads per expert/SASRec, dropout 0.2, 5 ACMoE experts (1 single-domain, 4 cross-domain), 100 negatives the user never "
-            "touched (drawn once), 1 torch thread"
+            "1 block and 2 heads per expert/SASRec, dropout 0.2, 5 ACMoE experts (1 single-domain, 4 cross-domain), 100 negatives from the "
+            "target's domain that the user never touched (drawn once), 1 torch thread"
         )
-        md = (
-            f"# {name}\n\n{setting}.\n\nCommand: `{command}`\n\n"
-            "Metrics in %, test split (leave-one-out, 1 positive + 100 negatives), at the evaluated round with the best mean validation MRR; "
-            "per-domain columns are MRR by the domain of the target item; MRR/HR/NDCG are the unweighted mean over the five domains. "
-            "KB/node/round: encoded bytes a client sends plus receives per round.\n\n```\n" + table(rows) + "\n```\n"
-        )
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(RESULTS / f"{name}.json", {"command": command, "setting": setting, "rows": rows})
-        atomic_write_bytes(RESULTS / f"{name}.md", md.encode())
+        write_results(name, command, setting, rows)
 
+
+def write_results(name: str, command: str, setting: str, rows: list[dict[str, Any]]) -> None:
+    """bench/results/<name>.json (every row in full) and .md (the table and the targets)."""
+    md = (
+        f"# {name}\n\n{setting}.\n\nCommand: `{command}`\n\n"
+        "Metrics in %, test split (leave-one-out, 1 positive + 100 negatives), at the evaluated round with the best mean validation MRR; "
+        "per-domain columns are MRR by the domain of the target item; MRR/HR/NDCG are the unweighted mean over the five domains. "
+        "KB/node/round: encoded bytes a client sends plus receives per round. CPU min: this process's CPU time (the machine was shared).\n\n```\n"
+        + table(rows) + "\n```\n\n" + "".join(f"- {line}\n" for line in findings(rows))
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / f"{name}.json", {"command": command, "setting": setting, "rows": rows})
+    atomic_write_bytes(RESULTS / f"{name}.md", md.encode())
+
+
+def render(name: str) -> None:
+    """Rewrite <name>.md from <name>.json (after the table or the findings changed)."""
+    saved = json.loads((RESULTS / f"{name}.json").read_text())
+    write_results(name, saved["command"], saved["setting"], saved["rows"])
 
 if __name__ == "__main__":
     main()
