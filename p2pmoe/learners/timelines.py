@@ -69,7 +69,11 @@ def _left_pad(rows: Sequence[np.ndarray], width: int, pad: int) -> Tensor:
 
 class TimelineLearner(NextItemLearner):
     """Adam training on the newest ``max_len + 1`` training items of each user (one window per
-    user and epoch, SASRec's practice) and SyNCRec's leave-one-out evaluation."""
+    user and epoch, SASRec's practice) and SyNCRec's leave-one-out evaluation.
+
+    It keeps ``NextItemLearner``'s training loop, optimiser bookkeeping and checkpoints, and
+    builds its own data instead of calling the parent's ``__init__`` (which batches one
+    domain's ``DomainSequences``)."""
 
     def __init__(
         self,
