@@ -52,7 +52,9 @@ P2P_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def run_variant(args: argparse.Namespace, method: str, changes: dict[str, Any], out: Path) -> dict[str, Any]:
     method_options = {k: v for k, v in changes.items() if k in METHOD_KEYS}
     task_options = {k: v for k, v in changes.items() if k not in METHOD_KEYS}
-    task_options.update(users=args.users, embed_dim=args.embed_dim, max_len=args.max_len, negatives_from=args.negatives_from)
+    task_options.update(
+        users=args.users, embed_dim=args.embed_dim, max_len=args.max_len, negatives_from=args.negatives_from, cross_expert_ratio=args.cross_expert_ratio
+    )
     cfg = with_options(
         default_config(data=args.data, method=method, nodes=args.nodes, rounds=args.rounds, eval_every=args.eval_every,
                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=1, out=str(out)),
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cross-expert-ratio", type=float, default=0.8, help="SyNCRec's share of cross-domain experts among the 5")
     parser.add_argument("--negatives-from", choices=("domain", "all"), default="domain", help="draw negatives from the target's domain or all items")
     parser.add_argument("--only", default="", help="comma-separated variant numbers (1-based) to run")
     parser.add_argument("--name", default="")
@@ -146,7 +149,8 @@ def main() -> None:
         setting = (
             f"{args.data}: {args.users} users drawn with seed {args.seed} (of 6,040), {args.nodes} node(s), {args.rounds} rounds x 1 local epoch, "
             f"evaluated every {args.eval_every} rounds, batch {args.batch_size}, Adam lr {args.lr}, hidden {args.embed_dim}, max length {args.max_len}, "
-            "1 block and 2 heads per expert/SASRec, dropout 0.2, 5 ACMoE experts (1 single-domain, 4 cross-domain), 100 negatives "
+            "1 block and 2 heads per expert/SASRec, dropout 0.2, 5 ACMoE experts "
+            f"({5 - round(5 * args.cross_expert_ratio)} single-domain, {round(5 * args.cross_expert_ratio)} cross-domain), 100 negatives "
             f"{'from the target domain' if args.negatives_from == 'domain' else 'from all items'} that the user never touched (drawn once), 1 torch thread"
         )
         write_results(name, command, setting, rows)
