@@ -52,7 +52,9 @@ class TimelineOptions(Options):
     blocks: int = option(1, "self-attention blocks per expert", minimum=1)
     dropout: float = option(0.2, "dropout rate", minimum=0, maximum=1)
     negatives: int = option(100, "negatives per target, drawn once from items the user never touched", minimum=1)
-    negatives_from: str = option("domain", "draw a target's negatives from its domain's items or from all items (project decision: domain)", choices=("domain", "all"))
+    negatives_from: str = option(
+        "domain", "draw a target's negatives from its domain's items or from all items (project decision: domain)", choices=("domain", "all")
+    )
     experts: int = option(5, "K: ACMoE experts (distinct modules)", minimum=2)
     cross_expert_ratio: float = option(0.8, "share of the K experts in the cross-domain group (the rest are single-domain)", above=0, maximum=1)
     own_mass: float = option(0.8, "gate mass a task puts on its own expert group (the rest on the other)", minimum=0, maximum=1)
