@@ -13,7 +13,6 @@ Interactions with items in no genre domain are left out of every view.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -21,7 +20,9 @@ from typing import TypedDict
 
 import numpy as np
 
+from p2pmoe.data import crossdomain
 from p2pmoe.data.atomic import AtomicTable, Column, read_atomic
+from p2pmoe.data.crossdomain import CrossDomainInteractions, finite_column, renumber
 from p2pmoe.data.errors import DataFormatError, DataNotFoundError
 from p2pmoe.data.multitask import ScenarioData, random_split
 from p2pmoe.data.sequences import DomainSequences, Timeline
@@ -126,16 +127,16 @@ def load_movielens(name_or_path: str | Path = "ml-1m") -> MovieLens:
         if not paths[ext].is_file():
             raise DataNotFoundError(folder.name, paths[ext], INSTALL_HINT)
     inter = read_atomic(paths["inter"])
-    user, user_tokens = _renumber(inter.column("user_id", "token"))
-    item, item_tokens = _renumber(inter.column("item_id", "token"))
+    user, user_tokens = renumber(inter.column("user_id", "token"))
+    item, item_tokens = renumber(inter.column("item_id", "token"))
     titles, genres = _item_metadata(read_atomic(paths["item"]), item_tokens)
     users: _UserMetadata = _user_metadata(read_atomic(paths["user"]), user_tokens) if paths["user"].is_file() else {}
     return MovieLens(
         name=folder.name,
         user=user,
         item=item,
-        rating=_finite(inter, "rating").astype(np.float32),
-        timestamp=_finite(inter, "timestamp"),
+        rating=finite_column(inter, "rating").astype(np.float32),
+        timestamp=finite_column(inter, "timestamp"),
         user_tokens=user_tokens,
         item_tokens=item_tokens,
         item_titles=titles,
@@ -159,47 +160,22 @@ def age_groups(ages: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(ages), -1, groups)
 
 
-def non_overlapped_domains(
-    ml: MovieLens, min_len: int = 5, max_len: int | None = 200
-) -> list[DomainSequences]:
-    """One ``DomainSequences`` per genre domain with disjoint users, like FedDCSR's FKCB.
+def genre_interactions(ml: MovieLens) -> CrossDomainInteractions:
+    """MovieLens as cross-domain interactions over the genre domains of ``GENRE_DOMAINS``."""
+    return CrossDomainInteractions(
+        name=ml.name, user=ml.user, item=ml.item, timestamp=ml.timestamp, item_domain=genre_domains(ml),
+        domains=tuple(GENRE_DOMAINS), user_tokens=ml.user_tokens, item_tokens=ml.item_tokens,
+    )
 
-    Project decision (not from the papers): each user goes to the domain where they have the
-    most interactions, ties going to the earlier domain of ``GENRE_DOMAINS``, and keeps only
-    their items of that domain; users left with fewer than ``min_len`` items are dropped.
-    Item ids are renumbered per domain over the items its users touched, in catalogue order
-    (``global_items`` maps them back). Split, leave-one-out on each time-ordered sequence s
-    (ties in time keep file order): test = s, valid = s[:-1], train = s[:-2], each cut to its
-    most recent ``max_len`` items (None: no cut).
-    """
-    if min_len < 3:
-        raise ValueError(f"min_len must be at least 3 so that every split is non-empty, got {min_len}")
-    if max_len is not None and max_len < 2:
-        raise ValueError(f"max_len must be at least 2 (an input and a target), got {max_len}")
-    domain = genre_domains(ml)[ml.item]
-    k = len(GENRE_DOMAINS)
-    known = domain >= 0
-    counts = np.bincount(ml.user[known] * k + domain[known], minlength=ml.num_users * k)
-    home = counts.reshape(ml.num_users, k).argmax(axis=1)
-    order = _time_order(ml, known & (domain == home[ml.user]))
-    users, items = ml.user[order], ml.item[order]
-    members: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(k)]
-    for u, run in _user_runs(users):
-        if run.stop - run.start >= min_len:
-            members[home[u]].append((u, items[run]))
-    return [_leave_one_out(name, seqs, max_len) for name, seqs in zip(GENRE_DOMAINS, members, strict=True)]
+
+def non_overlapped_domains(ml: MovieLens, min_len: int = 5, max_len: int | None = 200) -> list[DomainSequences]:
+    """The genre domains' non-overlapped view (``p2pmoe.data.crossdomain.non_overlapped_domains``)."""
+    return crossdomain.non_overlapped_domains(genre_interactions(ml), min_len, max_len)
 
 
 def overlapped_timelines(ml: MovieLens, min_len: int = 3) -> list[Timeline]:
-    """Every user's time-ordered history over all domains (ties keep file order), with
-    catalogue-wide item ids; users with fewer than ``min_len`` items are dropped."""
-    domain = genre_domains(ml)[ml.item]
-    order = _time_order(ml, domain >= 0)
-    return [
-        Timeline(u, ml.item[order[run]], domain[order[run]], ml.timestamp[order[run]])
-        for u, run in _user_runs(ml.user[order])
-        if run.stop - run.start >= min_len
-    ]
+    """The genre domains' overlapped view (``p2pmoe.data.crossdomain.overlapped_timelines``)."""
+    return crossdomain.overlapped_timelines(genre_interactions(ml), min_len)
 
 
 def multi_scenario_multi_task(
@@ -278,20 +254,6 @@ def _categorical_features(
     return features
 
 
-def _renumber(tokens: list[str]) -> tuple[np.ndarray, list[str]]:
-    index = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    return np.array([index[t] for t in tokens], dtype=np.int64), list(index)
-
-
-def _finite(table: AtomicTable, name: str) -> np.ndarray:
-    values = table.column(name, "float")
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        expected = f"a finite number in column {name!r}"
-        raise DataFormatError(table.path, table.line_of(bad[0]), expected, got=str(values[bad[0]]))
-    return values
-
-
 def _as_text(column: Column) -> list[str]:
     """Any column as strings, so codes typed ``float`` (ML-1M's occupation) read as "10"."""
     if isinstance(column, np.ndarray):
@@ -365,44 +327,6 @@ def _numbers(table: AtomicTable, name: str) -> np.ndarray:
         except ValueError:
             raise DataFormatError(table.path, table.line_of(row), f"a number in column {name!r}", got=text) from None
     return values
-
-
-def _time_order(ml: MovieLens, keep: np.ndarray) -> np.ndarray:
-    """Indices of the kept interactions sorted by user, then time, ties in file order."""
-    idx = np.flatnonzero(keep)
-    idx = idx[np.argsort(ml.timestamp[idx], kind="stable")]
-    return idx[np.argsort(ml.user[idx], kind="stable")]
-
-
-def _user_runs(users: np.ndarray) -> Iterator[tuple[int, slice]]:
-    """(user, slice) for each run of equal values in a user-sorted array."""
-    if users.size == 0:
-        return
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]).tolist()
-    for start, stop in zip(starts, starts[1:] + [len(users)], strict=True):
-        yield int(users[start]), slice(start, stop)
-
-
-def _leave_one_out(name: str, members: list[tuple[int, np.ndarray]], max_len: int | None) -> DomainSequences:
-    """Renumber a domain's items over its members' sequences and split each leave-one-out."""
-    catalogue = np.unique(np.concatenate([s for _, s in members] + [np.zeros(0, dtype=np.int64)]))
-    local = [np.searchsorted(catalogue, s) for _, s in members]
-    users = [u for u, _ in members]
-
-    def tail(seq: np.ndarray) -> list[int]:
-        return (seq if max_len is None else seq[-max_len:]).tolist()
-
-    return DomainSequences(
-        name=name,
-        num_items=len(catalogue),
-        train=[tail(s[:-2]) for s in local],
-        valid=[tail(s[:-1]) for s in local],
-        test=[tail(s) for s in local],
-        train_users=list(users),
-        valid_users=list(users),
-        test_users=list(users),
-        global_items=catalogue,
-    )
 
 
 def _codes(tokens: list[str]) -> tuple[np.ndarray, int]:

@@ -104,7 +104,7 @@ register_method(
     MethodSpec(
         name="fedavg",
         summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
-        tasks=("image", "multitask"),
+        tasks=("image", "multitask", "timelines"),
         build_client=_client,
         build_server=_server,
     )

@@ -21,7 +21,7 @@ from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_we
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange
 from p2pmoe.methods.registry import BuildContext, MethodSpec, all_peers, register_method, topology_peers
-from p2pmoe.models.moe import MixtureOfExperts
+from p2pmoe.models.moe import ExpertSlots
 from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
@@ -121,9 +121,9 @@ class FedMoEDANode(LearnerMethod):
         self.p, self.tau, self.interval = p, tau, interval
         self.embedding, self.server_id, self.planner = embedding, server_id, planner
         moe = learner.model.moe
-        if not isinstance(moe, MixtureOfExperts):
-            raise TypeError(f"FedMoE-DA needs a model whose `moe` is a MixtureOfExperts, got {type(moe).__name__}")
-        self.moe: MixtureOfExperts = moe
+        if not isinstance(moe, ExpertSlots):
+            raise TypeError(f"FedMoE-DA needs a model whose `moe` is an ExpertSlots layer, got {type(moe).__name__}")
+        self.moe: ExpertSlots = moe
         self.num_experts = self.moe.num_experts
         model = learner.model
         self.gossip = GossipExchange(
@@ -470,7 +470,7 @@ register_method(
     MethodSpec(
         name="fedmoe-da",
         summary="FedMoE-DA peer to peer: gates published to neighbours, experts chosen by gate correlation and fetched from their owners",
-        tasks=("image",),
+        tasks=("image", "timelines"),
         options=FedMoEDAOptions,
         flag_prefix="fedmoe",
         build_client=_client,
@@ -483,7 +483,7 @@ register_method(
     MethodSpec(
         name="fedmoe-da-server",
         summary="FedMoE-DA as in the paper: a coordinator FedAvgs phi and plans every node's aggregation; experts still move peer to peer",
-        tasks=("image",),
+        tasks=("image", "timelines"),
         options=PlanOptions,
         flag_prefix="fedmoe",
         build_client=_client,

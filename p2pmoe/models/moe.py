@@ -15,57 +15,23 @@ from torch import Tensor, nn
 from p2pmoe.models.experts import MLPExpert
 from p2pmoe.models.gates import Gate, make_gate
 
-__all__ = ["MixtureOfExperts", "MoEClassifier"]
+__all__ = ["ExpertSlots", "MixtureOfExperts", "MoEClassifier"]
 
 
-class MixtureOfExperts(nn.Module):
-    """``y = sum_e p_e(x) * f_e(x)`` with ``p = gate(x)``.
+class ExpertSlots(nn.Module):
+    """The MoE-layer contract FedMoE-DA works on: experts addressed by slot in ``experts`` and
+    a gating matrix whose row ``e`` is expert ``e``'s proxy. Any model whose ``moe`` is one
+    (the image classifier's ``MixtureOfExperts``, SyNCRec's ACMoE) can share its experts."""
 
-    Features may carry any leading dims (``[..., d]``); the gate sees them flattened to rows.
-    An expert whose weight is zero for a row is not evaluated on that row, and one that no row
-    selected is not evaluated at all, so sparse gates save compute.
-    ``last_weights`` keeps the gate output of the latest forward (detached, ``[N, E]``) for
-    load-balancing statistics.
-    """
-
-    def __init__(self, gate: Gate, experts: Sequence[nn.Module]) -> None:
-        super().__init__()
-        if len(experts) != gate.num_experts:
-            raise ValueError(f"gate routes to {gate.num_experts} experts, got {len(experts)}")
-        self.gate = gate
-        self.experts = nn.ModuleList(experts)
-        self.last_weights: Tensor | None = None
+    experts: nn.ModuleList
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
 
     def gating_matrix(self) -> Tensor:
-        """The gate's expert proxies ``[E, d]`` (see ``Gate.gating_matrix``)."""
-        return self.gate.gating_matrix()
-
-    def forward(self, features: Tensor) -> Tensor:
-        lead = features.shape[:-1]
-        x = features.reshape(-1, features.shape[-1])
-        weights = self.gate(x)
-        self.last_weights = weights.detach()
-        active = weights > 0
-        rows_per_expert = active.sum(dim=0).tolist()
-        out: Tensor | None = None
-        for slot, (expert, n_rows) in enumerate(zip(self.experts, rows_per_expert, strict=True)):
-            if n_rows == x.shape[0]:  # first, so an empty batch still yields [0, d_out]
-                y = weights[:, slot, None] * expert(x)
-                out = y if out is None else out + y
-                continue
-            if n_rows == 0:
-                continue
-            rows = active[:, slot].nonzero().squeeze(1)
-            y = weights[rows, slot, None] * expert(x[rows])
-            if out is None:
-                out = y.new_zeros(x.shape[0], y.shape[-1])
-            out = out.index_add(0, rows, y)
-        assert out is not None  # every row's weights sum to 1, so some expert is active
-        return out.reshape(*lead, out.shape[-1])
+        """The expert proxies ``[E, d']``, one row per slot."""
+        raise NotImplementedError
 
     def expert(self, slot: int) -> nn.Module:
         return self.experts[slot]
@@ -95,6 +61,51 @@ class MixtureOfExperts(nn.Module):
             for name, tensor in own.items():
                 tensor.copy_(state[name])
 
+
+class MixtureOfExperts(ExpertSlots):
+    """``y = sum_e p_e(x) * f_e(x)`` with ``p = gate(x)``.
+
+    Features may carry any leading dims (``[..., d]``); the gate sees them flattened to rows.
+    An expert whose weight is zero for a row is not evaluated on that row, and one that no row
+    selected is not evaluated at all, so sparse gates save compute.
+    ``last_weights`` keeps the gate output of the latest forward (detached, ``[N, E]``) for
+    load-balancing statistics.
+    """
+
+    def __init__(self, gate: Gate, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(experts) != gate.num_experts:
+            raise ValueError(f"gate routes to {gate.num_experts} experts, got {len(experts)}")
+        self.gate = gate
+        self.experts = nn.ModuleList(experts)
+        self.last_weights: Tensor | None = None
+
+    def gating_matrix(self) -> Tensor:
+        """The gate's expert proxies ``[E, d]`` (see ``Gate.gating_matrix``)."""
+        return self.gate.gating_matrix()
+
+    def forward(self, features: Tensor) -> Tensor:
+        lead = features.shape[:-1]
+        x = features.reshape(-1, features.shape[-1])
+        weights = self.gate(x)
+        self.last_weights = weights.detach()
+        active = weights > 0
+        rows_per_expert = active.sum(dim=0).tolist()
+        out: Tensor | None = None
+        for slot, (expert, n_rows) in enumerate(zip(self.experts, rows_per_expert, strict=True)):
+            if n_rows == x.shape[0]:  # first, so an empty batch still yields [0, d_out]
+                y = weights[:, slot, None] * expert(x)
+                out = y if out is None else out + y
+                continue
+            if n_rows == 0:
+                continue
+            rows = active[:, slot].nonzero().squeeze(1)
+            y = weights[rows, slot, None] * expert(x[rows])
+            if out is None:
+                out = y.new_zeros(x.shape[0], y.shape[-1])
+            out = out.index_add(0, rows, y)
+        assert out is not None  # every row's weights sum to 1, so some expert is active
+        return out.reshape(*lead, out.shape[-1])
 
 class MoEClassifier(nn.Module):
     """The per-node FedMoE-DA model: ``logits = moe(embedder(x))``.

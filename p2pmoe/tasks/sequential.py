@@ -1,8 +1,9 @@
 """Cross-domain sequential recommendation: one client per domain, next-item prediction.
 
 Data: FedDCSR-format folders (FKCB: `--data fkcb --data-root DIR`, or the P2PMOE_FKCB
-environment variable) or MovieLens genre domains in the non-overlapped view (`--data ml-1m`,
-`--data ml-100k`). The default model is SASRec with tied scores; a method brings its own with
+environment variable), MovieLens genre domains in the non-overlapped view (`--data ml-1m`,
+`--data ml-100k`), or any RecBole atomic files with a domain field in the non-overlapped view
+(`--data atomic --data-root DIR --domain-field FIELD`). The default model is SASRec with tied scores; a method brings its own with
 a factory `model(cfg, domain, k, num_domains)` where `domain` is None for a coordinator's
 template (no method shares item-dependent tensors, so their size does not matter there).
 Evaluation is FedDCSR's: sampled negatives drawn once, MRR/NDCG/HR on valid and test;
@@ -20,6 +21,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from p2pmoe.data.crossdomain import load_atomic_domains
+from p2pmoe.data.crossdomain import non_overlapped_domains as atomic_non_overlapped
 from p2pmoe.data.errors import DataNotFoundError
 from p2pmoe.data.feddcsr import load_feddcsr
 from p2pmoe.data.movielens import GENRE_DOMAINS, load_movielens, non_overlapped_domains
@@ -44,6 +47,7 @@ class SequenceOptions(Options):
     heads: int = option(4, "attention heads per block", minimum=1)
     blocks: int = option(2, "self-attention blocks", minimum=1)
     dropout: float = option(0.3, "dropout rate", minimum=0, maximum=1)
+    domain_field: str = option("category", "atomic data: the .item field naming each item's domain (token, token_seq: first token, or float)")
     negatives: int = option(999, "sampled negatives per evaluated sequence (drawn once, fixed seed)", minimum=1)
 
 
@@ -63,15 +67,22 @@ def _fkcb_root(root: str | None) -> Path:
 
 
 @lru_cache(maxsize=4)
-def sequence_domains(data: str, root: str | None) -> tuple[DomainSequences, ...]:
+def sequence_domains(data: str, root: str | None, domain_field: str = "category") -> tuple[DomainSequences, ...]:
     """The run's domains, in client order (node-00 is the first domain)."""
     if data == "fkcb":
         return tuple(load_feddcsr(_fkcb_root(root)))
+    if data == "atomic":
+        if not root:
+            raise DataNotFoundError("atomic", "(no path given)", "pass --data-root DIR, a folder holding NAME.inter and NAME.item")
+        return tuple(atomic_non_overlapped(load_atomic_domains(root, domain_field)))
     return tuple(non_overlapped_domains(load_movielens(root or data)))
 
 
-def domain_count(data: str, root: str | None) -> int:
-    """How many clients a run has, without reading any sequence (a coordinator's question)."""
+def domain_count(data: str, root: str | None, domain_field: str = "category") -> int:
+    """How many clients a run has, without reading any sequence (a coordinator's question;
+    atomic files are read to find their domains)."""
+    if data == "atomic":
+        return len(sequence_domains(data, root, domain_field))
     if data == "fkcb":
         folder = _fkcb_root(root)
         if not folder.is_dir():
@@ -83,7 +94,7 @@ def domain_count(data: str, root: str | None) -> int:
 class SequentialTask(Task):
     name = "sequential"
     summary = "cross-domain sequential recommendation, one client per domain; FedDCSR's sampled ranking"
-    data = ("fkcb", "ml-1m", "ml-100k")
+    data = ("fkcb", "ml-1m", "ml-100k", "atomic")
     options = SequenceOptions
     metrics = tuple(METRICS) + tuple(f"valid_{m}" for m in METRICS)
     selection = Selection("valid_mrr", higher=True)
@@ -92,13 +103,14 @@ class SequentialTask(Task):
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """One client per domain: `nodes` follows the data."""
         cfg = super().resolve(cfg)
-        domains = domain_count(cfg.run.data, cfg.run.data_root)
+        assert isinstance(cfg.task, SequenceOptions)
+        domains = domain_count(cfg.run.data, cfg.run.data_root, cfg.task.domain_field)
         return cfg if cfg.run.nodes == domains else cfg.replace_run(nodes=domains)
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         run, opts = cfg.run, cfg.task
         assert isinstance(opts, SequenceOptions) and run.lr is not None
-        domains = sequence_domains(run.data, run.data_root)
+        domains = sequence_domains(run.data, run.data_root, opts.domain_field)
         device = resolve_device(run.device)
         factory = model or sasrec_model
         out: dict[int, Learner] = {}
