@@ -43,7 +43,7 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def encoder(folder: Path, seed: int = 0) -> LoraTextEncoder:
-    return build_text_encoder(LoraSpec(rank=RANK, alpha=4.0), seed, load_backbone(str(folder))[1])
+    return build_text_encoder(LoraSpec(rank=RANK, alpha=4), seed, load_backbone(str(folder))[1])
 
 
 def randomise_lora(model: LoraTextEncoder, seed: int) -> None:
@@ -188,7 +188,7 @@ class _FakeLearner:
     def __init__(self, model: LoraTextEncoder) -> None:
         from p2pmoe.learners.text import TextRecLearner
 
-        self.model = model
+        self.model = self.encoder = model
         self.num_train_examples = 8
         self.device = torch.device("cpu")
         self._shuffle = torch.Generator().manual_seed(0)

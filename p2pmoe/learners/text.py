@@ -67,8 +67,10 @@ class TextRecLearner:
 
     Training pairs: for each user the last `train_targets` positions of the training sequence,
     each with the `history` items before it. Valid/test: the user's next-to-last/last item
-    against `negatives` items the user never interacted with (valid seed `negative_seed`, test
-    `negative_seed + 1`). `evaluate` encodes every candidate title once (the encoder is fixed
+    against `negatives` items of the domain other than the target and the items its prompt
+    lists (valid seed `negative_seed`, test `negative_seed + 1`; project decision: a heavy
+    user may have rated nearly all of a small domain, so "never interacted" cannot always
+    leave 99). `evaluate` encodes every candidate title once (the encoder is fixed
     while it evaluates) and scores all users against them.
     """
 
@@ -88,7 +90,8 @@ class TextRecLearner:
         if len(titles) != data.num_items:
             raise ValueError(f"{data.name}: {len(titles)} titles for {data.num_items} items")
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.encoder: LoraTextEncoder = model.to(self.device)
+        self.model: torch.nn.Module = self.encoder
         self.setup = setup
         self.titles = tokenize(tokenizer, titles, setup.title_tokens)
         prompts, targets = [], []
@@ -104,16 +107,16 @@ class TextRecLearner:
         self.splits: dict[str, tuple[Tokens, Tensor]] = {}
         for offset, split in enumerate(("valid", "test")):
             seqs = getattr(data, split)
-            exclude = [set(s) for s in seqs]
             target = torch.tensor([s[-1] for s in seqs], dtype=torch.long)
-            negatives = sample_negatives(data.num_items, target, setup.negatives, negative_seed + offset, exclude=exclude)
             history = [s[:-1][-setup.history :] for s in seqs]
+            exclude = [set(h) for h in history]
+            negatives = sample_negatives(data.num_items, target, setup.negatives, negative_seed + offset, exclude=exclude)
             tokens = tokenize(tokenizer, [prompt(titles, h) for h in history], setup.prompt_tokens)
             self.splits[split] = (tokens, torch.cat([target[:, None], negatives], dim=1))
         self.batch_size = batch_size
         self.lr = lr
         self._shuffle = torch.Generator().manual_seed(seed)
-        self.optimizer = torch.optim.Adam(model.lora_parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.encoder.lora_parameters(), lr=lr)
 
     def loss(self, index: Tensor) -> Tensor:
         """In-batch softmax: each prompt against every title of the batch; another row with the
@@ -171,8 +174,8 @@ class TextRecLearner:
         """LoRA tensors (``lora.<name>``), their Adam moments (``optim.<name>.<key>``) and the
         shuffle RNG; the frozen backbone is not saved (it is read from its folder)."""
         names = {p: n for n, p in self.model.named_parameters()}
-        state = {f"lora.{names[p]}": p.detach().to("cpu", copy=True) for p in self.model.lora_parameters()}
-        for p in self.model.lora_parameters():
+        state = {f"lora.{names[p]}": p.detach().to("cpu", copy=True) for p in self.encoder.lora_parameters()}
+        for p in self.encoder.lora_parameters():
             for key, value in self.optimizer.state.get(p, {}).items():
                 state[f"optim.{names[p]}.{key}"] = value.detach().to("cpu", copy=True)
         state["rng"] = self._shuffle.get_state()
@@ -182,7 +185,7 @@ class TextRecLearner:
         """Restore `state_dict()` output; names and shapes are checked before anything changes."""
         params = {n: p for n, p in self.model.named_parameters() if "lora_" in n}
         check_like({k[len("lora.") :]: v for k, v in state.items() if k.startswith("lora.")}, {n: p.detach() for n, p in params.items()})
-        moments: dict[torch.nn.Parameter, dict[str, Tensor]] = {}
+        moments: dict[Tensor, dict[str, Tensor]] = {}
         for name, value in state.items():
             if name.startswith("optim."):
                 param, _, key = name[len("optim.") :].rpartition(".")

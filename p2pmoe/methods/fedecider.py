@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,10 @@ from torch import Tensor
 from p2pmoe.learners.text import TextRecLearner
 from p2pmoe.methods.base import LearnerMethod, Method
 from p2pmoe.methods.fedavg import FedAvgServer
-from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
 from p2pmoe.methods.server import CollectingServer
 from p2pmoe.models.params import weighted_average
-from p2pmoe.models.text_lora import NORMS, LoraTextEncoder, direction_factors, initial_alpha
+from p2pmoe.models.text_lora import NORMS, LoraTextEncoder, direction_factors
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
 from p2pmoe.wire.codec import check_like, require
@@ -89,10 +89,10 @@ class LoraSharingClient(LearnerMethod):
         super().__init__(node_id, learner, local_epochs)
         if sharing not in SHARINGS:
             raise ValueError(f"sharing must be one of {SHARINGS}")
-        self.learner: TextRecLearner = learner
+        self.text = learner
         self.server_id, self.sharing, self.opts = server_id, sharing, opts
         self.alpha_kind = alpha_kind or opts.alpha
-        self.model: LoraTextEncoder = learner.model
+        self.model: LoraTextEncoder = learner.encoder
         self.template = as_tensors({n: (b.detach(), a.detach()) for n, (b, a) in self.model.factors().items()})
         self.alpha_optimizer: torch.optim.Adam | None = None
         self._round = -1
@@ -109,12 +109,12 @@ class LoraSharingClient(LearnerMethod):
             self.model.set_alpha_trainable(True)
             if self.alpha_optimizer is None or self.alpha_optimizer.param_groups[0]["params"][0] is not self.model.alpha:
                 self.alpha_optimizer = torch.optim.Adam([self.model.alpha], lr=self.opts.alpha_lr)
-            alpha_stats = self.learner.train(self.opts.alpha_epochs, self.alpha_optimizer)
+            alpha_stats = self.text.train(self.opts.alpha_epochs, self.alpha_optimizer)
             stats["alpha_loss"] = alpha_stats.get("train_loss", float("nan"))
             self.model.set_alpha_trainable(False)
             for p in lora:
                 p.requires_grad_(True)
-        stats.update(self.learner.train(self.local_epochs))
+        stats.update(self.text.train(self.local_epochs))
         return stats
 
     def upload(self) -> Factors:
@@ -127,7 +127,7 @@ class LoraSharingClient(LearnerMethod):
     def start_round(self, round_index: int) -> list[Send]:
         self._round = round_index
         self._synced = False
-        meta = {"num_examples": self.learner.num_train_examples}
+        meta = {"num_examples": self.text.num_train_examples}
         return [Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, as_tensors(self.upload()), meta))]
 
     # -- what comes back --------------------------------------------------------------------
@@ -152,8 +152,8 @@ class LoraSharingClient(LearnerMethod):
 
     def _relayed(self, message: Message) -> tuple[list[dict[str, Tensor]], list[int]]:
         """The other clients' uploads in the relay's order, each checked against the own shapes."""
-        clients = message.meta.get("clients")
-        counts = message.meta.get("num_examples")
+        clients: Any = message.meta.get("clients")
+        counts: Any = message.meta.get("num_examples")
         require(isinstance(clients, list) and all(isinstance(c, str) for c in clients), "meta.clients must be a list of names")
         require(len(set(clients)) == len(clients) and self.node_id not in clients, "meta.clients must be distinct other clients")
         require(
@@ -169,7 +169,7 @@ class LoraSharingClient(LearnerMethod):
         """LoRA := the averaged factors; residual += mean(ΔW) − mean(B)·mean(A), so the layer's
         update is exactly the (example-weighted) mean of every client's update."""
         own = self.upload()
-        weights = [self.learner.num_train_examples, *counts]
+        weights = [self.text.num_train_examples, *counts]
         everyone = [own, *foreign]
         mean_b = weighted_average([{n: b for n, (b, _) in f.items()} for f in everyone], weights)
         mean_a = weighted_average([{n: a for n, (_, a) in f.items()} for f in everyone], weights)
@@ -187,11 +187,12 @@ class LoraSharingClient(LearnerMethod):
             delta = (b @ a).flatten()
             sims = [max(0.0, float(F.cosine_similarity(delta, (fb @ fa).flatten(), dim=0))) for fb, fa in (f[name] for f in foreign)]
             weights = torch.tensor([1.0, *sims]) / (1.0 + sum(sims))
+            everyone = [own, *foreign]
             merged[name] = (
-                sum(w * f[name][0] for w, f in zip(weights, [own, *foreign], strict=True)),
-                sum(w * f[name][1] for w, f in zip(weights, [own, *foreign], strict=True)),
+                torch.stack([f[name][0] for f in everyone]).mul(weights[:, None, None]).sum(0),
+                torch.stack([f[name][1] for f in everyone]).mul(weights[:, None, None]).sum(0),
             )
-        self.model.set_lora(merged)  # type: ignore[arg-type]
+        self.model.set_lora(merged)
 
     def on_deadline(self, round_index: int) -> list[Send]:
         self._synced = True  # nothing came in time: go on with what this client holds
@@ -209,7 +210,7 @@ class LoraSharingClient(LearnerMethod):
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         """The learner's state plus α, its Adam moments, what was integrated and the residual."""
-        state = dict(self.learner.state_dict())
+        state = dict(self.text.state_dict())
         state["fed.alpha"] = self.model.alpha.detach().to("cpu", copy=True)
         for j, factors in enumerate(self.model.foreign()):
             state.update({f"fed.foreign.{j}/{k}": v for k, v in as_tensors(factors).items()})
@@ -229,7 +230,7 @@ class LoraSharingClient(LearnerMethod):
         foreign_tensors = [{k: state[f"fed.foreign.{j}/{k}"] for k in self.template if f"fed.foreign.{j}/{k}" in state} for j in range(count)]
         for tensors in foreign_tensors:
             check_like(tensors, self.template)
-        self.learner.load_state_dict(own)
+        self.text.load_state_dict(own)
         self.model.integrate([from_tensors(t, layers) for t in foreign_tensors], self.alpha_kind, self.sharing == "directions", self.opts.norm, alpha)
         residual = {n: state[f"fed.residual.{n}"] for n in layers if f"fed.residual.{n}" in state}
         if len(residual) == len(layers):
@@ -261,6 +262,7 @@ class RelayServer(CollectingServer):
         count = message.meta.get("num_examples")
         require(isinstance(count, int) and not isinstance(count, bool) and count > 0, "meta.num_examples must be a positive integer")
         check_like(message.tensors, self.template)
+        assert isinstance(count, int)
         self._uploads[src] = (message.tensors, count)
 
     def reply(self) -> list[Send]:
@@ -306,9 +308,9 @@ _VARIANTS = {
     "fedecider": (Variant("directions"), FeDeciderOptions, "FeDecider: LoRA directions shared, magnitudes kept, personalised alpha"),
     "fedecider-nodecomp": (Variant("updates"), FeDeciderOptions, "FeDecider ablation: whole LoRA updates shared and mixed (no decomposition)"),
     "fedecider-uniform": (Variant("directions", "uniform"), FeDeciderOptions, "FeDecider ablation: directions mixed with fixed uniform alpha"),
-    "lora-fedavg": (Variant("average"), None, "FedAvg of the LoRA factors A and B"),
-    "lora-fedavg-dw": (Variant("average-dw"), None, "FedAvg of the LoRA updates Delta W = B A (exact, with a frozen residual)"),
-    "lora-similarity": (Variant("similarity"), None, "LoRA aggregated with layer-wise cosine-similarity weights (FeDecider Fig. 2 baseline)"),
+    "lora-fedavg": (Variant("average"), NoOptions, "FedAvg of the LoRA factors A and B"),
+    "lora-fedavg-dw": (Variant("average-dw"), NoOptions, "FedAvg of the LoRA updates Delta W = B A (exact, with a frozen residual)"),
+    "lora-similarity": (Variant("similarity"), NoOptions, "LoRA aggregated with layer-wise cosine-similarity weights (FeDecider Fig. 2 baseline)"),
 }
 
 for _name, (_variant, _options, _summary) in _VARIANTS.items():
@@ -320,6 +322,7 @@ for _name, (_variant, _options, _summary) in _VARIANTS.items():
             tasks=("text",),
             build_client=_client,
             build_server=_server,
-            **({"options": _options, "flag_prefix": "fedecider"} if _options is not None else {}),
+            options=_options,
+            flag_prefix="fedecider" if _options is not NoOptions else "",
         )
     )

@@ -75,7 +75,7 @@ class LoraSpec:
     (``auto``: peft's default attention projections for the model type)."""
 
     rank: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     targets: str = "auto"
 
 
@@ -132,7 +132,7 @@ class LoraTextEncoder(nn.Module):
         targets = None if lora.targets == "auto" else [t.strip() for t in lora.targets.split(",") if t.strip()]
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets, bias="none")
         self.peft = get_peft_model(backbone, config)
-        self.layers: dict[str, nn.Module] = {
+        self.layers: dict[str, Any] = {  # peft's LoraLayer modules, by backbone name
             name.removeprefix("base_model.model."): module for name, module in self.peft.named_modules() if isinstance(module, LoraLayer)
         }
         if not self.layers:
@@ -178,7 +178,7 @@ class LoraTextEncoder(nn.Module):
             setattr(self, f"residual_{k}", residual[name].to(self._device()))
 
     def residual(self) -> dict[str, Tensor]:
-        weight = {name: self.layers[name].base_layer.weight for name in self.layer_names}
+        weight: dict[str, Tensor] = {name: self.layers[name].base_layer.weight for name in self.layer_names}
         out = {}
         for k, name in enumerate(self.layer_names):
             r = getattr(self, f"residual_{k}")

