@@ -160,7 +160,9 @@ def test_relay_sends_others_and_refuses_bad_uploads(tiny_backbone: Path) -> None
     assert model.alpha.shape == (len(model.layer_names), 1)
 
 
-def test_checkpoint_restores_lora_alpha_directions_and_optimisers(tiny_backbone: Path) -> None:
+def test_checkpoint_restores_lora_alpha_directions_and_optimisers(tiny_backbone: Path, tmp_path: Path) -> None:
+    from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
+
     def client_with(seed: int) -> LoraSharingClient:
         model = encoder(tiny_backbone)
         return LoraSharingClient("node-00", _FakeLearner(model), "server", "directions", FeDeciderOptions(alpha_epochs=1))
@@ -171,8 +173,11 @@ def test_checkpoint_restores_lora_alpha_directions_and_optimisers(tiny_backbone:
     first.train_local(0)
     state = first.state_dict()
     assert any(k.startswith("fed.alpha_optim.") for k in state) and any(k.startswith("optim.") for k in state)
+    save_checkpoint(tmp_path / "checkpoint.safetensors", 0, state)  # what the daemon writes after a round
+    loaded = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert loaded is not None
     second = client_with(1)
-    second.load_state_dict(state)
+    second.load_state_dict(loaded.state)
     torch.testing.assert_close(second.model.alpha, first.model.alpha)
     for name in first.model.layer_names:
         torch.testing.assert_close(second.model.effective_update(name), first.model.effective_update(name))

@@ -118,8 +118,8 @@ class LoraSharingClient(LearnerMethod):
         return stats
 
     def upload(self) -> Factors:
-        """What leaves this client: direction factors (FeDecider), or the LoRA factors."""
-        own = {n: (b.detach(), a.detach()) for n, (b, a) in self.model.factors().items()}
+        """What leaves this client (on the CPU): direction factors (FeDecider), or the LoRA factors."""
+        own = {n: (b.detach().cpu(), a.detach().cpu()) for n, (b, a) in self.model.factors().items()}
         if self.sharing == "directions":
             return {n: direction_factors(b, a, self.opts.norm) for n, (b, a) in own.items()}
         return own
