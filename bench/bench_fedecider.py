@@ -14,6 +14,7 @@ method (one row per method) and the .md table at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -67,10 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(LABELS))
     parser.add_argument("--name", default="fedecider_ml1m")
     parser.add_argument("--out", default="runs/bench_fedecider")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task = {"users": args.users, "history": args.history, "prompt_tokens": args.prompt_tokens, "train_targets": args.train_targets, "lora_rank": args.lora_rank}
     command = "python bench/bench_fedecider.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write_table(saved["rows"], args, saved["command"])
+        return
     rows: list[dict[str, Any]] = []
     for method in args.methods.split(","):
         cfg = with_options(
@@ -86,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: mean ndcg@5 {row['metrics']['ndcg@5']:.4f} hr@5 {row['metrics']['hr@5']:.4f} "
               f"({time.time() - wall:.0f} s wall, {row['cpu_seconds']:.0f} s CPU)", flush=True)
         atomic_write_json(RESULTS / f"{args.name}.json", {"command": command, "rows": rows})
+        write_table(rows, args, command)
+
+
+def write_table(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -> None:
+    """bench/results/<name>.md: the setting, the command and one row per finished method."""
     columns = ["method", *(f"{d} H@5/N@5" for d in DOMAINS), "mean Hit@5", "mean NDCG@5", "mean MRR", "bytes/client/round", "sel. round", "CPU min"]
     table = format_table([table_row(r) for r in rows], columns)
     setting = (
@@ -97,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     text = f"# FeDecider on MovieLens-1M titles\n\nSetting: {setting}\n\nCommand: `{command}`\n\n```\n{table}\n```\n"
     atomic_write_bytes(RESULTS / f"{args.name}.md", text.encode())
     print(text)
-
 
 if __name__ == "__main__":
     main()
