@@ -148,9 +148,14 @@ class TextRecLearner:
 
     @torch.no_grad()
     def encode(self, tokens: Tokens, rows: Tensor | None = None, batch: int = 256) -> Tensor:
+        """Encodings of `rows` (default: all), in that order. Rows are encoded shortest first so
+        that a batch carries little padding (the mask makes the result independent of it)."""
         index = rows if rows is not None else torch.arange(len(tokens.ids))
+        order = torch.argsort(tokens.mask[index].sum(1), stable=True)
         self.model.eval()
-        return torch.cat([self.model(*tokens.rows(index[s : s + batch], self.device)) for s in range(0, len(index), batch)])
+        sorted_index = index[order]
+        encoded = torch.cat([self.model(*tokens.rows(sorted_index[s : s + batch], self.device)) for s in range(0, len(index), batch)])
+        return encoded[torch.argsort(order)]
 
     def evaluate(self) -> dict[str, float]:
         """Test metrics (``ndcg@5``, ``hr@5``, ...) and validation metrics (``valid_ndcg@5``, ...).
