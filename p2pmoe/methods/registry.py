@@ -140,8 +140,12 @@ def _load_builtins() -> None:
 
 
 def all_methods() -> dict[str, MethodSpec]:
+    """Every method: the built-ins in `BUILTIN_METHODS` order (whichever module was imported
+    first), then the others in registration order."""
     _load_builtins()
-    return dict(_METHODS)
+    rank = {module: k for k, module in enumerate(BUILTIN_METHODS)}
+    names = sorted(_METHODS, key=lambda n: rank.get(_METHODS[n].build_client.__module__, len(rank)))
+    return {n: _METHODS[n] for n in names}
 
 
 def get_method(name: str, task: str | None = None) -> MethodSpec:
