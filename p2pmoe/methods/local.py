@@ -28,7 +28,7 @@ register_method(
     MethodSpec(
         name="local",
         summary="each client trains alone and sends nothing (the no-communication baseline)",
-        tasks=("image", "sequential", "multitask", "timelines"),
+        tasks=("image", "sequential", "multitask", "timelines", "text"),
         build_client=_client,
     )
 )

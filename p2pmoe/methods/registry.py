@@ -33,6 +33,7 @@ BUILTIN_METHODS = (
     "p2pmoe.methods.fedsasrec",
     "p2pmoe.methods.fmoe_cdsr",
     "p2pmoe.methods.pf_msmtrec",
+    "p2pmoe.methods.fedecider",
 )
 """Modules that register the built-in methods, in the order `--help` lists them."""
 

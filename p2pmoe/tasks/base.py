@@ -77,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 _TASKS: dict[str, Task] = {}
-BUILTIN_TASKS = ("p2pmoe.tasks.image", "p2pmoe.tasks.sequential", "p2pmoe.tasks.multitask", "p2pmoe.tasks.timelines")
+BUILTIN_TASKS = ("p2pmoe.tasks.image", "p2pmoe.tasks.sequential", "p2pmoe.tasks.multitask", "p2pmoe.tasks.timelines", "p2pmoe.tasks.text")
 """Modules that register the built-in families; a new family is one module and one line here."""
 
 
