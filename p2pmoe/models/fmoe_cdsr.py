@@ -37,10 +37,13 @@ from p2pmoe.wire.codec import check_like
 if TYPE_CHECKING:
     from p2pmoe.learners.sequential import SequenceBatch
 
-__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "nt_xent", "transition_adjacency"]
+__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "INITS", "nt_xent", "transition_adjacency"]
 
 GATES = ("learned", "uniform")
 GATE_POOLINGS = FMOE_GATE_POOLINGS
+INITS = ("sasrec", "official")
+"""How a branch's item and positional embeddings (and graph bias) start: see `Branch`."""
+SASREC_EMBEDDING_STD = 0.02
 
 
 def transition_adjacency(sequences: Sequence[Sequence[int]], num_items: int) -> Tensor:
@@ -68,9 +71,20 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 class Branch(nn.Module):
-    """Branch i's adaptation parameters: always local, always trainable."""
+    """Branch i's adaptation parameters: always local, always trainable.
 
-    def __init__(self, num_items: int, max_len: int, hidden: int, head: str = "linear") -> None:
+    ``init`` "sasrec" (default, a project decision that departs from the official code): item
+    and positional embeddings start at N(0, 0.02) as in SASRec (and in the project's Local
+    SASRec and FedSASRec), the graph bias at 0. The encoder input is ``LayerNorm((H + E)·√d
+    + P)``, so its forward pass ignores the table's scale, while Adam moves every coordinate by
+    about ``lr`` per step: a table of entries ~1 (torch's default N(0, 1)) therefore changes
+    ~50x more slowly, relative to its size, than a table of entries ~0.02, and on FKCB Food
+    the branch learned far more slowly than SASRec (issue 11). ``init`` "official"
+    reproduces the official code: torch's defaults, N(0, 1) for both embeddings, and the
+    graph bias U(±1/√d) as its GraphConvolution initialises it.
+    """
+
+    def __init__(self, num_items: int, max_len: int, hidden: int, head: str = "linear", init: str = "sasrec") -> None:
         super().__init__()
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
@@ -78,6 +92,14 @@ class Branch(nn.Module):
         self.graph_bias = nn.Parameter(torch.zeros(hidden))
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
         self.head = nn.Linear(hidden, num_items) if head == "linear" else None
+        with torch.no_grad():
+            if init == "sasrec":
+                for emb in (self.item_emb, self.pos_emb):
+                    nn.init.normal_(emb.weight, std=SASREC_EMBEDDING_STD)
+                self.item_emb.weight[num_items].zero_()
+            else:
+                bound = 1 / math.sqrt(hidden)
+                nn.init.uniform_(self.graph_bias, -bound, bound)
 
     def scores(self, z: Tensor) -> Tensor:
         """Logits over the client's items: the linear head, or (tied) dot products with the
@@ -119,7 +141,11 @@ class FMoECDSR(nn.Module):
     says so, and then refreshes its learner's optimiser.
 
     Options: ``vae`` (default True: μ and log σ² stacks, KL weight ``min(kl_cap,
-    step / kl_anneal_steps)``; False: μ only, no KL); ``gate`` "learned" (softmax of an MLP
+    step / kl_anneal_steps)``; False: μ only, no KL); ``kl`` (default True, the official
+    objective; False drops the KL term, the ablation of issue 11: the KL's ``μ²`` part pulls
+    z = μ, the vector the heads read, towards 0; with ``vae`` True the log σ² stack is then
+    still built and shipped but gets no gradient, so the bytes stay those of the VAE mode);
+    ``init`` "sasrec" (default) or "official", see `Branch`; ``gate`` "learned" (softmax of an MLP
     ``K·d → gate_hidden → K`` with GELU and LayerNorm over the stop-gradient last-position
     representations) or "uniform" (equal weights over available branches, no gate);
     ``gate_pooling`` "sequence" (default: one weight vector per sequence, from its last
@@ -143,6 +169,7 @@ class FMoECDSR(nn.Module):
         blocks: int = 2,
         dropout: float = 0.3,
         vae: bool = True,
+        kl: bool = True,
         kl_cap: float = 1.0,
         kl_anneal_steps: int = 10_000,
         contrastive_weight: float = 0.1,
@@ -151,12 +178,15 @@ class FMoECDSR(nn.Module):
         gate_pooling: str = "sequence",
         gate_hidden: tuple[int, int] = (1024, 512),
         head: str = "linear",
+        init: str = "sasrec",
     ) -> None:
         super().__init__()
         if not 0 <= domain_index < num_domains:
             raise ValueError(f"domain_index {domain_index} is not one of {num_domains} domains")
-        if gate not in GATES or gate_pooling not in GATE_POOLINGS or head not in FMOE_HEADS:
-            raise ValueError(f"gate must be one of {GATES}, gate_pooling one of {GATE_POOLINGS} and head one of {FMOE_HEADS}")
+        if gate not in GATES or gate_pooling not in GATE_POOLINGS or head not in FMOE_HEADS or init not in INITS:
+            raise ValueError(
+                f"gate must be one of {GATES}, gate_pooling one of {GATE_POOLINGS}, head one of {FMOE_HEADS} and init one of {INITS}"
+            )
         if adjacency.shape != (num_items + 1, num_items + 1) or not adjacency.is_sparse:
             raise ValueError(f"adjacency must be a sparse [{num_items + 1}, {num_items + 1}] tensor")
         self.num_items = num_items
@@ -165,13 +195,14 @@ class FMoECDSR(nn.Module):
         self.domain_index = domain_index
         self.dropout = dropout
         self.vae = vae
+        self.kl = vae and kl
         self.kl_cap, self.kl_anneal_steps = kl_cap, kl_anneal_steps
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
         self.gate_pooling = gate_pooling
         self.register_buffer("adjacency", adjacency.coalesce(), persistent=False)
         self.register_buffer("available", torch.arange(num_domains) == domain_index)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden, head) for _ in range(num_domains))
+        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden, head, init) for _ in range(num_domains))
         self.experts = nn.ModuleList(Expert(max_len, hidden, heads, blocks, dropout, vae) for _ in range(num_domains))
         self.gate = None
         if gate == "learned":
@@ -208,8 +239,8 @@ class FMoECDSR(nn.Module):
         return [i for i in range(self.num_domains) if bool(self.available[i])]
 
     def kl_weight(self) -> float:
-        """β_KL(step) = min(cap, step / anneal steps); 0 without the VAE."""
-        return min(self.kl_cap, int(self.step) / self.kl_anneal_steps) if self.vae else 0.0
+        """β_KL(step) = min(cap, step / anneal steps); 0 without the KL term."""
+        return min(self.kl_cap, int(self.step) / self.kl_anneal_steps) if self.kl else 0.0
 
     def _gate_weights(self, reps: dict[int, Tensor]) -> Tensor:
         """Gate weights ``[R, K]`` (R = rows of ``reps``, or 1 with batch pooling) over the
@@ -228,8 +259,8 @@ class FMoECDSR(nn.Module):
         return inputs.gather(1, keys.argsort(dim=1))
 
     def loss_terms(self, batch: SequenceBatch) -> dict[str, Tensor]:
-        """Unweighted terms: ``ce`` (Σ_i over available branches), ``ce_moe``, ``kl`` (Σ_i, VAE
-        only) and ``contrastive`` (Σ_i, when its weight is non-zero)."""
+        """Unweighted terms: ``ce`` (Σ_i over available branches), ``ce_moe``, ``kl`` (Σ_i, with
+        the KL term only) and ``contrastive`` (Σ_i, when its weight is non-zero)."""
         keep = ~batch.pad_mask
         targets = batch.targets[keep]
         permuted = self._permuted(batch.inputs, batch.pad_mask) if self.contrastive_weight else None
@@ -246,7 +277,7 @@ class FMoECDSR(nn.Module):
             terms["ce"] = terms.get("ce", 0) + F.cross_entropy(branch_logits, targets)
             logits[i] = branch_logits.detach()
             reps[i] = z if self.gate_pooling == "position" else mu[:, -1]
-            if expert.logvar is not None:
+            if self.kl:
                 logvar = expert.logvar(x, batch.pad_mask)[keep]
                 kl = -0.5 * (1 + logvar - z.pow(2) - logvar.exp()).sum(dim=-1).mean()
                 terms["kl"] = terms.get("kl", 0) + kl
