@@ -8,7 +8,10 @@ evaluation (999 negatives drawn once, seed fixed) and the run's metrics taken at
 with the best mean validation MRR. `--jobs` runs that many methods at once, one process each
 (give each `--threads 1` on a 2-core machine). Prints the table, saves
 bench/results/<name>.json (one row per method) and .md, and checks the ledger's expert traffic
-against the expert's parameter count.
+against the expert's parameter count. `--reuse` takes a method whose run folder already holds
+a finished run of exactly this setting from there instead of running it again, so the methods
+of one table can be run one at a time (one long job at a time on a shared machine) and the
+same command then assembles the table.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import multiprocessing
 import time
 from collections import defaultdict
@@ -75,11 +79,28 @@ def expert_traffic_check(traffic: dict[int, dict[str, dict[str, int]]], rounds: 
     )
 
 
+CPU_FILE = "bench_cpu_seconds.txt"
+
+
 def _run(cfg: RunConfig) -> dict[str, Any]:
-    """One method in a worker process; its CPU time says what it costs whatever ran beside it."""
+    """One method in a worker process; its CPU time says what it costs whatever ran beside it.
+    The CPU time is also left in the run folder, for `finished_run`."""
     started = time.process_time()
     summary = run_simulation(cfg, progress=False)
-    return {**summary, "cpu_seconds": round(time.process_time() - started, 1)}
+    cpu_seconds = round(time.process_time() - started, 1)
+    (Path(cfg.out) / CPU_FILE).write_text(f"{cpu_seconds}\n")
+    return {**summary, "cpu_seconds": cpu_seconds}
+
+
+def finished_run(cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a run of exactly ``cfg`` finished earlier in ``cfg.out``, else None."""
+    folder = Path(cfg.out)
+    if not (folder / "summary.json").is_file() or not (folder / CPU_FILE).is_file():
+        return None
+    summary = json.loads((folder / "summary.json").read_text())
+    if summary.get("setting") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        return None
+    return {**summary, "cpu_seconds": float((folder / CPU_FILE).read_text())}
 
 
 def run_all(configs: dict[str, RunConfig], jobs: int) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
@@ -126,6 +147,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="methods run at once, one process each")
     parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_<data>)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
+    parser.add_argument("--reuse", action="store_true", help="take methods already run with this exact setting from their run folders")
     args = parser.parse_args()
     base: RunConfig = config_from_args(args)
     methods = [m for m in args.only.split(",") if m] or list(SEQUENCE_METHODS)
@@ -149,7 +171,12 @@ def main() -> None:
     print(f"running {len(configs)} methods on {base.data} ({', '.join(domains)}), {args.jobs} at a time; "
           f"per-round metrics in {runs}/<method>/metrics.jsonl", flush=True)
     outcomes: dict[str, dict[str, Any] | Exception] = {}
-    for method, outcome in run_all(configs, args.jobs):
+    if args.reuse:
+        for method, cfg in configs.items():
+            if (done := finished_run(cfg)) is not None:
+                outcomes[method] = done
+                print(f"  {method}: reused the finished run in {cfg.out}", flush=True)
+    for method, outcome in run_all({m: c for m, c in configs.items() if m not in outcomes}, args.jobs):
         outcomes[method] = outcome
         if isinstance(outcome, Exception):
             print(f"  {method}: FAILED: {outcome}", flush=True)
@@ -187,7 +214,7 @@ def main() -> None:
                f"contrastive weight {base.contrastive_weight}; "
                f"seed {base.seed}; {args.jobs} method(s) at a time, {base.threads or 'all'} torch thread(s) each; "
                f"wall time of the whole benchmark {wall / 60:.1f} min")
-    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results",))
+    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results", "reuse"))
     text = (f"# FMoE-CDSR replication on {base.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
             f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
             f"per-domain columns are MRR. Bytes are tensor payload (headers excluded), mean per client per round; "
