@@ -101,12 +101,14 @@ class Branch(nn.Module):
                 bound = 1 / math.sqrt(hidden)
                 nn.init.uniform_(self.graph_bias, -bound, bound)
 
+    def score_weight(self) -> Tensor:
+        """``[items, d]``: the linear head's weight, or (tied) the item embeddings."""
+        return self.head.weight if self.head is not None else self.item_emb.weight[: self.num_items]
+
     def scores(self, z: Tensor) -> Tensor:
         """Logits over the client's items: the linear head, or (tied) dot products with the
         item embeddings, as SASRec scores."""
-        if self.head is not None:
-            return self.head(z)
-        return z @ self.item_emb.weight[: self.num_items].T
+        return F.linear(z, self.score_weight(), None if self.head is None else self.head.bias)
 
     def item_table(self, adjacency: Tensor) -> Tensor:
         """``(H + E)`` for every item, ``H = (E + A·E + b) / 2``: computed once per step and
@@ -258,44 +260,78 @@ class FMoECDSR(nn.Module):
         keys = torch.rand(inputs.shape, device=inputs.device).masked_fill(pad_mask, -1.0)
         return inputs.gather(1, keys.argsort(dim=1))
 
+    def _mixture_logits(self, weights: Tensor, reps: dict[int, Tensor]) -> Tensor:
+        """``ℓ_moe = Σ_i g_i · sg(ℓ_i)`` over every item, for rows ``reps[i]`` ``[P, d]`` with gate
+        weights ``[P, K]`` (or ``[1, K]``, shared by all rows).
+
+        Computed as one product ``[g_1 z_1, …, g_R z_R, g] · [W_1, …, W_R, b]ᵀ`` (``W_i``, ``b_i``
+        branch i's score weights and bias, all detached) instead of R logit tables that are
+        scaled and summed: the same value up to float rounding, but one ``[P, items]`` output
+        instead of 2R, and the backward to the gate is one matrix product.
+        """
+        live = list(reps)
+        w = weights[:, live]
+        scaled = [w[:, r : r + 1] * reps[i].detach() for r, i in enumerate(live)]
+        columns = [self.branches[i].score_weight().detach() for i in live]
+        if self.branches[live[0]].head is not None:
+            scaled.append(w.expand(scaled[0].shape[0], -1))
+            columns.append(torch.stack([self.branches[i].head.bias.detach() for i in live], dim=1))
+        return F.linear(torch.cat(scaled, dim=1), torch.cat(columns, dim=1))
+
+    def _position_weights(self, weights: Tensor, rows: Tensor) -> Tensor:
+        """Gate weights per predicted position: a sequence's weights at each of its positions
+        (``rows`` = the sequence of each position); batch and position pooling already fit."""
+        return weights[rows] if self.gate is not None and self.gate_pooling == "sequence" else weights
+
     def loss_terms(self, batch: SequenceBatch) -> dict[str, Tensor]:
         """Unweighted terms: ``ce`` (Σ_i over available branches), ``ce_moe``, ``kl`` (Σ_i, with
         the KL term only) and ``contrastive`` (Σ_i, when its weight is non-zero)."""
+        return self._terms_and_gate(batch)[0]
+
+    def _terms_and_gate(self, batch: SequenceBatch) -> tuple[dict[str, Tensor], Tensor]:
+        """`loss_terms` and the gate weights used at the predicted positions (``[P, K]``, or
+        ``[1, K]`` when one vector serves the whole batch), detached.
+
+        A branch's μ stack encodes the sequences and their permuted views in one call (the
+        views stacked under the batch): rows do not interact in the encoder, so this is the
+        two calls' result at the cost of about one and a half.
+        """
         keep = ~batch.pad_mask
         targets = batch.targets[keep]
-        permuted = self._permuted(batch.inputs, batch.pad_mask) if self.contrastive_weight else None
+        rows = keep.nonzero()[:, 0]
+        b = batch.inputs.shape[0]
+        seqs = batch.inputs
+        if self.contrastive_weight:
+            seqs = torch.cat([seqs, self._permuted(batch.inputs, batch.pad_mask)])
+        pad_mask = seqs == self.pad_index
         terms: dict[str, Tensor] = {}
-        logits: dict[int, Tensor] = {}
+        zs: dict[int, Tensor] = {}
         reps: dict[int, Tensor] = {}
         for i in self.live_branches():
             branch, expert = self.branches[i], self.experts[i]
-            table = branch.item_table(self.adjacency)
-            x = branch.embed(table, batch.inputs, self.dropout)
-            mu = expert.mu(x, batch.pad_mask)
-            z = mu[keep]
-            branch_logits = branch.scores(z)
-            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(branch_logits, targets)
-            logits[i] = branch_logits.detach()
-            reps[i] = z if self.gate_pooling == "position" else mu[:, -1]
+            x = branch.embed(branch.item_table(self.adjacency), seqs, self.dropout)
+            mu = expert.mu(x, pad_mask)
+            z = zs[i] = mu[:b][keep]
+            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(branch.scores(z), targets)
+            reps[i] = z if self.gate_pooling == "position" else mu[:b, -1]
             if self.kl:
-                logvar = expert.logvar(x, batch.pad_mask)[keep]
+                logvar = expert.logvar(x[:b], batch.pad_mask)[keep]
                 kl = -0.5 * (1 + logvar - z.pow(2) - logvar.exp()).sum(dim=-1).mean()
                 terms["kl"] = terms.get("kl", 0) + kl
-            if permuted is not None:
-                view = expert.mu(branch.embed(table, permuted, self.dropout), batch.pad_mask)[:, -1]
-                terms["contrastive"] = terms.get("contrastive", 0) + nt_xent(mu[:, -1], view, self.temperature)
-        weights = self._gate_weights(reps)
-        if self.gate is not None and self.gate_pooling == "sequence":
-            weights = weights[keep.nonzero()[:, 0]]  # each position takes its sequence's weights
-        terms["ce_moe"] = F.cross_entropy(sum(weights[:, i : i + 1] * logits[i] for i in logits), targets)
-        return terms
+            if self.contrastive_weight:
+                terms["contrastive"] = terms.get("contrastive", 0) + nt_xent(mu[:b, -1], mu[b:, -1], self.temperature)
+        weights = self._position_weights(self._gate_weights(reps), rows)
+        terms["ce_moe"] = F.cross_entropy(self._mixture_logits(weights, zs), targets)
+        return terms, weights.detach()
 
     def loss(self, batch: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
-        """``Σ_i CE_i + CE_moe + β_KL(step)·Σ_i KL_i + β·Σ_i InfoNCE_i``.
+        """``Σ_i CE_i + CE_moe + β_KL(step)·Σ_i KL_i + β·Σ_i InfoNCE_i``, and the terms, the KL
+        weight and the gate's mean weights over the batch's predictions (`_gate_stats`, prefix
+        ``gate``) as statistics.
 
         Each call in training mode counts as one optimisation step for the KL annealing.
         """
-        terms = self.loss_terms(batch)
+        terms, gate = self._terms_and_gate(batch)
         beta_kl = self.kl_weight()
         total = terms["ce"] + terms["ce_moe"]
         if "kl" in terms:
@@ -304,27 +340,40 @@ class FMoECDSR(nn.Module):
             total = total + self.contrastive_weight * terms["contrastive"]
         if self.training:
             self.step += 1
-        return total, {**{name: float(t.detach()) for name, t in terms.items()}, "kl_weight": beta_kl}
+        stats = {name: float(t.detach()) for name, t in terms.items()}
+        return total, {**stats, "kl_weight": beta_kl, **self._gate_stats("gate", gate.mean(dim=0))}
 
-    def _last_logits(self, inputs: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    def _gate_stats(self, prefix: str, mean_weights: Tensor) -> dict[str, float]:
+        """``<prefix>/<i>``: mean gate weight of branch i (domain i); ``<prefix>/own``: of
+        this client's own branch, the one figure that can be averaged over clients."""
+        stats = {f"{prefix}/{i}": float(w) for i, w in enumerate(mean_weights)}
+        return {**stats, f"{prefix}/own": stats[f"{prefix}/{self.domain_index}"]}
+
+    def _last_reps(self, inputs: Tensor) -> dict[int, Tensor]:
+        """Each live branch's representation ``[B, d]`` of ``inputs`` at the last position."""
         pad_mask = inputs == self.pad_index
-        logits, reps = {}, {}
+        reps = {}
         for i in self.live_branches():
             branch = self.branches[i]
             x = branch.embed(branch.item_table(self.adjacency), inputs, self.dropout)
             reps[i] = self.experts[i].mu(x, pad_mask)[:, -1]
-            logits[i] = branch.scores(reps[i])
-        return logits, reps
+        return reps
 
     @torch.no_grad()
     def gate_weights(self, inputs: Tensor) -> Tensor:
         """The gate's weights ``[B, K]`` (``[1, K]`` with batch pooling or the uniform gate) for
         predicting the item after ``inputs`` ``[B, L]``; 0 for unavailable branches."""
-        return self._gate_weights(self._last_logits(inputs)[1])
+        return self._gate_weights(self._last_reps(inputs))
+
+    @torch.no_grad()
+    def sequence_stats(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Per evaluated sequence ``[B]``: its gate weight on each branch (``gate_mean/<i>``,
+        ``gate_mean/own``), for `NextItemLearner.evaluate` to average over a split."""
+        weights = self.gate_weights(inputs).expand(inputs.shape[0], -1)
+        stats = {f"gate_mean/{i}": weights[:, i] for i in range(self.num_domains)}
+        return {**stats, "gate_mean/own": weights[:, self.domain_index]}
 
     def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor:
         """Mixture logits ``ℓ_moe`` at the last position, gathered at ``candidates`` ``[B, C]``."""
-        logits, reps = self._last_logits(inputs)
-        weights = self._gate_weights(reps)
-        mixed = sum(weights[:, i : i + 1] * logits[i] for i in logits)
-        return mixed.gather(1, candidates)
+        reps = self._last_reps(inputs)
+        return self._mixture_logits(self._gate_weights(reps), reps).gather(1, candidates)

@@ -1,0 +1,104 @@
+"""Epoch time of FMoE-CDSR against Local SASRec on one FKCB domain, measured side by side.
+
+    python bench/bench_step.py --data-root DIR --domain Food --threads 1
+
+Each method is one client model of the size the replication uses (hidden 64, batch 64, 2
+blocks, 4 heads, max length 16 by default) trained by the same `NextItemLearner`. FMoE-CDSR
+runs as in every round after the first: all K branches live, the foreign experts loaded
+(from independently initialised experts; their values do not change the cost) and either
+frozen (the method) or trainable (the "unfrozen" ablation). The methods take turns, one
+epoch each, ``--repeats`` times, so a load change on a shared machine hits all of them alike;
+the table reports the median epoch. Writes bench/results/step.json and step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from p2pmoe.data.feddcsr import load_feddcsr
+from p2pmoe.data.sequences import DomainSequences
+from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem
+from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
+from p2pmoe.report import format_table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def fmoe_model(domains: list[DomainSequences], c: int, args: argparse.Namespace, frozen: bool) -> FMoECDSR:
+    """Client c's model with every foreign branch live, as from round 2 on."""
+    data = domains[c]
+    options = dict(max_len=args.max_len, hidden=args.hidden, dropout=args.dropout)
+    model = FMoECDSR(data.num_items, len(domains), c, transition_adjacency(data.train, data.num_items), **options)
+    for i in range(len(domains)):
+        if i != c:
+            model.set_expert_state(i, model.expert_state(i))
+            model.experts[i].requires_grad_(not frozen)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="FedDCSR-format FKCB folder")
+    parser.add_argument("--domain", default="Food")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per method (median reported)")
+    parser.add_argument("--name", default="step", help="results file stem")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    domains = load_feddcsr(args.data_root)
+    c = [d.name for d in domains].index(args.domain)
+    data = domains[c]
+
+    def learner(model: torch.nn.Module) -> NextItemLearner:
+        return NextItemLearner(model, data, args.max_len, batch_size=args.batch_size, num_negatives=999)
+
+    torch.manual_seed(0)
+    builders: dict[str, Callable[[], torch.nn.Module]] = {
+        "Local SASRec": lambda: SASRecNextItem(data.num_items, args.max_len, args.hidden, heads=4, blocks=2, dropout=args.dropout),
+        "FMoE-CDSR": lambda: fmoe_model(domains, c, args, frozen=True),
+        "FMoE-CDSR unfrozen": lambda: fmoe_model(domains, c, args, frozen=False),
+    }
+    learners = {name: learner(build()) for name, build in builders.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in learners}
+    for name, lrn in learners.items():  # warm-up epoch, not timed (allocator, lazy init)
+        lrn.train(1)
+    for _ in range(args.repeats):
+        for name, lrn in learners.items():
+            started = time.perf_counter()
+            lrn.train(1)
+            seconds[name].append(time.perf_counter() - started)
+    base = statistics.median(seconds["Local SASRec"])
+    steps = -(-len(data.train) // args.batch_size)
+    rows = [
+        {"method": name, "epoch s": statistics.median(t), "ms/step": 1e3 * statistics.median(t) / steps,
+         "x Local SASRec": statistics.median(t) / base, "epochs s (all)": " ".join(f"{x:.1f}" for x in t)}
+        for name, t in seconds.items()
+    ]
+    setting = (f"FKCB {args.domain} ({len(data.train)} training sequences, {data.num_items} items, {steps} steps/epoch), "
+               f"{len(domains)} domains, hidden {args.hidden}, batch {args.batch_size}, 2 blocks, 4 heads, max length "
+               f"{args.max_len}, dropout {args.dropout}, {args.threads} torch thread(s), torch {torch.__version__}, "
+               f"{platform.processor() or platform.machine()}; median of {args.repeats} epochs after one warm-up epoch, "
+               f"methods interleaved")
+    command = (f"python bench/bench_step.py --data-root DIR --domain {args.domain} --hidden {args.hidden} "
+               f"--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}")
+    text = f"# Epoch time per method\n\n{setting}\n\nCommand: `{command}`\n\n```\n{format_table(rows, list(rows[0]))}\n```\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS / f"{args.name}.json", {"setting": setting, "command": command, "rows": rows})
+    atomic_write_bytes(RESULTS / f"{args.name}.md", text.encode())
+
+
+if __name__ == "__main__":
+    main()
