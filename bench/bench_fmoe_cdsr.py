@@ -171,10 +171,12 @@ def main() -> None:
     print(f"running {len(configs)} methods on {base.data} ({', '.join(domains)}), {args.jobs} at a time; "
           f"per-round metrics in {runs}/<method>/metrics.jsonl", flush=True)
     outcomes: dict[str, dict[str, Any] | Exception] = {}
+    reused: list[str] = []
     if args.reuse:
         for method, cfg in configs.items():
             if (done := finished_run(cfg)) is not None:
                 outcomes[method] = done
+                reused.append(method)
                 print(f"  {method}: reused the finished run in {cfg.out}", flush=True)
     for method, outcome in run_all({m: c for m, c in configs.items() if m not in outcomes}, args.jobs):
         outcomes[method] = outcome
@@ -213,7 +215,8 @@ def main() -> None:
                f"{base.fmoe_encoder}, gate pooling {base.fmoe_gate_pooling}, {base.fmoe_head} head, embedding init {base.fmoe_init}, KL {base.fmoe_kl}, "
                f"contrastive weight {base.contrastive_weight}; "
                f"seed {base.seed}; {args.jobs} method(s) at a time, {base.threads or 'all'} torch thread(s) each; "
-               f"wall time of the whole benchmark {wall / 60:.1f} min")
+               f"wall time of the whole benchmark {wall / 60:.1f} min"
+               + (f" ({', '.join(reused)} taken from earlier runs of this setting, run one method at a time)" if reused else ""))
     command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results", "reuse"))
     text = (f"# FMoE-CDSR replication on {base.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
             f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "

@@ -70,6 +70,35 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
     return F.cross_entropy(sim, partner)
 
 
+class _GatedSum(torch.autograd.Function):
+    """``Σ_r w[:, r] · ℓ_r`` for constant logit tables ``ℓ_r`` ``[P, items]`` and weights ``w``
+    ``[P, R]`` or ``[1, R]``, with a gradient for ``w`` only.
+
+    The same value as the plain expression, but one ``[P, items]`` table is written instead of
+    2R − 1, and the weights' gradient is a row-wise dot product per branch instead of a product
+    table per branch that is then summed: on FKCB the logit tables (positions × ~14-35k items)
+    are the largest tensors of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, *logits: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(*logits)
+        ctx.shared = weights.shape[0] == 1
+        out = logits[0] * weights[:, :1]
+        for r in range(1, len(logits)):
+            out.addcmul_(logits[r], weights[:, r : r + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        logits = ctx.saved_tensors
+        if ctx.shared:
+            columns = [torch.dot(grad.flatten(), table.flatten()).reshape(1) for table in logits]
+        else:
+            columns = [torch.bmm(grad.unsqueeze(1), table.unsqueeze(2)).reshape(-1) for table in logits]
+        return (torch.stack(columns, dim=1), *(None for _ in logits))
+
+
 class Branch(nn.Module):
     """Branch i's adaptation parameters: always local, always trainable.
 
@@ -101,14 +130,12 @@ class Branch(nn.Module):
                 bound = 1 / math.sqrt(hidden)
                 nn.init.uniform_(self.graph_bias, -bound, bound)
 
-    def score_weight(self) -> Tensor:
-        """``[items, d]``: the linear head's weight, or (tied) the item embeddings."""
-        return self.head.weight if self.head is not None else self.item_emb.weight[: self.num_items]
-
     def scores(self, z: Tensor) -> Tensor:
         """Logits over the client's items: the linear head, or (tied) dot products with the
         item embeddings, as SASRec scores."""
-        return F.linear(z, self.score_weight(), None if self.head is None else self.head.bias)
+        if self.head is not None:
+            return self.head(z)
+        return z @ self.item_emb.weight[: self.num_items].T
 
     def item_table(self, adjacency: Tensor) -> Tensor:
         """``(H + E)`` for every item, ``H = (E + A·E + b) / 2``: computed once per step and
@@ -260,23 +287,12 @@ class FMoECDSR(nn.Module):
         keys = torch.rand(inputs.shape, device=inputs.device).masked_fill(pad_mask, -1.0)
         return inputs.gather(1, keys.argsort(dim=1))
 
-    def _mixture_logits(self, weights: Tensor, reps: dict[int, Tensor]) -> Tensor:
-        """``ℓ_moe = Σ_i g_i · sg(ℓ_i)`` over every item, for rows ``reps[i]`` ``[P, d]`` with gate
-        weights ``[P, K]`` (or ``[1, K]``, shared by all rows).
-
-        Computed as one product ``[g_1 z_1, …, g_R z_R, g] · [W_1, …, W_R, b]ᵀ`` (``W_i``, ``b_i``
-        branch i's score weights and bias, all detached) instead of R logit tables that are
-        scaled and summed: the same value up to float rounding, but one ``[P, items]`` output
-        instead of 2R, and the backward to the gate is one matrix product.
-        """
-        live = list(reps)
-        w = weights[:, live]
-        scaled = [w[:, r : r + 1] * reps[i].detach() for r, i in enumerate(live)]
-        columns = [self.branches[i].score_weight().detach() for i in live]
-        if self.branches[live[0]].head is not None:
-            scaled.append(w.expand(scaled[0].shape[0], -1))
-            columns.append(torch.stack([self.branches[i].head.bias.detach() for i in live], dim=1))
-        return F.linear(torch.cat(scaled, dim=1), torch.cat(columns, dim=1))
+    @staticmethod
+    def _mixture(weights: Tensor, logits: dict[int, Tensor]) -> Tensor:
+        """``ℓ_moe = Σ_i g_i · sg(ℓ_i)``: gate weights ``[P, K]`` (or ``[1, K]``, shared by all
+        rows) times each live branch's logits ``[P, items]``; only the weights get a gradient."""
+        live = list(logits)
+        return _GatedSum.apply(weights[:, live], *(logits[i].detach() for i in live))
 
     def _position_weights(self, weights: Tensor, rows: Tensor) -> Tensor:
         """Gate weights per predicted position: a sequence's weights at each of its positions
@@ -305,14 +321,15 @@ class FMoECDSR(nn.Module):
             seqs = torch.cat([seqs, self._permuted(batch.inputs, batch.pad_mask)])
         pad_mask = seqs == self.pad_index
         terms: dict[str, Tensor] = {}
-        zs: dict[int, Tensor] = {}
+        logits: dict[int, Tensor] = {}
         reps: dict[int, Tensor] = {}
         for i in self.live_branches():
             branch, expert = self.branches[i], self.experts[i]
             x = branch.embed(branch.item_table(self.adjacency), seqs, self.dropout)
             mu = expert.mu(x, pad_mask)
-            z = zs[i] = mu[:b][keep]
-            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(branch.scores(z), targets)
+            z = mu[:b][keep]
+            logits[i] = branch.scores(z)
+            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(logits[i], targets)
             reps[i] = z if self.gate_pooling == "position" else mu[:b, -1]
             if self.kl:
                 logvar = expert.logvar(x[:b], batch.pad_mask)[keep]
@@ -321,7 +338,7 @@ class FMoECDSR(nn.Module):
             if self.contrastive_weight:
                 terms["contrastive"] = terms.get("contrastive", 0) + nt_xent(mu[:b, -1], mu[b:, -1], self.temperature)
         weights = self._position_weights(self._gate_weights(reps), rows)
-        terms["ce_moe"] = F.cross_entropy(self._mixture_logits(weights, zs), targets)
+        terms["ce_moe"] = F.cross_entropy(self._mixture(weights, logits), targets)
         return terms, weights.detach()
 
     def loss(self, batch: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
@@ -376,4 +393,5 @@ class FMoECDSR(nn.Module):
     def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor:
         """Mixture logits ``ℓ_moe`` at the last position, gathered at ``candidates`` ``[B, C]``."""
         reps = self._last_reps(inputs)
-        return self._mixture_logits(self._gate_weights(reps), reps).gather(1, candidates)
+        logits = {i: self.branches[i].scores(z) for i, z in reps.items()}
+        return self._mixture(self._gate_weights(reps), logits).gather(1, candidates)
