@@ -193,3 +193,23 @@ def test_tied_head_scores_with_the_item_embeddings_and_trains_them():
     assert not same(before, m.branches[0].item_emb)
     with pytest.raises(ValueError, match="head"):
         model(data, head="mlp")
+
+
+def test_gate_weights_are_reported_in_training_and_evaluation():
+    data = domain()
+    m = model(data, c=1)
+    m.set_expert_state(2, m.expert_state(2))
+    _, stats = m.loss(batch(data))
+    assert stats["gate/0"] == 0.0 and stats["gate/own"] == stats["gate/1"] > 0
+    assert stats["gate/1"] + stats["gate/2"] == pytest.approx(1.0)
+    learner = NextItemLearner(m, data, max_len=L, batch_size=8, num_negatives=5)
+    trained = learner.train(1)
+    assert {"gate/0", "gate/1", "gate/2", "gate/own"} <= set(trained)
+    metrics = learner.evaluate()
+    inputs = SequenceBatcher(N, L).evaluation(data.test)[0]
+    expected = m.gate_weights(inputs).mean(dim=0)
+    for i in range(K):
+        assert metrics[f"gate_mean/{i}"] == pytest.approx(float(expected[i]), abs=1e-6)
+    assert metrics["gate_mean/own"] == metrics["gate_mean/1"] and metrics["gate_mean/0"] == 0.0
+    uniform = model(data, gate="uniform")
+    assert uniform.loss(batch(data))[1]["gate/own"] == 1.0  # only the own branch is live
