@@ -130,6 +130,8 @@ def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[int, di
     }
     for k, name in enumerate(domains):
         row[name] = 100 * summary["per_node"][f"node-{k:02d}"]["mrr"]
+    if "gate_mean/own" in m:  # FMoE-CDSR: mean gate weight on the client's own branch, test split
+        row["gate own %"] = 100 * m["gate_mean/own"]
     per_client_round = [t for by_node in traffic.values() for t in by_node.values()]
     count = max(len(domains) * summary["rounds"], 1)
     row["up KB/client/round"] = sum(t["up"] for t in per_client_round) / count / 1e3
@@ -206,7 +208,7 @@ def main() -> None:
                           f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}")
     if base.data == "fkcb":
         table += PAPER_FKCB
-    columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "up KB/client/round", "down KB/client/round", "best round", "wall min", "CPU min"]
+    columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "gate own %", "up KB/client/round", "down KB/client/round", "best round", "wall min", "CPU min"]
     rendered = format_table(table, columns)
     stacks = "μ and log σ² stacks" if base.fmoe_encoder == "vae" else "μ stack only"
     setting = (f"{base.data} ({', '.join(domains)}), one client per domain; {base.rounds} rounds x {base.local_epochs} local epoch(s), "
@@ -220,7 +222,8 @@ def main() -> None:
     command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results", "reuse"))
     text = (f"# FMoE-CDSR replication on {base.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
             f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
-            f"per-domain columns are MRR. Bytes are tensor payload (headers excluded), mean per client per round; "
+            f"per-domain columns are MRR; gate own % is the gate's mean weight on each client's own branch over its "
+            f"test sequences (mean over clients; the rest goes to the other domains' branches). Bytes are tensor payload (headers excluded), mean per client per round; "
             f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{rendered}\n```\n\n"
             f"One expert ({stacks}, hidden {base.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n"
             + "\n".join(checks) + "\n")
