@@ -87,7 +87,8 @@ OPTIONS = [
     {"gate_pooling": "batch"},
     {"gate": "uniform"},
     {"head": "tied"},
-    {"kl": False},
+    {"kl": True},
+    {"kl": True, "gate_pooling": "batch", "head": "tied"},
     {"vae": False, "contrastive_weight": 0.0},
     {"init": "official"},
 ]
