@@ -142,6 +142,34 @@ def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[int, di
     return row
 
 
+def rounds_table(configs: dict[str, RunConfig], domains: list[str]) -> list[dict[str, Any]]:
+    """Per method and evaluated round, read from its run folder's metrics.jsonl, finished or
+    not: mean test MRR over the clients (only rounds every client reported) and, for
+    FMoE-CDSR, the gate's mean weight on the own branch; per-domain MRR."""
+    rows = []
+    for method, cfg in configs.items():
+        path = Path(cfg.out) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        by_round: dict[int, dict[str, dict[str, float]]] = defaultdict(dict)
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "mrr" in record:
+                by_round[record["round"]][record["node"]] = record
+        for r, nodes in sorted(by_round.items()):
+            if len(nodes) < len(domains):
+                continue
+            row = {"method": LABELS[method], "round": r + 1,
+                   "MRR %": 100 * sum(n["mrr"] for n in nodes.values()) / len(nodes),
+                   "valid MRR %": 100 * sum(n["valid_mrr"] for n in nodes.values()) / len(nodes)}
+            row.update({d: 100 * nodes[f"node-{k:02d}"]["mrr"] for k, d in enumerate(domains)})
+            if all("gate_mean/own" in n for n in nodes.values()):
+                row["gate own %"] = 100 * sum(n["gate_mean/own"] for n in nodes.values()) / len(nodes)
+                row.update({f"gate own {d} %": 100 * nodes[f"node-{k:02d}"]["gate_mean/own"] for k, d in enumerate(domains)})
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
@@ -150,6 +178,8 @@ def main() -> None:
     parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_<data>)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
     parser.add_argument("--reuse", action="store_true", help="take methods already run with this exact setting from their run folders")
+    parser.add_argument("--rounds-table", action="store_true",
+                        help="run nothing: write <name>_rounds.md, every evaluated round of each method's run folder, finished or not")
     args = parser.parse_args()
     base: RunConfig = config_from_args(args)
     methods = [m for m in args.only.split(",") if m] or list(SEQUENCE_METHODS)
@@ -168,6 +198,18 @@ def main() -> None:
     domains = [d.name for d in sequence_domains(base)]
     runs = f"runs/bench_{name}"
     configs = {m: dataclasses.replace(base, method=m, out=f"{runs}/{m}") for m in methods}
+    if args.rounds_table:
+        rows = rounds_table(configs, domains)
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+        command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results", "reuse", "rounds_table"))
+        text = (f"# FMoE-CDSR replication on {base.data}, round by round\n\nTest metrics in % after each round, read from "
+                f"{runs}/<method>/metrics.jsonl, including runs still going (their setting is that of the command below; "
+                f"unlike the summary table, this one does not check it). MRR is the mean over the clients; gate own % the gate's mean weight on the "
+                f"client's own branch over its test sequences.\n\nRuns started with: `{command}`\n\n"
+                f"```\n{format_table(rows, columns) if rows else '(no round evaluated yet)'}\n```\n")
+        print(text)
+        atomic_write_bytes(args.results / f"{name}_rounds.md", text.encode())
+        return
 
     started = time.perf_counter()
     print(f"running {len(configs)} methods on {base.data} ({', '.join(domains)}), {args.jobs} at a time; "
