@@ -256,8 +256,7 @@ def main() -> None:
     setting = (f"{base.data} ({', '.join(domains)}), one client per domain; {base.rounds} rounds x {base.local_epochs} local epoch(s), "
                f"batch {base.batch_size}, Adam lr {base.lr or 1e-3} betas (0.9, 0.98), hidden {base.embed_dim}, 2 blocks, 4 heads, "
                f"dropout {base.dropout}, max length {base.max_len}, {base.negatives} sampled negatives; FMoE-CDSR encoder "
-               f"{base.fmoe_encoder}, gate pooling {base.fmoe_gate_pooling}, {base.fmoe_head} head, embedding init {base.fmoe_init}, KL {base.fmoe_kl}, "
-               f"contrastive weight {base.contrastive_weight}; "
+               f"{base.fmoe_encoder}, gate pooling {base.fmoe_gate_pooling}, {base.fmoe_head} head, contrastive weight {base.contrastive_weight}; "
                f"seed {base.seed}; {args.jobs} method(s) at a time, {base.threads or 'all'} torch thread(s) each; "
                f"wall time of the whole benchmark {wall / 60:.1f} min"
                + (f" ({', '.join(reused)} taken from earlier runs of this setting, run one method at a time)" if reused else ""))

@@ -19,8 +19,6 @@ _CHOICES = {
     "fmoe_encoder": ("vae", "lean"),
     "fmoe_gate_pooling": FMOE_GATE_POOLINGS,
     "fmoe_head": FMOE_HEADS,
-    "fmoe_init": ("sasrec", "official"),
-    "fmoe_kl": ("on", "off"),
 }
 
 
@@ -61,8 +59,6 @@ class RunConfig:
     fmoe_encoder: str = "vae"
     fmoe_gate_pooling: str = "sequence"
     fmoe_head: str = "linear"
-    fmoe_init: str = "sasrec"
-    fmoe_kl: str = "off"
     max_train_per_node: int | None = None
     threads: int = 0
     out: str = "runs/latest"

@@ -57,7 +57,6 @@ def _model(cfg: RunConfig, domains: list[DomainSequences], k: int):
         data.num_items, len(domains), k, transition_adjacency(data.train, data.num_items), max_len=cfg.max_len,
         hidden=cfg.embed_dim, dropout=cfg.dropout, contrastive_weight=cfg.contrastive_weight, vae=cfg.fmoe_encoder == "vae",
         gate="uniform" if cfg.method == "fmoe-cdsr-uniform" else "learned", gate_pooling=cfg.fmoe_gate_pooling, head=cfg.fmoe_head,
-        init=cfg.fmoe_init, kl=cfg.fmoe_kl == "on",
     )
 
 
