@@ -95,7 +95,10 @@ def main() -> None:
                 if topology == "full":
                     curves.append(load_run(out, label))
         metric_vs_bytes(curves, args.results, f"{args.name}_alpha{alpha}.png")
-        text.append(f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n")
+        text.append(
+            f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n"
+            f"![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n"
+        )
         print(text[-1])
     run, task, fedmoe = resolve(base).run, base.task, variant(base, "fedmoe-da", {}).method.to_dict()
     assert isinstance(task, ImageOptions)  # checked above

@@ -296,7 +296,9 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"{row['test']}: transport / fair-limit = {m['ratio_to_fair']:.2f} (target >= {TARGET_FAIR}): {'met' if met else 'MISSED'}")
         elif "p50_us" in m:
             met = m["ratio_to_raw_asyncio"] <= TARGET_RTT
-            lines.append(f"{row['test']}: transport p50 / raw zmq.asyncio p50 = {m['ratio_to_raw_asyncio']:.2f} (target <= {TARGET_RTT}): {'met' if met else 'MISSED'}")
+            lines.append(
+                f"{row['test']}: transport p50 / raw zmq.asyncio p50 = {m['ratio_to_raw_asyncio']:.2f} (target <= {TARGET_RTT}): {'met' if met else 'MISSED'}"
+            )
     return lines
 
 
@@ -344,7 +346,7 @@ def main() -> None:
         "transport": "tcp loopback 127.0.0.1, no CURVE, sender and receiver in one process, one context each",
         "cpus": os.cpu_count(),
         "load_avg_1m_at_start": load[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_seconds": time.perf_counter() - started,
     }
     for row in rows:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from p2pmoe.config import Values
@@ -207,7 +208,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders")
     report.add_argument("--out", type=Path, default=None, help="report folder (default: RUN/report for one run, ./report for several)")
-    report.add_argument("--csv", action="store_true", help="also write per_round.csv: every round's values in long format (run, round, node, section, name, value)")
+    report.add_argument(
+        "--csv", action="store_true", help="also write per_round.csv: every round's values in long format (run, round, node, section, name, value)"
+    )
     report.set_defaults(handler=_report)
 
     methods = sub.add_parser("methods", help="list the methods, their task families and options")

@@ -104,7 +104,9 @@ def describe(cls: type) -> list[OptionInfo]:
         kind, optional = _kind_of(hints[f.name])
         meta = f.metadata
         out.append(
-            OptionInfo(f.name, kind, optional, f.default, meta.get("help", ""), meta.get("choices"), meta.get("minimum"), meta.get("maximum"), meta.get("above"))
+            OptionInfo(
+                f.name, kind, optional, f.default, meta.get("help", ""), meta.get("choices"), meta.get("minimum"), meta.get("maximum"), meta.get("above")
+            )
         )
     return out
 
@@ -180,7 +182,9 @@ def add_arguments(
     for info in describe(cls):
         default = (defaults or {}).get(info.name, info.default)
         details = ", ".join(x for x in (info.type_text, info.constraint_text, f"default {default}") if x)
-        group.add_argument(flag(info.name, prefix), dest=f"{section}.{info.name}", default=None, metavar=info.kind.__name__.upper(), help=f"{info.help} ({details})")
+        group.add_argument(
+            flag(info.name, prefix), dest=f"{section}.{info.name}", default=None, metavar=info.kind.__name__.upper(), help=f"{info.help} ({details})"
+        )
 
 
 def values_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -43,7 +43,9 @@ class RunOptions(Options):
     link_latency: float = option(0.0005, "seconds of generated links, for simulated time", minimum=0)
     max_train_per_node: int | None = option(None, "cap each client's training examples (quick looks)", minimum=1)
     train: str = option(
-        "local", "local: train and evaluate; none: accounting only (no training or evaluation, every message keeps its real size through the codec and the ledger)", choices=("local", "none")
+        "local",
+        "local: train and evaluate; none: accounting only (no training or evaluation, every message keeps its real size through the codec and the ledger)",
+        choices=("local", "none"),
     )
     compute_time: str = option("none", "simulated training time of a node per round: none, constant:SECONDS or per_example:SECONDS (added to sim_seconds)")
     threads: int = option(0, "torch threads per process; 0: all cores for simulate, cores // processes for swarm", minimum=0)

@@ -81,7 +81,8 @@ def test_unavailable_branch_gets_zero_weight_and_changes_nothing():
         m.branches[2].head.weight.fill_(1e3)
         m.experts[2].mu.final_norm.bias.fill_(1e3)
     torch.testing.assert_close(m.score_candidates(inputs, candidates), before)
-    assert set(m.loss_terms(batch(data))) == {"ce", "ce_moe", "kl", "contrastive"}
+    assert set(m.loss_terms(batch(data))) == {"ce", "ce_moe", "contrastive"}  # no KL term by default
+    assert set(model(data, kl=True).loss_terms(batch(data))) == {"ce", "ce_moe", "kl", "contrastive"}
 
 
 def test_uniform_gate_and_batch_pooling():
@@ -124,7 +125,8 @@ def test_vae_off_has_no_sigma_stack():
 
 
 def test_kl_weight_anneals_to_the_cap_counting_training_steps():
-    m = model(kl_anneal_steps=100)
+    assert model().kl_weight() == 0.0 and model(kl=True).kl  # the default has no KL term
+    m = model(kl=True, kl_anneal_steps=100)
     assert m.kl_weight() == 0.0
     b = batch(domain())
     m.loss(b)
@@ -137,8 +139,8 @@ def test_kl_weight_anneals_to_the_cap_counting_training_steps():
     assert m.kl_weight() == pytest.approx(0.5)
     m.step.fill_(10_000)
     assert m.kl_weight() == 1.0
-    assert model(kl_cap=0.2, kl_anneal_steps=100).kl_weight() == 0.0
-    capped = model(kl_cap=0.2, kl_anneal_steps=100)
+    assert model(kl=True, kl_cap=0.2, kl_anneal_steps=100).kl_weight() == 0.0
+    capped = model(kl=True, kl_cap=0.2, kl_anneal_steps=100)
     capped.step.fill_(90)
     assert capped.kl_weight() == pytest.approx(0.2)
 
@@ -193,3 +195,23 @@ def test_tied_head_scores_with_the_item_embeddings_and_trains_them():
     assert not same(before, m.branches[0].item_emb)
     with pytest.raises(ValueError, match="head"):
         model(data, head="mlp")
+
+
+def test_gate_weights_are_reported_in_training_and_evaluation():
+    data = domain()
+    m = model(data, c=1)
+    m.set_expert_state(2, m.expert_state(2))
+    _, stats = m.loss(batch(data))
+    assert stats["gate/0"] == 0.0 and stats["gate/own"] == stats["gate/1"] > 0
+    assert stats["gate/1"] + stats["gate/2"] == pytest.approx(1.0)
+    learner = NextItemLearner(m, data, max_len=L, batch_size=8, num_negatives=5)
+    trained = learner.train(1)
+    assert {"gate/0", "gate/1", "gate/2", "gate/own"} <= set(trained)
+    metrics = learner.evaluate()
+    inputs = SequenceBatcher(N, L).evaluation(data.test)[0]
+    expected = m.gate_weights(inputs).mean(dim=0)
+    for i in range(K):
+        assert metrics[f"gate_mean/{i}"] == pytest.approx(float(expected[i]), abs=1e-6)
+    assert metrics["gate_mean/own"] == metrics["gate_mean/1"] and metrics["gate_mean/0"] == 0.0
+    uniform = model(data, gate="uniform")
+    assert uniform.loss(batch(data))[1]["gate/own"] == 1.0  # only the own branch is live

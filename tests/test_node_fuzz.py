@@ -329,7 +329,14 @@ def random_tables(draw) -> list[bytes]:
         for _ in range(max(0, nframes)):
             fits = draw(st.booleans()) and 0 <= nbytes <= 256
             payload.append(draw(st.binary(min_size=nbytes, max_size=nbytes) if fits else st.binary(max_size=64)))
-    header = {"v": PROTOCOL_VERSION, "kind": draw(st.sampled_from([k.value for k in MessageKind])), "src": ME, "round": draw(st.integers(0, 10)), "meta": {}, "tensors": rows}
+    header = {
+        "v": PROTOCOL_VERSION,
+        "kind": draw(st.sampled_from([k.value for k in MessageKind])),
+        "src": ME,
+        "round": draw(st.integers(0, 10)),
+        "meta": {},
+        "tensors": rows,
+    }
     return _pack(header, payload)
 
 

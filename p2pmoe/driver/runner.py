@@ -127,7 +127,9 @@ class NodeRunner:
 
     def failed(self, dst: str, failure: SendFailure) -> list[Send]:
         """Something this node sent to `dst` came to nothing."""
-        self.rejected.warning(f"failed:{failure.kind.value}", "%s: %s to %s failed (%s): %s", self.node_id, failure.kind.value, dst, failure.cause, failure.reason)
+        self.rejected.warning(
+            f"failed:{failure.kind.value}", "%s: %s to %s failed (%s): %s", self.node_id, failure.kind.value, dst, failure.cause, failure.reason
+        )
         return self._call(lambda: self.method.on_send_failed(dst, failure))
 
     def peer_lost(self, peer: str) -> list[Send]:
@@ -216,7 +218,9 @@ class NodeRunner:
         if reason is not None:
             self.rejected.warning(f"dropped:{message.kind.value}", "%s: dropped %s from %s: %s", self.node_id, message.kind.value, src, reason)
             return [Send(src, error_reply(message, reason))]
-        if "req" in message.meta and any(h.src == src and h.message.kind == message.kind and h.message.meta.get("req") == message.meta["req"] for h in self._held):
+        if "req" in message.meta and any(
+            h.src == src and h.message.kind == message.kind and h.message.meta.get("req") == message.meta["req"] for h in self._held
+        ):
             return []  # a retried request whose first copy is still held: answer it once
         self._held.append(_Held(src, message, size))
         self._held_bytes += size

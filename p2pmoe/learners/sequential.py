@@ -101,7 +101,9 @@ class NextItemLearner:
     The model is an ``nn.Module`` whose padding id is ``data.num_items`` and which provides
     ``loss(batch: SequenceBatch) -> (loss, stats)`` (its own objective, and floats to report)
     and ``score_candidates(inputs [B, L], candidates [B, C]) -> scores [B, C]`` (the item after
-    ``inputs``; a model may score only the candidates instead of every item).
+    ``inputs``; a model may score only the candidates instead of every item). A model may also
+    provide ``sequence_stats(inputs [B, L]) -> {name: [B]}`` (FMoE-CDSR's gate weights): their
+    means over the test split join the metrics `evaluate` reports.
 
     Evaluation (METHODS §2): each valid/test sequence's target is ranked against
     ``num_negatives`` items drawn uniformly from the domain excluding only the target, once,
@@ -210,13 +212,30 @@ class NextItemLearner:
             out.append(ranks_against_negatives(scores[:, 0], scores[:, 1:]))
         return torch.cat(out)
 
+    @torch.no_grad()
+    def mean_sequence_stats(self, split: str) -> dict[str, float]:
+        """Means over ``split`` of the model's ``sequence_stats`` (empty if it has none)."""
+        stats = getattr(self.model, "sequence_stats", None)
+        if stats is None:
+            return {}
+        inputs = self.splits[split][0]
+        self.model.eval()
+        sums: dict[str, float] = {}
+        for start in range(0, len(inputs), self.eval_batch_size):
+            for name, values in stats(_trim(inputs[start : start + self.eval_batch_size], self.batcher.pad_index)).items():
+                sums[name] = sums.get(name, 0.0) + float(values.sum())
+        return {name: total / len(inputs) for name, total in sums.items()}
+
     def evaluate(self) -> dict[str, float]:
-        """Test metrics (``mrr``, ``ndcg@10``, ...) and validation metrics (``valid_mrr``, ...)."""
+        """Test metrics (``mrr``, ``ndcg@10``, ...), validation metrics (``valid_mrr``, ...) and
+        the test-split means of the model's ``sequence_stats``, if any."""
         metrics: dict[str, float] = {}
         for split, prefix in (("test", ""), ("valid", "valid_")):
             if split in self.splits:
                 values = ranking_metrics(self.ranks(split), ks=(1, 5, 10))
                 metrics.update({prefix + name: values[name] for name in METRICS})
+        if "test" in self.splits:
+            metrics.update(self.mean_sequence_stats("test"))
         return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:

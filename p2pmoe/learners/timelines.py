@@ -53,7 +53,7 @@ def draw_negatives(
         members = np.flatnonzero(item_domain == d)
         local = {int(item): i for i, item in enumerate(members)}
         rows = np.flatnonzero(target_domain == d)
-        exclude = [{local[i] for i in touched[r] if i in local} for r in rows]
+        exclude = [{local[i] for i in touched[int(r)] if i in local} for r in rows]
         drawn = sample_negatives(len(members), [local[int(targets[r])] for r in rows], n, seed + d, exclude=exclude)
         out[torch.from_numpy(rows)] = torch.from_numpy(members[drawn.numpy()])
     return out

@@ -92,7 +92,7 @@ class Method(ABC):
         `diagnostics` when it is not empty. Default: nothing."""
         return {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027 - an optional hook: a method with no state restores nothing
         """Restore what `state_dict` returned."""
 
 

@@ -22,8 +22,8 @@ from p2pmoe.methods.base import Method
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.topology import neighbours_within
 from p2pmoe.tasks.base import ModelFactory, Task
+from p2pmoe.topology import neighbours_within
 
 BUILTIN_METHODS = (
     "p2pmoe.methods.local",

@@ -36,11 +36,14 @@ from p2pmoe.wire.codec import check_like
 if TYPE_CHECKING:
     from p2pmoe.learners.sequential import SequenceBatch
 
-__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "HEADS", "nt_xent", "transition_adjacency"]
+__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "HEADS", "INITS", "nt_xent", "transition_adjacency"]
 
 GATES = ("learned", "uniform")
 GATE_POOLINGS = ("sequence", "position", "batch")
 HEADS = ("linear", "tied")
+INITS = ("sasrec", "official")
+"""How a branch's item and positional embeddings (and graph bias) start: see `Branch`."""
+SASREC_EMBEDDING_STD = 0.02
 
 
 def transition_adjacency(sequences: Sequence[Sequence[int]], num_items: int) -> Tensor:
@@ -67,10 +70,50 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
     return F.cross_entropy(sim, partner)
 
 
-class Branch(nn.Module):
-    """Branch i's adaptation parameters: always local, always trainable."""
+class _GatedSum(torch.autograd.Function):
+    """``Σ_r w[:, r] · ℓ_r`` for constant logit tables ``ℓ_r`` ``[P, items]`` and weights ``w``
+    ``[P, R]`` or ``[1, R]``, with a gradient for ``w`` only.
 
-    def __init__(self, num_items: int, max_len: int, hidden: int, head: str = "linear") -> None:
+    The same value as the plain expression, but one ``[P, items]`` table is written instead of
+    2R − 1, and the weights' gradient is a row-wise dot product per branch instead of a product
+    table per branch that is then summed: on FKCB the logit tables (positions × ~14-35k items)
+    are the largest tensors of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, *logits: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(*logits)
+        ctx.shared = weights.shape[0] == 1
+        out = logits[0] * weights[:, :1]
+        for r in range(1, len(logits)):
+            out.addcmul_(logits[r], weights[:, r : r + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        logits = ctx.saved_tensors
+        if ctx.shared:
+            columns = [torch.dot(grad.flatten(), table.flatten()).reshape(1) for table in logits]
+        else:
+            columns = [torch.bmm(grad.unsqueeze(1), table.unsqueeze(2)).reshape(-1) for table in logits]
+        return (torch.stack(columns, dim=1), *(None for _ in logits))
+
+
+class Branch(nn.Module):
+    """Branch i's adaptation parameters: always local, always trainable.
+
+    ``init`` "sasrec" (default, a project decision that departs from the official code): item
+    and positional embeddings start at N(0, 0.02) as in SASRec (and in the project's Local
+    SASRec and FedSASRec), the graph bias at 0. The encoder input is ``LayerNorm((H + E)·√d
+    + P)``, so its forward pass ignores the table's scale, while Adam moves every coordinate by
+    about ``lr`` per step: a table of entries ~1 (torch's default N(0, 1)) therefore changes
+    ~50x more slowly, relative to its size, than a table of entries ~0.02, and on FKCB Food
+    the branch learned far more slowly than SASRec (issue 11). ``init`` "official"
+    reproduces the official code: torch's defaults, N(0, 1) for both embeddings, and the
+    graph bias U(±1/√d) as its GraphConvolution initialises it.
+    """
+
+    def __init__(self, num_items: int, max_len: int, hidden: int, head: str = "linear", init: str = "sasrec") -> None:
         super().__init__()
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
@@ -78,6 +121,14 @@ class Branch(nn.Module):
         self.graph_bias = nn.Parameter(torch.zeros(hidden))
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
         self.head = nn.Linear(hidden, num_items) if head == "linear" else None
+        with torch.no_grad():
+            if init == "sasrec":
+                for emb in (self.item_emb, self.pos_emb):
+                    nn.init.normal_(emb.weight, std=SASREC_EMBEDDING_STD)
+                self.item_emb.weight[num_items].zero_()
+            else:
+                bound = 1 / math.sqrt(hidden)
+                nn.init.uniform_(self.graph_bias, -bound, bound)
 
     def scores(self, z: Tensor) -> Tensor:
         """Logits over the client's items: the linear head, or (tied) dot products with the
@@ -119,7 +170,14 @@ class FMoECDSR(nn.Module):
     says so, and then refreshes its learner's optimiser.
 
     Options: ``vae`` (default True: μ and log σ² stacks, KL weight ``min(kl_cap,
-    step / kl_anneal_steps)``; False: μ only, no KL); ``gate`` "learned" (softmax of an MLP
+    step / kl_anneal_steps)``; False: μ only, no KL); ``kl`` (default False, a project
+    decision against the official objective: the KL's ``μ²`` part pulls z = μ, the vector the
+    heads read, towards 0, and on FKCB Food a one-branch client without it scored 23.6 test MRR
+    against 22.2 with it, higher at every epoch (bench/results/fmoe_cdsr_food_one_client.md);
+    True adds ``β_KL(step)·Σ_i KL_i``. Without the KL term the log σ² stack gets no gradient
+    and is not even run; with ``vae`` True it is still built and shipped, so the bytes stay
+    those of the VAE mode: pair ``kl=False`` with ``vae=False`` to drop it);
+    ``init`` "sasrec" (default) or "official", see `Branch`; ``gate`` "learned" (softmax of an MLP
     ``K·d → gate_hidden → K`` with GELU and LayerNorm over the stop-gradient last-position
     representations) or "uniform" (equal weights over available branches, no gate);
     ``gate_pooling`` "sequence" (default: one weight vector per sequence, from its last
@@ -143,6 +201,7 @@ class FMoECDSR(nn.Module):
         blocks: int = 2,
         dropout: float = 0.3,
         vae: bool = True,
+        kl: bool = False,
         kl_cap: float = 1.0,
         kl_anneal_steps: int = 10_000,
         contrastive_weight: float = 0.1,
@@ -151,12 +210,13 @@ class FMoECDSR(nn.Module):
         gate_pooling: str = "sequence",
         gate_hidden: tuple[int, int] = (1024, 512),
         head: str = "linear",
+        init: str = "sasrec",
     ) -> None:
         super().__init__()
         if not 0 <= domain_index < num_domains:
             raise ValueError(f"domain_index {domain_index} is not one of {num_domains} domains")
-        if gate not in GATES or gate_pooling not in GATE_POOLINGS or head not in HEADS:
-            raise ValueError(f"gate must be one of {GATES}, gate_pooling one of {GATE_POOLINGS} and head one of {HEADS}")
+        if gate not in GATES or gate_pooling not in GATE_POOLINGS or head not in HEADS or init not in INITS:
+            raise ValueError(f"gate must be one of {GATES}, gate_pooling one of {GATE_POOLINGS}, head one of {HEADS} and init one of {INITS}")
         if adjacency.shape != (num_items + 1, num_items + 1) or not adjacency.is_sparse:
             raise ValueError(f"adjacency must be a sparse [{num_items + 1}, {num_items + 1}] tensor")
         self.num_items = num_items
@@ -165,13 +225,14 @@ class FMoECDSR(nn.Module):
         self.domain_index = domain_index
         self.dropout = dropout
         self.vae = vae
+        self.kl = vae and kl
         self.kl_cap, self.kl_anneal_steps = kl_cap, kl_anneal_steps
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
         self.gate_pooling = gate_pooling
         self.register_buffer("adjacency", adjacency.coalesce(), persistent=False)
         self.register_buffer("available", torch.arange(num_domains) == domain_index)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden, head) for _ in range(num_domains))
+        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden, head, init) for _ in range(num_domains))
         self.experts = nn.ModuleList(Expert(max_len, hidden, heads, blocks, dropout, vae) for _ in range(num_domains))
         self.gate = None
         if gate == "learned":
@@ -208,8 +269,8 @@ class FMoECDSR(nn.Module):
         return [i for i in range(self.num_domains) if bool(self.available[i])]
 
     def kl_weight(self) -> float:
-        """β_KL(step) = min(cap, step / anneal steps); 0 without the VAE."""
-        return min(self.kl_cap, int(self.step) / self.kl_anneal_steps) if self.vae else 0.0
+        """β_KL(step) = min(cap, step / anneal steps); 0 without the KL term."""
+        return min(self.kl_cap, int(self.step) / self.kl_anneal_steps) if self.kl else 0.0
 
     def _gate_weights(self, reps: dict[int, Tensor]) -> Tensor:
         """Gate weights ``[R, K]`` (R = rows of ``reps``, or 1 with batch pooling) over the
@@ -227,44 +288,68 @@ class FMoECDSR(nn.Module):
         keys = torch.rand(inputs.shape, device=inputs.device).masked_fill(pad_mask, -1.0)
         return inputs.gather(1, keys.argsort(dim=1))
 
+    @staticmethod
+    def _mixture(weights: Tensor, logits: dict[int, Tensor]) -> Tensor:
+        """``ℓ_moe = Σ_i g_i · sg(ℓ_i)``: gate weights ``[P, K]`` (or ``[1, K]``, shared by all
+        rows) times each live branch's logits ``[P, items]``; only the weights get a gradient."""
+        live = list(logits)
+        return _GatedSum.apply(weights[:, live], *(logits[i].detach() for i in live))
+
+    def _position_weights(self, weights: Tensor, rows: Tensor) -> Tensor:
+        """Gate weights per predicted position: a sequence's weights at each of its positions
+        (``rows`` = the sequence of each position); batch and position pooling already fit."""
+        return weights[rows] if self.gate is not None and self.gate_pooling == "sequence" else weights
+
     def loss_terms(self, batch: SequenceBatch) -> dict[str, Tensor]:
-        """Unweighted terms: ``ce`` (Σ_i over available branches), ``ce_moe``, ``kl`` (Σ_i, VAE
-        only) and ``contrastive`` (Σ_i, when its weight is non-zero)."""
+        """Unweighted terms: ``ce`` (Σ_i over available branches), ``ce_moe``, ``kl`` (Σ_i, with
+        the KL term only) and ``contrastive`` (Σ_i, when its weight is non-zero)."""
+        return self._terms_and_gate(batch)[0]
+
+    def _terms_and_gate(self, batch: SequenceBatch) -> tuple[dict[str, Tensor], Tensor]:
+        """`loss_terms` and the gate weights used at the predicted positions (``[P, K]``, or
+        ``[1, K]`` when one vector serves the whole batch), detached.
+
+        A branch's μ stack encodes the sequences and their permuted views in one call (the
+        views stacked under the batch): rows do not interact in the encoder, so this is the
+        two calls' result at the cost of about one and a half.
+        """
         keep = ~batch.pad_mask
         targets = batch.targets[keep]
-        permuted = self._permuted(batch.inputs, batch.pad_mask) if self.contrastive_weight else None
+        rows = keep.nonzero()[:, 0]
+        b = batch.inputs.shape[0]
+        seqs = batch.inputs
+        if self.contrastive_weight:
+            seqs = torch.cat([seqs, self._permuted(batch.inputs, batch.pad_mask)])
+        pad_mask = seqs == self.pad_index
         terms: dict[str, Tensor] = {}
         logits: dict[int, Tensor] = {}
         reps: dict[int, Tensor] = {}
         for i in self.live_branches():
             branch, expert = self.branches[i], self.experts[i]
-            table = branch.item_table(self.adjacency)
-            x = branch.embed(table, batch.inputs, self.dropout)
-            mu = expert.mu(x, batch.pad_mask)
-            z = mu[keep]
-            branch_logits = branch.scores(z)
-            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(branch_logits, targets)
-            logits[i] = branch_logits.detach()
-            reps[i] = z if self.gate_pooling == "position" else mu[:, -1]
-            if expert.logvar is not None:
-                logvar = expert.logvar(x, batch.pad_mask)[keep]
+            x = branch.embed(branch.item_table(self.adjacency), seqs, self.dropout)
+            mu = expert.mu(x, pad_mask)
+            z = mu[:b][keep]
+            logits[i] = branch.scores(z)
+            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(logits[i], targets)
+            reps[i] = z if self.gate_pooling == "position" else mu[:b, -1]
+            if self.kl:
+                logvar = expert.logvar(x[:b], batch.pad_mask)[keep]
                 kl = -0.5 * (1 + logvar - z.pow(2) - logvar.exp()).sum(dim=-1).mean()
                 terms["kl"] = terms.get("kl", 0) + kl
-            if permuted is not None:
-                view = expert.mu(branch.embed(table, permuted, self.dropout), batch.pad_mask)[:, -1]
-                terms["contrastive"] = terms.get("contrastive", 0) + nt_xent(mu[:, -1], view, self.temperature)
-        weights = self._gate_weights(reps)
-        if self.gate is not None and self.gate_pooling == "sequence":
-            weights = weights[keep.nonzero()[:, 0]]  # each position takes its sequence's weights
-        terms["ce_moe"] = F.cross_entropy(sum(weights[:, i : i + 1] * logits[i] for i in logits), targets)
-        return terms
+            if self.contrastive_weight:
+                terms["contrastive"] = terms.get("contrastive", 0) + nt_xent(mu[:b, -1], mu[b:, -1], self.temperature)
+        weights = self._position_weights(self._gate_weights(reps), rows)
+        terms["ce_moe"] = F.cross_entropy(self._mixture(weights, logits), targets)
+        return terms, weights.detach()
 
     def loss(self, batch: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
-        """``Σ_i CE_i + CE_moe + β_KL(step)·Σ_i KL_i + β·Σ_i InfoNCE_i``.
+        """``Σ_i CE_i + CE_moe + β_KL(step)·Σ_i KL_i + β·Σ_i InfoNCE_i``, and the terms, the KL
+        weight and the gate's mean weights over the batch's predictions (`_gate_stats`, prefix
+        ``gate``) as statistics.
 
         Each call in training mode counts as one optimisation step for the KL annealing.
         """
-        terms = self.loss_terms(batch)
+        terms, gate = self._terms_and_gate(batch)
         beta_kl = self.kl_weight()
         total = terms["ce"] + terms["ce_moe"]
         if "kl" in terms:
@@ -273,27 +358,41 @@ class FMoECDSR(nn.Module):
             total = total + self.contrastive_weight * terms["contrastive"]
         if self.training:
             self.step += 1
-        return total, {**{name: float(t.detach()) for name, t in terms.items()}, "kl_weight": beta_kl}
+        stats = {name: float(t.detach()) for name, t in terms.items()}
+        return total, {**stats, "kl_weight": beta_kl, **self._gate_stats("gate", gate.mean(dim=0))}
 
-    def _last_logits(self, inputs: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    def _gate_stats(self, prefix: str, mean_weights: Tensor) -> dict[str, float]:
+        """``<prefix>/<i>``: mean gate weight of branch i (domain i); ``<prefix>/own``: of
+        this client's own branch, the one figure that can be averaged over clients."""
+        stats = {f"{prefix}/{i}": float(w) for i, w in enumerate(mean_weights)}
+        return {**stats, f"{prefix}/own": stats[f"{prefix}/{self.domain_index}"]}
+
+    def _last_reps(self, inputs: Tensor) -> dict[int, Tensor]:
+        """Each live branch's representation ``[B, d]`` of ``inputs`` at the last position."""
         pad_mask = inputs == self.pad_index
-        logits, reps = {}, {}
+        reps = {}
         for i in self.live_branches():
             branch = self.branches[i]
             x = branch.embed(branch.item_table(self.adjacency), inputs, self.dropout)
             reps[i] = self.experts[i].mu(x, pad_mask)[:, -1]
-            logits[i] = branch.scores(reps[i])
-        return logits, reps
+        return reps
 
     @torch.no_grad()
     def gate_weights(self, inputs: Tensor) -> Tensor:
         """The gate's weights ``[B, K]`` (``[1, K]`` with batch pooling or the uniform gate) for
         predicting the item after ``inputs`` ``[B, L]``; 0 for unavailable branches."""
-        return self._gate_weights(self._last_logits(inputs)[1])
+        return self._gate_weights(self._last_reps(inputs))
+
+    @torch.no_grad()
+    def sequence_stats(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Per evaluated sequence ``[B]``: its gate weight on each branch (``gate_mean/<i>``,
+        ``gate_mean/own``), for `NextItemLearner.evaluate` to average over a split."""
+        weights = self.gate_weights(inputs).expand(inputs.shape[0], -1)
+        stats = {f"gate_mean/{i}": weights[:, i] for i in range(self.num_domains)}
+        return {**stats, "gate_mean/own": weights[:, self.domain_index]}
 
     def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor:
         """Mixture logits ``ℓ_moe`` at the last position, gathered at ``candidates`` ``[B, C]``."""
-        logits, reps = self._last_logits(inputs)
-        weights = self._gate_weights(reps)
-        mixed = sum(weights[:, i : i + 1] * logits[i] for i in logits)
-        return mixed.gather(1, candidates)
+        reps = self._last_reps(inputs)
+        logits = {i: self.branches[i].scores(z) for i, z in reps.items()}
+        return self._mixture(self._gate_weights(reps), logits).gather(1, candidates)

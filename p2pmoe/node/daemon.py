@@ -17,10 +17,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from p2pmoe.config import resolve
 from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, request_id
 from p2pmoe.driver.summary import metrics_row
-from p2pmoe.config import resolve
 from p2pmoe.experiment import build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import Method, SendFailure
@@ -242,7 +242,10 @@ class NodeDaemon:
         if checkpoint is not None:
             saved = checkpoint.extra.get("config_hash")
             if saved is not None and saved != self.config_hash:
-                raise ValueError(f"{self.cfg.checkpoint_path} belongs to another experiment (config hash {saved[:12]}..., this node's {self.config_hash[:12]}...); move it away to start afresh")
+                raise ValueError(
+                    f"{self.cfg.checkpoint_path} belongs to another experiment "
+                    f"(config hash {saved[:12]}..., this node's {self.config_hash[:12]}...); move it away to start afresh"
+                )
             self.runner.load_state_dict(checkpoint.state)
             first = checkpoint.round + 1
             log.info("%s: resumed from %s after round %d", self.cfg.node_id, self.cfg.checkpoint_path, checkpoint.round)

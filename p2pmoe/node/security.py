@@ -48,7 +48,7 @@ class CurveSettings:
 
 def _certificate(public: bytes, secret: bytes | None = None) -> bytes:
     """A key file in the ZPL format that `zmq.auth.load_certificate` reads."""
-    stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+    stamp = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC"
     lines = [f"#   ****  Generated on {stamp} by p2pmoe  ****"]
     if secret is None:
         lines.append("#   ZeroMQ CURVE Public Certificate: give it to the peers that should accept this node.")

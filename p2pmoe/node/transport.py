@@ -34,7 +34,8 @@ import dataclasses
 import logging
 import secrets
 from collections import OrderedDict, defaultdict
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -135,7 +136,7 @@ def _zmq_parts(frames: Sequence[bytes | memoryview]) -> tuple[list[bytes | memor
     if not shared:
         shared = [len(frames) - 1]  # libzmq releases the last frame after all earlier ones
     tracked = [zmq.Frame(frames[i], copy=False, track=True) for i in shared]
-    for i, frame in zip(shared, tracked):
+    for i, frame in zip(shared, tracked, strict=True):
         parts[i] = frame
     return parts, (zmq.MessageTracker(*tracked) if tracked else None)
 
@@ -261,7 +262,9 @@ class Transport:
                 self._guard.stop()
             self._context.destroy(linger=0)
             raise
-        self.address: str = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT)
+        assert isinstance(endpoint, bytes)  # LAST_ENDPOINT is a bytes option
+        self.address: str = endpoint.decode()
         self._router_pump = asyncio.create_task(self._pump(self._router, None), name=f"{node_id}-router")
         if not self._guard:
             log.warning(
@@ -473,7 +476,7 @@ class Transport:
         count, received, unyielded = 1, len(header), 0
         more = header.more
         while more and reader is not None and (target := reader.target()) is not None:
-            nbytes = frames.recv_into(target, flags=_NOBLOCK)
+            nbytes = frames.recv_into(cast(Any, target), flags=_NOBLOCK)  # numpy arrays are buffers; its stubs do not say so
             count += 1
             received += nbytes
             unyielded += nbytes
@@ -481,7 +484,7 @@ class Transport:
                 reader.took(nbytes)
             except Exception as exc:
                 failure, reader = _refusal(exc), None
-            more = frames.get(_RCVMORE)
+            more = bool(frames.get(_RCVMORE))
             if unyielded >= YIELD_BYTES:  # other connections and tasks get their turn
                 unyielded = 0
                 await asyncio.sleep(0)
@@ -508,9 +511,14 @@ class Transport:
     ) -> None:
         """Hand a valid message to its waiting request or to recv(); answer an invalid one."""
         if routing_id is None:
+            assert peer is not None  # _pump passes a peer exactly when there is no routing id
             sender = peer
-        else:  # with CURVE, who a ROUTER connection is comes from its key, not its routing id
-            sender = header.get("User-Id") if self._guard else routing_id.decode("utf-8", "backslashreplace")
+        elif self._guard:  # with CURVE, who a ROUTER connection is comes from its key, not its routing id
+            user_id = header.get("User-Id")
+            assert isinstance(user_id, str)  # a message property, always a string
+            sender = user_id
+        else:
+            sender = routing_id.decode("utf-8", "backslashreplace")
         self.bytes_received[sender] += received
         try:
             if isinstance(outcome, ProtocolError):

@@ -160,7 +160,8 @@ class SimNetwork:
         message = send.message
         runner = self.runners.get(send.dst)
         if runner is None:
-            return src, self.runners[src].failed(send.dst, SendFailure(message.kind, message.round, f"no node {send.dst!r} in this run", "unreachable", request_id(message)))
+            failure = SendFailure(message.kind, message.round, f"no node {send.dst!r} in this run", "unreachable", request_id(message))
+            return src, self.runners[src].failed(send.dst, failure)
         frames = encode(src, message, self.limits, self.compression)
         self.ledger.record(message.round, src, send.dst, message.kind.value, *frame_sizes(frames), phase=phase)
         self._deepest[message.round] = max(self._deepest.get(message.round, -1), phase)

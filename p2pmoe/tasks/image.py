@@ -75,8 +75,8 @@ def _global_sample(data: ImageDataset, size: int | None, seed: int) -> tuple[tor
     return data.test_x[keep], data.test_y[keep]
 
 
-def _own_gate(shared: nn.Module, generator: torch.Generator) -> nn.Module:
-    """A view of `shared` (a MoEClassifier) with its own gate: the embedder and the experts are
+def _own_gate(shared: MoEClassifier, generator: torch.Generator) -> MoEClassifier:
+    """A view of `shared` with its own gate: the embedder and the experts are
     the very same modules, so thousands of nodes cost one model's memory."""
     moe = copy.copy(shared.moe)  # a new module object whose submodule table can differ
     moe._modules = dict(shared.moe._modules)
@@ -141,6 +141,8 @@ class ImageTask(Task):
         Memory then grows with the gates (E x d numbers per node), not with the models.
         """
         shared = self.template(cfg, model)
+        if not isinstance(shared, MoEClassifier):
+            raise TypeError(f"accounting without training gives each node its own gate: needs a MoEClassifier, not {type(shared).__name__}")
         return {k: AccountingLearner(_own_gate(shared, torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + k))) for k in indices}
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -84,7 +85,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     array = data.numpy()
     if sys.byteorder == "big":  # the wire is little-endian
         array = array.byteswap()
-    return memoryview(array).cast("B")
+    return memoryview(cast(Any, array)).cast("B")  # numpy arrays are buffers; its stubs do not say so
 
 
 def encode(
@@ -162,7 +163,8 @@ def _check_meta(kind: str, meta: dict[str, Any]) -> None:
 
 def _parse_table(header: dict[str, Any], limits: Limits) -> list[tuple[str, str, list[int], int, int]]:
     table = header.get("tensors")
-    require(isinstance(table, list), "header field 'tensors' must be a list")
+    if not isinstance(table, list):
+        raise ProtocolError("header field 'tensors' must be a list")
     if not (len(table) <= limits.max_tensors):
         raise ProtocolError(f"too many tensors: {len(table)} > {limits.max_tensors}")
     rows = []
@@ -174,7 +176,7 @@ def _parse_table(header: dict[str, Any], limits: Limits) -> list[tuple[str, str,
         if not (isinstance(name, str) and name not in seen):
             raise ProtocolError(f"tensor entry {i}: name must be a unique string")
         seen.add(name)
-        if not (dtype in DTYPES):
+        if dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} not allowed")
         if not (isinstance(shape, list) and len(shape) <= limits.max_dims and all(_is_count(d) for d in shape)):
             raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
@@ -219,7 +221,7 @@ def _decode_header(frame: bytes | memoryview, limits: Limits) -> dict[str, Any]:
 
 
 _ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
-_NUMPY_FLOATS = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "float64": np.dtype("<f8")}
+_NUMPY_FLOATS: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "float64": np.dtype("<f8")}
 _BF16_EXPONENT = 0x7F80  # bfloat16 words whose exponent bits are all set are inf or NaN
 _NO_BYTES = np.empty(0, dtype=np.uint8)
 

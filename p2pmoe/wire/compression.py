@@ -8,7 +8,8 @@ method sees them. The error each scheme introduces is measured by `compression_e
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch

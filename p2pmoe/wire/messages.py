@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 
-class MessageKind(str, Enum):
+class MessageKind(str, Enum):  # noqa: UP042 - StrEnum would change str() and format() of members to the bare value; kept as is
     """Every kind a node may send. The string value is what goes on the wire."""
 
     HELLO = "hello"

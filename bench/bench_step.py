@@ -1,0 +1,163 @@
+"""Epoch time of FMoE-CDSR against Local SASRec on one FKCB domain, measured side by side.
+
+    python bench/bench_step.py --data-root DIR --domain Food --threads 1
+
+Each method is one client model of the size the replication uses (hidden 64, batch 64, 2
+blocks, 4 heads, max length 16 by default) trained by the same `NextItemLearner`. FMoE-CDSR
+runs as in every round after the first: all K branches live, the foreign experts loaded
+(from independently initialised experts; their values do not change the cost) and either
+frozen (the method) or trainable (the "unfrozen" ablation). The methods take turns, one
+epoch each, ``--repeats`` times, so a load change on a shared machine hits all of them alike;
+the table reports the median epoch in CPU seconds of this process (one torch thread: its
+CPU time is its compute, which wall time on a shared machine is not). Writes bench/results/step.json and step.md.
+
+    python bench/bench_step.py --data-root DIR --domain Food --threads 1 --quality 8
+
+``--quality E`` instead trains, on that one domain alone, Local SASRec and a one-branch
+FMoE-CDSR client (foreign branches absent, as in round 1) under each recipe of issue 11
+(official init with the KL term, SASRec init with it, SASRec init without it, μ-only experts) for E epochs
+each, and reports test MRR after the last epoch and at the epoch with the best validation
+MRR. Writes bench/results/fmoe_cdsr_<domain>_one_client.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from p2pmoe.data.feddcsr import load_feddcsr
+from p2pmoe.data.sequences import DomainSequences
+from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem
+from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
+from p2pmoe.report import format_table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def fmoe_model(domains: list[DomainSequences], c: int, args: argparse.Namespace, frozen: bool) -> FMoECDSR:
+    """Client c's model with every foreign branch live, as from round 2 on."""
+    data = domains[c]
+    options = dict(max_len=args.max_len, hidden=args.hidden, dropout=args.dropout)
+    model = FMoECDSR(data.num_items, len(domains), c, transition_adjacency(data.train, data.num_items), **options)
+    for i in range(len(domains)):
+        if i != c:
+            model.set_expert_state(i, model.expert_state(i))
+            model.experts[i].requires_grad_(not frozen)
+    return model
+
+
+RECIPES = {
+    "FMoE-CDSR one branch, official init (N(0,1) embeddings)": {"init": "official", "kl": True},
+    "FMoE-CDSR one branch, SASRec init (N(0,0.02))": {"init": "sasrec", "kl": True},
+    "FMoE-CDSR one branch, SASRec init, no KL": {"init": "sasrec", "kl": False},
+    "FMoE-CDSR one branch, SASRec init, μ only (no σ stack, no KL)": {"init": "sasrec", "vae": False},
+}
+
+
+def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace) -> None:
+    """Test MRR of Local SASRec and of the one-branch recipes after ``args.quality`` epochs."""
+    data = domains[c]
+    adjacency = transition_adjacency(data.train, data.num_items)
+    builders: dict[str, Callable[[], torch.nn.Module]] = {
+        "Local SASRec": lambda: SASRecNextItem(data.num_items, args.max_len, args.hidden, heads=4, blocks=2, dropout=args.dropout),
+        **{name: (lambda o=options: FMoECDSR(data.num_items, len(domains), c, adjacency, max_len=args.max_len,
+                                             hidden=args.hidden, dropout=args.dropout, **o))
+           for name, options in RECIPES.items()},
+    }
+    rows = []
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        learner = NextItemLearner(build(), data, args.max_len, batch_size=args.batch_size, num_negatives=999)
+        history = []
+        for _ in range(args.quality):
+            learner.train(1)
+            history.append(learner.evaluate())
+        best = max(range(len(history)), key=lambda e: history[e]["valid_mrr"])
+        rows.append({"method": name, "test MRR % last": 100 * history[-1]["mrr"], "test MRR % best valid": 100 * history[best]["mrr"],
+                     "best epoch": best + 1, "HR@10 % last": 100 * history[-1]["hr@10"],
+                     "valid MRR % by epoch": " ".join(f"{100 * h['valid_mrr']:.1f}" for h in history)})
+        print(rows[-1], flush=True)
+    setting = (f"FKCB {data.name} alone ({len(data.train)} training sequences, {data.num_items} items), {args.quality} epochs, "
+               f"batch {args.batch_size}, Adam lr 1e-3 betas (0.9, 0.98), hidden {args.hidden}, 2 blocks, 4 heads, dropout "
+               f"{args.dropout}, max length {args.max_len}, seed 0, 999 sampled negatives (seed 0); FMoE-CDSR: client "
+               f"{c} of {len(domains)} with the foreign branches absent, contrastive weight 0.1, KL annealed min(1, step/10000)")
+    command = (f"python bench/bench_step.py --data-root DIR --domain {data.name} --hidden {args.hidden} "
+               f"--batch-size {args.batch_size} --threads {args.threads} --quality {args.quality}")
+    text = (f"# One client, own branch only: FMoE-CDSR recipes against Local SASRec\n\n{setting}\n\nCommand: `{command}`\n\n"
+            f"```\n{format_table(rows, list(rows[0]))}\n```\n")
+    print(text)
+    stem = f"fmoe_cdsr_{data.name.lower()}_one_client"
+    atomic_write_json(RESULTS / f"{stem}.json", {"setting": setting, "command": command, "rows": rows})
+    atomic_write_bytes(RESULTS / f"{stem}.md", text.encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="FedDCSR-format FKCB folder")
+    parser.add_argument("--domain", default="Food")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per method (median reported)")
+    parser.add_argument("--name", default="step", help="results file stem")
+    parser.add_argument("--quality", type=int, default=0, metavar="EPOCHS", help="train the one-branch recipes this long instead of timing")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    domains = load_feddcsr(args.data_root)
+    c = [d.name for d in domains].index(args.domain)
+    data = domains[c]
+    if args.quality:
+        quality(domains, c, args)
+        return
+
+    def learner(model: torch.nn.Module) -> NextItemLearner:
+        return NextItemLearner(model, data, args.max_len, batch_size=args.batch_size, num_negatives=999)
+
+    torch.manual_seed(0)
+    builders: dict[str, Callable[[], torch.nn.Module]] = {
+        "Local SASRec": lambda: SASRecNextItem(data.num_items, args.max_len, args.hidden, heads=4, blocks=2, dropout=args.dropout),
+        "FMoE-CDSR": lambda: fmoe_model(domains, c, args, frozen=True),
+        "FMoE-CDSR unfrozen": lambda: fmoe_model(domains, c, args, frozen=False),
+    }
+    learners = {name: learner(build()) for name, build in builders.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in learners}
+    for name, lrn in learners.items():  # warm-up epoch, not timed (allocator, lazy init)
+        lrn.train(1)
+    for _ in range(args.repeats):
+        for name, lrn in learners.items():
+            started = time.process_time()
+            lrn.train(1)
+            seconds[name].append(time.process_time() - started)
+    base = statistics.median(seconds["Local SASRec"])
+    steps = -(-len(data.train) // args.batch_size)
+    rows = [
+        {"method": name, "epoch CPU s": statistics.median(t), "CPU ms/step": 1e3 * statistics.median(t) / steps,
+         "x Local SASRec": statistics.median(t) / base, "epochs s (all)": " ".join(f"{x:.1f}" for x in t)}
+        for name, t in seconds.items()
+    ]
+    setting = (f"FKCB {args.domain} ({len(data.train)} training sequences, {data.num_items} items, {steps} steps/epoch), "
+               f"{len(domains)} domains (FMoE-CDSR: all {len(domains)} branches live, the model's defaults: SASRec init, no KL "
+               f"term, so the log σ² stacks are not run; contrastive weight 0.1), hidden {args.hidden}, batch {args.batch_size}, 2 blocks, 4 heads, max length "
+               f"{args.max_len}, dropout {args.dropout}, {args.threads} torch thread(s), torch {torch.__version__}, "
+               f"{platform.processor() or platform.machine()}; process CPU seconds, median of {args.repeats} epochs after "
+               f"one warm-up epoch, methods interleaved")
+    command = (f"python bench/bench_step.py --data-root DIR --domain {args.domain} --hidden {args.hidden} "
+               f"--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}")
+    text = f"# Epoch time per method\n\n{setting}\n\nCommand: `{command}`\n\n```\n{format_table(rows, list(rows[0]))}\n```\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS / f"{args.name}.json", {"setting": setting, "command": command, "rows": rows})
+    atomic_write_bytes(RESULTS / f"{args.name}.md", text.encode())
+
+
+if __name__ == "__main__":
+    main()
