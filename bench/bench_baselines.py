@@ -42,9 +42,11 @@ def main() -> None:
         summaries.append(run_simulation(for_method(base, method, f"runs/bench_baselines/{method}")))
     run, task = resolve(base).run, base.task
     assert isinstance(task, ImageOptions)  # checked above
-    setting = (f"{run.data}, {run.nodes} nodes, partition {run.partition}, {run.rounds} rounds, "
-               f"{run.local_epochs} local epoch(s), batch {run.batch_size}, SGD lr {run.lr} momentum {task.momentum}, "
-               f"{task.experts} experts, embed {task.embed_dim}, expert hidden {task.expert_hidden}, seed {run.seed}")
+    setting = (
+        f"{run.data}, {run.nodes} nodes, partition {run.partition}, {run.rounds} rounds, "
+        f"{run.local_epochs} local epoch(s), batch {run.batch_size}, SGD lr {run.lr} momentum {task.momentum}, "
+        f"{task.experts} experts, embed {task.embed_dim}, expert hidden {task.expert_hidden}, seed {run.seed}"
+    )
     table = format_table([summary_row(s) for s in summaries], list(summary_row(summaries[0])))
     print(setting)
     print(table)

@@ -46,9 +46,11 @@ def main() -> None:
         row["metrics"].update({"weight_rel_l2": error["rel_l2"], "weight_max_abs": error["max_abs"]})
         line.update({"rel L2 err": error["rel_l2"], "max abs err": error["max_abs"]})
     run = base.run
-    setting = (f"FedAvg on {run.data}, {run.nodes} nodes, partition {run.partition}, {run.rounds} rounds, "
-               f"max {run.max_train_per_node} train examples per node, seed {run.seed}; weight errors measured on "
-               f"node-00's model after {run.rounds} epochs of local training")
+    setting = (
+        f"FedAvg on {run.data}, {run.nodes} nodes, partition {run.partition}, {run.rounds} rounds, "
+        f"max {run.max_train_per_node} train examples per node, seed {run.seed}; weight errors measured on "
+        f"node-00's model after {run.rounds} epochs of local training"
+    )
     text = format_table(table, list(table[0]))
     print(setting)
     print(text)

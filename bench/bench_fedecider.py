@@ -80,8 +80,17 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for method in args.methods.split(","):
         cfg = with_options(
-            default_config(method=method, data="ml-1m-text", rounds=args.rounds, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           threads=1, device="cpu", out=f"{args.out}/{method}"),
+            default_config(
+                method=method,
+                data="ml-1m-text",
+                rounds=args.rounds,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                threads=1,
+                device="cpu",
+                out=f"{args.out}/{method}",
+            ),
             task_options=task,
         )
         cpu, wall = time.process_time(), time.time()
@@ -89,8 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         row = bench_row(summary)
         row.update(per_node=summary["per_node"], selection_round=summary["selection"]["round"], cpu_seconds=round(time.process_time() - cpu, 1))
         rows.append(row)
-        print(f"{method}: mean ndcg@5 {row['metrics']['ndcg@5']:.4f} hr@5 {row['metrics']['hr@5']:.4f} "
-              f"({time.time() - wall:.0f} s wall, {row['cpu_seconds']:.0f} s CPU)", flush=True)
+        print(
+            f"{method}: mean ndcg@5 {row['metrics']['ndcg@5']:.4f} hr@5 {row['metrics']['hr@5']:.4f} "
+            f"({time.time() - wall:.0f} s wall, {row['cpu_seconds']:.0f} s CPU)",
+            flush=True,
+        )
         atomic_write_json(RESULTS / f"{args.name}.json", {"command": command, "rows": rows})
         write_table(rows, args, command)
 
@@ -108,6 +120,7 @@ def write_table(rows: list[dict[str, Any]], args: argparse.Namespace, command: s
     text = f"# FeDecider on MovieLens-1M titles\n\nSetting: {setting}\n\nCommand: `{command}`\n\n```\n{table}\n```\n"
     atomic_write_bytes(RESULTS / f"{args.name}.md", text.encode())
     print(text)
+
 
 if __name__ == "__main__":
     main()

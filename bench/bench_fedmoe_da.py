@@ -96,17 +96,18 @@ def main() -> None:
                     curves.append(load_run(out, label))
         metric_vs_bytes(curves, args.results, f"{args.name}_alpha{alpha}.png")
         text.append(
-            f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n"
-            f"![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n"
+            f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n"
         )
         print(text[-1])
     run, task, fedmoe = resolve(base).run, base.task, variant(base, "fedmoe-da", {}).method.to_dict()
     assert isinstance(task, ImageOptions)  # checked above
-    setting = (f"{run.data}, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
-               f"SGD lr {run.lr} momentum {task.momentum}, max {run.max_train_per_node} train examples per node, "
-               f"MoE: CNN φ (embed {task.embed_dim}), {task.experts} experts (hidden {task.expert_hidden}), {task.gate} gate; "
-               f"FedMoE-DA P={fedmoe['p']}, τ={fedmoe['tau']}, I={fedmoe['interval']}, hops {run.hops}; "
-               f"links {run.link_bandwidth / 1e6:g} Mbit/s, {run.link_latency * 1e3:g} ms; seed {run.seed}")
+    setting = (
+        f"{run.data}, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
+        f"SGD lr {run.lr} momentum {task.momentum}, max {run.max_train_per_node} train examples per node, "
+        f"MoE: CNN φ (embed {task.embed_dim}), {task.experts} experts (hidden {task.expert_hidden}), {task.gate} gate; "
+        f"FedMoE-DA P={fedmoe['p']}, τ={fedmoe['tau']}, I={fedmoe['interval']}, hops {run.hops}; "
+        f"links {run.link_bandwidth / 1e6:g} Mbit/s, {run.link_latency * 1e3:g} ms; seed {run.seed}"
+    )
     command = rerun_command("bench/bench_fedmoe_da.py", args, skip=("results",), parser=parser)
     atomic_write_json(args.results / f"{args.name}.json", rows)
     report = f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)

@@ -19,9 +19,10 @@ import multiprocessing
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
 from p2pmoe.experiment import build_experiment
@@ -46,8 +47,7 @@ PAPER_FKCB = [
     {"method": "paper: FedSASRec", "MRR %": 2.94, "HR@10 %": 5.88, "NDCG@10 %": 3.36},
     {"method": "paper: FedContrastVAE", "MRR %": 11.84, "HR@10 %": 20.18, "NDCG@10 %": 13.19},
     {"method": "paper: LocalContrastVAE", "MRR %": 12.11},
-    {"method": "paper: FedDCSR", "MRR %": 15.24, "HR@10 %": 26.07, "NDCG@10 %": 17.23,
-     "Food": 28.87, "Kitchen": 11.37, "Clothing": 1.99, "Beauty": 18.73},
+    {"method": "paper: FedDCSR", "MRR %": 15.24, "HR@10 %": 26.07, "NDCG@10 %": 17.23, "Food": 28.87, "Kitchen": 11.37, "Clothing": 1.99, "Beauty": 18.73},
 ]
 
 
@@ -75,8 +75,7 @@ def client_traffic(run_folder: Path) -> dict[int, dict[str, dict[str, int]]]:
 def expert_traffic_check(traffic: dict[int, dict[str, dict[str, int]]], rounds: int, clients: int, expert_bytes: int) -> bool:
     """Every round, every client uploaded exactly one expert and downloaded exactly K-1."""
     return all(
-        len(traffic.get(r, {})) == clients
-        and all(t["up"] == expert_bytes and t["down"] == expert_bytes * (clients - 1) for t in traffic[r].values())
+        len(traffic.get(r, {})) == clients and all(t["up"] == expert_bytes and t["down"] == expert_bytes * (clients - 1) for t in traffic[r].values())
         for r in range(rounds)
     )
 
@@ -163,8 +162,10 @@ def main() -> None:
     configs = {m: with_options(base, method=m, out=f"{runs}/{m}") for m in methods}
 
     started = time.perf_counter()
-    print(f"running {len(configs)} methods on {run.data} ({', '.join(domains)}), {args.jobs} at a time; "
-          f"per-round metrics in {runs}/<method>/metrics.jsonl", flush=True)
+    print(
+        f"running {len(configs)} methods on {run.data} ({', '.join(domains)}), {args.jobs} at a time; per-round metrics in {runs}/<method>/metrics.jsonl",
+        flush=True,
+    )
     outcomes: dict[str, dict[str, Any] | Exception] = {}
     for method, outcome in run_all(configs, args.jobs):
         outcomes[method] = outcome
@@ -183,33 +184,44 @@ def main() -> None:
             table.append({"method": f"{LABELS[method]}: FAILED ({outcome})"})
             continue
         traffic = client_traffic(Path(configs[method].run.out))
-        rows.append({**bench_row(outcome), "label": LABELS[method], "cpu_seconds": outcome["cpu_seconds"],
-                     "selected_round": outcome["selection"]["round"],
-                     "per_domain": {d: outcome["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
-                     "payload_bytes_by_round": traffic})
+        rows.append(
+            {
+                **bench_row(outcome),
+                "label": LABELS[method],
+                "cpu_seconds": outcome["cpu_seconds"],
+                "selected_round": outcome["selection"]["round"],
+                "per_domain": {d: outcome["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
+                "payload_bytes_by_round": traffic,
+            }
+        )
         table.append(table_row(outcome, domains, traffic))
         if method.startswith("fmoe-cdsr"):
             ok = expert_traffic_check(traffic, run.rounds, len(domains), expert_bytes)
-            checks.append(f"- {method}: in each of the {run.rounds} rounds every client uploaded {expert_bytes:,} B and "
-                          f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}")
+            checks.append(
+                f"- {method}: in each of the {run.rounds} rounds every client uploaded {expert_bytes:,} B and "
+                f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}"
+            )
     if run.data == "fkcb":
         table += PAPER_FKCB
     columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "up KB/client/round", "down KB/client/round", "best round", "wall min", "CPU min"]
     rendered = format_table(table, columns)
     stacks = "μ and log σ² stacks" if fmoe.encoder == "vae" else "μ stack only"
-    setting = (f"{run.data} ({', '.join(domains)}), one client per domain; {run.rounds} rounds x {run.local_epochs} local epoch(s), "
-               f"batch {run.batch_size}, Adam lr {run.lr} betas (0.9, 0.98), hidden {task.embed_dim}, {task.blocks} blocks, {task.heads} heads, "
-               f"dropout {task.dropout}, max length {task.max_len}, {task.negatives} sampled negatives; FMoE-CDSR encoder "
-               f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, contrastive weight {fmoe.contrastive_weight}; "
-               f"seed {run.seed}; {args.jobs} method(s) at a time, {run.threads or 'all'} torch thread(s) each; "
-               f"wall time of the whole benchmark {wall / 60:.1f} min")
+    setting = (
+        f"{run.data} ({', '.join(domains)}), one client per domain; {run.rounds} rounds x {run.local_epochs} local epoch(s), "
+        f"batch {run.batch_size}, Adam lr {run.lr} betas (0.9, 0.98), hidden {task.embed_dim}, {task.blocks} blocks, {task.heads} heads, "
+        f"dropout {task.dropout}, max length {task.max_len}, {task.negatives} sampled negatives; FMoE-CDSR encoder "
+        f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, contrastive weight {fmoe.contrastive_weight}; "
+        f"seed {run.seed}; {args.jobs} method(s) at a time, {run.threads or 'all'} torch thread(s) each; "
+        f"wall time of the whole benchmark {wall / 60:.1f} min"
+    )
     command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results",), parser=parser)
-    text = (f"# FMoE-CDSR replication on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
-            f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
-            f"per-domain columns are MRR. Bytes are tensor payload (headers excluded), mean per client per round; "
-            f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{rendered}\n```\n\n"
-            f"One expert ({stacks}, hidden {task.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n"
-            + "\n".join(checks) + "\n")
+    text = (
+        f"# FMoE-CDSR replication on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
+        f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
+        f"per-domain columns are MRR. Bytes are tensor payload (headers excluded), mean per client per round; "
+        f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{rendered}\n```\n\n"
+        f"One expert ({stacks}, hidden {task.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n" + "\n".join(checks) + "\n"
+    )
     print(text)
     atomic_write_json(args.results / f"{name}.json", rows)
     atomic_write_bytes(args.results / f"{name}.md", text.encode())

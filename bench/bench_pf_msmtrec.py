@@ -102,28 +102,39 @@ def main() -> None:
             continue
         outcome["out"] = configs[key].run.out
         row = table_row(label, outcome, names, found[0].tasks, run.rounds)
-        rows.append({**bench_row(outcome), "variant": key, "label": label, "cpu_seconds": outcome["cpu_seconds"],
-                     "selected_round": outcome["selection"]["round"],
-                     "per_scenario": {n: outcome["per_node"][f"node-{k:02d}"] for k, n in enumerate(names)},
-                     "payload_kb_per_client_round": row["KB/client/round"]})
+        rows.append(
+            {
+                **bench_row(outcome),
+                "variant": key,
+                "label": label,
+                "cpu_seconds": outcome["cpu_seconds"],
+                "selected_round": outcome["selection"]["round"],
+                "per_scenario": {n: outcome["per_node"][f"node-{k:02d}"] for k, n in enumerate(names)},
+                "payload_kb_per_client_round": row["KB/client/round"],
+            }
+        )
         table.append(row)
     tasks = found[0].tasks
     columns = ["method", *(f"AUC {t}" for t in tasks), "AUC mean", *names, "KB/client/round", "best round", "CPU min"]
     sizes = ", ".join(f"{s.name} {len(s.train_idx):,}/{len(s.test_idx):,}" for s in found)
     pf = base.method
-    setting = (f"{run.data}: one client per age group; rows train/test per scenario: {sizes} "
-               f"({task.users_per_scenario or 'all'} users per scenario, {task.neg_per_pos} sampled negative per rating, "
-               f"{task.valid_fraction:.0%} of training rows for validation); {run.rounds} rounds x {run.local_epochs} local epoch(s), "
-               f"batch {run.batch_size}, Adam lr {run.lr}; MMoE: embeddings {task.embed_dim}, {task.experts} experts of "
-               f"{task.expert_layers}x{task.expert_hidden}, towers {task.tower_hidden}, expert BatchNorm {task.expert_norm}; "
-               f"PF-MSMTrec: {pf.to_dict()}; seed {run.seed}; {args.jobs} variant(s) at a time, "
-               f"{run.threads or 'all'} torch thread(s) each; wall time of the whole benchmark {wall / 60:.1f} min")
+    setting = (
+        f"{run.data}: one client per age group; rows train/test per scenario: {sizes} "
+        f"({task.users_per_scenario or 'all'} users per scenario, {task.neg_per_pos} sampled negative per rating, "
+        f"{task.valid_fraction:.0%} of training rows for validation); {run.rounds} rounds x {run.local_epochs} local epoch(s), "
+        f"batch {run.batch_size}, Adam lr {run.lr}; MMoE: embeddings {task.embed_dim}, {task.experts} experts of "
+        f"{task.expert_layers}x{task.expert_hidden}, towers {task.tower_hidden}, expert BatchNorm {task.expert_norm}; "
+        f"PF-MSMTrec: {pf.to_dict()}; seed {run.seed}; {args.jobs} variant(s) at a time, "
+        f"{run.threads or 'all'} torch thread(s) each; wall time of the whole benchmark {wall / 60:.1f} min"
+    )
     command = rerun_command("bench/bench_pf_msmtrec.py", args, skip=("results",), parser=parser)
     rendered = format_table(table, columns)
-    text = (f"# PF-MSMTrec on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
-            f"Test AUC at the round with the best mean validation AUC (best round, counted from 1); task columns and "
-            f"AUC mean are means over scenarios; scenario columns are {' / '.join(tasks)} AUC. KB/client/round is tensor "
-            f"payload sent plus received. CPU min is each variant's own CPU time.\n\n```\n{rendered}\n```\n")
+    text = (
+        f"# PF-MSMTrec on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
+        f"Test AUC at the round with the best mean validation AUC (best round, counted from 1); task columns and "
+        f"AUC mean are means over scenarios; scenario columns are {' / '.join(tasks)} AUC. KB/client/round is tensor "
+        f"payload sent plus received. CPU min is each variant's own CPU time.\n\n```\n{rendered}\n```\n"
+    )
     print(text)
     atomic_write_json(args.results / f"{args.name}.json", rows)
     atomic_write_bytes(args.results / f"{args.name}.md", text.encode())

@@ -67,9 +67,10 @@ def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace) ->
     adjacency = transition_adjacency(data.train, data.num_items)
     builders: dict[str, Callable[[], torch.nn.Module]] = {
         "Local SASRec": lambda: SASRecNextItem(data.num_items, args.max_len, args.hidden, heads=4, blocks=2, dropout=args.dropout),
-        **{name: (lambda o=options: FMoECDSR(data.num_items, len(domains), c, adjacency, max_len=args.max_len,
-                                             hidden=args.hidden, dropout=args.dropout, **o))
-           for name, options in RECIPES.items()},
+        **{
+            name: (lambda o=options: FMoECDSR(data.num_items, len(domains), c, adjacency, max_len=args.max_len, hidden=args.hidden, dropout=args.dropout, **o))
+            for name, options in RECIPES.items()
+        },
     }
     rows = []
     for name, build in builders.items():
@@ -80,18 +81,31 @@ def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace) ->
             learner.train(1)
             history.append(learner.evaluate())
         best = max(range(len(history)), key=lambda e: history[e]["valid_mrr"])
-        rows.append({"method": name, "test MRR % last": 100 * history[-1]["mrr"], "test MRR % best valid": 100 * history[best]["mrr"],
-                     "best epoch": best + 1, "HR@10 % last": 100 * history[-1]["hr@10"],
-                     "valid MRR % by epoch": " ".join(f"{100 * h['valid_mrr']:.1f}" for h in history)})
+        rows.append(
+            {
+                "method": name,
+                "test MRR % last": 100 * history[-1]["mrr"],
+                "test MRR % best valid": 100 * history[best]["mrr"],
+                "best epoch": best + 1,
+                "HR@10 % last": 100 * history[-1]["hr@10"],
+                "valid MRR % by epoch": " ".join(f"{100 * h['valid_mrr']:.1f}" for h in history),
+            }
+        )
         print(rows[-1], flush=True)
-    setting = (f"FKCB {data.name} alone ({len(data.train)} training sequences, {data.num_items} items), {args.quality} epochs, "
-               f"batch {args.batch_size}, Adam lr 1e-3 betas (0.9, 0.98), hidden {args.hidden}, 2 blocks, 4 heads, dropout "
-               f"{args.dropout}, max length {args.max_len}, seed 0, 999 sampled negatives (seed 0); FMoE-CDSR: client "
-               f"{c} of {len(domains)} with the foreign branches absent, contrastive weight 0.1, KL annealed min(1, step/10000)")
-    command = (f"python bench/bench_step.py --data-root DIR --domain {data.name} --hidden {args.hidden} "
-               f"--batch-size {args.batch_size} --threads {args.threads} --quality {args.quality}")
-    text = (f"# One client, own branch only: FMoE-CDSR recipes against Local SASRec\n\n{setting}\n\nCommand: `{command}`\n\n"
-            f"```\n{format_table(rows, list(rows[0]))}\n```\n")
+    setting = (
+        f"FKCB {data.name} alone ({len(data.train)} training sequences, {data.num_items} items), {args.quality} epochs, "
+        f"batch {args.batch_size}, Adam lr 1e-3 betas (0.9, 0.98), hidden {args.hidden}, 2 blocks, 4 heads, dropout "
+        f"{args.dropout}, max length {args.max_len}, seed 0, 999 sampled negatives (seed 0); FMoE-CDSR: client "
+        f"{c} of {len(domains)} with the foreign branches absent, contrastive weight 0.1, KL annealed min(1, step/10000)"
+    )
+    command = (
+        f"python bench/bench_step.py --data-root DIR --domain {data.name} --hidden {args.hidden} "
+        f"--batch-size {args.batch_size} --threads {args.threads} --quality {args.quality}"
+    )
+    text = (
+        f"# One client, own branch only: FMoE-CDSR recipes against Local SASRec\n\n{setting}\n\nCommand: `{command}`\n\n"
+        f"```\n{format_table(rows, list(rows[0]))}\n```\n"
+    )
     print(text)
     stem = f"fmoe_cdsr_{data.name.lower()}_one_client"
     atomic_write_json(RESULTS / f"{stem}.json", {"setting": setting, "command": command, "rows": rows})
@@ -130,7 +144,7 @@ def main() -> None:
     }
     learners = {name: learner(build()) for name, build in builders.items()}
     seconds: dict[str, list[float]] = {name: [] for name in learners}
-    for name, lrn in learners.items():  # warm-up epoch, not timed (allocator, lazy init)
+    for lrn in learners.values():  # warm-up epoch, not timed (allocator, lazy init)
         lrn.train(1)
     for _ in range(args.repeats):
         for name, lrn in learners.items():
@@ -140,18 +154,27 @@ def main() -> None:
     base = statistics.median(seconds["Local SASRec"])
     steps = -(-len(data.train) // args.batch_size)
     rows = [
-        {"method": name, "epoch CPU s": statistics.median(t), "CPU ms/step": 1e3 * statistics.median(t) / steps,
-         "x Local SASRec": statistics.median(t) / base, "epochs s (all)": " ".join(f"{x:.1f}" for x in t)}
+        {
+            "method": name,
+            "epoch CPU s": statistics.median(t),
+            "CPU ms/step": 1e3 * statistics.median(t) / steps,
+            "x Local SASRec": statistics.median(t) / base,
+            "epochs s (all)": " ".join(f"{x:.1f}" for x in t),
+        }
         for name, t in seconds.items()
     ]
-    setting = (f"FKCB {args.domain} ({len(data.train)} training sequences, {data.num_items} items, {steps} steps/epoch), "
-               f"{len(domains)} domains (FMoE-CDSR: all {len(domains)} branches live, the model's defaults: SASRec init, no KL "
-               f"term, so the log σ² stacks are not run; contrastive weight 0.1), hidden {args.hidden}, batch {args.batch_size}, 2 blocks, 4 heads, max length "
-               f"{args.max_len}, dropout {args.dropout}, {args.threads} torch thread(s), torch {torch.__version__}, "
-               f"{platform.processor() or platform.machine()}; process CPU seconds, median of {args.repeats} epochs after "
-               f"one warm-up epoch, methods interleaved")
-    command = (f"python bench/bench_step.py --data-root DIR --domain {args.domain} --hidden {args.hidden} "
-               f"--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}")
+    setting = (
+        f"FKCB {args.domain} ({len(data.train)} training sequences, {data.num_items} items, {steps} steps/epoch), "
+        f"{len(domains)} domains (FMoE-CDSR: all {len(domains)} branches live, the model's defaults: SASRec init, no KL "
+        f"term, so the log σ² stacks are not run; contrastive weight 0.1), hidden {args.hidden}, batch {args.batch_size}, 2 blocks, 4 heads, max length "
+        f"{args.max_len}, dropout {args.dropout}, {args.threads} torch thread(s), torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}; process CPU seconds, median of {args.repeats} epochs after "
+        f"one warm-up epoch, methods interleaved"
+    )
+    command = (
+        f"python bench/bench_step.py --data-root DIR --domain {args.domain} --hidden {args.hidden} "
+        f"--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}"
+    )
     text = f"# Epoch time per method\n\n{setting}\n\nCommand: `{command}`\n\n```\n{format_table(rows, list(rows[0]))}\n```\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

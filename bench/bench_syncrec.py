@@ -56,9 +56,20 @@ def run_variant(args: argparse.Namespace, method: str, changes: dict[str, Any], 
         users=args.users, embed_dim=args.embed_dim, max_len=args.max_len, negatives_from=args.negatives_from, cross_expert_ratio=args.cross_expert_ratio
     )
     cfg = with_options(
-        default_config(data=args.data, method=method, nodes=args.nodes, rounds=args.rounds, eval_every=args.eval_every,
-                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=1, out=str(out)),
-        task_options=task_options, method_options=method_options,
+        default_config(
+            data=args.data,
+            method=method,
+            nodes=args.nodes,
+            rounds=args.rounds,
+            eval_every=args.eval_every,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            threads=1,
+            out=str(out),
+        ),
+        task_options=task_options,
+        method_options=method_options,
     )
     start, cpu = time.time(), time.process_time()
     summary = run_simulation(cfg, progress=False)
@@ -86,17 +97,23 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     if {"SyNCRec", "SASRec per domain (single)", "SASRec merged (cross)"} <= set(mrr):
         syn, single, cross = mrr["SyNCRec"], mrr["SASRec per domain (single)"], mrr["SASRec merged (cross)"]
-        out.append(f"SyNCRec mean MRR {100 * syn['mrr']:.2f} vs single {100 * single['mrr']:.2f} and cross {100 * cross['mrr']:.2f}: "
-                   f"{'above both' if syn['mrr'] > max(single['mrr'], cross['mrr']) else 'NOT above both'}")
+        out.append(
+            f"SyNCRec mean MRR {100 * syn['mrr']:.2f} vs single {100 * single['mrr']:.2f} and cross {100 * cross['mrr']:.2f}: "
+            f"{'above both' if syn['mrr'] > max(single['mrr'], cross['mrr']) else 'NOT above both'}"
+        )
         gaps = {d: single[f"{d}/mrr"] - cross[f"{d}/mrr"] for d in DOMAINS}
         worst = max(gaps, key=lambda d: gaps[d])
         if gaps[worst] > 0:
             closed = (syn[f"{worst}/mrr"] - cross[f"{worst}/mrr"]) / gaps[worst]
-            out.append(f"negative-transfer domain (cross SASRec furthest below single SASRec): {worst}, gap {100 * gaps[worst]:.2f} MRR points; "
-                       f"SyNCRec closes {100 * closed:.0f} % of it (target: at least 50 %)")
+            out.append(
+                f"negative-transfer domain (cross SASRec furthest below single SASRec): {worst}, gap {100 * gaps[worst]:.2f} MRR points; "
+                f"SyNCRec closes {100 * closed:.0f} % of it (target: at least 50 %)"
+            )
         else:
-            out.append(f"no negative-transfer domain: cross SASRec is at or above single SASRec in every domain (closest: {worst}, "
-                       f"cross {100 * -gaps[worst]:.2f} MRR points above single); SyNCRec there {100 * syn[f'{worst}/mrr']:.2f}")
+            out.append(
+                f"no negative-transfer domain: cross SASRec is at or above single SASRec in every domain (closest: {worst}, "
+                f"cross {100 * -gaps[worst]:.2f} MRR points above single); SyNCRec there {100 * syn[f'{worst}/mrr']:.2f}"
+            )
         for label in ("SyNCRec w/o LC-NTG", "SyNCRec w/o SC-MIM", "SyNCRec w/o stop-gradients"):
             if label in mrr:
                 delta = 100 * (mrr[label]["mrr"] - syn["mrr"])
@@ -105,8 +122,10 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
     if {"Local SyNCRec", "FedAvg SyNCRec", "FedMoE-DA over SyNCRec experts"} <= set(mrr):
         fed, local = mrr["FedMoE-DA over SyNCRec experts"]["mrr"], mrr["Local SyNCRec"]["mrr"]
         share = byts["FedMoE-DA over SyNCRec experts"] / byts["FedAvg SyNCRec"]
-        out.append(f"FedMoE-DA mean MRR {100 * fed:.2f} vs Local {100 * local:.2f} ({'at or above' if fed >= local else 'BELOW'}); "
-                   f"bytes per node per round {100 * share:.1f} % of FedAvg's (target: at most 25 %)")
+        out.append(
+            f"FedMoE-DA mean MRR {100 * fed:.2f} vs Local {100 * local:.2f} ({'at or above' if fed >= local else 'BELOW'}); "
+            f"bytes per node per round {100 * share:.1f} % of FedAvg's (target: at most 25 %)"
+        )
     return out
 
 
@@ -163,7 +182,9 @@ def write_results(name: str, command: str, setting: str, rows: list[dict[str, An
         "Metrics in %, test split (leave-one-out, 1 positive + 100 negatives), at the evaluated round with the best mean validation MRR; "
         "per-domain columns are MRR by the domain of the target item; MRR/HR/NDCG are the unweighted mean over the five domains. "
         "KB/node/round: encoded bytes a client sends plus receives per round. CPU min: this process's CPU time (the machine was shared).\n\n```\n"
-        + table(rows) + "\n```\n\n" + "".join(f"- {line}\n" for line in findings(rows))
+        + table(rows)
+        + "\n```\n\n"
+        + "".join(f"- {line}\n" for line in findings(rows))
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / f"{name}.json", {"command": command, "setting": setting, "rows": rows})
@@ -174,6 +195,7 @@ def render(name: str) -> None:
     """Rewrite <name>.md from <name>.json (after the table or the findings changed)."""
     saved = json.loads((RESULTS / f"{name}.json").read_text())
     write_results(name, saved["command"], saved["setting"], saved["rows"])
+
 
 if __name__ == "__main__":
     main()

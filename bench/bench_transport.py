@@ -135,25 +135,27 @@ async def _transfers(sizes_mib: list[int], sender: Transport, receiver: Transpor
             rates = {m: payload_bytes / 1e6 / statistics.median(t) for m, t in times.items()}
             for method, seconds in times.items():
                 header = header_bytes if method == "p2pmoe-transport" else 0
-                rows.append({
-                    "method": method,
-                    "data": "synthetic-bytes",
-                    "test": f"transfer {size} MiB",
-                    "metrics": {
-                        "mb_per_s": rates[method],
-                        "ratio_to_fair": rates[method] / rates["fair-limit"],
-                        "ratio_to_raw": rates[method] / rates["raw-pyzmq"],
-                        "mb_per_s_min": payload_bytes / 1e6 / max(seconds),
-                        "mb_per_s_max": payload_bytes / 1e6 / min(seconds),
-                    },
-                    "bytes": {
-                        "payload_per_message": payload_bytes,
-                        "header_per_message": header,
-                        "messages": len(seconds),
-                        "total": len(seconds) * (payload_bytes + header),
-                    },
-                    "setting": {"tensor_mib": size, "repeats": len(seconds), "frame_bytes": frame_bytes, "frames": len(frames)},
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "data": "synthetic-bytes",
+                        "test": f"transfer {size} MiB",
+                        "metrics": {
+                            "mb_per_s": rates[method],
+                            "ratio_to_fair": rates[method] / rates["fair-limit"],
+                            "ratio_to_raw": rates[method] / rates["raw-pyzmq"],
+                            "mb_per_s_min": payload_bytes / 1e6 / max(seconds),
+                            "mb_per_s_max": payload_bytes / 1e6 / min(seconds),
+                        },
+                        "bytes": {
+                            "payload_per_message": payload_bytes,
+                            "header_per_message": header,
+                            "messages": len(seconds),
+                            "total": len(seconds) * (payload_bytes + header),
+                        },
+                        "setting": {"tensor_mib": size, "repeats": len(seconds), "frame_bytes": frame_bytes, "frames": len(frames)},
+                    }
+                )
     finally:
         for context in contexts:
             context.destroy(linger=0)
@@ -307,16 +309,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         m = row["metrics"]
-        lines.append({
-            "test": row["test"],
-            "method": row["method"],
-            "MB/s": f"{m['mb_per_s']:,.0f}" if "mb_per_s" in m else "",
-            "x fair": f"{m['ratio_to_fair']:.2f}" if "ratio_to_fair" in m else "",
-            "x raw": f"{m['ratio_to_raw']:.2f}" if "ratio_to_raw" in m else "",
-            "p50 µs": f"{m['p50_us']:.0f}" if "p50_us" in m else "",
-            "p99 µs": f"{m['p99_us']:.0f}" if "p99_us" in m else "",
-            "x raw asyncio": f"{m['ratio_to_raw_asyncio']:.2f}" if "ratio_to_raw_asyncio" in m else "",
-        })
+        lines.append(
+            {
+                "test": row["test"],
+                "method": row["method"],
+                "MB/s": f"{m['mb_per_s']:,.0f}" if "mb_per_s" in m else "",
+                "x fair": f"{m['ratio_to_fair']:.2f}" if "ratio_to_fair" in m else "",
+                "x raw": f"{m['ratio_to_raw']:.2f}" if "ratio_to_raw" in m else "",
+                "p50 µs": f"{m['p50_us']:.0f}" if "p50_us" in m else "",
+                "p99 µs": f"{m['p99_us']:.0f}" if "p99_us" in m else "",
+                "x raw asyncio": f"{m['ratio_to_raw_asyncio']:.2f}" if "ratio_to_raw_asyncio" in m else "",
+            }
+        )
     return format_table(lines, columns)
 
 
@@ -324,8 +328,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,16,64", help=f"tensor sizes in MiB, from {sorted(REPEATS)}")
     parser.add_argument("--round-trips", type=int, default=2000)
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch intra-op threads for decode's finite check (a node in a swarm runs with 1; 0 = torch default)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch intra-op threads for decode's finite check (a node in a swarm runs with 1; 0 = torch default)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if not set(sizes) <= set(REPEATS) or not 1 <= args.round_trips <= 100_000:
@@ -352,23 +357,26 @@ def main() -> None:
     for row in rows:
         row["setting"] = {**row["setting"], **common}
     table = _table(rows)
-    setting = (f"Python {common['python']}, pyzmq {common['pyzmq']}, libzmq {common['libzmq']}, torch {common['torch']} "
-               f"({common['torch_threads']} intra-op thread(s)); "
-               f"{common['cpus']} CPUs, 1-min load {load[0]:.2f} at start; {common['transport']}; "
-               f"transfers: float32 tensors of {', '.join(f'{s} MiB' for s in sizes)} in "
-               f"{DEFAULT_LIMITS.frame_bytes // MIB} MiB frames, repeats {', '.join(str(REPEATS[s]) for s in sizes)} "
-               f"(median MB/s, MB = 10^6 bytes, after {WARMUP} warm-up transfers); "
-               f"round trips: {args.round_trips} after {WARMUP} warm-up; x fair and x raw = MB/s over the fair-limit and "
-               f"raw-pyzmq paths; x raw asyncio = round-trip p50 over raw zmq.asyncio's; {common['date']}")
+    setting = (
+        f"Python {common['python']}, pyzmq {common['pyzmq']}, libzmq {common['libzmq']}, torch {common['torch']} "
+        f"({common['torch_threads']} intra-op thread(s)); "
+        f"{common['cpus']} CPUs, 1-min load {load[0]:.2f} at start; {common['transport']}; "
+        f"transfers: float32 tensors of {', '.join(f'{s} MiB' for s in sizes)} in "
+        f"{DEFAULT_LIMITS.frame_bytes // MIB} MiB frames, repeats {', '.join(str(REPEATS[s]) for s in sizes)} "
+        f"(median MB/s, MB = 10^6 bytes, after {WARMUP} warm-up transfers); "
+        f"round trips: {args.round_trips} after {WARMUP} warm-up; x fair and x raw = MB/s over the fair-limit and "
+        f"raw-pyzmq paths; x raw asyncio = round-trip p50 over raw zmq.asyncio's; {common['date']}"
+    )
     verdicts = "\n".join(f"- {line}" for line in _verdicts(rows))
     print(setting)
     print(table)
     print(verdicts)
     atomic_write_json(RESULTS / "transport.json", rows)
     command = "python bench/bench_transport.py " + " ".join(sys.argv[1:])
-    atomic_write_bytes(RESULTS / "transport.md", (
-        f"# transport\n\n{__doc__.strip()}\n\n{setting}\n\n```\n{table}\n```\n\n{verdicts}\n\nCommand: `{command.strip()}`\n"
-    ).encode())
+    atomic_write_bytes(
+        RESULTS / "transport.md",
+        (f"# transport\n\n{__doc__.strip()}\n\n{setting}\n\n```\n{table}\n```\n\n{verdicts}\n\nCommand: `{command.strip()}`\n").encode(),
+    )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def _demo(args: argparse.Namespace) -> int:
         rows.append(summary_row(summary))
     run = base.run
     print()
-    print(f"{run.data}, {run.nodes} nodes (one daemon process each), partition {run.partition}, {run.rounds} rounds, "
-          f"{run.local_epochs} local epoch(s), max {run.max_train_per_node} train examples per node, on a {run.topology} topology, seed {run.seed}")
+    print(
+        f"{run.data}, {run.nodes} nodes (one daemon process each), partition {run.partition}, {run.rounds} rounds, "
+        f"{run.local_epochs} local epoch(s), max {run.max_train_per_node} train examples per node, on a {run.topology} topology, seed {run.seed}"
+    )
     print(format_table(rows, list(rows[0])))
     print(f"run folders: {run.out}/fedmoe-da, {run.out}/fedavg (MB/node/round includes heartbeats)")
     return 0 if all(code == 0 for code in codes) else 1
@@ -203,7 +205,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     swarm.set_defaults(handler=_swarm)
 
     report = sub.add_parser(
-        "report", help="figures, index.html and tables of one or more run folders",
+        "report",
+        help="figures, index.html and tables of one or more run folders",
         description="Figures (PNG), index.html and tables of run folders (simulate, swarm, or a LAN run's per-node folders gathered in one folder).",
     )
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders")

@@ -172,9 +172,7 @@ def flag(name: str, prefix: str = "") -> str:
     return "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = "", defaults: Mapping[str, Any] | None = None
-) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = "", defaults: Mapping[str, Any] | None = None) -> None:
     """One flag per option, parsed as text (converted later, so errors name the option);
     `--help` shows type, constraints, default and meaning. `dest` is `<section>.<name>`."""
     group = parser.add_argument_group(title)

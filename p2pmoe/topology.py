@@ -83,7 +83,9 @@ def _generate(kind: str, nodes: int, seed: int) -> tuple[nx.Graph, str]:
         if not 1 <= d < nodes or (d * nodes) % 2:
             raise TopologyError(f"random-regular:{d} with {nodes} nodes: need 1 <= D < nodes and D * nodes even")
         graph = _connected_draw(
-            lambda s: nx.random_regular_graph(d, nodes, seed=s), seed, f"random-regular:{d} with {nodes} nodes",
+            lambda s: nx.random_regular_graph(d, nodes, seed=s),
+            seed,
+            f"random-regular:{d} with {nodes} nodes",
             "use D >= 3 (D = 1 never connects more than 2 nodes, D = 2 rarely does)",
         )
         return graph, f"random-regular:{d}"
@@ -101,15 +103,15 @@ def _generate(kind: str, nodes: int, seed: int) -> tuple[nx.Graph, str]:
     if not 0.0 < p <= 1.0:
         raise TopologyError(f"erdos-renyi:{p:g}: need 0 < P <= 1")
     graph = _connected_draw(
-        lambda s: nx.gnp_random_graph(nodes, p, seed=s), seed, f"erdos-renyi:{p:g} with {nodes} nodes",
+        lambda s: nx.gnp_random_graph(nodes, p, seed=s),
+        seed,
+        f"erdos-renyi:{p:g} with {nodes} nodes",
         f"raise P (connectivity needs P above about ln(n)/n = {math.log(nodes) / nodes:.3g})",
     )
     return graph, f"erdos-renyi:{p:g}"
 
 
-def make_topology(
-    kind: str, nodes: int, seed: int = 0, bandwidth: float = DEFAULT_BANDWIDTH, latency: float = DEFAULT_LATENCY
-) -> nx.Graph:
+def make_topology(kind: str, nodes: int, seed: int = 0, bandwidth: float = DEFAULT_BANDWIDTH, latency: float = DEFAULT_LATENCY) -> nx.Graph:
     """A connected topology over `client_ids(nodes)` with identical links.
 
     Kinds: `full`, `ring`, `star` (hub node-00), `random-regular:D`, `small-world:K:P`
@@ -192,7 +194,7 @@ def _read_edge_list(path: Path, text: str) -> nx.Graph:
             raise TopologyError(f"{where}: duplicate edge {u}-{v} (first on line {first_line[key]})")
         first_line[key] = number
         values = [_number(f, f"{where}: {name}", float) for f, name in zip(fields[2:], ("bandwidth", "latency"), strict=False)]
-        values += [DEFAULT_BANDWIDTH, DEFAULT_LATENCY][len(values):]
+        values += [DEFAULT_BANDWIDTH, DEFAULT_LATENCY][len(values) :]
         bandwidth, latency = _check_link(values[0], values[1], where)
         graph.add_edge(u, v, bandwidth=bandwidth, latency=latency)
     return graph

@@ -14,8 +14,7 @@ def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_bench_writes_a_row_per_method_and_checks_expert_bytes(fkcb_like, tmp_path):
-    done = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--jobs", "2", "--only", "local,fmoe-cdsr",
-                  "--name", "t", "--results", str(tmp_path), cwd=tmp_path)
+    done = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--jobs", "2", "--only", "local,fmoe-cdsr", "--name", "t", "--results", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "t.json").read_text())
     assert [r["method"] for r in rows] == ["local", "fmoe-cdsr"]

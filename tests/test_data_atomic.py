@@ -12,10 +12,7 @@ def _write(path, text, encoding="utf-8"):
 def test_reads_every_field_type(tmp_path):
     path = _write(
         tmp_path / "x.item",
-        "id:token\ttags:token_seq\tscore:float\tvec:float_seq\n"
-        "a\tx y\t1.5\t1 2 3\n"
-        "b\t\t\t\n"
-        "c\tz\t-2\t4\n",
+        "id:token\ttags:token_seq\tscore:float\tvec:float_seq\na\tx y\t1.5\t1 2 3\nb\t\t\t\nc\tz\t-2\t4\n",
     )
     table = read_atomic(path)
     assert len(table) == 3

@@ -8,8 +8,17 @@ from p2pmoe.tasks.timelines import node_users
 
 # (user, item, timestamp), out of time order on purpose; items: b1/b2/b3 books, m1/m2 movies.
 INTER = [
-    ("u9", "b1", 30), ("u9", "m1", 10), ("u9", "b2", 20), ("u9", "m2", 40), ("u9", "b3", 50),
-    ("u2", "m1", 5), ("u2", "m2", 6), ("u2", "b1", 7), ("u2", "m1", 8), ("u2", "m2", 9), ("u2", "m1", 10),
+    ("u9", "b1", 30),
+    ("u9", "m1", 10),
+    ("u9", "b2", 20),
+    ("u9", "m2", 40),
+    ("u9", "b3", 50),
+    ("u2", "m1", 5),
+    ("u2", "m2", 6),
+    ("u2", "b1", 7),
+    ("u2", "m1", 8),
+    ("u2", "m2", 9),
+    ("u2", "m1", 10),
     ("u5", "x0", 1),  # an item the .item file does not name: no domain
 ]
 ITEMS = [("b1", "Books"), ("b2", "Books"), ("b3", "Books Extra"), ("m1", "Movies"), ("m2", "Movies")]

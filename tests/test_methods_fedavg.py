@@ -55,9 +55,7 @@ def test_fedavg_ledger_counts_one_upload_and_one_download_per_client():
     ledger = ByteLedger()
     SimNetwork(nodes, ledger).run_round(0)
     kinds = [(e.src, e.dst, e.kind) for e in ledger.entries]
-    assert sorted(kinds) == sorted(
-        [(c, "server", "model_update") for c in ids] + [("server", c, "model_global") for c in ids]
-    )
+    assert sorted(kinds) == sorted([(c, "server", "model_update") for c in ids] + [("server", c, "model_global") for c in ids])
     update = encode("c0", Message(MessageKind.MODEL_UPDATE, 0, float_state(learners[0].model), {"num_examples": 1}))
     assert ledger.entries[0].total == sum(frame_sizes(update))
     assert ledger.entries[0].payload_bytes == 4 * (2 * 3 + 2)

@@ -32,9 +32,7 @@ def test_hand_worked_selection_and_weights():
     assert plan.sources == SOURCES
     e, es = math.e, math.exp(1 / math.sqrt(2))
     total = 2 * e + es
-    expected = torch.tensor(
-        [[e / total, 0, e / total, es / total, 0, 0], [0, e / total, 0, es / total, e / total, 0]], dtype=torch.float64
-    )
+    expected = torch.tensor([[e / total, 0, e / total, es / total, 0, 0], [0, e / total, 0, es / total, e / total, 0]], dtype=torch.float64)
     assert torch.allclose(plan.weights, expected)
     assert fetch_set(plan.weights, plan.sources, "me") == {"A": [0, 1], "B": [0]}
 
@@ -78,8 +76,18 @@ def _swarm(p: int, embedding: str = "frozen", planner: str = "p2p", interval: in
     learners = {n: _learner(i) for i, n in enumerate(ids)}
     server = "server" if planner == "server" or embedding == "server" else None
     nodes = {
-        n: FedMoEDANode(n, learners[n], [m for m in ids if m != n], [ids[(i - 1) % 4], ids[(i + 1) % 4]], p=p, tau=1.0,
-                        interval=interval, embedding=embedding, server_id=server, planner=planner)
+        n: FedMoEDANode(
+            n,
+            learners[n],
+            [m for m in ids if m != n],
+            [ids[(i - 1) % 4], ids[(i + 1) % 4]],
+            p=p,
+            tau=1.0,
+            interval=interval,
+            embedding=embedding,
+            server_id=server,
+            planner=planner,
+        )
         for i, n in enumerate(ids)
     }
     if server:

@@ -183,8 +183,18 @@ def test_client_adopts_its_state_anchors_training_and_refuses_garbage(tmp_path) 
 
     rng = np.random.default_rng(0)
     n = 60
-    data = ScenarioData("s", rng.integers(0, 5, (n, 2)), ("a", "b"), (5, 7), rng.normal(size=(n, 2)).astype(np.float32), ("x", "y"),
-                        rng.integers(0, 2, (n, 2)).astype(np.float32), ("click", "like"), np.arange(48), np.arange(48, 60))
+    data = ScenarioData(
+        "s",
+        rng.integers(0, 5, (n, 2)),
+        ("a", "b"),
+        (5, 7),
+        rng.normal(size=(n, 2)).astype(np.float32),
+        ("x", "y"),
+        rng.integers(0, 2, (n, 2)).astype(np.float32),
+        ("click", "like"),
+        np.arange(48),
+        np.arange(48, 60),
+    )
     learner = MultiTaskLearner(_mmoe(template=True), data, np.arange(40, 48), batch_size=16)
     client = PFMSMTrecClient("a", learner, "server", PFMSMTrecOptions(prox=0.5))
     [send] = client.start_round(0)

@@ -39,7 +39,7 @@ def params(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def same(a: list[torch.Tensor], module: torch.nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, module.parameters()))
+    return all(torch.equal(x, y) for x, y in zip(a, module.parameters(), strict=True))
 
 
 def test_foreign_experts_stay_frozen_through_local_training():

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.learners.sequential import SequenceBatch, SequenceBatcher
 from p2pmoe.models.fmoe_cdsr import FMoECDSR, nt_xent, transition_adjacency
 
@@ -66,10 +65,22 @@ def reference_scores(m: FMoECDSR, inputs: torch.Tensor) -> torch.Tensor:
 def client(frozen: bool, **options) -> FMoECDSR:
     train = sequences(0, 40)
     torch.manual_seed(0)
-    m = FMoECDSR(N, K, 1, transition_adjacency(train, N), max_len=L, hidden=D, heads=2, blocks=2, dropout=0.0,
-                 gate_hidden=(24, 12), **{"contrastive_weight": 0.3, **options})
-    m.set_expert_state(2, FMoECDSR(N, K, 2, transition_adjacency(train, N), max_len=L, hidden=D, heads=2, blocks=2,
-                                   vae=options.get("vae", True)).expert_state(2))
+    m = FMoECDSR(
+        N,
+        K,
+        1,
+        transition_adjacency(train, N),
+        max_len=L,
+        hidden=D,
+        heads=2,
+        blocks=2,
+        dropout=0.0,
+        gate_hidden=(24, 12),
+        **{"contrastive_weight": 0.3, **options},
+    )
+    m.set_expert_state(
+        2, FMoECDSR(N, K, 2, transition_adjacency(train, N), max_len=L, hidden=D, heads=2, blocks=2, vae=options.get("vae", True)).expert_state(2)
+    )
     m.experts[2].requires_grad_(not frozen)
     m.step.fill_(4000)  # KL weight 0.4
     return m

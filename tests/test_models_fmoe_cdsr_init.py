@@ -54,8 +54,7 @@ def sasrec_mrr() -> float:
 def one_branch_mrr(init: str) -> float:
     data = chain_domain()
     torch.manual_seed(0)
-    model = FMoECDSR(N, 2, 0, transition_adjacency(data.train, N), max_len=L, hidden=D, heads=2, blocks=1,
-                     dropout=0.1, gate_hidden=(32, 16), init=init)
+    model = FMoECDSR(N, 2, 0, transition_adjacency(data.train, N), max_len=L, hidden=D, heads=2, blocks=1, dropout=0.1, gate_hidden=(32, 16), init=init)
     assert model.live_branches() == [0]
     return valid_mrr(model)
 

@@ -10,8 +10,7 @@ from p2pmoe.models import MMoE
 
 def make_mmoe(num_numerical: int = 3) -> MMoE:
     torch.manual_seed(0)
-    return MMoE([5, 7], num_numerical, embed_dim=4, num_experts=3, expert_hidden=[16, 8],
-                num_tasks=2, tower_hidden=6)
+    return MMoE([5, 7], num_numerical, embed_dim=4, num_experts=3, expert_hidden=[16, 8], num_tasks=2, tower_hidden=6)
 
 
 def batch(n: int = 10, num_numerical: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +40,7 @@ def test_each_task_has_its_own_gate_and_tower() -> None:
 
 def test_parameter_layout() -> None:
     names = {n for n, _ in make_mmoe().named_parameters()}
-    assert {"embeddings.0.weight", "embeddings.1.weight", "gates.1.proj.weight",
-            "experts.2.linears.1.weight", "towers.0.linears.1.bias"} <= names
+    assert {"embeddings.0.weight", "embeddings.1.weight", "gates.1.proj.weight", "experts.2.linears.1.weight", "towers.0.linears.1.bias"} <= names
     assert not any(n.startswith("experts.") and "linears.2" in n for n in names)  # no output layer
 
 

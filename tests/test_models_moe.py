@@ -50,9 +50,7 @@ def test_noisy_gate_adds_noise_only_in_training() -> None:
     assert not torch.equal(gate(x), gate(x))
     assert ((gate(x) > 0).sum(dim=1) == 2).all()
     gate.eval()
-    clean = torch.zeros(16, E).scatter(
-        1, gate.proj(x).topk(2).indices, gate.proj(x).topk(2).values.softmax(1)
-    )
+    clean = torch.zeros(16, E).scatter(1, gate.proj(x).topk(2).indices, gate.proj(x).topk(2).values.softmax(1))
     torch.testing.assert_close(gate(x), clean)
 
 
@@ -75,9 +73,7 @@ def test_make_gate_validates() -> None:
 def test_mlp_names_do_not_depend_on_dropout() -> None:
     plain, dropped = MLP(4, [8, 8], 2), MLP(4, [8, 8], 2, dropout=0.5)
     assert plain.state_dict().keys() == dropped.state_dict().keys()
-    assert list(MLPExpert(4, 8, 2).state_dict()) == [
-        "linears.0.weight", "linears.0.bias", "linears.1.weight", "linears.1.bias"
-    ]
+    assert list(MLPExpert(4, 8, 2).state_dict()) == ["linears.0.weight", "linears.0.bias", "linears.1.weight", "linears.1.bias"]
 
 
 def make_moe(gate: nn.Module) -> MixtureOfExperts:

@@ -152,7 +152,8 @@ def test_real_movielens_timelines_run_fedmoe_da_over_syncrec(tmp_path):
 
     cfg = with_options(
         default_config(data="ml-100k-timelines", method="fedmoe-da", nodes=2, rounds=1, threads=1, out=str(tmp_path)),
-        task_options={"users": 40, "max_len": 20, "embed_dim": 16}, method_options={"embedding": "frozen", "p": 1},
+        task_options={"users": 40, "max_len": 20, "embed_dim": 16},
+        method_options={"embedding": "frozen", "p": 1},
     )
     summary = run_simulation(cfg, progress=False)
     assert 0 < summary["metrics"]["mrr"] <= 1 and summary["bytes"]["by_kind"].get("expert_response", 0) > 0

@@ -45,9 +45,7 @@ def test_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, fkcb_like,
     # Same seed, same messages, same arithmetic: the daemons learn exactly what the simulator does.
     assert swarm["metrics"] == sim["metrics"] and swarm["selection"] == sim["selection"] and swarm["train"] == sim["train"]
     rows = _rows(tmp_path / "swarm" / "metrics.jsonl")
-    assert {(r["node"], r["round"]) for r in rows if r["node"] != "server"} == {
-        (f"node-0{k}", r) for k in range(clients) for r in range(2)
-    }
+    assert {(r["node"], r["round"]) for r in rows if r["node"] != "server"} == {(f"node-0{k}", r) for k in range(clients) for r in range(2)}
 
 
 def _fmoe_config(fkcb_like: Path, **run) -> ExperimentConfig:

@@ -99,10 +99,7 @@ def test_a_refused_expert_request_replans_the_round_at_once(tmp_path, caplog):
     refusing._on_expert_request = refuse  # type: ignore[method-assign]
     a, b = free_ports(2)
     addresses = {"node-00": f"tcp://127.0.0.1:{a}", "node-01": f"tcp://127.0.0.1:{b}"}
-    daemons = {
-        n: NodeDaemon(_node(tmp_path, n, {p: addr for p, addr in addresses.items() if p != n}, addresses[n], cfg), method=nodes[n])
-        for n in addresses
-    }
+    daemons = {n: NodeDaemon(_node(tmp_path, n, {p: addr for p, addr in addresses.items() if p != n}, addresses[n], cfg), method=nodes[n]) for n in addresses}
     requester = daemons["node-00"]
     times: dict[str, float] = {}
     start, wait = requester.runner.start, requester.wait

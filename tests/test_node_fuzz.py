@@ -215,8 +215,24 @@ def corrupted(draw) -> list[bytes]:
     table = header["tensors"]
     sized = [i for i, row in enumerate(table) if row[3] > 0]
     floats = [name for name, t in message.tensors.items() if t.is_floating_point() and t.numel()]
-    ways = ["version", "kind", "src", "round", "meta", "tensors", "not_a_map", "garbage", "extra_frame", "huge", "dtype", "dup_name",
-            "dims", "meta_types", "comp_field", "flood"]
+    ways = [
+        "version",
+        "kind",
+        "src",
+        "round",
+        "meta",
+        "tensors",
+        "not_a_map",
+        "garbage",
+        "extra_frame",
+        "huge",
+        "dtype",
+        "dup_name",
+        "dims",
+        "meta_types",
+        "comp_field",
+        "flood",
+    ]
     if payload:
         ways += ["drop_frame"]
     if sized:
@@ -227,10 +243,14 @@ def corrupted(draw) -> list[bytes]:
     if way == "version":
         header["v"] = draw(_ints.filter(lambda v: v != PROTOCOL_VERSION) | st.text(max_size=3) | st.none() | st.sampled_from([1.0, True]))
     elif way == "meta_types":  # booleans are not counts, 1.0 is not an int, 1 is not true
-        field, bad = draw(st.sampled_from([
-            ("req", st.booleans() | st.floats() | st.integers(-(2**63), -1) | st.text(max_size=3)),
-            ("reply", st.just(False) | _ints | st.floats() | st.text(max_size=3) | st.none()),
-        ]))
+        field, bad = draw(
+            st.sampled_from(
+                [
+                    ("req", st.booleans() | st.floats() | st.integers(-(2**63), -1) | st.text(max_size=3)),
+                    ("reply", st.just(False) | _ints | st.floats() | st.text(max_size=3) | st.none()),
+                ]
+            )
+        )
         header["meta"] = {**header.get("meta", {}), field: draw(bad)}
     elif way == "comp_field":
         header["comp"] = draw(_hostile_comp(header["tensors"]))
@@ -299,18 +319,22 @@ def _hostile_comp(draw, table: list[list]) -> object:
     names = [row[0] for row in table]
     uint8 = [row[0] for row in table if row[1] == "uint8"]
     name = draw(st.sampled_from(uint8)) if uint8 and draw(st.booleans()) else draw(st.text(max_size=4).filter(lambda n: n not in names))
-    params = draw(st.one_of(
-        st.tuples(st.floats(-1e3, 1e3), _SCALE_OVER).map(list),
-        st.tuples(_MIN_OVER | st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.floats(0.01, 1)).map(list),
-        st.tuples(st.floats(-1, 1), st.floats(max_value=0.0) | st.just(5e-324)).map(list),
-        st.lists(_ints | st.booleans() | st.none(), max_size=3),
-    ))
-    return draw(st.one_of(
-        st.just({"scheme": "int8", "tensors": {name: params}}),
-        st.just({"scheme": "fp16", "tensors": {name: draw(st.just([]) | st.lists(st.floats(), min_size=1, max_size=2))}}),
-        st.just({"scheme": draw(st.text(max_size=5).filter(lambda s: s not in ("fp16", "int8"))), "tensors": {}}),
-        _msgpack_values.filter(lambda v: not isinstance(v, dict)),
-    ))
+    params = draw(
+        st.one_of(
+            st.tuples(st.floats(-1e3, 1e3), _SCALE_OVER).map(list),
+            st.tuples(_MIN_OVER | st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.floats(0.01, 1)).map(list),
+            st.tuples(st.floats(-1, 1), st.floats(max_value=0.0) | st.just(5e-324)).map(list),
+            st.lists(_ints | st.booleans() | st.none(), max_size=3),
+        )
+    )
+    return draw(
+        st.one_of(
+            st.just({"scheme": "int8", "tensors": {name: params}}),
+            st.just({"scheme": "fp16", "tensors": {name: draw(st.just([]) | st.lists(st.floats(), min_size=1, max_size=2))}}),
+            st.just({"scheme": draw(st.text(max_size=5).filter(lambda s: s not in ("fp16", "int8"))), "tensors": {}}),
+            _msgpack_values.filter(lambda v: not isinstance(v, dict)),
+        )
+    )
 
 
 @st.composite

@@ -159,8 +159,7 @@ def test_a_listed_client_squatting_a_peers_routing_id_blocks_nobody(keys, squatt
 
     async def scenario():
         context = zmq.asyncio.Context()
-        async with Transport("a", LOOPBACK, curve=settings(keys, "a", ["b", "mallory"])) as a, \
-                Transport("b", LOOPBACK, curve=settings(keys, "b", ["a"])) as b:
+        async with Transport("a", LOOPBACK, curve=settings(keys, "a", ["b", "mallory"])) as a, Transport("b", LOOPBACK, curve=settings(keys, "b", ["a"])) as b:
             try:
 
                 async def heard_from_b(count: int) -> int:

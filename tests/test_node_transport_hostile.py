@@ -108,8 +108,7 @@ def test_a_frame_over_the_frame_limit_is_never_read():
             server = asyncio.create_task(echo(node))
             attacker, prober = client(context, node.address, "attacker"), client(context, node.address, "prober")
             try:
-                header = {"v": 1, "kind": "embedding", "src": "attacker", "round": 0, "meta": {},
-                          "tensors": [["x", "uint8", [1], 1, 1]]}
+                header = {"v": 1, "kind": "embedding", "src": "attacker", "round": 0, "meta": {}, "tensors": [["x", "uint8", [1], 1, 1]]}
                 big = bytes(2**20)  # 1 MiB frames: the old limit was max_message_bytes + header (257 MiB)
                 await attacker.send_multipart([msgpack.packb(header), big, big, big, big])
                 await asyncio.sleep(0.5)

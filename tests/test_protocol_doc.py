@@ -44,9 +44,11 @@ async def _run_example_against_a_node(script: Path, tmp_path: Path) -> str:
     serving = asyncio.create_task(daemon._receive_loop())
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, str(script),
+            sys.executable,
+            str(script),
             env={**os.environ, "P2PMOE_ENDPOINT": daemon.transport.address},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             out, err = await asyncio.wait_for(process.communicate(), 20)

@@ -20,8 +20,15 @@ from p2pmoe.report import load_run, write_report
 from p2pmoe.report.folders import traffic_matrix
 from p2pmoe.sim.runner import run_simulation
 
-ACROSS = ["metric_vs_bytes_accuracy.png", "metric_vs_bytes_valid_mrr.png", "metrics_per_round.png", "train_loss.png",
-          "bytes_by_kind.png", "traffic_matrix.png", "sim_time.png"]
+ACROSS = [
+    "metric_vs_bytes_accuracy.png",
+    "metric_vs_bytes_valid_mrr.png",
+    "metrics_per_round.png",
+    "train_loss.png",
+    "bytes_by_kind.png",
+    "traffic_matrix.png",
+    "sim_time.png",
+]
 
 
 def _mnist_csv(path: Path, per_class: int = 12) -> Path:
@@ -42,9 +49,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     FedSASRec on a three-domain sequence fixture (report turned off)."""
     root = tmp_path_factory.mktemp("runs")
     image = with_options(
-        default_config(method="fedmoe-da", data="mnist5k", data_root=str(_mnist_csv(root / "mnist_5k.csv.gz")), nodes=3, rounds=2,
-                       partition="iid", topology="ring", threads=1, out=str(root / "image")),
-        task_options={"experts": 2, "embed_dim": 8, "expert_hidden": 8}, method_options={"p": 1},
+        default_config(
+            method="fedmoe-da",
+            data="mnist5k",
+            data_root=str(_mnist_csv(root / "mnist_5k.csv.gz")),
+            nodes=3,
+            rounds=2,
+            partition="iid",
+            topology="ring",
+            threads=1,
+            out=str(root / "image"),
+        ),
+        task_options={"experts": 2, "embed_dim": 8, "expert_hidden": 8},
+        method_options={"p": 1},
     )
     run_simulation(image, progress=False)
     for seed, (name, items) in enumerate(FIXTURE_DOMAINS.items()):
@@ -124,8 +141,9 @@ def _hand_made(folder: Path) -> None:
             lines.append(json.dumps(row))
         (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         other = "node-01" if k == 0 else "node-00"
-        (part / "ledger.csv").write_text("round,src,dst,kind,header_bytes,payload_bytes,phase\n"
-                                         + "".join(f"{r},{node},{other},expert,10,90,0\n" for r in range(3)))
+        (part / "ledger.csv").write_text(
+            "round,src,dst,kind,header_bytes,payload_bytes,phase\n" + "".join(f"{r},{node},{other},expert,10,90,0\n" for r in range(3))
+        )
 
 
 def test_gathered_lan_folders_and_gate_heatmaps(tmp_path):

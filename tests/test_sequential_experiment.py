@@ -14,11 +14,32 @@ from p2pmoe.tasks.sequential import FKCB_ENV
 
 
 def _run(root: Path, method: str, out: Path) -> dict:
-    code = main([
-        "simulate", "--data", "fkcb", "--data-root", str(root), "--method", method, "--rounds", "2",
-        "--embed-dim", "8", "--max-len", "8", "--batch-size", "32", "--negatives", "20", "--local-epochs", "1",
-        "--out", str(out), "--quiet",
-    ])
+    code = main(
+        [
+            "simulate",
+            "--data",
+            "fkcb",
+            "--data-root",
+            str(root),
+            "--method",
+            method,
+            "--rounds",
+            "2",
+            "--embed-dim",
+            "8",
+            "--max-len",
+            "8",
+            "--batch-size",
+            "32",
+            "--negatives",
+            "20",
+            "--local-epochs",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     return json.loads((out / "summary.json").read_text())
 
@@ -55,7 +76,8 @@ def test_fmoe_cdsr_client_uploads_one_expert_and_downloads_the_others(fkcb_like,
 def test_fmoe_cdsr_encoder_and_gate_pooling_come_from_the_config(fkcb_like, encoder, pooling):
     cfg = with_options(
         default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like)),
-        task_options={"embed_dim": 8, "max_len": 8, "negatives": 20}, method_options={"encoder": encoder, "gate_pooling": pooling},
+        task_options={"embed_dim": 8, "max_len": 8, "negatives": 20},
+        method_options={"encoder": encoder, "gate_pooling": pooling},
     )
     model = build_experiment(cfg, only="node-00").nodes["node-00"].learner.model
     assert all((expert.logvar is not None) == (encoder == "vae") for expert in model.experts)

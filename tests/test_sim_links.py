@@ -112,10 +112,7 @@ def test_hundred_nodes_ten_thousand_messages_is_fast():
     ring = make_topology("ring", 100)  # the longest routes: up to 50 hops
     ids = list(ring)
     rng = random.Random(0)
-    entries = [
-        _msg(rng.choice(ids), rng.choice(ids + ["server"]), rng.randint(1_000, 1 * MB), phase=rng.randint(0, 2))
-        for _ in range(10_000)
-    ]
+    entries = [_msg(rng.choice(ids), rng.choice(ids + ["server"]), rng.randint(1_000, 1 * MB), phase=rng.randint(0, 2)) for _ in range(10_000)]
     start = time.perf_counter()
     first = round_comm_time(entries, ring)
     assert time.perf_counter() - start < 1.0

@@ -9,18 +9,34 @@ import pytest
 from p2pmoe.cli import main
 from p2pmoe.data.images import FMNIST_ROOT
 
-pytestmark = pytest.mark.skipif(
-    not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data installs dataset-fashion-mnist)"
-)
+pytestmark = pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data installs dataset-fashion-mnist)")
 
 NODES, ROUNDS = 4, 3
 
 
 def _run(method: str, out: Path) -> dict:
-    code = main([
-        "simulate", "--method", method, "--data", "fmnist", "--nodes", str(NODES), "--rounds", str(ROUNDS),
-        "--partition", "dirichlet:0.5", "--max-train-per-node", "1500", "--seed", "3", "--out", str(out), "--quiet",
-    ])
+    code = main(
+        [
+            "simulate",
+            "--method",
+            method,
+            "--data",
+            "fmnist",
+            "--nodes",
+            str(NODES),
+            "--rounds",
+            str(ROUNDS),
+            "--partition",
+            "dirichlet:0.5",
+            "--max-train-per-node",
+            "1500",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     return json.loads((out / "summary.json").read_text())
 

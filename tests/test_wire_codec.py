@@ -184,15 +184,13 @@ def test_a_frame_over_max_frame_bytes_is_refused_and_senders_cannot_make_one():
 
 
 def test_declared_frame_count_is_bounded_by_the_header_alone():
-    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {},
-              "tensors": [["x", "uint8", [1000], 1000, 1000]]}
+    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {}, "tensors": [["x", "uint8", [1000], 1000, 1000]]}
     with pytest.raises(ProtocolError, match="declares 1001 frames"):
         MessageReader(msgpack.packb(header), Limits(max_frames=100))
 
 
 def test_empty_tensor_with_huge_dimensions_is_refused():
-    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {},
-              "tensors": [["x", "float32", [0, 2**33, 2**33], 0, 0]]}
+    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {}, "tensors": [["x", "float32", [0, 2**33, 2**33], 0, 0]]}
     with pytest.raises(ProtocolError, match="exceeds the message limit"):
         decode([msgpack.packb(header)])
 

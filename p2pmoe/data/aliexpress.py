@@ -123,9 +123,7 @@ def _read_rows(path: Path, layout: _Layout) -> tuple[np.ndarray, np.ndarray, np.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # numpy warns on a header-only file
-            table = np.loadtxt(
-                path, delimiter=",", skiprows=1, usecols=layout.used, dtype=fields, comments=None, ndmin=1
-            )
+            table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=layout.used, dtype=fields, comments=None, ndmin=1)
     except ValueError as err:
         _raise_first_bad_line(path, layout)
         raise DataFormatError(path, None, "comma-separated numbers", got=str(err)) from None

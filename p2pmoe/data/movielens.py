@@ -46,9 +46,7 @@ GENRE_DOMAINS = MappingProxyType(
 genres, so domains share no items. Items with none of these genres (ML-100K's "unknown")
 belong to no domain and are dropped from the views."""
 
-AGE_GROUPS = MappingProxyType(
-    {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
-)
+AGE_GROUPS = MappingProxyType({1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"})
 """MovieLens-1M's seven age groups, keyed by the lower bound ML-1M writes in its age column."""
 
 
@@ -163,8 +161,14 @@ def age_groups(ages: np.ndarray) -> np.ndarray:
 def genre_interactions(ml: MovieLens) -> CrossDomainInteractions:
     """MovieLens as cross-domain interactions over the genre domains of ``GENRE_DOMAINS``."""
     return CrossDomainInteractions(
-        name=ml.name, user=ml.user, item=ml.item, timestamp=ml.timestamp, item_domain=genre_domains(ml),
-        domains=tuple(GENRE_DOMAINS), user_tokens=ml.user_tokens, item_tokens=ml.item_tokens,
+        name=ml.name,
+        user=ml.user,
+        item=ml.item,
+        timestamp=ml.timestamp,
+        item_domain=genre_domains(ml),
+        domains=tuple(GENRE_DOMAINS),
+        user_tokens=ml.user_tokens,
+        item_tokens=ml.item_tokens,
     )
 
 
@@ -178,9 +182,7 @@ def overlapped_timelines(ml: MovieLens, min_len: int = 3) -> list[Timeline]:
     return crossdomain.overlapped_timelines(genre_interactions(ml), min_len)
 
 
-def multi_scenario_multi_task(
-    ml: MovieLens, neg_per_pos: int = 1, seed: int = 0, test_fraction: float = 0.2
-) -> list[ScenarioData]:
+def multi_scenario_multi_task(ml: MovieLens, neg_per_pos: int = 1, seed: int = 0, test_fraction: float = 0.2) -> list[ScenarioData]:
     """One ``ScenarioData`` per age group that has users, tasks ("click", "like").
 
     Positives are the observed ratings: click = 1, like = 1 when the rating is at least 4.
@@ -238,9 +240,7 @@ def _click_like_examples(
     return np.concatenate([pos_user, neg_user]), np.concatenate([pos_item, neg_item]), labels
 
 
-def _categorical_features(
-    ml: MovieLens, user: np.ndarray, item: np.ndarray, domain_of: np.ndarray
-) -> dict[str, tuple[np.ndarray, int]]:
+def _categorical_features(ml: MovieLens, user: np.ndarray, item: np.ndarray, domain_of: np.ndarray) -> dict[str, tuple[np.ndarray, int]]:
     """Feature name -> (codes per example, vocabulary size), one vocabulary for all scenarios."""
     features = {
         "user": (user, ml.num_users),
@@ -334,9 +334,7 @@ def _codes(tokens: list[str]) -> tuple[np.ndarray, int]:
     return np.array([vocabulary[t] for t in tokens], dtype=np.int64), len(vocabulary)
 
 
-def _sample_unobserved(
-    ml: MovieLens, users: np.ndarray, candidates: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _sample_unobserved(ml: MovieLens, users: np.ndarray, candidates: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One uniform draw from ``candidates`` per entry of ``users``, redrawn until the user never
     rated it; users who rated every candidate get no draws."""
     n = ml.num_items

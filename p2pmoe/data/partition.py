@@ -76,9 +76,7 @@ def split_by_shares(labels: np.ndarray, shares: np.ndarray, seed: int) -> list[n
     return [np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts]
 
 
-def partition_clients(
-    train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, scheme: str, seed: int
-) -> list[ClientSplit]:
+def partition_clients(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, scheme: str, seed: int) -> list[ClientSplit]:
     """Train and test indices per client, both drawn with the same class shares."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     shares = class_shares(num_classes, num_clients, scheme, seed)

@@ -36,9 +36,7 @@ def _rank_from_counts(higher: Tensor, equal: Tensor, ties: str) -> Tensor:
     raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
 
 
-def ranks_against_negatives(
-    pos_scores: Tensor, neg_scores: Tensor, ties: str = "optimistic"
-) -> Tensor:
+def ranks_against_negatives(pos_scores: Tensor, neg_scores: Tensor, ties: str = "optimistic") -> Tensor:
     """Rank of each positive among its own sampled negatives (1 = best).
 
     ``pos_scores`` is ``[B]``, ``neg_scores`` is ``[B, N]``. With the default
@@ -47,10 +45,7 @@ def ranks_against_negatives(
     ``"average"`` counts half of them and returns float64 ranks; the other two return int64.
     """
     if pos_scores.dim() != 1 or neg_scores.dim() != 2 or neg_scores.shape[0] != pos_scores.shape[0]:
-        raise ValueError(
-            f"expected pos_scores [B] and neg_scores [B, N], got {tuple(pos_scores.shape)} "
-            f"and {tuple(neg_scores.shape)}"
-        )
+        raise ValueError(f"expected pos_scores [B] and neg_scores [B, N], got {tuple(pos_scores.shape)} and {tuple(neg_scores.shape)}")
     _reject_nan(pos_scores, neg_scores)
     pos = pos_scores.unsqueeze(1)
     higher = (neg_scores > pos).sum(dim=1)
@@ -72,14 +67,9 @@ def full_ranks(
     competitors, so repeat-consumption targets are not pushed to the bottom.
     """
     if scores.dim() != 2 or targets.shape != (scores.shape[0],):
-        raise ValueError(
-            f"expected scores [B, num_items] and targets [B], got {tuple(scores.shape)} "
-            f"and {tuple(targets.shape)}"
-        )
+        raise ValueError(f"expected scores [B, num_items] and targets [B], got {tuple(scores.shape)} and {tuple(targets.shape)}")
     if exclude is not None and exclude.shape != scores.shape:
-        raise ValueError(
-            f"exclude must have shape {tuple(scores.shape)}, got {tuple(exclude.shape)}"
-        )
+        raise ValueError(f"exclude must have shape {tuple(scores.shape)}, got {tuple(exclude.shape)}")
     targets = targets.long()
     if targets.numel() and (targets.min() < 0 or targets.max() >= scores.shape[1]):
         raise ValueError(f"targets must lie in [0, {scores.shape[1]})")
@@ -174,8 +164,5 @@ def mean_over_domains(per_domain: Mapping[str, Mapping[str, float]]) -> dict[str
     names = list(per_domain[domains[0]])
     for d in domains[1:]:
         if set(per_domain[d]) != set(names):
-            raise ValueError(
-                f"domains report different metrics: {domains[0]!r} has {sorted(names)}, "
-                f"{d!r} has {sorted(per_domain[d])}"
-            )
+            raise ValueError(f"domains report different metrics: {domains[0]!r} has {sorted(names)}, {d!r} has {sorted(per_domain[d])}")
     return {m: float(np.mean([per_domain[d][m] for d in domains])) for m in names}

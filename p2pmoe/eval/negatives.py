@@ -48,10 +48,7 @@ def sample_negatives(
     short = np.flatnonzero(allowed < n)
     if short.size:
         i = short[0]
-        raise ValueError(
-            f"row {i} allows only {allowed[i]} negatives out of {num_items} items but n={n} "
-            f"were requested ({short.size} row(s) too short)"
-        )
+        raise ValueError(f"row {i} allows only {allowed[i]} negatives out of {num_items} items but n={n} were requested ({short.size} row(s) too short)")
     out = np.empty((t.size, n), dtype=np.int64)
     if n:
         rng = np.random.default_rng(seed)
@@ -62,9 +59,7 @@ def sample_negatives(
     return torch.from_numpy(out)
 
 
-def _forbidden_keys(
-    num_items: int, targets: np.ndarray, exclude: Sequence[set[int]] | None
-) -> np.ndarray:
+def _forbidden_keys(num_items: int, targets: np.ndarray, exclude: Sequence[set[int]] | None) -> np.ndarray:
     """Sorted unique ``row * num_items + item`` keys of every (row, item) a row may not draw."""
     rows = np.arange(targets.size, dtype=np.int64)
     items = targets

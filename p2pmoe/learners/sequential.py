@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,6 +89,14 @@ class SequenceBatcher:
         if any(len(s) < 2 for s in seqs):
             raise ValueError("every evaluation sequence needs an input and a target")
         return self.left_pad([s[:-1] for s in seqs]), torch.tensor([s[-1] for s in seqs], dtype=torch.long)
+
+
+class SequenceModel(Protocol):
+    """What `NextItemLearner` needs of a model besides being an `nn.Module`."""
+
+    def loss(self, batch: SequenceBatch) -> tuple[Tensor, dict[str, float]]: ...
+
+    def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor: ...
 
 
 def _trim(inputs: Tensor, pad_index: int) -> Tensor:
@@ -190,7 +200,7 @@ class NextItemLearner:
         steps = 0
         for _ in range(epochs):
             for batch in self.batches():
-                loss, stats = self.model.loss(batch)
+                loss, stats = cast(SequenceModel, self.model).loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -208,7 +218,8 @@ class NextItemLearner:
         pad = self.batcher.pad_index
         for start in range(0, len(inputs), self.eval_batch_size):
             rows = slice(start, start + self.eval_batch_size)
-            scores = self.model.score_candidates(_trim(inputs[rows], pad).to(self.device), candidates[rows].to(self.device)).cpu()
+            model = cast(SequenceModel, self.model)
+            scores = model.score_candidates(_trim(inputs[rows], pad).to(self.device), candidates[rows].to(self.device)).cpu()
             out.append(ranks_against_negatives(scores[:, 0], scores[:, 1:]))
         return torch.cat(out)
 
@@ -271,7 +282,7 @@ class NextItemLearner:
             raise ValueError("state has no shuffle RNG ('rng')")
         self.model.load_state_dict(model_state)
         self.optimizer.state.clear()
-        self.optimizer.state.update(moments)
+        self.optimizer.state.update(moments)  # type: ignore[arg-type]  # torch types the state's keys as Tensor; they are Parameters
         self._shuffle.set_state(state["rng"])
 
 
@@ -279,7 +290,8 @@ class SASRecNextItem(SASRec):
     """SASRec trained with full-softmax cross-entropy at every non-padding position.
 
     Padding positions are dropped before the ``[positions, items]`` logits are formed: those
-    logits dominate the step's cost, and about half the slots of an FKCB batch are padding. Scores are tied to the item embeddings; the encoder is ``encoder`` so
+    logits dominate the step's cost, and about half the slots of an FKCB batch are padding.
+    Scores are tied to the item embeddings; the encoder is ``encoder`` so
     FedSASRec can average ``encoder.*`` alone.
     """
 

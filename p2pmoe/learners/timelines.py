@@ -40,9 +40,7 @@ def next_same_domain(items: np.ndarray, domains: np.ndarray, pad: int) -> np.nda
     return out
 
 
-def draw_negatives(
-    num_items: int, targets: Tensor, n: int, seed: int, touched: Sequence[set[int]], item_domain: np.ndarray | None
-) -> Tensor:
+def draw_negatives(num_items: int, targets: Tensor, n: int, seed: int, touched: Sequence[set[int]], item_domain: np.ndarray | None) -> Tensor:
     """``n`` negatives per target that its user never touched: from every item when
     ``item_domain`` is None, else from the target's domain (one draw per domain, seed ``seed + d``)."""
     if item_domain is None:
@@ -152,11 +150,7 @@ class TimelineLearner(NextItemLearner):
         metrics: dict[str, float] = {}
         for split, prefix in (("test", ""), ("valid", "valid_")):
             ranks, domains = self.ranks(split), self.target_domains[split]
-            per_domain = {
-                name: ranking_metrics(ranks[domains == d], ks=(1, 5, 10))
-                for d, name in enumerate(self.domains)
-                if bool((domains == d).any())
-            }
+            per_domain = {name: ranking_metrics(ranks[domains == d], ks=(1, 5, 10)) for d, name in enumerate(self.domains) if bool((domains == d).any())}
             for name in TIMELINE_METRICS:
                 metrics[prefix + name] = float(np.mean([values[name] for values in per_domain.values()]))
                 if not prefix:

@@ -71,10 +71,7 @@ class Plan:
         sources = message.meta.get("sources")
         weights = message.tensors.get("weights")
         # Explicit raises rather than require(): they narrow the types of sources and weights.
-        if not (
-            isinstance(sources, list)
-            and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in sources)
-        ):
+        if not (isinstance(sources, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in sources)):
             raise ProtocolError("meta.sources must be a list of [node, slot]")
         if weights is None or tuple(weights.shape) != (num_experts, len(sources)) or weights.dtype != torch.float32:
             raise ProtocolError("plan weights must be float32 [experts, sources]")
@@ -239,7 +236,9 @@ class FedMoEDANode(LearnerMethod):
         slots = message.meta.get("slots")
         # An explicit raise rather than require(): it narrows the type of slots.
         if not (
-            isinstance(slots, list) and slots and len(set(slots)) == len(slots)
+            isinstance(slots, list)
+            and slots
+            and len(set(slots)) == len(slots)
             and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.num_experts for s in slots)
         ):
             raise ProtocolError(f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}")
@@ -266,7 +265,7 @@ class FedMoEDANode(LearnerMethod):
             raise
         for slot in slots:
             prefix = f"expert.{slot}."
-            self._fetched[(src, slot)] = {k[len(prefix):]: v for k, v in message.tensors.items() if k.startswith(prefix)}
+            self._fetched[(src, slot)] = {k[len(prefix) :]: v for k, v in message.tensors.items() if k.startswith(prefix)}
         del self._fetch_awaited[src]
         self._aggregate_if_ready()
         return []
@@ -454,9 +453,17 @@ def _client(ctx: BuildContext, node: str) -> Method:
     opts, assisted, embedding = _mode(ctx)
     visible = [m for m in ctx.clients if m != node] if assisted else topology_peers(ctx.cfg, ctx.graph, [node])[node]
     return FedMoEDANode(
-        node, ctx.learner(node), sorted(visible), sorted(ctx.graph.neighbors(node)), p=opts.p, tau=opts.tau,
-        interval=opts.interval, embedding=embedding, server_id=SERVER_ID if embedding == "server" else None,
-        planner="server" if assisted else "p2p", local_epochs=ctx.cfg.run.local_epochs,
+        node,
+        ctx.learner(node),
+        sorted(visible),
+        sorted(ctx.graph.neighbors(node)),
+        p=opts.p,
+        tau=opts.tau,
+        interval=opts.interval,
+        embedding=embedding,
+        server_id=SERVER_ID if embedding == "server" else None,
+        planner="server" if assisted else "p2p",
+        local_epochs=ctx.cfg.run.local_epochs,
     )
 
 

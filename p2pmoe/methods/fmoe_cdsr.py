@@ -17,7 +17,7 @@ loaded, i.e. during round 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,9 +46,7 @@ def domain_tensors(experts: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[st
     return {f"domain.{i}.{name}": t for i, state in experts.items() for name, t in state.items()}
 
 
-def split_domains(
-    tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor], domains: set[int]
-) -> dict[int, dict[str, torch.Tensor]]:
+def split_domains(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor], domains: set[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Parse ``domain.<i>.<param>`` tensors into one state per domain, each checked against
     ``template`` (names, shapes, dtypes) and ``i`` against ``domains``. Raises ProtocolError."""
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -80,7 +78,10 @@ class FMoECDSRClient(LearnerMethod):
         freeze_foreign: bool = True,
     ) -> None:
         super().__init__(node_id, learner, local_epochs)
+        if not isinstance(learner.model, FMoECDSR):
+            raise TypeError(f"an FMoE-CDSR client needs an FMoECDSR model, got {type(learner.model).__name__}")
         self.model: FMoECDSR = learner.model
+        self.next_item: NextItemLearner = learner
         if self.model.domain_index != domain_index:
             raise ValueError(f"the model is for domain {self.model.domain_index}, not {domain_index}")
         self.domain_index = domain_index
@@ -97,7 +98,7 @@ class FMoECDSRClient(LearnerMethod):
         """Foreign experts train only when loaded and not frozen; the optimiser follows suit."""
         for i in self._foreign():
             self.model.experts[i].requires_grad_(bool(self.model.available[i]) and not self.freeze_foreign)
-        self.learner.refresh_optimizer()
+        self.next_item.refresh_optimizer()
 
     def _apply_pending(self) -> None:
         for i, state in sorted(self.pending.items()):
@@ -192,19 +193,24 @@ class FMoECDSROptions(Options):
 
     section: ClassVar[str] = "method"
 
-    encoder: str = option("vae", "experts with mu and log-sigma^2 stacks and an annealed KL (vae, the official code) or mu only (lean, half the bytes)", choices=("vae", "lean"))
-    gate_pooling: str = option("sequence", "one gate vector per sequence (project default), per position, or per batch (the official code)", choices=GATE_POOLINGS)
+    encoder: str = option(
+        "vae", "experts with mu and log-sigma^2 stacks and an annealed KL (vae, the official code) or mu only (lean, half the bytes)", choices=("vae", "lean")
+    )
+    gate_pooling: str = option(
+        "sequence", "one gate vector per sequence (project default), per position, or per batch (the official code)", choices=GATE_POOLINGS
+    )
     head: str = option("linear", "each branch's linear prediction head (as specified) or scores tied to its item embeddings (tied)", choices=HEADS)
     contrastive_weight: float = option(0.1, "weight of the InfoNCE term between a sequence and a permutation of it", minimum=0)
     init: str = option(
         "sasrec",
-        "branch embedding init: sasrec = N(0, 0.02) as the SASRec baselines (project default); official = torch's N(0, 1) and U(+-1/sqrt d) graph bias, as the official code",
+        "branch embedding init: sasrec = N(0, 0.02) as the SASRec baselines (project default); "
+        "official = torch's N(0, 1) and U(+-1/sqrt d) graph bias, as the official code",
         choices=INITS,
     )
     kl: bool = option(False, "add the official annealed KL term on z (off by default: it shrinks z; lower MRR measured on FKCB Food)")
 
 
-def _model_factory(gate: str):  # type: ignore[no-untyped-def]
+def _model_factory(gate: str) -> Callable[[ExperimentConfig, DomainSequences | None, int, int], nn.Module]:
     """The sequential task's model hook: an FMoE-CDSR client model for domain k of K."""
 
     def build(cfg: ExperimentConfig, domain: DomainSequences | None, k: int, num_domains: int) -> nn.Module:
@@ -213,9 +219,22 @@ def _model_factory(gate: str):  # type: ignore[no-untyped-def]
         items = domain.num_items if domain is not None else 1
         adjacency = transition_adjacency(domain.train if domain is not None else [], items)
         return FMoECDSR(
-            items, num_domains, k, adjacency, max_len=task.max_len, hidden=task.embed_dim, heads=task.heads, blocks=task.blocks,
-            dropout=task.dropout, contrastive_weight=opts.contrastive_weight, vae=opts.encoder == "vae", gate=gate,
-            gate_pooling=opts.gate_pooling, head=opts.head, init=opts.init, kl=opts.kl,
+            items,
+            num_domains,
+            k,
+            adjacency,
+            max_len=task.max_len,
+            hidden=task.embed_dim,
+            heads=task.heads,
+            blocks=task.blocks,
+            dropout=task.dropout,
+            contrastive_weight=opts.contrastive_weight,
+            vae=opts.encoder == "vae",
+            gate=gate,
+            gate_pooling=opts.gate_pooling,
+            head=opts.head,
+            init=opts.init,
+            kl=opts.kl,
         )
 
     return build
@@ -239,6 +258,11 @@ def _register(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:
     )
 
 
-_register("fmoe-cdsr", "FMoE-CDSR: each client's own expert goes to a caching server; the others' experts come back frozen and a gate mixes the branches", "learned", True)
+_register(
+    "fmoe-cdsr",
+    "FMoE-CDSR: each client's own expert goes to a caching server; the others' experts come back frozen and a gate mixes the branches",
+    "learned",
+    True,
+)
 _register("fmoe-cdsr-uniform", "FMoE-CDSR ablation without the gate: a uniform mixture of the branches", "uniform", True)
 _register("fmoe-cdsr-unfrozen", "FMoE-CDSR ablation: foreign experts fine-tuned locally until the next download", "learned", False)

@@ -100,9 +100,7 @@ class GossipNode(LearnerMethod):
     def __init__(self, node_id: str, learner: Learner, neighbours: Sequence[str], local_epochs: int = 1) -> None:
         super().__init__(node_id, learner, local_epochs)
         model = learner.model
-        self.exchange = GossipExchange(
-            neighbours, MessageKind.GOSSIP, lambda: float_state(model), lambda state: load_float_state(model, state)
-        )
+        self.exchange = GossipExchange(neighbours, MessageKind.GOSSIP, lambda: float_state(model), lambda state: load_float_state(model, state))
 
     def start_round(self, round_index: int) -> list[Send]:
         return self.exchange.start(round_index)

@@ -117,10 +117,7 @@ def shared_names(model: nn.Module, opts: PFMSMTrecOptions) -> list[str]:
     no longer match them, and evaluation, which uses them, degraded round after round
     (measured: mean test AUC 0.76 -> 0.58 over 15 rounds on ML-1M while the training loss kept
     falling)."""
-    return [
-        n for n in float_state(model)
-        if not n.endswith(RUNNING_STATS) and not (opts.fedbn == "classic" and n.startswith("norms."))
-    ]
+    return [n for n in float_state(model) if not n.endswith(RUNNING_STATS) and not (opts.fedbn == "classic" and n.startswith("norms."))]
 
 
 class PFMSMTrecClient(LearnerMethod):
@@ -138,9 +135,7 @@ class PFMSMTrecClient(LearnerMethod):
         self._round = round_index
         self._synced = False
         state = float_state(self.learner.model)
-        update = Message(
-            MessageKind.MODEL_UPDATE, round_index, {n: state[n] for n in self.names}, {"num_examples": self.learner.num_train_examples}
-        )
+        update = Message(MessageKind.MODEL_UPDATE, round_index, {n: state[n] for n in self.names}, {"num_examples": self.learner.num_train_examples})
         return [Send(self.server_id, update)]
 
     def on_message(self, src: str, message: Message) -> list[Send]:
@@ -251,9 +246,7 @@ class PFMSMTrecServer(CollectingServer):
         return self._diagnostics
 
     @staticmethod
-    def _embeddings(
-        part: list[dict[str, torch.Tensor]], bases: list[dict[str, torch.Tensor]], weights: torch.Tensor
-    ) -> list[dict[str, torch.Tensor]]:
+    def _embeddings(part: list[dict[str, torch.Tensor]], bases: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Row-wise averages of the touched rows; every client gets the same tables. The base
         is the first sender's last table (all clients got the same one unless one missed a
         round, whose stale rows then count as its update)."""

@@ -64,8 +64,5 @@ class MLPExpert(MLP):
     ``linears.1.bias``.
     """
 
-    def __init__(
-        self, d_in: int, hidden: int, d_out: int, dropout: float = 0.0, activation: str = "relu"
-    ) -> None:
+    def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float = 0.0, activation: str = "relu") -> None:
         super().__init__(d_in, [hidden], d_out, dropout=dropout, activation=activation)
-

@@ -50,7 +50,7 @@ def transition_adjacency(sequences: Sequence[Sequence[int]], num_items: int) -> 
     """Row-normalised next-item graph: sparse ``[N+1, N+1]``, ``A[i, j]`` = share of i's
     successors that are j, counted over ``sequences`` (c's training data). Row and column
     ``N`` (the padding id) are empty."""
-    pairs = [(a, b) for seq in sequences for a, b in zip(seq, seq[1:])]
+    pairs = [(a, b) for seq in sequences for a, b in zip(seq, seq[1:], strict=False)]  # consecutive pairs: one fewer
     size = (num_items + 1, num_items + 1)
     if not pairs:
         return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), size, check_invariants=True).coalesce()
@@ -81,7 +81,7 @@ class _GatedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights: Tensor, *logits: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weights: Tensor, *logits: Tensor) -> Tensor:
         ctx.save_for_backward(*logits)
         ctx.shared = weights.shape[0] == 1
         out = logits[0] * weights[:, :1]
@@ -90,7 +90,7 @@ class _GatedSum(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         logits = ctx.saved_tensors
         if ctx.shared:
             columns = [torch.dot(grad.flatten(), table.flatten()).reshape(1) for table in logits]
@@ -189,6 +189,14 @@ class FMoECDSR(nn.Module):
     the branch's item embeddings, as SASRec scores).
     """
 
+    # Buffers and submodules by type (nn.Module's attribute lookup is typed `Tensor | Module`).
+    adjacency: Tensor
+    available: Tensor
+    step: Tensor
+    branches: nn.ModuleList
+    experts: nn.ModuleList
+    gate: nn.Module | None
+
     def __init__(
         self,
         num_items: int,
@@ -238,14 +246,32 @@ class FMoECDSR(nn.Module):
         if gate == "learned":
             h1, h2 = gate_hidden
             self.gate = nn.Sequential(
-                nn.Linear(num_domains * hidden, h1), nn.GELU(), nn.LayerNorm(h1), nn.Dropout(dropout),
-                nn.Linear(h1, h2), nn.GELU(), nn.LayerNorm(h2), nn.Dropout(dropout),
+                nn.Linear(num_domains * hidden, h1),
+                nn.GELU(),
+                nn.LayerNorm(h1),
+                nn.Dropout(dropout),
+                nn.Linear(h1, h2),
+                nn.GELU(),
+                nn.LayerNorm(h2),
+                nn.Dropout(dropout),
                 nn.Linear(h2, num_domains),
             )
         for i, expert in enumerate(self.experts):
             expert.requires_grad_(i == domain_index)
 
     # -- experts on the wire -----------------------------------------------------------------
+
+    def branch(self, i: int) -> Branch:
+        """Branch i, typed (a ModuleList hands out plain modules)."""
+        branch = self.branches[i]
+        assert isinstance(branch, Branch)
+        return branch
+
+    def expert(self, i: int) -> Expert:
+        """Expert i, typed."""
+        expert = self.experts[i]
+        assert isinstance(expert, Expert)
+        return expert
 
     def expert_state(self, i: int) -> dict[str, Tensor]:
         """Expert i's tensors (``mu.*`` and, in VAE mode, ``logvar.*``), detached CPU copies."""
@@ -325,7 +351,7 @@ class FMoECDSR(nn.Module):
         logits: dict[int, Tensor] = {}
         reps: dict[int, Tensor] = {}
         for i in self.live_branches():
-            branch, expert = self.branches[i], self.experts[i]
+            branch, expert = self.branch(i), self.expert(i)
             x = branch.embed(branch.item_table(self.adjacency), seqs, self.dropout)
             mu = expert.mu(x, pad_mask)
             z = mu[:b][keep]
@@ -333,6 +359,7 @@ class FMoECDSR(nn.Module):
             terms["ce"] = terms.get("ce", 0) + F.cross_entropy(logits[i], targets)
             reps[i] = z if self.gate_pooling == "position" else mu[:b, -1]
             if self.kl:
+                assert expert.logvar is not None  # kl needs the VAE stack (checked at construction)
                 logvar = expert.logvar(x[:b], batch.pad_mask)[keep]
                 kl = -0.5 * (1 + logvar - z.pow(2) - logvar.exp()).sum(dim=-1).mean()
                 terms["kl"] = terms.get("kl", 0) + kl
@@ -372,9 +399,9 @@ class FMoECDSR(nn.Module):
         pad_mask = inputs == self.pad_index
         reps = {}
         for i in self.live_branches():
-            branch = self.branches[i]
+            branch = self.branch(i)
             x = branch.embed(branch.item_table(self.adjacency), inputs, self.dropout)
-            reps[i] = self.experts[i].mu(x, pad_mask)[:, -1]
+            reps[i] = self.expert(i).mu(x, pad_mask)[:, -1]
         return reps
 
     @torch.no_grad()
@@ -394,5 +421,5 @@ class FMoECDSR(nn.Module):
     def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor:
         """Mixture logits ``ℓ_moe`` at the last position, gathered at ``candidates`` ``[B, C]``."""
         reps = self._last_reps(inputs)
-        logits = {i: self.branches[i].scores(z) for i, z in reps.items()}
+        logits = {i: self.branch(i).scores(z) for i, z in reps.items()}
         return self._mixture(self._gate_weights(reps), logits).gather(1, candidates)

@@ -54,9 +54,7 @@ class Gate(nn.Module):
 class DenseGate(Gate):
     """``softmax(proj(x) / temperature)``: every expert gets a non-zero weight."""
 
-    def __init__(
-        self, in_features: int, num_experts: int, temperature: float = 1.0, bias: bool = False
-    ) -> None:
+    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, bias: bool = False) -> None:
         super().__init__(in_features, num_experts, bias)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")

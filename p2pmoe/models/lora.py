@@ -25,9 +25,7 @@ class LoRALinear(nn.Module):
     ``base.bias``, ``lora_A``, ``lora_B``.
     """
 
-    def __init__(
-        self, base: nn.Linear, rank: int, alpha: float = 1.0, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be positive, got {rank}")
@@ -77,11 +75,7 @@ def apply_lora(
     backbone is the caller's choice. Returns the wrapped names in module order, and raises
     ``ValueError`` when nothing matched, which almost always means a misspelt target.
     """
-    found = [
-        name
-        for name, sub in module.named_modules()
-        if isinstance(sub, nn.Linear) and name and _matches(name, target_names)
-    ]
+    found = [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and name and _matches(name, target_names)]
     if not found:
         raise ValueError(f"no nn.Linear in the module matches {list(target_names)}")
     for name in found:

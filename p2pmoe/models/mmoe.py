@@ -55,15 +55,10 @@ class MMoE(nn.Module):
         self.num_numerical = num_numerical
         d_in = len(cardinalities) * embed_dim + num_numerical
         self.template = template
-        self.experts = nn.ModuleList(
-            (TemplateExpert(d_in, expert_hidden, num_tasks) if template else MLP(d_in, expert_hidden))
-            for _ in range(num_experts)
-        )
+        self.experts = nn.ModuleList((TemplateExpert(d_in, expert_hidden, num_tasks) if template else MLP(d_in, expert_hidden)) for _ in range(num_experts))
         self.norms = nn.ModuleList(nn.BatchNorm1d(expert_hidden[-1]) for _ in range(num_experts)) if expert_norm else None
         self.gates = nn.ModuleList(DenseGate(d_in, num_experts) for _ in range(num_tasks))
-        self.towers = nn.ModuleList(
-            MLP(expert_hidden[-1], [tower_hidden], 1) for _ in range(num_tasks)
-        )
+        self.towers = nn.ModuleList(MLP(expert_hidden[-1], [tower_hidden], 1) for _ in range(num_tasks))
 
     @property
     def num_tasks(self) -> int:

@@ -53,10 +53,7 @@ class ExpertSlots(nn.Module):
             raise ValueError(f"expert {slot} state: missing {missing}, unexpected {extra}")
         for name, tensor in own.items():
             if tuple(state[name].shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"expert {slot} state {name!r}: shape {tuple(state[name].shape)}, "
-                    f"expected {tuple(tensor.shape)}"
-                )
+                raise ValueError(f"expert {slot} state {name!r}: shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}")
         with torch.no_grad():
             for name, tensor in own.items():
                 tensor.copy_(state[name])
@@ -106,6 +103,7 @@ class MixtureOfExperts(ExpertSlots):
             out = out.index_add(0, rows, y)
         assert out is not None  # every row's weights sum to 1, so some expert is active
         return out.reshape(*lead, out.shape[-1])
+
 
 class MoEClassifier(nn.Module):
     """The per-node FedMoE-DA model: ``logits = moe(embedder(x))``.

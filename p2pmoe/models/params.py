@@ -13,11 +13,7 @@ from p2pmoe.wire.codec import ProtocolError, check_like
 def float_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """Floating-point entries of the state dict whose names start with `prefix`: detached copies
     on the CPU (what the codec and the methods' arithmetic take, wherever the model trains)."""
-    return {
-        name: tensor.detach().to("cpu", copy=True)
-        for name, tensor in model.state_dict().items()
-        if name.startswith(prefix) and tensor.is_floating_point()
-    }
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items() if name.startswith(prefix) and tensor.is_floating_point()}
 
 
 def load_float_state(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
@@ -42,8 +38,8 @@ def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: Iterabl
     if any(s.keys() != keys for s in states):
         raise ProtocolError("states to average hold different tensor names")
     return {
-        name: sum(
-            (w / total * s[name].to(torch.float32) for w, s in zip(weights, states, strict=True)), torch.zeros((), dtype=torch.float32)
-        ).to(states[0][name].dtype)
+        name: sum((w / total * s[name].to(torch.float32) for w, s in zip(weights, states, strict=True)), torch.zeros((), dtype=torch.float32)).to(
+            states[0][name].dtype
+        )
         for name in keys
     }

@@ -66,9 +66,7 @@ class SASRecEncoder(nn.Module):
 
     causal: Tensor  # a registered (non-persistent) buffer
 
-    def __init__(
-        self, max_len: int, hidden: int, heads: int = 4, blocks: int = 2, dropout: float = 0.2
-    ) -> None:
+    def __init__(self, max_len: int, hidden: int, heads: int = 4, blocks: int = 2, dropout: float = 0.2) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
@@ -92,9 +90,7 @@ class SASRecEncoder(nn.Module):
         allowed |= torch.eye(n, dtype=torch.bool, device=allowed.device)
         return allowed.unsqueeze(1)
 
-    def forward(
-        self, x: Tensor, pad_mask: Tensor, attn_mask_extra: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, pad_mask: Tensor, attn_mask_extra: Tensor | None = None) -> Tensor:
         """Encode ``x`` ``[B, L, d]``; ``pad_mask`` ``[B, L]`` is True at padding.
 
         ``attn_mask_extra`` (bool, True = hide) hides more keys: ``[B, L]`` hides key positions

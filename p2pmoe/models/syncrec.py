@@ -101,8 +101,7 @@ class SyNCRecConfig:
         single = self.single_experts
         if not 1 <= single < self.experts:
             raise ValueError(
-                f"{self.experts} experts at cross_expert_ratio {self.cross_expert_ratio} leave {single} single-domain experts; "
-                "need at least one of each group"
+                f"{self.experts} experts at cross_expert_ratio {self.cross_expert_ratio} leave {single} single-domain experts; need at least one of each group"
             )
         if self.score_with not in SCORE_MODES:
             raise ValueError(f"score_with must be one of {SCORE_MODES}, got {self.score_with!r}")
@@ -231,8 +230,15 @@ class SyNCRec(_TimelineModel):
     """
 
     def __init__(
-        self, item_domain: Tensor, num_domains: int, max_len: int, hidden: int, cfg: SyNCRecConfig,
-        heads: int = 2, blocks: int = 1, dropout: float = 0.2,
+        self,
+        item_domain: Tensor,
+        num_domains: int,
+        max_len: int,
+        hidden: int,
+        cfg: SyNCRecConfig,
+        heads: int = 2,
+        blocks: int = 1,
+        dropout: float = 0.2,
     ) -> None:
         super().__init__(item_domain, num_domains)
         self.ntg_gap: Tensor

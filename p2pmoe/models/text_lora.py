@@ -185,9 +185,7 @@ class LoraTextEncoder(nn.Module):
             out[name] = r if r.numel() else torch.zeros_like(weight[name])
         return out
 
-    def integrate(
-        self, foreign: list[dict[str, tuple[Tensor, Tensor]]], alpha_kind: str, decompose: bool, norm: str, alpha: Tensor | None = None
-    ) -> None:
+    def integrate(self, foreign: list[dict[str, tuple[Tensor, Tensor]]], alpha_kind: str, decompose: bool, norm: str, alpha: Tensor | None = None) -> None:
         """Mix other clients' updates in: `foreign[j][layer]` are (B_j, A_j) factors (directions
         when `decompose`, whole updates otherwise). α restarts from `alpha` (per layer and
         client) or, when None, keeps its values if the number of clients is unchanged and starts
@@ -207,8 +205,7 @@ class LoraTextEncoder(nn.Module):
         """What `integrate` holds, as it was given."""
         count = self.alpha.shape[1]
         return [
-            {name: (getattr(self, f"foreign_b_{k}")[j], getattr(self, f"foreign_a_{k}")[j]) for k, name in enumerate(self.layer_names)}
-            for j in range(count)
+            {name: (getattr(self, f"foreign_b_{k}")[j], getattr(self, f"foreign_a_{k}")[j]) for k, name in enumerate(self.layer_names)} for j in range(count)
         ]
 
     def set_alpha_trainable(self, trainable: bool) -> None:

@@ -108,8 +108,16 @@ class NodeDaemon:
         self._flush_ledger()
         shown = {k: round(v, 4) for k, v in {**train, **(metrics or {})}.items() if isinstance(v, int | float) and not k.startswith("valid_")}
         alive = len(self.membership.alive(time.monotonic()))
-        log.info("%s: round %d done %s; sent %d B, received %d B; %d/%d peers alive",
-                 self.cfg.node_id, round_index, shown, sent, received, alive, len(self.cfg.peers))
+        log.info(
+            "%s: round %d done %s; sent %d B, received %d B; %d/%d peers alive",
+            self.cfg.node_id,
+            round_index,
+            shown,
+            sent,
+            received,
+            alive,
+            len(self.cfg.peers),
+        )
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -274,8 +282,12 @@ class NodeDaemon:
                 pass
         self.cfg.out.mkdir(parents=True, exist_ok=True)
         self.transport = Transport(
-            self.cfg.node_id, self.cfg.bind, ledger=self.ledger, curve=self.cfg.curve,
-            max_inflight_bytes=self.cfg.max_inflight_bytes, round_of=lambda: max(self.runner.round, 0),
+            self.cfg.node_id,
+            self.cfg.bind,
+            ledger=self.ledger,
+            curve=self.cfg.curve,
+            max_inflight_bytes=self.cfg.max_inflight_bytes,
+            round_of=lambda: max(self.runner.round, 0),
             compression=parse_compression(self.cfg.experiment.run.compression),
         )
         for peer, address in self.cfg.peers.items():

@@ -75,7 +75,4 @@ class Membership:
 
     def table(self, now: float) -> dict[str, dict[str, object]]:
         """Per peer: state, last time heard from (None if never) and seconds of silence."""
-        return {
-            peer: {"state": self.state(peer, now), "last_seen": last, "silence": self._since(peer, now)}
-            for peer, last in sorted(self._last_seen.items())
-        }
+        return {peer: {"state": self.state(peer, now), "last_seen": last, "silence": self._since(peer, now)} for peer, last in sorted(self._last_seen.items())}

@@ -269,7 +269,9 @@ class Transport:
         if not self._guard:
             log.warning(
                 "traffic is NOT encrypted or authenticated: node %r at %s runs without CURVE keys; "
-                "anyone who can reach it can read its messages and speak as any node", node_id, self.address,
+                "anyone who can reach it can read its messages and speak as any node",
+                node_id,
+                self.address,
             )
 
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
@@ -506,9 +508,7 @@ class Transport:
         except Exception as exc:
             return _refusal(exc), received
 
-    async def _accept(
-        self, outcome: Envelope | ProtocolError, received: int, header: zmq.Frame, peer: str | None, routing_id: bytes | None
-    ) -> None:
+    async def _accept(self, outcome: Envelope | ProtocolError, received: int, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
         """Hand a valid message to its waiting request or to recv(); answer an invalid one."""
         if routing_id is None:
             assert peer is not None  # _pump passes a peer exactly when there is no routing id

@@ -66,8 +66,19 @@ def per_round_rows(run: RunData) -> list[dict[str, Any]]:
     for r, paid in sorted(client_bytes_by_round(run).items()):
         spent += paid
         mean, low, high = metric.get(r, ("", "", ""))
-        rows.append({"run": run.label, "round": r, "metric": run.headline or "", "mean": mean, "min": low, "max": high,
-                     "train_loss": loss.get(r, ""), "cum MB/client": spent / 1e6, "sim s": sim[r] if r < len(sim) else ""})
+        rows.append(
+            {
+                "run": run.label,
+                "round": r,
+                "metric": run.headline or "",
+                "mean": mean,
+                "min": low,
+                "max": high,
+                "train_loss": loss.get(r, ""),
+                "cum MB/client": spent / 1e6,
+                "sim s": sim[r] if r < len(sim) else "",
+            }
+        )
     return rows
 
 

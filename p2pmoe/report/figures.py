@@ -202,8 +202,10 @@ def sim_time(runs: list[RunData], out: Path) -> list[Figure]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     bandwidth = {r.run_setting.get("link_bandwidth") for r in timed}
-    caption = (f"Time messages spend on the links per round (fluid model; phases sequential), links of {', '.join(f'{b:g}' for b in bandwidth if b)} "
-               f"bit/s unless the topology file says otherwise. {shared_setting(timed)}.")
+    caption = (
+        f"Time messages spend on the links per round (fluid model; phases sequential), links of {', '.join(f'{b:g}' for b in bandwidth if b)} "
+        f"bit/s unless the topology file says otherwise. {shared_setting(timed)}."
+    )
     return [_save(fig, out, "sim_time.png", "simulated time per round", caption)]
 
 
@@ -244,10 +246,20 @@ def expert_graph(run: RunData, out: Path) -> list[Figure]:
                 continue
             pulled += 1
             slots.add(int(slot))
-            ax.annotate("", xy=pos[dst], xytext=pos[src], arrowprops={
-                "arrowstyle": "-|>", "lw": 0.4 + 4 * float(weights[:, m].max()), "alpha": 0.6, "shrinkA": 8, "shrinkB": 8,
-                "connectionstyle": f"arc3,rad={0.08 + 0.07 * int(slot)}", "color": f"C{int(slot) % 10}",
-            })
+            ax.annotate(
+                "",
+                xy=pos[dst],
+                xytext=pos[src],
+                arrowprops={
+                    "arrowstyle": "-|>",
+                    "lw": 0.4 + 4 * float(weights[:, m].max()),
+                    "alpha": 0.6,
+                    "shrinkA": 8,
+                    "shrinkB": 8,
+                    "connectionstyle": f"arc3,rad={0.08 + 0.07 * int(slot)}",
+                    "color": f"C{int(slot) % 10}",
+                },
+            )
     xy = np.array([pos[n] for n in run.clients])
     ax.scatter(xy[:, 0], xy[:, 1], s=120, color="k", zorder=3)
     for node in run.clients:
@@ -256,9 +268,11 @@ def expert_graph(run: RunData, out: Path) -> list[Figure]:
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="lower left", title="expert", title_fontsize=7)
     ax.set_axis_off()
-    caption = (f"Round {chosen}: {pulled} experts pulled. An arrow goes from the peer that served an expert to the node that "
-               f"aggregated it, coloured by the expert's slot, width by the largest aggregation weight it got in that node's plan; "
-               f"grey lines are the topology. {run.setting_text()}.")
+    caption = (
+        f"Round {chosen}: {pulled} experts pulled. An arrow goes from the peer that served an expert to the node that "
+        f"aggregated it, coloured by the expert's slot, width by the largest aggregation weight it got in that node's plan; "
+        f"grey lines are the topology. {run.setting_text()}."
+    )
     return [_save(fig, out, f"expert_graph_{slug(run.label)}.png", f"expert selection ({run.label})", caption)]
 
 
@@ -283,8 +297,10 @@ def gate_correlation(run: RunData, out: Path) -> list[Figure]:
     middles = edges - np.array(sizes) / 2 - 0.5
     ax.set_xticks(middles, list(gates), rotation=90, fontsize=7)
     ax.set_yticks(middles, list(gates), fontsize=7)
-    caption = (f"Round {chosen}: cosine similarity between the expert proxies (rows of each node's gate, "
-               f"{sizes[0]} per node, in slot order) of every node. {run.setting_text()}.")
+    caption = (
+        f"Round {chosen}: cosine similarity between the expert proxies (rows of each node's gate, "
+        f"{sizes[0]} per node, in slot order) of every node. {run.setting_text()}."
+    )
     return [_save(fig, out, f"gate_correlation_{slug(run.label)}.png", f"gate correlation ({run.label})", caption)]
 
 

@@ -22,9 +22,7 @@ def _td(value: Any) -> str:
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """An HTML table with the terminal table's number formatting."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(_td(r.get(c, "")) for c in columns) + "</tr>" for r in rows
-    )
+    body = "".join("<tr>" + "".join(_td(r.get(c, "")) for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -33,8 +31,10 @@ def render(
 ) -> str:
     """The page: runs as (label, folder, setting), tables as (heading, HTML), figures as
     (file, title, caption), then notes (figures left out and why)."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><ul>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><ul>",
+    ]
     parts += [f"<li><b>{html.escape(label)}</b> ({html.escape(folder)}): {html.escape(setting)}</li>" for label, folder, setting in runs]
     parts.append("</ul>")
     parts += [f"<p><i>{html.escape(note)}</i></p>" for note in notes]

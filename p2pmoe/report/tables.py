@@ -64,9 +64,5 @@ def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (
             if long:
                 flags.setdefault(action.dest, long[0])
     skipped = set(skip)
-    given = [
-        f"{flags.get(k) or '--' + k.rsplit('.', 1)[-1].replace('_', '-')} {v}"
-        for k, v in vars(args).items()
-        if v not in (None, "") and k not in skipped
-    ]
+    given = [f"{flags.get(k) or '--' + k.rsplit('.', 1)[-1].replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k not in skipped]
     return " ".join([f"python {script}", *given])

@@ -141,9 +141,7 @@ def _phase_time(messages: Sequence[LedgerEntry], graph: nx.Graph, routes: _Route
     return float((slowest_link + path_latency).max())
 
 
-def round_comm_time(
-    entries: Sequence[LedgerEntry], graph: nx.Graph, server_link: tuple[float, float] | None = None
-) -> float:
+def round_comm_time(entries: Sequence[LedgerEntry], graph: nx.Graph, server_link: tuple[float, float] | None = None) -> float:
     """Simulated seconds the messages of one round spend on the network (see the module doc).
 
     `server_link` is (bandwidth in bits/s, latency in s) of each client's own link to a node
@@ -164,9 +162,7 @@ def round_comm_time(
     return sum(_phase_time(phases[p], graph, routes, (float(bandwidth), float(latency))) for p in sorted(phases))
 
 
-def comm_time_by_round(
-    entries: Sequence[LedgerEntry], graph: nx.Graph, server_link: tuple[float, float] | None = None
-) -> dict[int, float]:
+def comm_time_by_round(entries: Sequence[LedgerEntry], graph: nx.Graph, server_link: tuple[float, float] | None = None) -> dict[int, float]:
     """`round_comm_time` of every round present in `entries`, by round index."""
     by_round: dict[int, list[LedgerEntry]] = defaultdict(list)
     for e in entries:

@@ -117,5 +117,3 @@ def task_for_data(data: str) -> Task:
             return task
     known = sorted(d for t in _TASKS.values() for d in t.data)
     raise ValueError(f"unknown data {data!r}; choose from {known}")
-
-

@@ -82,9 +82,15 @@ def mmoe_model(cfg: ExperimentConfig, features: FeatureSpec, template: bool = Fa
     opts = cfg.task
     assert isinstance(opts, MultiTaskOptions)
     return MMoE(
-        features.cardinalities, features.num_numerical, opts.embed_dim, opts.experts,
-        [opts.expert_hidden] * opts.expert_layers, features.num_tasks, opts.tower_hidden,
-        template=template, expert_norm=opts.expert_norm,
+        features.cardinalities,
+        features.num_numerical,
+        opts.embed_dim,
+        opts.experts,
+        [opts.expert_hidden] * opts.expert_layers,
+        features.num_tasks,
+        opts.tower_hidden,
+        template=template,
+        expert_norm=opts.expert_norm,
     )
 
 
@@ -188,8 +194,13 @@ class MultiTaskTask(Task):
             _, held = random_split(len(data.train_idx), opts.valid_fraction, np.random.default_rng(run.seed * 1000 + k))
             torch.manual_seed(run.seed)  # identical initial weights on every client
             out[k] = MultiTaskLearner(
-                factory(cfg, spec), data, data.train_idx[held], batch_size=run.batch_size, lr=run.lr,
-                seed=run.seed * 1000 + k, device=device,
+                factory(cfg, spec),
+                data,
+                data.train_idx[held],
+                batch_size=run.batch_size,
+                lr=run.lr,
+                seed=run.seed * 1000 + k,
+                device=device,
             )
         return out
 

@@ -117,8 +117,15 @@ class SequentialTask(Task):
         for k in indices:
             torch.manual_seed(run.seed)  # identical initial encoder weights on every client
             out[k] = NextItemLearner(
-                factory(cfg, domains[k], k, len(domains)), domains[k], opts.max_len, batch_size=run.batch_size, lr=run.lr,
-                num_negatives=opts.negatives, negative_seed=run.seed, seed=run.seed * 1000 + k, device=device,
+                factory(cfg, domains[k], k, len(domains)),
+                domains[k],
+                opts.max_len,
+                batch_size=run.batch_size,
+                lr=run.lr,
+                num_negatives=opts.negatives,
+                negative_seed=run.seed,
+                seed=run.seed * 1000 + k,
+                device=device,
             )
         return out
 

@@ -67,8 +67,11 @@ def text_domains(data: str, root: str | None, users: int | None, seed: int) -> t
             keep = np.sort(np.random.default_rng(seed).choice(len(domain.train), users, replace=False)).tolist()
             domain = replace(
                 domain,
-                train=[domain.train[i] for i in keep], valid=[domain.valid[i] for i in keep], test=[domain.test[i] for i in keep],
-                train_users=[domain.train_users[i] for i in keep], valid_users=[domain.valid_users[i] for i in keep],
+                train=[domain.train[i] for i in keep],
+                valid=[domain.valid[i] for i in keep],
+                test=[domain.test[i] for i in keep],
+                train_users=[domain.train_users[i] for i in keep],
+                valid_users=[domain.valid_users[i] for i in keep],
                 test_users=[domain.test_users[i] for i in keep],
             )
         assert domain.global_items is not None
@@ -112,8 +115,16 @@ class TextTask(Task):
             encoder, tokenizer = text_encoder(opts, run.seed)
             data, titles = domains[k]
             out[k] = TextRecLearner(
-                encoder, tokenizer, data, titles, opts.setup(), batch_size=run.batch_size, lr=run.lr,
-                negative_seed=run.seed, seed=run.seed * 1000 + k, device=device,
+                encoder,
+                tokenizer,
+                data,
+                titles,
+                opts.setup(),
+                batch_size=run.batch_size,
+                lr=run.lr,
+                negative_seed=run.seed,
+                seed=run.seed * 1000 + k,
+                device=device,
             )
         return out
 

@@ -71,9 +71,18 @@ class TimelineOptions(Options):
 
 def syncrec_config(opts: TimelineOptions) -> SyNCRecConfig:
     return SyNCRecConfig(
-        experts=opts.experts, cross_expert_ratio=opts.cross_expert_ratio, own_mass=opts.own_mass, gate_noise=opts.gate_noise,
-        stop_gradient=opts.stop_gradient, lc_ntg=opts.lc_ntg, ntg_alpha=opts.ntg_alpha, ntg_beta=opts.ntg_beta,
-        ntg_temperature=opts.ntg_temperature, mim_weight=opts.mim_weight, mim_temperature=opts.mim_temperature, score_with=opts.score_with,
+        experts=opts.experts,
+        cross_expert_ratio=opts.cross_expert_ratio,
+        own_mass=opts.own_mass,
+        gate_noise=opts.gate_noise,
+        stop_gradient=opts.stop_gradient,
+        lc_ntg=opts.lc_ntg,
+        ntg_alpha=opts.ntg_alpha,
+        ntg_beta=opts.ntg_beta,
+        ntg_temperature=opts.ntg_temperature,
+        mim_weight=opts.mim_weight,
+        mim_temperature=opts.mim_temperature,
+        score_with=opts.score_with,
     )
 
 
@@ -139,10 +148,18 @@ class TimelineTask(Task):
         for k in indices:
             torch.manual_seed(run.seed)  # identical initial weights on every node
             out[k] = TimelineLearner(
-                (model or timeline_model)(cfg, item_domain, num_domains), parts[k], data.num_items, data.domains, opts.max_len,
-                batch_size=run.batch_size, lr=run.lr, num_negatives=opts.negatives, negative_seed=run.seed,
+                (model or timeline_model)(cfg, item_domain, num_domains),
+                parts[k],
+                data.num_items,
+                data.domains,
+                opts.max_len,
+                batch_size=run.batch_size,
+                lr=run.lr,
+                num_negatives=opts.negatives,
+                negative_seed=run.seed,
                 item_domain=data.item_domain if opts.negatives_from == "domain" else None,
-                seed=run.seed * 1000 + k, device=device,
+                seed=run.seed * 1000 + k,
+                device=device,
             )
         return out
 

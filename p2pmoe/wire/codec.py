@@ -88,9 +88,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(cast(Any, array)).cast("B")  # numpy arrays are buffers; its stubs do not say so
 
 
-def encode(
-    src: str, message: Message, limits: Limits = DEFAULT_LIMITS, compression: Mapping[str, str] | None = None
-) -> list[bytes | memoryview]:
+def encode(src: str, message: Message, limits: Limits = DEFAULT_LIMITS, compression: Mapping[str, str] | None = None) -> list[bytes | memoryview]:
     """Frames for `message`: header first, then each tensor in chunks of `frame_bytes`.
 
     `compression` maps message kinds (or '*') to a scheme of p2pmoe.wire.compression.

@@ -106,8 +106,7 @@ def decompress(tensors: dict[str, torch.Tensor], field: Any) -> dict[str, torch.
             continue
         if data.dtype != torch.uint8 or not (isinstance(values, list) and len(values) == 2 and int8_params_ok(*values)):
             raise CompressionError(
-                f"tensor {name!r}: int8 compression needs a uint8 tensor and float [min, scale > 0] "
-                "with min + 255 * scale finite in float32"
+                f"tensor {name!r}: int8 compression needs a uint8 tensor and float [min, scale > 0] with min + 255 * scale finite in float32"
             )
         lo, scale = values
         restored[name] = data.to(torch.float32) * scale + lo
