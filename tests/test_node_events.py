@@ -169,3 +169,29 @@ def test_swarm_processes_share_the_cores_out(tmp_path, monkeypatch):
     assert {load_node_config(p).experiment.run.threads for p in paths.values()} == {3}
     pinned = write_node_configs(default_config(method="fedavg", nodes=4, rounds=1, threads=2), tmp_path / "pinned", Timing())
     assert {load_node_config(p).experiment.run.threads for p in pinned.values()} == {2}
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_bad_messages_is_logged_in_a_few_lines(caplog):
+    from p2pmoe.node.transport import Transport
+
+    async def scenario() -> None:
+        async with Transport("node-00", "tcp://127.0.0.1:*") as node:
+            context = zmq.asyncio.Context()
+            peer = context.socket(zmq.DEALER)
+            peer.setsockopt(zmq.ROUTING_ID, b"flooder")
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(node.address)
+            for _ in range(200):
+                await peer.send_multipart([b"\xff" * 16])
+            replies = 0
+            while replies < 200 and await peer.poll(5000):
+                await peer.recv_multipart()
+                replies += 1
+            assert replies == 200  # every bad message still gets its ERROR reply
+            peer.close()
+            context.term()
+
+    with caplog.at_level(logging.WARNING, logger="p2pmoe.transport"):
+        asyncio.run(scenario())
+    assert 1 <= sum("rejected a message" in r.getMessage() for r in caplog.records) <= 6

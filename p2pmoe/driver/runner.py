@@ -74,15 +74,15 @@ class RateLimitedLog:
     """Log the first few lines of each kind, then every `every`-th: a flood of bad messages
     must not turn into a flood of log lines."""
 
-    def __init__(self, first: int = 5, every: int = 1000) -> None:
-        self.first, self.every = first, every
+    def __init__(self, first: int = 5, every: int = 1000, logger: logging.Logger = log) -> None:
+        self.first, self.every, self.logger = first, every, logger
         self.counts: Counter[str] = Counter()
 
     def warning(self, key: str, text: str, *args: object) -> None:
         self.counts[key] += 1
         n = self.counts[key]
         if n <= self.first or n % self.every == 0:
-            log.warning(text + (f" ({n} so far)" if n > self.first else ""), *args)
+            self.logger.warning(text + (f" ({n} so far)" if n > self.first else ""), *args)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
+from p2pmoe.driver.runner import RateLimitedLog
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.node.security import CurveGuard, CurveSettings
 from p2pmoe.wire.codec import DEFAULT_LIMITS, Envelope, Limits, MessageReader, ProtocolError, encode, frame_sizes
@@ -242,6 +243,7 @@ class Transport:
         self._waiters: dict[tuple[str, int], tuple[asyncio.Future[Message], MessageKind]] = {}
         self._finished_requests: OrderedDict[tuple[str, int], MessageKind] = OrderedDict()
         self._closed = False
+        self._rejections = RateLimitedLog(logger=log)  # one flood, a few lines (every 1,000th after the first 5)
         # each socket's plain (blocking-API) twin, for the reads and sends that need not wait
         self._plain: dict[zmq.asyncio.Socket, zmq.Socket] = {}
         self._waiting_sends: dict[zmq.asyncio.Socket, int] = defaultdict(int)
@@ -527,7 +529,7 @@ class Transport:
             self._check_sender(envelope, header, peer, routing_id)
         except ProtocolError as exc:
             reason = _short(str(exc))
-            log.warning("rejected a message from %r: %s", sender, reason)
+            self._rejections.warning("rejected", "rejected a message from %r: %s", sender, reason)
             if routing_id is not None:
                 await self._reply_error(routing_id, sender, reason)
             return
