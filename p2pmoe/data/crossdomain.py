@@ -23,8 +23,24 @@ from p2pmoe.data.errors import DataFormatError, DataNotFoundError
 from p2pmoe.data.sequences import DomainSequences, Timeline
 
 
+class RenumberedIds:
+    """Users and items renumbered ``0..n-1`` from the files' tokens: ``user_tokens[u]`` and
+    ``item_tokens[i]`` give back the ids; their counts follow."""
+
+    user_tokens: list[str]
+    item_tokens: list[str]
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_tokens)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_tokens)
+
+
 @dataclass
-class CrossDomainInteractions:
+class CrossDomainInteractions(RenumberedIds):
     """Interactions with users and items renumbered ``0..n-1`` in order of first appearance.
 
     ``user``, ``item`` and ``timestamp`` hold one entry per interaction, in file order;
@@ -40,14 +56,6 @@ class CrossDomainInteractions:
     domains: tuple[str, ...]
     user_tokens: list[str]
     item_tokens: list[str]
-
-    @property
-    def num_users(self) -> int:
-        return len(self.user_tokens)
-
-    @property
-    def num_items(self) -> int:
-        return len(self.item_tokens)
 
 
 def renumber(tokens: list[str]) -> tuple[np.ndarray, list[str]]:

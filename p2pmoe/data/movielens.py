@@ -22,7 +22,7 @@ import numpy as np
 
 from p2pmoe.data import crossdomain
 from p2pmoe.data.atomic import AtomicTable, Column, read_atomic
-from p2pmoe.data.crossdomain import CrossDomainInteractions, finite_column, renumber
+from p2pmoe.data.crossdomain import CrossDomainInteractions, RenumberedIds, finite_column, renumber
 from p2pmoe.data.errors import DataFormatError, DataNotFoundError
 from p2pmoe.data.multitask import ScenarioData, random_split
 from p2pmoe.data.sequences import DomainSequences, Timeline
@@ -51,7 +51,7 @@ AGE_GROUPS = MappingProxyType({1: "under 18", 18: "18-24", 25: "25-34", 35: "35-
 
 
 @dataclass
-class MovieLens:
+class MovieLens(RenumberedIds):
     """Ratings with users and items renumbered ``0..n-1`` in order of first appearance in the
     ``.inter`` file; ``user_tokens``/``item_tokens`` give back the original ids.
 
@@ -78,14 +78,6 @@ class MovieLens:
 
     def __len__(self) -> int:
         return len(self.user)
-
-    @property
-    def num_users(self) -> int:
-        return len(self.user_tokens)
-
-    @property
-    def num_items(self) -> int:
-        return len(self.item_tokens)
 
 
 def find_movielens(name_or_path: str | Path = "ml-1m") -> Path:
