@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -25,3 +26,12 @@ class Learner(Protocol):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state_dict` returned."""
+
+
+def shuffled_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of one shuffled pass over `count` examples, `batch_size` at a time (the last
+    batch may be smaller). Every learner draws its order from its own generator this way, so a
+    checkpointed generator state resumes the same order."""
+    order = torch.randperm(count, generator=generator)
+    for start in range(0, count, batch_size):
+        yield order[start : start + batch_size]

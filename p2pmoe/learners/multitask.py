@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from p2pmoe.data.multitask import ScenarioData
 from p2pmoe.eval.metrics import auc
+from p2pmoe.learners.base import shuffled_batches
 from p2pmoe.models.params import float_state, load_float_state
 
 
@@ -69,9 +70,7 @@ class MultiTaskLearner:
         self.model.train()
         total, batches = 0.0, 0
         for _ in range(epochs):
-            order = torch.randperm(self.num_train_examples, generator=self._shuffle)
-            for start in range(0, self.num_train_examples, self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for idx in shuffled_batches(self.num_train_examples, self.batch_size, self._shuffle):
                 logits = self.model(cat[idx].to(self.device), num[idx].to(self.device))
                 loss = F.binary_cross_entropy_with_logits(logits, y[idx].to(self.device), reduction="none").mean(0).sum()
                 if self.prox_weight > 0 and self.anchor:

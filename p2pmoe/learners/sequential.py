@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.eval.metrics import ranking_metrics, ranks_against_negatives
 from p2pmoe.eval.negatives import sample_negatives
+from p2pmoe.learners.base import shuffled_batches
 from p2pmoe.models.sasrec import SASRec
 from p2pmoe.wire.codec import check_like
 
@@ -189,9 +190,8 @@ class NextItemLearner:
 
     def batches(self) -> Iterator[SequenceBatch]:
         """One shuffled pass over the training sequences."""
-        order = torch.randperm(self.num_train_examples, generator=self._shuffle)
-        for start in range(0, self.num_train_examples, self.batch_size):
-            yield self.train_set.select(order[start : start + self.batch_size]).to(self.device)
+        for rows in shuffled_batches(self.num_train_examples, self.batch_size, self._shuffle):
+            yield self.train_set.select(rows).to(self.device)
 
     def train(self, epochs: int) -> dict[str, float]:
         """``epochs`` passes; returns the mean loss and the mean of each statistic the model reports."""

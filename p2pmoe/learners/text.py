@@ -20,6 +20,7 @@ from torch import Tensor
 from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.eval.metrics import ranking_metrics
 from p2pmoe.eval.negatives import sample_negatives
+from p2pmoe.learners.base import shuffled_batches
 from p2pmoe.models.text_lora import LoraTextEncoder
 from p2pmoe.wire.codec import check_like
 
@@ -136,9 +137,8 @@ class TextRecLearner:
         self.model.train()
         total, steps = 0.0, 0
         for _ in range(epochs):
-            order = torch.randperm(self.num_train_examples, generator=self._shuffle)
-            for start in range(0, self.num_train_examples, self.batch_size):
-                loss = self.loss(order[start : start + self.batch_size])
+            for rows in shuffled_batches(self.num_train_examples, self.batch_size, self._shuffle):
+                loss = self.loss(rows)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

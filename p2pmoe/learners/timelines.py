@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from p2pmoe.data.sequences import Timeline
 from p2pmoe.eval.metrics import ranking_metrics, ranks_against_negatives
 from p2pmoe.eval.negatives import sample_negatives
+from p2pmoe.learners.base import shuffled_batches
 from p2pmoe.learners.sequential import NextItemLearner
 from p2pmoe.models.syncrec import TimelineBatch
 
@@ -121,10 +122,8 @@ class TimelineLearner(NextItemLearner):
 
     def batches(self) -> Iterator[TimelineBatch]:  # type: ignore[override]
         """One shuffled pass, each batch cut to its longest window."""
-        order = torch.randperm(self.num_train_examples, generator=self._shuffle)
         data = self.windows
-        for start in range(0, self.num_train_examples, self.batch_size):
-            rows = order[start : start + self.batch_size]
+        for rows in shuffled_batches(self.num_train_examples, self.batch_size, self._shuffle):
             width = int((data.inputs[rows] != self.pad).sum(dim=1).max())
             cut = slice(self.max_len - width, None)
             yield TimelineBatch(data.inputs[rows, cut], data.targets[rows, cut], data.single_targets[rows, cut]).to(self.device)

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from p2pmoe.eval.metrics import accuracy
+from p2pmoe.learners.base import shuffled_batches
 from p2pmoe.models.params import float_state, load_float_state
 
 
@@ -48,9 +49,7 @@ class ImageClassifierLearner:
         self.model.train()
         total, batches = 0.0, 0
         for _ in range(epochs):
-            order = torch.randperm(self.num_train_examples, generator=self._shuffle)
-            for start in range(0, self.num_train_examples, self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for idx in shuffled_batches(self.num_train_examples, self.batch_size, self._shuffle):
                 x, y = self.train_x[idx].to(self.device), self.train_y[idx].to(self.device)
                 loss = F.cross_entropy(self.model(x), y)
                 optimiser.zero_grad(set_to_none=True)

@@ -9,7 +9,6 @@ module under `p2pmoe/methods/` plus its line in `BUILTIN_METHODS`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -21,6 +20,7 @@ from p2pmoe.learners.base import Learner
 from p2pmoe.methods.base import Method
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options
+from p2pmoe.plugins import ordered
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Task
 from p2pmoe.topology import neighbours_within
@@ -136,17 +136,9 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def _load_builtins() -> None:
-    for module in BUILTIN_METHODS:
-        importlib.import_module(module)
-
-
 def all_methods() -> dict[str, MethodSpec]:
-    """Every method: the built-ins in `BUILTIN_METHODS` order (whichever module a caller
-    imported first), then plugins in registration order."""
-    _load_builtins()
-    rank = {module: i for i, module in enumerate(BUILTIN_METHODS)}
-    return dict(sorted(_METHODS.items(), key=lambda item: rank.get(item[1].build_client.__module__, len(rank))))
+    """Every method: the built-ins in `BUILTIN_METHODS` order, then plugins."""
+    return ordered(_METHODS, BUILTIN_METHODS, lambda spec: spec.build_client.__module__)
 
 
 def get_method(name: str, task: str | None = None) -> MethodSpec:

@@ -9,7 +9,6 @@ family whose learners offer what it needs.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import nn
 
 from p2pmoe.learners.base import Learner
 from p2pmoe.options import Options
+from p2pmoe.plugins import ordered
 from p2pmoe.settings import ExperimentConfig
 
 ModelFactory = Callable[..., nn.Module]
@@ -90,17 +90,9 @@ def register_task(task: Task) -> Task:
     return task
 
 
-def _load_builtins() -> None:
-    for module in BUILTIN_TASKS:
-        importlib.import_module(module)
-
-
 def all_tasks() -> dict[str, Task]:
-    """Every family: the built-ins in `BUILTIN_TASKS` order (whichever module was imported
-    first, a method's import of its family, say), then plugins in registration order."""
-    _load_builtins()
-    rank = {module: i for i, module in enumerate(BUILTIN_TASKS)}
-    return dict(sorted(_TASKS.items(), key=lambda item: rank.get(type(item[1]).__module__, len(rank))))
+    """Every family: the built-ins in `BUILTIN_TASKS` order, then plugins."""
+    return ordered(_TASKS, BUILTIN_TASKS, lambda task: type(task).__module__)
 
 
 def get_task(name: str) -> Task:
