@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from p2pmoe.wire.codec import Limits, ProtocolError, decode, encode, frame_sizes
-from p2pmoe.wire.compression import compression_error, parse_compression
+from p2pmoe.wire.compression import ErrorFeedback, compress, compression_error, decompress, parse_compression
 from p2pmoe.wire.messages import Message, MessageKind
 
 
@@ -116,3 +116,52 @@ def test_int8_sender_leaves_tensors_it_cannot_carry_uncompressed():
     frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"huge": huge, "inf": torch.tensor([float("inf")])}), compression={"*": "int8"})
     assert msgpack.unpackb(frames[0], raw=False)["comp"]["tensors"] == {}
     assert torch.equal(decode(frames, Limits(require_finite=False)).message.tensors["huge"], huge)
+
+
+def _dequant_quant(x: torch.Tensor) -> torch.Tensor:
+    """dequant(quant(x)) with 8-bit per-tensor min/scale, written out by hand."""
+    lo, hi = float(x.min()), float(x.max())
+    scale = (hi - lo) / 255
+    return torch.round((x - lo) / scale).clamp(0, 255).to(torch.uint8).to(torch.float32) * scale + lo
+
+
+def test_int8_error_feedback_carries_the_residual_into_the_next_round():
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(40, 7), torch.randn(40, 7)
+    ef = ErrorFeedback("int8")
+
+    sent1 = ef.apply({"phi": x1})
+    assert torch.equal(sent1["phi"], x1)  # nothing to carry yet
+    r1 = ef.residual["phi"]
+    assert torch.allclose(r1, x1 - _dequant_quant(x1), atol=1e-6) and r1.abs().max() > 0
+
+    sent2 = ef.apply({"phi": x2})
+    assert torch.equal(sent2["phi"], x2 + r1)  # round 2 quantises x2 + residual
+    assert torch.allclose(ef.residual["phi"], (x2 + r1) - _dequant_quant(x2 + r1), atol=1e-6)
+
+    # What the wire delivers is the codec's own int8 round trip of what apply() returned.
+    frames = encode("a", Message(MessageKind.EMBEDDING, 2, sent2), compression={"embedding": "int8"})
+    delivered = decode(frames).message.tensors["phi"]
+    assert torch.equal(delivered, sent2["phi"] - ef.residual["phi"])
+
+
+def test_error_feedback_keeps_the_total_error_bounded_over_rounds():
+    """Sum of what arrived = sum of what was meant - the last residual: the error does not grow."""
+    gen = torch.Generator().manual_seed(1)
+    ef = ErrorFeedback("int8")
+    meant, arrived = torch.zeros(300), torch.zeros(300)
+    plain = torch.zeros(300)
+    for _ in range(50):
+        x = torch.randn(300, generator=gen) * 0.01 + 1.0  # small moves around 1: int8 loses much
+        meant += x
+        compressed, field = compress(ef.apply({"w": x}), "int8")
+        arrived += decompress(compressed, field)["w"]
+        c2, f2 = compress({"w": x}, "int8")
+        plain += decompress(c2, f2)["w"]
+    assert torch.allclose(arrived, meant - ef.residual["w"], atol=1e-3)
+    assert (meant - arrived).abs().max() < (meant - plain).abs().max()
+
+
+def test_error_feedback_needs_a_lossy_scheme():
+    with pytest.raises(ValueError, match="lossy"):
+        ErrorFeedback("none")

@@ -2,7 +2,8 @@
 
 A sender's driver compresses the tensors of the message kinds its config names; the header
 says which tensors were compressed and how, so the receiver restores float32 before any
-method sees them. The error each scheme introduces is measured by `compression_error`.
+method sees them. The error each scheme introduces is measured by `compression_error`;
+`ErrorFeedback` lets a sender carry that error into its next message instead of losing it.
 """
 
 from __future__ import annotations
@@ -113,11 +114,42 @@ def decompress(tensors: dict[str, torch.Tensor], field: Any) -> dict[str, torch.
     return restored
 
 
+def round_trip(tensors: Mapping[str, torch.Tensor], scheme: str) -> dict[str, torch.Tensor]:
+    """What a receiver restores from `tensors` sent with `scheme`: the codec's own compress and
+    decompress, so a sender can know exactly what its peers got."""
+    compressed, field = compress(tensors, scheme)
+    return decompress(compressed, field) if field else compressed
+
+
+class ErrorFeedback:
+    """Error feedback for a sender whose tensors go through a lossy scheme each round.
+
+    `apply(x)` returns what to send, `x + residual`, and keeps as the new residual what the
+    scheme will lose of it, `(x + residual) - round_trip(x + residual)`. The error of one round
+    is thus sent in the next instead of dropped: over T rounds the receiver gets
+    `sum(x_t) - residual_T` in all, whatever T, rather than an error that grows with T. The
+    codec compresses the returned tensors with the very same `compress`, so the residual is
+    exactly what the wire lost. The residual is sender-local state: checkpoint `residual`.
+    """
+
+    def __init__(self, scheme: str) -> None:
+        if scheme not in SCHEMES or scheme == "none":
+            raise ValueError(f"error feedback needs a lossy scheme ({', '.join(s for s in SCHEMES if s != 'none')}), got {scheme!r}")
+        self.scheme = scheme
+        self.residual: dict[str, torch.Tensor] = {}
+
+    def apply(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors to send this round (float32 ones corrected by the residual); updates it."""
+        corrected = {name: t + self.residual[name] if name in self.residual else t for name, t in tensors.items()}
+        restored = round_trip(corrected, self.scheme)
+        self.residual = {name: corrected[name] - restored[name] for name, t in corrected.items() if t.dtype == torch.float32}
+        return corrected
+
+
 def compression_error(original: Mapping[str, torch.Tensor], scheme: str) -> dict[str, float]:
     """What a round trip through `scheme` does to `original`: relative L2 error over all
     float32 tensors together and the largest absolute error of any element."""
-    compressed, field = compress(original, scheme)
-    restored = decompress(compressed, field) if field else compressed
+    restored = round_trip(original, scheme)
     num = den = worst = 0.0
     for name, tensor in original.items():
         if tensor.dtype != torch.float32:
