@@ -144,6 +144,8 @@ class FedMoEDANode(LearnerMethod):
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
         if (embedding == "pretrained") != (phi is not None):
             raise ValueError("embedding 'pretrained' needs phi, and only it takes one")
+        if embedding != "gossip" and (embedding_partners is not None or embedding_feedback is not None):
+            raise ValueError("embedding_partners and embedding_feedback are for embedding 'gossip' only")
         if planner not in ("p2p", "server") or ((planner == "server" or embedding == "server") and server_id is None):
             raise ValueError("planner 'server' and embedding 'server' need a server_id")
         if interval < 1 or p < 0 or tau <= 0:
