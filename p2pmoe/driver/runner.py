@@ -109,6 +109,7 @@ class NodeRunner:
         # numbers whether it runs alone in a daemon or beside others in the simulator.
         self._rng = torch.Generator().manual_seed(seed).get_state()
         self.round = -1
+        self.sat_out = False  # the current round is one this node was not sampled for
         self.busy = False
         self._held: list[_Held] = []
         self._held_bytes = 0
@@ -141,13 +142,20 @@ class NodeRunner:
     def deadline(self, round_index: int) -> list[Send]:
         return self._call(lambda: self.method.on_deadline(round_index))
 
-    def start(self, round_index: int) -> list[Send]:
+    def takes_part(self, round_index: int) -> bool:
+        """Whether the node is sampled for round r (partial participation); a server always is."""
+        return self.method.takes_part(round_index)
+
+    def start(self, round_index: int, sampled: bool = True) -> list[Send]:
         """After training round r: first the held messages of earlier rounds (the method is still
-        at its previous round), then `start_round(r)`, then the held messages of round r."""
+        at its previous round), then `start_round(r)` (`sit_out(r)` when the node was not
+        sampled and did not train), then the held messages of round r."""
         self.busy = False
         sends = self._release(self.round)
         self.round = round_index
-        sends += self._call(lambda: self.method.start_round(round_index))
+        self.sat_out = not sampled
+        begin = self.method.start_round if sampled else self.method.sit_out
+        sends += self._call(lambda: begin(round_index))
         return sends + self._release(round_index)
 
     def resume(self) -> list[Send]:
@@ -167,7 +175,9 @@ class NodeRunner:
         return {} if self.accounting else self._with_own_rng(self.method.evaluate)
 
     def diagnostics(self) -> dict[str, Any]:
-        return self.method.diagnostics()
+        """The method's diagnostics, plus `sat_out: true` in a round the node was not sampled
+        for: the metrics rows then show every round's sample (full participation adds nothing)."""
+        return {**self.method.diagnostics(), "sat_out": True} if self.sat_out else self.method.diagnostics()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's state and the node's RNG stream (`driver.rng`), for exact resumes."""

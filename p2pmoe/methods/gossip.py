@@ -4,17 +4,22 @@ One helper serves the serverless baseline (the whole model) and FedMoE-DA's `gos
 embedding mode (only φ): send our tensors to every neighbour with our degree, and when the
 neighbours' tensors are in, mix them with Metropolis–Hastings weights
 w_kj = 1 / (1 + max(deg_k, deg_j)), w_kk = 1 − Σ_j w_kj (doubly stochastic on any graph).
+
+Under partial participation a node exchanges only with the neighbours sampled in the same
+round; the weight of the others stays with the node itself, so the mixing stays symmetric
+and doubly stochastic over the sampled nodes (degrees remain the graph's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 
 import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method, topology_peers
 from p2pmoe.models.params import float_state, load_float_state
+from p2pmoe.participation import Participation
 from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -37,21 +42,24 @@ class GossipExchange:
         self._write = write
         self._own: dict[str, torch.Tensor] = {}
         self._received: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
+        self._partners: set[str] = set()  # the neighbours exchanged with this round
         self._waiting: set[str] = set()
         self.done = True
 
-    def start(self, round_index: int) -> list[Send]:
-        """Snapshot our tensors and send them to every live neighbour."""
+    def start(self, round_index: int, sampled: Set[str] | None = None) -> list[Send]:
+        """Snapshot our tensors and send them to every live neighbour (of `sampled`, when the
+        round has partial participation)."""
         self._own = self._read()
         self._received = {}
-        self._waiting = set(self.neighbours)
+        self._partners = set(self.neighbours) if sampled is None else self.neighbours & sampled
+        self._waiting = set(self._partners)
         self.done = not self._waiting
         message = Message(self.kind, round_index, self._own, {"degree": self.degree})
-        return [Send(peer, message) for peer in sorted(self.neighbours)]
+        return [Send(peer, message) for peer in sorted(self._partners)]
 
     def take(self, src: str, message: Message) -> None:
         """A neighbour's tensors; mix once all have arrived."""
-        require(src in self.neighbours, f"{src} is not a gossip neighbour")
+        require(src in self._partners, f"{src} is not a gossip neighbour this round")
         degree = message.meta.get("degree")
         if not (isinstance(degree, int) and not isinstance(degree, bool) and degree >= 1):  # a raise, not require(): it narrows degree
             raise ProtocolError("meta.degree must be a positive integer")
@@ -97,13 +105,13 @@ class GossipExchange:
 class GossipNode(LearnerMethod):
     """D-PSGD: train locally, then average the whole model with topology neighbours."""
 
-    def __init__(self, node_id: str, learner: Learner, neighbours: Sequence[str], local_epochs: int = 1) -> None:
-        super().__init__(node_id, learner, local_epochs)
+    def __init__(self, node_id: str, learner: Learner, neighbours: Sequence[str], local_epochs: int = 1, participation: Participation | None = None) -> None:
+        super().__init__(node_id, learner, local_epochs, participation)
         model = learner.model
         self.exchange = GossipExchange(neighbours, MessageKind.GOSSIP, lambda: float_state(model), lambda state: load_float_state(model, state))
 
     def start_round(self, round_index: int) -> list[Send]:
-        return self.exchange.start(round_index)
+        return self.exchange.start(round_index, self.participation.among(self.exchange.neighbours, round_index))
 
     def on_message(self, src: str, message: Message) -> list[Send]:
         require(message.kind == MessageKind.GOSSIP, f"gossip nodes take gossip messages, not {message.kind.value}")
@@ -127,7 +135,7 @@ class GossipNode(LearnerMethod):
 
 
 def _client(ctx: BuildContext, node: str) -> Method:
-    return GossipNode(node, ctx.learner(node), sorted(ctx.graph.neighbors(node)), ctx.cfg.run.local_epochs)
+    return GossipNode(node, ctx.learner(node), sorted(ctx.graph.neighbors(node)), ctx.cfg.run.local_epochs, ctx.participation)
 
 
 register_method(
