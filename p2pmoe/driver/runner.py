@@ -5,7 +5,10 @@ both feed it events (a delivery, a failure, a lost peer, a deadline) and send wh
 It is the one place that
 - holds deliveries that arrive while the method trains or evaluates, or that belong to a round
   the node has not started, and hands them over after the call returns (bounded: a peer cannot
-  make the node hold unlimited messages);
+  make the node hold unlimited messages; under full participation neither messages more than
+  `MAX_ROUNDS_AHEAD` rounds ahead. Under partial participation a peer passes the rounds it
+  sits out without waiting for anyone, so it may legitimately be any number of rounds ahead:
+  there only the message and byte caps apply);
 - turns a peer's ERROR reply into the method's `on_send_failed` event;
 - answers a message the method refuses with an ERROR reply, and keeps a method bug from
   taking the daemon down (the simulator re-raises it: a bug there should fail the run).
@@ -31,7 +34,7 @@ T = TypeVar("T")
 RNG_KEY = "driver.rng"
 MAX_HELD_MESSAGES = 1024
 MAX_HELD_BYTES = 512 * 2**20
-MAX_ROUNDS_AHEAD = 2  # messages for rounds further ahead than this are refused, not held
+MAX_ROUNDS_AHEAD = 2  # messages for rounds further ahead than this are refused, not held (full participation)
 
 
 def error_reply(request: Message, reason: str) -> Message:
@@ -221,7 +224,7 @@ class NodeRunner:
     def _hold(self, src: str, message: Message) -> list[Send]:
         size = _payload_bytes(message)
         reason = None
-        if message.round > self.round + MAX_ROUNDS_AHEAD:
+        if message.round > self.round + MAX_ROUNDS_AHEAD and self.method.participation.everyone:
             reason = f"round {message.round} is more than {MAX_ROUNDS_AHEAD} rounds ahead of this node's {self.round}"
         elif len(self._held) >= MAX_HELD_MESSAGES or self._held_bytes + size > MAX_HELD_BYTES:
             reason = f"this node already holds {len(self._held)} messages ({self._held_bytes} B) for later"
