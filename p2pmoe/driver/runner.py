@@ -178,9 +178,10 @@ class NodeRunner:
         return {} if self.accounting else self._with_own_rng(self.method.evaluate)
 
     def diagnostics(self) -> dict[str, Any]:
-        """The method's diagnostics, plus `sat_out: true` in a round the node was not sampled
-        for: the metrics rows then show every round's sample (full participation adds nothing)."""
-        return {**self.method.diagnostics(), "sat_out": True} if self.sat_out else self.method.diagnostics()
+        """The method's diagnostics of the round or, in a round the node was not sampled for,
+        only `sat_out: true` (it decided nothing; what the method reports would be an earlier
+        round's): the metrics rows show every round's sample, full participation adds nothing."""
+        return {"sat_out": True} if self.sat_out else self.method.diagnostics()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's state and the node's RNG stream (`driver.rng`), for exact resumes."""
