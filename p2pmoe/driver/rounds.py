@@ -2,11 +2,13 @@
 
 Per round: train (blocking, off the event loop in the daemon), start the round, deliver until
 the method's round is complete or the deadline passes, evaluate when due, then hand the row to
-the port, which checkpoints (daemon) and logs. A client not sampled for the round (partial
-participation, `p2pmoe.participation`) skips training and sits the round out instead of
-starting it; it still waits for whatever its method awaits and still evaluates when due, so
-every client reports metrics for the same rounds (of the model it holds). Only the `Port` differs between drivers: the
+the port, which checkpoints (daemon) and logs. Only the `Port` differs between drivers: the
 in-memory network of the simulator, or ZeroMQ in the daemon.
+
+A client not sampled for the round (partial participation, `p2pmoe.participation`) skips
+training and sits the round out instead of starting it; it still waits for whatever its method
+awaits and still evaluates when due, so every client reports metrics for the same rounds (of
+the model it holds) and the means over clients stay comparable with full participation.
 """
 
 from __future__ import annotations
