@@ -62,7 +62,7 @@ async def drive_rounds(node: NodeRunner, port: Port, first: int, rounds: int, ev
         sampled = node.takes_part(r)
         node.busy = True
         train = await port.blocking(node.train, r) if sampled else {}
-        await port.send(node, node.start(r, sampled))
+        await port.send(node, node.start(r) if sampled else node.sit_out(r))
         finished = await port.wait(node, deadline)
         if port.stopping():
             log.info("%s: stopped during round %d; it will run again after a restart", node.node_id, r)

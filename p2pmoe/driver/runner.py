@@ -149,15 +149,21 @@ class NodeRunner:
         """Whether the node is sampled for round r (partial participation); a server always is."""
         return self.method.takes_part(round_index)
 
-    def start(self, round_index: int, sampled: bool = True) -> list[Send]:
+    def start(self, round_index: int) -> list[Send]:
         """After training round r: first the held messages of earlier rounds (the method is still
-        at its previous round), then `start_round(r)` (`sit_out(r)` when the node was not
-        sampled and did not train), then the held messages of round r."""
+        at its previous round), then `start_round(r)`, then the held messages of round r."""
+        return self._enter(round_index, self.method.start_round, sat_out=False)
+
+    def sit_out(self, round_index: int) -> list[Send]:
+        """Round r for a node not sampled for it (it did not train): as `start`, with the
+        method's `sit_out(r)` in place of `start_round(r)`."""
+        return self._enter(round_index, self.method.sit_out, sat_out=True)
+
+    def _enter(self, round_index: int, begin: Callable[[int], list[Send]], sat_out: bool) -> list[Send]:
         self.busy = False
         sends = self._release(self.round)
         self.round = round_index
-        self.sat_out = not sampled
-        begin = self.method.start_round if sampled else self.method.sit_out
+        self.sat_out = sat_out
         sends += self._call(lambda: begin(round_index))
         return sends + self._release(round_index)
 
