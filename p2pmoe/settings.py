@@ -31,6 +31,12 @@ class RunOptions(Options):
     nodes: int = option(10, "number of clients (sequence tasks: one per domain, set from the data)", minimum=1)
     partition: str = option("dirichlet:0.5", "how image labels are split: iid, dirichlet:ALPHA or shards:N")
     rounds: int = option(20, "communication rounds", minimum=1)
+    participation: float = option(
+        1.0,
+        "fraction of clients sampled each round (seeded; 1: everyone). Unsampled clients neither train nor send; see docs/methods.md",
+        above=0,
+        maximum=1,
+    )
     local_epochs: int = option(1, "local epochs per round", minimum=1)
     batch_size: int = option(64, "training batch size", minimum=1)
     lr: float | None = option(None, "learning rate; none takes the task's default (images 0.05 SGD, sequences 1e-3 Adam)", above=0)

@@ -20,6 +20,7 @@ from p2pmoe.methods.gossip import GossipExchange, RandomMatchings, every
 from p2pmoe.models import MoEClassifier
 from p2pmoe.models.params import float_state
 from p2pmoe.models.pretrained import PretrainedError, load_pretrained, read_metadata
+from p2pmoe.participation import Participation
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.tasks.image import pretrain_embedder
 from p2pmoe.wire.compression import ErrorFeedback, round_trip
@@ -45,6 +46,19 @@ def test_matching_is_symmetric_maximal_on_topology_edges_and_the_same_in_every_p
         seen.append(frozenset(pairs.items()))
     assert len(set(seen)) > 1  # a new matching each round
     assert RandomMatchings(graph, seed=8).pairs(0) != here.pairs(0)
+
+
+def test_under_partial_participation_only_sampled_neighbours_are_matched():
+    graph = nx.random_regular_graph(4, 20, seed=2)
+    graph = nx.relabel_nodes(graph, {k: f"node-{k:02d}" for k in graph.nodes})
+    participation = Participation(seed=3, fraction=0.5, clients=sorted(graph.nodes))
+    matchings = RandomMatchings(graph, seed=7, participation=participation)
+    for r in range(6):
+        sampled = participation.sampled(r)
+        pairs = matchings.pairs(r)
+        assert pairs and set(pairs) <= sampled
+        # maximal over the sampled subgraph: no edge between two sampled nodes is left with both ends unmatched
+        assert not any(a in sampled and b in sampled and a not in pairs and b not in pairs for a, b in graph.edges)
 
 
 def _exchanges(partners_of, values):

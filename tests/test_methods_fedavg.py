@@ -4,8 +4,10 @@ from torch import nn
 
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
+from p2pmoe.methods.gossip import GossipNode
 from p2pmoe.methods.local import LocalMethod
 from p2pmoe.models.params import float_state, weighted_average
+from p2pmoe.participation import Participation
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.wire.codec import ProtocolError, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
@@ -35,11 +37,12 @@ class ConstantLearner:
         self.model.load_state_dict(state)
 
 
-def _fedavg(values, counts):
+def _fedavg(values, counts, fraction=1.0):
     learners = [ConstantLearner(v, n) for v, n in zip(values, counts, strict=True)]
     ids = [f"c{i}" for i in range(len(learners))]
-    nodes = {"server": FedAvgServer("server", ids, float_state(learners[0].model))}
-    nodes.update({i: FedAvgClient(i, lrn, "server") for i, lrn in zip(ids, learners, strict=True)})
+    part = Participation(seed=0, fraction=fraction, clients=ids)
+    nodes = {"server": FedAvgServer("server", ids, float_state(learners[0].model), part)}
+    nodes.update({i: FedAvgClient(i, lrn, "server", participation=part) for i, lrn in zip(ids, learners, strict=True)})
     return nodes, learners, ids
 
 
@@ -136,3 +139,50 @@ def test_server_counts_on_a_rejoined_client_again():
     server.start_round(0)
     assert server.on_message("c0", nodes["c0"].start_round(0)[0].message) == []
     assert len(server.on_message("c1", nodes["c1"].start_round(0)[0].message)) == 2
+
+
+def test_partial_participation_averages_exactly_the_sampled_clients():
+    """FedAvg at scale: only the round's sample uploads, the server averages exactly those
+    updates, and the average goes to the clients sampled for the next round (they start it
+    from the global model); the others send, receive and train nothing."""
+    values, counts = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], [1, 2, 3, 1, 2, 3]
+    nodes, learners, ids = _fedavg(values, counts, fraction=0.5)
+    part = nodes["server"].participation
+    ledger = ByteLedger()
+    network = SimNetwork(nodes, ledger)
+    for r in range(4):
+        sampled, following = part.sampled(r), part.sampled(r + 1)
+        assert len(sampled) == 3
+        stats = network.run_round(r)
+        assert {n for n, s in stats.items() if s} == sampled  # only the sample trained
+        entries = [e for e in ledger.entries if e.round == r]
+        assert sorted(e.src for e in entries if e.kind == "model_update") == sorted(sampled)
+        assert sorted(e.dst for e in entries if e.kind == "model_global") == sorted(following)
+        chosen = [k for k, c in enumerate(ids) if c in sampled]
+        mean = sum(values[k] * counts[k] for k in chosen) / sum(counts[k] for k in chosen)
+        assert torch.allclose(nodes["server"].global_state["weight"], torch.full((2, 3), mean))
+        for k, c in enumerate(ids):
+            if c in following:
+                assert torch.allclose(learners[k].model.weight, torch.full((2, 3), mean))
+    sat_out = {(row["round"], row["node"]) for row in network.rows if row.get("diagnostics", {}).get("sat_out")}
+    assert sat_out == {(r, c) for r in range(4) for c in ids if c not in part.sampled(r)}
+
+
+def test_gossip_mixes_only_sampled_neighbours_and_keeps_the_sum():
+    """Partial participation in D-PSGD: a sampled node exchanges only with sampled neighbours;
+    the Metropolis-Hastings mixing stays doubly stochastic, so the sum of all models is kept."""
+    ids = [f"c{i}" for i in range(6)]
+    part = Participation(seed=3, fraction=0.5, clients=ids)
+    learners = [ConstantLearner(float(i + 1), 1) for i in range(6)]
+    nodes = {c: GossipNode(c, lrn, [ids[(k - 1) % 6], ids[(k + 1) % 6]], participation=part) for k, (c, lrn) in enumerate(zip(ids, learners, strict=True))}
+    ledger = ByteLedger()
+    network = SimNetwork(nodes, ledger)
+    for r in range(3):
+        sampled = part.sampled(r)
+        before = [lrn.value if c in sampled else lrn.model.weight.detach().clone() for c, lrn in zip(ids, learners, strict=True)]
+        network.run_round(r)
+        expected = sum(torch.full((2, 3), b) if isinstance(b, float) else b for b in before)
+        assert torch.allclose(sum(lrn.model.weight for lrn in learners), expected)
+        pairs = {(e.src, e.dst) for e in ledger.entries if e.round == r}
+        assert all(src in sampled and dst in sampled and abs(ids.index(src) - ids.index(dst)) in (1, 5) for src, dst in pairs)
+    assert any(e.kind == "gossip" for e in ledger.entries) and not any(e.kind == "error" for e in ledger.entries)

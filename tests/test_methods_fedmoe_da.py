@@ -208,3 +208,30 @@ def test_lost_peer_does_not_stall_the_round():
     SimNetwork(nodes).run_round(0)
     assert all(node.round_complete() for node in nodes.values())
     assert all(src != "n3" for node in nodes.values() for src, _ in node.plan.sources)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("topology", ["ring", "random-regular:3"])
+def test_partial_participation_fetches_only_from_sampled_topology_neighbours(tmp_path, topology):
+    """With hops = 1 and participation 0.5, every gate, phi and expert exchange of a round is
+    between two sampled nodes that are topology neighbours, and nothing is refused."""
+    from pathlib import Path
+
+    from p2pmoe.config import default_config
+    from p2pmoe.data.images import FMNIST_ROOT
+    from p2pmoe.experiment import build_topology
+    from p2pmoe.participation import Participation
+    from p2pmoe.runs import read_ledger
+    from p2pmoe.sim.runner import run_simulation
+
+    if not Path(FMNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    cfg = default_config(method="fedmoe-da", data="fmnist", nodes=8, rounds=4, topology=topology, hops=1, participation=0.5, train="none", out=str(tmp_path))
+    run_simulation(cfg, progress=False, report=False)
+    graph = build_topology(cfg)
+    part = Participation(cfg.run.seed, 0.5, sorted(graph.nodes))
+    ledger = read_ledger(tmp_path / "ledger.csv")
+    assert {e.kind for e in ledger} >= {"gate_publish", "expert_request", "expert_response", "embedding"} and "error" not in {e.kind for e in ledger}
+    for e in ledger:
+        assert graph.has_edge(e.src, e.dst), f"{e.kind} between {e.src} and {e.dst}, not neighbours on {topology}"
+        assert e.src in part.sampled(e.round) and e.dst in part.sampled(e.round), f"{e.kind} in round {e.round} with an unsampled node"

@@ -4,6 +4,11 @@ Per round: train (blocking, off the event loop in the daemon), start the round, 
 the method's round is complete or the deadline passes, evaluate when due, then hand the row to
 the port, which checkpoints (daemon) and logs. Only the `Port` differs between drivers: the
 in-memory network of the simulator, or ZeroMQ in the daemon.
+
+A client not sampled for the round (partial participation, `p2pmoe.participation`) skips
+training and sits the round out instead of starting it; it still waits for whatever its method
+awaits and still evaluates when due, so every client reports metrics for the same rounds (of
+the model it holds) and the means over clients stay comparable with full participation.
 """
 
 from __future__ import annotations
@@ -54,9 +59,10 @@ async def drive_rounds(node: NodeRunner, port: Port, first: int, rounds: int, ev
         if port.stopping():
             log.info("%s: stopping before round %d", node.node_id, r)
             break
+        sampled = node.takes_part(r)
         node.busy = True
-        train = await port.blocking(node.train, r)
-        await port.send(node, node.start(r))
+        train = await port.blocking(node.train, r) if sampled else {}
+        await port.send(node, node.start(r) if sampled else node.sit_out(r))
         finished = await port.wait(node, deadline)
         if port.stopping():
             log.info("%s: stopped during round %d; it will run again after a restart", node.node_id, r)

@@ -5,7 +5,10 @@ both feed it events (a delivery, a failure, a lost peer, a deadline) and send wh
 It is the one place that
 - holds deliveries that arrive while the method trains or evaluates, or that belong to a round
   the node has not started, and hands them over after the call returns (bounded: a peer cannot
-  make the node hold unlimited messages);
+  make the node hold unlimited messages; under full participation neither messages more than
+  `MAX_ROUNDS_AHEAD` rounds ahead. Under partial participation a peer passes the rounds it
+  sits out without waiting for anyone, so it may legitimately be any number of rounds ahead:
+  there only the message and byte caps apply);
 - turns a peer's ERROR reply into the method's `on_send_failed` event;
 - answers a message the method refuses with an ERROR reply, and keeps a method bug from
   taking the daemon down (the simulator re-raises it: a bug there should fail the run).
@@ -31,7 +34,7 @@ T = TypeVar("T")
 RNG_KEY = "driver.rng"
 MAX_HELD_MESSAGES = 1024
 MAX_HELD_BYTES = 512 * 2**20
-MAX_ROUNDS_AHEAD = 2  # messages for rounds further ahead than this are refused, not held
+MAX_ROUNDS_AHEAD = 2  # messages for rounds further ahead than this are refused, not held (full participation)
 
 
 def error_reply(request: Message, reason: str) -> Message:
@@ -109,6 +112,7 @@ class NodeRunner:
         # numbers whether it runs alone in a daemon or beside others in the simulator.
         self._rng = torch.Generator().manual_seed(seed).get_state()
         self.round = -1
+        self.sat_out = False  # the current round is one this node was not sampled for
         self.busy = False
         self._held: list[_Held] = []
         self._held_bytes = 0
@@ -141,13 +145,26 @@ class NodeRunner:
     def deadline(self, round_index: int) -> list[Send]:
         return self._call(lambda: self.method.on_deadline(round_index))
 
+    def takes_part(self, round_index: int) -> bool:
+        """Whether the node is sampled for round r (partial participation); a server always is."""
+        return self.method.takes_part(round_index)
+
     def start(self, round_index: int) -> list[Send]:
         """After training round r: first the held messages of earlier rounds (the method is still
         at its previous round), then `start_round(r)`, then the held messages of round r."""
+        return self._enter(round_index, self.method.start_round, sat_out=False)
+
+    def sit_out(self, round_index: int) -> list[Send]:
+        """Round r for a node not sampled for it (it did not train): as `start`, with the
+        method's `sit_out(r)` in place of `start_round(r)`."""
+        return self._enter(round_index, self.method.sit_out, sat_out=True)
+
+    def _enter(self, round_index: int, begin: Callable[[int], list[Send]], sat_out: bool) -> list[Send]:
         self.busy = False
         sends = self._release(self.round)
         self.round = round_index
-        sends += self._call(lambda: self.method.start_round(round_index))
+        self.sat_out = sat_out
+        sends += self._call(lambda: begin(round_index))
         return sends + self._release(round_index)
 
     def resume(self) -> list[Send]:
@@ -167,7 +184,10 @@ class NodeRunner:
         return {} if self.accounting else self._with_own_rng(self.method.evaluate)
 
     def diagnostics(self) -> dict[str, Any]:
-        return self.method.diagnostics()
+        """The method's diagnostics of the round or, in a round the node was not sampled for,
+        only `sat_out: true` (it decided nothing; what the method reports would be an earlier
+        round's): the metrics rows show every round's sample, full participation adds nothing."""
+        return {"sat_out": True} if self.sat_out else self.method.diagnostics()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's state and the node's RNG stream (`driver.rng`), for exact resumes."""
@@ -211,7 +231,7 @@ class NodeRunner:
     def _hold(self, src: str, message: Message) -> list[Send]:
         size = _payload_bytes(message)
         reason = None
-        if message.round > self.round + MAX_ROUNDS_AHEAD:
+        if message.round > self.round + MAX_ROUNDS_AHEAD and self.method.participation.everyone:
             reason = f"round {message.round} is more than {MAX_ROUNDS_AHEAD} rounds ahead of this node's {self.round}"
         elif len(self._held) >= MAX_HELD_MESSAGES or self._held_bytes + size > MAX_HELD_BYTES:
             reason = f"this node already holds {len(self._held)} messages ({self._held_bytes} B) for later"

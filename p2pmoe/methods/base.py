@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from p2pmoe.learners.base import Learner
+from p2pmoe.participation import Participation
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 __all__ = ["Learner", "LearnerMethod", "Method", "SendFailure"]
@@ -40,10 +41,24 @@ class Method(ABC):
     `round_complete()`; if the round's deadline passes first, `on_deadline(r)` lets the method
     go on with what it has. Calls never overlap: a delivery that arrives while the method
     trains or evaluates waits until that call returns.
+
+    Under partial participation (`participation`, run option `participation`) a client not
+    sampled for round r is neither trained nor started: the driver calls `sit_out(r)` instead
+    of `train_local` and `start_round`, then waits for `round_complete()` as usual.
     """
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, participation: Participation | None = None) -> None:
         self.node_id = node_id
+        self.participation = participation or Participation()
+
+    def takes_part(self, round_index: int) -> bool:
+        """Whether this node is sampled for `round_index` (a server always is)."""
+        return self.participation.takes_part(self.node_id, round_index)
+
+    def sit_out(self, round_index: int) -> list[Send]:
+        """Round r without this node: it trains and sends nothing. Default: nothing to do and
+        nothing to wait for (a method whose round state would be left waiting resets it here)."""
+        return []
 
     def train_local(self, round_index: int) -> dict[str, float]:
         """Local work before the round's exchange; nodes without data do nothing."""
@@ -99,8 +114,8 @@ class Method(ABC):
 class LearnerMethod(Method):
     """A method whose node owns a Learner: training, evaluation and checkpoints delegate to it."""
 
-    def __init__(self, node_id: str, learner: Learner, local_epochs: int = 1) -> None:
-        super().__init__(node_id)
+    def __init__(self, node_id: str, learner: Learner, local_epochs: int = 1, participation: Participation | None = None) -> None:
+        super().__init__(node_id, participation)
         self.learner = learner
         self.local_epochs = local_epochs
 

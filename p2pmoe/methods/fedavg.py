@@ -1,7 +1,9 @@
 """FedAvg over the whole model: the byte-count baseline every other method is compared to.
 
 The server is one more node: it waits for every live client's weights, averages them weighted
-by the client's number of training examples and sends the average back to every client.
+by the client's number of training examples and sends the average back to every client. Under
+partial participation it averages exactly the sampled clients' weights and sends the average to
+the clients sampled for the next round (`p2pmoe.methods.server`).
 """
 
 from __future__ import annotations
@@ -10,60 +12,46 @@ from collections.abc import Sequence
 
 import torch
 
-from p2pmoe.methods.base import Learner, LearnerMethod, Method
+from p2pmoe.methods.base import Learner, Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
-from p2pmoe.methods.server import CollectingServer
+from p2pmoe.methods.server import CollectingServer, ServerClient
 from p2pmoe.models.params import float_state, load_float_state, weighted_average
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.wire.codec import ProtocolError, check_like, require
+from p2pmoe.participation import Participation
+from p2pmoe.wire.codec import ProtocolError, check_like
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
-class FedAvgClient(LearnerMethod):
+class FedAvgClient(ServerClient):
     """Trains locally, uploads its floating-point weights, adopts the server's average.
 
     `prefix` limits what is shared to the state entries whose names start with it (FedSASRec
     shares only ``encoder.``); everything else stays local.
     """
 
-    def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1, prefix: str = "") -> None:
-        super().__init__(node_id, learner, local_epochs)
-        self.server_id = server_id
+    def __init__(
+        self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1, prefix: str = "", participation: Participation | None = None
+    ) -> None:
+        super().__init__(node_id, learner, server_id, local_epochs, participation)
         self.prefix = prefix
-        self._round = -1
-        self._synced = True
 
-    def start_round(self, round_index: int) -> list[Send]:
-        self._round = round_index
-        self._synced = False
-        update = Message(
+    def model_update(self, round_index: int) -> Message:
+        return Message(
             MessageKind.MODEL_UPDATE,
             round_index,
             float_state(self.learner.model, self.prefix),
             {"num_examples": self.learner.num_train_examples},
         )
-        return [Send(self.server_id, update)]
 
-    def on_message(self, src: str, message: Message) -> list[Send]:
-        require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
-        require(message.round == self._round, f"global model for round {message.round}, current round is {self._round}")
+    def adopt(self, message: Message) -> None:
         load_float_state(self.learner.model, message.tensors, self.prefix)
-        self._synced = True
-        return []
-
-    def on_deadline(self, round_index: int) -> list[Send]:
-        self._synced = True  # no average arrived in time: go on with the local weights
-        return []
-
-    def round_complete(self) -> bool:
-        return self._synced
 
 
 class FedAvgServer(CollectingServer):
     """Collects client weights for a round and broadcasts their weighted average."""
 
-    def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, torch.Tensor]) -> None:
-        super().__init__(node_id, clients)
+    def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, torch.Tensor], participation: Participation | None = None) -> None:
+        super().__init__(node_id, clients, participation)
         self.global_state = {name: t.clone() for name, t in template.items()}
         self._updates: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
 
@@ -82,7 +70,7 @@ class FedAvgServer(CollectingServer):
         states, counts = zip(*(self._updates[c] for c in sorted(self._updates)), strict=True)  # client order, not arrival
         self.global_state = weighted_average(states, counts)
         message = Message(MessageKind.MODEL_GLOBAL, self._round, self.global_state)
-        return [Send(client, message) for client in self.live_clients()]
+        return [Send(client, message) for client in self.receivers()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.global_state)
@@ -93,11 +81,11 @@ class FedAvgServer(CollectingServer):
 
 
 def _client(ctx: BuildContext, node: str) -> Method:
-    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs)
+    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, participation=ctx.participation)
 
 
 def _server(ctx: BuildContext) -> Method:
-    return FedAvgServer(SERVER_ID, ctx.clients, float_state(ctx.template()))
+    return FedAvgServer(SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation)
 
 
 register_method(

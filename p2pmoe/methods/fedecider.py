@@ -19,6 +19,10 @@ Baselines and ablations under the same rounds and task:
   weight is 1; project decision), A and B aggregated separately;
 - ``fedecider-nodecomp``: whole updates shared and mixed (``ΔW_own + Σ_j α_j ΔW_j``);
 - ``fedecider-uniform``: directions shared, α fixed to 1/J (no personalisation).
+
+Under partial participation the sampled clients upload and the relay (or average) goes to the
+clients sampled for the next round (`p2pmoe.methods.server`); α restarts uniform whenever the
+number of relayed clients changes (a project decision; the paper has every client each round).
 """
 
 from __future__ import annotations
@@ -32,14 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from p2pmoe.learners.text import TextRecLearner
-from p2pmoe.methods.base import LearnerMethod, Method
+from p2pmoe.methods.base import Method
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
-from p2pmoe.methods.server import CollectingServer
+from p2pmoe.methods.server import CollectingServer, ServerClient
 from p2pmoe.models.params import weighted_average
 from p2pmoe.models.text_lora import NORMS, LoraTextEncoder, direction_factors
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
+from p2pmoe.participation import Participation
 from p2pmoe.wire.codec import check_like, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -73,7 +78,7 @@ def from_tensors(tensors: dict[str, Tensor], layers: Sequence[str]) -> Factors:
     return {name: (tensors[f"{name}.B"], tensors[f"{name}.A"]) for name in layers}
 
 
-class LoraSharingClient(LearnerMethod):
+class LoraSharingClient(ServerClient):
     """A client of any LoRA-sharing method; `sharing` picks which (one of `SHARINGS`)."""
 
     def __init__(
@@ -85,18 +90,17 @@ class LoraSharingClient(LearnerMethod):
         opts: FeDeciderOptions,
         alpha_kind: str | None = None,
         local_epochs: int = 1,
+        participation: Participation | None = None,
     ) -> None:
-        super().__init__(node_id, learner, local_epochs)
+        super().__init__(node_id, learner, server_id, local_epochs, participation)
         if sharing not in SHARINGS:
             raise ValueError(f"sharing must be one of {SHARINGS}")
         self.text = learner
-        self.server_id, self.sharing, self.opts = server_id, sharing, opts
+        self.sharing, self.opts = sharing, opts
         self.alpha_kind = alpha_kind or opts.alpha
         self.model: LoraTextEncoder = learner.encoder
         self.template = as_tensors({n: (b.detach(), a.detach()) for n, (b, a) in self.model.factors().items()})
         self.alpha_optimizer: torch.optim.Adam | None = None
-        self._round = -1
-        self._synced = True
 
     # -- local work -------------------------------------------------------------------------
     def train_local(self, round_index: int) -> dict[str, float]:
@@ -124,16 +128,12 @@ class LoraSharingClient(LearnerMethod):
             return {n: direction_factors(b, a, self.opts.norm) for n, (b, a) in own.items()}
         return own
 
-    def start_round(self, round_index: int) -> list[Send]:
-        self._round = round_index
-        self._synced = False
+    def model_update(self, round_index: int) -> Message:
         meta = {"num_examples": self.text.num_train_examples}
-        return [Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, as_tensors(self.upload()), meta))]
+        return Message(MessageKind.MODEL_UPDATE, round_index, as_tensors(self.upload()), meta)
 
     # -- what comes back --------------------------------------------------------------------
-    def on_message(self, src: str, message: Message) -> list[Send]:
-        require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
-        require(message.round == self._round, f"reply for round {message.round}, current round is {self._round}")
+    def adopt(self, message: Message) -> None:
         layers = self.model.layer_names
         if self.sharing == "average":
             check_like(message.tensors, self.template)
@@ -147,8 +147,6 @@ class LoraSharingClient(LearnerMethod):
                 self._average_updates(foreign, counts)
             else:
                 self._similarity_average(foreign)
-        self._synced = True
-        return []
 
     def _relayed(self, message: Message) -> tuple[list[dict[str, Tensor]], list[int]]:
         """The other clients' uploads in the relay's order, each checked against the own shapes."""
@@ -193,13 +191,6 @@ class LoraSharingClient(LearnerMethod):
                 torch.stack([f[name][1] for f in everyone]).mul(weights[:, None, None]).sum(0),
             )
         self.model.set_lora(merged)
-
-    def on_deadline(self, round_index: int) -> list[Send]:
-        self._synced = True  # nothing came in time: go on with what this client holds
-        return []
-
-    def round_complete(self) -> bool:
-        return self._synced
 
     def diagnostics(self) -> dict[str, object]:
         """The mean α per other client (over layers), when directions or updates are mixed."""
@@ -249,8 +240,8 @@ class RelayServer(CollectingServer):
     its meta, in configuration order.
     """
 
-    def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, Tensor]) -> None:
-        super().__init__(node_id, clients)
+    def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, Tensor], participation: Participation | None = None) -> None:
+        super().__init__(node_id, clients, participation)
         self.template = template
         self._uploads: dict[str, tuple[dict[str, Tensor], int]] = {}
 
@@ -267,7 +258,7 @@ class RelayServer(CollectingServer):
 
     def reply(self) -> list[Send]:
         sends = []
-        for client in self.live_clients():
+        for client in self.receivers():
             others = [c for c in self.clients if c in self._uploads and c != client]
             tensors = {f"{c}/{name}": t for c in others for name, t in self._uploads[c][0].items()}
             meta = {"clients": others, "num_examples": [self._uploads[c][1] for c in others]}
@@ -294,12 +285,11 @@ def _builders(variant: Variant):  # noqa: ANN202 - a pair of builder closures
         learner = ctx.learner(node)
         assert isinstance(learner, TextRecLearner)
         opts = ctx.cfg.method if isinstance(ctx.cfg.method, FeDeciderOptions) else FeDeciderOptions()
-        return LoraSharingClient(node, learner, SERVER_ID, variant.sharing, opts, variant.alpha_kind, ctx.cfg.run.local_epochs)
+        return LoraSharingClient(node, learner, SERVER_ID, variant.sharing, opts, variant.alpha_kind, ctx.cfg.run.local_epochs, ctx.participation)
 
     def server(ctx: BuildContext) -> Method:
-        if variant.sharing == "average":
-            return FedAvgServer(SERVER_ID, ctx.clients, _factor_template(ctx))
-        return RelayServer(SERVER_ID, ctx.clients, _factor_template(ctx))
+        build = FedAvgServer if variant.sharing == "average" else RelayServer
+        return build(SERVER_ID, ctx.clients, _factor_template(ctx), ctx.participation)
 
     return client, server
 

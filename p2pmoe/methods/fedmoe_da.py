@@ -8,6 +8,12 @@ or every I-th, optionally 8-bit with error feedback), frozen, pretrained and fro
 FedAvg'd by a server.
 Server-assisted (the paper's original): nodes send their gates to a coordinator that computes
 every node's aggregation plan; experts still move peer to peer.
+
+Partial participation (project decision, the paper has every node in every round): a node not
+sampled for a round trains, publishes and fetches nothing and serves no experts; the sampled
+nodes plan over the gates of sampled peers only, so they fetch only from peers sampled that
+round (a plan kept from an earlier round is renormalised over them). With φ on a server, a node
+awaits the global φ in the rounds before those it is sampled for, as FedAvg clients do.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.models.pretrained import load_pretrained
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
+from p2pmoe.participation import Participation
 from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.compression import ErrorFeedback, parse_compression, scheme_for
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -135,11 +142,12 @@ class FedMoEDANode(LearnerMethod):
         embedding_partners: Partners | None = None,
         embedding_feedback: ErrorFeedback | None = None,
         phi: Mapping[str, torch.Tensor] | None = None,
+        participation: Participation | None = None,
     ) -> None:
         """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
         round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
         `pretrained` mode loads and freezes."""
-        super().__init__(node_id, learner, local_epochs)
+        super().__init__(node_id, learner, local_epochs, participation)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
         if (embedding == "pretrained") != (phi is not None):
@@ -204,17 +212,15 @@ class FedMoEDANode(LearnerMethod):
     # -- round start ---------------------------------------------------------------------
 
     def start_round(self, round_index: int) -> list[Send]:
-        if self._snapshot:
-            self._previous = (self._round, self._snapshot)
-        self._round = round_index
-        self._snapshot = {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)}
-        self._fetched, self._fetch_awaited, self._aggregated = {}, {}, False
-        sends = self.gossip.start(round_index)
+        self._enter(round_index, sampled=True)
+        self._aggregated = False
+        sampled_peers = self.participation.among(self.visible, round_index)
+        sends = self.gossip.start(round_index, self.participation.among(self.gossip.neighbours, round_index))
         if self.embedding == "server":
             assert self.server_id is not None  # checked in __init__
             phi = float_state(self.learner.model, EMBEDDING_PREFIX)
             sends.append(Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, phi, {"num_examples": self.learner.num_train_examples})))
-            self._embedding_awaited = True
+            self._embedding_awaited = self.takes_part(round_index + 1)
         if round_index % self.interval == 0 or self.plan is None:
             gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self.moe.gating_matrix().detach().float().cpu()})
             if self.planner == "server":
@@ -223,12 +229,26 @@ class FedMoEDANode(LearnerMethod):
                 sends.append(Send(self.server_id, gate))
             else:
                 self._gates = {}
-                self._gates_awaited = set(self.visible)
-                sends += [Send(peer, gate) for peer in sorted(self.visible)]
+                self._gates_awaited = sampled_peers
+                sends += [Send(peer, gate) for peer in sorted(sampled_peers)]
                 sends += self._plan_if_ready()
         else:
             sends += self._request_experts()
         return sends
+
+    def sit_out(self, round_index: int) -> list[Send]:
+        self._enter(round_index, sampled=False)
+        self._embedding_awaited = self.embedding == "server" and self.takes_part(round_index + 1)
+        return []
+
+    def _enter(self, round_index: int, sampled: bool) -> None:
+        """Move to round r. The experts are snapshotted only in sampled rounds: the last sampled
+        round's snapshot stays served to slow peers, and an unsampled node serves none."""
+        if self._snapshot:
+            self._previous = (self._round, self._snapshot)
+        self._round = round_index
+        self._snapshot = {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)} if sampled else {}
+        self._fetched, self._fetch_awaited = {}, {}
 
     # -- messages ------------------------------------------------------------------------
 
@@ -273,8 +293,9 @@ class FedMoEDANode(LearnerMethod):
 
     def _request_experts(self) -> list[Send]:
         assert self.plan is not None
-        available = torch.tensor([n == self.node_id or n in self.visible for n, _ in self.plan.sources])
-        if not bool(available.all()):  # a peer of the plan is gone: renormalise over the rest
+        sampled = self.participation.among(self.visible, self._round)
+        available = torch.tensor([n == self.node_id or n in sampled for n, _ in self.plan.sources])
+        if not bool(available.all()):  # a peer of the plan is gone or not sampled: renormalise over the rest
             masked = self.plan.weights.clone()
             masked[:, ~available] = 0
             self.plan = Plan(self.plan.sources, masked / masked.sum(dim=1, keepdim=True))
@@ -303,6 +324,7 @@ class FedMoEDANode(LearnerMethod):
             raise ProtocolError(f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}")
         meta = {"req": message.meta["req"]} if "req" in message.meta else {}
         served = self._snapshot if snapshot is None else snapshot
+        require(bool(served), f"{self.node_id} was not sampled for round {message.round}: it serves no experts")
         reply = Message(MessageKind.EXPERT_RESPONSE, message.round, expert_tensors({s: served[s] for s in slots}), meta)
         return [Send(src, reply)]
 
@@ -433,11 +455,12 @@ class FedMoEDAServer(Method):
         tau: float,
         plans: bool,
         interval: int = 1,
+        participation: Participation | None = None,
     ) -> None:
-        super().__init__(node_id)
+        super().__init__(node_id, participation)
         self.clients = list(clients)
         self.p, self.tau, self.plans, self.interval = p, tau, plans, interval
-        self.embedding = FedAvgServer(node_id, clients, embedding_template) if embedding_template is not None else None
+        self.embedding = FedAvgServer(node_id, clients, embedding_template, participation) if embedding_template is not None else None
         self._live = set(self.clients)
         self._gates: dict[str, torch.Tensor] = {}
         self._round = -1
@@ -458,7 +481,8 @@ class FedMoEDAServer(Method):
         if message.kind == MessageKind.MODEL_UPDATE and self.embedding is not None:
             return self.embedding.on_message(src, message)
         require(message.kind == MessageKind.GATE_PUBLISH and self._expects_gates(), f"server does not take {message.kind.value} now")
-        require(src in self._live and message.round == self._round and not self._planned, f"unexpected gate from {src} for round {message.round}")
+        expected = src in self._live and self.participation.takes_part(src, self._round)
+        require(expected and message.round == self._round and not self._planned, f"unexpected gate from {src} for round {message.round}")
         gate = message.tensors.get("gate")
         if set(message.tensors) != {"gate"} or gate is None or gate.dtype != torch.float32 or gate.dim() != 2:
             raise ProtocolError("gate_publish carries one float32 matrix 'gate'")
@@ -469,7 +493,7 @@ class FedMoEDAServer(Method):
         return self._plan_if_ready()
 
     def _plan_if_ready(self, force: bool = False) -> list[Send]:
-        if self._planned or (not force and (not self._gates or set(self._gates) != self._live)):
+        if self._planned or (not force and (not self._gates or set(self._gates) != self.participation.among(self._live, self._round))):
             return []
         self._planned = True  # with force and no gates at all, nodes keep their previous plans
         sends = []
@@ -512,7 +536,10 @@ def _embedding_partners(ctx: BuildContext, node: str, opts: FedMoEDAOptions) -> 
     """Whom `node` gossips φ with each round: all topology neighbours or its partner in the
     round's random matching (seeded by the run's seed), on rounds divisible by `embedding_every`."""
     neighbours = sorted(ctx.graph.neighbors(node))
-    base: Partners = random_matchings(ctx.graph, ctx.cfg.run.seed).partners(node) if opts.embedding_peers == "matching" else lambda _round: neighbours
+    if opts.embedding_peers == "matching":
+        base = random_matchings(ctx.graph, ctx.cfg.run.seed, ctx.participation).partners(node)
+    else:
+        base = lambda _round: neighbours  # noqa: E731 (a schedule, like `partners`' own lambdas)
     return every(opts.embedding_every, base)
 
 
@@ -551,13 +578,14 @@ def _client(ctx: BuildContext, node: str) -> Method:
         embedding_partners=partners,
         embedding_feedback=feedback,
         phi=phi,
+        participation=ctx.participation,
     )
 
 
 def _server(ctx: BuildContext) -> Method:
     opts, assisted, embedding = _mode(ctx)
     template = float_state(ctx.template(), EMBEDDING_PREFIX) if embedding == "server" else None
-    return FedMoEDAServer(SERVER_ID, ctx.clients, template, opts.p, opts.tau, plans=assisted, interval=opts.interval)
+    return FedMoEDAServer(SERVER_ID, ctx.clients, template, opts.p, opts.tau, plans=assisted, interval=opts.interval, participation=ctx.participation)
 
 
 register_method(

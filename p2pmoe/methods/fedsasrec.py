@@ -15,6 +15,7 @@ from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.models.params import float_state
 from p2pmoe.naming import SERVER_ID
+from p2pmoe.participation import Participation
 
 ENCODER_PREFIX = "encoder."
 
@@ -27,16 +28,16 @@ def encoder_template(model: nn.Module) -> dict[str, torch.Tensor]:
 class FedSASRecClient(FedAvgClient):
     """A FedAvg client that uploads and adopts only ``encoder.*`` of its SASRec model."""
 
-    def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1) -> None:
-        super().__init__(node_id, learner, server_id, local_epochs, prefix=ENCODER_PREFIX)
+    def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1, participation: Participation | None = None) -> None:
+        super().__init__(node_id, learner, server_id, local_epochs, prefix=ENCODER_PREFIX, participation=participation)
 
 
 def _client(ctx: BuildContext, node: str) -> Method:
-    return FedSASRecClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs)
+    return FedSASRecClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, ctx.participation)
 
 
 def _server(ctx: BuildContext) -> Method:
-    return FedAvgServer(SERVER_ID, ctx.clients, encoder_template(ctx.template()))
+    return FedAvgServer(SERVER_ID, ctx.clients, encoder_template(ctx.template()), ctx.participation)
 
 
 register_method(

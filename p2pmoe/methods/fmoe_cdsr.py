@@ -6,7 +6,9 @@ averaging) and, once every live client's expert of the round is in (or on the de
 when the missing ones are lost), sends each client the cached experts of every OTHER domain
 (``model_global``, tensors ``domain.<i>.<param>``). So round r's reply carries the others'
 experts trained in round r; a domain that never uploaded is absent from the reply, and the
-client keeps that branch masked.
+client keeps that branch masked. Under partial participation only the sampled clients upload,
+and the reply goes to the clients sampled for the next round (`p2pmoe.methods.server`): the
+cache still holds every domain's latest expert, so a sampled client gets them all.
 
 Project decision: a client loads the experts it received in round r just before its local
 training of round r+1, not on receipt. Its evaluation after round r then sees the foreign
@@ -26,12 +28,13 @@ from torch import nn
 
 from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.learners.sequential import NextItemLearner
-from p2pmoe.methods.base import LearnerMethod, Method
+from p2pmoe.methods.base import Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
-from p2pmoe.methods.server import CollectingServer
+from p2pmoe.methods.server import CollectingServer, ServerClient
 from p2pmoe.models.fmoe_cdsr import GATE_POOLINGS, HEADS, INITS, FMoECDSR, transition_adjacency
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
+from p2pmoe.participation import Participation
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.sequential import SequenceOptions
 from p2pmoe.wire.codec import check_like, require
@@ -60,7 +63,7 @@ def split_domains(tensors: Mapping[str, torch.Tensor], template: Mapping[str, to
     return out
 
 
-class FMoECDSRClient(LearnerMethod):
+class FMoECDSRClient(ServerClient):
     """Client of one domain: uploads its own expert, takes the other domains' experts.
 
     ``freeze_foreign`` (default True, the paper's method) keeps received experts out of local
@@ -76,8 +79,9 @@ class FMoECDSRClient(LearnerMethod):
         server_id: str,
         local_epochs: int = 3,
         freeze_foreign: bool = True,
+        participation: Participation | None = None,
     ) -> None:
-        super().__init__(node_id, learner, local_epochs)
+        super().__init__(node_id, learner, server_id, local_epochs, participation)
         if not isinstance(learner.model, FMoECDSR):
             raise TypeError(f"an FMoE-CDSR client needs an FMoECDSR model, got {type(learner.model).__name__}")
         self.model: FMoECDSR = learner.model
@@ -85,11 +89,8 @@ class FMoECDSRClient(LearnerMethod):
         if self.model.domain_index != domain_index:
             raise ValueError(f"the model is for domain {self.model.domain_index}, not {domain_index}")
         self.domain_index = domain_index
-        self.server_id = server_id
         self.freeze_foreign = freeze_foreign
         self.pending: dict[int, dict[str, torch.Tensor]] = {}
-        self._round = -1
-        self._synced = True
 
     def _foreign(self) -> set[int]:
         return set(range(self.model.num_domains)) - {self.domain_index}
@@ -110,31 +111,14 @@ class FMoECDSRClient(LearnerMethod):
         self._apply_pending()
         return super().train_local(round_index)
 
-    def start_round(self, round_index: int) -> list[Send]:
-        self._round = round_index
-        self._synced = False
+    def model_update(self, round_index: int) -> Message:
         own = self.model.expert_state(self.domain_index)
-        update = Message(
-            MessageKind.MODEL_UPDATE,
-            round_index,
-            {UPLOAD_PREFIX + name: t for name, t in own.items()},
-            {"domain": self.domain_index},
-        )
-        return [Send(self.server_id, update)]
+        return Message(MessageKind.MODEL_UPDATE, round_index, {UPLOAD_PREFIX + name: t for name, t in own.items()}, {"domain": self.domain_index})
 
-    def on_message(self, src: str, message: Message) -> list[Send]:
-        require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
-        require(message.round == self._round and not self._synced, f"experts for round {message.round} not awaited (round {self._round})")
+    def adopt(self, message: Message) -> None:
+        """Keep the experts until the next training; without a reply (deadline) the client goes
+        on with those already loaded."""
         self.pending = split_domains(message.tensors, self.model.expert_state(self.domain_index), self._foreign())
-        self._synced = True
-        return []
-
-    def on_deadline(self, round_index: int) -> list[Send]:
-        self._synced = True  # no experts arrived in time: go on with those already loaded
-        return []
-
-    def round_complete(self) -> bool:
-        return self._synced
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The learner's state and the received experts not yet loaded (``pending.domain.<i>.*``)."""
@@ -154,8 +138,10 @@ class FMoECDSRServer(CollectingServer):
     A lost client's last expert stays in the cache and is still sent to the others.
     """
 
-    def __init__(self, node_id: str, clients: Mapping[str, int], expert_template: Mapping[str, torch.Tensor]) -> None:
-        super().__init__(node_id, list(clients))
+    def __init__(
+        self, node_id: str, clients: Mapping[str, int], expert_template: Mapping[str, torch.Tensor], participation: Participation | None = None
+    ) -> None:
+        super().__init__(node_id, list(clients), participation)
         if len(set(clients.values())) != len(clients):
             raise ValueError("each domain must have exactly one client")
         self.domain_of = dict(clients)
@@ -172,7 +158,7 @@ class FMoECDSRServer(CollectingServer):
 
     def reply(self) -> list[Send]:
         sends = []
-        for client in self.live_clients():
+        for client in self.receivers():
             own = self.domain_of[client]
             others = {i: state for i, state in sorted(self.cache.items()) if i != own}
             sends.append(Send(client, Message(MessageKind.MODEL_GLOBAL, self._round, domain_tensors(others))))
@@ -246,12 +232,14 @@ def _register(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:
     def client(ctx: BuildContext, node: str) -> Method:
         learner = ctx.learner(node, model)
         assert isinstance(learner, NextItemLearner)
-        return FMoECDSRClient(node, learner, ctx.index(node), SERVER_ID, ctx.cfg.run.local_epochs, freeze_foreign=freeze_foreign)
+        return FMoECDSRClient(
+            node, learner, ctx.index(node), SERVER_ID, ctx.cfg.run.local_epochs, freeze_foreign=freeze_foreign, participation=ctx.participation
+        )
 
     def server(ctx: BuildContext) -> Method:
         template = ctx.template(model)
         assert isinstance(template, FMoECDSR)
-        return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, template.expert_state(0))
+        return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, template.expert_state(0), ctx.participation)
 
     register_method(
         MethodSpec(name=name, summary=summary, tasks=("sequential",), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server)

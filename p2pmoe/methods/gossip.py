@@ -8,13 +8,17 @@ w_kj = 1 / (1 + max(deg_k, deg_j)), w_kk = 1 − Σ_j w_kj (doubly stochastic on
 FedMoE-DA's cheaper φ options narrow who is mixed with in a round (`partners`: a seeded random
 matching, or nobody on the rounds between exchanges) and correct a lossy wire with error
 feedback; the degrees in the weights are then those of the round's graph.
+
+Under partial participation a node exchanges only with the partners sampled in the same
+round; the weight of the others stays with the node itself, so the mixing stays symmetric
+and doubly stochastic over the sampled nodes (degrees remain those of the round's graph).
 """
 
 from __future__ import annotations
 
 import random
 import weakref
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence, Set
 
 import networkx as nx
 import torch
@@ -22,6 +26,7 @@ import torch
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method, topology_peers
 from p2pmoe.models.params import float_state, load_float_state
+from p2pmoe.participation import Participation
 from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.compression import ErrorFeedback
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -43,18 +48,23 @@ class RandomMatchings:
     (Boyd et al., 2006). The matching depends only on (topology, seed, round): the edges in a
     canonical order shuffled by `random.Random` seeded with a string of seed and round (stable
     across processes and platforms), then taken greedily, so the simulator and every daemon of
-    a swarm compute the same pairs. Nodes left unmatched skip the round's exchange.
+    a swarm compute the same pairs. Nodes left unmatched skip the round's exchange. Under
+    partial participation only edges whose two ends are both sampled that round are matched
+    (project decision: a partner that sits the round out would leave its node waiting for the
+    deadline, and matching over the sampled subgraph pairs up more of the sampled nodes).
     """
 
-    def __init__(self, graph: nx.Graph, seed: int) -> None:
+    def __init__(self, graph: nx.Graph, seed: int, participation: Participation | None = None) -> None:
         self.edges = sorted(tuple(sorted((str(a), str(b)))) for a, b in graph.edges() if a != b)
         self.seed = seed
+        self.participation = participation or Participation()
         self._cached: tuple[int, dict[str, str]] | None = None  # the latest round's: every node asks in turn
 
     def pairs(self, round_index: int) -> dict[str, str]:
         """Partner of every matched node in `round_index` (both directions listed)."""
         if self._cached is None or self._cached[0] != round_index:
-            edges = list(self.edges)
+            sampled = self.participation
+            edges = [e for e in self.edges if sampled.takes_part(e[0], round_index) and sampled.takes_part(e[1], round_index)]
             random.Random(f"p2pmoe-matching:{self.seed}:{round_index}").shuffle(edges)
             partner: dict[str, str] = {}
             for a, b in edges:
@@ -68,16 +78,19 @@ class RandomMatchings:
         return lambda round_index: [p] if (p := self.pairs(round_index).get(node)) is not None else []
 
 
-_MATCHINGS: weakref.WeakKeyDictionary[nx.Graph, dict[int, RandomMatchings]] = weakref.WeakKeyDictionary()
+_MATCHINGS: weakref.WeakKeyDictionary[nx.Graph, dict[tuple[int, float], RandomMatchings]] = weakref.WeakKeyDictionary()
 
 
-def random_matchings(graph: nx.Graph, seed: int) -> RandomMatchings:
-    """One `RandomMatchings` per graph and seed in a process, so a simulator's nodes share each
-    round's matching instead of computing it once per node (treat the graph as frozen)."""
-    by_seed = _MATCHINGS.setdefault(graph, {})
-    if seed not in by_seed:
-        by_seed[seed] = RandomMatchings(graph, seed)
-    return by_seed[seed]
+def random_matchings(graph: nx.Graph, seed: int, participation: Participation | None = None) -> RandomMatchings:
+    """One `RandomMatchings` per graph, seed and participation fraction in a process, so a
+    simulator's nodes share each round's matching instead of computing it once per node (treat
+    the graph as frozen)."""
+    participation = participation or Participation()
+    by_key = _MATCHINGS.setdefault(graph, {})
+    key = (seed, participation.fraction)
+    if key not in by_key:
+        by_key[key] = RandomMatchings(graph, seed, participation)
+    return by_key[key]
 
 
 def every(interval: int, partners: Partners) -> Partners:
@@ -118,15 +131,16 @@ class GossipExchange:
         self._waiting: set[str] = set()
         self.done = True
 
-    def start(self, round_index: int) -> list[Send]:
-        """Snapshot our tensors and send them to this round's live partners."""
+    def start(self, round_index: int, sampled: Set[str] | None = None) -> list[Send]:
+        """Snapshot our tensors and send them to this round's live partners (those of
+        `sampled`, when the round has partial participation)."""
         chosen = set(self._partners(round_index)) if self._partners is not None else self.configured
         unknown = chosen - self.configured
         if unknown:
             raise ValueError(f"gossip partners {sorted(unknown)} are not topology neighbours")
-        self._degree = len(chosen)  # the configured count, not the live one: both ends of a link agree on its weight
+        self._degree = len(chosen)  # the configured count, not the live or sampled one: both ends of a link agree on its weight
         self._received = {}
-        self._expected = chosen & self.neighbours
+        self._expected = chosen & self.neighbours if sampled is None else chosen & self.neighbours & sampled
         self._waiting = set(self._expected)
         self.done = not self._waiting
         if self.done:
@@ -185,13 +199,13 @@ class GossipExchange:
 class GossipNode(LearnerMethod):
     """D-PSGD: train locally, then average the whole model with topology neighbours."""
 
-    def __init__(self, node_id: str, learner: Learner, neighbours: Sequence[str], local_epochs: int = 1) -> None:
-        super().__init__(node_id, learner, local_epochs)
+    def __init__(self, node_id: str, learner: Learner, neighbours: Sequence[str], local_epochs: int = 1, participation: Participation | None = None) -> None:
+        super().__init__(node_id, learner, local_epochs, participation)
         model = learner.model
         self.exchange = GossipExchange(neighbours, MessageKind.GOSSIP, lambda: float_state(model), lambda state: load_float_state(model, state))
 
     def start_round(self, round_index: int) -> list[Send]:
-        return self.exchange.start(round_index)
+        return self.exchange.start(round_index, self.participation.among(self.exchange.neighbours, round_index))
 
     def on_message(self, src: str, message: Message) -> list[Send]:
         require(message.kind == MessageKind.GOSSIP, f"gossip nodes take gossip messages, not {message.kind.value}")
@@ -215,7 +229,7 @@ class GossipNode(LearnerMethod):
 
 
 def _client(ctx: BuildContext, node: str) -> Method:
-    return GossipNode(node, ctx.learner(node), sorted(ctx.graph.neighbors(node)), ctx.cfg.run.local_epochs)
+    return GossipNode(node, ctx.learner(node), sorted(ctx.graph.neighbors(node)), ctx.cfg.run.local_epochs, ctx.participation)
 
 
 register_method(

@@ -21,7 +21,7 @@ class LocalMethod(LearnerMethod):
 
 
 def _client(ctx: BuildContext, node: str) -> Method:
-    return LocalMethod(node, ctx.learner(node), ctx.cfg.run.local_epochs)
+    return LocalMethod(node, ctx.learner(node), ctx.cfg.run.local_epochs, ctx.participation)
 
 
 register_method(

@@ -21,6 +21,9 @@ Ablations are options (`--pf-template`, `--pf-fedbn`, `--pf-conflict`, `--pf-per
 ``fedbn-mmoe`` is the FedBN-style baseline (everything averaged but the BatchNorm layers).
 The server refuses an upload whose names, shapes, dtypes or finiteness are wrong (an ERROR
 reply; nothing it holds changes) and, at the deadline, aggregates the uploads that arrived.
+Under partial participation the sampled clients' uploads are aggregated together and each
+client's new state waits on the server until the client is next sampled
+(`p2pmoe.methods.server`; a project decision, the paper has every scenario in every round).
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ import torch
 from torch import nn
 
 from p2pmoe.learners.multitask import MultiTaskLearner
-from p2pmoe.methods.base import LearnerMethod, Method, SendFailure
+from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.methods.pf_aggregation import aggregate_group, average_touched_rows, conflict_share, cosine_softmax
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
-from p2pmoe.methods.server import CollectingServer
+from p2pmoe.methods.server import CollectingServer, ServerClient
 from p2pmoe.models.params import float_state
 from p2pmoe.models.template import template_part
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
+from p2pmoe.participation import Participation
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.multitask import FeatureSpec, mmoe_model
 from p2pmoe.wire.codec import check_like, require
@@ -120,32 +124,28 @@ def shared_names(model: nn.Module, opts: PFMSMTrecOptions) -> list[str]:
     return [n for n in float_state(model) if not n.endswith(RUNNING_STATS) and not (opts.fedbn == "classic" and n.startswith("norms."))]
 
 
-class PFMSMTrecClient(LearnerMethod):
+class PFMSMTrecClient(ServerClient):
     """Uploads its shared tensors; adopts its personalised state and anchors training to it."""
 
-    def __init__(self, node_id: str, learner: MultiTaskLearner, server_id: str, opts: PFMSMTrecOptions, local_epochs: int = 1) -> None:
-        super().__init__(node_id, learner, local_epochs)
-        self.server_id = server_id
+    def __init__(
+        self,
+        node_id: str,
+        learner: MultiTaskLearner,
+        server_id: str,
+        opts: PFMSMTrecOptions,
+        local_epochs: int = 1,
+        participation: Participation | None = None,
+    ) -> None:
+        super().__init__(node_id, learner, server_id, local_epochs, participation)
         self.opts = opts
         self.names = shared_names(learner.model, opts)
-        self._round = -1
-        self._synced = True
 
-    def start_round(self, round_index: int) -> list[Send]:
-        self._round = round_index
-        self._synced = False
+    def model_update(self, round_index: int) -> Message:
         state = float_state(self.learner.model)
-        update = Message(MessageKind.MODEL_UPDATE, round_index, {n: state[n] for n in self.names}, {"num_examples": self.learner.num_train_examples})
-        return [Send(self.server_id, update)]
+        return Message(MessageKind.MODEL_UPDATE, round_index, {n: state[n] for n in self.names}, {"num_examples": self.learner.num_train_examples})
 
-    def on_message(self, src: str, message: Message) -> list[Send]:
-        require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
-        require(message.round == self._round, f"aggregate for round {message.round}, current round is {self._round}")
-        self._adopt(message.tensors)
-        self._synced = True
-        return []
-
-    def _adopt(self, tensors: dict[str, torch.Tensor]) -> None:
+    def adopt(self, message: Message) -> None:
+        tensors = message.tensors
         own = self.learner.model.state_dict()
         check_like(tensors, {n: own[n] for n in self.names})
         require(all(bool(torch.isfinite(t).all()) for t in tensors.values()), "aggregate holds non-finite values")
@@ -159,13 +159,6 @@ class PFMSMTrecClient(LearnerMethod):
         if failure.kind == MessageKind.MODEL_UPDATE:
             self._synced = True  # refused or lost: go on with the local weights
         return []
-
-    def on_deadline(self, round_index: int) -> list[Send]:
-        self._synced = True
-        return []
-
-    def round_complete(self) -> bool:
-        return self._synced
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The learner's state and the anchor of the proximal term (``anchor.<name>``)."""
@@ -183,11 +176,22 @@ class PFMSMTrecClient(LearnerMethod):
 class PFMSMTrecServer(CollectingServer):
     """Builds every client's personalised state from the round's uploads (see module doc)."""
 
-    def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, torch.Tensor], opts: PFMSMTrecOptions) -> None:
-        super().__init__(node_id, clients)
+    def __init__(
+        self,
+        node_id: str,
+        clients: Sequence[str],
+        template: dict[str, torch.Tensor],
+        opts: PFMSMTrecOptions,
+        participation: Participation | None = None,
+    ) -> None:
+        super().__init__(node_id, clients, participation)
         self.template = {n: t.clone() for n, t in template.items()}
         self.opts = opts
         self.sent = {c: dict(self.template) for c in self.clients}
+        # Clients whose state in `sent` is newer than what they hold: computed in a round
+        # after which they were not sampled. Project decision: not checkpointed (after a
+        # server restart such a client goes on with its local weights).
+        self._undelivered: set[str] = set()
         self.groups: dict[str, list[str]] = defaultdict(list)
         for name in self.template:
             self.groups[group_of(name)].append(name)
@@ -237,7 +241,10 @@ class PFMSMTrecServer(CollectingServer):
             "mean_self_weight": sum(self_weights) / len(self_weights) if self_weights else None,
             "conflicting_pair_share": sum(conflicts) / len(conflicts) if conflicts else None,
         }
-        return [Send(c, Message(MessageKind.MODEL_GLOBAL, self._round, s)) for c, s in zip(senders, states, strict=True)]
+        self._undelivered |= set(senders)
+        receivers = [c for c in self.receivers() if c in self._undelivered]
+        self._undelivered -= set(receivers)
+        return [Send(c, Message(MessageKind.MODEL_GLOBAL, self._round, self.sent[c])) for c in receivers]
 
     def diagnostics(self) -> dict[str, Any]:
         """The round's aggregation, for reports: the mean weight a client's personalised groups
@@ -289,13 +296,13 @@ def _register(name: str, summary: str, fixed: PFMSMTrecOptions | None) -> None:
         opts = options(ctx.cfg)
         learner = ctx.learner(node, _model(opts.template))
         assert isinstance(learner, MultiTaskLearner)
-        return PFMSMTrecClient(node, learner, SERVER_ID, opts, ctx.cfg.run.local_epochs)
+        return PFMSMTrecClient(node, learner, SERVER_ID, opts, ctx.cfg.run.local_epochs, ctx.participation)
 
     def server(ctx: BuildContext) -> Method:
         opts = options(ctx.cfg)
         model = ctx.template(_model(opts.template))
         state = float_state(model)
-        return PFMSMTrecServer(SERVER_ID, ctx.clients, {n: state[n] for n in shared_names(model, opts)}, opts)
+        return PFMSMTrecServer(SERVER_ID, ctx.clients, {n: state[n] for n in shared_names(model, opts)}, opts, ctx.participation)
 
     extra = {} if fixed is not None else {"options": PFMSMTrecOptions, "flag_prefix": "pf"}
     register_method(MethodSpec(name=name, summary=summary, tasks=("multitask",), build_client=client, build_server=server, **extra))  # type: ignore[arg-type]

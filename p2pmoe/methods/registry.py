@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import networkx as nx
@@ -20,6 +21,7 @@ from p2pmoe.learners.base import Learner
 from p2pmoe.methods.base import Method
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options
+from p2pmoe.participation import Participation
 from p2pmoe.plugins import ordered
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Task
@@ -74,6 +76,12 @@ class BuildContext:
 
     def template(self, model: ModelFactory | None = None) -> nn.Module:
         return self.task.template(self.cfg, model)
+
+    @cached_property
+    def participation(self) -> Participation:
+        """The run's client sampling (option `participation`), one object for every node built
+        here: each node, server and daemon derives the same samples from the same seed."""
+        return Participation(self.cfg.run.seed, self.cfg.run.participation, self.clients)
 
 
 PeerRule = Callable[[ExperimentConfig, nx.Graph, list[str]], dict[str, set[str]]]

@@ -1,0 +1,78 @@
+"""Partial participation: which clients take part in a round, as a pure function of the run.
+
+FedAvg at scale samples a fraction C of its K clients each round (McMahan et al. 2017 run
+C = 0.1 of 100). Here the sample is a pure, seeded function of (seed, round, clients,
+fraction), so every node, the server, the simulator and every daemon of a swarm compute the
+same sampled set on their own, and no message announces it.
+
+Torch-free and at the bottom layer: methods (which peers to wait for) and drivers (which
+nodes train) both ask it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterable, Sequence
+
+_CACHED_ROUNDS = 4  # rounds a `Participation` remembers: a node asks about r and r + 1
+
+
+def sample_size(clients: int, fraction: float) -> int:
+    """m = max(floor(C * K), 1), as FedAvg's reference implementations round (Flower's
+    `int(K * fraction_fit)`); the tolerance keeps 0.29 * 100 at 29 despite float error."""
+    return max(1, min(clients, math.floor(fraction * clients + 1e-9)))
+
+
+def sample_clients(seed: int, round_index: int, clients: Sequence[str], fraction: float) -> frozenset[str]:
+    """The clients sampled for `round_index`: m of them uniformly without replacement,
+    independently every round. Fraction 1 is everyone, without drawing anything.
+
+    The generator is seeded with SHA-256 of (seed, round), not Python's `hash`, so the draw is
+    the same in every process whatever PYTHONHASHSEED is; the clients are sorted first, so
+    their order in a config does not change the sample.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"participation must be in (0, 1], got {fraction!r}")
+    if fraction >= 1:
+        return frozenset(clients)
+    digest = hashlib.sha256(f"p2pmoe.participation:{seed}:{round_index}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    ordered = sorted(set(clients))
+    return frozenset(rng.sample(ordered, sample_size(len(ordered), fraction)))
+
+
+class Participation:
+    """One run's sampling rule: `sample_clients` with the run's seed, clients and fraction.
+
+    Nodes that are not clients (a server) always take part. The default object (no clients,
+    fraction 1) is full participation, what every method did before this option existed.
+    """
+
+    def __init__(self, seed: int = 0, fraction: float = 1.0, clients: Sequence[str] = ()) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"participation must be in (0, 1], got {fraction!r}")
+        self.seed, self.fraction, self.clients = seed, fraction, tuple(clients)
+        self._members = frozenset(self.clients)
+        self._cache: dict[int, frozenset[str]] = {}
+
+    @property
+    def everyone(self) -> bool:
+        return self.fraction >= 1
+
+    def sampled(self, round_index: int) -> frozenset[str]:
+        """The clients sampled for `round_index` (cached: thousands of nodes may share this object)."""
+        if round_index not in self._cache:
+            if len(self._cache) >= _CACHED_ROUNDS:
+                del self._cache[min(self._cache)]
+            self._cache[round_index] = sample_clients(self.seed, round_index, self.clients, self.fraction)
+        return self._cache[round_index]
+
+    def takes_part(self, node: str, round_index: int) -> bool:
+        """Whether `node` trains and exchanges in `round_index`."""
+        return self.everyone or node not in self._members or node in self.sampled(round_index)
+
+    def among(self, nodes: Iterable[str], round_index: int) -> set[str]:
+        """The members of `nodes` that take part in `round_index`."""
+        return {n for n in nodes if self.takes_part(n, round_index)}
