@@ -1,12 +1,21 @@
 """Communication-overhead benchmark: FedMoE-DA against Local, FedAvg and gossip D-PSGD on
 Fashion-MNIST, same rounds and local epochs for all, side by side in one run.
 
-    python bench/bench_fedmoe_da.py --rounds 20 --max-train-per-node 2000
+    python bench/bench_fedmoe_da.py --rounds 20 --max-train-per-node 2000          # 10 nodes
+    python bench/bench_fedmoe_da.py --nodes 100 --participation 0.1 --alphas 0.3 \
+        --rounds 40 --eval-every 10 --rings false --name fedmoe_da_100       # all 60,000 images
 
 For each Dirichlet alpha, every method runs on the full topology; for the last alpha the
-peer-to-peer methods run again on a ring (simulated time, full vs ring). Prints a table per alpha, saves bench/results/fedmoe_da.json and .md, and
-plots personalised accuracy against cumulative bytes per client with the report's figure
-(bench/results/fedmoe_da_*.png; `p2pmoe report` on the run folders draws the rest).
+peer-to-peer methods run again on a ring (simulated time, full vs ring; `--rings false` skips
+it). FedMoE-DA runs with each way of sharing φ (issue 16): gossip with all neighbours every
+round (the original), with one partner of a seeded random matching, every second round, 8-bit
+with error feedback, all of these at once with 8-bit experts, frozen, pretrained on MNIST
+digits and frozen (`make phi` writes the file; the variant is skipped without it), and the
+server-assisted variant. `--participation` applies to every method alike (server methods
+sample clients, peer-to-peer ones sample peers: the same expected number of active nodes).
+Prints a table per alpha, saves bench/results/<name>.json and .md, and plots personalised
+accuracy against cumulative bytes per client with the report's figure
+(bench/results/<name>_*.png; `p2pmoe report` on the run folders draws the rest).
 """
 
 from __future__ import annotations
@@ -25,14 +34,23 @@ from p2pmoe.sim.runner import run_simulation
 from p2pmoe.tasks.image import ImageOptions
 
 RESULTS = Path(__file__).parent / "results"
-# (label, method, [method] changes); the label is what tables and plots call the run
-VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
-    ("local", "local", {}),
-    ("fedavg", "fedavg", {}),
-    ("gossip", "gossip", {}),
-    ("fedmoe-da (p2p, gossip φ)", "fedmoe-da", {"embedding": "gossip"}),
-    ("fedmoe-da (p2p, frozen φ)", "fedmoe-da", {"embedding": "frozen"}),
-    ("fedmoe-da (server-assisted)", "fedmoe-da-server", {}),
+PHI_FILE = "runs/phi/mnist5k-d64.safetensors"  # what `make phi` writes
+CHEAP_NOTE = "int8 φ is `--compression embedding=int8` with error feedback, int8 experts `expert_response=int8`"
+ALL = {"embedding": "gossip", "embedding_peers": "all", "embedding_every": 1, "embedding_error_feedback": False}  # the original
+CHEAP = {"embedding": "gossip", "embedding_peers": "matching", "embedding_every": 2, "embedding_error_feedback": True}
+# (label, method, [method] changes, [run] changes); the label is what tables and plots call the run
+VARIANTS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+    ("local", "local", {}, {}),
+    ("fedavg", "fedavg", {}, {}),
+    ("gossip", "gossip", {}, {}),
+    ("fedmoe-da (p2p, φ gossip all)", "fedmoe-da", ALL, {}),
+    ("fedmoe-da (p2p, φ matching)", "fedmoe-da", {**ALL, "embedding_peers": "matching"}, {}),
+    ("fedmoe-da (p2p, φ every 2)", "fedmoe-da", {**ALL, "embedding_every": 2}, {}),
+    ("fedmoe-da (p2p, φ int8+EF)", "fedmoe-da", {**ALL, "embedding_error_feedback": True}, {"compression": "embedding=int8"}),
+    ("fedmoe-da (p2p, cheap: φ matching/2 int8+EF, int8 experts)", "fedmoe-da", CHEAP, {"compression": "embedding=int8,expert_response=int8"}),
+    ("fedmoe-da (p2p, frozen φ)", "fedmoe-da", {"embedding": "frozen"}, {}),
+    ("fedmoe-da (p2p, pretrained φ, int8 experts)", "fedmoe-da", {"embedding": "pretrained", "phi_path": PHI_FILE}, {"compression": "expert_response=int8"}),
+    ("fedmoe-da (server-assisted)", "fedmoe-da-server", {}, {}),
 ]
 P2P = {"gossip", "fedmoe-da"}
 
@@ -48,6 +66,11 @@ def variant(base: ExperimentConfig, method: str, options: dict[str, Any], **run:
     """`base` with another method: it keeps whichever of base's method options the method
     also declares (FedMoE-DA's P, τ, I for the server-assisted variant), then takes `options`."""
     return with_options(base, method_options=options, method=method, **run)
+
+
+def slug(label: str) -> str:
+    """A folder name for a variant's label."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
 
 
 def table_row(label: str, topology: str, summary: dict[str, Any], fedavg_bytes: float | None) -> dict[str, Any]:
@@ -70,6 +93,7 @@ def main() -> None:
     add_experiment_arguments(parser, sys.argv[1:], defaults())
     parser.add_argument("--alphas", default="0.3,0.5")
     parser.add_argument("--only", default="", help="comma-separated texts: run only the variants whose label contains one")
+    parser.add_argument("--rings", default="true", choices=("true", "false"), help="also run the peer-to-peer methods on a ring (last alpha)")
     parser.add_argument("--name", default="fedmoe_da", help="results file stem under the results folder")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json, .md and the plots")
     args = parser.parse_args()
@@ -81,12 +105,16 @@ def main() -> None:
     alphas = args.alphas.split(",")
     for alpha in alphas:
         tables, curves, fedavg_bytes = [], [], None
-        for topology in ("full", "ring") if alpha == alphas[-1] else ("full",):
-            for label, method, options in VARIANTS:
+        for topology in ("full", "ring") if alpha == alphas[-1] and args.rings == "true" else ("full",):
+            for label, method, options, run_changes in VARIANTS:
                 if (topology == "ring" and method not in P2P) or (wanted and not any(text in label for text in wanted)):
                     continue
-                out = Path("runs/bench_fedmoe_da") / f"alpha{alpha}" / topology / label.replace(" ", "_")
-                cfg = variant(base, method, options, partition=f"dirichlet:{alpha}", topology=topology, out=str(out))
+                if options.get("phi_path") and not Path(options["phi_path"]).is_file():
+                    print(f"skipping {label}: {options['phi_path']} is missing (make phi writes it)", flush=True)
+                    continue
+                out = Path("runs") / f"bench_{args.name}" / f"alpha{alpha}" / topology / slug(label)
+                cfg = variant(base, method, options, partition=f"dirichlet:{alpha}", topology=topology, out=str(out), **run_changes)
+                print(f"running {label} on {topology}, alpha {alpha}", flush=True)
                 summary = run_simulation(cfg)
                 if label == "fedavg":
                     fedavg_bytes = summary["bytes"]["per_node_per_round"]["total"]
@@ -103,13 +131,17 @@ def main() -> None:
     assert isinstance(task, ImageOptions)  # checked above
     setting = (
         f"{run.data}, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
-        f"SGD lr {run.lr} momentum {task.momentum}, max {run.max_train_per_node} train examples per node, "
+        f"SGD lr {run.lr} momentum {task.momentum}, "
+        f"{'all training examples' if run.max_train_per_node is None else f'max {run.max_train_per_node} train examples per node'}, "
+        f"participation {run.participation} (each round a seeded sample of that fraction of the nodes trains and sends), "
+        f"global accuracy on a seeded sample of {task.global_test_size} test images, evaluated every {run.eval_every} round(s), "
         f"MoE: CNN φ (embed {task.embed_dim}), {task.experts} experts (hidden {task.expert_hidden}), {task.gate} gate; "
         f"FedMoE-DA P={fedmoe['p']}, τ={fedmoe['tau']}, I={fedmoe['interval']}, hops {run.hops}; "
         f"links {run.link_bandwidth / 1e6:g} Mbit/s, {run.link_latency * 1e3:g} ms; seed {run.seed}"
     )
     command = rerun_command("bench/bench_fedmoe_da.py", args, skip=("results",), parser=parser)
     atomic_write_json(args.results / f"{args.name}.json", rows)
+    setting += f"; compression: none unless the label says int8 ({CHEAP_NOTE})"
     report = f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)
     atomic_write_bytes(args.results / f"{args.name}.md", report.encode())
 
