@@ -44,10 +44,14 @@ def raw_client(context: zmq.asyncio.Context, address: str, routing_id: bytes | N
     return client
 
 
-def test_big_frames_are_shared_and_tracked_small_ones_copied():
+def test_big_frames_are_shared_and_the_last_frame_tracked_small_ones_copied():
     header, big, small = b"h" * 10, memoryview(bytes(ZERO_COPY_BYTES)), memoryview(bytes(100))
-    parts, tracker = _zmq_parts([header, big, small])
-    assert [type(p) for p in parts] == [bytes, zmq.Frame, memoryview] and tracker is not None
+    parts, tracker = _zmq_parts([header, big, big, small])
+    assert [type(p) for p in parts] == [bytes, zmq.Frame, zmq.Frame, zmq.Frame]
+    # libzmq releases frames in order: the last frame's tracker stands for the message
+    assert [getattr(p, "tracker", None) for p in parts[:-1]] == [None] * 3 and tracker is parts[-1].tracker is not None
+    parts, tracker = _zmq_parts([header, big, big])
+    assert [type(p) for p in parts] == [bytes, zmq.Frame, zmq.Frame] and tracker is parts[-1].tracker is not None
     parts, tracker = _zmq_parts([header, small])
     assert parts == [header, small] and tracker is None  # a small message is bounded by the HWM
     many_small = [header, *[memoryview(bytes(ZERO_COPY_BYTES // 4))] * 4]
