@@ -17,11 +17,15 @@ Trust. A peer is untrusted input. Each message is read frame by frame through
 is logged, answered with an ERROR message when it came on the ROUTER, and never returned.
 
 Flow control. High-water marks count messages, not bytes. Frames of 64 KB or more are sent
-zero-copy with a MessageTracker (and a message of 64 KB or more always has at least one
-tracked frame); a message counts as in flight until libzmq has released all its tracked
-frames, i.e. handed them to the kernel. `send` waits while a destination has more than
-`max_inflight_bytes` in flight. Messages under 64 KB are copied, not tracked, and bounded in
-number by the high-water mark.
+zero-copy, and a message of 64 KB or more has its last frame tracked (a MessageTracker);
+libzmq releases frames in order, so a message counts as in flight until libzmq has released
+that last frame, i.e. handed the whole message to the kernel. `send` waits while a
+destination has more than `max_inflight_bytes` in flight. Messages under 64 KB are copied,
+not tracked, and bounded in number by the high-water mark.
+
+Waiting. The sockets are plain pyzmq sockets; one event-loop reader on each socket's ZMQ_FD
+wakes the tasks waiting to read or send on it (`_Readiness`), and reads and sends that need
+not wait are made at once, without a future.
 
 Tensors are sent zero-copy: do not modify a sent tensor in place until `in_flight(dst)` says
 its bytes have left (send copies, e.g. `state_dict` clones, when training continues).
