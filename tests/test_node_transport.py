@@ -240,6 +240,25 @@ def test_unreachable_destinations_raise_peer_unreachable():
     run(scenario)
 
 
+def test_sends_that_wait_for_a_peer_go_in_order_once_it_is_up():
+    """Sends to a peer not yet listening cannot go at once (IMMEDIATE): they wait on the
+    socket's FD signal, in turn, and leave in the order they were made once it connects."""
+
+    async def scenario():
+        port = _free_loopback_port()
+        async with Transport("a", LOOPBACK, send_timeout=10.0) as a:
+            a.add_peer("late", f"tcp://127.0.0.1:{port}")
+            sends = [asyncio.create_task(a.send("late", Message(MessageKind.HELLO, 0, meta={"n": n}))) for n in range(5)]
+            await asyncio.sleep(0.2)
+            assert not any(task.done() for task in sends)  # nobody to take them yet
+            async with Transport("late", f"tcp://127.0.0.1:{port}") as late:
+                await asyncio.wait_for(asyncio.gather(*sends), 10)
+                got = [(await asyncio.wait_for(late.recv(), 10)).message.meta["n"] for _ in sends]
+            assert got == list(range(5))
+
+    run(scenario)
+
+
 def test_spoofed_src_is_rejected_with_an_error_reply_and_a_log_line(caplog):
     async def scenario():
         context = zmq.asyncio.Context()
