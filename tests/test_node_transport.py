@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.node.transport import ZERO_COPY_BYTES, PeerUnreachable, RequestTimeout, SendTimeout, Transport, _zmq_parts
+from p2pmoe.node.transport import ZERO_COPY_BYTES, PeerUnreachable, RequestTimeout, SendTimeout, Transport, TransportError, _zmq_parts
 from p2pmoe.wire.codec import decode, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -255,6 +255,20 @@ def test_sends_that_wait_for_a_peer_go_in_order_once_it_is_up():
                 await asyncio.wait_for(asyncio.gather(*sends), 10)
                 got = [(await asyncio.wait_for(late.recv(), 10)).message.meta["n"] for _ in sends]
             assert got == list(range(5))
+
+    run(scenario)
+
+
+def test_a_send_waiting_when_the_transport_closes_fails_at_once():
+    async def scenario():
+        a = Transport("a", LOOPBACK, send_timeout=30.0)
+        a.add_peer("ghost", f"tcp://127.0.0.1:{_free_loopback_port()}")
+        waiting = asyncio.create_task(a.send("ghost", Message(MessageKind.HELLO, 0)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await a.close()
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(waiting, 5)  # not after send_timeout
 
     run(scenario)
 

@@ -166,6 +166,9 @@ class _Readiness:
 
     def _wake(self) -> None:
         self._socket.get(_EVENTS)  # clears the FD
+        self._release()
+
+    def _release(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -187,8 +190,10 @@ class _Readiness:
             await self.next_signal()
 
     def close(self) -> None:
-        """Stop watching the FD: before the socket closes, as the loop must not poll a dead FD."""
+        """Stop watching the FD (before the socket closes: the loop must not poll a dead FD) and
+        wake every waiter, whose next call on the closed socket then fails instead of hanging."""
         self._loop.remove_reader(self._fd)
+        self._release()
 
 
 async def _drop_rest(frames: zmq.Socket) -> tuple[int, int]:
