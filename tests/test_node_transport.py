@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.node.transport import ZERO_COPY_BYTES, PeerUnreachable, RequestTimeout, SendTimeout, Transport, _zmq_parts
+from p2pmoe.node.transport import ZERO_COPY_BYTES, PeerUnreachable, RequestTimeout, SendTimeout, Transport, TransportError, _zmq_parts
 from p2pmoe.wire.codec import decode, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -44,10 +44,14 @@ def raw_client(context: zmq.asyncio.Context, address: str, routing_id: bytes | N
     return client
 
 
-def test_big_frames_are_shared_and_tracked_small_ones_copied():
+def test_big_frames_are_shared_and_the_last_frame_tracked_small_ones_copied():
     header, big, small = b"h" * 10, memoryview(bytes(ZERO_COPY_BYTES)), memoryview(bytes(100))
-    parts, tracker = _zmq_parts([header, big, small])
-    assert [type(p) for p in parts] == [bytes, zmq.Frame, memoryview] and tracker is not None
+    parts, tracker = _zmq_parts([header, big, big, small])
+    assert [type(p) for p in parts] == [bytes, zmq.Frame, zmq.Frame, zmq.Frame]
+    # libzmq releases frames in order: the last frame's tracker stands for the message
+    assert [getattr(p, "tracker", None) for p in parts[:-1]] == [None] * 3 and tracker is parts[-1].tracker is not None
+    parts, tracker = _zmq_parts([header, big, big])
+    assert [type(p) for p in parts] == [bytes, zmq.Frame, zmq.Frame] and tracker is parts[-1].tracker is not None
     parts, tracker = _zmq_parts([header, small])
     assert parts == [header, small] and tracker is None  # a small message is bounded by the HWM
     many_small = [header, *[memoryview(bytes(ZERO_COPY_BYTES // 4))] * 4]
@@ -232,6 +236,39 @@ def test_unreachable_destinations_raise_peer_unreachable():
                     await a.send("leaver", Message(MessageKind.HELLO, 0))
                     await asyncio.sleep(0.02)
         context.destroy(linger=0)
+
+    run(scenario)
+
+
+def test_sends_that_wait_for_a_peer_go_in_order_once_it_is_up():
+    """Sends to a peer not yet listening cannot go at once (IMMEDIATE): they wait on the
+    socket's FD signal, in turn, and leave in the order they were made once it connects."""
+
+    async def scenario():
+        port = _free_loopback_port()
+        async with Transport("a", LOOPBACK, send_timeout=10.0) as a:
+            a.add_peer("late", f"tcp://127.0.0.1:{port}")
+            sends = [asyncio.create_task(a.send("late", Message(MessageKind.HELLO, 0, meta={"n": n}))) for n in range(5)]
+            await asyncio.sleep(0.2)
+            assert not any(task.done() for task in sends)  # nobody to take them yet
+            async with Transport("late", f"tcp://127.0.0.1:{port}") as late:
+                await asyncio.wait_for(asyncio.gather(*sends), 10)
+                got = [(await asyncio.wait_for(late.recv(), 10)).message.meta["n"] for _ in sends]
+            assert got == list(range(5))
+
+    run(scenario)
+
+
+def test_a_send_waiting_when_the_transport_closes_fails_at_once():
+    async def scenario():
+        a = Transport("a", LOOPBACK, send_timeout=30.0)
+        a.add_peer("ghost", f"tcp://127.0.0.1:{_free_loopback_port()}")
+        waiting = asyncio.create_task(a.send("ghost", Message(MessageKind.HELLO, 0)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await a.close()
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(waiting, 5)  # not after send_timeout
 
     run(scenario)
 

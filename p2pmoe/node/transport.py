@@ -17,11 +17,15 @@ Trust. A peer is untrusted input. Each message is read frame by frame through
 is logged, answered with an ERROR message when it came on the ROUTER, and never returned.
 
 Flow control. High-water marks count messages, not bytes. Frames of 64 KB or more are sent
-zero-copy with a MessageTracker (and a message of 64 KB or more always has at least one
-tracked frame); a message counts as in flight until libzmq has released all its tracked
-frames, i.e. handed them to the kernel. `send` waits while a destination has more than
-`max_inflight_bytes` in flight. Messages under 64 KB are copied, not tracked, and bounded in
-number by the high-water mark.
+zero-copy, and a message of 64 KB or more has its last frame tracked (a MessageTracker);
+libzmq releases frames in order, so a message counts as in flight until libzmq has released
+that last frame, i.e. handed the whole message to the kernel. `send` waits while a
+destination has more than `max_inflight_bytes` in flight. Messages under 64 KB are copied,
+not tracked, and bounded in number by the high-water mark.
+
+Waiting. The sockets are plain pyzmq sockets; one event-loop reader on each socket's ZMQ_FD
+wakes the tasks waiting to read or send on it (`_Readiness`), and reads and sends that need
+not wait are made at once, without a future.
 
 Tensors are sent zero-copy: do not modify a sent tensor in place until `in_flight(dst)` says
 its bytes have left (send copies, e.g. `state_dict` clones, when training continues).
@@ -38,7 +42,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import zmq
-import zmq.asyncio
 
 from p2pmoe.driver.runner import RateLimitedLog
 from p2pmoe.ledger import ByteLedger
@@ -57,7 +60,8 @@ HEARTBEAT_TIMEOUT_MS = 5000  # ... and a connection silent this long after one i
 YIELD_FRAMES = 1024  # frames dropped between two yields to the event loop ...
 YIELD_BYTES = 8 << 20  # ... and bytes read: a few milliseconds of work either way
 _DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
-_NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)  # plain ints: pyzmq's enum flags cost microseconds a call
+_NOBLOCK, _RCVMORE, _EVENTS = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS)  # plain ints: pyzmq's enum flags cost microseconds a call
+_POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
@@ -124,22 +128,72 @@ class _InFlight:
 
 
 def _zmq_parts(frames: Sequence[bytes | memoryview]) -> tuple[list[bytes | memoryview | zmq.Frame], zmq.MessageTracker | None]:
-    """Frames to hand to `send_multipart(copy=True)`: big ones wrapped as tracked zero-copy Frames.
+    """Frames to hand to `send_multipart`: big ones as zero-copy Frames, the last one tracked.
 
-    The caller must drop the returned parts after sending: a tracker completes only once no
-    Python Frame refers to the buffer any more.
+    libzmq releases a message's frames in order, so the last frame's tracker says the whole
+    message has left: one tracker a message, not one a frame (each is an Event that pyzmq's
+    garbage-collector thread must set). The caller must drop the returned parts after
+    sending: a tracker completes only once no Python Frame refers to the buffer any more.
     """
     parts: list[bytes | memoryview | zmq.Frame] = list(frames)
-    total = sum(len(f) for f in frames)
-    if total < ZERO_COPY_BYTES:  # the common control message: nothing to share or track
+    if sum(len(f) for f in frames) < ZERO_COPY_BYTES:  # the common control message: nothing to share or track
         return parts, None
-    shared = [i for i, f in enumerate(frames) if len(f) >= ZERO_COPY_BYTES]
-    if not shared:
-        shared = [len(frames) - 1]  # libzmq releases the last frame after all earlier ones
-    tracked = [zmq.Frame(frames[i], copy=False, track=True) for i in shared]
-    for i, frame in zip(shared, tracked, strict=True):
-        parts[i] = frame
-    return parts, (zmq.MessageTracker(*tracked) if tracked else None)
+    for i, frame in enumerate(frames[:-1]):
+        if len(frame) >= ZERO_COPY_BYTES:
+            parts[i] = zmq.Frame(frame, copy=False)
+    last = zmq.Frame(frames[-1], copy=False, track=True)
+    parts[-1] = last
+    assert last.tracker is not None  # track=True always makes one
+    return parts, last.tracker
+
+
+class _Readiness:
+    """Wakes the tasks waiting on one socket, from an event-loop reader on its ZMQ_FD.
+
+    Why not zmq.asyncio: its futures, timers, event queues and enum flags cost a fifth of a
+    small round trip here, once per message each way. The FD is libzmq's mailbox signal,
+    readable until ZMQ_EVENTS is read, so the reader reads it (or the loop would spin) and
+    wakes everyone; each waiter checks ZMQ_EVENTS again before it sleeps, as libzmq requires
+    after any call on the socket.
+    """
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self._socket = socket
+        self._loop = asyncio.get_running_loop()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._fd = cast(int, socket.getsockopt(zmq.FD))  # an int option
+        self._loop.add_reader(self._fd, self._wake)
+
+    def _wake(self) -> None:
+        self._socket.get(_EVENTS)  # clears the FD
+        self._release()
+
+    def _release(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def next_signal(self) -> None:
+        """Sleep until the socket's FD next signals (call only after ZMQ_EVENTS came back short)."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():  # cancelled: do not keep it until the next signal
+                self._waiters.remove(waiter)
+
+    async def wait_for(self, events: int) -> None:
+        """Return once the socket has any of `events` (_POLLIN, _POLLOUT)."""
+        while not cast(int, self._socket.get(_EVENTS)) & events:  # an int option
+            await self.next_signal()
+
+    def close(self) -> None:
+        """Stop watching the FD (before the socket closes: the loop must not poll a dead FD) and
+        wake every waiter, whose next call on the closed socket then fails instead of hanging."""
+        self._loop.remove_reader(self._fd)
+        self._release()
 
 
 async def _drop_rest(frames: zmq.Socket) -> tuple[int, int]:
@@ -201,7 +255,7 @@ def _short(reason: str) -> str:
 @dataclasses.dataclass
 class _Peer:
     address: str
-    socket: zmq.asyncio.Socket
+    socket: zmq.Socket
     pump: asyncio.Task[None]
 
 
@@ -244,11 +298,12 @@ class Transport:
         self._finished_requests: OrderedDict[tuple[str, int], MessageKind] = OrderedDict()
         self._closed = False
         self._rejections = RateLimitedLog(logger=log)  # one flood, a few lines (every 1,000th after the first 5)
-        # each socket's plain (blocking-API) twin, for the reads and sends that need not wait
-        self._plain: dict[zmq.asyncio.Socket, zmq.Socket] = {}
-        self._waiting_sends: dict[zmq.asyncio.Socket, int] = defaultdict(int)
+        # plain sockets: their waits are ours (_Readiness), not zmq.asyncio's
+        self._ready: dict[zmq.Socket, _Readiness] = {}
+        self._send_turns: dict[zmq.Socket, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._waiting_sends: dict[zmq.Socket, int] = defaultdict(int)
 
-        self._context = zmq.asyncio.Context()
+        self._context = zmq.Context()
         self._guard: CurveGuard | None = None
         try:
             if curve:
@@ -267,6 +322,7 @@ class Transport:
         endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT)
         assert isinstance(endpoint, bytes)  # LAST_ENDPOINT is a bytes option
         self.address: str = endpoint.decode()
+        self._ready[self._router] = _Readiness(self._router)
         self._router_pump = asyncio.create_task(self._pump(self._router, None), name=f"{node_id}-router")
         if not self._guard:
             log.warning(
@@ -276,9 +332,8 @@ class Transport:
                 self.address,
             )
 
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+    def _socket(self, kind: int) -> zmq.Socket:
         socket = self._context.socket(kind)
-        self._plain[socket] = zmq.Socket.shadow(socket.underlying)
         socket.setsockopt(zmq.LINGER, LINGER_MS)
         socket.setsockopt(zmq.SNDHWM, HWM)
         socket.setsockopt(zmq.RCVHWM, HWM)
@@ -317,6 +372,7 @@ class Transport:
         if self._guard:
             self._guard.connect_to(socket, peer_id, public_key)
         socket.connect(address)
+        self._ready[socket] = _Readiness(socket)
         pump = asyncio.create_task(self._pump(socket, peer_id), name=f"{self.node_id}-to-{peer_id}")
         self._peers[peer_id] = _Peer(address, socket, pump)
 
@@ -326,7 +382,8 @@ class Transport:
         if peer is None:
             return
         peer.pump.cancel()
-        self._plain.pop(peer.socket, None)
+        self._ready.pop(peer.socket).close()
+        self._send_turns.pop(peer.socket, None)
         self._waiting_sends.pop(peer.socket, None)
         peer.socket.close(linger=0)
         self._inflight.pop(peer_id, None)
@@ -380,24 +437,35 @@ class Transport:
             hold.tracker = tracker
         self._record(message.round, dst, message.kind, frames)
 
-    async def _send_parts(self, socket: zmq.asyncio.Socket, parts: list[bytes | memoryview | zmq.Frame]) -> None:
+    async def _send_parts(self, socket: zmq.Socket, parts: list[bytes | memoryview | zmq.Frame]) -> None:
         """Hand `parts` to libzmq: at once when it takes them, else waiting up to `send_timeout`.
 
-        Most sends go at once; doing those on the plain socket skips the future, the flag
-        arithmetic and the timer of an awaited send (a third of a small round trip here). A
-        send that would block waits in zmq.asyncio's queue, and while any waits, later sends
-        on that socket queue behind it, so messages keep their order.
+        Most sends go at once, without a future or a timer. A send that would block waits its
+        turn (a FIFO lock), and while any waits, later sends on that socket queue behind it,
+        so messages keep their order. A ROUTER says it can send when any connection has room,
+        not the one this message is for: then the retry backs off instead of spinning.
         """
         if not self._waiting_sends[socket]:
             try:
-                self._plain[socket].send_multipart(parts, flags=_NOBLOCK, copy=True)
+                socket.send_multipart(parts, flags=_NOBLOCK, copy=True)
                 return
             except zmq.Again:
                 pass
         self._waiting_sends[socket] += 1
+        ready, delay = self._ready[socket], 0.0005
         try:
-            async with asyncio.timeout(self.send_timeout):
-                await socket.send_multipart(parts, copy=True)
+            async with asyncio.timeout(self.send_timeout), self._send_turns[socket]:
+                while True:
+                    try:
+                        socket.send_multipart(parts, flags=_NOBLOCK, copy=True)
+                        return
+                    except zmq.Again:
+                        pass
+                    if cast(int, socket.get(_EVENTS)) & _POLLOUT:  # an int option
+                        await asyncio.sleep(delay)
+                        delay = min(2 * delay, 0.02)
+                    else:
+                        await ready.next_signal()
         finally:
             self._waiting_sends[socket] -= 1
 
@@ -442,15 +510,16 @@ class Transport:
             raise TransportClosed("transport is closed")
         return envelope
 
-    async def _pump(self, socket: zmq.asyncio.Socket, peer: str | None) -> None:
+    async def _pump(self, socket: zmq.Socket, peer: str | None) -> None:
         """Read `socket` until closed; `peer` is the DEALER's peer, None for the ROUTER."""
-        frames = self._plain[socket]  # read frame by frame without futures
+        ready = self._ready[socket]
         while True:
             try:
-                first = await socket.recv(copy=False)
+                await ready.wait_for(_POLLIN)
+                first = socket.recv(flags=_NOBLOCK, copy=False)
                 routing_id = first.bytes if peer is None else None
-                header = first if peer is not None else frames.recv(flags=_NOBLOCK, copy=False)
-                outcome, received = await self._read(frames, header)
+                header = first if peer is not None else socket.recv(flags=_NOBLOCK, copy=False)
+                outcome, received = await self._read(socket, header)
                 await self._accept(outcome, received, header, peer, routing_id)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
@@ -570,7 +639,7 @@ class Transport:
         message = Message(MessageKind.ERROR, self._round_of(), meta={"reason": reason})
         frames = encode(self.node_id, message, self.limits)
         try:
-            await self._router.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
+            self._router.send_multipart([routing_id, *frames], flags=_NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("could not send an error reply to %r: %s", sender, exc)
             return
@@ -592,8 +661,10 @@ class Transport:
                 waiter.set_exception(TransportClosed("transport closed while waiting for a reply"))
         if self._guard:
             self._guard.stop()
-        for socket in [self._router, *(p.socket for p in self._peers.values())]:
+        for socket, ready in self._ready.items():
+            ready.close()
             socket.close()
+        self._ready.clear()
         self._peers.clear()
         await asyncio.to_thread(self._context.term)
         try:
