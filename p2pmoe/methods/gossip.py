@@ -41,11 +41,16 @@ class GossipExchange:
         self.done = True
 
     def start(self, round_index: int) -> list[Send]:
-        """Snapshot our tensors and send them to every live neighbour."""
-        self._own = self._read()
+        """Snapshot our tensors and send them to every live neighbour. Without neighbours (a
+        lone node, FedMoE-DA's frozen phi) there is nothing to snapshot: a copy of phi per node
+        would be most of an accounting run's memory on thousands of nodes."""
         self._received = {}
         self._waiting = set(self.neighbours)
         self.done = not self._waiting
+        if self.done:
+            self._own = {}
+            return []
+        self._own = self._read()
         message = Message(self.kind, round_index, self._own, {"degree": self.degree})
         return [Send(peer, message) for peer in sorted(self.neighbours)]
 
