@@ -129,6 +129,11 @@ class ImageTask(Task):
             )
         return out
 
+    def release_data(self) -> None:
+        """Drop the stored images (55 MB of Fashion-MNIST as uint8) and the splits."""
+        _dataset.cache_clear()
+        _splits.cache_clear()
+
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
         torch.manual_seed(cfg.run.seed)
         return (model or image_model)(cfg, *IMAGE_SHAPES[cfg.run.data])
