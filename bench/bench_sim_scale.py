@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -42,15 +43,18 @@ def one_run(nodes: int, rounds: int, trained: bool, out: str, embedding: str) ->
     else:
         run.update(train="none")
     cfg = with_options(default_config(**run), method_options={"embedding": embedding})
-    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    started, cpu_started = time.perf_counter(), time.process_time()
     summary = run_simulation(cfg, progress=False)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "nodes": nodes,
         "rounds": rounds,
         "mode": "trained" if trained else "accounting",
         "embedding": embedding,
         "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),  # what the run itself used: wall time on a shared machine also counts others' load
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # 1-minute load before and after
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "messages": summary["bytes"]["messages"],
         "bytes_per_node_per_round": round(summary["bytes"]["per_node_per_round"]["total"]),
@@ -85,13 +89,16 @@ def main() -> None:
             rows.append({"nodes": nodes, "error": done.stderr[-500:]})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  {rows[-1]['wall_seconds']} s, peak RSS {rows[-1]['peak_rss_mb']} MB", flush=True)
-    columns = ["nodes", "mode", "embedding", "rounds", "wall_seconds", "peak_rss_mb", "messages", "bytes_per_node_per_round", "sim_seconds_per_round"]
-    table = format_table([r for r in rows if "error" not in r], columns)
+        print(f"  {rows[-1]['wall_seconds']} s ({rows[-1]['cpu_seconds']} s CPU), peak RSS {rows[-1]['peak_rss_mb']} MB", flush=True)
+    columns = ["nodes", "mode", "embedding", "rounds", "wall_seconds", "cpu_seconds", "load", "peak_rss_mb", "messages"]
+    columns += ["bytes_per_node_per_round", "sim_seconds_per_round"]
+    table = format_table([{**r, "load": "{} -> {}".format(*r["load_average"])} for r in rows if "error" not in r], columns)
     mode = "trained on Fashion-MNIST (Dirichlet 0.3, all 60,000 images)" if args.trained else "accounting only (--train none)"
     text = (
         f"# Simulator at scale\n\nFedMoE-DA peer to peer, random-regular-4 topology, {args.rounds} rounds, phi {args.embedding}, "
-        f"{mode}, seed 0, one process per row, 1 torch thread; this machine: 2 cores, shared.\n\n"
+        f"{mode}, seed 0, one process per row, 1 torch thread, the run's report included; this machine: 2 cores, shared "
+        f"(load: the 1-minute load average before -> after each row; wall time under load counts other programs' turns, "
+        f"CPU seconds are the run's own).\n\n"
         f"Command: `python bench/bench_sim_scale.py --nodes {args.nodes} --rounds {args.rounds} --embedding {args.embedding}"
         f"{' --trained' if args.trained else ''} --name {args.name}`\n\n```\n{table}\n```\n"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -53,3 +54,32 @@ def test_simulated_compute_time_is_added_to_each_round(tmp_path, spec, expected)
 def test_a_bad_compute_time_is_refused():
     with pytest.raises(ValueError, match="compute_time must be none, constant:SECONDS or per_example:SECONDS"):
         default_config(compute_time="fast")
+
+
+# Byte totals of 12 nodes, 3 rounds, seed 0, computed by the simulator before it was made
+# faster (commit 76f5f7b): speeding it up must not change a single counted byte.
+PINNED_TOTALS = {
+    "frozen": {
+        "total": 4_074_627,
+        "header": 59_931,
+        "payload": 4_014_696,
+        "messages": 390,
+        "by_kind": {"expert_request": 8_811, "expert_response": 3_907_272, "gate_publish": 158_544},
+    },
+    "gossip": {
+        "total": 64_719_219,
+        "header": 100_107,
+        "payload": 64_619_112,
+        "messages": 534,
+        "by_kind": {"embedding": 60_644_592, "expert_request": 8_811, "expert_response": 3_907_272, "gate_publish": 158_544},
+    },
+}
+
+
+@pytest.mark.parametrize("embedding", sorted(PINNED_TOTALS))
+def test_accounting_byte_totals_are_pinned(tmp_path, embedding):
+    cfg = default_config(method="fedmoe-da", nodes=12, rounds=3, topology="random-regular:4", train="none", out=str(tmp_path), seed=0)
+    summary = run_simulation(with_options(cfg, method_options={"embedding": embedding}), progress=False, report=False)
+    assert {k: summary["bytes"][k] for k in PINNED_TOTALS[embedding]} == PINNED_TOTALS[embedding]
+    with open(tmp_path / "metrics.jsonl") as handle:  # diagnostics still reach the file after leaving memory
+        assert all("plan_weights" in json.loads(line)["diagnostics"] for line in handle)

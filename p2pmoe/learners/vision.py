@@ -69,7 +69,9 @@ class ImageClassifierLearner:
         self._shuffle.set_state(state["rng"])
 
     @torch.inference_mode()
-    def _accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
+        """Accuracy over `x` in batches of `batch`: 2,048 images at a time made the CNN's
+        activations (~300 MB) a swarm process's largest allocation."""
         self.model.eval()
         preds = torch.cat([self.model(x[i : i + batch].to(self.device)).argmax(dim=1).cpu() for i in range(0, len(x), batch)])
         return accuracy(preds, y)

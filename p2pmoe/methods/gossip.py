@@ -133,7 +133,9 @@ class GossipExchange:
 
     def start(self, round_index: int, sampled: Set[str] | None = None) -> list[Send]:
         """Snapshot our tensors and send them to this round's live partners (those of
-        `sampled`, when the round has partial participation)."""
+        `sampled`, when the round has partial participation). Without partners (a lone node,
+        FedMoE-DA's frozen φ, a round between exchanges) there is nothing to snapshot: a copy
+        of φ per node would be most of an accounting run's memory on thousands of nodes."""
         chosen = set(self._partners(round_index)) if self._partners is not None else self.configured
         unknown = chosen - self.configured
         if unknown:
@@ -144,6 +146,7 @@ class GossipExchange:
         self._waiting = set(self._expected)
         self.done = not self._waiting
         if self.done:
+            self._own = {}
             return []
         self._own = self._read()
         sent = self.feedback.apply(self._own) if self.feedback is not None else self._own

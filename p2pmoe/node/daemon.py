@@ -50,7 +50,10 @@ class NodeDaemon:
         self.rounds = experiment.run.rounds
         self.config_hash = config_hash(experiment)
         self._canonical = canonical_config(experiment)
-        method = method or build_experiment(experiment, only=cfg.node_id).nodes[cfg.node_id]
+        if method is None:
+            built = build_experiment(experiment, only=cfg.node_id)
+            built.task.release_data()  # this process builds no other learner: keep only its own split
+            method = built.nodes[cfg.node_id]
         self.runner = NodeRunner(cfg.node_id, method, seed=node_seed(experiment, cfg.node_id))
         self.ledger = ByteLedger()
         self._ledger_written = 0

@@ -11,6 +11,8 @@ import math
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from p2pmoe.naming import SERVER_ID  # noqa: E402
 from p2pmoe.report.folders import (  # noqa: E402
     RunData,
     bytes_by_kind,
@@ -39,6 +42,10 @@ from p2pmoe.topology import load_topology, make_topology  # noqa: E402
 
 MAX_PANELS = 8
 """Metrics drawn per round at most (the headline metric first); the CSV has all of them."""
+MAX_NODES_DRAWN = 32
+"""Clients the per-node figures (traffic matrix, expert graph, gate correlation) show at most.
+More are unreadable, and drawing every one of 1,000 nodes took twice as long as the
+accounting run itself (a 10,000-node traffic matrix alone is 10^8 cells)."""
 DPI = 100
 
 
@@ -165,14 +172,16 @@ def bytes_per_round(runs: list[RunData], out: Path) -> list[Figure]:
 
 
 def _draw_matrix(ax: Any, run: RunData) -> None:
-    nodes, matrix = traffic_matrix(run.ledger)
+    shown, note = _drawn(run)
+    keep = {*shown, SERVER_ID}  # a coordinator's row and column stay in view
+    nodes, matrix = traffic_matrix(e for e in run.ledger if e.src in keep and e.dst in keep)
     values = np.array(matrix, dtype=float) / 1e6
     image = ax.imshow(values, cmap="viridis")
     ax.figure.colorbar(image, ax=ax, fraction=0.046, label="MB")
     ticks = range(len(nodes))
     ax.set_xticks(ticks, nodes, rotation=90, fontsize=6)
     ax.set_yticks(ticks, nodes, fontsize=6)
-    ax.set_xlabel("to")
+    ax.set_xlabel(f"to{note}")
     ax.set_ylabel("from")
     if len(nodes) <= 12:
         for i in ticks:
@@ -209,19 +218,44 @@ def sim_time(runs: list[RunData], out: Path) -> list[Figure]:
     return [_save(fig, out, "sim_time.png", "simulated time per round", caption)]
 
 
-def _layout(run: RunData, nodes: list[str]) -> tuple[nx.Graph, dict[str, Any]]:
-    """Node positions from the run's topology: a circle for full, ring and star graphs, a
-    seeded spring layout otherwise; a topology that cannot be rebuilt gives a circle."""
-    setting = run.run_setting
-    kind = str(setting.get("topology", "full"))
-    graph = nx.Graph()
+@lru_cache(maxsize=4)
+def _rebuilt_topology(kind: str, nodes: int | None, seed: int) -> nx.Graph:
+    """A run's topology rebuilt from its setting (once per report: three figures use it); an
+    empty graph when a topology file is not on this machine."""
     try:
         if Path(kind).suffix in (".json", ".edges", ".txt"):
-            graph = load_topology(kind, setting.get("nodes"))
-        elif len(nodes) > 1:
-            graph = make_topology(kind, int(setting.get("nodes", len(nodes))), int(setting.get("seed", 0)))
+            return load_topology(kind, nodes)
+        return make_topology(kind, nodes, seed) if nodes is not None and nodes > 1 else nx.Graph()
     except (ValueError, OSError):  # a topology file not on this machine: positions still help
-        graph = nx.Graph()
+        return nx.Graph()
+
+
+def _topology(run: RunData) -> nx.Graph:
+    setting = run.run_setting
+    nodes = setting.get("nodes", len(run.clients))
+    return _rebuilt_topology(str(setting.get("topology", "full")), None if nodes is None else int(nodes), int(setting.get("seed", 0)))
+
+
+def _drawn(run: RunData) -> tuple[list[str], str]:
+    """The clients the per-node figures show, and what to say when that is not all of them:
+    up to MAX_NODES_DRAWN clients found breadth first on the topology from the first, so the
+    arrows and blocks drawn are those between neighbours (the first clients by name where the
+    topology is unknown or too small a component)."""
+    clients = run.clients
+    if len(clients) <= MAX_NODES_DRAWN:
+        return clients, ""
+    graph = _topology(run)
+    near = [clients[0], *islice((v for _, v in nx.bfs_edges(graph, clients[0])), 2 * MAX_NODES_DRAWN)] if clients[0] in graph else []
+    members = set(clients)
+    shown = list(dict.fromkeys(n for n in [*near, *clients[:MAX_NODES_DRAWN]] if n in members))[:MAX_NODES_DRAWN]
+    return sorted(shown), f" ({len(shown)} of {len(clients):,} clients: {clients[0]} and its nearest)"
+
+
+def _layout(run: RunData, nodes: list[str]) -> tuple[nx.Graph, dict[str, Any]]:
+    """Positions of `nodes` on the run's topology: a circle for full, ring and star graphs, a
+    seeded spring layout otherwise; a topology that cannot be rebuilt gives a circle."""
+    kind = str(run.run_setting.get("topology", "full"))
+    graph = nx.Graph(_topology(run).subgraph(nodes))
     graph.add_nodes_from(nodes)
     regular = kind.split(":")[0] in ("full", "ring", "star") or graph.number_of_edges() == 0
     positions = nx.circular_layout(sorted(graph.nodes)) if regular else nx.spring_layout(graph, seed=0)
@@ -234,8 +268,9 @@ def expert_graph(run: RunData, out: Path) -> list[Figure]:
     chosen = diagnostics_round(run, "plan_weights")
     if chosen is None:
         return []
-    plans = diagnostics_of(run, chosen)
-    graph, pos = _layout(run, run.clients)
+    shown, note = _drawn(run)
+    plans = {node: diag for node, diag in diagnostics_of(run, chosen).items() if node in set(shown)}
+    graph, pos = _layout(run, shown)
     fig, ax = plt.subplots(figsize=(7, 6.5))
     nx.draw_networkx_edges(graph, pos, ax=ax, edge_color="0.85", width=0.8)
     pulled, slots = 0, set()
@@ -260,16 +295,16 @@ def expert_graph(run: RunData, out: Path) -> list[Figure]:
                     "color": f"C{int(slot) % 10}",
                 },
             )
-    xy = np.array([pos[n] for n in run.clients])
+    xy = np.array([pos[n] for n in shown])
     ax.scatter(xy[:, 0], xy[:, 1], s=120, color="k", zorder=3)
-    for node in run.clients:
+    for node in shown:
         ax.annotate(node, pos[node], xytext=(6, 6), textcoords="offset points", fontsize=8)
     handles = [Line2D([], [], color=f"C{s % 10}", lw=2, label=f"slot {s}") for s in sorted(slots)]
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="lower left", title="expert", title_fontsize=7)
     ax.set_axis_off()
     caption = (
-        f"Round {chosen}: {pulled} experts pulled. An arrow goes from the peer that served an expert to the node that "
+        f"Round {chosen}: {pulled} experts pulled{note}. An arrow goes from the peer that served an expert to the node that "
         f"aggregated it, coloured by the expert's slot, width by the largest aggregation weight it got in that node's plan; "
         f"grey lines are the topology. {run.setting_text()}."
     )
@@ -282,7 +317,9 @@ def gate_correlation(run: RunData, out: Path) -> list[Figure]:
     chosen = diagnostics_round(run, "gate")
     if chosen is None:
         return []
-    gates = {node: np.array(d["gate"], dtype=float) for node, d in sorted(diagnostics_of(run, chosen).items()) if d.get("gate")}
+    shown, note = _drawn(run)
+    wanted = set(shown)
+    gates = {node: np.array(d["gate"], dtype=float) for node, d in sorted(diagnostics_of(run, chosen).items()) if d.get("gate") and node in wanted}
     rows = np.concatenate(list(gates.values()))
     unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     similarity = unit @ unit.T
@@ -299,7 +336,7 @@ def gate_correlation(run: RunData, out: Path) -> list[Figure]:
     ax.set_yticks(middles, list(gates), fontsize=7)
     caption = (
         f"Round {chosen}: cosine similarity between the expert proxies (rows of each node's gate, "
-        f"{sizes[0]} per node, in slot order) of every node. {run.setting_text()}."
+        f"{sizes[0]} per node, in slot order) of every node{note}. {run.setting_text()}."
     )
     return [_save(fig, out, f"gate_correlation_{slug(run.label)}.png", f"gate correlation ({run.label})", caption)]
 

@@ -91,9 +91,12 @@ class SimNetwork:
     async def round_done(self, node: NodeRunner, round_index: int, train: dict[str, float], metrics: dict[str, float] | None) -> None:
         traffic = self.ledger.node_traffic(node.node_id, round_index)
         row = metrics_row(node.node_id, round_index, train, metrics, traffic["sent"], traffic["received"], node.diagnostics())
-        self.rows.append(row)
         if self.folder is not None:
             self.folder.log(row)
+            # Written out: the summary never reads a row's diagnostics, and FedMoE-DA's (plan and
+            # gate, ~6 KB of JSON per node and round) were most of a 10,000-node run's memory.
+            row.pop("diagnostics", None)
+        self.rows.append(row)
         if self.on_round is not None:
             self.on_round(row)
 

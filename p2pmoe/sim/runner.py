@@ -81,7 +81,8 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     bar = _Progress(cfg.run.rounds, experiment.clients, key, ledger, f"{cfg.run.method} on {cfg.run.data}", progress)
     seeds = {node: node_seed(cfg, node) for node in experiment.nodes}
     accounting = cfg.run.train == "none"
-    network = SimNetwork(experiment.nodes, ledger, seeds, accounting, compression=parse_compression(cfg.run.compression), folder=folder, on_round=bar)
+    on_round = bar if progress else None  # nobody reads a hidden bar's postfix, which sums the whole ledger each round
+    network = SimNetwork(experiment.nodes, ledger, seeds, accounting, compression=parse_compression(cfg.run.compression), folder=folder, on_round=on_round)
     try:
         rows = asyncio.run(network.run(cfg.run.rounds, cfg.run.eval_every))
     finally:

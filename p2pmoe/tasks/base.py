@@ -66,6 +66,12 @@ class Task(ABC):
         """A freshly initialised model whose shared tensors have their true names and shapes,
         built without reading any client's data (what a coordinator needs)."""
 
+    def release_data(self) -> None:
+        """Forget data sets cached for building more learners. A daemon builds its one learner
+        once; what that learner holds (its own split) stays, the rest need not. By default
+        there is no such cache."""
+        return
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; asking for CUDA without it is an error."""

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from p2pmoe.data.images import IMAGE_DATASETS, ImageDataset, load_image_dataset
+from p2pmoe.data.images import IMAGE_DATASETS, StoredImages, float_images, load_image_dataset, load_stored_images
 from p2pmoe.data.partition import ClientSplit, partition_clients
 from p2pmoe.learners.accounting import AccountingLearner
 from p2pmoe.learners.base import Learner
@@ -105,8 +105,9 @@ def pretrain_embedder(
 
 
 @lru_cache(maxsize=2)
-def _dataset(name: str, root: str | None) -> ImageDataset:
-    return load_image_dataset(name, root)
+def _dataset(name: str, root: str | None) -> StoredImages:
+    """The images as stored (uint8): each learner converts only its own rows to float32."""
+    return load_stored_images(name, root)
 
 
 @lru_cache(maxsize=4)
@@ -115,13 +116,13 @@ def _splits(name: str, root: str | None, nodes: int, partition: str, seed: int) 
     return tuple(partition_clients(data.train_y.numpy(), data.test_y.numpy(), nodes, partition, seed))
 
 
-def _global_sample(data: ImageDataset, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _global_sample(data: StoredImages, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The test images every node is scored on for global accuracy: a fixed sample (the same
     for every node and method of a seed), so evaluation does not dominate a run's time."""
     if size is None or size >= len(data.test_y):
-        return data.test_x, data.test_y
+        return float_images(data.test_x), data.test_y
     keep = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))[:size].sort().values
-    return data.test_x[keep], data.test_y[keep]
+    return float_images(data.test_x[keep.numpy()]), data.test_y[keep]
 
 
 def _own_gate(shared: MoEClassifier, generator: torch.Generator) -> MoEClassifier:
@@ -166,8 +167,8 @@ class ImageTask(Task):
                 train_idx = train_idx[keep[: run.max_train_per_node]].sort().values
             out[k] = ImageClassifierLearner(
                 net,
-                (data.train_x[train_idx], data.train_y[train_idx]),
-                (data.test_x[test_idx], data.test_y[test_idx]),
+                (float_images(data.train_x[train_idx.numpy()]), data.train_y[train_idx]),
+                (float_images(data.test_x[test_idx.numpy()]), data.test_y[test_idx]),
                 global_test=global_test,
                 batch_size=run.batch_size,
                 lr=run.lr,
@@ -176,6 +177,11 @@ class ImageTask(Task):
                 device=device,
             )
         return out
+
+    def release_data(self) -> None:
+        """Drop the stored images (55 MB of Fashion-MNIST as uint8) and the splits."""
+        _dataset.cache_clear()
+        _splits.cache_clear()
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
         torch.manual_seed(cfg.run.seed)
