@@ -57,6 +57,21 @@ def _demo_defaults() -> Values:
     return values
 
 
+def demo_verdict(fedmoe: dict[str, Any], fedavg: dict[str, Any]) -> str:
+    """The demo's point in one line, from the two runs' own numbers: FedMoE-DA's bytes as a
+    multiple of FedAvg's, and both accuracies, with whether it moved fewer bytes at equal or
+    better personalised accuracy."""
+    ratio = fedmoe["bytes"]["per_node_per_round"]["total"] / fedavg["bytes"]["per_node_per_round"]["total"]
+    mine, theirs = fedmoe["metrics"], fedavg["metrics"]
+    point = ratio < 1 and mine["accuracy"] >= theirs["accuracy"]
+    verdict = "moved fewer bytes at equal or better personalised accuracy" if point else "did NOT beat FedAvg on both bytes and personalised accuracy"
+    return (
+        f"FedMoE-DA {verdict}: "
+        f"{ratio:.2f}x FedAvg's bytes per node and round, personalised accuracy {mine['accuracy']:.3f} against {theirs['accuracy']:.3f} "
+        f"(global {mine['global_accuracy']:.3f} against {theirs['global_accuracy']:.3f})"
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     """FedMoE-DA and FedAvg, each as real daemons on loopback, on Fashion-MNIST."""
     from p2pmoe.config import config_from_args, with_options
@@ -65,13 +80,14 @@ def _demo(args: argparse.Namespace) -> int:
     from p2pmoe.report import format_table, summary_row
 
     base = config_from_args(args, _demo_defaults())
-    rows, codes = [], []
+    rows, codes, summaries = [], [], {}
     for method in ("fedmoe-da", "fedavg"):
         cfg = with_options(base, method=method, out=f"{base.run.out}/{method}")
         print(f"running {method}: {cfg.run.nodes} daemons on loopback, {cfg.run.rounds} rounds ...", flush=True)
         summary = run_swarm(cfg, Timing(round_deadline=120, startup=60, linger=10))
         codes += list(summary["exit_codes"].values())
         rows.append(summary_row(summary))
+        summaries[method] = summary
     run = base.run
     print()
     print(
@@ -80,6 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(format_table(rows, list(rows[0])))
     print(f"run folders: {run.out}/fedmoe-da, {run.out}/fedavg (MB/node/round includes heartbeats)")
+    print(demo_verdict(summaries["fedmoe-da"], summaries["fedavg"]))
     return 0 if all(code == 0 for code in codes) else 1
 
 

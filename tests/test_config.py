@@ -122,3 +122,15 @@ def test_config_hash_ignores_node_local_keys_and_names_differences():
     assert config_hash(a) != config_hash(c)
     assert config_differences(canonical_config(a), canonical_config(c)) == ["run.seed", "task.experts"]
     assert config_differences(canonical_config(a), "garbage") == ["<whole config>"]
+
+
+def test_the_demo_verdict_is_computed_from_both_runs():
+    from p2pmoe.cli import demo_verdict
+
+    def run(accuracy, global_accuracy, per_round):
+        return {"metrics": {"accuracy": accuracy, "global_accuracy": global_accuracy}, "bytes": {"per_node_per_round": {"total": per_round}}}
+
+    line = demo_verdict(run(0.85, 0.70, 250.0), run(0.80, 0.78, 1000.0))
+    assert line.startswith("FedMoE-DA moved fewer bytes") and "0.25x" in line and "0.850 against 0.800" in line
+    assert "did NOT" in demo_verdict(run(0.79, 0.70, 250.0), run(0.80, 0.78, 1000.0))  # fewer bytes, lower accuracy
+    assert "did NOT" in demo_verdict(run(0.90, 0.70, 1200.0), run(0.80, 0.78, 1000.0))  # more bytes

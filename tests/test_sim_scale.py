@@ -79,7 +79,8 @@ PINNED_TOTALS = {
 @pytest.mark.parametrize("embedding", sorted(PINNED_TOTALS))
 def test_accounting_byte_totals_are_pinned(tmp_path, embedding):
     cfg = default_config(method="fedmoe-da", nodes=12, rounds=3, topology="random-regular:4", train="none", out=str(tmp_path), seed=0)
-    summary = run_simulation(with_options(cfg, method_options={"embedding": embedding}), progress=False, report=False)
+    options = {"embedding": embedding} | ({"embedding_peers": "all", "embedding_every": 1} if embedding == "gossip" else {})  # the pinned run's gossip
+    summary = run_simulation(with_options(cfg, method_options=options), progress=False, report=False)
     assert {k: summary["bytes"][k] for k in PINNED_TOTALS[embedding]} == PINNED_TOTALS[embedding]
     with open(tmp_path / "metrics.jsonl") as handle:  # diagnostics still reach the file after leaving memory
         assert all("plan_weights" in json.loads(line)["diagnostics"] for line in handle)
