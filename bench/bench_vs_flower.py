@@ -389,8 +389,10 @@ def _accuracy(system: str, folder: Path, flower_result: Path, status: str) -> di
     if not flower_result.exists():
         return {"error": f"the ServerApp wrote no {flower_result.name}"}
     result = json.loads(flower_result.read_text())
-    metrics = result["metrics"]
-    return {"accuracy": metrics["accuracy"], "global_accuracy": metrics["global_accuracy"], "evaluated_round": result["rounds"]}
+    metrics, trained = result["metrics"], result["train_by_round"]
+    threads = trained[max(trained, key=int)].get("torch-threads") if trained else None  # what Ray or the default gave a ClientApp
+    row = {"accuracy": metrics["accuracy"], "global_accuracy": metrics["global_accuracy"], "evaluated_round": result["rounds"]}
+    return {**row, "clientapp_torch_threads": threads}
 
 
 # -- the comparison ----------------------------------------------------------------------------
