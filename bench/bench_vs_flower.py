@@ -42,6 +42,7 @@ vs_flower_quick with --quick).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -98,6 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds one run may take before it is stopped and recorded as a timeout")
     parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--quick", action="store_true", help="check both systems run: 2 clients, 1 round, 200 examples, 1 repeat")
+    parser.add_argument("--nodes", type=int, help="clients (default 10; a smaller work than the issue's is named so in the results)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5)")
+    parser.add_argument("--max-train", type=int, help="training examples per client at most (default 2000)")
     parser.add_argument("--name", help="results file stem (default vs_flower, or vs_flower_quick with --quick)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -107,7 +111,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.timeout <= 0:
         parser.error("--repeats must be >= 1 and --timeout > 0")
     args.systems = [s for s in SYSTEMS if s in args.only.split(",")]
-    args.setting = Setting(nodes=2, rounds=1, max_train=200) if args.quick else Setting()
+    base = Setting(nodes=2, rounds=1, max_train=200) if args.quick else Setting()
+    given = {"nodes": args.nodes, "rounds": args.rounds, "max_train": args.max_train}
+    args.setting = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     if args.quick:
         args.repeats = 1
     args.name = args.name or ("vs_flower_quick" if args.quick else "vs_flower")
@@ -117,14 +123,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -- memory of a process tree ------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a live process; the start time tells a reused pid apart."""
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, start time, user + system CPU time) of a live process, times in clock
+    ticks; the start time tells a reused pid apart."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return int(fields[1]), int(fields[19])
+    return int(fields[1]), int(fields[19]), int(fields[11]) + int(fields[12])
 
 
 def _status_kb(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
@@ -159,12 +169,17 @@ class TreeMemory:
     poll that finds it under a root until it exits; its VmHWM is the kernel's own peak, so a
     short peak between polls is still caught per process. The total is the largest sum of
     VmRSS seen at one poll, so it can miss a peak shorter than POLL_SECONDS.
+
+    CPU time (user + system, summed over the processes) is kept too: on a shared machine wall
+    time says as much about the neighbours as about the system, CPU time much less. A process
+    loses at most its last POLL_SECONDS of CPU time, when it exits between polls.
     """
 
     roots: list[int] = field(default_factory=list)
     interval: float = POLL_SECONDS
     hwm_kb: dict[tuple[int, int], int] = field(default_factory=dict)
     commands: dict[tuple[int, int], str] = field(default_factory=dict)
+    cpu_ticks: dict[tuple[int, int], int] = field(default_factory=dict)
     peak_total_kb: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -190,7 +205,7 @@ class TreeMemory:
         started: dict[int, int] = {}
         for entry in os.scandir("/proc"):
             if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
-                parents[int(entry.name)], started[int(entry.name)] = stat
+                parents[int(entry.name)], started[int(entry.name)], _ = stat
         keep = {pid for pid in self.roots if pid in parents}
         keep |= {pid for pid, start in self.hwm_kb if started.get(pid) == start}
         grew = True
@@ -211,6 +226,7 @@ class TreeMemory:
             if key not in self.commands:
                 self.commands[key] = _command(pid)
             self.hwm_kb[key] = max(self.hwm_kb.get(key, 0), fields.get("VmHWM", 0))
+            self.cpu_ticks[key] = stat[2]
             total += fields.get("VmRSS", 0)
         self.peak_total_kb = max(self.peak_total_kb, total)
 
@@ -234,6 +250,7 @@ class TreeMemory:
             "peak_total_rss_mib": round(self.peak_total_kb / 1024, 1),
             "max_process_rss_mib": round(per_process[0][0], 1) if per_process else None,
             "processes": len(per_process),
+            "cpu_seconds": round(sum(self.cpu_ticks.values()) / TICKS, 1),
             "largest_processes": [{"rss_mib": round(mib, 1), "command": cmd} for mib, cmd in per_process[:15]],
         }
 
@@ -415,7 +432,9 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def ratio(a: str, b: str) -> dict[str, Any]:
         wa, wb = wall(a), wall(b)
         timed_out = [s for s in (a, b) if any(r["status"] == "timeout" for r in by[s])]
-        return {"ratio": round(wa / wb, 3) if wa and wb else None, "timed_out": timed_out}
+        ca, cb = _median(by[a], "cpu_seconds"), _median(by[b], "cpu_seconds")
+        cpu = round(ca / cb, 3) if ca and cb and wa and wb else None  # CPU of a finished run against a finished run only
+        return {"ratio": round(wa / wb, 3) if wa and wb else None, "cpu_ratio": cpu, "timed_out": timed_out}
 
     sim, dep = ratio("p2pmoe-simulate", "flower-simulation"), ratio("p2pmoe-swarm", "flower-deployment")
     swarm_rss = [r["max_process_rss_mib"] for r in by["p2pmoe-swarm"] if r.get("max_process_rss_mib") is not None]
@@ -444,6 +463,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
                 "peak_total_rss_MiB": f"{r['peak_total_rss_mib']:.0f}",
                 "max_process_rss_MiB": f"{r['max_process_rss_mib']:.0f}" if r["max_process_rss_mib"] is not None else "-",
                 "processes": r["processes"],
+                "cpu_s": f"{r['cpu_seconds']:.0f}",
                 "accuracy": f"{r['accuracy']:.4f}" if "accuracy" in r else "-",
                 "global_accuracy": f"{r['global_accuracy']:.4f}" if "global_accuracy" in r else "-",
                 "load_1min_before/after": f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f}",
@@ -453,23 +473,26 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
     lines = []
     for check in checks:
         if "ratio" in check:
-            got = f"ratio {check['ratio']}" if check["ratio"] is not None else "ratio open"
+            got = f"wall ratio {check['ratio']} (CPU-time ratio {check['cpu_ratio']})" if check["ratio"] is not None else "ratio open"
             if check["timed_out"]:
                 got += f" (timed out: {', '.join(check['timed_out'])} at {args.timeout:.0f} s)"
         else:
             got = f"largest {check['max_mib']} MiB" if check["max_mib"] is not None else "not measured"
         lines.append(f"- {check['target']}: {got}; **{'met' if check['met'] else 'missed'}**")
-    command = "python bench/bench_vs_flower.py" + (" --quick" if args.quick else f" --repeats {args.repeats}") + f" --timeout {args.timeout:.0f}"
+    overrides = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("nodes", "rounds", "max_train") if getattr(args, k) is not None)
+    command = "python bench/bench_vs_flower.py" + (" --quick" if args.quick else f" --repeats {args.repeats}") + f"{overrides} --timeout {args.timeout:.0f}"
+    scope = "" if args.setting == Setting() else f"**Not the issue's work** ({Setting().describe()}): a smaller one. "
     return (
         f"# p2pmoe against Flower {machine['flwr']}\n\n"
-        f"{args.setting.describe()}; p2pmoe's fmnist MoE classifier (4 experts, SGD lr 0.05, momentum 0.9, batch 64) in both; "
+        f"{scope}{args.setting.describe()}; p2pmoe's fmnist MoE classifier (4 experts, SGD lr 0.05, momentum 0.9, batch 64) in both; "
         f"every client evaluated after every round. Systems alternate within each repeat. Flower simulation: Flower's default "
         f"client resources (num_cpus=2, num_gpus=0 per ClientApp, so {max(1, machine['cores'] // 2)} ClientApp(s) at a time on "
         f"{machine['cores']} cores); Flower deployment: 1 SuperLink + {args.setting.nodes} SuperNodes, insecure, loopback, ClientApps "
         f"in subprocesses (Flower's default). p2pmoe: `--no-report`; swarm threads per daemon max(1, cores // processes).\n\n"
         f"Wall: first process started to the run's last command exiting (start-up, data loading, all rounds); a run past "
         f"--timeout is stopped and reported as such. Memory from /proc every {POLL_SECONDS} s over every process of the run: "
-        f"peak total = largest sum of VmRSS at one poll, max process = largest VmHWM (MiB).\n\n"
+        f"peak total = largest sum of VmRSS at one poll, max process = largest VmHWM (MiB); cpu_s = user + system CPU seconds "
+        f"summed over the run's processes (less sensitive to the machine's other load than wall).\n\n"
         f"Machine: {machine['cores']} cores, {machine['platform']}, torch {machine['torch']}; shared with another "
         f"benchmark that has priority (this one ran under `nice -n 10`); load average (1, 5, 15 min) at start "
         f"{machine['load_start']}, at end {machine['load_end']}; {machine['date']}.\n\n"
@@ -500,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"repeat {repeat}: {system} ...", flush=True)
                 row = {"repeat": repeat, **run_system(system, args.setting, Path(scratch) / f"{repeat}-{system}", args.timeout)}
                 rows.append(row)
-                shown = {k: row.get(k) for k in ("status", "wall_seconds", "peak_total_rss_mib", "max_process_rss_mib", "accuracy", "error")}
+                shown = {k: row.get(k) for k in ("status", "wall_seconds", "cpu_seconds", "peak_total_rss_mib", "max_process_rss_mib", "accuracy", "error")}
                 print(f"  {shown}", flush=True)
                 if row["status"] == "failed":
                     for log in sorted((Path(scratch) / f"{repeat}-{system}").glob("*.log")):
