@@ -373,13 +373,14 @@ def run_system(system: str, setting: Setting, folder: Path, timeout: float) -> d
             status, error = "failed", f"exit code {last.returncode}; see {folder}"
     except (RuntimeError, TimeoutError, OSError) as err:
         status, error = "failed", str(err)
-    wall = time.perf_counter() - started
-    memory.stop()
-    memory.kill_all()
-    for proc in procs:
-        proc.wait()
-    for handle in logs:
-        handle.close()
+    finally:  # also when the bench itself is stopped: Flower's helpers run in sessions of their own
+        wall = time.perf_counter() - started
+        memory.stop()
+        memory.kill_all()
+        for proc in procs:
+            proc.wait()
+        for handle in logs:
+            handle.close()
     row: dict[str, Any] = {
         "system": system,
         "status": status,
@@ -501,8 +502,13 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
     )
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds through run_system's clean-up
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     if shutil.which("flwr", path=str(Path(sys.executable).parent)) is None and shutil.which("flwr") is None:
         sys.exit("flwr is not installed: `make bench-deps` (pip install -e '.[bench]')")
     import torch  # only for the machine line; the systems run in their own processes
