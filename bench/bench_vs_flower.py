@@ -171,8 +171,9 @@ class TreeMemory:
     VmRSS seen at one poll, so it can miss a peak shorter than POLL_SECONDS.
 
     CPU time (user + system, summed over the processes) is kept too: on a shared machine wall
-    time says as much about the neighbours as about the system, CPU time much less. A process
-    loses at most its last POLL_SECONDS of CPU time, when it exits between polls.
+    time says as much about the neighbours as about the system, CPU time less so (torch's
+    OpenMP threads still spin longer when starved). A process loses at most its last
+    POLL_SECONDS of CPU time, when it exits between polls.
     """
 
     roots: list[int] = field(default_factory=list)
@@ -441,7 +442,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     swarm_rss = [r["max_process_rss_mib"] for r in by["p2pmoe-swarm"] if r.get("max_process_rss_mib") is not None]
     # p2pmoe-swarm beats a Flower deployment that never finished: a timeout is a lower bound on its wall
     dep_met = dep["ratio"] <= 1 if dep["ratio"] is not None else (wall("p2pmoe-swarm") is not None and "flower-deployment" in dep["timed_out"])
-    return [
+    checks = [
         {"target": "p2pmoe-simulate wall <= 0.5 x flower-simulation wall", **sim, "met": sim["ratio"] is not None and sim["ratio"] <= 0.5},
         {"target": "p2pmoe-swarm wall <= flower-deployment wall", **dep, "met": dep_met},
         {
@@ -450,6 +451,11 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "met": bool(swarm_rss) and max(swarm_rss) * 1.048576 < SWARM_RSS_LIMIT_MB,
         },
     ]
+    needs = (("p2pmoe-simulate", "flower-simulation"), ("p2pmoe-swarm", "flower-deployment"), ("p2pmoe-swarm",))
+    for check, systems in zip(checks, needs, strict=True):
+        if not all(by[s] for s in systems):  # left out with --only: neither met nor missed
+            check["met"] = None
+    return checks
 
 
 def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[dict[str, Any]], machine: dict[str, Any]) -> str:
@@ -479,9 +485,12 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
                 got += f" (timed out: {', '.join(check['timed_out'])} at {args.timeout:.0f} s)"
         else:
             got = f"largest {check['max_mib']} MiB" if check["max_mib"] is not None else "not measured"
-        lines.append(f"- {check['target']}: {got}; **{'met' if check['met'] else 'missed'}**")
+        verdict = "not run" if check["met"] is None else "met" if check["met"] else "missed"
+        lines.append(f"- {check['target']}: {got}; **{verdict}**")
     overrides = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("nodes", "rounds", "max_train") if getattr(args, k) is not None)
-    command = "python bench/bench_vs_flower.py" + (" --quick" if args.quick else f" --repeats {args.repeats}") + f"{overrides} --timeout {args.timeout:.0f}"
+    only = f" --only {args.only} --name {args.name}" if args.systems != list(SYSTEMS) else ""
+    runs = " --quick" if args.quick else f" --repeats {args.repeats}"
+    command = f"python bench/bench_vs_flower.py{runs}{overrides}{only} --timeout {args.timeout:.0f}"
     scope = "" if args.setting == Setting() else f"**Not the issue's work** ({Setting().describe()}): a smaller one. "
     return (
         f"# p2pmoe against Flower {machine['flwr']}\n\n"
@@ -493,7 +502,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
         f"Wall: first process started to the run's last command exiting (start-up, data loading, all rounds); a run past "
         f"--timeout is stopped and reported as such. Memory from /proc every {POLL_SECONDS} s over every process of the run: "
         f"peak total = largest sum of VmRSS at one poll, max process = largest VmHWM (MiB); cpu_s = user + system CPU seconds "
-        f"summed over the run's processes (less sensitive to the machine's other load than wall).\n\n"
+        f"summed over the run's processes (less sensitive to the machine's other load than wall, not immune: starved OpenMP threads spin).\n\n"
         f"Machine: {machine['cores']} cores, {machine['platform']}, torch {machine['torch']}; shared with another "
         f"benchmark that has priority (this one ran under `nice -n 10`); load average (1, 5, 15 min) at start "
         f"{machine['load_start']}, at end {machine['load_end']}; {machine['date']}.\n\n"
