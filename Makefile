@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv data phi lint clean
+.PHONY: demo test test-all venv data phi lint bench-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ test: data lint
 
 test-all: data
 	$(PY) -m pytest -q -m ''
+
+# Only for bench/bench_vs_flower.py: Flower (the `bench` extra), into the same venv. Nothing
+# else installs it, so `make test` never needs flwr. The torch pin keeps the CPU wheel.
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet -c $(VENV)/torch-pin.txt -e '.[bench]'
 
 clean:
 	rm -rf $(VENV) runs
