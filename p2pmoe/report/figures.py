@@ -89,11 +89,12 @@ def metric_vs_bytes(runs: list[RunData], out: Path, name: str | None = None) -> 
     figures = []
     for metric, group in groups.items():
         fig, ax = plt.subplots(figsize=(7.5, 5))
-        for run in group:
+        for i, run in enumerate(group):
             points = metric_against_bytes(run, metric)
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot([x / 1e6 for x in xs], ys, marker="o", markersize=3, label=run.label)
+                style = ("-", "--", ":")[(i // 10) % 3]  # the colour cycle has 10 colours: the 11th line gets a new style
+                ax.plot([x / 1e6 for x in xs], ys, marker="o", markersize=3, linestyle=style, label=run.label)
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("cumulative MB sent + received per client")
         ax.set_ylabel(f"{metric} (mean over clients)")
