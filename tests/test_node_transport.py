@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.node.transport import ZERO_COPY_BYTES, PeerUnreachable, RequestTimeout, SendTimeout, Transport, TransportError, _zmq_parts
+from p2pmoe.node.transport import ZERO_COPY_BYTES, PeerUnreachable, RequestTimeout, SendTimeout, Transport, TransportClosed, _zmq_parts
 from p2pmoe.wire.codec import decode, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -267,7 +267,7 @@ def test_a_send_waiting_when_the_transport_closes_fails_at_once():
         await asyncio.sleep(0.1)
         assert not waiting.done()
         await a.close()
-        with pytest.raises(TransportError):
+        with pytest.raises(TransportClosed):  # not PeerUnreachable: the peer did nothing wrong
             await asyncio.wait_for(waiting, 5)  # not after send_timeout
 
     run(scenario)

@@ -27,7 +27,7 @@ from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.membership import Membership
-from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportError
+from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportClosed, TransportError
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import canonical_config, config_differences, config_hash
 from p2pmoe.wire.codec import Envelope
@@ -128,6 +128,8 @@ class NodeDaemon:
         assert self.transport is not None
         try:
             await self.transport.send(dst, message)
+        except TransportClosed:
+            log.debug("%s: %s to %s dropped: the transport is closing", self.cfg.node_id, message.kind.value, dst)
         except TransportError as exc:
             if message.kind in (MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR):
                 self._noise.warning(f"send:{dst}", "%s: could not send %s to %s: %s", self.cfg.node_id, message.kind.value, dst, exc)

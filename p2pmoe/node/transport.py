@@ -429,6 +429,8 @@ class Transport:
             if isinstance(exc, TimeoutError):
                 raise PeerUnreachable(f"no connection to {dst!r} took the message within {self.send_timeout}s") from None
             if isinstance(exc, zmq.ZMQError):
+                if self._closed:  # woken by close(): the node is shutting down, the peer did nothing wrong
+                    raise TransportClosed(f"transport closed while a message for {dst!r} waited") from None
                 self._contacts.pop(dst, None)
                 raise PeerUnreachable(f"{dst!r} is unreachable: {exc}") from None
             raise
