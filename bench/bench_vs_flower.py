@@ -47,6 +47,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -155,8 +156,16 @@ def _command(pid: int) -> str:
         parts = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return "?"
-    words = [Path(p.decode(errors="replace")).name if i == 0 else p.decode(errors="replace") for i, p in enumerate(parts) if p]
-    return " ".join(words)[:120]
+    return _without_paths(" ".join(p.decode(errors="replace") for p in parts if p))[:120]
+
+
+_PATH = re.compile(r"(?:/[^\s/=,:]+)+/([^\s/=,:]+)")
+
+
+def _without_paths(command: str) -> str:
+    """`command` with every absolute path cut to its last part: the results name programs, not
+    where this machine keeps them."""
+    return _PATH.sub(r"\1", command)
 
 
 @dataclass

@@ -76,3 +76,8 @@ def test_targets_take_a_timeout_as_a_bound_not_a_number(bench):
     rows[2] = _row("p2pmoe-swarm", status="timeout", rss=390.0)
     _, dep, rss = bench.targets(rows)
     assert dep["ratio"] is None and not dep["met"] and not rss["met"]  # 390 MiB is 409 MB
+
+
+def test_recorded_commands_name_programs_not_where_this_machine_keeps_them(bench):
+    line = "python3.11 -u /opt/env/lib/python3.11/site-packages/ray/agent.py --logs-dir=/tmp/ray/session_1 --port=8265"
+    assert bench._without_paths(line) == "python3.11 -u agent.py --logs-dir=session_1 --port=8265"
