@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import multiprocessing
 import sys
 import time
@@ -24,15 +25,20 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
+from p2pmoe.driver.summary import select_round, summarise_metrics
 from p2pmoe.experiment import build_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.methods.fmoe_cdsr import FMoECDSROptions
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.report import bench_row, format_table, rerun_command
+from p2pmoe.runs import read_metrics
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.runner import run_simulation
-from p2pmoe.tasks.sequential import SequenceOptions, sequence_domains
+from p2pmoe.tasks.base import resolve_device
+from p2pmoe.tasks.sequential import SequenceOptions, SequentialTask, sequence_domains
 
 RESULTS = Path(__file__).parent / "results"
 LABELS = {
@@ -41,7 +47,11 @@ LABELS = {
     "fmoe-cdsr": "FMoE-CDSR",
     "fmoe-cdsr-uniform": "FMoE-CDSR, no gate (uniform)",
     "fmoe-cdsr-unfrozen": "FMoE-CDSR, foreign experts fine-tuned",
+    "fmoe-cdsr-local": "Local, FMoE-CDSR branch",
+    "fmoe-cdsr-fedavg": "FedSASRec, FMoE-CDSR branch",
 }
+MIXTURES = ("fmoe-cdsr", "fmoe-cdsr-uniform", "fmoe-cdsr-unfrozen")
+"""The methods that move one expert up and K-1 down each round (checked against the ledger)."""
 # FedDCSR paper, FKCB, same data and protocol (%, mean of the 4 domains); hidden 256, 40-60 rounds
 PAPER_FKCB = [
     {"method": "paper: FedSASRec", "MRR %": 2.94, "HR@10 %": 5.88, "NDCG@10 %": 3.36},
@@ -52,6 +62,15 @@ PAPER_FKCB = [
 
 
 METHODS = tuple(LABELS)
+
+
+def device_name(requested: str) -> str:
+    """What the runs trained on, as a reader wants it named (the GPU's model, or "CPU"); a
+    device this machine lacks (a table made here of runs done elsewhere) is named as asked."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        return "cuda (runs done elsewhere)"
+    device = resolve_device(requested)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
 
 
 def expert_parameters(cfg: ExperimentConfig) -> int:
@@ -70,6 +89,51 @@ def client_traffic(run_folder: Path) -> dict[int, dict[str, dict[str, int]]]:
             elif row["src"] == SERVER_ID:
                 traffic[int(row["round"])][row["dst"]]["down"] += int(row["payload_bytes"])
     return {r: {node: dict(t) for node, t in by_node.items()} for r, by_node in traffic.items()}
+
+
+def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The summary a run folder holds when it was written for exactly this setting (`--reuse`)."""
+    path = Path(cfg.run.out) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("setting") != json.loads(json.dumps(cfg.to_dict())):
+        return None
+    return {**summary, "cpu_seconds": summary.get("cpu_seconds")}
+
+
+def unfinished_run(cfg: ExperimentConfig, clients: list[str]) -> dict[str, Any] | None:
+    """What a run stopped before its last round left (`--report-only`): its metrics.jsonl read
+    as the simulator reads a finished run's, over the rounds every client evaluated, with
+    ``rounds_done`` saying how many. Its setting is taken to be the command's (an unfinished
+    folder has no summary to check it against)."""
+    path = Path(cfg.run.out) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = read_metrics(path)
+    evaluated: dict[int, set[str]] = defaultdict(set)
+    for row in rows:
+        if "metrics" in row:
+            evaluated[row["round"]].add(row["node"])
+    complete = {r for r, nodes in evaluated.items() if nodes >= set(clients)}
+    chosen, per_node = select_round([r for r in rows if r["round"] in complete], clients, SequentialTask.selection)
+    if chosen is None:
+        return None
+    metrics, spread = summarise_metrics(per_node)
+    return {
+        "method": cfg.run.method,
+        "data": cfg.run.data,
+        "rounds": cfg.run.rounds,
+        "rounds_done": len(complete),
+        "selection": {"key": SequentialTask.selection.key, "round": chosen},
+        "metrics": metrics,
+        "metrics_spread": spread,
+        "per_node": per_node,
+        "bytes": {},
+        "wall_seconds": None,
+        "cpu_seconds": None,
+        "setting": cfg.to_dict(),
+    }
 
 
 def expert_traffic_check(traffic: dict[int, dict[str, dict[str, int]]], rounds: int, clients: int, expert_bytes: int) -> bool:
@@ -104,25 +168,62 @@ def run_all(configs: dict[str, ExperimentConfig], jobs: int) -> Iterator[tuple[s
             yield futures[future], error if isinstance(error, Exception) else future.result()
 
 
-def table_row(summary: dict[str, Any], domains: list[str], traffic: dict[int, dict[str, dict[str, int]]]) -> dict[str, Any]:
+def table_row(summary: dict[str, Any], domains: list[str]) -> dict[str, Any]:
     m = summary["metrics"]
+    label = LABELS[summary["method"]]
+    if "rounds_done" in summary:
+        label += f" (stopped after {summary['rounds_done']} of {summary['rounds']} rounds)"
     row = {
-        "method": LABELS[summary["method"]],
+        "method": label,
         "MRR %": 100 * m["mrr"],
         "HR@10 %": 100 * m["hr@10"],
         "NDCG@10 %": 100 * m["ndcg@10"],
     }
     for k, name in enumerate(domains):
         row[name] = 100 * summary["per_node"][f"node-{k:02d}"]["mrr"]
-    per_client_round = [t for by_node in traffic.values() for t in by_node.values()]
-    count = max(len(domains) * summary["rounds"], 1)
-    row["up KB/client/round"] = sum(t["up"] for t in per_client_round) / count / 1e3
-    row["down KB/client/round"] = sum(t["down"] for t in per_client_round) / count / 1e3
+    if "gate_mean/own" in m:
+        row["gate own %"] = 100 * m["gate_mean/own"]
+    by_kind = summary["bytes"].get("per_node_per_round", {}).get("by_kind")
+    if by_kind is not None:  # a run stopped early has no byte totals
+        row["up KB/client/round"] = by_kind.get("model_update", 0) / 1e3
+        row["down KB/client/round"] = by_kind.get("model_global", 0) / 1e3
     chosen = summary["selection"]["round"]
     row["best round"] = chosen + 1 if chosen is not None else "-"
-    row["wall min"] = summary["wall_seconds"] / 60
-    row["CPU min"] = summary["cpu_seconds"] / 60
+    for column, key in (("wall min", "wall_seconds"), ("CPU min", "cpu_seconds")):
+        if summary.get(key) is not None:
+            row[column] = summary[key] / 60
     return row
+
+
+def rounds_table(methods: dict[str, Path], domains: list[str]) -> str:
+    """Every evaluated round of each mixture run in ``methods`` (finished or not): mean test and
+    validation MRR over the clients and the gate's mean weight on each client's own branch,
+    so a reader sees when, and how much, the gate turns to the other domains' experts."""
+    lines = []
+    for method, folder in methods.items():
+        path = folder / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        by_round: dict[int, dict[str, dict[str, float]]] = defaultdict(dict)
+        for row in read_metrics(path):
+            if "metrics" in row:
+                by_round[row["round"]][row["node"]] = row["metrics"]
+        table = []
+        for r, nodes in sorted(by_round.items()):
+            if len(nodes) < len(domains):
+                continue  # the round a stopped run did not finish
+            ordered = [nodes[f"node-{k:02d}"] for k in range(len(domains))]
+            row: dict[str, Any] = {"round": r + 1}
+            row["MRR %"] = 100 * sum(m["mrr"] for m in ordered) / len(ordered)
+            row["valid MRR %"] = 100 * sum(m["valid_mrr"] for m in ordered) / len(ordered)
+            row["gate own %"] = 100 * sum(m["gate_mean/own"] for m in ordered) / len(ordered)
+            for name, m in zip(domains, ordered, strict=True):
+                row[f"own {name} %"] = 100 * m["gate_mean/own"]
+            table.append(row)
+        if table:
+            columns = ["round", "MRR %", "valid MRR %", "gate own %", *(f"own {d} %" for d in domains)]
+            lines.append(f"## {LABELS[method]}\n\n```\n{format_table(table, columns)}\n```\n")
+    return "\n".join(lines)
 
 
 def defaults() -> Values:
@@ -135,10 +236,16 @@ def defaults() -> Values:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_arguments(parser, sys.argv[1:], defaults())
-    parser.add_argument("--only", default="", help="comma-separated methods to run (default: all five)")
+    parser.add_argument("--only", default="", help="comma-separated methods to run (default: all of them)")
     parser.add_argument("--jobs", type=int, default=1, help="methods run at once, one process each")
     parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_<data>)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
+    parser.add_argument("--reuse", action="store_true", help="take a method from its run folder when it finished there with this exact setting")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: finished runs as --reuse, runs stopped early from their metrics.jsonl up to their last round every client evaluated",
+    )
     args = parser.parse_args()
     if getattr(args, "run.method") or getattr(args, "run.out"):
         parser.error("--method and --out are set per method by the benchmark; use --only and --name")
@@ -162,12 +269,24 @@ def main() -> None:
     configs = {m: with_options(base, method=m, out=f"{runs}/{m}") for m in methods}
 
     started = time.perf_counter()
-    print(
-        f"running {len(configs)} methods on {run.data} ({', '.join(domains)}), {args.jobs} at a time; per-round metrics in {runs}/<method>/metrics.jsonl",
-        flush=True,
-    )
+    clients = [f"node-{k:02d}" for k in range(len(domains))]
     outcomes: dict[str, dict[str, Any] | Exception] = {}
-    for method, outcome in run_all(configs, args.jobs):
+    if args.reuse or args.report_only:
+        for method, cfg in configs.items():
+            found = finished_run(cfg) or (unfinished_run(cfg, clients) if args.report_only else None)
+            if found is not None:
+                outcomes[method] = found
+            elif args.report_only:
+                outcomes[method] = FileNotFoundError(f"nothing to report in {cfg.run.out}")
+        if outcomes:
+            print(f"taken from their run folders: {', '.join(outcomes)}", flush=True)
+    pending = {m: cfg for m, cfg in configs.items() if m not in outcomes}
+    if pending:
+        print(
+            f"running {len(pending)} methods on {run.data} ({', '.join(domains)}), {args.jobs} at a time; per-round metrics in {runs}/<method>/metrics.jsonl",
+            flush=True,
+        )
+    for method, outcome in run_all(pending, args.jobs):
         outcomes[method] = outcome
         if isinstance(outcome, Exception):
             print(f"  {method}: FAILED: {outcome}", flush=True)
@@ -183,19 +302,23 @@ def main() -> None:
             rows.append({"method": method, "data": run.data, "error": str(outcome), "setting": configs[method].to_dict()})
             table.append({"method": f"{LABELS[method]}: FAILED ({outcome})"})
             continue
-        traffic = client_traffic(Path(configs[method].run.out))
+        ledger = Path(configs[method].run.out) / "ledger.csv"
+        traffic = client_traffic(ledger.parent) if ledger.is_file() else None
         rows.append(
             {
                 **bench_row(outcome),
                 "label": LABELS[method],
                 "cpu_seconds": outcome["cpu_seconds"],
                 "selected_round": outcome["selection"]["round"],
+                "rounds_done": outcome.get("rounds_done", run.rounds),
                 "per_domain": {d: outcome["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
                 "payload_bytes_by_round": traffic,
             }
         )
-        table.append(table_row(outcome, domains, traffic))
-        if method.startswith("fmoe-cdsr"):
+        table.append(table_row(outcome, domains))
+        if traffic is None:
+            checks.append(f"- {method}: its run folder kept no ledger.csv, so its traffic per client is not checked")
+        elif method in MIXTURES:
             ok = expert_traffic_check(traffic, run.rounds, len(domains), expert_bytes)
             checks.append(
                 f"- {method}: in each of the {run.rounds} rounds every client uploaded {expert_bytes:,} B and "
@@ -203,25 +326,51 @@ def main() -> None:
             )
     if run.data == "fkcb":
         table += PAPER_FKCB
-    columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "up KB/client/round", "down KB/client/round", "best round", "wall min", "CPU min"]
+    columns = [
+        "method",
+        "MRR %",
+        "HR@10 %",
+        "NDCG@10 %",
+        *domains,
+        "gate own %",
+        "up KB/client/round",
+        "down KB/client/round",
+        "best round",
+        "wall min",
+        "CPU min",
+    ]
     rendered = format_table(table, columns)
     stacks = "μ and log σ² stacks" if fmoe.encoder == "vae" else "μ stack only"
     setting = (
         f"{run.data} ({', '.join(domains)}), one client per domain; {run.rounds} rounds x {run.local_epochs} local epoch(s), "
         f"batch {run.batch_size}, Adam lr {run.lr} betas (0.9, 0.98), hidden {task.embed_dim}, {task.blocks} blocks, {task.heads} heads, "
         f"dropout {task.dropout}, max length {task.max_len}, {task.negatives} sampled negatives; FMoE-CDSR encoder "
-        f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, contrastive weight {fmoe.contrastive_weight}; "
-        f"seed {run.seed}; {args.jobs} method(s) at a time, {run.threads or 'all'} torch thread(s) each; "
-        f"wall time of the whole benchmark {wall / 60:.1f} min"
+        f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, embedding init {fmoe.init}, KL {'on' if fmoe.kl else 'off'}, "
+        f"contrastive weight {fmoe.contrastive_weight}"
+        f"{f', foreign experts as after {fmoe.expert_epochs} epoch(s)' if fmoe.expert_epochs else ''}; "
+        f"seed {run.seed}; {run.threads or 'all'} torch thread(s) each, on {device_name(run.device)}; "
+        + (
+            f"{args.jobs} method(s) at a time, wall time of the whole benchmark {wall / 60:.1f} min"
+            if pending
+            else "every method taken from its run folder (--reuse / --report-only), so no wall time of the whole"
+        )
     )
     command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results",), parser=parser)
     text = (
         f"# FMoE-CDSR replication on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
         f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
-        f"per-domain columns are MRR. Bytes are tensor payload (headers excluded), mean per client per round; "
+        f"per-domain columns are MRR; gate own % is the gate's mean weight on each client's own branch over its test sequences "
+        f"(mean over clients; the rest goes to the other domains' branches). Bytes are a client's uploads (model_update) and downloads "
+        f"(model_global) per round, headers included, from the run's summary; "
         f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{rendered}\n```\n\n"
         f"One expert ({stacks}, hidden {task.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n" + "\n".join(checks) + "\n"
     )
+    rounds = rounds_table({m: Path(configs[m].run.out) for m in methods if m in MIXTURES}, domains)
+    if rounds:
+        text += (
+            "\nEvery evaluated round of the mixtures (test and validation MRR, mean over clients; gate own %: the gate's mean "
+            "weight on the client's own branch over its test sequences, mean over clients and per client):\n\n" + rounds
+        )
     print(text)
     atomic_write_json(args.results / f"{name}.json", rows)
     atomic_write_bytes(args.results / f"{name}.md", text.encode())

@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,11 +54,20 @@ def fmoe_model(domains: list[DomainSequences], c: int, args: argparse.Namespace,
     return model
 
 
-RECIPES = {
-    "FMoE-CDSR one branch, official init (N(0,1) embeddings)": {"init": "official", "kl": True},
-    "FMoE-CDSR one branch, SASRec init (N(0,0.02))": {"init": "sasrec", "kl": True},
-    "FMoE-CDSR one branch, SASRec init, no KL": {"init": "sasrec", "kl": False},
-    "FMoE-CDSR one branch, SASRec init, μ only (no σ stack, no KL)": {"init": "sasrec", "vae": False},
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # issue 11's defect: how the branch's embeddings start and the KL term
+    "init": {
+        "FMoE-CDSR one branch, official init (N(0,1) embeddings)": {"init": "official", "kl": True},
+        "FMoE-CDSR one branch, SASRec init (N(0,0.02))": {"init": "sasrec", "kl": True},
+        "FMoE-CDSR one branch, SASRec init, no KL": {"init": "sasrec", "kl": False},
+        "FMoE-CDSR one branch, SASRec init, μ only (no σ stack, no KL)": {"init": "sasrec", "vae": False},
+    },
+    # after the fix, over a longer run: which of the branch's other parts keeps it behind SASRec
+    "head": {
+        "FMoE-CDSR one branch, project default (μ only)": {"vae": False},
+        "FMoE-CDSR one branch, tied head": {"vae": False, "head": "tied"},
+        "FMoE-CDSR one branch, no contrastive term": {"vae": False, "contrastive_weight": 0.0},
+    },
 }
 
 
@@ -69,7 +79,7 @@ def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace) ->
         "Local SASRec": lambda: SASRecNextItem(data.num_items, args.max_len, args.hidden, heads=4, blocks=2, dropout=args.dropout),
         **{
             name: (lambda o=options: FMoECDSR(data.num_items, len(domains), c, adjacency, max_len=args.max_len, hidden=args.hidden, dropout=args.dropout, **o))
-            for name, options in RECIPES.items()
+            for name, options in RECIPES[args.recipes].items()
         },
     }
     rows = []
@@ -96,18 +106,19 @@ def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace) ->
         f"FKCB {data.name} alone ({len(data.train)} training sequences, {data.num_items} items), {args.quality} epochs, "
         f"batch {args.batch_size}, Adam lr 1e-3 betas (0.9, 0.98), hidden {args.hidden}, 2 blocks, 4 heads, dropout "
         f"{args.dropout}, max length {args.max_len}, seed 0, 999 sampled negatives (seed 0); FMoE-CDSR: client "
-        f"{c} of {len(domains)} with the foreign branches absent, contrastive weight 0.1, KL annealed min(1, step/10000)"
+        f"{c} of {len(domains)} with the foreign branches absent, contrastive weight 0.1 and KL annealed min(1, step/10000) unless the "
+        f"recipe says otherwise"
     )
     command = (
         f"python bench/bench_step.py --data-root DIR --domain {data.name} --hidden {args.hidden} "
-        f"--batch-size {args.batch_size} --threads {args.threads} --quality {args.quality}"
+        f"--batch-size {args.batch_size} --threads {args.threads} --quality {args.quality} --recipes {args.recipes}"
     )
     text = (
         f"# One client, own branch only: FMoE-CDSR recipes against Local SASRec\n\n{setting}\n\nCommand: `{command}`\n\n"
         f"```\n{format_table(rows, list(rows[0]))}\n```\n"
     )
     print(text)
-    stem = f"fmoe_cdsr_{data.name.lower()}_one_client"
+    stem = f"fmoe_cdsr_{data.name.lower()}_one_client" + ("" if args.recipes == "init" else f"_{args.recipes}")
     atomic_write_json(RESULTS / f"{stem}.json", {"setting": setting, "command": command, "rows": rows})
     atomic_write_bytes(RESULTS / f"{stem}.md", text.encode())
 
@@ -124,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per method (median reported)")
     parser.add_argument("--name", default="step", help="results file stem")
     parser.add_argument("--quality", type=int, default=0, metavar="EPOCHS", help="train the one-branch recipes this long instead of timing")
+    parser.add_argument("--recipes", choices=sorted(RECIPES), default="init", help="which one-branch recipes --quality trains")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     domains = load_feddcsr(args.data_root)

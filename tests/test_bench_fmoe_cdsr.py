@@ -36,3 +36,35 @@ def test_bench_refuses_options_it_cannot_honour(fkcb_like, tmp_path):
     for extra, message in ((["--jobs", "0"], "--jobs"), (["--compression", "fp16"], "compression"), (["--only", "fedavg"], "unknown methods")):
         done = _bench(*OPTIONS, "--data-root", str(fkcb_like), *extra, cwd=tmp_path)
         assert done.returncode == 2 and message in done.stderr
+
+
+def test_report_only_tables_finished_and_stopped_runs_without_running(fkcb_like, tmp_path):
+    """Runs done elsewhere (a GPU machine) come back as run folders: --report-only tables the
+    finished ones from their summaries and one stopped early from the rounds all clients logged."""
+    methods = "fmoe-cdsr,fmoe-cdsr-local,fmoe-cdsr-fedavg"
+    done = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--only", methods, "--name", "r", "--results", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    first = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert first["fmoe-cdsr-local"]["bytes"]["total"] == 0
+    up = {t["up"] for by_node in first["fmoe-cdsr-fedavg"]["payload_bytes_by_round"].values() for t in by_node.values()}
+    down = {t["down"] for by_node in first["fmoe-cdsr-fedavg"]["payload_bytes_by_round"].values() for t in by_node.values()}
+    assert len(up) == 1 and up == down  # one expert up, the average of the experts down
+    # cut fmoe-cdsr back to its first round, as a run stopped by a time limit leaves it
+    folder = tmp_path / "runs" / "bench_r" / "fmoe-cdsr"
+    (folder / "summary.json").unlink()
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    (folder / "metrics.jsonl").write_text("\n".join(line for line in lines if json.loads(line)["round"] == 0) + "\n")
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
+    again = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--only", methods, "--name", "r2", "--results", str(tmp_path), "--report-only", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    # the folders are named after --name, so r2 has nothing: every method is reported missing
+    assert "nothing to report" in (tmp_path / "r2.md").read_text()
+    again = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--only", methods, "--name", "r", "--results", str(tmp_path), "--report-only", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")} == stamps  # nothing ran
+    rows = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert rows["fmoe-cdsr"]["rounds_done"] == 1 and rows["fmoe-cdsr"]["selected_round"] == 0
+    assert rows["fmoe-cdsr-local"]["metrics"] == first["fmoe-cdsr-local"]["metrics"]
+    text = (tmp_path / "r.md").read_text()
+    assert "FMoE-CDSR (stopped after 1 of 2 rounds)" in text and "--report-only" in text and "--report-only True" not in text
+    assert "## FMoE-CDSR\n" in text  # the per-round gate table

@@ -12,7 +12,7 @@ from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.fedsasrec import FedSASRecClient, encoder_template
-from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient, FMoECDSRServer, domain_tensors
+from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient, FMoECDSRServer, OwnExpertAverageClient, domain_tensors
 from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
 from p2pmoe.models.params import float_state, weighted_average
 from p2pmoe.sim.bus import SimNetwork
@@ -201,3 +201,46 @@ def test_fedsasrec_averages_only_the_encoder():
         after = float_state(lrn.model)
         assert all(torch.equal(after[k], v) for k, v in expected.items())
         assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith("encoder."))
+
+
+def test_server_keeps_the_experts_of_the_first_rounds_only_when_told():
+    """Table 5's setting: after `store_rounds` rounds the cache no longer changes, so every
+    later download carries the experts as they were after those rounds of training."""
+    nodes = federation()
+    nodes["server"] = FMoECDSRServer("server", {f"c{c}": c for c in range(K)}, nodes["c0"].model.expert_state(0), store_rounds=1)
+    bus = SimNetwork(nodes)
+    bus.run_round(0)
+    kept = {k: v.clone() for k, v in nodes["server"].state_dict().items()}
+    bus.run_round(1)
+    trained = nodes["c1"].model.expert_state(1)
+    assert not all(torch.equal(trained[k], kept["domain.1." + k]) for k in trained)  # c1's expert moved on in round 1 ...
+    assert all(torch.equal(nodes["server"].state_dict()[k], v) for k, v in kept.items())  # ... the cache did not
+    assert all(torch.equal(nodes["c0"].pending[1][k], kept["domain.1." + k]) for k in trained)
+    with pytest.raises(ValueError):
+        FMoECDSRServer("server", {"c0": 0}, nodes["c0"].model.expert_state(0), store_rounds=0)
+
+
+def test_branch_fedavg_averages_the_own_experts_and_keeps_everything_else():
+    learners = [learner(c) for c in range(K)]
+    clients = {f"c{c}": OwnExpertAverageClient(f"c{c}", lrn, "server", local_epochs=1) for c, lrn in enumerate(learners)}
+    template = {"expert." + k: v for k, v in learners[0].model.expert_state(0).items()}
+    server = FedAvgServer("server", list(clients), template)
+    server.start_round(0)
+    trained, replies = [], []
+    for node, client in clients.items():
+        (send,) = client.start_round(0)
+        trained.append(float_state(client.model))
+        replies += server.on_message(node, send.message)
+    expected = weighted_average([{k: s[f"experts.{c}.{k}"] for k in learners[0].model.expert_state(0)} for c, s in enumerate(trained)], [16] * K)
+    for send in replies:
+        clients[send.dst].on_message("server", send.message)
+    for c, (lrn, before) in enumerate(zip(learners, trained, strict=True)):
+        after = float_state(lrn.model)
+        assert all(torch.equal(after[f"experts.{c}.{k}"], v) for k, v in expected.items())
+        assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith(f"experts.{c}."))
+        assert lrn.model.live_branches() == [c]
+    bad = Message(MessageKind.MODEL_GLOBAL, 1, {k: torch.full_like(v, float("nan")) for k, v in template.items()})
+    kept = float_state(learners[0].model)
+    with pytest.raises(ValueError):
+        clients["c0"].adopt(bad)
+    assert all(torch.equal(float_state(learners[0].model)[k], v) for k, v in kept.items())

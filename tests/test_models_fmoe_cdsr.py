@@ -9,7 +9,7 @@ import torch
 
 from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.learners.sequential import NextItemLearner, SequenceBatcher
-from p2pmoe.models.fmoe_cdsr import FMoECDSR, nt_xent, transition_adjacency
+from p2pmoe.models.fmoe_cdsr import FMoECDSR, graph_product, nt_xent, transition_adjacency
 
 N, K, L, D = 20, 3, 5, 8
 
@@ -215,3 +215,20 @@ def test_gate_weights_are_reported_in_training_and_evaluation():
     assert metrics["gate_mean/own"] == metrics["gate_mean/1"] and metrics["gate_mean/0"] == 0.0
     uniform = model(data, gate="uniform")
     assert uniform.loss(batch(data))[1]["gate/own"] == 1.0  # only the own branch is live
+
+
+def test_the_gathered_graph_product_matches_the_sparse_one():
+    """The GPU form of A·E (gather + index_add) gives the sparse product's values and gradients."""
+    data = domain()
+    adjacency = transition_adjacency(data.train, data.num_items)
+    torch.manual_seed(0)
+    e = torch.randn(data.num_items + 1, 6, requires_grad=True)
+    weights = torch.randn(data.num_items + 1, 6)
+    results = []
+    for gathered in (False, True):
+        out = graph_product(adjacency, e, gathered=gathered)
+        (grad,) = torch.autograd.grad((out * weights).sum(), e)
+        results.append((out.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][0].abs().sum() > 0

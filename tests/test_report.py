@@ -4,6 +4,7 @@ method with FedMoE-DA's diagnostics, a sequence method) and from a folder writte
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
 import json
@@ -16,7 +17,7 @@ from conftest import FIXTURE_DOMAINS, _write_domain
 
 from p2pmoe.cli import main
 from p2pmoe.config import default_config, with_options
-from p2pmoe.report import load_run, write_report
+from p2pmoe.report import load_run, rerun_command, write_report
 from p2pmoe.report.folders import traffic_matrix
 from p2pmoe.sim.runner import run_simulation
 
@@ -183,3 +184,12 @@ def test_without_matplotlib_the_page_keeps_its_tables_and_says_why(tmp_path, mon
     page = report.index.read_text()
     assert report.figures == [] and "<table>" in page and "plot extra" in page
     assert "plot extra" in capsys.readouterr().err
+
+
+def test_rerun_command_writes_switches_bare_and_only_when_set():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--reuse", action="store_true")
+    args = parser.parse_args(["--report-only"])
+    assert rerun_command("bench/x.py", args, parser=parser) == "python bench/x.py --rounds 3 --report-only"

@@ -233,7 +233,7 @@ class NextItemLearner:
         self.model.eval()
         sums: dict[str, float] = {}
         for start in range(0, len(inputs), self.eval_batch_size):
-            for name, values in stats(_trim(inputs[start : start + self.eval_batch_size], self.batcher.pad_index)).items():
+            for name, values in stats(_trim(inputs[start : start + self.eval_batch_size], self.batcher.pad_index).to(self.device)).items():
                 sums[name] = sums.get(name, 0.0) + float(values.sum())
         return {name: total / len(inputs) for name, total in sums.items()}
 

@@ -19,6 +19,7 @@ loaded, i.e. during round 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,6 +30,8 @@ from torch import nn
 from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.learners.sequential import NextItemLearner
 from p2pmoe.methods.base import Method
+from p2pmoe.methods.fedavg import FedAvgServer
+from p2pmoe.methods.local import LocalMethod
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer, ServerClient
 from p2pmoe.models.fmoe_cdsr import GATE_POOLINGS, HEADS, INITS, FMoECDSR, transition_adjacency
@@ -136,16 +139,29 @@ class FMoECDSRServer(CollectingServer):
     """Caches the latest expert of every domain and hands each client the other domains'.
 
     A lost client's last expert stays in the cache and is still sent to the others.
+    ``store_rounds`` (None: every round) stops the cache from taking uploads of round
+    ``store_rounds`` and later, which are still checked: the other domains then keep getting the
+    expert as it was after that many rounds of training. This is how the benchmark runs the
+    paper's Table 5 (foreign experts trained 3 vs 14 epochs); how the paper produced its older
+    experts is not said, so this reading (the same run, the cache frozen) is a project decision.
     """
 
     def __init__(
-        self, node_id: str, clients: Mapping[str, int], expert_template: Mapping[str, torch.Tensor], participation: Participation | None = None
+        self,
+        node_id: str,
+        clients: Mapping[str, int],
+        expert_template: Mapping[str, torch.Tensor],
+        participation: Participation | None = None,
+        store_rounds: int | None = None,
     ) -> None:
         super().__init__(node_id, list(clients), participation)
         if len(set(clients.values())) != len(clients):
             raise ValueError("each domain must have exactly one client")
+        if store_rounds is not None and store_rounds < 1:
+            raise ValueError(f"store_rounds must be at least 1 (or None for every round), got {store_rounds}")
         self.domain_of = dict(clients)
         self.template = {name: t.detach().clone() for name, t in expert_template.items()}
+        self.store_rounds = store_rounds
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def take(self, src: str, message: Message) -> None:
@@ -154,7 +170,8 @@ class FMoECDSRServer(CollectingServer):
         require(all(name.startswith(UPLOAD_PREFIX) for name in message.tensors), "expert tensors must be named expert.<param>")
         expert = {name[len(UPLOAD_PREFIX) :]: t for name, t in message.tensors.items()}
         check_like(expert, self.template)
-        self.cache[domain] = expert
+        if self.store_rounds is None or message.round < self.store_rounds:
+            self.cache[domain] = expert
 
     def reply(self) -> list[Send]:
         sends = []
@@ -194,6 +211,13 @@ class FMoECDSROptions(Options):
         choices=INITS,
     )
     kl: bool = option(False, "add the official annealed KL term on z (off by default: it shrinks z; lower MRR measured on FKCB Food)")
+    expert_epochs: int = option(
+        0,
+        "the server keeps each domain's expert as it was after this many local epochs (its uploads of the first "
+        "ceil(E / local epochs) rounds) and sends that version from then on; 0 = always the latest (the method). "
+        "The paper's Table 5 compares 3 and 14",
+        minimum=0,
+    )
 
 
 def _model_factory(gate: str) -> Callable[[ExperimentConfig, DomainSequences | None, int, int], nn.Module]:
@@ -226,31 +250,101 @@ def _model_factory(gate: str) -> Callable[[ExperimentConfig, DomainSequences | N
     return build
 
 
-def _register(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:
-    model = _model_factory(gate)
+def _learner(ctx: BuildContext, node: str, gate: str) -> NextItemLearner:
+    learner = ctx.learner(node, _model_factory(gate))
+    assert isinstance(learner, NextItemLearner)
+    return learner
+
+
+def _expert_template(ctx: BuildContext) -> dict[str, torch.Tensor]:
+    template = ctx.template(_model_factory("learned"))
+    assert isinstance(template, FMoECDSR)
+    return template.expert_state(0)
+
+
+def _register_mixture(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:
+    """FMoE-CDSR and its two ablations: own expert up, the others' experts down."""
 
     def client(ctx: BuildContext, node: str) -> Method:
-        learner = ctx.learner(node, model)
-        assert isinstance(learner, NextItemLearner)
+        learner = _learner(ctx, node, gate)
         return FMoECDSRClient(
             node, learner, ctx.index(node), SERVER_ID, ctx.cfg.run.local_epochs, freeze_foreign=freeze_foreign, participation=ctx.participation
         )
 
     def server(ctx: BuildContext) -> Method:
-        template = ctx.template(model)
-        assert isinstance(template, FMoECDSR)
-        return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, template.expert_state(0), ctx.participation)
+        opts = ctx.cfg.method
+        assert isinstance(opts, FMoECDSROptions)
+        store_rounds = math.ceil(opts.expert_epochs / ctx.cfg.run.local_epochs) if opts.expert_epochs else None
+        return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, _expert_template(ctx), ctx.participation, store_rounds)
 
     register_method(
         MethodSpec(name=name, summary=summary, tasks=("sequential",), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server)
     )
 
 
-_register(
+_register_mixture(
     "fmoe-cdsr",
     "FMoE-CDSR: each client's own expert goes to a caching server; the others' experts come back frozen and a gate mixes the branches",
     "learned",
     True,
 )
-_register("fmoe-cdsr-uniform", "FMoE-CDSR ablation without the gate: a uniform mixture of the branches", "uniform", True)
-_register("fmoe-cdsr-unfrozen", "FMoE-CDSR ablation: foreign experts fine-tuned locally until the next download", "learned", False)
+_register_mixture("fmoe-cdsr-uniform", "FMoE-CDSR ablation without the gate: a uniform mixture of the branches", "uniform", True)
+_register_mixture("fmoe-cdsr-unfrozen", "FMoE-CDSR ablation: foreign experts fine-tuned locally until the next download", "learned", False)
+
+
+class OwnExpertAverageClient(ServerClient):
+    """FedSASRec on FMoE-CDSR's branch: the client's own expert is averaged with the other
+    domains' (FedAvg, weighted by training sequences), its adaptation parameters stay local
+    and the foreign branches are never used. With `LocalMethod` on the same model (Local on
+    the branch), it separates what the method adds from what its backbone adds (issue 11)."""
+
+    def __init__(self, node_id: str, learner: NextItemLearner, server_id: str, local_epochs: int, participation: Participation | None = None) -> None:
+        super().__init__(node_id, learner, server_id, local_epochs, participation)
+        if not isinstance(learner.model, FMoECDSR):
+            raise TypeError(f"needs an FMoECDSR model, got {type(learner.model).__name__}")
+        self.model: FMoECDSR = learner.model
+
+    def model_update(self, round_index: int) -> Message:
+        own = self.model.expert_state(self.model.domain_index)
+        meta = {"num_examples": self.learner.num_train_examples}
+        return Message(MessageKind.MODEL_UPDATE, round_index, {UPLOAD_PREFIX + name: t for name, t in own.items()}, meta)
+
+    def adopt(self, message: Message) -> None:
+        """Load the average into the own expert; a wrong name, shape, dtype or value changes nothing."""
+        require(all(name.startswith(UPLOAD_PREFIX) for name in message.tensors), "expert tensors must be named expert.<param>")
+        self.model.set_expert_state(self.model.domain_index, {name[len(UPLOAD_PREFIX) :]: t for name, t in message.tensors.items()})
+
+
+def _local_branch(ctx: BuildContext, node: str) -> Method:
+    return LocalMethod(node, _learner(ctx, node, "learned"), ctx.cfg.run.local_epochs, ctx.participation)
+
+
+def _average_branch(ctx: BuildContext, node: str) -> Method:
+    return OwnExpertAverageClient(node, _learner(ctx, node, "learned"), SERVER_ID, ctx.cfg.run.local_epochs, ctx.participation)
+
+
+def _average_server(ctx: BuildContext) -> Method:
+    return FedAvgServer(SERVER_ID, ctx.clients, {UPLOAD_PREFIX + name: t for name, t in _expert_template(ctx).items()}, ctx.participation)
+
+
+register_method(
+    MethodSpec(
+        name="fmoe-cdsr-local",
+        summary="backbone baseline: Local training of FMoE-CDSR's own branch (graph layer, contrastive loss), nothing sent",
+        tasks=("sequential",),
+        options=FMoECDSROptions,
+        flag_prefix="fmoe",
+        build_client=_local_branch,
+    )
+)
+register_method(
+    MethodSpec(
+        name="fmoe-cdsr-fedavg",
+        summary="backbone baseline: FedSASRec on FMoE-CDSR's branch, each client's own expert averaged over the domains",
+        tasks=("sequential",),
+        options=FMoECDSROptions,
+        flag_prefix="fmoe",
+        build_client=_average_branch,
+        build_server=_average_server,
+    )
+)

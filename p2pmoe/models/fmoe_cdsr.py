@@ -36,7 +36,7 @@ from p2pmoe.wire.codec import check_like
 if TYPE_CHECKING:
     from p2pmoe.learners.sequential import SequenceBatch
 
-__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "HEADS", "INITS", "nt_xent", "transition_adjacency"]
+__all__ = ["FMoECDSR", "GATES", "GATE_POOLINGS", "HEADS", "INITS", "graph_product", "nt_xent", "transition_adjacency"]
 
 GATES = ("learned", "uniform")
 GATE_POOLINGS = ("sequence", "position", "batch")
@@ -58,6 +58,22 @@ def transition_adjacency(sequences: Sequence[Sequence[int]], num_items: int) -> 
     rows = counts.indices()[0]
     out_degree = torch.zeros(num_items + 1).index_add_(0, rows, counts.values())
     return torch.sparse_coo_tensor(counts.indices(), counts.values() / out_degree[rows], size, check_invariants=True).coalesce()
+
+
+def graph_product(adjacency: Tensor, e: Tensor, gathered: bool | None = None) -> Tensor:
+    """``A·E`` for the sparse ``A`` and dense ``E``.
+
+    ``gathered`` (default: on a GPU) computes it as a gather of the edges' source rows and an
+    ``index_add`` into their targets: the same sums in another order, dense kernels only. On
+    an H200 (torch 2.11, CUDA 13) the backward of ``torch.sparse.mm`` went through thrust
+    kernels that failed with cudaErrorIllegalInstruction after about ten FKCB rounds. On a CPU
+    ``torch.sparse.mm`` stays: on FKCB Kitchen (81k edges, hidden 64, one thread) its forward
+    and backward took 15-17 ms against 28-31 ms for the gather.
+    """
+    if not (e.is_cuda if gathered is None else gathered):
+        return torch.sparse.mm(adjacency, e)
+    targets, sources = adjacency.indices()
+    return torch.zeros_like(e).index_add_(0, targets, adjacency.values().unsqueeze(1) * e[sources])
 
 
 def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
@@ -141,7 +157,7 @@ class Branch(nn.Module):
         """``(H + E)`` for every item, ``H = (E + A·E + b) / 2``: computed once per step and
         shared by the sequence and its permuted view."""
         e = self.item_emb.weight
-        return (e + torch.sparse.mm(adjacency, e) + self.graph_bias) / 2 + e
+        return (e + graph_product(adjacency, e) + self.graph_bias) / 2 + e
 
     def embed(self, table: Tensor, seqs: Tensor, dropout: float) -> Tensor:
         """Encoder input ``[B, L, d]``; positions count from the newest slot, as in SASRec."""

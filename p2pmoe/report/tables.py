@@ -58,11 +58,19 @@ def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (
     is `--batch-size`), which is wrong for a method option whose flags carry a prefix.
     `skip` names dests to leave out."""
     flags: dict[str, str] = {}
+    switches: set[str] = set()  # store_true options: the bare flag when set, nothing when not
     if parser is not None:
         for action in parser._actions:
             long = [s for s in action.option_strings if s.startswith("--")]
             if long:
                 flags.setdefault(action.dest, long[0])
+            if isinstance(action, argparse._StoreTrueAction):
+                switches.add(action.dest)
     skipped = set(skip)
-    given = [f"{flags.get(k) or '--' + k.rsplit('.', 1)[-1].replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k not in skipped]
+    given = []
+    for k, v in vars(args).items():
+        if v in (None, "") or k in skipped or (k in switches and v is False):
+            continue
+        flag = flags.get(k) or "--" + k.rsplit(".", 1)[-1].replace("_", "-")
+        given.append(flag if k in switches else f"{flag} {v}")
     return " ".join([f"python {script}", *given])
