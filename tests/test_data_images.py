@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from p2pmoe.data import DataFormatError, DataNotFoundError, load_image_dataset, read_idx
-from p2pmoe.data.images import FMNIST_ROOT
+from p2pmoe.data import DataFormatError, DataNotFoundError, images, load_image_dataset, read_idx
+from p2pmoe.data.images import FMNIST_ROOT, load_image_labels, load_stored_images
 
 
 def _idx_bytes(array, type_code=0x08):
@@ -186,3 +186,71 @@ def test_real_fashion_mnist():
     assert data.train_x.shape == (60_000, 1, 28, 28) and data.test_x.shape == (10_000, 1, 28, 28)
     assert torch.bincount(data.train_y).tolist() == [6_000] * 10
     assert 0.0 == data.train_x.min().item() and data.train_x.max().item() == 1.0
+
+
+@pytest.mark.parametrize("name", ["x.idx", "x.idx.gz"])
+@pytest.mark.parametrize("rows", [[], [0], [2, 3, 9], list(range(10)), [9]])
+def test_read_idx_rows_equal_a_full_read_indexed(tmp_path, monkeypatch, name, rows):
+    monkeypatch.setattr(images, "_READ_CHUNK", 3 * 28 * 28 + 5)  # three rows a block: selections cross blocks
+    array = np.random.default_rng(2).integers(0, 256, size=(10, 28, 28), dtype=np.uint8)
+    path = _write(tmp_path / name, _idx_bytes(array))
+    picked = read_idx(path, np.array(rows, dtype=np.int64))
+    assert picked.shape == (len(rows), 28, 28) and picked.dtype == np.uint8
+    np.testing.assert_array_equal(picked, read_idx(path)[rows])
+    labels = _write(tmp_path / f"labels-{name}", _idx_bytes(np.arange(10, dtype=">i4"), type_code=0x0C))
+    np.testing.assert_array_equal(read_idx(labels, np.array(rows, dtype=np.int64)), np.arange(10)[rows])
+
+
+def test_read_idx_refuses_rows_it_cannot_select(tmp_path):
+    path = _write(tmp_path / "x.idx.gz", _idx_bytes(np.zeros((4, 2, 2), np.uint8)))
+    with pytest.raises(IndexError, match=r"rows 1\.\.4 asked for, but it has 4 \(0\.\.3\)"):
+        read_idx(path, np.array([1, 4]))
+    with pytest.raises(IndexError, match="rows -1..2"):
+        read_idx(path, np.array([-1, 2]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        read_idx(path, np.array([2, 1]))
+    with pytest.raises(ValueError, match="1-D array of row numbers"):
+        read_idx(path, np.array([0.5]))
+
+
+def test_read_idx_rows_still_check_the_data_size(tmp_path):
+    path = _write(tmp_path / "x.idx", _idx_bytes(np.zeros((4, 3), np.uint8))[:-1])
+    with pytest.raises(DataFormatError, match="12 data bytes"):
+        read_idx(path, np.array([0]))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_stored_images_of_some_rows_equal_the_whole_set_indexed(tmp_path, gz):
+    _write_idx_set(tmp_path, n_train=9, n_test=5, gz=gz)
+    whole = load_stored_images("fmnist", tmp_path)
+    train_rows, test_rows = np.array([1, 4, 8]), np.array([], dtype=np.int64)
+    some = load_stored_images("fmnist", tmp_path, train_rows, test_rows)
+    assert some.train_x.shape == (3, 1, 28, 28) and some.test_x.shape == (0, 1, 28, 28)
+    assert torch.equal(some.train_y, whole.train_y) and torch.equal(some.test_y, whole.test_y)
+    np.testing.assert_array_equal(some.train_images(np.array([4, 8])), whole.train_images(np.array([4, 8])))
+    with pytest.raises(ValueError, match=r"rows \[2\] were not loaded"):
+        some.train_images(np.array([1, 2]))
+
+
+def test_labels_are_read_without_the_images(tmp_path):
+    arrays = _write_idx_set(tmp_path, gz=False)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(arrays["train"][0])[:-10])  # data cut short
+    train_y, test_y = load_image_labels("fmnist", tmp_path)
+    assert train_y.dtype == torch.int64 and train_y.tolist() == arrays["train"][1].tolist()
+    assert test_y.tolist() == arrays["t10k"][1].tolist()
+    with pytest.raises(DataFormatError, match="data bytes"):
+        load_stored_images("fmnist", tmp_path)
+    _write(tmp_path / "t10k-labels-idx1-ubyte", _idx_bytes(np.zeros(3, np.uint8)))
+    with pytest.raises(DataFormatError, match="4 uint8 labels"):
+        load_image_labels("fmnist", tmp_path)
+
+
+def test_sets_read_whole_are_indexed_by_rows_too(tmp_path):
+    _write_mnist_csv(tmp_path / "mnist_5k.csv.gz")
+    whole = load_stored_images("mnist5k", tmp_path)
+    some = load_stored_images("mnist5k", tmp_path, np.array([0, 39]), np.array([3]))
+    np.testing.assert_array_equal(some.train_x, whole.train_x[[0, 39]])
+    np.testing.assert_array_equal(some.test_images(np.array([3])), whole.test_x[[3]])
+    assert torch.equal(load_image_labels("mnist5k", tmp_path)[0], whole.train_y)
+    with pytest.raises(IndexError, match="mnist5k test: rows 10..10"):
+        load_stored_images("mnist5k", tmp_path, None, np.array([10]))

