@@ -58,3 +58,30 @@ def test_memo_computes_once_per_distinct_model_and_forgets_the_oldest():
     assert memo.score(models[0], scorer(models[0])) == first and len(calls) == 4
     with pytest.raises(ValueError):
         ScoreMemo(capacity=0)
+
+
+def test_learners_sharing_a_memo_score_equal_models_once_with_the_same_result():
+    from p2pmoe.learners.vision import ImageClassifierLearner
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (120, 1, 8, 8), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 3, (120,), generator=gen)
+    glob = (images[80:], labels[80:])
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+    def learner(memo, rows):
+        return ImageClassifierLearner(net(), (images[rows], labels[rows]), (images[rows], labels[rows]), global_test=glob, global_memo=memo)
+
+    memo = ScoreMemo()
+    shared = [learner(memo, slice(0, 40)), learner(memo, slice(40, 80))]
+    alone = [learner(None, slice(0, 40)), learner(None, slice(40, 80))]
+    for group in (shared, alone):
+        group[1].model.load_state_dict(group[0].model.state_dict())  # as after a FedAvg round
+    assert [lrn.evaluate() for lrn in shared] == [lrn.evaluate() for lrn in alone]
+    assert memo.hits == 1
+    shared[1].train(1)  # now different weights: scored anew
+    alone[1].train(1)
+    assert shared[1].evaluate() == alone[1].evaluate() and memo.hits == 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from p2pmoe.data.images import float_images
+from p2pmoe.eval.memo import ScoreMemo
 from p2pmoe.eval.metrics import accuracy
 from p2pmoe.learners.base import shuffled_batches
 from p2pmoe.models.params import float_state, load_float_state
@@ -24,6 +27,9 @@ class ImageClassifierLearner:
     swarm process): float32 copies of a node's split and of the global test sample cost four
     times the bytes (~30 MB on Fashion-MNIST) for the whole life of every node process.
     Float input (e.g. `pretrain_embedder`'s) is used as given.
+
+    ``global_memo``, shared by the learners that share ``global_test``, scores a model whose
+    weights equal one already scored on it without running it again (`p2pmoe.eval.memo`).
     """
 
     def __init__(
@@ -37,6 +43,7 @@ class ImageClassifierLearner:
         momentum: float = 0.9,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        global_memo: ScoreMemo | None = None,
     ) -> None:
         if len(train[0]) == 0:
             raise ValueError("a learner needs at least one training example")
@@ -45,6 +52,7 @@ class ImageClassifierLearner:
         self.train_x, self.train_y = train
         self.test_x, self.test_y = test
         self.global_test = global_test
+        self.global_memo = global_memo
         self.batch_size = batch_size
         self.lr = lr
         self.momentum = momentum
@@ -89,7 +97,8 @@ class ImageClassifierLearner:
         """Personalised accuracy (own test split) and, if given, accuracy on the global test set."""
         metrics = {"accuracy": self._accuracy(self.test_x, self.test_y)} if len(self.test_y) else {}
         if self.global_test is not None:
-            metrics["global_accuracy"] = self._accuracy(*self.global_test)
+            score = functools.partial(self._accuracy, *self.global_test)
+            metrics["global_accuracy"] = self.global_memo.score(self.model, score) if self.global_memo is not None else score()
         return metrics
 
 

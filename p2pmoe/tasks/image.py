@@ -21,6 +21,7 @@ from torch import nn
 
 from p2pmoe.data.images import IMAGE_DATASETS, StoredImages, load_image_dataset, load_image_labels, load_stored_images
 from p2pmoe.data.partition import ClientSplit, partition_clients
+from p2pmoe.eval.memo import ScoreMemo
 from p2pmoe.learners.accounting import AccountingLearner
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.vision import ImageClassifierLearner
@@ -191,6 +192,7 @@ class ImageTask(Task):
         everyone = set(indices) >= set(range(run.nodes))
         data = _images(run.data, run.data_root, None if everyone else list(rows.values()), global_rows)
         global_test = (torch.from_numpy(data.test_images(global_rows)), test_y[global_rows])
+        global_memo = ScoreMemo()  # the nodes built here share the sample, and often the weights
         device = resolve_device(run.device)
         factory = model or image_model
         out: dict[int, Learner] = {}
@@ -202,6 +204,7 @@ class ImageTask(Task):
                 (torch.from_numpy(data.train_images(own.train)), train_y[own.train]),
                 (torch.from_numpy(data.test_images(own.test)), test_y[own.test]),
                 global_test=global_test,
+                global_memo=global_memo,
                 batch_size=run.batch_size,
                 lr=run.lr,
                 momentum=opts.momentum,
