@@ -71,15 +71,21 @@ def main() -> None:
     summary = merge_run(cfg, out, wall, {node: code for node, (code, _) in reaped.items()})
     rows: list[dict[str, Any]] = []
     for node, (code, usage) in sorted(reaped.items()):
-        rows.append({"node": node, "exit_code": code, "peak_rss_mb": None, "cpu_seconds": None})
-        if usage is not None:
-            rows[-1].update(peak_rss_mb=round(usage.ru_maxrss / 1024, 1), cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1))
+        rows.append({"node": node, "exit_code": code, "peak_rss_mib": None, "peak_rss_mb": None, "cpu_seconds": None})
+        if usage is not None:  # ru_maxrss is in KiB: MiB = /1024, MB (10^6 bytes) = *1024/10^6
+            rows[-1].update(
+                peak_rss_mib=round(usage.ru_maxrss / 1024, 1),
+                peak_rss_mb=round(usage.ru_maxrss * 1024 / 1e6, 1),
+                cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1),
+            )
     peaks = [r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None]
+    peaks_mib = [r["peak_rss_mib"] for r in rows if r["peak_rss_mib"] is not None]
     result = {
         "setting": {"method": args.method, "data": "fmnist", "nodes": args.nodes, "rounds": args.rounds, "partition": args.partition, "seed": 0},
         "wall_seconds": round(wall, 1),
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "max_peak_rss_mb": max(peaks, default=None),
+        "max_peak_rss_mib": max(peaks_mib, default=None),
         "nodes_finished": summary.get("nodes_finished", []),
         "metrics": summary.get("metrics", {}),
         "per_node": rows,
@@ -89,9 +95,10 @@ def main() -> None:
     text = (
         f"# Swarm memory per process\n\n{args.method} swarm on loopback, Fashion-MNIST, {args.nodes} nodes, {args.partition}, "
         f"{args.rounds} round(s), seed 0; one process per node, peak RSS from each process's own rusage (os.wait4). "
-        f"Largest peak: {result['max_peak_rss_mb']} MB; {len(result['nodes_finished'])} of {args.nodes} clients finished; "
+        f"Largest peak: {result['max_peak_rss_mib']} MiB = {result['max_peak_rss_mb']} MB (10^6 bytes); "
+        f"{len(result['nodes_finished'])} of {args.nodes} clients finished; "
         f"wall {result['wall_seconds']} s; load average {result['load_average'][0]} -> {result['load_average'][1]} on 2 shared cores.\n\n"
-        f"Command: `{command}`\n\n```\n{format_table(rows, ['node', 'exit_code', 'peak_rss_mb', 'cpu_seconds'])}\n```\n"
+        f"Command: `{command}`\n\n```\n{format_table(rows, ['node', 'exit_code', 'peak_rss_mib', 'peak_rss_mb', 'cpu_seconds'])}\n```\n"
     )
     print(text)
     atomic_write_json(args.results / f"{args.name}.json", result)
