@@ -262,6 +262,11 @@ def _expert_template(ctx: BuildContext) -> dict[str, torch.Tensor]:
     return template.expert_state(0)
 
 
+def _spec(name: str, summary: str, client: Callable[[BuildContext, str], Method], server: Callable[[BuildContext], Method] | None = None) -> MethodSpec:
+    """Every FMoE-CDSR variant runs on sequences and takes the same `--fmoe-*` options."""
+    return MethodSpec(name=name, summary=summary, tasks=("sequential",), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server)
+
+
 def _register_mixture(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:
     """FMoE-CDSR and its two ablations: own expert up, the others' experts down."""
 
@@ -277,9 +282,7 @@ def _register_mixture(name: str, summary: str, gate: str, freeze_foreign: bool) 
         store_rounds = math.ceil(opts.expert_epochs / ctx.cfg.run.local_epochs) if opts.expert_epochs else None
         return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, _expert_template(ctx), ctx.participation, store_rounds)
 
-    register_method(
-        MethodSpec(name=name, summary=summary, tasks=("sequential",), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server)
-    )
+    register_method(_spec(name, summary, client, server))
 
 
 _register_mixture(
@@ -328,23 +331,13 @@ def _average_server(ctx: BuildContext) -> Method:
 
 
 register_method(
-    MethodSpec(
-        name="fmoe-cdsr-local",
-        summary="backbone baseline: Local training of FMoE-CDSR's own branch (graph layer, contrastive loss), nothing sent",
-        tasks=("sequential",),
-        options=FMoECDSROptions,
-        flag_prefix="fmoe",
-        build_client=_local_branch,
-    )
+    _spec("fmoe-cdsr-local", "backbone baseline: Local training of FMoE-CDSR's own branch (graph layer, contrastive loss), nothing sent", _local_branch)
 )
 register_method(
-    MethodSpec(
-        name="fmoe-cdsr-fedavg",
-        summary="backbone baseline: FedSASRec on FMoE-CDSR's branch, each client's own expert averaged over the domains",
-        tasks=("sequential",),
-        options=FMoECDSROptions,
-        flag_prefix="fmoe",
-        build_client=_average_branch,
-        build_server=_average_server,
+    _spec(
+        "fmoe-cdsr-fedavg",
+        "backbone baseline: FedSASRec on FMoE-CDSR's branch, each client's own expert averaged over the domains",
+        _average_branch,
+        _average_server,
     )
 )
