@@ -10,6 +10,12 @@ client keeps that branch masked. Under partial participation only the sampled cl
 and the reply goes to the clients sampled for the next round (`p2pmoe.methods.server`): the
 cache still holds every domain's latest expert, so a sampled client gets them all.
 
+Registered here: ``fmoe-cdsr`` and its ablations ``fmoe-cdsr-uniform`` (no gate) and
+``fmoe-cdsr-unfrozen`` (foreign experts fine-tuned); and two baselines on the same client
+model, which separate the method from its backbone: ``fmoe-cdsr-local`` (the own branch
+trained alone) and ``fmoe-cdsr-fedavg`` (FedSASRec on that branch, `OwnExpertAverageClient`).
+The option ``expert_epochs`` (the paper's Table 5) makes the server stop refreshing its cache.
+
 Project decision: a client loads the experts it received in round r just before its local
 training of round r+1, not on receipt. Its evaluation after round r then sees the foreign
 experts its adaptation parameters and gate were trained with, which is the official order
