@@ -349,3 +349,41 @@ def test_bytes_in_flight_stay_under_the_bound_and_sends_wait_then_time_out():
                 context.destroy(linger=0)
 
     run(scenario)
+
+
+def test_reading_events_wakes_the_waiters_they_satisfy_though_the_fd_never_signals():
+    """The FD signals once per state change and any call may consume it: a receive loop that
+    reads ZMQ_EVENTS must itself wake a sender waiting for "writable" (this once stalled the
+    first send to a new peer for the whole 10 s send timeout), and only that sender."""
+    from p2pmoe.node.transport import _POLLIN, _POLLOUT, _Readiness
+
+    async def scenario():
+        context = zmq.Context()
+        router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+        try:
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+            dealer.connect(f"tcp://127.0.0.1:{port}")
+            for _ in range(200):  # until the connection is up and the dealer can send
+                if dealer.get(zmq.EVENTS) & zmq.POLLOUT:
+                    break
+                await asyncio.sleep(0.01)
+            ready = _Readiness(dealer)
+            asyncio.get_running_loop().remove_reader(ready._fd)  # as if someone else consumed every signal
+            sender = asyncio.ensure_future(ready.next_signal(_POLLOUT))
+            receiver = asyncio.ensure_future(ready.next_signal(_POLLIN))
+            await asyncio.sleep(0.05)
+            assert not sender.done() and not receiver.done()
+            assert ready.events() & _POLLOUT  # the receive loop's check ...
+            await asyncio.sleep(0)
+            assert sender.done() and not receiver.done()  # ... wakes the sender, not itself
+            ready.settle()  # nothing pending for the receiver: it stays asleep
+            await asyncio.sleep(0)
+            assert not receiver.done()
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+        finally:
+            dealer.close(0)
+            router.close(0)
+            context.term()
+
+    run(scenario, timeout=10)

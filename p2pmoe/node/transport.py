@@ -151,49 +151,66 @@ class _Readiness:
     """Wakes the tasks waiting on one socket, from an event-loop reader on its ZMQ_FD.
 
     Why not zmq.asyncio: its futures, timers, event queues and enum flags cost a fifth of a
-    small round trip here, once per message each way. The FD is libzmq's mailbox signal,
-    readable until ZMQ_EVENTS is read, so the reader reads it (or the loop would spin) and
-    wakes everyone; each waiter checks ZMQ_EVENTS again before it sleeps, as libzmq requires
-    after any call on the socket.
+    small round trip here, once per message each way. The FD is libzmq's mailbox signal: it
+    signals once when the socket's state changes and is cleared by any call that processes
+    the mailbox (reading ZMQ_EVENTS, a send, a receive), whoever makes it. So every read of
+    ZMQ_EVENTS goes through `events`, which wakes the waiters those events satisfy; after a
+    send or a receive, `settle` does the same. Without that, a receive that consumed the
+    signal "writable" left a sender asleep until its timeout (seen as a flaky 10 s stall of
+    the first send to a new peer).
     """
 
     def __init__(self, socket: zmq.Socket) -> None:
         self._socket = socket
         self._loop = asyncio.get_running_loop()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._fd = cast(int, socket.getsockopt(zmq.FD))  # an int option
-        self._loop.add_reader(self._fd, self._wake)
+        self._loop.add_reader(self._fd, self.events)
 
-    def _wake(self) -> None:
-        self._socket.get(_EVENTS)  # clears the FD
-        self._release()
+    def events(self) -> int:
+        """ZMQ_EVENTS (which clears the FD), waking every waiter whose events are among them."""
+        events = cast(int, self._socket.get(_EVENTS))  # an int option
+        if events and self._waiters:
+            self._release(events)
+        return events
 
-    def _release(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
+    def settle(self) -> None:
+        """After a send or a receive on the socket: it may have consumed the FD's signal."""
+        if self._waiters:
+            self.events()
+
+    def _release(self, events: int) -> None:
+        keep = []
+        for wanted, waiter in self._waiters:
+            if waiter.done():
+                continue
+            if wanted & events:
                 waiter.set_result(None)
+            else:
+                keep.append((wanted, waiter))
+        self._waiters = keep
 
-    async def next_signal(self) -> None:
-        """Sleep until the socket's FD next signals (call only after ZMQ_EVENTS came back short)."""
+    async def next_signal(self, events: int) -> None:
+        """Sleep until the socket has any of `events` (call only after `events()` came back short)."""
         waiter = self._loop.create_future()
-        self._waiters.append(waiter)
+        entry = (events, waiter)
+        self._waiters.append(entry)
         try:
             await waiter
         finally:
             if not waiter.done():  # cancelled: do not keep it until the next signal
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
 
     async def wait_for(self, events: int) -> None:
         """Return once the socket has any of `events` (_POLLIN, _POLLOUT)."""
-        while not cast(int, self._socket.get(_EVENTS)) & events:  # an int option
-            await self.next_signal()
+        while not self.events() & events:
+            await self.next_signal(events)
 
     def close(self) -> None:
         """Stop watching the FD (before the socket closes: the loop must not poll a dead FD) and
         wake every waiter, whose next call on the closed socket then fails instead of hanging."""
         self._loop.remove_reader(self._fd)
-        self._release()
+        self._release(-1)
 
 
 async def _drop_rest(frames: zmq.Socket) -> tuple[int, int]:
@@ -450,6 +467,8 @@ class Transport:
         if not self._waiting_sends[socket]:
             try:
                 socket.send_multipart(parts, flags=_NOBLOCK, copy=True)
+                if (ready := self._ready.get(socket)) is not None:  # gone if the socket closed meanwhile
+                    ready.settle()
                 return
             except zmq.Again:
                 pass
@@ -460,14 +479,15 @@ class Transport:
                 while True:
                     try:
                         socket.send_multipart(parts, flags=_NOBLOCK, copy=True)
+                        ready.settle()
                         return
                     except zmq.Again:
                         pass
-                    if cast(int, socket.get(_EVENTS)) & _POLLOUT:  # an int option
+                    if ready.events() & _POLLOUT:
                         await asyncio.sleep(delay)
                         delay = min(2 * delay, 0.02)
                     else:
-                        await ready.next_signal()
+                        await ready.next_signal(_POLLOUT)
         finally:
             self._waiting_sends[socket] -= 1
 
@@ -522,6 +542,7 @@ class Transport:
                 routing_id = first.bytes if peer is None else None
                 header = first if peer is not None else socket.recv(flags=_NOBLOCK, copy=False)
                 outcome, received = await self._read(socket, header)
+                ready.settle()
                 await self._accept(outcome, received, header, peer, routing_id)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
@@ -642,6 +663,8 @@ class Transport:
         frames = encode(self.node_id, message, self.limits)
         try:
             self._router.send_multipart([routing_id, *frames], flags=_NOBLOCK)
+            if (ready := self._ready.get(self._router)) is not None:
+                ready.settle()
         except zmq.ZMQError as exc:
             log.debug("could not send an error reply to %r: %s", sender, exc)
             return
