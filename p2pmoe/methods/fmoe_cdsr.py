@@ -53,6 +53,17 @@ UPLOAD_PREFIX = "expert."
 PENDING_PREFIX = "pending."
 
 
+def expert_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wire names for one expert (an upload, or FedAvg's average of them): ``expert.<param>``."""
+    return {UPLOAD_PREFIX + name: t for name, t in state.items()}
+
+
+def expert_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The expert in ``expert.<param>`` tensors; raises ProtocolError for any other name."""
+    require(all(name.startswith(UPLOAD_PREFIX) for name in tensors), "expert tensors must be named expert.<param>")
+    return {name[len(UPLOAD_PREFIX) :]: t for name, t in tensors.items()}
+
+
 def domain_tensors(experts: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Wire names for experts by domain: ``domain.<i>.<param>``."""
     return {f"domain.{i}.{name}": t for i, state in experts.items() for name, t in state.items()}
@@ -122,7 +133,7 @@ class FMoECDSRClient(ServerClient):
 
     def model_update(self, round_index: int) -> Message:
         own = self.model.expert_state(self.domain_index)
-        return Message(MessageKind.MODEL_UPDATE, round_index, {UPLOAD_PREFIX + name: t for name, t in own.items()}, {"domain": self.domain_index})
+        return Message(MessageKind.MODEL_UPDATE, round_index, expert_tensors(own), {"domain": self.domain_index})
 
     def adopt(self, message: Message) -> None:
         """Keep the experts until the next training; without a reply (deadline) the client goes
@@ -173,8 +184,7 @@ class FMoECDSRServer(CollectingServer):
     def take(self, src: str, message: Message) -> None:
         domain = self.domain_of[src]
         require(message.meta.get("domain") == domain, f"{src} serves domain {domain}, meta.domain says {message.meta.get('domain')!r}")
-        require(all(name.startswith(UPLOAD_PREFIX) for name in message.tensors), "expert tensors must be named expert.<param>")
-        expert = {name[len(UPLOAD_PREFIX) :]: t for name, t in message.tensors.items()}
+        expert = expert_state(message.tensors)
         check_like(expert, self.template)
         if self.store_rounds is None or message.round < self.store_rounds:
             self.cache[domain] = expert
@@ -316,12 +326,11 @@ class OwnExpertAverageClient(ServerClient):
     def model_update(self, round_index: int) -> Message:
         own = self.model.expert_state(self.model.domain_index)
         meta = {"num_examples": self.learner.num_train_examples}
-        return Message(MessageKind.MODEL_UPDATE, round_index, {UPLOAD_PREFIX + name: t for name, t in own.items()}, meta)
+        return Message(MessageKind.MODEL_UPDATE, round_index, expert_tensors(own), meta)
 
     def adopt(self, message: Message) -> None:
         """Load the average into the own expert; a wrong name, shape, dtype or value changes nothing."""
-        require(all(name.startswith(UPLOAD_PREFIX) for name in message.tensors), "expert tensors must be named expert.<param>")
-        self.model.set_expert_state(self.model.domain_index, {name[len(UPLOAD_PREFIX) :]: t for name, t in message.tensors.items()})
+        self.model.set_expert_state(self.model.domain_index, expert_state(message.tensors))
 
 
 def _local_branch(ctx: BuildContext, node: str) -> Method:
@@ -333,7 +342,7 @@ def _average_branch(ctx: BuildContext, node: str) -> Method:
 
 
 def _average_server(ctx: BuildContext) -> Method:
-    return FedAvgServer(SERVER_ID, ctx.clients, {UPLOAD_PREFIX + name: t for name, t in _expert_template(ctx).items()}, ctx.participation)
+    return FedAvgServer(SERVER_ID, ctx.clients, expert_tensors(_expert_template(ctx)), ctx.participation)
 
 
 register_method(
