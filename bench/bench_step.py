@@ -6,7 +6,9 @@ Each method is one client model of the size the replication uses (hidden 64, bat
 blocks, 4 heads, max length 16 by default) trained by the same `NextItemLearner`. FMoE-CDSR
 runs as in every round after the first: all K branches live, the foreign experts loaded
 (from independently initialised experts; their values do not change the cost) and either
-frozen (the method) or trainable (the "unfrozen" ablation). The methods take turns, one
+frozen (the method) or trainable (the "unfrozen" ablation). A last row times only the work
+FMoE-CDSR's objective cannot skip, its K heads and K + 1 softmax cross-entropies
+(`HeadsFloor`): a lower bound for any exact implementation. The methods take turns, one
 epoch each, ``--repeats`` times, so a load change on a shared machine hits all of them alike;
 the table reports the median epoch in CPU seconds of this process (one torch thread: its
 CPU time is its compute, which wall time on a shared machine is not). Writes bench/results/step.json and step.md.
@@ -31,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from p2pmoe.data.feddcsr import load_feddcsr
 from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem
+from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem, SequenceBatch
 from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
 from p2pmoe.report import format_table
 
@@ -52,6 +55,31 @@ def fmoe_model(domains: list[DomainSequences], c: int, args: argparse.Namespace,
             model.set_expert_state(i, model.expert_state(i))
             model.experts[i].requires_grad_(not frozen)
     return model
+
+
+class HeadsFloor(torch.nn.Module):
+    """The part of an FMoE-CDSR step no implementation of its objective can skip, alone.
+
+    Per step: K linear heads over the client's items on every predicted position (forward,
+    input and weight gradients), K branch cross-entropies and the mixture's cross-entropy
+    through the model's own `FMoECDSR._mixture`. The positions' representations come from a
+    trainable per-branch lookup (negligible cost) instead of branches and encoders, so this
+    times the heads and softmaxes and nothing else: a lower bound on FMoE-CDSR's epoch.
+    """
+
+    def __init__(self, num_items: int, num_domains: int, hidden: int) -> None:
+        super().__init__()
+        self.reps = torch.nn.ModuleList(torch.nn.Embedding(num_items + 1, hidden) for _ in range(num_domains))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, num_items) for _ in range(num_domains))
+        self.gate = torch.nn.Parameter(torch.zeros(1, num_domains))
+
+    def loss(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        keep = ~batch.pad_mask
+        targets = batch.targets[keep]
+        logits = {i: head(rep(batch.inputs)[keep]) for i, (rep, head) in enumerate(zip(self.reps, self.heads, strict=True))}
+        ce = sum(F.cross_entropy(table, targets) for table in logits.values())
+        mixture = FMoECDSR._mixture(self.gate.softmax(dim=-1), logits)
+        return ce + F.cross_entropy(mixture, targets), {}
 
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
@@ -153,6 +181,7 @@ def main() -> None:
         "Local SASRec": lambda: SASRecNextItem(data.num_items, args.max_len, args.hidden, heads=4, blocks=2, dropout=args.dropout),
         "FMoE-CDSR": lambda: fmoe_model(domains, c, args, frozen=True),
         "FMoE-CDSR unfrozen": lambda: fmoe_model(domains, c, args, frozen=False),
+        "FMoE-CDSR heads and softmaxes only (floor)": lambda: HeadsFloor(data.num_items, len(domains), args.hidden),
     }
     learners = {name: learner(build()) for name, build in builders.items()}
     seconds: dict[str, list[float]] = {name: [] for name in learners}

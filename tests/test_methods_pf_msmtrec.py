@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from p2pmoe.methods.pf_aggregation import aggregate_group, average_touched_rows, cosine_softmax, denormalise, normalise, project_conflicts, stats
-from p2pmoe.methods.pf_msmtrec import PFMSMTrecOptions, PFMSMTrecServer, group_of, plan_for
+from p2pmoe.methods.pf_msmtrec import UNDELIVERED_KEY, PFMSMTrecOptions, PFMSMTrecServer, group_of, plan_for
 from p2pmoe.models import MMoE
 from p2pmoe.models.params import float_state
 from p2pmoe.models.template import TemplateLinear, template_part
+from p2pmoe.participation import Participation
 from p2pmoe.wire.codec import ProtocolError
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -236,3 +237,27 @@ def test_diagnostics_report_self_weight_and_conflicts() -> None:
     diagnostics = server.diagnostics()
     assert diagnostics["clients"] == 3 and 1 / 3 < diagnostics["mean_self_weight"] <= 1.0
     assert 0.0 <= diagnostics["conflicting_pair_share"] <= 1.0
+
+
+def test_a_restarted_server_still_delivers_a_state_computed_while_its_client_sat_out() -> None:
+    """Participation 1/3: a client that uploads in round r and is not sampled in r + 1 gets its
+    new state only when next sampled; a server restarted in between must still send it."""
+    template = float_state(_mmoe(template=True))
+    clients = ["a", "b", "c"]
+    participation = Participation(0, 1 / 3, clients)
+    r = next(r for r in range(50) if participation.sampled(r) != participation.sampled(r + 1))
+    (x,) = participation.sampled(r)
+    later = next(s for s in range(r + 2, 100) if x in participation.sampled(s))
+    server = PFMSMTrecServer("server", clients, template, PFMSMTrecOptions(), participation)
+    server.start_round(r)
+    assert [s.dst for s in server.on_message(x, Message(MessageKind.MODEL_UPDATE, r, _bumped(template, 1), {"num_examples": 10}))] == []
+    restored = PFMSMTrecServer("server", clients, template, PFMSMTrecOptions(), participation)
+    restored.load_state_dict(server.state_dict())
+    for s in range(r + 1, later):  # rounds x sits out: whoever is sampled uploads
+        restored.start_round(s)
+        (y,) = participation.sampled(s)
+        sends = restored.on_message(y, Message(MessageKind.MODEL_UPDATE, s, _bumped(template, s), {"num_examples": 10}))
+        assert (x in [d.dst for d in sends]) == (s == later - 1)
+    bad = {**server.state_dict(), UNDELIVERED_KEY: torch.ones(2, dtype=torch.uint8)}
+    with pytest.raises(ProtocolError):
+        restored.load_state_dict(bad)

@@ -153,3 +153,18 @@ def test_moe_classifier_names_and_shapes(channels: int, size: int) -> None:
     assert phi == {"conv1", "conv2", "fc"}
     assert head == {"moe.gate.proj.weight"} | experts
     assert model.moe.gating_matrix().shape == (E, 32)
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_cnn_evaluation_path_gives_bit_identical_features(channels: int, size: int, batch: int) -> None:
+    """Without autograd the CNN pools through a channels-last copy (faster on one channel);
+    the features must equal the training path's to the last bit, ties in the pooling windows
+    (a quantised image has many) included."""
+    torch.manual_seed(batch)
+    embedder = CNNEmbedder(channels, 32, size)
+    x = torch.randint(0, 4, (batch, channels, size, size)).float() / 3
+    with_autograd = embedder(x).detach()
+    with torch.inference_mode():
+        without = embedder(x)
+    assert torch.equal(with_autograd, without)

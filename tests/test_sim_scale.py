@@ -10,7 +10,8 @@ import pytest
 from p2pmoe.config import default_config, with_options
 from p2pmoe.experiment import build_experiment
 from p2pmoe.methods.fedmoe_da import expert_tensors
-from p2pmoe.sim.runner import run_simulation
+from p2pmoe.participation import sample_clients
+from p2pmoe.sim.runner import compute_seconds, run_simulation
 from p2pmoe.wire.codec import encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
@@ -49,6 +50,19 @@ def test_simulated_compute_time_is_added_to_each_round(tmp_path, spec, expected)
     assert seconds["compute_per_round"] == expected
     assert seconds["by_round"][0] == pytest.approx(expected + (seconds["comm_total"] - 0) / 2, rel=1.0)
     assert seconds["total"] == pytest.approx(seconds["comm_total"] + 2 * expected)
+
+
+def test_under_participation_only_the_sampled_clients_can_straggle(tmp_path):
+    cfg = _accounting(tmp_path, nodes=8, compute_time="per_example:0.001", participation=0.25).replace_run(rounds=3)
+    experiment = build_experiment(cfg)
+    learners = {n: experiment.nodes[n].learner for n in experiment.clients}
+    assert len({id(learner) for learner in learners.values()}) == len(learners)
+    for k, learner in enumerate(learners.values()):  # accounting learners hold no data: give each a size
+        learner.num_train_examples = 100 * (len(learners) - k)
+    expected = [0.001 * max(learners[n].num_train_examples for n in sample_clients(cfg.run.seed, r, list(learners), 0.25)) for r in range(3)]
+    assert any(e < 0.8 for e in expected)  # some round leaves the largest client (node-00, 800 examples) out
+    assert compute_seconds(cfg, experiment) == pytest.approx(expected)
+    assert compute_seconds(cfg.replace_run(participation=1.0), experiment) == pytest.approx([0.8] * 3)
 
 
 def test_a_bad_compute_time_is_refused():

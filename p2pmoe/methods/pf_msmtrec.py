@@ -173,6 +173,9 @@ class PFMSMTrecClient(ServerClient):
             self.learner.set_anchor(anchor, self.opts.prox)
 
 
+UNDELIVERED_KEY = "undelivered"  # a server checkpoint key; client states are "<client>/<name>"
+
+
 class PFMSMTrecServer(CollectingServer):
     """Builds every client's personalised state from the round's uploads (see module doc)."""
 
@@ -189,8 +192,8 @@ class PFMSMTrecServer(CollectingServer):
         self.opts = opts
         self.sent = {c: dict(self.template) for c in self.clients}
         # Clients whose state in `sent` is newer than what they hold: computed in a round
-        # after which they were not sampled. Project decision: not checkpointed (after a
-        # server restart such a client goes on with its local weights).
+        # after which they were not sampled. Checkpointed (UNDELIVERED_KEY), so a restarted
+        # server still hands each its state the next time it is sampled.
         self._undelivered: set[str] = set()
         self.groups: dict[str, list[str]] = defaultdict(list)
         for name in self.template:
@@ -261,15 +264,24 @@ class PFMSMTrecServer(CollectingServer):
         return [dict(tables) for _ in part]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """What the server last sent each client (``<client>/<name>``): the bases of updates."""
-        return {f"{c}/{n}": t for c, state in self.sent.items() for n, t in state.items()}
+        """What the server last sent each client (``<client>/<name>``): the bases of updates;
+        and which clients have not received theirs yet (`UNDELIVERED_KEY`, one uint8 flag per
+        client in client order)."""
+        undelivered = torch.tensor([c in self._undelivered for c in self.clients], dtype=torch.uint8)
+        return {**{f"{c}/{n}": t for c, state in self.sent.items() for n, t in state.items()}, UNDELIVERED_KEY: undelivered}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Everything is checked before anything changes. A checkpoint without
+        `UNDELIVERED_KEY` (written before it existed) restores with nothing undelivered."""
         sent = {c: {n: state.get(f"{c}/{n}") for n in self.template} for c in self.clients}
         for client_state in sent.values():
             require(all(t is not None for t in client_state.values()), "checkpoint lacks a client's state")
             check_like(client_state, self.template)  # type: ignore[arg-type]
+        flags = state.get(UNDELIVERED_KEY, torch.zeros(len(self.clients), dtype=torch.uint8))
+        require(flags.dtype == torch.uint8 and tuple(flags.shape) == (len(self.clients),), f"{UNDELIVERED_KEY} must be uint8 [{len(self.clients)}]")
+        require(bool((flags <= 1).all()), f"{UNDELIVERED_KEY} must hold 0 or 1")
         self.sent = sent  # type: ignore[assignment]
+        self._undelivered = {c for c, flag in zip(self.clients, flags.tolist(), strict=True) if flag}
 
 
 def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

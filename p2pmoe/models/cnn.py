@@ -37,6 +37,23 @@ class CNNEmbedder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # channels-last makes CPU max-pooling about twice as fast (a ~15 % faster step).
         x = x.contiguous(memory_format=torch.channels_last)
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = _max_pool(F.relu(self.conv1(x)))
+        x = _max_pool(F.relu(self.conv2(x)))
         return F.relu(self.fc(x.flatten(1)))
+
+
+def _max_pool(x: Tensor) -> Tensor:
+    """2x2 max-pooling; without autograd (evaluation), through a channels-last copy.
+
+    With one input channel (Fashion-MNIST) the input's channels-last request above is a no-op,
+    so the first convolution returns NCHW, where torch's CPU max-pool took ~4 ms for a batch of
+    64 against ~0.4 ms channels-last: pooling was about half of an evaluation. The pooled
+    values do not depend on the layout, and the result goes back to the input's layout, so
+    the next layer sees the same tensor and evaluation gives bit-identical outputs (tested).
+    Training keeps the plain call: there the copies and their backward cost more than they
+    save.
+    """
+    if torch.is_grad_enabled():
+        return F.max_pool2d(x, 2)
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2).contiguous(memory_format=layout)

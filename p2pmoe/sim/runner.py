@@ -13,6 +13,7 @@ from p2pmoe.driver.summary import Row, make_summary
 from p2pmoe.experiment import Experiment, build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import LearnerMethod
+from p2pmoe.participation import Participation
 from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig, parse_compute_time
@@ -50,21 +51,23 @@ class _Progress:
         self.bar.update(1)
 
 
-def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> float:
-    """Simulated training time of a round: the slowest client's, from `compute_time`.
+def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> list[float]:
+    """Simulated training time of each round: its slowest sampled client's, from `compute_time`.
 
     Project decision: a round's simulated time is this compute time plus the links' time of
     its messages; the straggler sets the pace because every method here waits for its
-    peers (or server) within a round.
+    peers (or server) within a round. Under partial participation only the clients sampled
+    for the round train, so only they can straggle.
     """
     kind, seconds = parse_compute_time(cfg.run.compute_time)
     if kind == "none" or not experiment.clients:
-        return 0.0
+        return [0.0] * cfg.run.rounds
     if kind == "constant":
-        return seconds
-    clients = [experiment.nodes[n] for n in experiment.clients]
-    sizes = [node.learner.num_train_examples for node in clients if isinstance(node, LearnerMethod)]
-    return seconds * cfg.run.local_epochs * max(sizes, default=0)
+        return [seconds] * cfg.run.rounds
+    client_nodes = {n: experiment.nodes[n] for n in experiment.clients}
+    sizes = {n: node.learner.num_train_examples for n, node in client_nodes.items() if isinstance(node, LearnerMethod)}
+    participation = Participation(cfg.run.seed, cfg.run.participation, experiment.clients)
+    return [seconds * cfg.run.local_epochs * max((sizes[n] for n in participation.among(sizes, r)), default=0) for r in range(cfg.run.rounds)]
 
 
 def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True) -> dict[str, Any]:
@@ -93,9 +96,9 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     summary["sim_seconds"] = {
         "comm_total": sum(per_round.values()),
         "comm_per_round": sum(per_round.values()) / cfg.run.rounds,
-        "compute_per_round": compute,
-        "total": sum(per_round.values()) + compute * cfg.run.rounds,
-        "by_round": [per_round.get(r, 0.0) + compute for r in range(cfg.run.rounds)],
+        "compute_per_round": sum(compute) / cfg.run.rounds,
+        "total": sum(per_round.values()) + sum(compute),
+        "by_round": [per_round.get(r, 0.0) + compute[r] for r in range(cfg.run.rounds)],
     }
     folder.log_messages(ledger.entries)
     folder.finish(summary)
