@@ -96,6 +96,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "FMoE-CDSR one branch, tied head": {"vae": False, "head": "tied"},
         "FMoE-CDSR one branch, no contrastive term": {"vae": False, "contrastive_weight": 0.0},
     },
+    # with the tied head: do the graph layer or the official input (·√d, LayerNorm) keep it behind SASRec?
+    "backbone": {
+        "FMoE-CDSR one branch, tied head": {"vae": False, "head": "tied"},
+        "FMoE-CDSR one branch, tied head, no graph layer": {"vae": False, "head": "tied", "graph": False},
+        "FMoE-CDSR one branch, tied head, SASRec input (no √d, no input LayerNorm)": {"vae": False, "head": "tied", "input_norm": False},
+    },
 }
 
 

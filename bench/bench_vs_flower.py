@@ -13,7 +13,10 @@ evaluation) and whose ServerApp runs Flower's FedAvg strategy; the final accurac
 systems agree when the work is the same.
 
 Each repeat runs, one after the other so that load on a shared machine hits all alike:
-  1. p2pmoe-simulate     `p2pmoe simulate` (every node in one process, in-memory network)
+  1. p2pmoe-simulate     `p2pmoe simulate` (every node in one process, in-memory network, one
+                         node at a time on all cores: the default)
+     p2pmoe-simulate-workers  the same with `--workers` = cores: that many nodes at a time, one
+                         torch thread each (the numbers of `--threads 1`, as the swarm's)
   2. flower-simulation   `flower-superlink --simulation` + `flwr run` with num-supernodes=N and
                          Flower's default client resources (num_cpus=2, num_gpus=0 per ClientApp)
   3. p2pmoe-swarm        `p2pmoe swarm` (one daemon per client plus the FedAvg coordinator, ZeroMQ on loopback)
@@ -33,7 +36,7 @@ count once per process) and the largest VmHWM (peak RSS) of any one process; fin
 images). A run past `--timeout` is stopped and recorded as a timeout, not as a time.
 
 Targets (issue 15), ratios from the same run: p2pmoe-simulate wall <= 0.5 x flower-simulation
-wall; p2pmoe-swarm wall <= flower-deployment wall; every p2pmoe-swarm process's peak RSS < 400 MB.
+wall (checked for both p2pmoe-simulate systems); p2pmoe-swarm wall <= flower-deployment wall; every p2pmoe-swarm process's peak RSS < 400 MB.
 
 Prints a table and saves bench/results/<name>.json and <name>.md (name: vs_flower, or
 vs_flower_quick with --quick).
@@ -69,7 +72,7 @@ from p2pmoe.report import format_table
 
 RESULTS = Path(__file__).parent / "results"
 FLOWER_APP = Path(__file__).parent / "flower_app"
-SYSTEMS = ("p2pmoe-simulate", "flower-simulation", "p2pmoe-swarm", "flower-deployment")
+SYSTEMS = ("p2pmoe-simulate", "p2pmoe-simulate-workers", "flower-simulation", "p2pmoe-swarm", "flower-deployment")
 POLL_SECONDS = 0.5  # /proc sampling period: cheap next to training, fine enough for steady peaks
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when a run's processes are stopped
 READY_TIMEOUT = 60.0  # seconds a SuperLink may take to open its port
@@ -292,7 +295,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None
     raise TimeoutError(f"port {port} not open after {timeout:.0f} s")
 
 
-def _p2pmoe_command(kind: str, setting: Setting, out: Path) -> list[str]:
+def _p2pmoe_command(system: str, setting: Setting, out: Path) -> list[str]:
+    """The command line of a p2pmoe system: `simulate` (optionally with workers) or `swarm`."""
+    kind = "swarm" if system == "p2pmoe-swarm" else "simulate"
+    workers = ["--workers", str(os.cpu_count() or 1)] if system == "p2pmoe-simulate-workers" else []
     return [
         sys.executable,
         "-m",
@@ -318,6 +324,7 @@ def _p2pmoe_command(kind: str, setting: Setting, out: Path) -> list[str]:
         str(out),
         "--no-report",
         *(["--quiet"] if kind == "simulate" else []),
+        *workers,
     ]
 
 
@@ -358,7 +365,7 @@ def run_system(system: str, setting: Setting, folder: Path, timeout: float) -> d
     status, result_path, error = "ok", folder / "flower_result.json", None
     try:
         if system.startswith("p2pmoe"):
-            last = start(_p2pmoe_command(system.removeprefix("p2pmoe-"), setting, folder / "run"), "p2pmoe.log")
+            last = start(_p2pmoe_command(system, setting, folder / "run"), "p2pmoe.log")
         else:
             (port,) = free_ports(1)
             env = _flwr_home(folder, port)
@@ -448,11 +455,17 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return {"ratio": round(wa / wb, 3) if wa and wb else None, "cpu_ratio": cpu, "timed_out": timed_out}
 
     sim, dep = ratio("p2pmoe-simulate", "flower-simulation"), ratio("p2pmoe-swarm", "flower-deployment")
+    sim_workers = ratio("p2pmoe-simulate-workers", "flower-simulation")
     swarm_rss = [r["max_process_rss_mib"] for r in by["p2pmoe-swarm"] if r.get("max_process_rss_mib") is not None]
     # p2pmoe-swarm beats a Flower deployment that never finished: a timeout is a lower bound on its wall
     dep_met = dep["ratio"] <= 1 if dep["ratio"] is not None else (wall("p2pmoe-swarm") is not None and "flower-deployment" in dep["timed_out"])
     checks = [
         {"target": "p2pmoe-simulate wall <= 0.5 x flower-simulation wall", **sim, "met": sim["ratio"] is not None and sim["ratio"] <= 0.5},
+        {
+            "target": "p2pmoe-simulate-workers wall <= 0.5 x flower-simulation wall",
+            **sim_workers,
+            "met": sim_workers["ratio"] is not None and sim_workers["ratio"] <= 0.5,
+        },
         {"target": "p2pmoe-swarm wall <= flower-deployment wall", **dep, "met": dep_met},
         {
             "target": f"every p2pmoe-swarm process peak RSS < {SWARM_RSS_LIMIT_MB} MB",
@@ -460,7 +473,12 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "met": bool(swarm_rss) and max(swarm_rss) * 1.048576 < SWARM_RSS_LIMIT_MB,
         },
     ]
-    needs = (("p2pmoe-simulate", "flower-simulation"), ("p2pmoe-swarm", "flower-deployment"), ("p2pmoe-swarm",))
+    needs = (
+        ("p2pmoe-simulate", "flower-simulation"),
+        ("p2pmoe-simulate-workers", "flower-simulation"),
+        ("p2pmoe-swarm", "flower-deployment"),
+        ("p2pmoe-swarm",),
+    )
     for check, systems in zip(checks, needs, strict=True):
         if not all(by[s] for s in systems):  # left out with --only: neither met nor missed
             check["met"] = None
@@ -507,7 +525,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
         f"every client evaluated after every round. Systems alternate within each repeat. Flower simulation: Flower's default "
         f"client resources (num_cpus=2, num_gpus=0 per ClientApp, so {max(1, machine['cores'] // 2)} ClientApp(s) at a time on "
         f"{machine['cores']} cores); Flower deployment: 1 SuperLink + {args.setting.nodes} SuperNodes, insecure, loopback, ClientApps "
-        f"in subprocesses (Flower's default). p2pmoe: `--no-report`; swarm threads per daemon max(1, cores // processes).\n\n"
+        f"in subprocesses (Flower's default). p2pmoe: `--no-report`; simulate-workers `--workers {machine['cores']}` (one torch "
+        f"thread per worker); swarm threads per daemon max(1, cores // processes).\n\n"
         f"Wall: first process started to the run's last command exiting (start-up, data loading, all rounds); a run past "
         f"--timeout is stopped and reported as such. Memory from /proc every {POLL_SECONDS} s over every process of the run: "
         f"peak total = largest sum of VmRSS at one poll, max process = largest VmHWM (MiB); cpu_s = user + system CPU seconds "

@@ -16,7 +16,7 @@ from p2pmoe.options import Options, option
 
 # Keys that may differ between the nodes of one experiment: where a node keeps its files and
 # data, and how it uses its own hardware. Everything else must agree (see `canonical_config`).
-NODE_LOCAL_KEYS = frozenset({"out", "data_root", "threads", "device"})
+NODE_LOCAL_KEYS = frozenset({"out", "data_root", "threads", "workers", "device"})
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,12 @@ class RunOptions(Options):
         choices=("local", "none"),
     )
     compute_time: str = option("none", "simulated training time of a node per round: none, constant:SECONDS or per_example:SECONDS (added to sim_seconds)")
-    threads: int = option(0, "torch threads per process; 0: all cores for simulate, cores // processes for swarm", minimum=0)
+    threads: int = option(0, "torch threads per process; 0: all cores for simulate (1 per worker with workers > 1), cores // processes for swarm", minimum=0)
+    workers: int = option(
+        1,
+        "simulate: nodes that train and evaluate at once, in threads of one process (methods that draw from torch's global RNG stop with an error)",
+        minimum=1,
+    )
     device: str = option("auto", "where models train: auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     out: str = option("runs/latest", "run folder")
 

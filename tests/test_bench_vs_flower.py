@@ -69,12 +69,15 @@ def test_targets_take_a_timeout_as_a_bound_not_a_number(bench):
         _row("p2pmoe-swarm", wall=300.0, rss=350.0),
         _row("flower-deployment", status="timeout"),
     ]
-    sim, dep, rss = bench.targets(rows)
+    sim, workers, dep, rss = bench.targets(rows)
     assert sim["ratio"] == 0.667 and not sim["met"]
+    assert workers["ratio"] is None and workers["met"] is None  # not run: neither met nor missed
     assert dep["ratio"] is None and dep["timed_out"] == ["flower-deployment"] and dep["met"]
     assert rss["max_mib"] == 350.0 and rss["met"]
     rows[2] = _row("p2pmoe-swarm", status="timeout", rss=390.0)
-    _, dep, rss = bench.targets(rows)
+    rows.append(_row("p2pmoe-simulate-workers", wall=70.0))
+    _, workers, dep, rss = bench.targets(rows)
+    assert workers["ratio"] == 0.467 and workers["met"]
     assert dep["ratio"] is None and not dep["met"] and not rss["met"]  # 390 MiB is 409 MB
 
 

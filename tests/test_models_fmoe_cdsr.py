@@ -232,3 +232,21 @@ def test_the_gathered_graph_product_matches_the_sparse_one():
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
     assert results[0][0].abs().sum() > 0
+
+
+def test_branch_ablations_drop_the_graph_layer_and_the_official_input() -> None:
+    """``graph=False``: the item table is E itself and no graph bias exists; ``input_norm=False``:
+    the encoder input is E[s] + P as in SASRec (no ·√d, no LayerNorm)."""
+    seqs = torch.tensor([[5, 0, 1, 2], [3, 4, 1, 0]])
+    adjacency = transition_adjacency([[0, 1, 2], [3, 4, 1, 0]], 5)
+    torch.manual_seed(0)
+    full = FMoECDSR(5, 2, 0, adjacency, max_len=4, hidden=8, heads=2, blocks=1, gate_hidden=(8, 8)).branch(0).eval()
+    torch.manual_seed(0)
+    bare = FMoECDSR(5, 2, 0, adjacency, max_len=4, hidden=8, heads=2, blocks=1, gate_hidden=(8, 8), graph=False, input_norm=False).branch(0).eval()
+    assert {n for n, _ in full.named_parameters()} - {n for n, _ in bare.named_parameters()} == {"graph_bias", "norm.weight", "norm.bias"}
+    table = bare.item_table(adjacency)
+    assert torch.equal(table, bare.item_emb.weight)
+    assert not torch.equal(full.item_table(adjacency), full.item_emb.weight)
+    positions = torch.arange(3, -1, -1)
+    torch.testing.assert_close(bare.embed(table, seqs, 0.3), bare.item_emb.weight[seqs] + bare.pos_emb.weight[positions])
+    assert torch.allclose(full.embed(full.item_table(adjacency), seqs, 0.3).mean(dim=-1), torch.zeros(2, 4), atol=1e-5)  # LayerNorm-ed

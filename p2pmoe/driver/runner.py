@@ -103,13 +103,17 @@ class NodeRunner:
     `start` (or `resume`) once the call has returned.
     """
 
-    def __init__(self, node_id: str, method: Method, strict: bool = False, seed: int = 0, accounting: bool = False) -> None:
+    def __init__(self, node_id: str, method: Method, strict: bool = False, seed: int = 0, accounting: bool = False, fork_rng: bool = True) -> None:
         self.node_id = node_id
         self.method = method
         self.strict = strict
         self.accounting = accounting  # --train none: the method is never asked to train or evaluate
         # The node's own stream of torch's global RNG (dropout, sampling): a node draws the same
         # numbers whether it runs alone in a daemon or beside others in the simulator.
+        # `fork_rng` False runs the blocking calls on the process's stream as it is: for a
+        # driver that runs several nodes' calls at once (the global generator is one per
+        # process) and makes sure none of them draws from it (`SimNetwork` with workers).
+        self.fork_rng = fork_rng
         self._rng = torch.Generator().manual_seed(seed).get_state()
         self.round = -1
         self.sat_out = False  # the current round is one this node was not sampled for
@@ -204,6 +208,8 @@ class NodeRunner:
         """Run `fn` on this node's CPU RNG stream; the process's stream is left as it was.
         Project decision: CUDA's generator is not forked (per-node CUDA streams would need a
         device per node); runs on CUDA are reproducible per process, not across drivers."""
+        if not self.fork_rng:
+            return fn(*args)
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._rng)
             out = fn(*args)

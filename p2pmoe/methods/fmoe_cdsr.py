@@ -227,6 +227,8 @@ class FMoECDSROptions(Options):
         choices=INITS,
     )
     kl: bool = option(False, "add the official annealed KL term on z (off by default: it shrinks z; lower MRR measured on FKCB Food)")
+    graph: bool = option(True, "the branch's graph layer over the item-transition graph (false: an ablation, the item table is E alone)")
+    input_norm: bool = option(True, "the official encoder input LayerNorm((H + E) * sqrt(d) + P) (false: an ablation, (H + E) + P as SASRec)")
     expert_epochs: int = option(
         0,
         "the server keeps each domain's expert as it was after this many local epochs (its uploads of the first "
@@ -261,6 +263,8 @@ def _model_factory(gate: str) -> Callable[[ExperimentConfig, DomainSequences | N
             head=opts.head,
             init=opts.init,
             kl=opts.kl,
+            graph=opts.graph,
+            input_norm=opts.input_norm,
         )
 
     return build

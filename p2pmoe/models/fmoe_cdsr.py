@@ -127,22 +127,30 @@ class Branch(nn.Module):
     the branch learned far more slowly than SASRec (issue 11). ``init`` "official"
     reproduces the official code: torch's defaults, N(0, 1) for both embeddings, and the
     graph bias U(±1/√d) as its GraphConvolution initialises it.
+
+    Two ablations of the branch against SASRec (issue 11; the paper's branch has both parts):
+    ``graph`` False leaves out the graph layer (the item table is ``E`` alone);
+    ``input_norm`` False feeds the encoder ``(H + E) + P`` as SASRec does, without the
+    official ``·√d`` and input LayerNorm.
     """
 
-    def __init__(self, num_items: int, max_len: int, hidden: int, head: str = "linear", init: str = "sasrec") -> None:
+    def __init__(
+        self, num_items: int, max_len: int, hidden: int, head: str = "linear", init: str = "sasrec", graph: bool = True, input_norm: bool = True
+    ) -> None:
         super().__init__()
         self.num_items = num_items
+        self.graph, self.input_norm = graph, input_norm
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)
         self.pos_emb = nn.Embedding(max_len, hidden)
-        self.graph_bias = nn.Parameter(torch.zeros(hidden))
-        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.graph_bias = nn.Parameter(torch.zeros(hidden)) if graph else None
+        self.norm = nn.LayerNorm(hidden, eps=1e-12) if input_norm else None
         self.head = nn.Linear(hidden, num_items) if head == "linear" else None
         with torch.no_grad():
             if init == "sasrec":
                 for emb in (self.item_emb, self.pos_emb):
                     nn.init.normal_(emb.weight, std=SASREC_EMBEDDING_STD)
                 self.item_emb.weight[num_items].zero_()
-            else:
+            elif self.graph_bias is not None:
                 bound = 1 / math.sqrt(hidden)
                 nn.init.uniform_(self.graph_bias, -bound, bound)
 
@@ -154,14 +162,18 @@ class Branch(nn.Module):
         return z @ self.item_emb.weight[: self.num_items].T
 
     def item_table(self, adjacency: Tensor) -> Tensor:
-        """``(H + E)`` for every item, ``H = (E + A·E + b) / 2``: computed once per step and
-        shared by the sequence and its permuted view."""
+        """``(H + E)`` for every item, ``H = (E + A·E + b) / 2`` (``E`` without the graph
+        layer): computed once per step and shared by the sequence and its permuted view."""
         e = self.item_emb.weight
+        if self.graph_bias is None:
+            return e
         return (e + graph_product(adjacency, e) + self.graph_bias) / 2 + e
 
     def embed(self, table: Tensor, seqs: Tensor, dropout: float) -> Tensor:
         """Encoder input ``[B, L, d]``; positions count from the newest slot, as in SASRec."""
         positions = torch.arange(seqs.shape[1] - 1, -1, -1, device=seqs.device)
+        if self.norm is None:
+            return _dropout(F.embedding(seqs, table) + self.pos_emb(positions), dropout, self.training)
         x = F.embedding(seqs, table) * math.sqrt(table.shape[1]) + self.pos_emb(positions)
         return _dropout(self.norm(x), dropout, self.training)
 
@@ -202,7 +214,8 @@ class FMoECDSR(nn.Module):
     "batch" (the official code's pooling: mean over the batch, one vector per batch, so a
     score depends on what else is in the batch); ``head`` "linear" (default: each branch its
     own linear prediction head, as the official code) or "tied" (scores are dot products with
-    the branch's item embeddings, as SASRec scores).
+    the branch's item embeddings, as SASRec scores); ``graph`` and ``input_norm`` (default True,
+    as the paper) are ablations of the branch, see `Branch`.
     """
 
     # Buffers and submodules by type (nn.Module's attribute lookup is typed `Tensor | Module`).
@@ -235,6 +248,8 @@ class FMoECDSR(nn.Module):
         gate_hidden: tuple[int, int] = (1024, 512),
         head: str = "linear",
         init: str = "sasrec",
+        graph: bool = True,
+        input_norm: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= domain_index < num_domains:
@@ -256,7 +271,7 @@ class FMoECDSR(nn.Module):
         self.register_buffer("adjacency", adjacency.coalesce(), persistent=False)
         self.register_buffer("available", torch.arange(num_domains) == domain_index)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden, head, init) for _ in range(num_domains))
+        self.branches = nn.ModuleList(Branch(num_items, max_len, hidden, head, init, graph, input_norm) for _ in range(num_domains))
         self.experts = nn.ModuleList(Expert(max_len, hidden, heads, blocks, dropout, vae) for _ in range(num_domains))
         self.gate = None
         if gate == "learned":

@@ -3,9 +3,20 @@
 Each message is encoded and decoded with the real codec, so the ledger counts the bytes the
 daemon would put on the wire, and a message a method could not send over ZeroMQ fails here too.
 Nodes run the same `drive_rounds` loop as daemons, as asyncio tasks on one event loop; blocking
-calls run inline (the simulation is sequential anyway). There is no clock: a node's deadline
-passes when nothing can change any more, i.e. every node still running waits for its round
-and no message is in flight.
+calls (training, evaluation) run inline, one node at a time, or with ``workers`` > 1 in a pool
+of that many threads, several nodes at once. There is no clock: a node's deadline passes when
+nothing can change any more, i.e. every node still running waits for its round and no message
+is in flight.
+
+Parallel blocking calls (project decision): torch's global RNG is one per process, so nodes
+running at once cannot each have their own stream of it as they do one at a time. With
+workers the calls run on the process's stream and the network checks after every call that
+the stream is untouched; a method that draws from it (dropout, a noisy gate) stops the run
+with `GlobalRNGUsed` rather than give results that depend on thread timing. Everything else
+is as one at a time: methods combine what arrives in client order, never arrival order (the
+swarm relies on it too), so a run with workers gives the numbers of a one-at-a-time run with
+the same torch threads per call; only the order of lines in metrics.jsonl and the ledger
+may differ.
 """
 
 from __future__ import annotations
@@ -13,7 +24,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+import torch
 
 from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import NodeRunner, request_id
@@ -31,6 +45,10 @@ class RoundStalled(RuntimeError):
     """Nodes still waited after their deadline: a method that never finishes its round."""
 
 
+class GlobalRNGUsed(RuntimeError):
+    """A method drew from torch's global RNG while nodes ran in parallel (see the module doc)."""
+
+
 class SimNetwork:
     """An in-memory network of `NodeRunner`s that is also each node's `Port`."""
 
@@ -44,8 +62,15 @@ class SimNetwork:
         compression: Mapping[str, str] | None = None,
         folder: RunFolder | None = None,
         on_round: Callable[[Row], None] | None = None,
+        workers: int = 1,
     ) -> None:
-        self.runners = {node: NodeRunner(node, method, strict=True, seed=(seeds or {}).get(node, 0), accounting=accounting) for node, method in nodes.items()}
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+        self.runners = {
+            node: NodeRunner(node, method, strict=True, seed=(seeds or {}).get(node, 0), accounting=accounting, fork_rng=workers == 1)
+            for node, method in nodes.items()
+        }
         self.ledger = ledger if ledger is not None else ByteLedger()
         self.limits = limits
         self.compression = dict(compression or {})
@@ -58,6 +83,8 @@ class SimNetwork:
         self._late: set[str] = set()
         self._running = 0
         self._waiting: dict[str, asyncio.Future[bool]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._rng_at_start = torch.get_rng_state()
 
     # -- Port --------------------------------------------------------------------------------------
 
@@ -70,7 +97,13 @@ class SimNetwork:
         self._drain()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return fn(*args)
+        if self._pool is None:
+            return fn(*args)
+        out = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        if not torch.equal(torch.get_rng_state(), self._rng_at_start):
+            name = getattr(fn, "__qualname__", repr(fn))
+            raise GlobalRNGUsed(f"{name} drew from torch's global random generator, which the nodes of a parallel simulation share; run with workers = 1")
+        return out
 
     async def wait(self, node: NodeRunner, timeout: float) -> bool:
         while not node.round_complete():
@@ -113,7 +146,15 @@ class SimNetwork:
     async def run(self, rounds: int, eval_every: int = 1, first: int = 0) -> list[Row]:
         """Run every node's rounds `first`..`rounds - 1` to the end; return the rows."""
         self._running = len(self.runners)
-        await asyncio.gather(*(self._drive(node, first, rounds, eval_every) for node in self.runners.values()))
+        if self.workers == 1:
+            await asyncio.gather(*(self._drive(node, first, rounds, eval_every) for node in self.runners.values()))
+            return self.rows
+        self._rng_at_start = torch.get_rng_state()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="p2pmoe-sim") as self._pool:
+            try:
+                await asyncio.gather(*(self._drive(node, first, rounds, eval_every) for node in self.runners.values()))
+            finally:
+                self._pool = None
         return self.rows
 
     def run_round(self, round_index: int) -> dict[str, dict[str, float]]:

@@ -73,8 +73,9 @@ def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> list[float
 def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True) -> dict[str, Any]:
     """Run `cfg` on the in-memory network; return the summary written to summary.json. With
     `report`, also write the run's report (figures, index.html) into `<out>/report`."""
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    threads = cfg.run.threads or (1 if cfg.run.workers > 1 else 0)
+    if threads:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     experiment = build_experiment(cfg)
     cfg = experiment.cfg
@@ -85,7 +86,16 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     seeds = {node: node_seed(cfg, node) for node in experiment.nodes}
     accounting = cfg.run.train == "none"
     on_round = bar if progress else None  # nobody reads a hidden bar's postfix, which sums the whole ledger each round
-    network = SimNetwork(experiment.nodes, ledger, seeds, accounting, compression=parse_compression(cfg.run.compression), folder=folder, on_round=on_round)
+    network = SimNetwork(
+        experiment.nodes,
+        ledger,
+        seeds,
+        accounting,
+        compression=parse_compression(cfg.run.compression),
+        folder=folder,
+        on_round=on_round,
+        workers=cfg.run.workers,
+    )
     try:
         rows = asyncio.run(network.run(cfg.run.rounds, cfg.run.eval_every))
     finally:
