@@ -102,11 +102,12 @@ def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     return {**summary, "cpu_seconds": summary.get("cpu_seconds")}
 
 
-def unfinished_run(cfg: ExperimentConfig, clients: list[str]) -> dict[str, Any] | None:
+def unfinished_run(cfg: ExperimentConfig, clients: list[str], first_rounds: int | None = None) -> dict[str, Any] | None:
     """What a run stopped before its last round left (`--report-only`): its metrics.jsonl read
     as the simulator reads a finished run's, over the rounds every client evaluated, with
     ``rounds_done`` saying how many. Its setting is taken to be the command's (an unfinished
-    folder has no summary to check it against)."""
+    folder has no summary to check it against). ``first_rounds`` reads only rounds
+    ``0 .. first_rounds - 1`` (`--first-rounds`), finished run or not."""
     path = Path(cfg.run.out) / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -115,7 +116,7 @@ def unfinished_run(cfg: ExperimentConfig, clients: list[str]) -> dict[str, Any] 
     for row in rows:
         if "metrics" in row:
             evaluated[row["round"]].add(row["node"])
-    complete = {r for r, nodes in evaluated.items() if nodes >= set(clients)}
+    complete = {r for r, nodes in evaluated.items() if nodes >= set(clients) and (first_rounds is None or r < first_rounds)}
     chosen, per_node = select_round([r for r in rows if r["round"] in complete], clients, SequentialTask.selection)
     if chosen is None:
         return None
@@ -125,6 +126,7 @@ def unfinished_run(cfg: ExperimentConfig, clients: list[str]) -> dict[str, Any] 
         "data": cfg.run.data,
         "rounds": cfg.run.rounds,
         "rounds_done": len(complete),
+        "first_rounds": first_rounds,
         "selection": {"key": SequentialTask.selection.key, "round": chosen},
         "metrics": metrics,
         "metrics_spread": spread,
@@ -172,7 +174,8 @@ def table_row(summary: dict[str, Any], domains: list[str]) -> dict[str, Any]:
     m = summary["metrics"]
     label = LABELS[summary["method"]]
     if "rounds_done" in summary:
-        label += f" (stopped after {summary['rounds_done']} of {summary['rounds']} rounds)"
+        done, cap = summary["rounds_done"], summary.get("first_rounds")
+        label += f" (first {done} of {summary['rounds']} rounds)" if done == cap else f" (stopped after {done} of {summary['rounds']} rounds)"
     row = {
         "method": label,
         "MRR %": 100 * m["mrr"],
@@ -246,6 +249,13 @@ def main() -> None:
         action="store_true",
         help="run nothing: finished runs as --reuse, runs stopped early from their metrics.jsonl up to their last round every client evaluated",
     )
+    parser.add_argument(
+        "--first-rounds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --report-only: read every method's first N rounds only, finished or not, so runs stopped at different rounds compare at one budget",
+    )
     args = parser.parse_args()
     if getattr(args, "run.method") or getattr(args, "run.out"):
         parser.error("--method and --out are set per method by the benchmark; use --only and --name")
@@ -259,6 +269,8 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.first_rounds and not args.report_only:
+        parser.error("--first-rounds reads finished run folders: use it with --report-only")
     if base.run.compression != "none":
         parser.error("the byte check counts float32 experts: run the replication without --compression")
     run, task, fmoe = base.run, base.task, base.method
@@ -273,7 +285,10 @@ def main() -> None:
     outcomes: dict[str, dict[str, Any] | Exception] = {}
     if args.reuse or args.report_only:
         for method, cfg in configs.items():
-            found = finished_run(cfg) or (unfinished_run(cfg, clients) if args.report_only else None)
+            if args.first_rounds:
+                found = unfinished_run(cfg, clients, args.first_rounds)
+            else:
+                found = finished_run(cfg) or (unfinished_run(cfg, clients) if args.report_only else None)
             if found is not None:
                 outcomes[method] = found
             elif args.report_only:
@@ -346,6 +361,7 @@ def main() -> None:
         f"batch {run.batch_size}, Adam lr {run.lr} betas (0.9, 0.98), hidden {task.embed_dim}, {task.blocks} blocks, {task.heads} heads, "
         f"dropout {task.dropout}, max length {task.max_len}, {task.negatives} sampled negatives; FMoE-CDSR encoder "
         f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, embedding init {fmoe.init}, KL {'on' if fmoe.kl else 'off'}, "
+        f"graph layer {'on' if fmoe.graph else 'off'}, {'official' if fmoe.input_norm else 'SASRec'} encoder input, "
         f"contrastive weight {fmoe.contrastive_weight}"
         f"{f', foreign experts as after {fmoe.expert_epochs} epoch(s)' if fmoe.expert_epochs else ''}; "
         f"seed {run.seed}; {run.threads or 'all'} torch thread(s) each, on {device_name(run.device)}; "

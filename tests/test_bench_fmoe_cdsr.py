@@ -68,3 +68,25 @@ def test_report_only_tables_finished_and_stopped_runs_without_running(fkcb_like,
     text = (tmp_path / "r.md").read_text()
     assert "FMoE-CDSR (stopped after 1 of 2 rounds)" in text and "--report-only" in text and "--report-only True" not in text
     assert "## FMoE-CDSR\n" in text  # the per-round gate table
+    # one budget for all: the finished runs read over their first round only, like the stopped one
+    capped = _bench(
+        *OPTIONS,
+        "--data-root",
+        str(fkcb_like),
+        "--only",
+        methods,
+        "--name",
+        "r",
+        "--results",
+        str(tmp_path),
+        "--report-only",
+        "--first-rounds",
+        "1",
+        cwd=tmp_path,
+    )
+    assert capped.returncode == 0, capped.stderr
+    rows = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert {r["selected_round"] for r in rows.values()} == {0} and {r["rounds_done"] for r in rows.values()} == {1}
+    assert "Local, FMoE-CDSR branch (first 1 of 2 rounds)" in (tmp_path / "r.md").read_text()
+    refused = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--first-rounds", "1", cwd=tmp_path)
+    assert refused.returncode == 2 and "--report-only" in refused.stderr
