@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+import threading
 
 import pytest
 import torch
@@ -85,3 +87,35 @@ def test_learners_sharing_a_memo_score_equal_models_once_with_the_same_result():
     shared[1].train(1)  # now different weights: scored anew
     alone[1].train(1)
     assert shared[1].evaluate() == alone[1].evaluate() and memo.hits == 1
+
+
+def test_a_memo_shared_by_threads_keeps_scores_right_and_evaluations_parallel() -> None:
+    """With workers several nodes evaluate at once: their scores run side by side (the lock
+    guards the table, never a computation: both computations below must meet at the barrier),
+    and interleaved lookups and evictions (a tiny switch interval makes them interleave often)
+    still give every call its own model's score."""
+    models = [torch.nn.Linear(2, 1) for _ in range(2)]
+    memo = ScoreMemo(capacity=1)
+    meet = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    def hammer(i: int) -> None:
+        try:
+            assert memo.score(models[i], lambda: (meet.wait(), float(i))[1]) == float(i)
+            for k in range(1000):
+                j = (k + i) % len(models)
+                assert memo.score(models[j], lambda j=j: float(j)) == float(j)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and not any(t.is_alive() for t in threads)

@@ -13,6 +13,7 @@ a recomputation gives (tested).
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -35,24 +36,33 @@ def model_fingerprint(model: nn.Module) -> bytes:
 
 
 class ScoreMemo:
-    """The scores of the last `capacity` distinct models on one data set."""
+    """The scores of the last `capacity` distinct models on one data set.
+
+    Thread-safe: a simulation with workers evaluates several nodes at once, and one node's
+    eviction must not pull an entry from under another's lookup. The score itself is computed
+    outside the lock; two threads that meet the same new model both compute it, to the same
+    value.
+    """
 
     def __init__(self, capacity: int = 64) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._scores: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
 
     def score(self, model: nn.Module, compute: Callable[[], float]) -> float:
         """``compute()``'s value for this model, computed only if no identical model was scored."""
         key = model_fingerprint(model)
-        if key in self._scores:
-            self._scores.move_to_end(key)
-            self.hits += 1
-            return self._scores[key]
+        with self._lock:
+            if key in self._scores:
+                self._scores.move_to_end(key)
+                self.hits += 1
+                return self._scores[key]
         value = compute()
-        self._scores[key] = value
-        if len(self._scores) > self.capacity:
-            self._scores.popitem(last=False)
+        with self._lock:
+            self._scores[key] = value
+            if len(self._scores) > self.capacity:
+                self._scores.popitem(last=False)
         return value
