@@ -175,7 +175,8 @@ def table_row(summary: dict[str, Any], domains: list[str]) -> dict[str, Any]:
     label = LABELS[summary["method"]]
     if "rounds_done" in summary:
         done, cap = summary["rounds_done"], summary.get("first_rounds")
-        label += f" (first {done} of {summary['rounds']} rounds)" if done == cap else f" (stopped after {done} of {summary['rounds']} rounds)"
+        first = cap is not None and done == min(cap, summary["rounds"])
+        label += f" (first {done} of {summary['rounds']} rounds)" if first else f" (stopped after {done} of {summary['rounds']} rounds)"
     row = {
         "method": label,
         "MRR %": 100 * m["mrr"],
@@ -269,8 +270,8 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    if args.first_rounds and not args.report_only:
-        parser.error("--first-rounds reads finished run folders: use it with --report-only")
+    if args.first_rounds < 0 or (args.first_rounds and not args.report_only):
+        parser.error("--first-rounds N (N >= 1) reads run folders: use it with --report-only")
     if base.run.compression != "none":
         parser.error("the byte check counts float32 experts: run the replication without --compression")
     run, task, fmoe = base.run, base.task, base.method

@@ -68,12 +68,13 @@ class ByteLedger:
         This is the figure a client pays per round: for FedAvg, one upload and one download.
         """
         nodes = list(nodes)
-        scale = 1.0 / (len(nodes) * rounds) if nodes and rounds else 0.0
         members = set(nodes)
-        by_kind: dict[str, float] = defaultdict(float)
-        total = 0.0
-        for e in self.entries:
-            touches = (e.src in members) + (e.dst in members)
-            by_kind[e.kind] += touches * e.total * scale
-            total += touches * e.total * scale
-        return {"total": total, "by_kind": dict(sorted(by_kind.items()))}
+        by_kind: dict[str, int] = defaultdict(int)
+        for e in self.entries:  # integer sums: the same whatever order the entries were recorded in
+            by_kind[e.kind] += ((e.src in members) + (e.dst in members)) * e.total
+        count = len(nodes) * rounds
+
+        def mean(byte_count: int) -> float:
+            return byte_count / count if count else 0.0
+
+        return {"total": mean(sum(by_kind.values())), "by_kind": {kind: mean(v) for kind, v in sorted(by_kind.items())}}

@@ -54,10 +54,13 @@ class RunOptions(Options):
         choices=("local", "none"),
     )
     compute_time: str = option("none", "simulated training time of a node per round: none, constant:SECONDS or per_example:SECONDS (added to sim_seconds)")
-    threads: int = option(0, "torch threads per process; 0: all cores for simulate (1 per worker with workers > 1), cores // processes for swarm", minimum=0)
+    threads: int = option(
+        0, "torch threads per process (per worker with workers > 1); 0: all cores for simulate (1 with workers), cores // processes for swarm", minimum=0
+    )
     workers: int = option(
         1,
-        "simulate: nodes that train and evaluate at once, in threads of one process (methods that draw from torch's global RNG stop with an error)",
+        "simulate, CPU: nodes that train and evaluate at once, in threads of one process; same metrics and bytes, "
+        "sim_seconds not reproducible (methods that draw from torch's global RNG stop with an error)",
         minimum=1,
     )
     device: str = option("auto", "where models train: auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))

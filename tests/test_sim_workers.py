@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,31 @@ def test_a_method_drawing_from_the_global_rng_stops_a_parallel_run() -> None:
     before = torch.get_rng_state()
     with pytest.raises(GlobalRNGUsed, match="workers = 1"):
         _network(2, draw=True).run_round(0)
-    torch.set_rng_state(before)
+    assert torch.equal(torch.get_rng_state(), before)  # the run leaves the process's stream as it found it
+
+
+def test_a_failing_node_stops_the_run_before_the_queued_calls_start() -> None:
+    """Eight nodes, two workers: node "a" fails at once; the calls still queued are cancelled,
+    not run (a round of training for every node otherwise)."""
+    started: list[str] = []
+
+    class Failing(_Learner):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def train(self, epochs: int) -> dict[str, float]:
+            started.append(self.name)
+            if self.name == "a":
+                raise RuntimeError("node a failed")
+            time.sleep(0.3)
+            return {"train_loss": 0.0}
+
+    names = "abcdefgh"
+    network = SimNetwork({n: LocalMethod(n, Failing(n)) for n in names}, workers=2)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="node a failed"):
+        network.run_round(0)
+    assert "a" in started and len(started) < len(names)
 
 
 def test_workers_must_be_positive() -> None:

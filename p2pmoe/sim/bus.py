@@ -12,11 +12,13 @@ Parallel blocking calls (project decision): torch's global RNG is one per proces
 running at once cannot each have their own stream of it as they do one at a time. With
 workers the calls run on the process's stream and the network checks after every call that
 the stream is untouched; a method that draws from it (dropout, a noisy gate) stops the run
-with `GlobalRNGUsed` rather than give results that depend on thread timing. Everything else
-is as one at a time: methods combine what arrives in client order, never arrival order (the
-swarm relies on it too), so a run with workers gives the numbers of a one-at-a-time run with
-the same torch threads per call; only the order of lines in metrics.jsonl and the ledger
-may differ.
+with `GlobalRNGUsed` rather than give results that depend on thread timing (the check sees
+the CPU generator only, so the simulator runs workers on the CPU only). Methods combine what
+arrives in client order, never arrival order (the swarm relies on it too), so a run with
+workers gives the metrics and byte counts of a one-at-a-time run with the same torch threads
+per call. What may differ: the order of lines in metrics.jsonl and the ledger, and the
+simulated link time (``sim_seconds``), which counts each round's message phases: a message
+that reaches a node still training waits for it, and which ones do depends on thread timing.
 """
 
 from __future__ import annotations
@@ -150,11 +152,18 @@ class SimNetwork:
             await asyncio.gather(*(self._drive(node, first, rounds, eval_every) for node in self.runners.values()))
             return self.rows
         self._rng_at_start = torch.get_rng_state()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="p2pmoe-sim") as self._pool:
-            try:
-                await asyncio.gather(*(self._drive(node, first, rounds, eval_every) for node in self.runners.values()))
-            finally:
-                self._pool = None
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="p2pmoe-sim")
+        tasks = [asyncio.ensure_future(self._drive(node, first, rounds, eval_every)) for node in self.runners.values()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            # On an error, calls still queued never start (a whole round of training otherwise),
+            # the other nodes stop, and the process's RNG stream is as it was before the run.
+            for task in tasks:
+                task.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            torch.set_rng_state(self._rng_at_start)
         return self.rows
 
     def run_round(self, round_index: int) -> dict[str, dict[str, float]]:

@@ -19,6 +19,7 @@ from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig, parse_compute_time
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.sim.links import comm_time_by_round
+from p2pmoe.tasks.base import resolve_device
 from p2pmoe.wire.compression import parse_compression
 
 
@@ -73,6 +74,8 @@ def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> list[float
 def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True) -> dict[str, Any]:
     """Run `cfg` on the in-memory network; return the summary written to summary.json. With
     `report`, also write the run's report (figures, index.html) into `<out>/report`."""
+    if cfg.run.workers > 1 and resolve_device(cfg.run.device).type != "cpu":
+        raise ValueError("workers > 1 runs on the CPU only (--device cpu): the check that no node draws from torch's global RNG sees the CPU generator")
     threads = cfg.run.threads or (1 if cfg.run.workers > 1 else 0)
     if threads:
         torch.set_num_threads(threads)
