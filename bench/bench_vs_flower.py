@@ -298,7 +298,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None
 def _p2pmoe_command(system: str, setting: Setting, out: Path) -> list[str]:
     """The command line of a p2pmoe system: `simulate` (optionally with workers) or `swarm`."""
     kind = "swarm" if system == "p2pmoe-swarm" else "simulate"
-    workers = ["--workers", str(os.cpu_count() or 1)] if system == "p2pmoe-simulate-workers" else []
+    workers = ["--workers", str(os.cpu_count() or 1), "--device", "cpu"] if system == "p2pmoe-simulate-workers" else []
     return [
         sys.executable,
         "-m",

@@ -93,7 +93,7 @@ def test_two_workers_give_the_numbers_and_bytes_of_one_at_a_time(tmp_path: Path,
 
     def run(workers: int) -> dict:
         cfg = default_config(
-            method=method, data="fmnist", nodes=4, rounds=2, max_train_per_node=300, threads=1, workers=workers, out=str(tmp_path / f"w{workers}")
+            method=method, data="fmnist", nodes=4, rounds=2, max_train_per_node=300, threads=1, workers=workers, device="cpu", out=str(tmp_path / f"w{workers}")
         )
         return run_simulation(with_options(cfg, task_options={"global_test_size": 300}), progress=False, report=False)
 
