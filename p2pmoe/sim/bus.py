@@ -148,22 +148,21 @@ class SimNetwork:
     async def run(self, rounds: int, eval_every: int = 1, first: int = 0) -> list[Row]:
         """Run every node's rounds `first`..`rounds - 1` to the end; return the rows."""
         self._running = len(self.runners)
-        if self.workers == 1:
-            await asyncio.gather(*(self._drive(node, first, rounds, eval_every) for node in self.runners.values()))
-            return self.rows
-        self._rng_at_start = torch.get_rng_state()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="p2pmoe-sim")
         tasks = [asyncio.ensure_future(self._drive(node, first, rounds, eval_every)) for node in self.runners.values()]
+        if self.workers > 1:
+            self._rng_at_start = torch.get_rng_state()
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="p2pmoe-sim")
         try:
             await asyncio.gather(*tasks)
         finally:
-            # On an error, calls still queued never start (a whole round of training otherwise),
-            # the other nodes stop, and the process's RNG stream is as it was before the run.
+            # On an error the other nodes stop, calls still queued in the pool never start (a
+            # whole round of training otherwise), and the process's RNG stream is as before.
             for task in tasks:
                 task.cancel()
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-            torch.set_rng_state(self._rng_at_start)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+                torch.set_rng_state(self._rng_at_start)
         return self.rows
 
     def run_round(self, round_index: int) -> dict[str, dict[str, float]]:
