@@ -8,6 +8,7 @@ import argparse
 import csv
 import gzip
 import json
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -193,3 +194,13 @@ def test_rerun_command_writes_switches_bare_and_only_when_set():
     parser.add_argument("--reuse", action="store_true")
     args = parser.parse_args(["--report-only"])
     assert rerun_command("bench/x.py", args, parser=parser) == "python bench/x.py --rounds 3 --report-only"
+
+
+def test_rerun_command_quotes_values_so_the_line_parses_back():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(["--only", "φ gossip all", "--rounds", "5"])
+    line = rerun_command("bench/x.py", args, parser=parser)
+    assert line == "python bench/x.py --only 'φ gossip all' --rounds 5"
+    assert parser.parse_args(shlex.split(line)[2:]) == args

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -56,7 +57,8 @@ def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (
     With `parser`, each option is written as the flag that sets it (dest `method.p` is
     `--fedmoe-p`); without, as its dest with dashes and without the section (`run.batch_size`
     is `--batch-size`), which is wrong for a method option whose flags carry a prefix.
-    `skip` names dests to leave out."""
+    `skip` names dests to leave out. Values are shell-quoted, so a value with spaces (an
+    `--only` label such as "φ gossip all") pastes back as one argument."""
     flags: dict[str, str] = {}
     switches: set[str] = set()  # store_true options: the bare flag when set, nothing when not
     if parser is not None:
@@ -72,5 +74,5 @@ def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (
         if v in (None, "") or k in skipped or (k in switches and v is False):
             continue
         flag = flags.get(k) or "--" + k.rsplit(".", 1)[-1].replace("_", "-")
-        given.append(flag if k in switches else f"{flag} {v}")
+        given.append(flag if k in switches else f"{flag} {shlex.quote(str(v))}")
     return " ".join([f"python {script}", *given])
