@@ -146,25 +146,27 @@ def expert_traffic_check(traffic: dict[int, dict[str, dict[str, int]]], rounds: 
     )
 
 
-def _run(cfg: ExperimentConfig) -> dict[str, Any]:
-    """One method in a worker process; its CPU time says what it costs whatever ran beside it."""
+def _run(cfg: ExperimentConfig, checkpoint_every: int = 0) -> dict[str, Any]:
+    """One method in a worker process; its CPU time says what it costs whatever ran beside it
+    (this process's part only, for a run resumed from a checkpoint). With `checkpoint_every`,
+    the run checkpoints and goes on from its folder's checkpoint of the same setting."""
     started = time.process_time()
-    summary = run_simulation(cfg, progress=False)
+    summary = run_simulation(cfg, progress=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
     return {**summary, "cpu_seconds": round(time.process_time() - started, 1)}
 
 
-def run_all(configs: dict[str, ExperimentConfig], jobs: int) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+def run_all(configs: dict[str, ExperimentConfig], jobs: int, checkpoint_every: int = 0) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
     """(method, summary or the error that stopped it) as each finishes: in this process for
     one job, else `jobs` workers. One method's failure does not lose the others' results."""
     if jobs == 1:
         for method, cfg in configs.items():
             try:
-                yield method, _run(cfg)
+                yield method, _run(cfg, checkpoint_every)
             except Exception as exc:  # reported in the table; the other methods still run
                 yield method, exc
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run, cfg): method for method, cfg in configs.items()}
+        futures = {pool.submit(_run, cfg, checkpoint_every): method for method, cfg in configs.items()}
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], error if isinstance(error, Exception) else future.result()
@@ -246,6 +248,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
     parser.add_argument("--reuse", action="store_true", help="take a method from its run folder when it finished there with this exact setting")
     parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="each run checkpoints every N rounds and, run again, goes on from its folder's checkpoint (p2pmoe simulate --resume); 0: never",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: finished runs as --reuse, runs stopped early from their metrics.jsonl up to their last round every client evaluated",
@@ -270,6 +279,8 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.checkpoint_every < 0:
+        parser.error("--checkpoint-every must be 0 (never) or a number of rounds")
     if args.first_rounds < 0 or (args.first_rounds and not args.report_only):
         parser.error("--first-rounds N (N >= 1) reads run folders: use it with --report-only")
     if base.run.compression != "none":
@@ -302,7 +313,7 @@ def main() -> None:
             f"running {len(pending)} methods on {run.data} ({', '.join(domains)}), {args.jobs} at a time; per-round metrics in {runs}/<method>/metrics.jsonl",
             flush=True,
         )
-    for method, outcome in run_all(pending, args.jobs):
+    for method, outcome in run_all(pending, args.jobs, args.checkpoint_every):
         outcomes[method] = outcome
         if isinstance(outcome, Exception):
             print(f"  {method}: FAILED: {outcome}", flush=True)
@@ -372,7 +383,7 @@ def main() -> None:
             else "every method taken from its run folder (--reuse / --report-only), so no wall time of the whole"
         )
     )
-    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results",), parser=parser)
+    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results", "checkpoint_every"), parser=parser)
     text = (
         f"# FMoE-CDSR replication on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
         f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "

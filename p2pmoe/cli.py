@@ -50,9 +50,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     from p2pmoe.config import config_from_args
+    from p2pmoe.node.checkpoint import CheckpointError
     from p2pmoe.sim.runner import run_simulation
 
-    _print_summary(run_simulation(config_from_args(args), progress=not args.quiet, report=not args.no_report))
+    if args.checkpoint_every < 0:
+        raise SystemExit("p2pmoe simulate: --checkpoint-every must be 0 (never) or a number of rounds")
+    cfg = config_from_args(args)
+    try:
+        summary = run_simulation(cfg, progress=not args.quiet, report=not args.no_report, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except CheckpointError as exc:
+        raise SystemExit(f"p2pmoe simulate --resume: {exc}") from None
+    _print_summary(summary)
     return 0
 
 
@@ -242,6 +250,19 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     simulate = experiment("simulate", "run every node of an experiment in one process")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.add_argument("--no-report", action="store_true", help="do not write the report (figures, index.html) into <out>/report")
+    simulate.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save every node's state to <out>/checkpoint.safetensors after every N-th round and the last (0: never), for --resume",
+    )
+    simulate.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from <out>/checkpoint.safetensors of the same experiment, or start afresh without one; "
+        "the metrics and bytes are those of an uninterrupted run on the same threads and device",
+    )
     simulate.set_defaults(handler=_simulate)
 
     experiment("demo", "FedMoE-DA vs FedAvg on Fashion-MNIST with real daemons on loopback").set_defaults(handler=_demo)

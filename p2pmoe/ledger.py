@@ -40,6 +40,11 @@ class ByteLedger:
         self._sent[(src, round_index)] += entry.total
         self._received[(dst, round_index)] += entry.total
 
+    def extend(self, entries: Iterable[LedgerEntry]) -> None:
+        """Record entries read back from a ledger.csv (a resumed simulation's earlier rounds)."""
+        for e in entries:
+            self.record(e.round, e.src, e.dst, e.kind, e.header_bytes, e.payload_bytes, e.phase)
+
     def totals(self) -> dict[str, object]:
         """Bytes of all messages, split into header and payload and by message kind."""
         by_kind: dict[str, int] = defaultdict(int)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from p2pmoe.fsio import atomic_write_json
+from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.ledger import LedgerEntry
 
 LEDGER_FIELDS = [f.name for f in dataclasses.fields(LedgerEntry)]
+T = TypeVar("T")
 
 
 class RunFolder:
@@ -42,7 +44,7 @@ class RunFolder:
 
     def log_messages(self, entries: Iterable[LedgerEntry]) -> None:
         """Append ledger rows, one per message."""
-        self._ledger.writerows([getattr(e, name) for name in LEDGER_FIELDS] for e in entries)
+        self._ledger.writerows(_ledger_rows(entries))
         self._ledger_file.flush()
 
     def close(self) -> None:
@@ -55,6 +57,51 @@ class RunFolder:
         atomic_write_json(self.path / "summary.json", summary)
 
 
+def _ledger_rows(entries: Iterable[LedgerEntry]) -> list[list[Any]]:
+    return [[getattr(e, name) for name in LEDGER_FIELDS] for e in entries]
+
+
+def cut_records(path: str | Path, last_round: int) -> tuple[list[dict[str, Any]], list[LedgerEntry]]:
+    """Keep only the metrics rows and ledger entries of rounds up to `last_round` in the run
+    folder `path` (a resumed simulation drops what it will run again); return what is kept.
+    A torn last line (a kill mid-write) is dropped with the rest of the later rounds; a bad line
+    elsewhere raises ValueError before anything is written. Each file is replaced atomically,
+    so a kill here loses nothing that is kept."""
+    path = Path(path)
+    metrics, ledger = path / "metrics.jsonl", path / "ledger.csv"
+    rows = [r for r in _lines(metrics, json.loads) if r["round"] <= last_round]
+    entries = [e for e in _lines(ledger, _ledger_entry, header=True) if e.round <= last_round]
+    atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([LEDGER_FIELDS, *_ledger_rows(entries)])
+    atomic_write_bytes(ledger, text.getvalue().encode())
+    return rows, entries
+
+
+def _lines(path: Path, parse: Callable[[str], T], header: bool = False) -> list[T]:
+    """Each non-blank line of `path` parsed (none if it does not exist); an unparseable last
+    line is taken for a torn write and skipped."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines()[1 if header else 0 :] if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(parse(line))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1 + header}: {exc}") from None
+    return out
+
+
+def _ledger_entry(line: str) -> LedgerEntry:
+    values = next(csv.reader([line]))
+    if len(values) != len(LEDGER_FIELDS):
+        raise ValueError(f"{len(values)} fields, expected {len(LEDGER_FIELDS)}")
+    r = dict(zip(LEDGER_FIELDS, values, strict=True))
+    return LedgerEntry(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]), int(r["phase"]))
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl file (blank lines skipped)."""
     with open(path) as handle:
@@ -64,7 +111,4 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def read_ledger(path: str | Path) -> list[LedgerEntry]:
     """The messages of a ledger.csv file, as the entries they were written from."""
     with open(path, newline="") as handle:
-        return [
-            LedgerEntry(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]), int(r["phase"]))
-            for r in csv.DictReader(handle)
-        ]
+        return [_ledger_entry(line) for line in list(handle)[1:] if line.strip()]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from p2pmoe.node.checkpoint import load_checkpoint
+
 BENCH = Path(__file__).parent.parent / "bench" / "bench_fmoe_cdsr.py"
 OPTIONS = ["--data", "fkcb", "--rounds", "2", "--embed-dim", "8", "--max-len", "8", "--negatives", "20", "--threads", "1"]
 
@@ -90,3 +92,17 @@ def test_report_only_tables_finished_and_stopped_runs_without_running(fkcb_like,
     assert "Local, FMoE-CDSR branch (first 1 of 2 rounds)" in (tmp_path / "r.md").read_text()
     refused = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--first-rounds", "1", cwd=tmp_path)
     assert refused.returncode == 2 and "--report-only" in refused.stderr
+
+
+def test_checkpoint_every_lets_a_rerun_go_on_from_the_run_folder(fkcb_like, tmp_path):
+    args = (*OPTIONS, "--data-root", str(fkcb_like), "--only", "local", "--name", "c", "--results", str(tmp_path), "--checkpoint-every", "1")
+    first = _bench(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "no checkpoint" in first.stderr
+    checkpoint = load_checkpoint(tmp_path / "runs" / "bench_c" / "local" / "checkpoint.safetensors")
+    assert checkpoint is not None and checkpoint.round == 1
+    again = _bench(*args, cwd=tmp_path)  # a finished run resumes to itself: nothing runs again
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr and "after round 2 of 2" in again.stderr
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert rows[0]["metrics"]["mrr"] > 0 and "--checkpoint-every" not in (tmp_path / "c.md").read_text()

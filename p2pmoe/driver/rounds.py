@@ -48,14 +48,16 @@ def evaluation_due(round_index: int, rounds: int, every: int) -> bool:
     return (round_index + 1) % every == 0 or round_index == rounds - 1
 
 
-async def drive_rounds(node: NodeRunner, port: Port, first: int, rounds: int, eval_every: int, deadline: float) -> int:
-    """Run rounds `first`..`rounds - 1`; return the last round completed (first - 1 if none).
+async def drive_rounds(node: NodeRunner, port: Port, first: int, rounds: int, eval_every: int, deadline: float, stop: int | None = None) -> int:
+    """Run rounds `first`..`rounds - 1` of a `rounds`-round run (only up to `stop - 1` with
+    `stop`: the simulator's stretches between checkpoints); return the last round completed
+    (first - 1 if none).
 
     A stop request mid-round leaves that round incomplete: it is neither logged nor
     checkpointed, so a restarted node runs it again.
     """
     completed = first - 1
-    for r in range(first, rounds):
+    for r in range(first, rounds if stop is None else stop):
         if port.stopping():
             log.info("%s: stopping before round %d", node.node_id, r)
             break

@@ -179,6 +179,11 @@ class NodeRunner:
     def round_complete(self) -> bool:
         return self.method.round_complete()
 
+    @property
+    def holds_messages(self) -> bool:
+        """Messages wait here for a later round or for a blocking call to end."""
+        return bool(self._held)
+
     # -- blocking calls (the driver marks the runner busy around them) ---------------------------
 
     def train(self, round_index: int) -> dict[str, float]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +18,10 @@ from p2pmoe.methods.base import LearnerMethod
 from p2pmoe.participation import Participation
 from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder
-from p2pmoe.settings import ExperimentConfig, parse_compute_time
+from p2pmoe.settings import ExperimentConfig, config_hash, parse_compute_time
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.sim.links import comm_time_by_round
+from p2pmoe.sim.resume import CHECKPOINT_NAME, checkpoint_due, resume_network, save_network
 from p2pmoe.tasks.base import resolve_device
 from p2pmoe.wire.compression import parse_compression
 
@@ -71,39 +74,65 @@ def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> list[float
     return [seconds * cfg.run.local_epochs * max((sizes[n] for n in participation.among(sizes, r)), default=0) for r in range(cfg.run.rounds)]
 
 
-def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True) -> dict[str, Any]:
+def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True, checkpoint_every: int = 0, resume: bool = False) -> dict[str, Any]:
     """Run `cfg` on the in-memory network; return the summary written to summary.json. With
-    `report`, also write the run's report (figures, index.html) into `<out>/report`."""
+    `report`, also write the run's report (figures, index.html) into `<out>/report`.
+
+    `checkpoint_every` N > 0 writes every node's state to `<out>/checkpoint.safetensors` after
+    every N-th round and the last; `resume` goes on from that file when `<out>` has one (see
+    `p2pmoe.sim.resume`) and starts at round 0 when it has none. A resumed run gives the
+    metrics and bytes of one that was never interrupted."""
     if cfg.run.workers > 1 and resolve_device(cfg.run.device).type != "cpu":
         raise ValueError("workers > 1 runs on the CPU only (--device cpu): the check that no node draws from torch's global RNG sees the CPU generator")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be 0 (never) or a number of rounds, got {checkpoint_every}")
     threads = cfg.run.threads or (1 if cfg.run.workers > 1 else 0)
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
     experiment = build_experiment(cfg)
     cfg = experiment.cfg
+    out, rounds, fingerprint = Path(cfg.run.out), cfg.run.rounds, config_hash(cfg)
     ledger = ByteLedger()
-    folder = RunFolder(cfg.run.out)
     key = experiment.task.selection.key or experiment.task.metrics[0]
-    bar = _Progress(cfg.run.rounds, experiment.clients, key, ledger, f"{cfg.run.method} on {cfg.run.data}", progress)
+    bar = _Progress(rounds, experiment.clients, key, ledger, f"{cfg.run.method} on {cfg.run.data}", progress)
     seeds = {node: node_seed(cfg, node) for node in experiment.nodes}
     accounting = cfg.run.train == "none"
     on_round = bar if progress else None  # nobody reads a hidden bar's postfix, which sums the whole ledger each round
     network = SimNetwork(
-        experiment.nodes,
-        ledger,
-        seeds,
-        accounting,
-        compression=parse_compression(cfg.run.compression),
-        folder=folder,
-        on_round=on_round,
-        workers=cfg.run.workers,
+        experiment.nodes, ledger, seeds, accounting, compression=parse_compression(cfg.run.compression), on_round=on_round, workers=cfg.run.workers
     )
+    resumed = resume_network(out, network.runners, fingerprint, rounds) if resume else None
+    first, earlier_wall = 0, 0.0
+    if resumed is not None:
+        first, earlier_wall = resumed.round + 1, resumed.wall_seconds
+        ledger.extend(resumed.ledger)
+        network.rows = [{k: v for k, v in row.items() if k != "diagnostics"} for row in resumed.rows]
+        bar.bar.update(first)
+        print(f"resuming {out} after round {resumed.round + 1} of {rounds} from {out / CHECKPOINT_NAME}", file=sys.stderr, flush=True)
+    elif resume:
+        print(f"no checkpoint in {out}: starting at round 1 of {rounds}", file=sys.stderr, flush=True)
+    folder = network.folder = RunFolder(out, append=resumed is not None)
+    logged = len(ledger.entries)  # ledger entries already in ledger.csv
+
+    async def drive() -> list[Row]:
+        nonlocal logged
+        start = first
+        while start < rounds:
+            stop = min(rounds, (start // checkpoint_every + 1) * checkpoint_every) if checkpoint_every else rounds
+            await network.run(rounds, cfg.run.eval_every, first=start, stop=stop)
+            if checkpoint_due(stop - 1, rounds, checkpoint_every):
+                folder.log_messages(ledger.entries[logged:])
+                logged = len(ledger.entries)
+                save_network(out, stop - 1, network.runners, fingerprint, earlier_wall + time.perf_counter() - started)
+            start = stop
+        return network.rows
+
     try:
-        rows = asyncio.run(network.run(cfg.run.rounds, cfg.run.eval_every))
+        rows = asyncio.run(drive())
     finally:
         bar.bar.close()
-    summary = make_summary(cfg, experiment.task.selection, rows, ledger, experiment.clients, time.perf_counter() - started, "simulate")
+    summary = make_summary(cfg, experiment.task.selection, rows, ledger, experiment.clients, earlier_wall + time.perf_counter() - started, "simulate")
     per_round = comm_time_by_round(ledger.entries, experiment.graph, (cfg.run.link_bandwidth, cfg.run.link_latency))
     compute = compute_seconds(cfg, experiment)
     summary["sim_seconds"] = {
@@ -113,7 +142,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
         "total": sum(per_round.values()) + sum(compute),
         "by_round": [per_round.get(r, 0.0) + compute[r] for r in range(cfg.run.rounds)],
     }
-    folder.log_messages(ledger.entries)
+    folder.log_messages(ledger.entries[logged:])
     folder.finish(summary)
     if report:
         write_report([cfg.run.out], echo=False)

@@ -1,0 +1,94 @@
+"""Checkpoints of a whole simulated network, so an interrupted `simulate` can go on.
+
+A long simulation (FMoE-CDSR on FKCB takes minutes a round on a CPU) should survive a kill
+or the end of a session. The simulator runs between checkpoints in stretches that end with
+every node at the same finished round and nothing in flight (`SimNetwork.run` with `stop`),
+and then writes one file, `<out>/checkpoint.safetensors`, with every node's state (method,
+learner, optimiser, RNG stream: what a daemon checkpoints for itself), prefixed by node id.
+
+The run folder's metrics.jsonl and ledger.csv are the run's record up to that round: on
+resume, lines of later rounds (written before a crash) are dropped, atomically, and the
+ledger is read back into memory, so the summary counts every byte of the whole run.
+Project decision: the checkpoint names the experiment by its config hash (node-local keys
+such as threads or workers may change between the stretches; nothing that changes results
+may), and a mismatch is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from p2pmoe.driver.runner import NodeRunner
+from p2pmoe.driver.summary import Row
+from p2pmoe.ledger import LedgerEntry
+from p2pmoe.node.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from p2pmoe.runs import cut_records
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+SEPARATOR = "/"  # node ids never contain it (p2pmoe.naming), so the first one splits a key
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a run folder holds after round `round`: the rows (diagnostics included, as in
+    metrics.jsonl) and the ledger, both cut at that round, and the wall time spent so far."""
+
+    round: int
+    rows: list[Row]
+    ledger: list[LedgerEntry]
+    wall_seconds: float
+
+
+def checkpoint_due(round_index: int, rounds: int, every: int) -> bool:
+    """After every `every`-th round and after the last (so `--resume` of a finished run only
+    rewrites its summary); never with `every` 0."""
+    return every > 0 and ((round_index + 1) % every == 0 or round_index == rounds - 1)
+
+
+def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunner], config_hash: str, wall_seconds: float) -> None:
+    """Write every node's state after `round_index` (atomically: a kill leaves the last one)."""
+    state: dict[str, torch.Tensor] = {}
+    for node, runner in runners.items():
+        if runner.holds_messages:
+            raise RuntimeError(f"{node} still holds messages after round {round_index}: not a consistent cut")
+        state.update({f"{node}{SEPARATOR}{key}": tensor for key, tensor in runner.state_dict().items()})
+    extra = {"config_hash": config_hash, "nodes": sorted(runners), "wall_seconds": wall_seconds}
+    save_checkpoint(folder / CHECKPOINT_NAME, round_index, state, extra)
+
+
+def resume_network(folder: Path, runners: Mapping[str, NodeRunner], config_hash: str, rounds: int) -> Resumed | None:
+    """Load the checkpoint in `folder` into `runners` and cut the folder's files at its round;
+    None when there is none. Raises `CheckpointError`, before any file is touched, when the
+    checkpoint is unreadable, belongs to another experiment or does not fit the nodes."""
+    checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
+    if checkpoint is None:
+        return None
+    path = folder / CHECKPOINT_NAME
+    if checkpoint.extra.get("config_hash") != config_hash:
+        raise CheckpointError(f"{path} belongs to another experiment (config hash differs); use another --out or start afresh without --resume")
+    if checkpoint.extra.get("nodes") != sorted(runners):
+        raise CheckpointError(f"{path} holds nodes {checkpoint.extra.get('nodes')}, this run has {sorted(runners)}")
+    if not 0 <= checkpoint.round < rounds:
+        raise CheckpointError(f"{path} is after round {checkpoint.round}, outside this run's {rounds} rounds")
+    states: dict[str, dict[str, torch.Tensor]] = {node: {} for node in runners}
+    for key, tensor in checkpoint.state.items():
+        node, _, name = key.partition(SEPARATOR)
+        if node not in states or not name:
+            raise CheckpointError(f"{path}: key {key!r} names no node of this run")
+        states[node][name] = tensor
+    for node, runner in runners.items():
+        try:
+            runner.load_state_dict(states[node])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: {node}'s state does not fit its model ({exc})") from None
+        runner.round = checkpoint.round
+    try:
+        rows, ledger = cut_records(folder, checkpoint.round)
+    except ValueError as exc:
+        raise CheckpointError(f"{folder}: cannot cut its records at round {checkpoint.round} ({exc})") from None
+    wall = checkpoint.extra.get("wall_seconds", 0.0)
+    return Resumed(checkpoint.round, rows, ledger, float(wall) if isinstance(wall, (int, float)) else 0.0)
