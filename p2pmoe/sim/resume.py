@@ -27,6 +27,7 @@ from p2pmoe.driver.summary import Row
 from p2pmoe.ledger import LedgerEntry
 from p2pmoe.node.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from p2pmoe.runs import cut_records
+from p2pmoe.settings import ExperimentConfig, canonical_config, config_differences, config_hash
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 SEPARATOR = "/"  # node ids never contain it (p2pmoe.naming), so the first one splits a key
@@ -49,18 +50,18 @@ def checkpoint_due(round_index: int, rounds: int, every: int) -> bool:
     return every > 0 and ((round_index + 1) % every == 0 or round_index == rounds - 1)
 
 
-def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunner], config_hash: str, wall_seconds: float) -> None:
+def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunner], cfg: ExperimentConfig, wall_seconds: float) -> None:
     """Write every node's state after `round_index` (atomically: a kill leaves the last one)."""
     state: dict[str, torch.Tensor] = {}
     for node, runner in runners.items():
         if runner.holds_messages:
             raise RuntimeError(f"{node} still holds messages after round {round_index}: not a consistent cut")
         state.update({f"{node}{SEPARATOR}{key}": tensor for key, tensor in runner.state_dict().items()})
-    extra = {"config_hash": config_hash, "nodes": sorted(runners), "wall_seconds": wall_seconds}
+    extra = {"config_hash": config_hash(cfg), "setting": canonical_config(cfg), "nodes": sorted(runners), "wall_seconds": wall_seconds}
     save_checkpoint(folder / CHECKPOINT_NAME, round_index, state, extra)
 
 
-def resume_network(folder: Path, runners: Mapping[str, NodeRunner], config_hash: str, rounds: int) -> Resumed | None:
+def resume_network(folder: Path, runners: Mapping[str, NodeRunner], cfg: ExperimentConfig) -> Resumed | None:
     """Load the checkpoint in `folder` into `runners` and cut the folder's files at its round;
     None when there is none. Raises `CheckpointError`, before any file is touched, when the
     checkpoint is unreadable, belongs to another experiment or does not fit the nodes."""
@@ -68,8 +69,10 @@ def resume_network(folder: Path, runners: Mapping[str, NodeRunner], config_hash:
     if checkpoint is None:
         return None
     path = folder / CHECKPOINT_NAME
-    if checkpoint.extra.get("config_hash") != config_hash:
-        raise CheckpointError(f"{path} belongs to another experiment (config hash differs); use another --out or start afresh without --resume")
+    rounds = cfg.run.rounds
+    if checkpoint.extra.get("config_hash") != config_hash(cfg):
+        differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting")))
+        raise CheckpointError(f"{path} belongs to another experiment (differs in {differ}); use another --out, or start afresh without --resume")
     if checkpoint.extra.get("nodes") != sorted(runners):
         raise CheckpointError(f"{path} holds nodes {checkpoint.extra.get('nodes')}, this run has {sorted(runners)}")
     if not 0 <= checkpoint.round < rounds:

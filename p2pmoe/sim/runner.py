@@ -18,7 +18,7 @@ from p2pmoe.methods.base import LearnerMethod
 from p2pmoe.participation import Participation
 from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder
-from p2pmoe.settings import ExperimentConfig, config_hash, parse_compute_time
+from p2pmoe.settings import ExperimentConfig, parse_compute_time
 from p2pmoe.sim.bus import SimNetwork
 from p2pmoe.sim.links import comm_time_by_round
 from p2pmoe.sim.resume import CHECKPOINT_NAME, checkpoint_due, resume_network, save_network
@@ -92,7 +92,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     started = time.perf_counter()
     experiment = build_experiment(cfg)
     cfg = experiment.cfg
-    out, rounds, fingerprint = Path(cfg.run.out), cfg.run.rounds, config_hash(cfg)
+    out, rounds = Path(cfg.run.out), cfg.run.rounds
     ledger = ByteLedger()
     key = experiment.task.selection.key or experiment.task.metrics[0]
     bar = _Progress(rounds, experiment.clients, key, ledger, f"{cfg.run.method} on {cfg.run.data}", progress)
@@ -102,7 +102,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     network = SimNetwork(
         experiment.nodes, ledger, seeds, accounting, compression=parse_compression(cfg.run.compression), on_round=on_round, workers=cfg.run.workers
     )
-    resumed = resume_network(out, network.runners, fingerprint, rounds) if resume else None
+    resumed = resume_network(out, network.runners, cfg) if resume else None
     first, earlier_wall = 0, 0.0
     if resumed is not None:
         first, earlier_wall = resumed.round + 1, resumed.wall_seconds
@@ -124,7 +124,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
             if checkpoint_due(stop - 1, rounds, checkpoint_every):
                 folder.log_messages(ledger.entries[logged:])
                 logged = len(ledger.entries)
-                save_network(out, stop - 1, network.runners, fingerprint, earlier_wall + time.perf_counter() - started)
+                save_network(out, stop - 1, network.runners, cfg, earlier_wall + time.perf_counter() - started)
             start = stop
         return network.rows
 
