@@ -59,8 +59,8 @@ class RunOptions(Options):
     )
     workers: int = option(
         1,
-        "simulate, CPU: nodes that train and evaluate at once, in threads of one process; same metrics and bytes, "
-        "sim_seconds not reproducible (methods that draw from torch's global RNG stop with an error)",
+        "simulate, CPU: nodes that train and evaluate at once, in threads of one process; same metrics, bytes and sim_seconds "
+        "(methods that draw from torch's global RNG stop with an error)",
         minimum=1,
     )
     device: str = option("auto", "where models train: auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))

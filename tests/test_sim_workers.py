@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from p2pmoe.config import default_config, with_options
 from p2pmoe.data.images import FMNIST_ROOT
 from p2pmoe.methods.local import LocalMethod
+from p2pmoe.runs import read_ledger
 from p2pmoe.sim.bus import GlobalRNGUsed, SimNetwork
 from p2pmoe.sim.runner import run_simulation
 
@@ -89,7 +91,8 @@ def test_workers_must_be_positive() -> None:
 @pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data installs dataset-fashion-mnist)")
 @pytest.mark.parametrize("method", ["fedavg", "fedmoe-da", "gossip"])
 def test_two_workers_give_the_numbers_and_bytes_of_one_at_a_time(tmp_path: Path, method: str) -> None:
-    """Real data: every metric of every node and every counted byte equal, to the last digit."""
+    """Real data: every metric of every node, every counted byte and every message's phase
+    equal, to the last digit."""
 
     def run(workers: int) -> dict:
         cfg = default_config(
@@ -100,4 +103,7 @@ def test_two_workers_give_the_numbers_and_bytes_of_one_at_a_time(tmp_path: Path,
     one, two = run(1), run(2)
     assert one["per_node"] == two["per_node"] and one["metrics"] == two["metrics"]
     assert one["bytes"] == two["bytes"]
+    # Every message with its causal phase, so the simulated link time is the same too.
+    assert Counter(read_ledger(tmp_path / "w1" / "ledger.csv")) == Counter(read_ledger(tmp_path / "w2" / "ledger.csv"))
+    assert one["sim_seconds"] == two["sim_seconds"]
     assert 0.1 < one["metrics"]["accuracy"] <= 1.0

@@ -93,6 +93,17 @@ class _Held:
     src: str
     message: Message
     size: int
+    phase: int  # the phase it arrived with (see `CausedSend`)
+
+
+@dataclass(frozen=True)
+class CausedSend(Send):
+    """A send that answers a message the runner held and handed over later: `phase` is one
+    more than the held message's, so the simulator counts the causal depth of a round's
+    messages the same whether a message waited in the runner or not (the daemon, which has
+    no phases, sends it as any other)."""
+
+    phase: int = 0
 
 
 class NodeRunner:
@@ -124,13 +135,14 @@ class NodeRunner:
 
     # -- events in, sends out -------------------------------------------------------------------
 
-    def deliver(self, src: str, message: Message) -> list[Send]:
-        """A validated message from `src`: handed to the method now, or held for later."""
+    def deliver(self, src: str, message: Message, phase: int = 0) -> list[Send]:
+        """A validated message from `src`: handed to the method now, or held for later.
+        `phase` (the simulator's causal depth of the message) travels with a held message."""
         if message.kind == MessageKind.ERROR:
             failure = failure_of(message)
             return self.failed(src, failure) if failure is not None else []
         if self.busy or message.round > self.round:
-            return self._hold(src, message)
+            return self._hold(src, message, phase)
         return self._call(lambda: self.method.on_message(src, message), src, message)
 
     def failed(self, dst: str, failure: SendFailure) -> list[Send]:
@@ -239,7 +251,7 @@ class NodeRunner:
             return [Send(src, error_reply(message, "internal error"))] if message is not None and src is not None else []
         return [_on_cpu(send) for send in sends]
 
-    def _hold(self, src: str, message: Message) -> list[Send]:
+    def _hold(self, src: str, message: Message, phase: int) -> list[Send]:
         size = _payload_bytes(message)
         reason = None
         if message.round > self.round + MAX_ROUNDS_AHEAD and self.method.participation.everyone:
@@ -253,7 +265,7 @@ class NodeRunner:
             h.src == src and h.message.kind == message.kind and h.message.meta.get("req") == message.meta["req"] for h in self._held
         ):
             return []  # a retried request whose first copy is still held: answer it once
-        self._held.append(_Held(src, message, size))
+        self._held.append(_Held(src, message, size, phase))
         self._held_bytes += size
         return []
 
@@ -266,5 +278,5 @@ class NodeRunner:
         self._held_bytes = sum(h.size for h in self._held)
         sends: list[Send] = []
         for h in ready:
-            sends += self.deliver(h.src, h.message)
+            sends += [CausedSend(s.dst, s.message, max(h.phase + 1, getattr(s, "phase", 0))) for s in self.deliver(h.src, h.message, h.phase)]
         return sends

@@ -16,9 +16,14 @@ with `GlobalRNGUsed` rather than give results that depend on thread timing (the 
 the CPU generator only, so the simulator runs workers on the CPU only). Methods combine what
 arrives in client order, never arrival order (the swarm relies on it too), so a run with
 workers gives the metrics and byte counts of a one-at-a-time run with the same torch threads
-per call. What may differ: the order of lines in metrics.jsonl and the ledger, and the
-simulated link time (``sim_seconds``), which counts each round's message phases: a message
-that reaches a node still training waits for it, and which ones do depends on thread timing.
+per call. Only the order of lines in metrics.jsonl and the ledger may differ.
+
+Message phases (the causal depth that `sim_seconds` is built from): a node's sends at the
+start of its round are phase 0, a reply is one more than what it answers. A message that
+reaches a node still training, or not yet in the message's round, waits in its runner; it
+keeps its phase there and the runner marks what answers it (`CausedSend`), so phases, and
+the simulated time, do not depend on which node happened to run first: not with workers, not
+after a checkpoint (`p2pmoe.sim.resume`), not in round 0.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any, TypeVar
 import torch
 
 from p2pmoe.driver.rounds import drive_rounds
-from p2pmoe.driver.runner import NodeRunner, request_id
+from p2pmoe.driver.runner import CausedSend, NodeRunner, request_id
 from p2pmoe.driver.summary import Row, metrics_row
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import Method, SendFailure
@@ -95,7 +100,7 @@ class SimNetwork:
         if node.node_id in self._late:  # sent on the deadline: after everything the round carried
             self._late.discard(node.node_id)
             phase = self._deepest.get(node.round, -1) + 1
-        self._queue.extend((node.node_id, send, phase) for send in sends)
+        self._queue.extend((node.node_id, send, max(phase, send.phase) if isinstance(send, CausedSend) else phase) for send in sends)
         self._drain()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -203,7 +208,7 @@ class SimNetwork:
                 src, send, phase = self._queue.popleft()
                 origin, replies = self._deliver(src, send, phase)
                 touched.add(origin)
-                self._queue.extend((origin, reply, phase + 1) for reply in replies)
+                self._queue.extend((origin, reply, max(phase + 1, reply.phase) if isinstance(reply, CausedSend) else phase + 1) for reply in replies)
         finally:
             self._draining = False
         self._wake(touched)
@@ -220,4 +225,4 @@ class SimNetwork:
         self.ledger.record(message.round, src, send.dst, message.kind.value, *frame_sizes(frames), phase=phase)
         self._deepest[message.round] = max(self._deepest.get(message.round, -1), phase)
         envelope = decode(frames, self.limits)
-        return send.dst, runner.deliver(envelope.src, envelope.message)
+        return send.dst, runner.deliver(envelope.src, envelope.message, phase)
