@@ -346,9 +346,10 @@ def main() -> None:
         if traffic is None:
             checks.append(f"- {method}: its run folder kept no ledger.csv, so its traffic per client is not checked")
         elif method in MIXTURES:
-            ok = expert_traffic_check(traffic, run.rounds, len(domains), expert_bytes)
+            checked = outcome.get("rounds_done") or run.rounds  # a run stopped early: the rounds it logged
+            ok = expert_traffic_check(traffic, checked, len(domains), expert_bytes)
             checks.append(
-                f"- {method}: in each of the {run.rounds} rounds every client uploaded {expert_bytes:,} B and "
+                f"- {method}: in each of the {checked} rounds every client uploaded {expert_bytes:,} B and "
                 f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}"
             )
     if run.data == "fkcb":

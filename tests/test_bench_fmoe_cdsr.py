@@ -70,6 +70,7 @@ def test_report_only_tables_finished_and_stopped_runs_without_running(fkcb_like,
     text = (tmp_path / "r.md").read_text()
     assert "FMoE-CDSR (stopped after 1 of 2 rounds)" in text and "--report-only" in text and "--report-only True" not in text
     assert "## FMoE-CDSR\n" in text  # the per-round gate table
+    assert "- fmoe-cdsr: in each of the 1 rounds every client uploaded" in text  # the rounds it logged, checked
     # one budget for all: the finished runs read over their first round only, like the stopped one
     capped = _bench(
         *OPTIONS,
