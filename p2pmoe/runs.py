@@ -98,8 +98,8 @@ def _ledger_entry(line: str) -> LedgerEntry:
     values = next(csv.reader([line]))
     if len(values) != len(LEDGER_FIELDS):
         raise ValueError(f"{len(values)} fields, expected {len(LEDGER_FIELDS)}")
-    r = dict(zip(LEDGER_FIELDS, values, strict=True))
-    return LedgerEntry(int(r["round"]), r["src"], r["dst"], r["kind"], int(r["header_bytes"]), int(r["payload_bytes"]), int(r["phase"]))
+    round_index, src, dst, kind, header, payload, phase = values  # LEDGER_FIELDS' order
+    return LedgerEntry(int(round_index), src, dst, kind, int(header), int(payload), int(phase))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -278,5 +278,6 @@ class NodeRunner:
         self._held_bytes = sum(h.size for h in self._held)
         sends: list[Send] = []
         for h in ready:
-            sends += [CausedSend(s.dst, s.message, max(h.phase + 1, getattr(s, "phase", 0))) for s in self.deliver(h.src, h.message, h.phase)]
+            # the runner now is in the message's round and not busy, so nothing is held again
+            sends += [CausedSend(s.dst, s.message, h.phase + 1) for s in self.deliver(h.src, h.message, h.phase)]
         return sends

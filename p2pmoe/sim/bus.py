@@ -208,7 +208,7 @@ class SimNetwork:
                 src, send, phase = self._queue.popleft()
                 origin, replies = self._deliver(src, send, phase)
                 touched.add(origin)
-                self._queue.extend((origin, reply, max(phase + 1, reply.phase) if isinstance(reply, CausedSend) else phase + 1) for reply in replies)
+                self._queue.extend((origin, reply, phase + 1) for reply in replies)
         finally:
             self._draining = False
         self._wake(touched)
