@@ -1,0 +1,192 @@
+"""Does FMoE-CDSR's learned gate mix its branches worse than equal weights would?
+
+    python bench/fmoe_cdsr_gate_probe.py --data-root DIR --embed-dim 64 ... --run-folder runs/bench_NAME/fmoe-cdsr
+
+Why: FMoE-CDSR's gate sees its branches' logits through a stop-gradient and each branch is
+trained by its own cross-entropy, so the gate never changes what the branches learn; a run
+with the learned gate and a run with equal weights differ in how they mix and in the random
+numbers they drew (the gate's dropout shifts every later draw). This probe takes one run's
+branches and scores them with several mixes, so the mixes compare without that noise.
+
+Reads a run folder's checkpoint (bench_fmoe_cdsr's `--checkpoint-every`), rebuilds its clients
+from the same flags the run was given (the checkpoint's config hash must match) and, without
+training, scores every client's validation and test sequences (FedDCSR's sampled negatives,
+the run's own) with: the learned gate; equal weights over the available branches; the own
+branch alone; and the constant own-branch weight (0, 0.1, ..., 1; the rest shared equally)
+best on the client's validation split, the most any constant mix could give. It also gives
+the gate's mean weight on the own branch over the client's training, validation and test
+sequences: a gate that trusted the own branch more on the sequences that branch was trained
+on than on unseen ones would have learned its memorisation. Prints a table, saves
+bench/results/<name>.json and .md. Nothing in the run folder is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve
+from p2pmoe.driver.runner import RNG_KEY
+from p2pmoe.eval.metrics import ranking_metrics
+from p2pmoe.experiment import build_experiment
+from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.learners.sequential import NextItemLearner
+from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient
+from p2pmoe.models.fmoe_cdsr import FMoECDSR
+from p2pmoe.node.checkpoint import CheckpointError, load_checkpoint
+from p2pmoe.report import format_table, rerun_command
+from p2pmoe.settings import ExperimentConfig, canonical_config, config_differences, config_hash
+from p2pmoe.sim.resume import CHECKPOINT_NAME, SEPARATOR
+
+RESULTS = Path(__file__).parent / "results"
+OWN_WEIGHTS = tuple(w / 10 for w in range(11))
+"""The constant own-branch weights tried (the rest shared equally by the foreign branches)."""
+SPLITS = ("train", "valid", "test")
+
+
+class ConstantGate(nn.Module):
+    """A gate that gives every sequence the same weights: `own` on the own branch, the rest
+    shared equally by the other available ones (log-weights, as the model softmaxes them)."""
+
+    def __init__(self, model: FMoECDSR, own: float) -> None:
+        super().__init__()
+        live = model.available.clone()
+        weights = torch.where(live, (1 - own) / max(int(live.sum()) - 1, 1), 0.0)
+        weights[model.domain_index] = own
+        self.log_weights = weights.log()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log_weights.to(x.dtype).expand(x.shape[0], -1)
+
+
+@contextlib.contextmanager
+def mixed_as(model: FMoECDSR, own: float | None) -> Iterator[None]:
+    """`model` scoring with the constant weights of `ConstantGate` (None: its learned gate)."""
+    gate = model.gate
+    if own is not None:
+        model.gate = ConstantGate(model, own)
+    try:
+        yield
+    finally:
+        model.gate = gate
+
+
+def valid_and_test_mrr(learner: NextItemLearner) -> tuple[float, float]:
+    """(valid, test) MRR in %."""
+    valid, test = (100 * ranking_metrics(learner.ranks(split), ks=(10,))["mrr"] for split in ("valid", "test"))
+    return valid, test
+
+
+def own_share(model: FMoECDSR, inputs: torch.Tensor, batch: int = 512) -> float:
+    """Mean gate weight (%) on the own branch for predicting the item after each row of `inputs`."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(inputs), batch):
+        total += float(model.gate_weights(inputs[start : start + batch])[:, model.domain_index].sum())
+    return 100 * total / len(inputs)
+
+
+def probe_client(client: FMoECDSRClient) -> dict[str, float]:
+    """Valid and test MRR (%) of the learned gate, equal weights, the own branch alone and the
+    constant own weight best on validation; the gate's own share (%) on each split."""
+    model, learner = client.model, client.next_item
+    if model.gate is None:
+        raise ValueError(f"{client.node_id} has no learned gate (a uniform run): probe a fmoe-cdsr or fmoe-cdsr-unfrozen run")
+    row: dict[str, float] = {}
+    with mixed_as(model, None):
+        row["learned valid"], row["learned test"] = valid_and_test_mrr(learner)
+    with mixed_as(model, 1 / len(model.live_branches())):
+        row["equal valid"], row["equal test"] = valid_and_test_mrr(learner)
+    tried = {}
+    for own in OWN_WEIGHTS:
+        with mixed_as(model, own):
+            tried[own] = valid_and_test_mrr(learner)
+    row["own only valid"], row["own only test"] = tried[1.0]
+    best = max(OWN_WEIGHTS, key=lambda own: tried[own][0])
+    row["tuned own weight"] = best
+    row["tuned valid"], row["tuned test"] = tried[best]
+    inputs = {"train": learner.train_set.inputs, "valid": learner.splits["valid"][0], "test": learner.splits["test"][0]}
+    for split in SPLITS:
+        row[f"gate own % {split}"] = own_share(model, inputs[split])
+    return row
+
+
+def defaults() -> Values:
+    """FMoE-CDSR on FKCB, as bench_fmoe_cdsr's parser."""
+    values = empty_values()
+    values["run"].update(method="fmoe-cdsr", data="fkcb")
+    return values
+
+
+def load_clients(folder: Path, cfg: ExperimentConfig) -> tuple[dict[str, FMoECDSRClient], int]:
+    """The run's clients with the checkpoint's state and the round it holds; refused unless
+    the checkpoint is of exactly this setting (its config hash)."""
+    path = folder / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(path)
+    if checkpoint is None:
+        raise CheckpointError(f"{folder} has no {CHECKPOINT_NAME}: run the benchmark with --checkpoint-every")
+    if checkpoint.extra.get("config_hash") != config_hash(cfg):
+        differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting"))) or "settings the checkpoint does not name"
+        raise CheckpointError(f"{path} is not of this setting (differs in {differ}): give the flags the run was made with")
+    experiment = build_experiment(cfg)
+    clients: dict[str, FMoECDSRClient] = {}
+    for node in experiment.clients:
+        method = experiment.nodes[node]
+        if not isinstance(method, FMoECDSRClient):
+            raise CheckpointError(f"{node} runs {type(method).__name__}, not an FMoE-CDSR client")
+        prefix = f"{node}{SEPARATOR}"
+        method.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint.state.items() if k.startswith(prefix) and k != prefix + RNG_KEY})
+        clients[node] = method
+    return clients, checkpoint.round
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_experiment_arguments(parser, sys.argv[1:], defaults())
+    parser.add_argument("--run-folder", type=Path, required=True, help="the FMoE-CDSR run folder holding checkpoint.safetensors")
+    parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_gate_probe_<data>)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
+    args = parser.parse_args()
+    try:
+        cfg = resolve(config_from_args(args, defaults()))
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        clients, round_index = load_clients(args.run_folder, cfg)
+    except (CheckpointError, ValueError, OSError) as exc:
+        sys.exit(f"fmoe_cdsr_gate_probe: {exc}")
+    print(f"probing {len(clients)} clients after round {round_index + 1}", file=sys.stderr, flush=True)
+    probed: dict[str, dict[str, float]] = {}
+    for node, client in clients.items():
+        probed[node] = probe_client(client)
+        print(f"  {node}: done", file=sys.stderr, flush=True)
+    columns = list(next(iter(probed.values())))
+    probed["mean"] = {k: sum(r[k] for r in probed.values()) / len(probed) for k in columns}
+    rows = [{"client": node, **values} for node, values in probed.items()]
+    table = format_table(rows, ["client", *columns])
+    name = args.name or f"fmoe_cdsr_gate_probe_{cfg.run.data.replace('-', '')}"
+    command = rerun_command("bench/fmoe_cdsr_gate_probe.py", args, skip=("results", "run.data_root"), parser=parser)
+    command += " --data-root DIR" if getattr(args, "run.data_root") else ""
+    run, task, method = cfg.run, cfg.task, cfg.method
+    header = (
+        "# FMoE-CDSR: learned gate against equal weights, same branches\n\n"
+        f"{run.method} on {run.data}, checkpoint of `{args.run_folder.name}` after round {round_index + 1} of {run.rounds}; "
+        f"hidden {getattr(task, 'embed_dim', '?')}, batch {run.batch_size}, {run.local_epochs} local epoch(s) a round, seed {run.seed}; "
+        f"method options {method.to_dict()}. No training: every client's validation and test sequences scored with each mix "
+        "(MRR %, FedDCSR's sampled negatives, the run's own); gate own % is the learned gate's mean weight on the client's own "
+        "branch over a split's sequences (train: the prediction after each whole training sequence).\n\n"
+        f"Command: `{command}`\n"
+    )
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.results / f"{name}.md", f"{header}\n```\n{table}\n```\n".encode())
+    atomic_write_json(args.results / f"{name}.json", {"round": round_index + 1, "setting": cfg.to_dict(), "command": command, "rows": rows})
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The gate probe scores one FMoE-CDSR run's branches with other mixes (bench/fmoe_cdsr_gate_probe.py)."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from p2pmoe.runs import read_metrics
+
+BENCH = Path(__file__).parent.parent / "bench"
+OPTIONS = ["--data", "fkcb", "--rounds", "2", "--embed-dim", "8", "--max-len", "8", "--negatives", "20", "--threads", "1"]
+
+
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_like, tmp_path):
+    data = ["--data-root", str(fkcb_like)]
+    bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    folder = tmp_path / "runs" / "bench_b" / "fmoe-cdsr"
+    before = _digest(folder)
+    probe = _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *data, "--run-folder", str(folder), "--name", "p", "--results", str(tmp_path), cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    assert _digest(folder) == before  # the probe only reads the run
+    rows = {r["client"]: r for r in json.loads((tmp_path / "p.json").read_text())["rows"]}
+    assert set(rows) == {"node-00", "node-01", "node-02", "mean"}
+    last = {r["node"]: r for r in read_metrics(folder / "metrics.jsonl") if r["round"] == 1 and r.get("node", "").startswith("node-")}
+    for node, row in rows.items():
+        if node == "mean":
+            continue
+        # the learned mix is the run's own model: the score its last round logged
+        assert abs(row["learned test"] - 100 * last[node]["metrics"]["mrr"]) < 1e-6
+        assert abs(row["learned valid"] - 100 * last[node]["metrics"]["valid_mrr"]) < 1e-6
+        assert abs(row["gate own % test"] - 100 * last[node]["metrics"]["gate_mean/own"]) < 1e-6
+        # the tuned constant is the best of a grid that holds the own-only mix, on validation
+        assert row["tuned valid"] >= row["own only valid"] - 1e-9
+        assert row["tuned own weight"] in [w / 10 for w in range(11)]
+    assert "--data-root DIR" in (tmp_path / "p.md").read_text()
+
+
+def test_probe_refuses_a_checkpoint_of_another_setting(fkcb_like, tmp_path):
+    data = ["--data-root", str(fkcb_like)]
+    bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    folder = tmp_path / "runs" / "bench_b" / "fmoe-cdsr"
+    changed = [o if o != "8" else "16" for o in OPTIONS]  # another hidden size and length
+    probe = _run("fmoe_cdsr_gate_probe.py", *changed, *data, "--run-folder", str(folder), cwd=tmp_path)
+    assert probe.returncode == 1 and "not of this setting" in probe.stderr and "embed_dim" in probe.stderr
+    empty = _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *data, "--run-folder", str(tmp_path), cwd=tmp_path)
+    assert empty.returncode == 1 and "no checkpoint.safetensors" in empty.stderr
