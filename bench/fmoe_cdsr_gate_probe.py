@@ -11,7 +11,7 @@ branches and scores them with several mixes, so the mixes compare without that n
 Reads a run folder's checkpoint (bench_fmoe_cdsr's `--checkpoint-every`), rebuilds its clients
 from the same flags the run was given (the checkpoint's config hash must match) and, without
 training, scores every client's validation and test sequences (FedDCSR's sampled negatives,
-the run's own) with: the learned gate; equal weights over the available branches; the own
+the run's own) with: the learned gate (unless the run mixed uniformly); equal weights over the available branches; the own
 branch alone; and the constant own-branch weight (0, 0.1, ..., 1; the rest shared equally)
 best on the client's validation split, the most any constant mix could give. It also gives
 the gate's mean weight on the own branch over the client's training, validation and test
@@ -67,7 +67,7 @@ class ConstantGate(nn.Module):
 
 @contextlib.contextmanager
 def mixed_as(model: FMoECDSR, own: float | None) -> Iterator[None]:
-    """`model` scoring with the constant weights of `ConstantGate` (None: its learned gate)."""
+    """`model` scoring with the constant weights of `ConstantGate` (None: as it is)."""
     gate = model.gate
     if own is not None:
         model.gate = ConstantGate(model, own)
@@ -93,13 +93,12 @@ def own_share(model: FMoECDSR, inputs: torch.Tensor, batch: int = 512) -> float:
 
 
 def probe_client(client: FMoECDSRClient) -> dict[str, float]:
-    """Valid and test MRR (%) of the learned gate, equal weights, the own branch alone and the
-    constant own weight best on validation; the gate's own share (%) on each split."""
+    """Valid and test MRR (%) of the learned gate (a run with one), equal weights, the own
+    branch alone and the constant own weight best on validation; the learned gate's own
+    share (%) on each split."""
     model, learner = client.model, client.next_item
-    if model.gate is None:
-        raise ValueError(f"{client.node_id} has no learned gate (a uniform run): probe a fmoe-cdsr or fmoe-cdsr-unfrozen run")
     row: dict[str, float] = {}
-    with mixed_as(model, None):
+    if model.gate is not None:
         row["learned valid"], row["learned test"] = valid_and_test_mrr(learner)
     with mixed_as(model, 1 / len(model.live_branches())):
         row["equal valid"], row["equal test"] = valid_and_test_mrr(learner)
@@ -111,9 +110,10 @@ def probe_client(client: FMoECDSRClient) -> dict[str, float]:
     best = max(OWN_WEIGHTS, key=lambda own: tried[own][0])
     row["tuned own weight"] = best
     row["tuned valid"], row["tuned test"] = tried[best]
-    inputs = {"train": learner.train_set.inputs, "valid": learner.splits["valid"][0], "test": learner.splits["test"][0]}
-    for split in SPLITS:
-        row[f"gate own % {split}"] = own_share(model, inputs[split])
+    if model.gate is not None:
+        inputs = {"train": learner.train_set.inputs, "valid": learner.splits["valid"][0], "test": learner.splits["test"][0]}
+        for split in SPLITS:
+            row[f"gate own % {split}"] = own_share(model, inputs[split])
     return row
 
 

@@ -45,6 +45,20 @@ def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_
     assert "--data-root DIR" in (tmp_path / "p.md").read_text()
 
 
+def test_probe_scores_a_uniform_run_without_gate_columns(fkcb_like, tmp_path):
+    data = ["--data-root", str(fkcb_like)]
+    bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr-uniform", "--name", "u", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    folder = tmp_path / "runs" / "bench_u" / "fmoe-cdsr-uniform"
+    probe = _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *data, "--method", "fmoe-cdsr-uniform", "--run-folder", str(folder), "--name", "p", "--results", str(tmp_path), cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    last = {r["node"]: r for r in read_metrics(folder / "metrics.jsonl") if r["round"] == 1 and r.get("node", "").startswith("node-")}
+    for row in json.loads((tmp_path / "p.json").read_text())["rows"]:
+        assert not any(k.startswith(("learned", "gate")) for k in row)
+        if row["client"] != "mean":  # the run's own mix is the equal one
+            assert abs(row["equal test"] - 100 * last[row["client"]]["metrics"]["mrr"]) < 1e-6
+
+
 def test_probe_refuses_a_checkpoint_of_another_setting(fkcb_like, tmp_path):
     data = ["--data-root", str(fkcb_like)]
     bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path)
