@@ -384,7 +384,8 @@ def main() -> None:
             else "every method taken from its run folder (--reuse / --report-only), so no wall time of the whole"
         )
     )
-    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=("results", "checkpoint_every"), parser=parser)
+    skip = ("results", "checkpoint_every") + (() if args.first_rounds else ("first_rounds",))
+    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=skip, parser=parser)
     text = (
         f"# FMoE-CDSR replication on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
         f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
