@@ -184,7 +184,10 @@ def main() -> None:
     )
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.results / f"{name}.md", f"{header}\n```\n{table}\n```\n".encode())
-    atomic_write_json(args.results / f"{name}.json", {"round": round_index + 1, "setting": cfg.to_dict(), "command": command, "rows": rows})
+    setting = cfg.to_dict()
+    if run.data_root:  # this machine's path is nobody else's
+        setting["run"]["data_root"] = "DIR"
+    atomic_write_json(args.results / f"{name}.json", {"round": round_index + 1, "setting": setting, "command": command, "rows": rows})
     print(table)
 
 

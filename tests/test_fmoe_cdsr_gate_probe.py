@@ -43,6 +43,7 @@ def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_
         assert row["tuned valid"] >= row["own only valid"] - 1e-9
         assert row["tuned own weight"] in [w / 10 for w in range(11)]
     assert "--data-root DIR" in (tmp_path / "p.md").read_text()
+    assert str(fkcb_like) not in (tmp_path / "p.json").read_text() + (tmp_path / "p.md").read_text()
 
 
 def test_probe_scores_a_uniform_run_without_gate_columns(fkcb_like, tmp_path):
