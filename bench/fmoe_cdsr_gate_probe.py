@@ -9,11 +9,11 @@ numbers they drew (the gate's dropout shifts every later draw). This probe takes
 branches and scores them with several mixes, so the mixes compare without that noise.
 
 Reads a run folder's checkpoint (bench_fmoe_cdsr's `--checkpoint-every`), rebuilds its clients
-from the same flags the run was given (the checkpoint's config hash must match) and, without
+from the same flags the run was given (a checkpoint of another setting is refused) and, without
 training, scores every client's validation and test sequences (FedDCSR's sampled negatives,
 the run's own) with: the learned gate (unless the run mixed uniformly); equal weights over the available branches; the own
 branch alone; and the constant own-branch weight (0, 0.1, ..., 1; the rest shared equally)
-best on the client's validation split, the most any constant mix could give. It also gives
+that scores best on the client's validation split. It also gives
 the gate's mean weight on the own branch over the client's training, validation and test
 sequences: a gate that trusted the own branch more on the sequences that branch was trained
 on than on unseen ones would have learned its memorisation. Prints a table, saves
@@ -29,9 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from bench_fmoe_cdsr import defaults
 from torch import nn
 
-from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve
+from p2pmoe.config import add_experiment_arguments, config_from_args, resolve
 from p2pmoe.driver.runner import RNG_KEY
 from p2pmoe.eval.metrics import ranking_metrics
 from p2pmoe.experiment import build_experiment
@@ -39,10 +40,10 @@ from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.learners.sequential import NextItemLearner
 from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient
 from p2pmoe.models.fmoe_cdsr import FMoECDSR
-from p2pmoe.node.checkpoint import CheckpointError, load_checkpoint
+from p2pmoe.node.checkpoint import CheckpointError
 from p2pmoe.report import format_table, rerun_command
-from p2pmoe.settings import ExperimentConfig, canonical_config, config_differences, config_hash
-from p2pmoe.sim.resume import CHECKPOINT_NAME, SEPARATOR
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.sim.resume import CHECKPOINT_NAME, SEPARATOR, load_network_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 OWN_WEIGHTS = tuple(w / 10 for w in range(11))
@@ -117,23 +118,12 @@ def probe_client(client: FMoECDSRClient) -> dict[str, float]:
     return row
 
 
-def defaults() -> Values:
-    """FMoE-CDSR on FKCB, as bench_fmoe_cdsr's parser."""
-    values = empty_values()
-    values["run"].update(method="fmoe-cdsr", data="fkcb")
-    return values
-
-
 def load_clients(folder: Path, cfg: ExperimentConfig) -> tuple[dict[str, FMoECDSRClient], int]:
     """The run's clients with the checkpoint's state and the round it holds; refused unless
     the checkpoint is of exactly this setting (its config hash)."""
-    path = folder / CHECKPOINT_NAME
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_network_checkpoint(folder, cfg)
     if checkpoint is None:
         raise CheckpointError(f"{folder} has no {CHECKPOINT_NAME}: run the benchmark with --checkpoint-every")
-    if checkpoint.extra.get("config_hash") != config_hash(cfg):
-        differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting"))) or "settings the checkpoint does not name"
-        raise CheckpointError(f"{path} is not of this setting (differs in {differ}): give the flags the run was made with")
     experiment = build_experiment(cfg)
     clients: dict[str, FMoECDSRClient] = {}
     for node in experiment.clients:

@@ -22,7 +22,9 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_like, tmp_path):
     data = ["--data-root", str(fkcb_like)]
-    bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path)
+    bench = _run(
+        "bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path
+    )
     assert bench.returncode == 0, bench.stderr
     folder = tmp_path / "runs" / "bench_b" / "fmoe-cdsr"
     before = _digest(folder)
@@ -48,10 +50,25 @@ def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_
 
 def test_probe_scores_a_uniform_run_without_gate_columns(fkcb_like, tmp_path):
     data = ["--data-root", str(fkcb_like)]
-    bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr-uniform", "--name", "u", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path)
+    bench = _run(
+        "bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr-uniform", "--name", "u", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path
+    )
     assert bench.returncode == 0, bench.stderr
     folder = tmp_path / "runs" / "bench_u" / "fmoe-cdsr-uniform"
-    probe = _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *data, "--method", "fmoe-cdsr-uniform", "--run-folder", str(folder), "--name", "p", "--results", str(tmp_path), cwd=tmp_path)
+    probe = _run(
+        "fmoe_cdsr_gate_probe.py",
+        *OPTIONS,
+        *data,
+        "--method",
+        "fmoe-cdsr-uniform",
+        "--run-folder",
+        str(folder),
+        "--name",
+        "p",
+        "--results",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert probe.returncode == 0, probe.stderr
     last = {r["node"]: r for r in read_metrics(folder / "metrics.jsonl") if r["round"] == 1 and r.get("node", "").startswith("node-")}
     for row in json.loads((tmp_path / "p.json").read_text())["rows"]:
@@ -62,11 +79,13 @@ def test_probe_scores_a_uniform_run_without_gate_columns(fkcb_like, tmp_path):
 
 def test_probe_refuses_a_checkpoint_of_another_setting(fkcb_like, tmp_path):
     data = ["--data-root", str(fkcb_like)]
-    bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path)
+    bench = _run(
+        "bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path
+    )
     assert bench.returncode == 0, bench.stderr
     folder = tmp_path / "runs" / "bench_b" / "fmoe-cdsr"
     changed = [o if o != "8" else "16" for o in OPTIONS]  # another hidden size and length
     probe = _run("fmoe_cdsr_gate_probe.py", *changed, *data, "--run-folder", str(folder), cwd=tmp_path)
-    assert probe.returncode == 1 and "not of this setting" in probe.stderr and "embed_dim" in probe.stderr
+    assert probe.returncode == 1 and "belongs to another experiment" in probe.stderr and "embed_dim" in probe.stderr
     empty = _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *data, "--run-folder", str(tmp_path), cwd=tmp_path)
     assert empty.returncode == 1 and "no checkpoint.safetensors" in empty.stderr

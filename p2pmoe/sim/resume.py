@@ -25,7 +25,7 @@ import torch
 from p2pmoe.driver.runner import NodeRunner
 from p2pmoe.driver.summary import Row
 from p2pmoe.ledger import LedgerEntry
-from p2pmoe.node.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from p2pmoe.node.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pmoe.runs import cut_records
 from p2pmoe.settings import ExperimentConfig, canonical_config, config_differences, config_hash
 
@@ -61,18 +61,27 @@ def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunne
     save_checkpoint(folder / CHECKPOINT_NAME, round_index, state, extra)
 
 
+def load_network_checkpoint(folder: Path, cfg: ExperimentConfig) -> Checkpoint | None:
+    """The checkpoint in `folder` if it is one of `cfg`'s experiment; None when there is none.
+    Raises `CheckpointError` naming the settings that differ (when the file names its own)."""
+    checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
+    if checkpoint is not None and checkpoint.extra.get("config_hash") != config_hash(cfg):
+        differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting"))) or "settings it does not name"
+        raise CheckpointError(
+            f"{folder / CHECKPOINT_NAME} belongs to another experiment (differs in {differ}); use another --out, or start afresh without --resume"
+        )
+    return checkpoint
+
+
 def resume_network(folder: Path, runners: Mapping[str, NodeRunner], cfg: ExperimentConfig) -> Resumed | None:
     """Load the checkpoint in `folder` into `runners` and cut the folder's files at its round;
     None when there is none. Raises `CheckpointError`, before any file is touched, when the
     checkpoint is unreadable, belongs to another experiment or does not fit the nodes."""
-    checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
+    checkpoint = load_network_checkpoint(folder, cfg)
     if checkpoint is None:
         return None
     path = folder / CHECKPOINT_NAME
     rounds = cfg.run.rounds
-    if checkpoint.extra.get("config_hash") != config_hash(cfg):
-        differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting")))
-        raise CheckpointError(f"{path} belongs to another experiment (differs in {differ}); use another --out, or start afresh without --resume")
     if checkpoint.extra.get("nodes") != sorted(runners):
         raise CheckpointError(f"{path} holds nodes {checkpoint.extra.get('nodes')}, this run has {sorted(runners)}")
     if not 0 <= checkpoint.round < rounds:
