@@ -20,27 +20,40 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_like, tmp_path):
-    data = ["--data-root", str(fkcb_like)]
-    bench = _run(
-        "bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path
-    )
+def _checkpointed(fkcb_like: Path, tmp_path: Path, method: str) -> Path:
+    """A 2-round run of `method` by bench_fmoe_cdsr, checkpointed; its run folder."""
+    args = ("--data-root", str(fkcb_like), "--only", method, "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1")
+    bench = _run("bench_fmoe_cdsr.py", *OPTIONS, *args, cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr
-    folder = tmp_path / "runs" / "bench_b" / "fmoe-cdsr"
+    return tmp_path / "runs" / "bench_b" / method
+
+
+def _probe(fkcb_like: Path, tmp_path: Path, folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ("--data-root", str(fkcb_like), "--run-folder", str(folder), "--name", "p", "--results", str(tmp_path))
+    return _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *args, *extra, cwd=tmp_path)
+
+
+def _last_round(folder: Path) -> dict[str, dict]:
+    """Each client's metrics.jsonl row of the run's last (second) round."""
+    return {r["node"]: r["metrics"] for r in read_metrics(folder / "metrics.jsonl") if r["round"] == 1 and r["node"].startswith("node-")}
+
+
+def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_like, tmp_path):
+    folder = _checkpointed(fkcb_like, tmp_path, "fmoe-cdsr")
     before = _digest(folder)
-    probe = _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *data, "--run-folder", str(folder), "--name", "p", "--results", str(tmp_path), cwd=tmp_path)
+    probe = _probe(fkcb_like, tmp_path, folder)
     assert probe.returncode == 0, probe.stderr
     assert _digest(folder) == before  # the probe only reads the run
     rows = {r["client"]: r for r in json.loads((tmp_path / "p.json").read_text())["rows"]}
     assert set(rows) == {"node-00", "node-01", "node-02", "mean"}
-    last = {r["node"]: r for r in read_metrics(folder / "metrics.jsonl") if r["round"] == 1 and r.get("node", "").startswith("node-")}
+    last = _last_round(folder)
     for node, row in rows.items():
         if node == "mean":
             continue
         # the learned mix is the run's own model: the score its last round logged
-        assert abs(row["learned test"] - 100 * last[node]["metrics"]["mrr"]) < 1e-6
-        assert abs(row["learned valid"] - 100 * last[node]["metrics"]["valid_mrr"]) < 1e-6
-        assert abs(row["gate own % test"] - 100 * last[node]["metrics"]["gate_mean/own"]) < 1e-6
+        assert abs(row["learned test"] - 100 * last[node]["mrr"]) < 1e-6
+        assert abs(row["learned valid"] - 100 * last[node]["valid_mrr"]) < 1e-6
+        assert abs(row["gate own % test"] - 100 * last[node]["gate_mean/own"]) < 1e-6
         # the tuned constant is the best of a grid that holds the own-only mix, on validation
         assert row["tuned valid"] >= row["own only valid"] - 1e-9
         assert row["tuned own weight"] in [w / 10 for w in range(11)]
@@ -49,43 +62,20 @@ def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_
 
 
 def test_probe_scores_a_uniform_run_without_gate_columns(fkcb_like, tmp_path):
-    data = ["--data-root", str(fkcb_like)]
-    bench = _run(
-        "bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr-uniform", "--name", "u", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path
-    )
-    assert bench.returncode == 0, bench.stderr
-    folder = tmp_path / "runs" / "bench_u" / "fmoe-cdsr-uniform"
-    probe = _run(
-        "fmoe_cdsr_gate_probe.py",
-        *OPTIONS,
-        *data,
-        "--method",
-        "fmoe-cdsr-uniform",
-        "--run-folder",
-        str(folder),
-        "--name",
-        "p",
-        "--results",
-        str(tmp_path),
-        cwd=tmp_path,
-    )
+    folder = _checkpointed(fkcb_like, tmp_path, "fmoe-cdsr-uniform")
+    probe = _probe(fkcb_like, tmp_path, folder, "--method", "fmoe-cdsr-uniform")
     assert probe.returncode == 0, probe.stderr
-    last = {r["node"]: r for r in read_metrics(folder / "metrics.jsonl") if r["round"] == 1 and r.get("node", "").startswith("node-")}
+    last = _last_round(folder)
     for row in json.loads((tmp_path / "p.json").read_text())["rows"]:
         assert not any(k.startswith(("learned", "gate")) for k in row)
         if row["client"] != "mean":  # the run's own mix is the equal one
-            assert abs(row["equal test"] - 100 * last[row["client"]]["metrics"]["mrr"]) < 1e-6
+            assert abs(row["equal test"] - 100 * last[row["client"]]["mrr"]) < 1e-6
 
 
 def test_probe_refuses_a_checkpoint_of_another_setting(fkcb_like, tmp_path):
-    data = ["--data-root", str(fkcb_like)]
-    bench = _run(
-        "bench_fmoe_cdsr.py", *OPTIONS, *data, "--only", "fmoe-cdsr", "--name", "b", "--results", str(tmp_path), "--checkpoint-every", "1", cwd=tmp_path
-    )
-    assert bench.returncode == 0, bench.stderr
-    folder = tmp_path / "runs" / "bench_b" / "fmoe-cdsr"
+    folder = _checkpointed(fkcb_like, tmp_path, "fmoe-cdsr")
     changed = [o if o != "8" else "16" for o in OPTIONS]  # another hidden size and length
-    probe = _run("fmoe_cdsr_gate_probe.py", *changed, *data, "--run-folder", str(folder), cwd=tmp_path)
+    probe = _run("fmoe_cdsr_gate_probe.py", *changed, "--data-root", str(fkcb_like), "--run-folder", str(folder), cwd=tmp_path)
     assert probe.returncode == 1 and "belongs to another experiment" in probe.stderr and "embed_dim" in probe.stderr
-    empty = _run("fmoe_cdsr_gate_probe.py", *OPTIONS, *data, "--run-folder", str(tmp_path), cwd=tmp_path)
+    empty = _probe(fkcb_like, tmp_path, tmp_path)
     assert empty.returncode == 1 and "no checkpoint.safetensors" in empty.stderr
