@@ -11,9 +11,11 @@ branches and scores them with several mixes, so the mixes compare without that n
 Reads a run folder's checkpoint (bench_fmoe_cdsr's `--checkpoint-every`), rebuilds its clients
 from the same flags the run was given (a checkpoint of another setting is refused) and, without
 training, scores every client's validation and test sequences (FedDCSR's sampled negatives,
-the run's own) with: the learned gate (unless the run mixed uniformly); equal weights over the available branches; the own
-branch alone; and the constant own-branch weight (0, 0.1, ..., 1; the rest shared equally)
-that scores best on the client's validation split. It also gives
+the run's own) with: the learned gate (unless the run mixed uniformly); equal weights over
+the available branches; the own branch alone; the constant own-branch weight (0, 0.1, ..., 1;
+the rest shared equally) that scores best on the client's validation split; and, with the
+learned and with equal weights, mixing the branches' probabilities instead of their logits
+(`probs`: an ensemble of the same branches, not the paper's mixture). It also gives
 the gate's mean weight on the own branch over the client's training, validation and test
 sequences: a gate that trusted the own branch more on the sequences that branch was trained
 on than on unseen ones would have learned its memorisation. Prints a table, saves
@@ -78,6 +80,33 @@ def mixed_as(model: FMoECDSR, own: float | None) -> Iterator[None]:
         model.gate = gate
 
 
+class ProbabilityMixture(nn.Module):
+    """Scores as `model` would but mixing the branches' probabilities, ``log Σ_i g_i
+    softmax(ℓ_i)``, instead of their logits (``Σ_i g_i ℓ_i``, the paper's mixture): an
+    ensemble of the same branches with the same weights, for comparison."""
+
+    def __init__(self, model: FMoECDSR) -> None:
+        super().__init__()
+        self.model = model
+
+    def score_candidates(self, inputs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        logits, weights = self.model.branch_logits(inputs)
+        live = list(logits)
+        log_probs = torch.stack([logits[i].log_softmax(dim=-1) for i in live])  # [K', B, items]
+        log_weights = weights[:, live].T.log().unsqueeze(-1)  # [K', B or 1, 1]
+        return torch.logsumexp(log_probs + log_weights, dim=0).gather(1, candidates)
+
+
+@contextlib.contextmanager
+def probabilities_mixed(learner: NextItemLearner, model: FMoECDSR) -> Iterator[None]:
+    """`learner` scoring with `ProbabilityMixture` of `model`."""
+    learner.model = ProbabilityMixture(model)
+    try:
+        yield
+    finally:
+        learner.model = model
+
+
 def valid_and_test_mrr(learner: NextItemLearner) -> tuple[float, float]:
     """(valid, test) MRR in %."""
     valid, test = (100 * ranking_metrics(learner.ranks(split), ks=(10,))["mrr"] for split in ("valid", "test"))
@@ -101,8 +130,12 @@ def probe_client(client: FMoECDSRClient) -> dict[str, float]:
     row: dict[str, float] = {}
     if model.gate is not None:
         row["learned valid"], row["learned test"] = valid_and_test_mrr(learner)
+        with probabilities_mixed(learner, model):
+            row["learned probs valid"], row["learned probs test"] = valid_and_test_mrr(learner)
     with mixed_as(model, 1 / len(model.live_branches())):
         row["equal valid"], row["equal test"] = valid_and_test_mrr(learner)
+        with probabilities_mixed(learner, model):
+            row["equal probs valid"], row["equal probs test"] = valid_and_test_mrr(learner)
     tried = {}
     for own in OWN_WEIGHTS:
         with mixed_as(model, own):

@@ -1,11 +1,15 @@
 """The gate probe scores one FMoE-CDSR run's branches with other mixes (bench/fmoe_cdsr_gate_probe.py)."""
 
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
 from p2pmoe.runs import read_metrics
 
 BENCH = Path(__file__).parent.parent / "bench"
@@ -79,3 +83,31 @@ def test_probe_refuses_a_checkpoint_of_another_setting(fkcb_like, tmp_path):
     assert probe.returncode == 1 and "belongs to another experiment" in probe.stderr and "embed_dim" in probe.stderr
     empty = _probe(fkcb_like, tmp_path, tmp_path)
     assert empty.returncode == 1 and "no checkpoint.safetensors" in empty.stderr
+
+
+def _probe_module():
+    sys.path.insert(0, str(BENCH))  # the probe imports bench_fmoe_cdsr as its own scripts do
+    try:
+        return importlib.import_module("fmoe_cdsr_gate_probe")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_probability_mixture_is_the_log_of_the_weighted_branch_probabilities():
+    probe = _probe_module()
+    torch.manual_seed(0)
+    train = [[1, 2, 3], [4, 5, 6, 7], [2, 9, 11]]
+    m = FMoECDSR(20, 3, 0, transition_adjacency(train, 20), max_len=5, hidden=8, heads=2, blocks=1, gate_hidden=(16, 8))
+    m.set_expert_state(1, m.expert_state(1))  # a second branch arrives
+    m.eval()
+    inputs, candidates = torch.randint(0, 20, (4, 5)), torch.randint(0, 20, (4, 6))
+    logits, weights = m.branch_logits(inputs)
+    assert set(logits) == {0, 1} and torch.allclose(weights.sum(dim=-1), torch.ones(len(weights)))
+    mixed = probe.ProbabilityMixture(m).score_candidates(inputs, candidates)
+    expected = (weights[:, :1] * logits[0].softmax(-1) + weights[:, 1:2] * logits[1].softmax(-1)).log().gather(1, candidates)
+    assert torch.allclose(mixed, expected, atol=1e-5)
+    with probe.mixed_as(m, 1.0):  # the own branch alone: its log-probabilities, the logits' ranking
+        alone = probe.ProbabilityMixture(m).score_candidates(inputs, candidates)
+        assert torch.allclose(alone, logits[0].log_softmax(-1).gather(1, candidates), atol=1e-5)
+        assert torch.equal(alone.argsort(dim=1), m.score_candidates(inputs, candidates).argsort(dim=1))
+    assert m.gate is not None and not isinstance(m.gate, probe.ConstantGate)  # restored

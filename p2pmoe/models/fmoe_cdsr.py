@@ -449,8 +449,13 @@ class FMoECDSR(nn.Module):
         stats = {f"gate_mean/{i}": weights[:, i] for i in range(self.num_domains)}
         return {**stats, "gate_mean/own": weights[:, self.domain_index]}
 
+    def branch_logits(self, inputs: Tensor) -> tuple[dict[int, Tensor], Tensor]:
+        """Each live branch's logits ``[B, items]`` for the item after ``inputs`` and the gate's
+        weights over the branches (as `gate_weights`): what the mixture combines."""
+        reps = self._last_reps(inputs)
+        return {i: self.branch(i).scores(z) for i, z in reps.items()}, self._gate_weights(reps)
+
     def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor:
         """Mixture logits ``ℓ_moe`` at the last position, gathered at ``candidates`` ``[B, C]``."""
-        reps = self._last_reps(inputs)
-        logits = {i: self.branch(i).scores(z) for i, z in reps.items()}
-        return self._mixture(self._gate_weights(reps), logits).gather(1, candidates)
+        logits, weights = self.branch_logits(inputs)
+        return self._mixture(weights, logits).gather(1, candidates)
