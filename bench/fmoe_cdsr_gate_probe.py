@@ -154,7 +154,7 @@ def probe_client(client: FMoECDSRClient) -> dict[str, float]:
 def load_clients(folder: Path, cfg: ExperimentConfig) -> tuple[dict[str, FMoECDSRClient], int]:
     """The run's clients with the checkpoint's state and the round it holds; refused unless
     the checkpoint is of exactly this setting (its config hash)."""
-    checkpoint = load_network_checkpoint(folder, cfg)
+    checkpoint = load_network_checkpoint(folder, cfg, ": give the probe the flags the run was made with")
     if checkpoint is None:
         raise CheckpointError(f"{folder} has no {CHECKPOINT_NAME}: run the benchmark with --checkpoint-every")
     experiment = build_experiment(cfg)

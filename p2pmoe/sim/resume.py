@@ -61,15 +61,14 @@ def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunne
     save_checkpoint(folder / CHECKPOINT_NAME, round_index, state, extra)
 
 
-def load_network_checkpoint(folder: Path, cfg: ExperimentConfig) -> Checkpoint | None:
+def load_network_checkpoint(folder: Path, cfg: ExperimentConfig, hint: str = "") -> Checkpoint | None:
     """The checkpoint in `folder` if it is one of `cfg`'s experiment; None when there is none.
-    Raises `CheckpointError` naming the settings that differ (when the file names its own)."""
+    Raises `CheckpointError` naming the settings that differ (when the file names its own),
+    followed by `hint`: what the caller's user can do about it."""
     checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
     if checkpoint is not None and checkpoint.extra.get("config_hash") != config_hash(cfg):
         differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting"))) or "settings it does not name"
-        raise CheckpointError(
-            f"{folder / CHECKPOINT_NAME} belongs to another experiment (differs in {differ}); use another --out, or start afresh without --resume"
-        )
+        raise CheckpointError(f"{folder / CHECKPOINT_NAME} belongs to another experiment (differs in {differ}){hint}")
     return checkpoint
 
 
@@ -77,7 +76,7 @@ def resume_network(folder: Path, runners: Mapping[str, NodeRunner], cfg: Experim
     """Load the checkpoint in `folder` into `runners` and cut the folder's files at its round;
     None when there is none. Raises `CheckpointError`, before any file is touched, when the
     checkpoint is unreadable, belongs to another experiment or does not fit the nodes."""
-    checkpoint = load_network_checkpoint(folder, cfg)
+    checkpoint = load_network_checkpoint(folder, cfg, "; use another --out, or start afresh without --resume")
     if checkpoint is None:
         return None
     path = folder / CHECKPOINT_NAME
