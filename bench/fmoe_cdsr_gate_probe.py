@@ -49,31 +49,39 @@ from p2pmoe.sim.resume import CHECKPOINT_NAME, SEPARATOR, load_network_checkpoin
 
 RESULTS = Path(__file__).parent / "results"
 OWN_WEIGHTS = tuple(w / 10 for w in range(11))
-"""The constant own-branch weights tried (the rest shared equally by the foreign branches)."""
+"""The constant own-branch weights tried (the rest shared equally by the foreign branches);
+the equal mix's own weight joins them when it is not one of these (1/4 with four domains)."""
 SPLITS = ("train", "valid", "test")
 
 
+def constant_weights(available: torch.Tensor, own_index: int, own: float) -> torch.Tensor:
+    """Weights ``[K]``: `own` on branch `own_index`, ``1 - own`` shared equally by the other
+    available branches, 0 on the unavailable ones."""
+    others = int(available.sum()) - 1
+    if others == 0 and own != 1.0:
+        raise ValueError(f"only the own branch is available: its weight must be 1, not {own}")
+    weights = torch.where(available, (1 - own) / max(others, 1), 0.0)
+    weights[own_index] = own
+    return weights
+
+
 class ConstantGate(nn.Module):
-    """A gate that gives every sequence the same weights: `own` on the own branch, the rest
-    shared equally by the other available ones (log-weights, as the model softmaxes them)."""
+    """A gate that gives every sequence the same weights (`constant_weights`). It returns
+    their logs because the model softmaxes what its gate returns: softmax(log w) = w."""
 
     def __init__(self, model: FMoECDSR, own: float) -> None:
         super().__init__()
-        live = model.available.clone()
-        weights = torch.where(live, (1 - own) / max(int(live.sum()) - 1, 1), 0.0)
-        weights[model.domain_index] = own
-        self.log_weights = weights.log()
+        self.log_weights = constant_weights(model.available, model.domain_index, own).log()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.log_weights.to(x.dtype).expand(x.shape[0], -1)
+        return self.log_weights.to(x.device, x.dtype).expand(x.shape[0], -1)
 
 
 @contextlib.contextmanager
-def mixed_as(model: FMoECDSR, own: float | None) -> Iterator[None]:
-    """`model` scoring with the constant weights of `ConstantGate` (None: as it is)."""
+def mixed_as(model: FMoECDSR, own: float) -> Iterator[None]:
+    """`model` scoring with the constant weights of `ConstantGate`; its own gate back after."""
     gate = model.gate
-    if own is not None:
-        model.gate = ConstantGate(model, own)
+    model.gate = ConstantGate(model, own)
     try:
         yield
     finally:
@@ -83,7 +91,8 @@ def mixed_as(model: FMoECDSR, own: float | None) -> Iterator[None]:
 class ProbabilityMixture(nn.Module):
     """Scores as `model` would but mixing the branches' probabilities, ``log Σ_i g_i
     softmax(ℓ_i)``, instead of their logits (``Σ_i g_i ℓ_i``, the paper's mixture): an
-    ensemble of the same branches with the same weights, for comparison."""
+    ensemble of the same branches with the same weights, for comparison. A weight of 0 (an
+    unavailable branch, or a constant mix) gives log 0 = -inf, which logsumexp drops."""
 
     def __init__(self, model: FMoECDSR) -> None:
         super().__init__()
@@ -113,41 +122,50 @@ def valid_and_test_mrr(learner: NextItemLearner) -> tuple[float, float]:
     return valid, test
 
 
-def own_share(model: FMoECDSR, inputs: torch.Tensor, batch: int = 512) -> float:
-    """Mean gate weight (%) on the own branch for predicting the item after each row of `inputs`."""
+def tuned_on_validation(tried: dict[float, tuple[float, float]]) -> float:
+    """The own weight whose (valid, test) MRR has the best valid; ties go to the first tried."""
+    return max(tried, key=lambda own: tried[own][0])
+
+
+def own_share(model: FMoECDSR, inputs: torch.Tensor, device: torch.device, batch: int = 512) -> float:
+    """Mean gate weight (%) on the own branch for predicting the item after each row of
+    `inputs` (any split, the training sequences included, which the learner's evaluation
+    statistics do not cover)."""
     model.eval()
     total = 0.0
     for start in range(0, len(inputs), batch):
-        total += float(model.gate_weights(inputs[start : start + batch])[:, model.domain_index].sum())
+        total += float(model.gate_weights(inputs[start : start + batch].to(device))[:, model.domain_index].sum())
     return 100 * total / len(inputs)
 
 
 def probe_client(client: FMoECDSRClient) -> dict[str, float]:
-    """Valid and test MRR (%) of the learned gate (a run with one), equal weights, the own
-    branch alone and the constant own weight best on validation; the learned gate's own
-    share (%) on each split."""
+    """Valid and test MRR (%) of: the learned gate (a run with one), equal weights, each also
+    mixing probabilities (`probs`), the own branch alone, and the constant own weight best on
+    validation (optimistic on valid by construction; its test MRR is the fair number); the
+    learned gate's own share (%) on each split."""
     model, learner = client.model, client.next_item
+    live = len(model.live_branches())
     row: dict[str, float] = {}
     if model.gate is not None:
         row["learned valid"], row["learned test"] = valid_and_test_mrr(learner)
         with probabilities_mixed(learner, model):
             row["learned probs valid"], row["learned probs test"] = valid_and_test_mrr(learner)
-    with mixed_as(model, 1 / len(model.live_branches())):
+    with mixed_as(model, 1 / live):
         row["equal valid"], row["equal test"] = valid_and_test_mrr(learner)
         with probabilities_mixed(learner, model):
             row["equal probs valid"], row["equal probs test"] = valid_and_test_mrr(learner)
     tried = {}
-    for own in OWN_WEIGHTS:
+    for own in sorted({*OWN_WEIGHTS, 1 / live}) if live > 1 else (1.0,):
         with mixed_as(model, own):
             tried[own] = valid_and_test_mrr(learner)
     row["own only valid"], row["own only test"] = tried[1.0]
-    best = max(OWN_WEIGHTS, key=lambda own: tried[own][0])
+    best = tuned_on_validation(tried)
     row["tuned own weight"] = best
     row["tuned valid"], row["tuned test"] = tried[best]
     if model.gate is not None:
         inputs = {"train": learner.train_set.inputs, "valid": learner.splits["valid"][0], "test": learner.splits["test"][0]}
         for split in SPLITS:
-            row[f"gate own % {split}"] = own_share(model, inputs[split])
+            row[f"gate own % {split}"] = own_share(model, inputs[split], learner.device)
     return row
 
 
@@ -189,7 +207,8 @@ def main() -> None:
         probed[node] = probe_client(client)
         print(f"  {node}: done", file=sys.stderr, flush=True)
     columns = list(next(iter(probed.values())))
-    probed["mean"] = {k: sum(r[k] for r in probed.values()) / len(probed) for k in columns}
+    # the mean of each client's tuned own weight would be no mix anyone chose: left out
+    probed["mean"] = {k: sum(r[k] for r in probed.values()) / len(probed) for k in columns if k != "tuned own weight"}
     rows = [{"client": node, **values} for node, values in probed.items()]
     table = format_table(rows, ["client", *columns])
     name = args.name or f"fmoe_cdsr_gate_probe_{cfg.run.data.replace('-', '')}"
@@ -201,7 +220,9 @@ def main() -> None:
         f"{run.method} on {run.data}, checkpoint of `{args.run_folder.name}` after round {round_index + 1} of {run.rounds}; "
         f"hidden {getattr(task, 'embed_dim', '?')}, batch {run.batch_size}, {run.local_epochs} local epoch(s) a round, seed {run.seed}; "
         f"method options {method.to_dict()}. No training: every client's validation and test sequences scored with each mix "
-        "(MRR %, FedDCSR's sampled negatives, the run's own); gate own % is the learned gate's mean weight on the client's own "
+        "(MRR %, FedDCSR's sampled negatives, the run's own); probs: the same weights on the branches' probabilities instead of "
+        "their logits; tuned: the constant own weight (0, 0.1, ..., 1 and the equal mix's) best on the client's validation split, "
+        "so its valid MRR is optimistic by construction; gate own % is the learned gate's mean weight on the client's own "
         "branch over a split's sequences (train: the prediction after each whole training sequence).\n\n"
         f"Command: `{command}`\n"
     )
