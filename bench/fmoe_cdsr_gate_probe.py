@@ -35,7 +35,7 @@ from bench_fmoe_cdsr import defaults
 from torch import nn
 
 from p2pmoe.config import add_experiment_arguments, config_from_args, resolve
-from p2pmoe.driver.runner import RNG_KEY
+from p2pmoe.driver.runner import NodeRunner
 from p2pmoe.eval.metrics import ranking_metrics
 from p2pmoe.experiment import build_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
@@ -45,7 +45,7 @@ from p2pmoe.models.fmoe_cdsr import FMoECDSR
 from p2pmoe.node.checkpoint import CheckpointError
 from p2pmoe.report import format_table, rerun_command
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.sim.resume import CHECKPOINT_NAME, SEPARATOR, load_network_checkpoint
+from p2pmoe.sim.resume import CHECKPOINT_NAME, load_into_runners, load_network_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 OWN_WEIGHTS = tuple(w / 10 for w in range(11))
@@ -150,14 +150,13 @@ def probe_client(client: FMoECDSRClient) -> dict[str, float]:
         row["learned valid"], row["learned test"] = valid_and_test_mrr(learner)
         with probabilities_mixed(learner, model):
             row["learned probs valid"], row["learned probs test"] = valid_and_test_mrr(learner)
-    with mixed_as(model, 1 / live):
-        row["equal valid"], row["equal test"] = valid_and_test_mrr(learner)
-        with probabilities_mixed(learner, model):
-            row["equal probs valid"], row["equal probs test"] = valid_and_test_mrr(learner)
     tried = {}
     for own in sorted({*OWN_WEIGHTS, 1 / live}) if live > 1 else (1.0,):
         with mixed_as(model, own):
             tried[own] = valid_and_test_mrr(learner)
+    row["equal valid"], row["equal test"] = tried[1 / live]
+    with mixed_as(model, 1 / live), probabilities_mixed(learner, model):
+        row["equal probs valid"], row["equal probs test"] = valid_and_test_mrr(learner)
     row["own only valid"], row["own only test"] = tried[1.0]
     best = tuned_on_validation(tried)
     row["tuned own weight"] = best
@@ -176,13 +175,12 @@ def load_clients(folder: Path, cfg: ExperimentConfig) -> tuple[dict[str, FMoECDS
     if checkpoint is None:
         raise CheckpointError(f"{folder} has no {CHECKPOINT_NAME}: run the benchmark with --checkpoint-every")
     experiment = build_experiment(cfg)
+    load_into_runners(folder / CHECKPOINT_NAME, checkpoint, {node: NodeRunner(node, method) for node, method in experiment.nodes.items()})
     clients: dict[str, FMoECDSRClient] = {}
     for node in experiment.clients:
         method = experiment.nodes[node]
         if not isinstance(method, FMoECDSRClient):
             raise CheckpointError(f"{node} runs {type(method).__name__}, not an FMoE-CDSR client")
-        prefix = f"{node}{SEPARATOR}"
-        method.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint.state.items() if k.startswith(prefix) and k != prefix + RNG_KEY})
         clients[node] = method
     return clients, checkpoint.round
 
@@ -212,8 +210,7 @@ def main() -> None:
     rows = [{"client": node, **values} for node, values in probed.items()]
     table = format_table(rows, ["client", *columns])
     name = args.name or f"fmoe_cdsr_gate_probe_{cfg.run.data.replace('-', '')}"
-    command = rerun_command("bench/fmoe_cdsr_gate_probe.py", args, skip=("results", "run.data_root"), parser=parser)
-    command += " --data-root DIR" if getattr(args, "run.data_root") else ""
+    command = rerun_command("bench/fmoe_cdsr_gate_probe.py", args, skip=("results",), parser=parser)
     run, task, method = cfg.run, cfg.task, cfg.method
     header = (
         "# FMoE-CDSR: learned gate against equal weights, same branches\n\n"

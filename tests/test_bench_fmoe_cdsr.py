@@ -32,6 +32,7 @@ def test_bench_writes_a_row_per_method_and_checks_expert_bytes(fkcb_like, tmp_pa
     text = (tmp_path / "t.md").read_text()
     assert "in each of the 2 rounds" in text and ": yes" in text and ": NO" not in text
     assert "paper: FedDCSR" in text
+    assert "--data-root DIR" in text and str(fkcb_like) not in text  # no path of this machine
 
 
 def test_bench_refuses_options_it_cannot_honour(fkcb_like, tmp_path):

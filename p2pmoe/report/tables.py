@@ -51,6 +51,10 @@ def bench_row(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+LOCAL_PLACEHOLDERS = {"run.data_root": "DIR"}
+"""Options whose value is a path of the machine that ran the command, and what stands for it."""
+
+
 def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (), parser: argparse.ArgumentParser | None = None) -> str:
     """The command line that reruns a benchmark with the options it was given (for its .md).
 
@@ -58,7 +62,9 @@ def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (
     `--fedmoe-p`); without, as its dest with dashes and without the section (`run.batch_size`
     is `--batch-size`), which is wrong for a method option whose flags carry a prefix.
     `skip` names dests to leave out. Values are shell-quoted, so a value with spaces (an
-    `--only` label such as "φ gossip all") pastes back as one argument."""
+    `--only` label such as "φ gossip all") pastes back as one argument. A path of this
+    machine (`LOCAL_PLACEHOLDERS`, the data root) is written as a placeholder: it means
+    nothing elsewhere and must not be committed."""
     flags: dict[str, str] = {}
     switches: set[str] = set()  # store_true options: the bare flag when set, nothing when not
     if parser is not None:
@@ -74,5 +80,6 @@ def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (
         if v in (None, "") or k in skipped or (k in switches and v is False):
             continue
         flag = flags.get(k) or "--" + k.rsplit(".", 1)[-1].replace("_", "-")
+        v = LOCAL_PLACEHOLDERS.get(k, v)
         given.append(flag if k in switches else f"{flag} {shlex.quote(str(v))}")
     return " ".join([f"python {script}", *given])

@@ -72,19 +72,11 @@ def load_network_checkpoint(folder: Path, cfg: ExperimentConfig, hint: str = "")
     return checkpoint
 
 
-def resume_network(folder: Path, runners: Mapping[str, NodeRunner], cfg: ExperimentConfig) -> Resumed | None:
-    """Load the checkpoint in `folder` into `runners` and cut the folder's files at its round;
-    None when there is none. Raises `CheckpointError`, before any file is touched, when the
-    checkpoint is unreadable, belongs to another experiment or does not fit the nodes."""
-    checkpoint = load_network_checkpoint(folder, cfg, "; use another --out, or start afresh without --resume")
-    if checkpoint is None:
-        return None
-    path = folder / CHECKPOINT_NAME
-    rounds = cfg.run.rounds
+def load_into_runners(path: Path, checkpoint: Checkpoint, runners: Mapping[str, NodeRunner]) -> None:
+    """Give every runner its state from `checkpoint` (read from `path`, named in errors).
+    Raises `CheckpointError` when the checkpoint holds other nodes or a state does not fit."""
     if checkpoint.extra.get("nodes") != sorted(runners):
         raise CheckpointError(f"{path} holds nodes {checkpoint.extra.get('nodes')}, this run has {sorted(runners)}")
-    if not 0 <= checkpoint.round < rounds:
-        raise CheckpointError(f"{path} is after round {checkpoint.round}, outside this run's {rounds} rounds")
     states: dict[str, dict[str, torch.Tensor]] = {node: {} for node in runners}
     for key, tensor in checkpoint.state.items():
         node, _, name = key.partition(SEPARATOR)
@@ -96,6 +88,21 @@ def resume_network(folder: Path, runners: Mapping[str, NodeRunner], cfg: Experim
             runner.load_state_dict(states[node])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: {node}'s state does not fit its model ({exc})") from None
+
+
+def resume_network(folder: Path, runners: Mapping[str, NodeRunner], cfg: ExperimentConfig) -> Resumed | None:
+    """Load the checkpoint in `folder` into `runners` and cut the folder's files at its round;
+    None when there is none. Raises `CheckpointError`, before any file is touched, when the
+    checkpoint is unreadable, belongs to another experiment or does not fit the nodes."""
+    checkpoint = load_network_checkpoint(folder, cfg, "; use another --out, or start afresh without --resume")
+    if checkpoint is None:
+        return None
+    path = folder / CHECKPOINT_NAME
+    rounds = cfg.run.rounds
+    if not 0 <= checkpoint.round < rounds:
+        raise CheckpointError(f"{path} is after round {checkpoint.round}, outside this run's {rounds} rounds")
+    load_into_runners(path, checkpoint, runners)
+    for runner in runners.values():
         runner.round = checkpoint.round
     try:
         rows, ledger = cut_records(folder, checkpoint.round)
