@@ -1,9 +1,14 @@
 """Partial participation: which clients take part in a round, as a pure function of the run.
 
-FedAvg at scale samples a fraction C of its K clients each round (McMahan et al. 2017 run
-C = 0.1 of 100). Here the sample is a pure, seeded function of (seed, round, clients,
-fraction), so every node, the server, the simulator and every daemon of a swarm compute the
-same sampled set on their own, and no message announces it.
+Two meanings of one fraction q, chosen by the kind of method (`MODES`):
+- `sample`, for methods with a server: FedAvg at scale samples a fraction C of its K clients
+  each round (McMahan et al. 2017 run C = 0.1 of 100), exactly m = floor(C K) of them;
+- `availability`, for peer-to-peer methods and Local: no one samples a swarm; each node is
+  online in a round with probability q, independently of the others and of other rounds
+  (churn). Its model lives on the node, so it trains every round it is online.
+Either way the set is a pure, seeded function of (seed, round, clients, q), so every node, the
+server, the simulator and every daemon of a swarm compute the same set on their own, and no
+message announces it.
 
 Torch-free and at the bottom layer: methods (which peers to wait for) and drivers (which
 nodes train) both ask it.
@@ -17,6 +22,7 @@ import random
 from collections.abc import Iterable, Sequence
 
 _CACHED_ROUNDS = 4  # rounds a `Participation` remembers: a node asks about r and r + 1
+MODES = ("sample", "availability")
 
 
 def sample_size(clients: int, fraction: float) -> int:
@@ -43,17 +49,40 @@ def sample_clients(seed: int, round_index: int, clients: Sequence[str], fraction
     return frozenset(rng.sample(ordered, sample_size(len(ordered), fraction)))
 
 
+def available_clients(seed: int, round_index: int, clients: Sequence[str], probability: float) -> frozenset[str]:
+    """The clients online in `round_index`: each independently with `probability`, from a
+    uniform number that SHA-256 of (seed, round, client) gives, so a node's availability does
+    not depend on which other nodes the run has. Probability 1 is everyone.
+
+    Project decision: unlike `sample_clients` the count varies from round to round (it may be
+    zero), as it does in a swarm whose machines come and go.
+    """
+    if not 0 < probability <= 1:
+        raise ValueError(f"participation must be in (0, 1], got {probability!r}")
+    if probability >= 1:
+        return frozenset(clients)
+
+    def uniform(client: str) -> float:
+        digest = hashlib.sha256(f"p2pmoe.availability:{seed}:{round_index}:{client}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    return frozenset(c for c in clients if uniform(c) < probability)
+
+
 class Participation:
-    """One run's sampling rule: `sample_clients` with the run's seed, clients and fraction.
+    """One run's participation rule: `sample_clients` (mode `sample`) or `available_clients`
+    (mode `availability`) with the run's seed, clients and fraction.
 
     Nodes that are not clients (a server) always take part. The default object (no clients,
     fraction 1) is full participation, what every method did before this option existed.
     """
 
-    def __init__(self, seed: int = 0, fraction: float = 1.0, clients: Sequence[str] = ()) -> None:
+    def __init__(self, seed: int = 0, fraction: float = 1.0, clients: Sequence[str] = (), mode: str = "sample") -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"participation must be in (0, 1], got {fraction!r}")
-        self.seed, self.fraction, self.clients = seed, fraction, tuple(clients)
+        if mode not in MODES:
+            raise ValueError(f"participation mode must be one of {MODES}, got {mode!r}")
+        self.seed, self.fraction, self.clients, self.mode = seed, fraction, tuple(clients), mode
         self._members = frozenset(self.clients)
         self._cache: dict[int, frozenset[str]] = {}
 
@@ -62,11 +91,12 @@ class Participation:
         return self.fraction >= 1
 
     def sampled(self, round_index: int) -> frozenset[str]:
-        """The clients sampled for `round_index` (cached: thousands of nodes may share this object)."""
+        """The clients taking part in `round_index` (cached: thousands of nodes may share this object)."""
         if round_index not in self._cache:
             if len(self._cache) >= _CACHED_ROUNDS:
                 del self._cache[min(self._cache)]
-            self._cache[round_index] = sample_clients(self.seed, round_index, self.clients, self.fraction)
+            draw = sample_clients if self.mode == "sample" else available_clients
+            self._cache[round_index] = draw(self.seed, round_index, self.clients, self.fraction)
         return self._cache[round_index]
 
     def takes_part(self, node: str, round_index: int) -> bool:

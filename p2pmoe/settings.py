@@ -33,7 +33,8 @@ class RunOptions(Options):
     rounds: int = option(20, "communication rounds", minimum=1)
     participation: float = option(
         1.0,
-        "fraction of clients sampled each round (seeded; 1: everyone). Unsampled clients neither train nor send; see docs/methods.md",
+        "methods with a server: fraction of clients sampled each round; peer-to-peer methods and local: probability that a node is online in a round "
+        "(seeded; 1: everyone). Absent clients neither train nor send; see docs/methods.md",
         above=0,
         maximum=1,
     )
@@ -42,6 +43,12 @@ class RunOptions(Options):
     lr: float | None = option(None, "learning rate; none takes the task's default (images 0.05 SGD, sequences 1e-3 Adam)", above=0)
     seed: int = option(0, "one seed for partition, initial weights and shuffling")
     eval_every: int = option(1, "evaluate every N rounds (and always after the last)", minimum=1)
+    eval_point: str = option(
+        "aggregated",
+        "where a node is evaluated: aggregated (after the round's exchange), trained (after the round's local training, before its exchange: "
+        "the model a node serves) or both (the trained point's metrics named accuracy@trained, ...)",
+        choices=("aggregated", "trained", "both"),
+    )
     compression: str = option("none", "wire compression: none, fp16, int8, or per kind: model_update=int8,model_global=fp16")
     topology: str = option("full", "clients' graph: full, ring, star, random-regular:D, small-world:K:P, erdos-renyi:P, or a file")
     hops: int = option(1, "a node sees peers within this many hops of the topology", minimum=1)

@@ -273,3 +273,43 @@ def test_drive_rounds_stops_mid_round_without_logging_it():
     port = StopPort()
     last = asyncio.run(drive_rounds(NodeRunner("me", Recorder()), port, 3, 10, 1, 5.0))
     assert last == 2 and port.done == []  # round 3 was not completed, so not checkpointed either
+
+
+class Blending(Recorder):
+    """Training adds 1 to its one number; the round's exchange multiplies it by 10."""
+
+    def __init__(self, node_id: str = "me") -> None:
+        super().__init__(node_id)
+        self.value = 0
+
+    def train_local(self, round_index):
+        self.value += 1
+        return {}
+
+    def start_round(self, round_index):
+        self.value *= 10
+        return []
+
+    def evaluate(self):
+        return {"value": float(self.value)}
+
+
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [
+        ("aggregated", [{"value": 10.0}, {"value": 110.0}]),
+        ("trained", [{"value": 1.0}, {"value": 11.0}]),
+        ("both", [{"value@trained": 1.0, "value": 10.0}, {"value@trained": 11.0, "value": 110.0}]),
+    ],
+)
+def test_the_evaluation_point_is_after_the_exchange_after_local_training_or_both(point, expected):
+    network = SimNetwork({"me": Blending()})
+    rows = asyncio.run(network.run(2, first=0, eval_point=point))
+    assert [row["metrics"] for row in rows] == expected
+
+
+def test_an_unknown_evaluation_point_is_refused():
+    with pytest.raises(ValueError, match="eval_point"):
+        asyncio.run(SimNetwork({"me": Blending()}).run(1, eval_point="sometime"))
+    with pytest.raises(ValueError, match="eval_point"):
+        default_config(eval_point="sometime")

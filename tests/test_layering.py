@@ -21,7 +21,7 @@ LAYERS = {
     5: {"methods"},
     6: {"config", "experiment", "docs"},
     7: {"driver", "report"},
-    8: {"sim", "node"},
+    8: {"sim", "node", "harness"},
     9: {"cli", "__init__"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}

@@ -120,7 +120,7 @@ def test_local_sends_nothing_and_completes_at_once():
     node = LocalMethod("a", ConstantLearner(2.0, 1))
     ledger = ByteLedger()
     stats = SimNetwork({"a": node}, ledger).run_round(0)
-    assert stats == {"a": {"train_loss": 2.0}} and ledger.entries == []
+    assert stats == {"a": {"train_loss": 2.0, "sample_epochs": 1.0}} and ledger.entries == []
 
 
 def test_weighted_average_rejects_mismatched_states():
@@ -186,3 +186,46 @@ def test_gossip_mixes_only_sampled_neighbours_and_keeps_the_sum():
         pairs = {(e.src, e.dst) for e in ledger.entries if e.round == r}
         assert all(src in sampled and dst in sampled and abs(ids.index(src) - ids.index(dst)) in (1, 5) for src, dst in pairs)
     assert any(e.kind == "gossip" for e in ledger.entries) and not any(e.kind == "error" for e in ledger.entries)
+
+
+def _fmnist_run(tmp_path, method: str, **run):
+    from pathlib import Path
+
+    from p2pmoe.config import default_config, with_options
+    from p2pmoe.data.images import FMNIST_ROOT
+    from p2pmoe.sim.runner import run_simulation
+
+    if not Path(FMNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    cfg = default_config(method=method, data="fmnist", nodes=3, rounds=2, max_train_per_node=120, threads=1, out=str(tmp_path / method), **run)
+    return run_simulation(with_options(cfg, task_options={"global_test_size": 200}), progress=False, report=False)
+
+
+def test_fedavg_ft_trains_as_fedavg_and_scores_the_fine_tuned_copy(tmp_path):
+    """Real data: the same training losses and bytes in every round as FedAvg (the copy is
+    dropped, the shuffling RNG restored), another personalised score, and its compute counted."""
+    from p2pmoe.runs import read_metrics
+
+    plain, tuned = _fmnist_run(tmp_path, "fedavg"), _fmnist_run(tmp_path, "fedavg-ft")
+    rows = {m: [(r["node"], r["round"], r["train"]) for r in read_metrics(tmp_path / m / "metrics.jsonl")] for m in ("fedavg", "fedavg-ft")}
+    assert rows["fedavg"] == rows["fedavg-ft"]
+    assert plain["bytes"] == tuned["bytes"]
+    assert plain["per_node"] != tuned["per_node"]
+    # 3 clients x 120 examples x (2 rounds of training + 2 evaluations x 1 fine-tuning epoch)
+    assert plain["compute"]["sample_epochs"] == 3 * 120 * 2 and tuned["compute"]["sample_epochs"] == 3 * 120 * 4
+
+
+def test_fine_tuned_metrics_leave_the_learner_as_it_was():
+    from p2pmoe.learners.vision import ImageClassifierLearner
+    from p2pmoe.methods.base import fine_tuned_metrics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    learner = ImageClassifierLearner(model, (x, y), (x[:10], y[:10]), lr=0.5)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    untuned = learner.evaluate()
+    metrics = fine_tuned_metrics(learner, 3)
+    assert metrics["eval_sample_epochs"] == 120 and metrics["accuracy"] != untuned["accuracy"]
+    after = learner.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

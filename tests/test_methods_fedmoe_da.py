@@ -106,7 +106,7 @@ def test_p0_equals_local_training():
     for n in locals_:
         a, b = float_state(learners[n].model), float_state(locals_[n].learner.model)
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert {e.kind for e in ledger.entries} == {"gate_publish"}
+    assert ledger.entries == []  # P = 0 aggregates nothing, so not even a gate is published
 
 
 def test_fetches_exactly_the_selected_pairs_once_and_aggregates_them():
@@ -229,9 +229,41 @@ def test_partial_participation_fetches_only_from_sampled_topology_neighbours(tmp
     cfg = default_config(method="fedmoe-da", data="fmnist", nodes=8, rounds=4, topology=topology, hops=1, participation=0.5, train="none", out=str(tmp_path))
     run_simulation(cfg, progress=False, report=False)
     graph = build_topology(cfg)
-    part = Participation(cfg.run.seed, 0.5, sorted(graph.nodes))
+    part = Participation(cfg.run.seed, 0.5, sorted(graph.nodes), mode="availability")  # peer-to-peer: churn, not sampling
     ledger = read_ledger(tmp_path / "ledger.csv")
     assert {e.kind for e in ledger} >= {"gate_publish", "expert_request", "expert_response", "embedding"} and "error" not in {e.kind for e in ledger}
     for e in ledger:
         assert graph.has_edge(e.src, e.dst), f"{e.kind} between {e.src} and {e.dst}, not neighbours on {topology}"
         assert e.src in part.sampled(e.round) and e.dst in part.sampled(e.round), f"{e.kind} in round {e.round} with an unsampled node"
+
+
+def test_fedrep_averages_phi_on_a_server_and_keeps_gate_and_experts_home(tmp_path):
+    """Real data: only phi travels (model_update / model_global, no gate or expert message);
+    after a round every client holds the same phi and its own gate and experts."""
+    from pathlib import Path
+
+    from p2pmoe.config import default_config
+    from p2pmoe.data.images import FMNIST_ROOT
+    from p2pmoe.experiment import build_experiment
+    from p2pmoe.ledger import ByteLedger
+    from p2pmoe.sim.bus import SimNetwork
+
+    if not Path(FMNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    cfg = default_config(method="fedrep", data="fmnist", nodes=3, rounds=1, max_train_per_node=100, threads=1, out=str(tmp_path))
+    experiment = build_experiment(cfg)
+    ledger = ByteLedger()
+    SimNetwork(experiment.nodes, ledger).run_round(0)
+    assert {e.kind for e in ledger.entries} == {"model_update", "model_global"}
+    models = [experiment.nodes[c].learner.model for c in experiment.clients]
+    phis = [torch.cat([p.flatten() for p in m.embedder.parameters()]) for m in models]
+    moes = [torch.cat([p.flatten() for p in m.moe.parameters()]) for m in models]
+    assert all(torch.equal(phis[0], phi) for phi in phis[1:])
+    assert not any(torch.equal(moes[0], moe) for moe in moes[1:])
+
+
+def test_p_zero_publishes_no_gate():
+    from p2pmoe.methods.fedmoe_da import FedMoEDANode
+
+    node = FedMoEDANode("a", _learner(0), visible=["b", "c"], neighbours=[], p=0, embedding="frozen")
+    assert node.start_round(0) == [] and node.round_complete()

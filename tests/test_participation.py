@@ -48,3 +48,36 @@ def test_the_run_option_is_a_fraction():
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="participation"):
             default_config(participation=bad)
+
+
+def test_availability_draws_each_node_alone_seeded_and_near_the_probability():
+    from p2pmoe.participation import available_clients
+
+    rounds = [available_clients(5, r, IDS, 0.3) for r in range(200)]
+    share = sum(len(s) for s in rounds) / (200 * len(IDS))
+    assert 0.27 < share < 0.33  # 20,000 draws: the standard error of the share is 0.003
+    assert len({len(s) for s in rounds}) > 3  # the count varies from round to round (no fixed m)
+    # A node's availability does not depend on which other nodes the run has.
+    assert all(available_clients(5, r, IDS[:7], 0.3) == s & set(IDS[:7]) for r, s in enumerate(rounds[:20]))
+    assert rounds[:20] != [available_clients(6, r, IDS, 0.3) for r in range(20)]
+    assert available_clients(5, 3, IDS, 1.0) == set(IDS)
+
+
+def test_the_run_decides_the_meaning_by_whether_the_method_has_a_server():
+    from p2pmoe.methods.registry import run_participation
+
+    clients = IDS[:20]
+    for method, mode in (
+        ("fedavg", "sample"),
+        ("fedavg-ft", "sample"),
+        ("fedrep", "sample"),
+        ("local", "availability"),
+        ("fedmoe-da", "availability"),
+        ("gossip", "availability"),
+    ):
+        part = run_participation(default_config(method=method, nodes=20, participation=0.5), clients)
+        assert part.mode == mode, method
+        counts = {len(part.sampled(r)) for r in range(30)}
+        assert (counts == {10}) == (mode == "sample"), method
+    with pytest.raises(ValueError, match="mode"):
+        Participation(0, 0.5, IDS, mode="sometimes")

@@ -70,6 +70,15 @@ def select_round(rows: list[Row], clients: list[str], selection: Selection) -> t
     return best, dict(sorted(by_round[best].items()))
 
 
+def training_compute(rows: list[Row], clients: list[str], rounds: int) -> dict[str, float]:
+    """Examples x epochs the clients trained on over the run: local training (`sample_epochs`
+    of the train statistics) plus fine-tuning done only to evaluate (`eval_sample_epochs`,
+    FedAvg-FT), in total and per client and round."""
+    members = set(clients)
+    total = sum(row["train"].get("sample_epochs", 0.0) + row.get("metrics", {}).get("eval_sample_epochs", 0.0) for row in rows if row["node"] in members)
+    return {"sample_epochs": total, "per_node_per_round": total / max(len(clients) * rounds, 1)}
+
+
 def make_summary(
     cfg: ExperimentConfig, selection: Selection, rows: list[Row], ledger: ByteLedger, clients: list[str], wall_seconds: float, driver: str
 ) -> dict[str, Any]:
@@ -92,6 +101,7 @@ def make_summary(
         "per_node": per_node,
         "train": train_means,
         "bytes": {**ledger.totals(), "per_node_per_round": ledger.per_node_per_round(clients, cfg.run.rounds)},
+        "compute": training_compute(rows, clients, cfg.run.rounds),
         "wall_seconds": round(wall_seconds, 2),
         "setting": cfg.to_dict(),
     }

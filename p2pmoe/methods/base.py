@@ -111,19 +111,39 @@ class Method(ABC):
         """Restore what `state_dict` returned."""
 
 
-class LearnerMethod(Method):
-    """A method whose node owns a Learner: training, evaluation and checkpoints delegate to it."""
+def fine_tuned_metrics(learner: Learner, epochs: int) -> dict[str, float]:
+    """The learner's metrics after `epochs` of local training on a copy of its state, then the
+    state as it was (weights and shuffling RNG, so the run's own training is untouched), with
+    the examples that training cost as `eval_sample_epochs` (the summary adds it to the
+    run's compute). What FedAvg-FT evaluates: the global model as a client would serve it."""
+    before = {name: t.clone() for name, t in learner.state_dict().items()}
+    learner.train(epochs)
+    metrics = learner.evaluate()
+    learner.load_state_dict(before)
+    return {**metrics, "eval_sample_epochs": float(learner.num_train_examples * epochs)}
 
-    def __init__(self, node_id: str, learner: Learner, local_epochs: int = 1, participation: Participation | None = None) -> None:
+
+class LearnerMethod(Method):
+    """A method whose node owns a Learner: training, evaluation and checkpoints delegate to it.
+
+    Training reports its compute as `sample_epochs` (training examples x epochs); with
+    `finetune_epochs` k > 0 every evaluation scores the model after k local epochs on a copy
+    (`fine_tuned_metrics`), and the node's own model goes on unchanged.
+    """
+
+    def __init__(self, node_id: str, learner: Learner, local_epochs: int = 1, participation: Participation | None = None, finetune_epochs: int = 0) -> None:
         super().__init__(node_id, participation)
+        if finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
         self.learner = learner
         self.local_epochs = local_epochs
+        self.finetune_epochs = finetune_epochs
 
     def train_local(self, round_index: int) -> dict[str, float]:
-        return self.learner.train(self.local_epochs)
+        return {**self.learner.train(self.local_epochs), "sample_epochs": float(self.learner.num_train_examples * self.local_epochs)}
 
     def evaluate(self) -> dict[str, float]:
-        return self.learner.evaluate()
+        return fine_tuned_metrics(self.learner, self.finetune_epochs) if self.finetune_epochs else self.learner.evaluate()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.learner.state_dict()

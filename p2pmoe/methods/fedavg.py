@@ -9,6 +9,8 @@ the clients sampled for the next round (`p2pmoe.methods.server`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +19,7 @@ from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer, ServerClient
 from p2pmoe.models.params import float_state, load_float_state, weighted_average
 from p2pmoe.naming import SERVER_ID
+from p2pmoe.options import Options, option
 from p2pmoe.participation import Participation
 from p2pmoe.wire.codec import ProtocolError, check_like
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -30,9 +33,16 @@ class FedAvgClient(ServerClient):
     """
 
     def __init__(
-        self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1, prefix: str = "", participation: Participation | None = None
+        self,
+        node_id: str,
+        learner: Learner,
+        server_id: str,
+        local_epochs: int = 1,
+        prefix: str = "",
+        participation: Participation | None = None,
+        finetune_epochs: int = 0,
     ) -> None:
-        super().__init__(node_id, learner, server_id, local_epochs, participation)
+        super().__init__(node_id, learner, server_id, local_epochs, participation, finetune_epochs)
         self.prefix = prefix
 
     def model_update(self, round_index: int) -> Message:
@@ -80,8 +90,21 @@ class FedAvgServer(CollectingServer):
         self.global_state = dict(state)
 
 
+@dataclass(frozen=True)
+class FineTuneOptions(Options):
+    """FedAvg-FT, the personalised-FL baseline "FedAvg + local fine-tuning": every client
+    evaluates the global model after k local epochs on its own data. Project decision: the
+    fine-tuned copy is dropped after evaluation, so training is FedAvg's exactly and only what
+    is scored differs (the fine-tuning's examples are counted in the run's compute)."""
+
+    section: ClassVar[str] = "method"
+
+    finetune_epochs: int = option(1, "local epochs on a copy of the model before each evaluation", minimum=1)
+
+
 def _client(ctx: BuildContext, node: str) -> Method:
-    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, participation=ctx.participation)
+    finetune = ctx.cfg.method.finetune_epochs if isinstance(ctx.cfg.method, FineTuneOptions) else 0
+    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, participation=ctx.participation, finetune_epochs=finetune)
 
 
 def _server(ctx: BuildContext) -> Method:
@@ -93,6 +116,17 @@ register_method(
         name="fedavg",
         summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
         tasks=("image", "multitask", "timelines"),
+        build_client=_client,
+        build_server=_server,
+    )
+)
+register_method(
+    MethodSpec(
+        name="fedavg-ft",
+        summary="FedAvg, each client scoring the global model after k local epochs on its own data (personalised-FL baseline)",
+        tasks=("image", "multitask", "timelines"),
+        options=FineTuneOptions,
+        flag_prefix="fedavg",
         build_client=_client,
         build_server=_server,
     )

@@ -225,7 +225,8 @@ class FedMoEDANode(LearnerMethod):
     def start_round(self, round_index: int) -> list[Send]:
         self._enter(round_index, sampled=True)
         self._aggregated = False
-        sampled_peers = self.participation.among(self.visible, round_index)
+        # P = 0 aggregates nothing, so no peer needs this node's gate (FedRep-style runs send none)
+        sampled_peers = self.participation.among(self.visible, round_index) if self.p else set()
         sends = self.gossip.start(round_index, self.participation.among(self.gossip.neighbours, round_index))
         if self.embedding == "server":
             assert self.server_id is not None  # checked in __init__
@@ -610,6 +611,36 @@ register_method(
         build_server=_server,
         uses_server=lambda cfg: getattr(cfg.method, "embedding", None) == "server",
         peers=topology_peers,
+    )
+)
+
+
+def _fedrep_client(ctx: BuildContext, node: str) -> Method:
+    return FedMoEDANode(
+        node,
+        ctx.learner(node),
+        visible=[],
+        neighbours=[],
+        p=0,
+        embedding="server",
+        server_id=SERVER_ID,
+        local_epochs=ctx.cfg.run.local_epochs,
+        participation=ctx.participation,
+    )
+
+
+def _fedrep_server(ctx: BuildContext) -> Method:
+    template = float_state(ctx.template(), EMBEDDING_PREFIX)
+    return FedMoEDAServer(SERVER_ID, ctx.clients, template, p=0, tau=1.0, plans=False, participation=ctx.participation)
+
+
+register_method(
+    MethodSpec(
+        name="fedrep",
+        summary="FedRep-style baseline: phi averaged by a server (FedAvg), gate and experts never leave the node (FedMoE-DA with P = 0, phi on a server)",
+        tasks=("image", "timelines"),
+        build_client=_fedrep_client,
+        build_server=_fedrep_server,
     )
 )
 register_method(

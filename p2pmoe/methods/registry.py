@@ -79,9 +79,9 @@ class BuildContext:
 
     @cached_property
     def participation(self) -> Participation:
-        """The run's client sampling (option `participation`), one object for every node built
-        here: each node, server and daemon derives the same samples from the same seed."""
-        return Participation(self.cfg.run.seed, self.cfg.run.participation, self.clients)
+        """The run's participation (option `participation`), one object for every node built
+        here: each node, server and daemon derives the same sets from the same seed."""
+        return run_participation(self.cfg, self.clients)
 
 
 PeerRule = Callable[[ExperimentConfig, nx.Graph, list[str]], dict[str, set[str]]]
@@ -134,6 +134,14 @@ class MethodSpec:
 
 
 _METHODS: dict[str, MethodSpec] = {}
+
+
+def run_participation(cfg: ExperimentConfig, clients: list[str]) -> Participation:
+    """What `participation` means for the run's method: client sampling when it has a server,
+    availability (each node online with that probability, churn) when its models live on
+    the nodes and nobody samples them (peer-to-peer methods, Local)."""
+    mode = "sample" if get_method(cfg.run.method).has_server(cfg) else "availability"
+    return Participation(cfg.run.seed, cfg.run.participation, clients, mode)
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:

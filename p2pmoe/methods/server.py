@@ -102,8 +102,10 @@ class ServerClient(LearnerMethod):
     goes on with what it holds.
     """
 
-    def __init__(self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1, participation: Participation | None = None) -> None:
-        super().__init__(node_id, learner, local_epochs, participation)
+    def __init__(
+        self, node_id: str, learner: Learner, server_id: str, local_epochs: int = 1, participation: Participation | None = None, finetune_epochs: int = 0
+    ) -> None:
+        super().__init__(node_id, learner, local_epochs, participation, finetune_epochs)
         self.server_id = server_id
         self._round = -1
         self._synced = True

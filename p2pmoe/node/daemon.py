@@ -303,7 +303,7 @@ class NodeDaemon:
         try:
             first = await self._startup()
             run = self.cfg.experiment.run
-            last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, self.cfg.timing.round_deadline)
+            last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, self.cfg.timing.round_deadline, eval_point=run.eval_point)
             if last == self.rounds - 1:
                 self.done = True
                 await self.send(self.runner, [Send(peer, self._control(MessageKind.HEARTBEAT)) for peer in self.cfg.peers])

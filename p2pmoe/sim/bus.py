@@ -142,20 +142,20 @@ class SimNetwork:
 
     # -- running -----------------------------------------------------------------------------------
 
-    async def _drive(self, node: NodeRunner, first: int, rounds: int, eval_every: int, stop: int | None) -> None:
+    async def _drive(self, node: NodeRunner, first: int, rounds: int, eval_every: int, stop: int | None, eval_point: str) -> None:
         try:
-            await drive_rounds(node, self, first, rounds, eval_every, deadline=float("inf"), stop=stop)
+            await drive_rounds(node, self, first, rounds, eval_every, deadline=float("inf"), stop=stop, eval_point=eval_point)
         finally:
             self._running -= 1
             if self._waiting and len(self._waiting) >= self._running:
                 self._stall()
 
-    async def run(self, rounds: int, eval_every: int = 1, first: int = 0, stop: int | None = None) -> list[Row]:
+    async def run(self, rounds: int, eval_every: int = 1, first: int = 0, stop: int | None = None, eval_point: str = "aggregated") -> list[Row]:
         """Run every node's rounds `first`..`rounds - 1` (`stop - 1` with `stop`) of a
         `rounds`-round run; return all rows so far. When it returns, every node has finished
         the same round and no message is in flight or held: a consistent cut to checkpoint."""
         self._running = len(self.runners)
-        tasks = [asyncio.ensure_future(self._drive(node, first, rounds, eval_every, stop)) for node in self.runners.values()]
+        tasks = [asyncio.ensure_future(self._drive(node, first, rounds, eval_every, stop, eval_point)) for node in self.runners.values()]
         if self.workers > 1:
             self._rng_at_start = torch.get_rng_state()
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="p2pmoe-sim")

@@ -15,7 +15,7 @@ from p2pmoe.driver.summary import Row, make_summary
 from p2pmoe.experiment import Experiment, build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import LearnerMethod
-from p2pmoe.participation import Participation
+from p2pmoe.methods.registry import run_participation
 from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig, parse_compute_time
@@ -70,7 +70,7 @@ def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> list[float
         return [seconds] * cfg.run.rounds
     client_nodes = {n: experiment.nodes[n] for n in experiment.clients}
     sizes = {n: node.learner.num_train_examples for n, node in client_nodes.items() if isinstance(node, LearnerMethod)}
-    participation = Participation(cfg.run.seed, cfg.run.participation, experiment.clients)
+    participation = run_participation(cfg, experiment.clients)
     return [seconds * cfg.run.local_epochs * max((sizes[n] for n in participation.among(sizes, r)), default=0) for r in range(cfg.run.rounds)]
 
 
@@ -120,7 +120,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
         start = first
         while start < rounds:
             stop = min(rounds, (start // checkpoint_every + 1) * checkpoint_every) if checkpoint_every else rounds
-            await network.run(rounds, cfg.run.eval_every, first=start, stop=stop)
+            await network.run(rounds, cfg.run.eval_every, first=start, stop=stop, eval_point=cfg.run.eval_point)
             if checkpoint_due(stop - 1, rounds, checkpoint_every):
                 folder.log_messages(ledger.entries[logged:])
                 logged = len(ledger.entries)

@@ -172,6 +172,18 @@ def _own_gate(shared: MoEClassifier, generator: torch.Generator) -> MoEClassifie
     return view
 
 
+def client_label_counts(cfg: ExperimentConfig) -> list[list[int]]:
+    """Every client's training labels counted per class, in client order: the same rows its
+    learner trains on (partition and `max_train_per_node` cut), read without any image. For
+    analyses of who a method pairs with whom (label-distribution similarity)."""
+    run = cfg.run
+    splits = _splits(run.data, run.data_root, run.nodes, run.partition, run.seed)
+    train_y, _ = _labels(run.data, run.data_root)
+    classes = int(train_y.max()) + 1
+    rows = [_client_rows(split, run.max_train_per_node, run.seed + k).train for k, split in enumerate(splits)]
+    return [torch.bincount(train_y[torch.from_numpy(r)], minlength=classes).tolist() for r in rows]
+
+
 class ImageTask(Task):
     name = "image"
     summary = "image classification with a per-node MoE classifier; accuracy on own and global test sets"

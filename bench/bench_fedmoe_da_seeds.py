@@ -1,0 +1,140 @@
+"""FedMoE-DA against the personalised-FL baselines, over seeds, as a reviewer compares them.
+
+    python bench/bench_fedmoe_da_seeds.py --settings c --seeds 0,1,2       # one setting
+    python bench/bench_fedmoe_da_seeds.py --settings a,b,c --report-only   # tables from the runs so far
+
+Settings (issue 25), Fashion-MNIST, Dirichlet 0.3: (a) 10 nodes x 2,000 images, 20 rounds;
+(b) 100 nodes x all 60,000 images, 1 local epoch, 60 rounds; (c) 20 nodes x 300 images, 5
+local epochs, 30 rounds. Peer-to-peer methods and Local run with every node active every
+round; FedAvg runs with 100 % and with 10 % client sampling. Every run evaluates each node at
+both points (`--eval-point both`): after the round's aggregation and after its local training.
+Each (variant, seed) is a run folder under runs/bench_<name>/<setting>/; a killed benchmark
+goes on where it stopped. Writes bench/results/<name>.json, .md and one PNG per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from p2pmoe.config import build_config, default_config, with_options
+from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import RunResult, Variant, run_seeds
+from p2pmoe.naming import client_ids
+from p2pmoe.report import format_table
+from p2pmoe.report.peer_similarity import selection_vs_labels
+from p2pmoe.report.seeds import compare, draw_seeds, seed_table
+from p2pmoe.runs import read_metrics
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.tasks.image import client_label_counts
+
+RESULTS = Path(__file__).parent / "results"
+SETTINGS: dict[str, dict[str, Any]] = {
+    "a": {"nodes": 10, "max_train_per_node": 2000, "rounds": 20, "local_epochs": 1, "eval_every": 4},
+    "b": {"nodes": 100, "max_train_per_node": None, "rounds": 60, "local_epochs": 1, "eval_every": 10},
+    "c": {"nodes": 20, "max_train_per_node": 300, "rounds": 30, "local_epochs": 5, "eval_every": 5},
+}
+CHEAP = {"compression": "embedding=int8,expert_response=int8"}  # FedMoE-DA's default sharing, 8-bit
+REFERENCE = "fedmoe-da"
+VARIANTS = [
+    Variant("local", "local"),
+    Variant("fedavg", "fedavg"),
+    Variant("fedavg 10%", "fedavg", run={"participation": 0.1}),
+    Variant("fedavg-ft", "fedavg-ft"),
+    Variant("fedrep", "fedrep"),
+    Variant(REFERENCE, "fedmoe-da", {"embedding_error_feedback": True}, CHEAP),
+]
+POINTS = {"after aggregation": "", "after local training": "@trained"}
+
+
+def setting_config(name: str, threads: int) -> ExperimentConfig:
+    run = {"data": "fmnist", "partition": "dirichlet:0.3", "eval_point": "both", "threads": threads, **SETTINGS[name]}
+    return with_options(default_config(**run), task_options={"global_test_size": 500})
+
+
+def why(results: list[RunResult]) -> list[dict[str, Any]]:
+    """Item 5 per FedMoE-DA run: did the gate correlation pick label-similar peers?"""
+    rows = []
+    for r in results:
+        if r.label == REFERENCE:
+            cfg = build_config(r.summary["setting"])
+            labels = dict(zip(client_ids(cfg.run.nodes), client_label_counts(cfg), strict=True))
+            found = selection_vs_labels(read_metrics(r.out / "metrics.jsonl"), labels)
+            rows.append({"seed": r.seed, **{k: v for k, v in found.items() if k != "nodes"}, "nodes": found["nodes"]})
+    return rows
+
+
+def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        runs.setdefault(r.label, {})[r.seed] = r.summary
+    text = [f"## Setting ({name}): {json.dumps(SETTINGS[name])}\n"]
+    for point, suffix in POINTS.items():
+        table = seed_table(runs, "accuracy" + suffix, REFERENCE, "fedavg", extra=("global_accuracy" + suffix,))
+        text.append(f"Evaluated {point}:\n\n```\n{format_table(table, list(table[0]))}\n```\n")
+    best = {
+        p: {lb: compare(runs, REFERENCE, lb, "accuracy" + s).by_seed.mean for lb in runs if lb != REFERENCE} for p, s in POINTS.items() if REFERENCE in runs
+    }
+    analysis = why(results)
+    for a in analysis:
+        text.append(
+            f"Seed {a['seed']}, round {a['round']}: Spearman(gate similarity, label similarity) over {a['pairs']} pairs = "
+            f"{a['spearman_gate_vs_label_similarity']:.3f}; JS of fetched peers' labels {a['mean_js_fetched']:.3f} vs a random peer's "
+            f"{a['mean_js_random_peer']:.3f}; {a['nodes_closer_than_random']}/{a['nodes_fetching']} nodes fetched closer than random.\n"
+        )
+    png = draw_seeds(
+        runs,
+        ["accuracy", "accuracy@trained"],
+        REFERENCE,
+        RESULTS,
+        f"fedmoe_da_seeds_{name}.png",
+        f"setting ({name}), seeds {sorted({r.seed for r in results})}",
+    )
+    text.append(f"![seeds]({png.name})\n")
+    rows = [
+        {
+            "label": r.label,
+            "seed": r.seed,
+            "metrics": r.summary["metrics"],
+            "per_node": r.summary["per_node"],
+            "bytes": r.summary["bytes"]["per_node_per_round"],
+            "compute": r.summary.get("compute"),
+            "wall_seconds": r.summary["wall_seconds"],
+            "setting": r.summary["setting"],
+        }
+        for r in results
+    ]
+    return {"runs": rows, "differences_vs_" + REFERENCE: best, "why": analysis}, "\n".join(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default="c", help="comma-separated: a, b, c")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", default="", help="comma-separated variant labels to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true", help="tables from finished runs only; runs nothing")
+    parser.add_argument("--name", default="fedmoe_da_seeds")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    wanted = [v for v in VARIANTS if not args.only or v.label in args.only.split(",")]
+    data, text = {}, [f"# FedMoE-DA over seeds\n\nCommand: `python bench/bench_fedmoe_da_seeds.py --settings {args.settings} --seeds {args.seeds}`\n"]
+    for name in args.settings.split(","):
+        root = Path("runs") / f"bench_{args.name}" / name
+        base = setting_config(name, args.threads)
+        if not args.report_only:
+            run_seeds(base, wanted, seeds, root, args.checkpoint_every)
+        finished = run_seeds(base, VARIANTS, seeds, root, only_finished=True)
+        if finished:
+            data[name], md = section(name, finished)
+            text.append(md)
+    atomic_write_json(RESULTS / f"{args.name}.json", data)
+    atomic_write_bytes(RESULTS / f"{args.name}.md", "\n".join(text).encode())
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

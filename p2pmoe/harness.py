@@ -1,0 +1,96 @@
+"""The benchmark harness: variants x seeds of one setting, each a simulator run folder.
+
+A benchmark script names what is its own (the variants it compares, the setting) and leaves
+the running here: every (variant, seed) is one `run_simulation` in
+`<root>/<variant slug>/seed<k>`, so a killed benchmark picks up where it stopped. A run whose
+folder holds a summary of the very same experiment is read back, not run again; one with a
+checkpoint of it (`checkpoint_every`) resumes from there (`p2pmoe.sim.resume`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pmoe.config import build_config, resolve, with_options
+from p2pmoe.settings import ExperimentConfig
+from p2pmoe.sim.runner import run_simulation
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a comparison: a label, the method, its `[method]` options and `[run]` changes."""
+
+    label: str
+    method: str
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    run: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self, base: ExperimentConfig, seed: int, out: Path) -> ExperimentConfig:
+        return with_options(base, method_options=self.method_options, method=self.method, seed=seed, out=str(out), **self.run)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: its variant's label, its seed, its folder and its summary."""
+
+    label: str
+    seed: int
+    out: Path
+    summary: dict[str, Any]
+
+    @property
+    def cfg_run(self) -> dict[str, Any]:
+        return dict(self.summary["setting"]["run"])
+
+
+def slug(label: str) -> str:
+    """A folder name for a variant's label."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
+
+
+def finished_summary(out: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The summary in `out` when it is of exactly `cfg` (resolved), else None. The stored
+    setting is read back through `build_config`, so an option added since the run was made
+    counts as its default (a run is not redone for an option it could not have had)."""
+    path = out / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        stored = resolve(build_config(summary["setting"], str(path)))
+    except (OSError, ValueError, KeyError, TypeError):  # missing, torn, or of an older or foreign shape
+        return None
+    return summary if stored == resolve(cfg) else None
+
+
+def run_seeds(
+    base: ExperimentConfig,
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    root: Path,
+    checkpoint_every: int = 0,
+    on_result: Callable[[RunResult], None] | None = None,
+    only_finished: bool = False,
+) -> list[RunResult]:
+    """Every variant for every seed (seed-major, so a partial benchmark has whole seeds first),
+    each in `root/<slug>/seed<k>`; finished runs of the same experiment are read back. With
+    `only_finished`, nothing runs: the finished runs alone (tables of a benchmark under way)."""
+    results = []
+    for seed in seeds:
+        for variant in variants:
+            out = root / slug(variant.label) / f"seed{seed}"
+            cfg = variant.config(base, seed, out)
+            summary = finished_summary(out, cfg)
+            if summary is None and only_finished:
+                continue
+            if summary is None:
+                print(f"running {variant.label}, seed {seed} -> {out}", file=sys.stderr, flush=True)
+                summary = run_simulation(cfg, report=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
+            result = RunResult(variant.label, seed, out, summary)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results
