@@ -26,6 +26,7 @@ from p2pmoe.naming import client_ids
 from p2pmoe.report import format_table
 from p2pmoe.report.peer_similarity import selection_vs_labels
 from p2pmoe.report.seeds import compare, draw_seeds, seed_table
+from p2pmoe.report.stats import spearman
 from p2pmoe.runs import read_metrics
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.image import client_label_counts
@@ -47,6 +48,14 @@ VARIANTS = [
     Variant(REFERENCE, "fedmoe-da", {"embedding_error_feedback": True}, CHEAP),
 ]
 POINTS = {"after aggregation": "", "after local training": "@trained"}
+VALIDATED = "fedmoe-da validated"  # issue 25 item 6, beyond the paper: peers' experts vetted on a fifth of a node's own examples
+
+
+def variants(setting: str) -> list[Variant]:
+    """The comparison of a setting: the baselines, FedMoE-DA, and FedMoE-DA with validated
+    aggregation holding out a fifth of each node's training examples (120 of about 600 in (b))."""
+    held = (SETTINGS[setting]["max_train_per_node"] or 600) // 5
+    return [*VARIANTS, Variant(VALIDATED, "fedmoe-da", {"embedding_error_feedback": True, "validation_examples": held}, CHEAP)]
 
 
 def setting_config(name: str, threads: int) -> ExperimentConfig:
@@ -58,12 +67,28 @@ def why(results: list[RunResult]) -> list[dict[str, Any]]:
     """Item 5 per FedMoE-DA run: did the gate correlation pick label-similar peers?"""
     rows = []
     for r in results:
-        if r.label == REFERENCE:
+        if r.label in (REFERENCE, VALIDATED):
             cfg = build_config(r.summary["setting"])
             labels = dict(zip(client_ids(cfg.run.nodes), client_label_counts(cfg), strict=True))
             found = selection_vs_labels(read_metrics(r.out / "metrics.jsonl"), labels)
-            rows.append({"seed": r.seed, **{k: v for k, v in found.items() if k != "nodes"}, "nodes": found["nodes"]})
+            rows.append({"variant": r.label, "seed": r.seed, **{k: v for k, v in found.items() if k != "nodes"}, "nodes": found["nodes"]})
     return rows
+
+
+def where_it_loses(results: list[RunResult], analysis: list[dict[str, Any]], baseline: str, metric: str) -> dict[str, Any]:
+    """Per FedMoE-DA node and seed: its `metric` minus `baseline`'s on the same node, beside how
+    far its fetched peers' labels were from its own (JS) and a random peer's; and over all of
+    them, whether the nodes that lose most are those whose gate picked dissimilar peers."""
+    scores = {(r.label, r.seed): r.summary["per_node"] for r in results}
+    nodes = []
+    for a in (a for a in analysis if a["variant"] == REFERENCE):
+        ours, theirs = scores.get((REFERENCE, a["seed"])), scores.get((baseline, a["seed"]))
+        for node, entry in a["nodes"].items():
+            if ours and theirs and node in ours and node in theirs and "js_fetched" in entry:
+                gap = entry["js_fetched"] - entry["js_random_peer"]
+                nodes.append({"seed": a["seed"], "node": node, "difference": ours[node][metric] - theirs[node][metric], "js_fetched_minus_random": gap})
+    rho = spearman([n["difference"] for n in nodes], [n["js_fetched_minus_random"] for n in nodes]) if len(nodes) > 2 else float("nan")
+    return {"baseline": baseline, "metric": metric, "nodes": nodes, "spearman_difference_vs_js_gap": rho, "losing_nodes": sum(n["difference"] < 0 for n in nodes)}
 
 
 def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
@@ -80,10 +105,22 @@ def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
     analysis = why(results)
     for a in analysis:
         text.append(
-            f"Seed {a['seed']}, round {a['round']}: Spearman(gate similarity, label similarity) over {a['pairs']} pairs = "
+            f"{a['variant']}, seed {a['seed']}, round {a['round']}: Spearman(gate similarity, label similarity) over {a['pairs']} pairs = "
             f"{a['spearman_gate_vs_label_similarity']:.3f}; JS of fetched peers' labels {a['mean_js_fetched']:.3f} vs a random peer's "
             f"{a['mean_js_random_peer']:.3f}; {a['nodes_closer_than_random']}/{a['nodes_fetching']} nodes fetched closer than random.\n"
         )
+    losses = []
+    for point, suffix in POINTS.items():
+        others = {lb: d for lb, d in best.get(point, {}).items()}
+        if analysis and others:
+            strongest = min(others, key=lambda lb: others[lb])  # the baseline FedMoE-DA trails most (or leads least)
+            loss = where_it_loses(results, analysis, strongest, "accuracy" + suffix)
+            losses.append({"point": point, **loss})
+            text.append(
+                f"Evaluated {point}, against the strongest baseline ({strongest}): FedMoE-DA is below it on {loss['losing_nodes']} of "
+                f"{len(loss['nodes'])} node-seeds; Spearman(per-node difference, JS of fetched peers minus a random peer's) = "
+                f"{loss['spearman_difference_vs_js_gap']:.3f}.\n"
+            )
     png = draw_seeds(
         runs,
         ["accuracy", "accuracy@trained"],
@@ -106,7 +143,7 @@ def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
         }
         for r in results
     ]
-    return {"runs": rows, "differences_vs_" + REFERENCE: best, "why": analysis}, "\n".join(text)
+    return {"runs": rows, "differences_vs_" + REFERENCE: best, "why": analysis, "where_it_loses": losses}, "\n".join(text)
 
 
 def main() -> None:
@@ -120,14 +157,14 @@ def main() -> None:
     parser.add_argument("--name", default="fedmoe_da_seeds")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    wanted = [v for v in VARIANTS if not args.only or v.label in args.only.split(",")]
     data, text = {}, [f"# FedMoE-DA over seeds\n\nCommand: `python bench/bench_fedmoe_da_seeds.py --settings {args.settings} --seeds {args.seeds}`\n"]
     for name in args.settings.split(","):
         root = Path("runs") / f"bench_{args.name}" / name
         base = setting_config(name, args.threads)
+        compared = variants(name)
         if not args.report_only:
-            run_seeds(base, wanted, seeds, root, args.checkpoint_every)
-        finished = run_seeds(base, VARIANTS, seeds, root, only_finished=True)
+            run_seeds(base, [v for v in compared if not args.only or v.label in args.only.split(",")], seeds, root, args.checkpoint_every)
+        finished = run_seeds(base, compared, seeds, root, only_finished=True)
         if finished:
             data[name], md = section(name, finished)
             text.append(md)

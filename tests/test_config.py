@@ -124,13 +124,14 @@ def test_config_hash_ignores_node_local_keys_and_names_differences():
     assert config_differences(canonical_config(a), "garbage") == ["<whole config>"]
 
 
-def test_the_demo_verdict_is_computed_from_both_runs():
+def test_the_demo_verdict_says_which_of_local_and_fedavg_fedmoe_da_beats():
     from p2pmoe.cli import demo_verdict
 
-    def run(accuracy, global_accuracy, per_round):
+    def run(accuracy, global_accuracy, per_round=1000.0):
         return {"metrics": {"accuracy": accuracy, "global_accuracy": global_accuracy}, "bytes": {"per_node_per_round": {"total": per_round}}}
 
-    line = demo_verdict(run(0.85, 0.70, 250.0), run(0.80, 0.78, 1000.0))
-    assert line.startswith("FedMoE-DA moved fewer bytes") and "0.25x" in line and "0.850 against 0.800" in line
-    assert "did NOT" in demo_verdict(run(0.79, 0.70, 250.0), run(0.80, 0.78, 1000.0))  # fewer bytes, lower accuracy
-    assert "did NOT" in demo_verdict(run(0.90, 0.70, 1200.0), run(0.80, 0.78, 1000.0))  # more bytes
+    line = demo_verdict(run(0.85, 0.70, 250.0), run(0.80, 0.78), run(0.84, 0.50))
+    assert line.startswith("FedMoE-DA beat both Local and FedAvg") and "0.25x" in line and "0.850 against Local 0.840 and FedAvg 0.800" in line
+    assert "beat FedAvg but NOT Local" in demo_verdict(run(0.83, 0.70, 250.0), run(0.80, 0.78), run(0.84, 0.50))
+    assert "beat Local but NOT FedAvg" in demo_verdict(run(0.79, 0.70, 250.0), run(0.80, 0.78), run(0.70, 0.50))
+    assert "beat NEITHER" in demo_verdict(run(0.60, 0.70, 250.0), run(0.80, 0.78), run(0.70, 0.50))

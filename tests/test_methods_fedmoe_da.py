@@ -267,3 +267,41 @@ def test_p_zero_publishes_no_gate():
 
     node = FedMoEDANode("a", _learner(0), visible=["b", "c"], neighbours=[], p=0, embedding="frozen")
     assert node.start_round(0) == [] and node.round_complete()
+
+
+def _validated_pair(peer_scale: float):
+    """Two nodes with frozen phi; node b's experts are node a's times `peer_scale` (1: the very
+    same experts); a vets them on its own held-out examples."""
+    learners = {"a": _learner(0), "b": _learner(0)}
+    for slot in range(3):
+        own = learners["a"].model.moe.expert_state(slot)
+        learners["b"].model.moe.load_expert_state(slot, {k: v * peer_scale for k, v in own.items()})
+    validation = learners["a"].hold_out(16, seed=1)
+    nodes = {
+        "a": FedMoEDANode("a", learners["a"], ["b"], [], p=1, embedding="frozen", validation=validation),
+        "b": FedMoEDANode("b", learners["b"], ["a"], [], p=1, embedding="frozen"),
+    }
+    for node in nodes.values():
+        node.local_epochs = 0  # no training: the experts stay as set, so the test knows the losses
+    return nodes, learners
+
+
+def test_validated_aggregation_drops_a_peer_expert_that_is_worse_on_own_data_and_keeps_an_equal_one():
+    nodes, learners = _validated_pair(peer_scale=-40.0)  # flipped, huge logits: far worse on a's data
+    before = {slot: learners["a"].model.moe.expert_state(slot) for slot in range(3)}
+    SimNetwork(nodes).run_round(0)
+    assert nodes["a"].diagnostics()["dropped_by_validation"] == 3  # P = 1 peer column per slot, all vetoed
+    after = {slot: learners["a"].model.moe.expert_state(slot) for slot in range(3)}
+    assert all(torch.equal(before[s][k], after[s][k]) for s in before for k in before[s])
+
+    nodes, learners = _validated_pair(peer_scale=1.0)  # the same experts: no worse, so blended in
+    SimNetwork(nodes).run_round(0)
+    assert nodes["a"].diagnostics()["dropped_by_validation"] == 0
+
+
+def test_hold_out_removes_examples_from_training_for_good():
+    learner = _learner(0)
+    x, y = learner.hold_out(10, seed=3)
+    assert learner.num_train_examples == 54 and len(learner.train_y) == 54 and x.shape == (10, 4) and y.shape == (10,)
+    with pytest.raises(ValueError, match="at least one must stay"):
+        learner.hold_out(54, seed=3)

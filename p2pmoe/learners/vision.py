@@ -75,6 +75,19 @@ class ImageClassifierLearner:
                 batches += 1
         return {"train_loss": total / max(batches, 1)}
 
+    def hold_out(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove a seeded sample of `count` training examples from training for good and
+        return them as float images and labels: a node's own validation data (FedMoE-DA's
+        validated aggregation). At least one training example must remain."""
+        if not 0 < count < self.num_train_examples:
+            raise ValueError(f"cannot hold out {count} of {self.num_train_examples} training examples: at least one must stay for training")
+        order = torch.randperm(self.num_train_examples, generator=torch.Generator().manual_seed(seed))
+        held, kept = order[:count].sort().values, order[count:].sort().values
+        out = (_floats(self.train_x[held]).to(self.device), self.train_y[held].to(self.device))
+        self.train_x, self.train_y = self.train_x[kept], self.train_y[kept]
+        self.num_train_examples = len(self.train_y)
+        return out
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Model weights and the shuffling RNG: enough to resume training exactly."""
         return {**{f"model.{k}": v for k, v in float_state(self.model).items()}, "rng": self._shuffle.get_state()}

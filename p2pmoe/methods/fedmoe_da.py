@@ -30,7 +30,7 @@ from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_we
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange, Partners, every, random_matchings
 from p2pmoe.methods.registry import BuildContext, MethodSpec, all_peers, register_method, topology_peers
-from p2pmoe.models.moe import ExpertSlots
+from p2pmoe.models.moe import ExpertSlots, MixtureOfExperts, slot_candidate_losses
 from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.models.pretrained import load_pretrained
 from p2pmoe.naming import SERVER_ID
@@ -84,6 +84,12 @@ class FedMoEDAOptions(PlanOptions):
         False, "gossip: carry what lossy wire compression of phi lost into the next exchange (needs --compression embedding=int8 or fp16)"
     )
     phi_path: str | None = option(None, "pretrained: safetensors file of phi (p2pmoe pretrain-phi writes one)")
+    validation_examples: int = option(
+        0,
+        "hold out this many of a node's training examples (never trained on, never sent) and keep a selected peer expert in an own slot "
+        "only if it scores no worse there on them than the own expert (0: off; beyond the paper, see docs/methods.md)",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,10 +160,12 @@ class FedMoEDANode(LearnerMethod):
         embedding_feedback: ErrorFeedback | None = None,
         phi: Mapping[str, torch.Tensor] | None = None,
         participation: Participation | None = None,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
         round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
-        `pretrained` mode loads and freezes."""
+        `pretrained` mode loads and freezes; `validation` (the node's own held-out images and
+        labels) turns on validated aggregation (`validated_weights`)."""
         super().__init__(node_id, learner, local_epochs, participation)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
@@ -191,6 +199,10 @@ class FedMoEDANode(LearnerMethod):
             partners=embedding_partners,
             feedback=embedding_feedback,
         )
+        if validation is not None and not isinstance(moe, MixtureOfExperts):
+            raise TypeError(f"validated aggregation needs a MixtureOfExperts layer, got {type(moe).__name__}")
+        self.validation = validation
+        self._dropped_by_validation = 0
         self.plan: Plan | None = None
         self._round = -1
         self._snapshot: dict[int, dict[str, torch.Tensor]] = {}
@@ -382,6 +394,8 @@ class FedMoEDANode(LearnerMethod):
         present = torch.tensor([n == self.node_id or (n, s) in self._fetched for n, s in self.plan.sources])
         weights[:, ~present] = 0
         weights = weights / weights.sum(dim=1, keepdim=True)
+        if self.validation is not None:
+            weights = self.validated_weights(weights)
         used = torch.nonzero(weights.sum(dim=0)).flatten().tolist()  # columns some own slot takes
         states = [self._snapshot[s] if n == self.node_id else self._fetched[(n, s)] for n, s in (self.plan.sources[c] for c in used)]
         mix = weights[:, used]  # [E, used]: Eq. 11 for every slot at once, in float64
@@ -395,6 +409,35 @@ class FedMoEDANode(LearnerMethod):
             self.moe.load_expert_state(slot, state)
         self._fetched = {}  # mixed in: no need to hold peers' experts until the next round
         self._aggregated = True
+
+    def validated_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Project decision beyond the paper (issue 25): the gates choose the candidates (Eq. 9),
+        the node's own held-out data vets them. For each own slot, a peer column keeps its plan
+        weight only if the mixture with that peer's expert in the slot has a validation loss no
+        higher than with the slot's own expert; the row is renormalised over what stays (the
+        own expert always stays). A peer expert that would make this node worse on its own
+        data is not blended in, whatever its gate correlation."""
+        moe = self.moe
+        assert self.validation is not None and self.plan is not None and isinstance(moe, MixtureOfExperts)  # checked in __init__
+        model = self.learner.model
+        was_training = model.training
+        model.eval()
+        x, y = self.validation
+        with torch.no_grad():
+            features = model.get_submodule("embedder")(x)
+        kept = weights.clone()
+        for slot in range(self.num_experts):
+            columns = [c for c in torch.nonzero(weights[slot]).flatten().tolist() if self.plan.sources[c][0] != self.node_id]
+            if not columns:
+                continue
+            states = [self._snapshot[slot]] + [self._fetched[self.plan.sources[c]] for c in columns]
+            own, *peers = slot_candidate_losses(moe, features, y, slot, states)
+            for column, loss in zip(columns, peers, strict=True):
+                if loss > own:
+                    kept[slot, column] = 0
+                    self._dropped_by_validation += 1
+        model.train(was_training)
+        return kept / kept.sum(dim=1, keepdim=True)
 
     def round_complete(self) -> bool:
         waiting_gates = bool(self._gates_awaited) or self._plan_awaited
@@ -421,11 +464,14 @@ class FedMoEDANode(LearnerMethod):
         columns were not fetched) and the node's own gate, for expert-selection reports."""
         if self.plan is None:
             return {}
-        return {
+        found: dict[str, Any] = {
             "plan_sources": [list(s) for s in self.plan.sources],
             "plan_weights": self.plan.weights.float().tolist(),
             "gate": self.moe.gating_matrix().detach().float().cpu().tolist(),
         }
+        if self.validation is not None:
+            found["dropped_by_validation"] = self._dropped_by_validation  # peer columns vetoed so far, over the run
+        return found
 
     def on_send_failed(self, dst: str, failure: SendFailure) -> list[Send]:
         """An expert request that failed (refused, timed out, unreachable) re-plans the round
@@ -575,6 +621,12 @@ def _client(ctx: BuildContext, node: str) -> Method:
         partners, feedback = _embedding_partners(ctx, node, opts), _embedding_feedback(ctx, opts)
     if isinstance(opts, FedMoEDAOptions) and opts.phi_path is not None:
         phi = load_pretrained(Path(opts.phi_path), float_state(learner.model, EMBEDDING_PREFIX))
+    validation = None
+    if isinstance(opts, FedMoEDAOptions) and opts.validation_examples:
+        hold_out = getattr(learner, "hold_out", None)
+        if hold_out is None:
+            raise ValueError(f"[method] validation_examples needs the image task's MoE classifier; {ctx.cfg.run.data} has another model")
+        validation = hold_out(opts.validation_examples, ctx.cfg.run.seed * 1000 + ctx.index(node))
     return FedMoEDANode(
         node,
         learner,
@@ -591,6 +643,7 @@ def _client(ctx: BuildContext, node: str) -> Method:
         embedding_feedback=feedback,
         phi=phi,
         participation=ctx.participation,
+        validation=validation,
     )
 
 

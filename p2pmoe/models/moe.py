@@ -7,6 +7,7 @@ expert before ``load_expert_state`` touches anything.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from p2pmoe.models.experts import MLPExpert
 from p2pmoe.models.gates import Gate, make_gate
 
-__all__ = ["ExpertSlots", "MixtureOfExperts", "MoEClassifier"]
+__all__ = ["ExpertSlots", "MixtureOfExperts", "MoEClassifier", "slot_candidate_losses"]
 
 
 class ExpertSlots(nn.Module):
@@ -103,6 +104,24 @@ class MixtureOfExperts(ExpertSlots):
             out = out.index_add(0, rows, y)
         assert out is not None  # every row's weights sum to 1, so some expert is active
         return out.reshape(*lead, out.shape[-1])
+
+
+@torch.no_grad()
+def slot_candidate_losses(moe: MixtureOfExperts, features: Tensor, targets: Tensor, slot: int, candidates: Sequence[Mapping[str, Tensor]]) -> list[float]:
+    """The mixture's cross-entropy on (features, targets) with expert `slot` replaced by each
+    candidate state in turn, every other expert and the gate as they are. The other experts'
+    share is computed once; each candidate costs one expert forward (on a scratch copy, so the
+    model is never touched)."""
+    weights = moe.gate(features)
+    outputs = [expert(features) for expert in moe.experts]
+    rest = sum(weights[:, j, None] * out for j, out in enumerate(outputs) if j != slot)
+    scratch = copy.deepcopy(moe.experts[slot])
+    losses = []
+    for state in candidates:
+        scratch.load_state_dict({k: v.to(features.device) for k, v in state.items()})
+        logits = rest + weights[:, slot, None] * scratch(features)
+        losses.append(float(nn.functional.cross_entropy(logits, targets)))
+    return losses
 
 
 class MoEClassifier(nn.Module):
