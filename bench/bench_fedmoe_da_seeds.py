@@ -88,7 +88,13 @@ def where_it_loses(results: list[RunResult], analysis: list[dict[str, Any]], bas
                 gap = entry["js_fetched"] - entry["js_random_peer"]
                 nodes.append({"seed": a["seed"], "node": node, "difference": ours[node][metric] - theirs[node][metric], "js_fetched_minus_random": gap})
     rho = spearman([n["difference"] for n in nodes], [n["js_fetched_minus_random"] for n in nodes]) if len(nodes) > 2 else float("nan")
-    return {"baseline": baseline, "metric": metric, "nodes": nodes, "spearman_difference_vs_js_gap": rho, "losing_nodes": sum(n["difference"] < 0 for n in nodes)}
+    return {
+        "baseline": baseline,
+        "metric": metric,
+        "nodes": nodes,
+        "spearman_difference_vs_js_gap": rho,
+        "losing_nodes": sum(n["difference"] < 0 for n in nodes),
+    }
 
 
 def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:

@@ -92,7 +92,8 @@ def _swarm(p: int, embedding: str = "frozen", planner: str = "p2p", interval: in
     }
     if server:
         template = float_state(learners["n0"].model, "embedder.") if embedding == "server" else None
-        nodes[server] = FedMoEDAServer(server, ids, template, p=p, tau=1.0, plans=planner == "server", interval=interval)
+        gate = learners["n0"].model.moe.gating_matrix() if planner == "server" else None
+        nodes[server] = FedMoEDAServer(server, ids, template, p=p, tau=1.0, plans=planner == "server", interval=interval, gate_template=gate)
     return nodes, learners
 
 
@@ -305,3 +306,57 @@ def test_hold_out_removes_examples_from_training_for_good():
     assert learner.num_train_examples == 54 and len(learner.train_y) == 54 and x.shape == (10, 4) and y.shape == (10,)
     with pytest.raises(ValueError, match="at least one must stay"):
         learner.hold_out(54, seed=3)
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, 65504.0])
+def test_finite_but_huge_values_from_a_peer_are_refused_and_change_nothing(value):
+    """Issue 26 N1: values that pass the finiteness check but dwarf the model's own scale are a
+    protocol error for phi, gates and expert replies alike; the node's model is untouched."""
+    from p2pmoe.driver.runner import NodeRunner
+
+    nodes, learners = _swarm(p=1, embedding="gossip")
+    a = NodeRunner("n0", nodes["n0"])
+    before = {k: v.clone() for k, v in float_state(learners["n0"].model).items()}
+    a.round = 0
+    a.start(0)
+    own_phi = float_state(learners["n0"].model, "embedder.")
+    gate = learners["n0"].model.moe.gating_matrix().detach().float()
+    attacks = [
+        Message(MessageKind.EMBEDDING, 0, {k: torch.full_like(v, value) for k, v in own_phi.items()}, {"degree": 2}),
+        Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.full_like(gate, value)}),
+    ]
+    for message in attacks:
+        replies = a.deliver("n1", message)
+        assert [r.message.kind for r in replies] == [MessageKind.ERROR] and "exceeds" in replies[0].message.meta["reason"]
+    after = float_state(learners["n0"].model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_merge_that_makes_training_explode_is_rolled_back():
+    """Issue 26 N1: whatever passes the bounds, a loss that is not a number (or explodes) after a
+    merge rolls the node back to its state before the merge, and training goes on from there."""
+    node = LocalMethod("n0", _learner(0))
+    node.train_local(0)
+    kept = {k: v.clone() for k, v in float_state(node.learner.model).items()}
+    with torch.no_grad():  # a poisoned merge, as if a peer's values had passed every check
+        for p in node.learner.model.embedder.parameters():
+            p.fill_(1e30)
+    stats = node.train_local(1)
+    assert stats["rolled_back"] == 1.0 and math.isfinite(stats["train_loss"])
+    assert all(torch.isfinite(v).all() for v in float_state(node.learner.model).values())
+    assert not any(torch.equal(kept[k], v) for k, v in float_state(node.learner.model).items() if k.startswith("moe.experts"))  # trained on
+    assert "rolled_back" not in node.train_local(2)
+
+
+def test_the_planning_server_checks_gates_against_the_model_not_the_first_sender():
+    """Issue 26 N6: a first gate of another shape is refused and does not lock out honest gates."""
+    nodes, learners = _swarm(p=1, planner="server")
+    server = nodes["server"]
+    server.start_round(0)
+    honest = learners["n0"].model.moe.gating_matrix().detach().float()
+    for bad in (torch.zeros(1, 1), torch.zeros(64, 64)):
+        with pytest.raises(ProtocolError):
+            server.on_message("n1", Message(MessageKind.GATE_PUBLISH, 0, {"gate": bad}))
+    for n in ("n0", "n1", "n2"):
+        assert server.on_message(n, Message(MessageKind.GATE_PUBLISH, 0, {"gate": honest})) == []
+    assert len(server.on_message("n3", Message(MessageKind.GATE_PUBLISH, 0, {"gate": honest}))) == 4  # every plan goes out

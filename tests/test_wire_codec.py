@@ -220,3 +220,15 @@ def test_every_float_dtype_is_finite_checked(dtype):
     for value in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(ProtocolError, match="NaN or infinite"):
             decode(encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.tensor([1.0, value]).to(dtype)})))
+
+
+def test_check_like_bounds_magnitudes_by_the_models_own_scale():
+    """Issue 26 N1: finite values far beyond the model's scale are refused; honest ones pass."""
+    from p2pmoe.wire.codec import MAGNITUDE_RATIO, check_like
+
+    own = {"w": torch.full((3, 4), 0.5), "step": torch.zeros(1, dtype=torch.int64)}
+    check_like({"w": torch.full((3, 4), -2.0), "step": torch.tensor([10**12])}, own)  # 4x the own scale; integers are not bounded
+    for value in (3e38, -3e38, 65504.0, float("nan")):
+        with pytest.raises(ProtocolError, match="exceeds"):
+            check_like({"w": torch.full((3, 4), value), "step": torch.zeros(1, dtype=torch.int64)}, own)
+    check_like({"w": torch.full((3, 4), MAGNITUDE_RATIO)}, {"w": torch.zeros(3, 4)})  # a zero template still allows ratio x 1

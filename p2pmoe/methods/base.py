@@ -7,6 +7,8 @@ daemon and the simulator run the very same objects (the way h11 keeps HTTP apart
 
 from __future__ import annotations
 
+import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,8 @@ from p2pmoe.participation import Participation
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 __all__ = ["Learner", "LearnerMethod", "Method", "SendFailure"]
+
+log = logging.getLogger("p2pmoe.methods")
 
 
 @dataclass(frozen=True)
@@ -123,12 +127,28 @@ def fine_tuned_metrics(learner: Learner, epochs: int) -> dict[str, float]:
     return {**metrics, "eval_sample_epochs": float(learner.num_train_examples * epochs)}
 
 
+EXPLODING_LOSS = 100.0
+"""A training loss above this many times the node's previous one (or 1, whichever is larger), or
+one that is not a number, means what the node merged since is poison (see `LearnerMethod`)."""
+
+
+def loss_exploded(loss: float, previous: float | None) -> bool:
+    """Whether `loss` is not finite or `EXPLODING_LOSS` times past `previous` (or 1)."""
+    return not math.isfinite(loss) or loss > EXPLODING_LOSS * max(previous or 0.0, 1.0)
+
+
 class LearnerMethod(Method):
     """A method whose node owns a Learner: training, evaluation and checkpoints delegate to it.
 
     Training reports its compute as `sample_epochs` (training examples x epochs); with
     `finetune_epochs` k > 0 every evaluation scores the model after k local epochs on a copy
     (`fine_tuned_metrics`), and the node's own model goes on unchanged.
+
+    Numbers from peers cannot kill the node: the state right after local training (before the
+    round's exchange merges anything foreign) is kept, and when the next training's loss
+    explodes (`loss_exploded`), the node rolls back to it, drops what the exchange merged, logs
+    it, trains again and reports `rolled_back`. Project decision: one model copy per node is
+    the price; bounds on receipt (`p2pmoe.wire.codec.check_like`) stop the crude attacks first.
     """
 
     def __init__(self, node_id: str, learner: Learner, local_epochs: int = 1, participation: Participation | None = None, finetune_epochs: int = 0) -> None:
@@ -138,9 +158,25 @@ class LearnerMethod(Method):
         self.learner = learner
         self.local_epochs = local_epochs
         self.finetune_epochs = finetune_epochs
+        self._before_merge: dict[str, torch.Tensor] | None = None
+        self._last_loss: float | None = None
 
     def train_local(self, round_index: int) -> dict[str, float]:
-        return {**self.learner.train(self.local_epochs), "sample_epochs": float(self.learner.num_train_examples * self.local_epochs)}
+        stats = self.learner.train(self.local_epochs)
+        loss = stats.get("train_loss")
+        if loss is not None and self._before_merge is not None and loss_exploded(loss, self._last_loss):
+            log.warning(
+                "%s: training loss %.3g in round %d after merging peers' values: rolled back to the state before that merge and dropped it",
+                self.node_id,
+                loss,
+                round_index,
+            )
+            self.learner.load_state_dict(self._before_merge)
+            stats = {**self.learner.train(self.local_epochs), "rolled_back": 1.0}
+            loss = stats.get("train_loss")
+        self._before_merge = {name: t.clone() for name, t in self.learner.state_dict().items()}
+        self._last_loss = loss if loss is not None and math.isfinite(loss) else self._last_loss
+        return {**stats, "sample_epochs": float(self.learner.num_train_examples * self.local_epochs)}
 
     def evaluate(self) -> dict[str, float]:
         return fine_tuned_metrics(self.learner, self.finetune_epochs) if self.finetune_epochs else self.learner.evaluate()

@@ -514,16 +514,22 @@ class FedMoEDAServer(Method):
         plans: bool,
         interval: int = 1,
         participation: Participation | None = None,
+        gate_template: torch.Tensor | None = None,
     ) -> None:
+        """`gate_template` (a gating matrix of the run's model) is what every gate is checked
+        against, with `plans`: never the first sender's shape, which a hostile client would
+        set for the whole run (issue 26 N6)."""
         super().__init__(node_id, participation)
+        if plans and gate_template is None:
+            raise ValueError("a planning server needs gate_template, the run's gating matrix")
         self.clients = list(clients)
         self.p, self.tau, self.plans, self.interval = p, tau, plans, interval
+        self._gate_template = {"gate": gate_template.detach().float().cpu()} if gate_template is not None else {}
         self.embedding = FedAvgServer(node_id, clients, embedding_template, participation) if embedding_template is not None else None
         self._live = set(self.clients)
         self._gates: dict[str, torch.Tensor] = {}
         self._round = -1
         self._planned = True
-        self._gate_shape: torch.Size | None = None
 
     def start_round(self, round_index: int) -> list[Send]:
         self._round = round_index
@@ -541,13 +547,8 @@ class FedMoEDAServer(Method):
         require(message.kind == MessageKind.GATE_PUBLISH and self._expects_gates(), f"server does not take {message.kind.value} now")
         expected = src in self._live and self.participation.takes_part(src, self._round)
         require(expected and message.round == self._round and not self._planned, f"unexpected gate from {src} for round {message.round}")
-        gate = message.tensors.get("gate")
-        if set(message.tensors) != {"gate"} or gate is None or gate.dtype != torch.float32 or gate.dim() != 2:
-            raise ProtocolError("gate_publish carries one float32 matrix 'gate'")
-        if self._gate_shape is None:
-            self._gate_shape = gate.shape
-        require(gate.shape == self._gate_shape, f"gate shape {tuple(gate.shape)} differs from the swarm's {tuple(self._gate_shape)}")
-        self._gates[src] = gate.double()
+        check_like(message.tensors, self._gate_template)
+        self._gates[src] = message.tensors["gate"].double()
         return self._plan_if_ready()
 
     def _plan_if_ready(self, force: bool = False) -> list[Send]:
@@ -649,8 +650,13 @@ def _client(ctx: BuildContext, node: str) -> Method:
 
 def _server(ctx: BuildContext) -> Method:
     opts, assisted, embedding = _mode(ctx)
-    template = float_state(ctx.template(), EMBEDDING_PREFIX) if embedding == "server" else None
-    return FedMoEDAServer(SERVER_ID, ctx.clients, template, opts.p, opts.tau, plans=assisted, interval=opts.interval, participation=ctx.participation)
+    model = ctx.template()
+    template = float_state(model, EMBEDDING_PREFIX) if embedding == "server" else None
+    moe = model.get_submodule("moe")
+    gate = moe.gating_matrix() if assisted and isinstance(moe, ExpertSlots) else None
+    return FedMoEDAServer(
+        SERVER_ID, ctx.clients, template, opts.p, opts.tau, plans=assisted, interval=opts.interval, participation=ctx.participation, gate_template=gate
+    )
 
 
 register_method(

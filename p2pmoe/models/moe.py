@@ -102,7 +102,10 @@ class MixtureOfExperts(ExpertSlots):
             if out is None:
                 out = y.new_zeros(x.shape[0], y.shape[-1])
             out = out.index_add(0, rows, y)
-        assert out is not None  # every row's weights sum to 1, so some expert is active
+        if out is None:  # no expert active on any row: gate weights that are not numbers (NaN)
+            # No assert on a data path: a poisoned model must give a loss the node can see and
+            # roll back from (`LearnerMethod`), not kill the process.
+            out = sum((weights[:, slot, None] * expert(x) for slot, expert in enumerate(self.experts)), start=torch.zeros(()))
         return out.reshape(*lead, out.shape[-1])
 
 

@@ -358,8 +358,18 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     return reader.finish()
 
 
-def check_like(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> None:
-    """Raise ProtocolError unless `tensors` has exactly the template's names, shapes and dtypes."""
+MAGNITUDE_RATIO = 1000.0
+"""How far a peer's floating-point values may exceed the receiver's own: at most this many times
+the largest magnitude of the template tensor (or of 1, whichever is larger). Finite is not
+enough: float32 values of 3e38 pass every finiteness check and overflow the first matmul that
+trains on them. Project decision: 1000 leaves honest updates (weights within a few times the
+node's own) far inside the bound and stops values that only an attacker or a broken peer sends."""
+
+
+def check_like(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor], magnitude_ratio: float = MAGNITUDE_RATIO) -> None:
+    """Raise ProtocolError unless `tensors` has exactly the template's names, shapes and dtypes,
+    and no floating-point value larger in magnitude than `magnitude_ratio` times the template
+    tensor's largest (or 1)."""
     missing = sorted(set(template) - set(tensors))
     extra = sorted(set(tensors) - set(template))
     if not (not missing and not extra):
@@ -370,3 +380,8 @@ def check_like(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch
             raise ProtocolError(f"tensor {name!r}: shape {tuple(got.shape)} != model's {tuple(like.shape)}")
         if not (got.dtype == like.dtype):
             raise ProtocolError(f"tensor {name!r}: dtype {got.dtype} != model's {like.dtype}")
+        if got.is_floating_point() and got.numel():
+            bound = magnitude_ratio * max(1.0, float(like.detach().abs().max()) if like.numel() else 1.0)
+            largest = float(got.detach().abs().max())
+            if not largest <= bound:  # also refuses NaN
+                raise ProtocolError(f"tensor {name!r}: a value of magnitude {largest:.3g} exceeds {bound:.3g} ({magnitude_ratio:g}x the model's own scale)")
