@@ -28,7 +28,7 @@ class RunOptions(Options):
     method: str = option("fedavg", "the federated method (see docs/methods.md)")
     data: str = option("fmnist", "data set; it decides the task family")
     data_root: str | None = option(None, "folder of the data set (required for fkcb, cifar10, mnist)")
-    nodes: int = option(10, "number of clients (sequence tasks: one per domain, set from the data)", minimum=1)
+    nodes: int = option(10, "number of clients (sequence tasks: one per domain, set from the data)", minimum=1, maximum=100_000)
     partition: str = option("dirichlet:0.5", "how image labels are split: iid, dirichlet:ALPHA or shards:N")
     rounds: int = option(20, "communication rounds", minimum=1)
     participation: float = option(

@@ -212,6 +212,9 @@ def _relabel_integers(graph: nx.Graph, path: Path) -> nx.Graph:
     return nx.relabel_nodes(graph, {n: ids[i] for n, i in numbers.items()})
 
 
+MAX_TOPOLOGY_BYTES = 32 * 2**20
+
+
 def load_topology(path: str | Path, nodes: int | None = None) -> nx.Graph:
     """Read and validate a topology file (node-link .json, or .edges/.txt edge list).
 
@@ -222,6 +225,8 @@ def load_topology(path: str | Path, nodes: int | None = None) -> nx.Graph:
     path = Path(path)
     if not path.is_file():
         raise TopologyError(f"{path}: no such topology file")
+    if path.stat().st_size > MAX_TOPOLOGY_BYTES:  # checked before reading: parsing costs ~50x the file in memory
+        raise TopologyError(f"{path}: {path.stat().st_size} bytes; topology files are limited to {MAX_TOPOLOGY_BYTES} (about 100,000 nodes)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -135,3 +135,23 @@ def test_the_demo_verdict_says_which_of_local_and_fedavg_fedmoe_da_beats():
     assert "beat FedAvg but NOT Local" in demo_verdict(run(0.83, 0.70, 250.0), run(0.80, 0.78), run(0.84, 0.50))
     assert "beat Local but NOT FedAvg" in demo_verdict(run(0.79, 0.70, 250.0), run(0.80, 0.78), run(0.70, 0.50))
     assert "beat NEITHER" in demo_verdict(run(0.60, 0.70, 250.0), run(0.80, 0.78), run(0.70, 0.50))
+
+
+def test_hostile_sizes_are_refused_before_anything_is_allocated(tmp_path):
+    """Issue 26 N10: a billion nodes, a heartbeat of a nanosecond, experts and widths of 1e5,
+    and an oversized topology file are errors naming the key, not gigabytes of memory."""
+    from p2pmoe.node.config import Timing
+    from p2pmoe.topology import MAX_TOPOLOGY_BYTES, TopologyError, load_topology
+
+    with pytest.raises(ValueError, match="nodes"):
+        default_config(nodes=10**9)
+    with pytest.raises(ValueError, match="heartbeat"):
+        Timing(heartbeat=1e-9)
+    for key in ("experts", "embed_dim", "expert_hidden"):
+        with pytest.raises(ValueError, match=key):
+            with_options(default_config(), task_options={key: 100_000})
+    big = tmp_path / "huge.json"
+    with big.open("wb") as handle:
+        handle.truncate(MAX_TOPOLOGY_BYTES + 1)  # sparse: no disk, the size alone is refused
+    with pytest.raises(TopologyError, match="limited to"):
+        load_topology(big, 10)

@@ -313,3 +313,20 @@ def test_an_unknown_evaluation_point_is_refused():
         asyncio.run(SimNetwork({"me": Blending()}).run(1, eval_point="sometime"))
     with pytest.raises(ValueError, match="eval_point"):
         default_config(eval_point="sometime")
+
+
+def test_peer_text_in_log_lines_is_clipped_and_repeats_are_rate_limited(caplog):
+    """Issue 26 N7: a 650 KB setting from a peer is not a 750 KB log line, and a flood of the
+    same refusal logs a few lines, not one per message."""
+    import logging
+
+    from p2pmoe.driver.runner import RateLimitedLog, clip
+
+    assert clip("x" * 10) == "x" * 10
+    long = clip("k" * 650_000)
+    assert len(long) < 300 and long.endswith("(650000 characters)")
+    noise = RateLimitedLog(first=3, every=1000, logger=logging.getLogger("test.noise"))
+    with caplog.at_level(logging.WARNING, logger="test.noise"):
+        for _ in range(30):
+            noise.warning("refused", "refusing %s", clip("k" * 650_000))
+    assert len(caplog.records) == 3 and sum(len(r.getMessage()) for r in caplog.records) < 1000

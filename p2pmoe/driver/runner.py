@@ -73,6 +73,15 @@ def _on_cpu(send: Send) -> Send:
     return Send(send.dst, Message(send.message.kind, send.message.round, moved, send.message.meta))
 
 
+PEER_TEXT_LIMIT = 200
+
+
+def clip(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
+    """Text that came from a peer, cut to `limit` characters for a log line (a peer must not
+    turn one message into a megabyte of log)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class RateLimitedLog:
     """Log the first few lines of each kind, then every `every`-th: a flood of bad messages
     must not turn into a flood of log lines."""

@@ -35,6 +35,9 @@ from p2pmoe.node.security import CurveSettings, read_public_key
 from p2pmoe.settings import ExperimentConfig
 
 
+MIN_HEARTBEAT = 0.01
+
+
 @dataclass(frozen=True)
 class Timing:
     """Every wait a node makes is bounded by one of these (seconds)."""
@@ -56,6 +59,8 @@ class Timing:
             value = getattr(self, f.name)
             if not (value >= 0 if f.name == "request_retries" else value > 0):
                 raise ValueError(f"timing.{f.name} must be > 0, got {value}")
+        if self.heartbeat < MIN_HEARTBEAT:  # a tighter loop only spins a core (issue 26 N10)
+            raise ValueError(f"timing.heartbeat must be at least {MIN_HEARTBEAT} s, got {self.heartbeat}")
         if self.suspect_after > self.dead_after:
             raise ValueError("timing.suspect_after must be <= timing.dead_after")
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from p2pmoe.config import resolve
 from p2pmoe.driver.rounds import drive_rounds
-from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, request_id
+from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, clip, request_id
 from p2pmoe.driver.summary import metrics_row
 from p2pmoe.experiment import build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
@@ -181,7 +181,8 @@ class NodeDaemon:
                 await self._send_one(src, answer)
             return
         if src in self.refused_peers:
-            self._noise.warning(f"refused:{src}", "%s: ignoring %s from %s, which runs another experiment", self.cfg.node_id, message.kind.value, src)
+            # one key for every sender: per-sender keys would let strangers with fresh ids log without limit
+            self._noise.warning("refused", "%s: ignoring %s from %s, which runs another experiment", self.cfg.node_id, message.kind.value, clip(src))
             return
         if configured:
             self.membership.seen(src, time.monotonic())
@@ -198,7 +199,13 @@ class NodeDaemon:
         if src not in self.refused_peers or (message.kind == MessageKind.HELLO and "setting" in message.meta):
             keys = config_differences(self._canonical, message.meta.get("setting")) if "setting" in message.meta else ["<config hash>"]
             if self.refused_peers.get(src) != keys:
-                log.error("%s: refusing %s: it runs another experiment; keys that differ: %s", self.cfg.node_id, src, ", ".join(keys))
+                self._noise.warning(
+                    "refused-experiment",
+                    "%s: refusing %s: it runs another experiment; keys that differ: %s",
+                    self.cfg.node_id,
+                    clip(src),
+                    clip(", ".join(keys)),
+                )
             self.refused_peers[src] = keys
         return False
 

@@ -43,9 +43,9 @@ class ImageOptions(Options):
 
     section: ClassVar[str] = "task"
 
-    experts: int = option(4, "experts per node", minimum=1)
-    embed_dim: int = option(64, "width of the CNN embedding phi (the gate's input)", minimum=1)
-    expert_hidden: int = option(64, "hidden width of each expert head", minimum=1)
+    experts: int = option(4, "experts per node", minimum=1, maximum=1024)
+    embed_dim: int = option(64, "width of the CNN embedding phi (the gate's input)", minimum=1, maximum=8192)
+    expert_hidden: int = option(64, "hidden width of each expert head", minimum=1, maximum=8192)
     gate: str = option("dense", "gate kind", choices=GATE_KINDS)
     top_k: int | None = option(None, "experts per example for the topk gate", minimum=1)
     momentum: float = option(0.9, "SGD momentum", minimum=0, maximum=1)
