@@ -34,7 +34,6 @@ from p2pmoe.config import SECTIONS, build_config, tables_of
 from p2pmoe.node.security import CurveSettings, read_public_key
 from p2pmoe.settings import ExperimentConfig
 
-
 MIN_HEARTBEAT = 0.01
 
 
