@@ -56,7 +56,7 @@ def _msg(kind: MessageKind = MessageKind.GOSSIP, round_index: int = 0, **meta) -
 def test_deliveries_while_busy_wait_and_are_handed_over_in_order_after_the_call():
     runner = NodeRunner("me", method := Recorder())
     runner.round = 0
-    runner.busy = True  # training round 1
+    runner.blocking_call(lambda: None)  # training round 1 is about to start
     assert runner.deliver("a", _msg(round_index=0)) == []
     assert runner.deliver("b", _msg(round_index=1)) == []
     assert method.calls == []  # nothing reaches the method while it trains
@@ -89,7 +89,7 @@ def test_holding_is_bounded_and_a_dropped_message_gets_an_error():
 def test_a_retried_request_that_is_still_held_is_answered_once():
     runner = NodeRunner("me", method := Recorder())
     runner.start(0)
-    runner.busy = True
+    runner.blocking_call(lambda: None)
     for _ in range(3):
         runner.deliver("a", _msg(MessageKind.EXPERT_REQUEST, 0, req=7, slots=[0]))
     runner.resume()
@@ -330,3 +330,41 @@ def test_peer_text_in_log_lines_is_clipped_and_repeats_are_rate_limited(caplog):
         for _ in range(30):
             noise.warning("refused", "refusing %s", clip("k" * 650_000))
     assert len(caplog.records) == 3 and sum(len(r.getMessage()) for r in caplog.records) < 1000
+
+
+def test_failures_and_membership_changes_during_training_reach_the_method_after_it_in_order():
+    """Issue 27 item 4: every event is serialised, not only deliveries."""
+
+    class Members(Recorder):
+        def train_local(self, round_index):
+            self.calls.append(("train", round_index))
+            return {}
+
+        def on_peer_lost(self, peer):
+            self.calls.append(("lost", peer))
+            return []
+
+        def on_peer_joined(self, peer):
+            self.calls.append(("joined", peer))
+            return []
+
+    runner = NodeRunner("me", method := Members())
+    runner.start(0)
+    call = runner.blocking_call(runner.train, 1)  # the daemon runs this in a worker thread
+    assert runner.busy
+    runner.failed("b", SendFailure(MessageKind.EXPERT_REQUEST, 0, "gone", "timeout", 4))
+    runner.peer_lost("b")
+    runner.deliver("c", _msg(round_index=1))
+    runner.peer_joined("b")
+    assert method.calls == [("start", 0)]  # nothing while training
+    call()
+    runner.start(1)
+    assert method.calls == [
+        ("start", 0),
+        ("train", 1),
+        ("failed", "b", "expert_request", 4, "gone"),
+        ("lost", "b"),
+        ("joined", "b"),  # events belong to no round: handed over before the new round starts
+        ("start", 1),
+        ("message", "c", "gossip", 1),
+    ]

@@ -76,9 +76,8 @@ async def drive_rounds(
             break
         sampled = node.takes_part(r)
         due = evaluation_due(r, rounds, eval_every)
-        node.busy = True
-        train = await port.blocking(node.train, r) if sampled else {}
-        metrics = await port.blocking(node.evaluate) if due and eval_point != "aggregated" else None
+        train = await port.blocking(node.blocking_call(node.train, r)) if sampled else {}
+        metrics = await port.blocking(node.blocking_call(node.evaluate)) if due and eval_point != "aggregated" else None
         if metrics is not None and eval_point == "both":
             metrics = {f"{name}{TRAINED_SUFFIX}": value for name, value in metrics.items()}
         await port.send(node, node.start(r) if sampled else node.sit_out(r))
@@ -90,8 +89,7 @@ async def drive_rounds(
             log.warning("%s: round %d deadline passed; going on with what arrived", node.node_id, r)
             await port.send(node, node.deadline(r))
         if due and eval_point != "trained":
-            node.busy = True
-            metrics = {**(metrics or {}), **await port.blocking(node.evaluate)}
+            metrics = {**(metrics or {}), **await port.blocking(node.blocking_call(node.evaluate))}
             await port.send(node, node.resume())
         await port.round_done(node, r, train, metrics)
         completed = r

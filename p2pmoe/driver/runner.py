@@ -91,10 +91,16 @@ class RateLimitedLog:
         self.counts: Counter[str] = Counter()
 
     def warning(self, key: str, text: str, *args: object) -> None:
+        self.log(logging.WARNING, key, text, *args)
+
+    def error(self, key: str, text: str, *args: object) -> None:
+        self.log(logging.ERROR, key, text, *args)
+
+    def log(self, level: int, key: str, text: str, *args: object) -> None:
         self.counts[key] += 1
         n = self.counts[key]
         if n <= self.first or n % self.every == 0:
-            self.logger.warning(text + (f" ({n} so far)" if n > self.first else ""), *args)
+            self.logger.log(level, text + (f" ({n} so far)" if n > self.first else ""), *args)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,13 @@ class _Held:
     message: Message
     size: int
     phase: int  # the phase it arrived with (see `CausedSend`)
+
+
+@dataclass(frozen=True)
+class _HeldEvent:
+    """A failure or a membership change that arrived while the method was busy."""
+
+    call: Callable[[], list[Send]]
 
 
 @dataclass(frozen=True)
@@ -118,9 +131,13 @@ class CausedSend(Send):
 class NodeRunner:
     """Serialises every call into one node's method and keeps its round bookkeeping.
 
-    The driver marks the runner `busy` around blocking calls (training, evaluation) that may
-    run in a worker thread; deliveries that arrive meanwhile are held and handed over by
-    `start` (or `resume`) once the call has returned.
+    The driver runs blocking calls (training, evaluation), which may run in a worker thread,
+    through `blocking_call`, which marks the runner busy before the call can start; every
+    event that arrives meanwhile (a delivery, a failed send, a peer lost or back) is held and
+    handed over by `start` (or `resume`) once the call has returned, so calls into the method
+    never overlap: the held failures and membership changes (they belong to no round) and the
+    messages of rounds already started, in arrival order, then the new round's start, then
+    its messages.
     """
 
     def __init__(self, node_id: str, method: Method, strict: bool = False, seed: int = 0, accounting: bool = False, fork_rng: bool = True) -> None:
@@ -137,8 +154,8 @@ class NodeRunner:
         self._rng = torch.Generator().manual_seed(seed).get_state()
         self.round = -1
         self.sat_out = False  # the current round is one this node was not sampled for
-        self.busy = False
-        self._held: list[_Held] = []
+        self._busy = False
+        self._held: list[_Held | _HeldEvent] = []
         self._held_bytes = 0
         self.rejected = RateLimitedLog()
 
@@ -150,7 +167,7 @@ class NodeRunner:
         if message.kind == MessageKind.ERROR:
             failure = failure_of(message)
             return self.failed(src, failure) if failure is not None else []
-        if self.busy or message.round > self.round:
+        if self._busy or message.round > self.round:
             return self._hold(src, message, phase)
         return self._call(lambda: self.method.on_message(src, message), src, message)
 
@@ -159,13 +176,21 @@ class NodeRunner:
         self.rejected.warning(
             f"failed:{failure.kind.value}", "%s: %s to %s failed (%s): %s", self.node_id, failure.kind.value, dst, failure.cause, failure.reason
         )
-        return self._call(lambda: self.method.on_send_failed(dst, failure))
+        return self._event(lambda: self.method.on_send_failed(dst, failure))
 
     def peer_lost(self, peer: str) -> list[Send]:
-        return self._call(lambda: self.method.on_peer_lost(peer))
+        return self._event(lambda: self.method.on_peer_lost(peer))
 
     def peer_joined(self, peer: str) -> list[Send]:
-        return self._call(lambda: self.method.on_peer_joined(peer))
+        return self._event(lambda: self.method.on_peer_joined(peer))
+
+    def _event(self, call: Callable[[], list[Send]]) -> list[Send]:
+        """Call into the method now, or after the blocking call in progress (held in order with
+        deliveries; events are few, so they are not counted against the holding caps)."""
+        if self._busy:
+            self._held.append(_HeldEvent(call))
+            return []
+        return self._call(call)
 
     def deadline(self, round_index: int) -> list[Send]:
         return self._call(lambda: self.method.on_deadline(round_index))
@@ -185,7 +210,7 @@ class NodeRunner:
         return self._enter(round_index, self.method.sit_out, sat_out=True)
 
     def _enter(self, round_index: int, begin: Callable[[int], list[Send]], sat_out: bool) -> list[Send]:
-        self.busy = False
+        self._busy = False
         sends = self._release(self.round)
         self.round = round_index
         self.sat_out = sat_out
@@ -194,8 +219,19 @@ class NodeRunner:
 
     def resume(self) -> list[Send]:
         """After evaluation: hand over what arrived for the current round meanwhile."""
-        self.busy = False
+        self._busy = False
         return self._release(self.round)
+
+    @property
+    def busy(self) -> bool:
+        """A blocking call is in progress (or about to start): events are held."""
+        return self._busy
+
+    def blocking_call(self, fn: Callable[..., T], *args: object) -> Callable[[], T]:
+        """Mark the runner busy now, on the driver's thread, and return `fn(*args)` as a call to
+        run anywhere (a worker thread): nothing reaches the method until `start` or `resume`."""
+        self._busy = True
+        return lambda: fn(*args)
 
     def round_complete(self) -> bool:
         return self.method.round_complete()
@@ -265,13 +301,13 @@ class NodeRunner:
         reason = None
         if message.round > self.round + MAX_ROUNDS_AHEAD and self.method.participation.everyone:
             reason = f"round {message.round} is more than {MAX_ROUNDS_AHEAD} rounds ahead of this node's {self.round}"
-        elif len(self._held) >= MAX_HELD_MESSAGES or self._held_bytes + size > MAX_HELD_BYTES:
+        elif sum(isinstance(h, _Held) for h in self._held) >= MAX_HELD_MESSAGES or self._held_bytes + size > MAX_HELD_BYTES:
             reason = f"this node already holds {len(self._held)} messages ({self._held_bytes} B) for later"
         if reason is not None:
             self.rejected.warning(f"dropped:{message.kind.value}", "%s: dropped %s from %s: %s", self.node_id, message.kind.value, src, reason)
             return [Send(src, error_reply(message, reason))]
         if "req" in message.meta and any(
-            h.src == src and h.message.kind == message.kind and h.message.meta.get("req") == message.meta["req"] for h in self._held
+            isinstance(h, _Held) and h.src == src and h.message.kind == message.kind and h.message.meta.get("req") == message.meta["req"] for h in self._held
         ):
             return []  # a retried request whose first copy is still held: answer it once
         self._held.append(_Held(src, message, size, phase))
@@ -279,14 +315,18 @@ class NodeRunner:
         return []
 
     def _release(self, up_to_round: int) -> list[Send]:
-        """Deliver, in arrival order, the held messages of rounds <= `up_to_round`."""
-        ready = [h for h in self._held if h.message.round <= up_to_round]
+        """Hand over, in arrival order, the held events and the held messages of rounds <=
+        `up_to_round`."""
+        ready = [h for h in self._held if isinstance(h, _HeldEvent) or h.message.round <= up_to_round]
         if not ready:
             return []
-        self._held = [h for h in self._held if h.message.round > up_to_round]
-        self._held_bytes = sum(h.size for h in self._held)
+        self._held = [h for h in self._held if isinstance(h, _Held) and h.message.round > up_to_round]
+        self._held_bytes = sum(h.size for h in self._held if isinstance(h, _Held))
         sends: list[Send] = []
         for h in ready:
             # the runner now is in the message's round and not busy, so nothing is held again
-            sends += [CausedSend(s.dst, s.message, h.phase + 1) for s in self.deliver(h.src, h.message, h.phase)]
+            if isinstance(h, _HeldEvent):
+                sends += self._call(h.call)
+            else:
+                sends += [CausedSend(s.dst, s.message, h.phase + 1) for s in self.deliver(h.src, h.message, h.phase)]
         return sends

@@ -68,7 +68,7 @@ class NodeDaemon:
         self._requests: set[asyncio.Task[None]] = set()
         self._folder: RunFolder | None = None
         self._received: dict[int, int] = defaultdict(int)
-        self._noise = RateLimitedLog()
+        self._noise = RateLimitedLog(logger=log)
 
     # -- Port (see p2pmoe.driver.rounds) -----------------------------------------------------------
 
@@ -199,7 +199,7 @@ class NodeDaemon:
         if src not in self.refused_peers or (message.kind == MessageKind.HELLO and "setting" in message.meta):
             keys = config_differences(self._canonical, message.meta.get("setting")) if "setting" in message.meta else ["<config hash>"]
             if self.refused_peers.get(src) != keys:
-                self._noise.warning(
+                self._noise.error(
                     "refused-experiment",
                     "%s: refusing %s: it runs another experiment; keys that differ: %s",
                     self.cfg.node_id,
