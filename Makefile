@@ -40,8 +40,8 @@ demo: data
 	$(PY) -m p2pmoe.cli demo --out runs/demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check p2pmoe tests bench
-	$(PY) -m ruff format --check p2pmoe tests bench
+	$(PY) -m ruff check p2pmoe tests bench examples
+	$(PY) -m ruff format --check p2pmoe tests bench examples
 	$(PY) -m mypy
 
 test: data lint

@@ -219,7 +219,9 @@ def _topology(args: argparse.Namespace) -> int:
 
 def _methods(args: argparse.Namespace) -> int:
     from p2pmoe.docs import methods_markdown, methods_text
+    from p2pmoe.plugins import load_plugins
 
+    load_plugins(args.plugins)
     print(methods_markdown() if args.markdown else methods_text())
     return 0
 
@@ -303,6 +305,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the methods, their task families and options")
     methods.add_argument("--markdown", action="store_true", help="the option tables of docs/methods.md")
+    methods.add_argument("--plugins", help="comma-separated modules or .py files whose methods to list too")
     methods.set_defaults(handler=_methods)
 
     topology = sub.add_parser("topology", help="generate a topology file (node-link JSON or edge list)")

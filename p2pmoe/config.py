@@ -18,6 +18,7 @@ from typing import Any
 
 from p2pmoe.methods.registry import MethodSpec, all_methods, get_method
 from p2pmoe.options import add_arguments, describe, from_mapping, values_from_args
+from p2pmoe.plugins import load_plugins
 from p2pmoe.settings import ExperimentConfig, RunOptions
 from p2pmoe.tasks.base import Task, all_tasks, task_for_data
 
@@ -68,6 +69,7 @@ def build_config(values: Values, source: str = "config") -> ExperimentConfig:
     """Typed, checked config from layered values: unknown keys, wrong types and out-of-range
     values are errors naming the key and `source`."""
     run = from_mapping(RunOptions, values["run"], source)
+    load_plugins(run.plugins)  # before the method and the data are looked up: they may be a plugin's
     task = task_for_data(run.data)
     spec = get_method(run.method, task.name)
     return ExperimentConfig(run, from_mapping(task.options, values["task"], source), from_mapping(spec.options, values["method"], source))
@@ -116,8 +118,10 @@ def _first_pass(argv: Sequence[str], defaults: Values) -> tuple[str, str]:
     pre.add_argument("--config", type=Path)
     pre.add_argument("--method")
     pre.add_argument("--data")
+    pre.add_argument("--plugins")
     known, _ = pre.parse_known_args(argv)
     from_file = read_toml(known.config)["run"] if known.config else {}
+    load_plugins(known.plugins or from_file.get("plugins") or defaults["run"].get("plugins"))
     method = known.method or from_file.get("method") or defaults["run"].get("method") or RunOptions.method
     data = known.data or from_file.get("data") or defaults["run"].get("data") or RunOptions.data
     return str(method), str(data)

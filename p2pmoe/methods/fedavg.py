@@ -76,9 +76,15 @@ class FedAvgServer(CollectingServer):
         check_like(message.tensors, self.global_state)
         self._updates[src] = (message.tensors, count)
 
+    def aggregate(self, states: Sequence[dict[str, torch.Tensor]], counts: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The new global state from the round's uploads (in client order) and their example
+        counts: FedAvg's weighted mean. A subclass with another rule overrides only this (see
+        examples/median_fedavg.py)."""
+        return weighted_average(states, counts)
+
     def reply(self) -> list[Send]:
         states, counts = zip(*(self._updates[c] for c in sorted(self._updates)), strict=True)  # client order, not arrival
-        self.global_state = weighted_average(states, counts)
+        self.global_state = self.aggregate(states, counts)
         message = Message(MessageKind.MODEL_GLOBAL, self._round, self.global_state)
         return [Send(client, message) for client in self.receivers()]
 

@@ -1,0 +1,63 @@
+"""A user's own method without touching the package: a .py file named by the run, or an
+installed distribution's entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2pmoe.config import default_config, with_options
+from p2pmoe.data.images import FMNIST_ROOT
+from p2pmoe.plugins import PluginError, load_plugins
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "median_fedavg.py"
+
+
+def test_the_example_method_aggregates_by_the_coordinate_wise_median():
+    load_plugins(str(EXAMPLE))
+    median_server = sys.modules["p2pmoe_plugin_median_fedavg"].MedianServer
+    server = median_server("server", ["a", "b", "c"], {"w": torch.zeros(2)})
+    states = [{"w": torch.tensor([1.0, -5.0])}, {"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([100.0, 1.0])}]
+    assert torch.equal(server.aggregate(states, [1, 1, 1000])["w"], torch.tensor([2.0, 0.0]))  # counts do not matter
+
+
+@pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
+def test_a_plugin_file_named_by_the_run_trains_like_any_method(tmp_path):
+    from p2pmoe.sim.runner import run_simulation
+
+    def run(method: str, plugins: str = "") -> dict:
+        cfg = default_config(method=method, plugins=plugins, data="fmnist", nodes=3, rounds=2, max_train_per_node=100, threads=1, out=str(tmp_path / method))
+        return run_simulation(with_options(cfg, task_options={"global_test_size": 100}), progress=False, report=False)
+
+    median, mean = run("fedavg-median", str(EXAMPLE)), run("fedavg")
+    assert median["method"] == "fedavg-median" and median["bytes"] == mean["bytes"]  # FedAvg's messages, another rule
+    assert median["per_node"] != mean["per_node"]
+
+
+def test_an_entry_point_of_an_installed_distribution_is_listed_with_the_built_ins(tmp_path):
+    site = tmp_path / "site"
+    (site / "my_rule-0.1.dist-info").mkdir(parents=True)
+    (site / "my_rule-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: my-rule\nVersion: 0.1\n")
+    (site / "my_rule-0.1.dist-info" / "entry_points.txt").write_text("[p2pmoe.methods]\nmy-rule = my_rule_plugin\n")
+    (site / "my_rule_plugin.py").write_text(EXAMPLE.read_text().replace('"fedavg-median"', '"my-rule"'))
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run([sys.executable, "-m", "p2pmoe.cli", "methods"], capture_output=True, text=True, timeout=120, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "my-rule" in listed.stdout and "fedavg" in listed.stdout
+    helped = subprocess.run([sys.executable, "-m", "p2pmoe.cli", "simulate", "--method", "my-rule", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert helped.returncode == 0 and "my-rule" in helped.stdout
+
+
+def test_a_missing_or_broken_plugin_is_an_error_that_names_it(tmp_path):
+    with pytest.raises(PluginError, match="nowhere.py: no such file"):
+        load_plugins(str(tmp_path / "nowhere.py"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('my bug')\n")
+    with pytest.raises(PluginError, match="broken.py: RuntimeError: my bug"):
+        load_plugins(str(broken))
+    with pytest.raises(ValueError, match="plugin no_such_module_anywhere"):
+        default_config(plugins="no_such_module_anywhere")
