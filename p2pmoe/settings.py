@@ -72,9 +72,7 @@ class RunOptions(Options):
     )
     device: str = option("auto", "where models train: auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     out: str = option("runs/latest", "run folder")
-    plugins: str = option(
-        "", "comma-separated modules or .py files that register methods or task families (a user's own, outside the package); see the README"
-    )
+    plugins: str = option("", "comma-separated modules or .py files that register methods or task families (a user's own, outside the package); see the README")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -48,7 +48,9 @@ def test_an_entry_point_of_an_installed_distribution_is_listed_with_the_built_in
     listed = subprocess.run([sys.executable, "-m", "p2pmoe.cli", "methods"], capture_output=True, text=True, timeout=120, env=env)
     assert listed.returncode == 0, listed.stderr
     assert "my-rule" in listed.stdout and "fedavg" in listed.stdout
-    helped = subprocess.run([sys.executable, "-m", "p2pmoe.cli", "simulate", "--method", "my-rule", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    helped = subprocess.run(
+        [sys.executable, "-m", "p2pmoe.cli", "simulate", "--method", "my-rule", "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert helped.returncode == 0 and "my-rule" in helped.stdout
 
 
