@@ -360,3 +360,20 @@ def test_the_planning_server_checks_gates_against_the_model_not_the_first_sender
     for n in ("n0", "n1", "n2"):
         assert server.on_message(n, Message(MessageKind.GATE_PUBLISH, 0, {"gate": honest})) == []
     assert len(server.on_message("n3", Message(MessageKind.GATE_PUBLISH, 0, {"gate": honest}))) == 4  # every plan goes out
+
+
+def test_fine_tuning_before_evaluation_is_an_option_that_reaches_every_node(tmp_path):
+    from pathlib import Path
+
+    from p2pmoe.config import default_config, with_options
+    from p2pmoe.data.images import FMNIST_ROOT
+    from p2pmoe.experiment import build_experiment
+
+    if not Path(FMNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    cfg = with_options(
+        default_config(method="fedmoe-da", data="fmnist", nodes=2, max_train_per_node=50, out=str(tmp_path)), method_options={"finetune_epochs": 2}
+    )
+    assert {n.finetune_epochs for n in build_experiment(cfg).nodes.values()} == {2}
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        with_options(cfg, method_options={"finetune_epochs": -1})

@@ -84,6 +84,9 @@ class FedMoEDAOptions(PlanOptions):
         False, "gossip: carry what lossy wire compression of phi lost into the next exchange (needs --compression embedding=int8 or fp16)"
     )
     phi_path: str | None = option(None, "pretrained: safetensors file of phi (p2pmoe pretrain-phi writes one)")
+    finetune_epochs: int = option(
+        0, "score each evaluation after this many local epochs on a copy of the aggregated model, as FedAvg-FT does (0: off; beyond the paper)", minimum=0
+    )
     validation_examples: int = option(
         0,
         "hold out this many of a node's training examples (never trained on, never sent) and keep a selected peer expert in an own slot "
@@ -161,12 +164,13 @@ class FedMoEDANode(LearnerMethod):
         phi: Mapping[str, torch.Tensor] | None = None,
         participation: Participation | None = None,
         validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        finetune_epochs: int = 0,
     ) -> None:
         """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
         round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
         `pretrained` mode loads and freezes; `validation` (the node's own held-out images and
         labels) turns on validated aggregation (`validated_weights`)."""
-        super().__init__(node_id, learner, local_epochs, participation)
+        super().__init__(node_id, learner, local_epochs, participation, finetune_epochs)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
         if (embedding == "pretrained") != (phi is not None):
@@ -645,6 +649,7 @@ def _client(ctx: BuildContext, node: str) -> Method:
         phi=phi,
         participation=ctx.participation,
         validation=validation,
+        finetune_epochs=opts.finetune_epochs if isinstance(opts, FedMoEDAOptions) else 0,
     )
 
 
