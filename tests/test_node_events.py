@@ -195,3 +195,30 @@ def test_a_flood_of_bad_messages_is_logged_in_a_few_lines(caplog):
     with caplog.at_level(logging.WARNING, logger="p2pmoe.transport"):
         asyncio.run(scenario())
     assert 1 <= sum("rejected a message" in r.getMessage() for r in caplog.records) <= 6
+
+
+def test_only_configured_peers_messages_are_held(tmp_path):
+    """Issue 26 N3: a stranger's messages for a later round get an error and use none of the
+    holding budget; a configured peer's are held as before."""
+    from p2pmoe.wire.codec import Envelope
+
+    class Capture:
+        def __init__(self):
+            self.sent = []
+
+        async def send(self, dst, message):
+            self.sent.append((dst, message))
+
+    daemon = NodeDaemon(_node(tmp_path, "node-00", {"node-01": "tcp://127.0.0.1:1"}, "tcp://127.0.0.1:2"), method=Idle("node-00"))
+    daemon.transport = Capture()  # type: ignore[assignment]
+    daemon.runner.start(0)
+    ahead = Message(MessageKind.GOSSIP, 1, meta={})
+
+    async def scenario():
+        for k in range(50):
+            await daemon._dispatch(Envelope(f"stranger-{k}", ahead))
+        await daemon._dispatch(Envelope("node-01", ahead))
+
+    asyncio.run(scenario())
+    assert len(daemon.transport.sent) == 50 and all(m.kind == MessageKind.ERROR and dst.startswith("stranger") for dst, m in daemon.transport.sent)
+    assert daemon.runner.holds_messages  # the configured peer's early message waits for round 1

@@ -167,7 +167,7 @@ class NodeRunner:
         if message.kind == MessageKind.ERROR:
             failure = failure_of(message)
             return self.failed(src, failure) if failure is not None else []
-        if self._busy or message.round > self.round:
+        if self.would_hold(message):
             return self._hold(src, message, phase)
         return self._call(lambda: self.method.on_message(src, message), src, message)
 
@@ -221,6 +221,10 @@ class NodeRunner:
         """After evaluation: hand over what arrived for the current round meanwhile."""
         self._busy = False
         return self._release(self.round)
+
+    def would_hold(self, message: Message) -> bool:
+        """Whether `deliver` would hold `message` now rather than hand it to the method."""
+        return message.kind != MessageKind.ERROR and (self._busy or message.round > self.round)
 
     @property
     def busy(self) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from p2pmoe.config import resolve
 from p2pmoe.driver.rounds import drive_rounds
-from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, clip, request_id
+from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, clip, error_reply, request_id
 from p2pmoe.driver.summary import metrics_row
 from p2pmoe.experiment import build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
@@ -186,6 +186,14 @@ class NodeDaemon:
             return
         if configured:
             self.membership.seen(src, time.monotonic())
+        elif self.runner.would_hold(message):
+            # Only configured peers' messages wait for later (PROTOCOL.md §7): a stranger must not
+            # fill the holding budget that the real peers' early messages need (issue 26 N3).
+            self._noise.warning(
+                "unconfigured-held", "%s: refused %s from %s: only configured peers' messages are held", self.cfg.node_id, message.kind.value, clip(src)
+            )
+            await self._send_one(src, error_reply(message, "only configured peers' messages are held for later rounds"))
+            return
         self._received[message.round] += sum(t.numel() * t.element_size() for t in message.tensors.values())
         await self.send(self.runner, self.runner.deliver(src, message))
 
