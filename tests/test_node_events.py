@@ -222,3 +222,15 @@ def test_only_configured_peers_messages_are_held(tmp_path):
     asyncio.run(scenario())
     assert len(daemon.transport.sent) == 50 and all(m.kind == MessageKind.ERROR and dst.startswith("stranger") for dst, m in daemon.transport.sent)
     assert daemon.runner.holds_messages  # the configured peer's early message waits for round 1
+
+
+def test_one_peers_word_never_moves_a_node_ahead_but_a_quorum_or_the_coordinator_does():
+    """Issue 26 N5: a single peer claiming a late round is not believed."""
+    from p2pmoe.naming import SERVER_ID
+    from p2pmoe.node.daemon import agreed_round
+
+    assert agreed_round({"node-01": 48}, configured=1) == -1
+    assert agreed_round({"node-01": 48, "node-02": 3, "node-03": 3}, configured=3) == 3
+    assert agreed_round({"node-01": 48, "node-02": 7, "node-03": 5}, configured=3) == 7  # two of three are at 7 or later
+    assert agreed_round({"node-01": 9}, configured=4) == -1
+    assert agreed_round({SERVER_ID: 12}, configured=1) == 12

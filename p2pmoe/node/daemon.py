@@ -24,6 +24,7 @@ from p2pmoe.driver.summary import metrics_row
 from p2pmoe.experiment import build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import Method, SendFailure
+from p2pmoe.naming import SERVER_ID
 from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.membership import Membership
@@ -39,6 +40,19 @@ T = TypeVar("T")
 
 CONTROL_KINDS = {MessageKind.HELLO, MessageKind.HEARTBEAT}
 REQUEST_KINDS = {MessageKind.EXPERT_REQUEST}  # sent with a timeout and retries; the reply goes to the method
+
+
+def agreed_round(peer_rounds: dict[str, int], configured: int) -> int:
+    """The latest round that enough configured peers report having reached to be believed: the
+    coordinator's word alone (it runs every round with everyone), else the round that a
+    majority of the configured peers, and at least two of them, are at or past. One peer's word
+    never moves a node ahead (issue 26 N5: a single liar claiming round 48 of 50 made a fresh
+    node skip the run). -1 when there is no such round."""
+    if SERVER_ID in peer_rounds:
+        return peer_rounds[SERVER_ID]
+    quorum = max(2, configured // 2 + 1)
+    rounds = sorted(peer_rounds.values(), reverse=True)
+    return rounds[quorum - 1] if len(rounds) >= quorum else -1
 
 
 class NodeDaemon:
@@ -262,8 +276,9 @@ class NodeDaemon:
         """Resume from the checkpoint, greet peers, and pick the first round to run.
 
         A restarted node continues after its last completed round but never behind the swarm:
-        it starts at the highest round a configured peer running the same experiment reports,
-        if that is later (peers' rounds outside the run are ignored; the jump is logged).
+        it starts at the round that a quorum of configured peers running the same experiment
+        report (`agreed_round`), or its coordinator alone, if that is later (peers' rounds
+        outside the run are ignored; the jump is logged).
         """
         first = 0
         checkpoint = load_checkpoint(self.cfg.checkpoint_path)
@@ -282,7 +297,7 @@ class NodeDaemon:
         heard = await self._wait(lambda: set(self.peer_rounds) >= set(self.cfg.peers), self.cfg.timing.startup)
         if not heard:
             log.warning("%s: starting without %s", self.cfg.node_id, sorted(set(self.cfg.peers) - set(self.peer_rounds)))
-        ahead = max([first, *self.peer_rounds.values()])
+        ahead = max(first, agreed_round(self.peer_rounds, len(self.cfg.peers)))
         if ahead > first:
             log.info("%s: peers are at round %d; joining there instead of round %d", self.cfg.node_id, ahead, first)
         return ahead
