@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import build_config, default_config, with_options
+from p2pmoe.driver.rounds import evaluation_due
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.harness import RunResult, Variant, run_seeds
+from p2pmoe.harness import RunResult, Variant, fine_tuned_final, run_seeds
 from p2pmoe.naming import client_ids
 from p2pmoe.report import format_table
 from p2pmoe.report.peer_similarity import selection_vs_labels
-from p2pmoe.report.seeds import compare, draw_seeds, seed_table
+from p2pmoe.report.seeds import compare, draw_seeds, metric_by_seed, seed_table
 from p2pmoe.report.stats import spearman
 from p2pmoe.runs import read_metrics
 from p2pmoe.settings import ExperimentConfig
@@ -48,6 +49,7 @@ VARIANTS = [
     Variant(REFERENCE, "fedmoe-da", {"embedding_error_feedback": True}, CHEAP),
 ]
 POINTS = {"after aggregation": "", "after local training": "@trained"}
+BASELINES = ("local", "fedavg", "fedavg 10%", "fedavg-ft", "fedrep")
 VALIDATED = "fedmoe-da validated"  # issue 25 item 6, beyond the paper: peers' experts vetted on a fifth of a node's own examples
 
 
@@ -75,6 +77,30 @@ def why(results: list[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
+FINE_TUNED = ("fedrep", REFERENCE, VALIDATED)  # scored again after 1 local epoch, as FedAvg-FT scores FedAvg
+
+
+def fine_tuned_rows(results: list[RunResult]) -> list[RunResult]:
+    """Issue 25 item 6, "a fine-tuning step after aggregation", at no training cost: each final
+    model of FINE_TUNED's runs scored after one local epoch on a copy (`fine_tuned_final`,
+    from the last checkpoint, cached in the run folder), as rows `<label> +FT` with the run's
+    bytes and its compute plus what FedAvg-FT's fine-tuning costs over the same evaluations."""
+    derived = []
+    for r in (r for r in results if r.label in FINE_TUNED):
+        cache = r.out / "fine_tuned_1.json"
+        if not cache.is_file():
+            atomic_write_json(cache, fine_tuned_final(r, 1))
+        per_node = json.loads(cache.read_text())
+        means = {k: sum(m[k] for m in per_node.values()) / len(per_node) for k in ("accuracy", "global_accuracy")}
+        run = r.summary["setting"]["run"]
+        evaluations = sum(evaluation_due(k, run["rounds"], run["eval_every"]) for k in range(run["rounds"]))
+        extra = evaluations * sum(m["eval_sample_epochs"] for m in per_node.values()) / (len(per_node) * run["rounds"])
+        compute = {"per_node_per_round": r.summary["compute"]["per_node_per_round"] + extra}
+        summary = {**r.summary, "metrics": means, "per_node": per_node, "compute": compute}
+        derived.append(RunResult(f"{r.label} +FT", r.seed, r.out, summary))
+    return derived
+
+
 def where_it_loses(results: list[RunResult], analysis: list[dict[str, Any]], baseline: str, metric: str) -> dict[str, Any]:
     """Per FedMoE-DA node and seed: its `metric` minus `baseline`'s on the same node, beside how
     far its fetched peers' labels were from its own (JS) and a random peer's; and over all of
@@ -97,7 +123,33 @@ def where_it_loses(results: list[RunResult], analysis: list[dict[str, Any]], bas
     }
 
 
+def verdicts(runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The issue's target, per evaluation point and FedMoE-DA row: personalised accuracy at
+    least 1 point above the best baseline, the difference beyond two standard errors over
+    seeds, at no more than a quarter of FedAvg-100 %'s bytes per node and round."""
+    lines = []
+    fedavg_bytes = sum(s["bytes"]["per_node_per_round"]["total"] for s in runs["fedavg"].values()) / len(runs["fedavg"]) if "fedavg" in runs else None
+    for point, suffix in POINTS.items():
+        metric = "accuracy" + suffix
+        means = {lb: sum(v := list(metric_by_seed(runs[lb], metric).values())) / len(v) for lb in BASELINES if lb in runs and metric_by_seed(runs[lb], metric)}
+        if not means:
+            continue
+        best = max(means, key=lambda lb: means[lb])
+        for label in (lb for lb in runs if lb not in BASELINES and metric_by_seed(runs[lb], metric)):
+            diff = compare(runs, label, best, metric)
+            ratio = (
+                sum(s["bytes"]["per_node_per_round"]["total"] for s in runs[label].values()) / len(runs[label]) / fedavg_bytes if fedavg_bytes else float("nan")
+            )
+            met = diff.by_seed.mean >= 0.01 and diff.by_seed.mean - 2 * diff.by_seed.se > 0 and ratio <= 0.25
+            lines.append(
+                f"Evaluated {point}: {label} − best baseline ({best}, {means[best]:.4f}) = {diff.by_seed.mean:+.4f} ± {diff.by_seed.se:.4f} (SE over "
+                f"{diff.by_seed.n} seeds; {diff.verdict}) at {ratio:.2f}x FedAvg-100 %'s bytes: target {'MET' if met else 'missed'}.\n"
+            )
+    return lines
+
+
 def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
+    results = results + fine_tuned_rows(results)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for r in results:
         runs.setdefault(r.label, {})[r.seed] = r.summary
@@ -106,7 +158,11 @@ def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
         table = seed_table(runs, "accuracy" + suffix, REFERENCE, "fedavg", extra=("global_accuracy" + suffix,))
         text.append(f"Evaluated {point}:\n\n```\n{format_table(table, list(table[0]))}\n```\n")
     best = {
-        p: {lb: compare(runs, REFERENCE, lb, "accuracy" + s).by_seed.mean for lb in runs if lb != REFERENCE} for p, s in POINTS.items() if REFERENCE in runs
+        point: {
+            lb: compare(runs, REFERENCE, lb, "accuracy" + sfx).by_seed.mean for lb in runs if lb != REFERENCE and metric_by_seed(runs[lb], "accuracy" + sfx)
+        }
+        for point, sfx in POINTS.items()
+        if REFERENCE in runs
     }
     analysis = why(results)
     for a in analysis:
@@ -115,9 +171,10 @@ def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
             f"{a['spearman_gate_vs_label_similarity']:.3f}; JS of fetched peers' labels {a['mean_js_fetched']:.3f} vs a random peer's "
             f"{a['mean_js_random_peer']:.3f}; {a['nodes_closer_than_random']}/{a['nodes_fetching']} nodes fetched closer than random.\n"
         )
+    text += verdicts(runs)
     losses = []
     for point, suffix in POINTS.items():
-        others = {lb: d for lb, d in best.get(point, {}).items()}
+        others = {lb: d for lb, d in best.get(point, {}).items() if lb in BASELINES}
         if analysis and others:
             strongest = min(others, key=lambda lb: others[lb])  # the baseline FedMoE-DA trails most (or leads least)
             loss = where_it_loses(results, analysis, strongest, "accuracy" + suffix)
@@ -160,12 +217,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="tables from finished runs only; runs nothing")
-    parser.add_argument("--name", default="fedmoe_da_seeds")
+    parser.add_argument("--name", default="fedmoe_da_seeds", help="results file stem under bench/results")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench_fedmoe_da_seeds"), help="folder of the run folders (<runs>/<setting>/<variant>/seed<k>)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     data, text = {}, [f"# FedMoE-DA over seeds\n\nCommand: `python bench/bench_fedmoe_da_seeds.py --settings {args.settings} --seeds {args.seeds}`\n"]
     for name in args.settings.split(","):
-        root = Path("runs") / f"bench_{args.name}" / name
+        root = args.runs / name
         base = setting_config(name, args.threads)
         compared = variants(name)
         if not args.report_only:

@@ -137,3 +137,19 @@ def test_a_reply_to_a_message_that_waited_is_one_phase_after_it(tmp_path: Path, 
     run_simulation(with_options(cfg, task_options={"embed_dim": 8, "max_len": 8, "negatives": 20}), progress=False, report=False)
     phases = {(e.round, e.kind, e.phase) for e in read_ledger(tmp_path / "ledger.csv")}
     assert phases == {(r, kind, phase) for r in range(2) for kind, phase in (("model_update", 0), ("model_global", 1))}
+
+
+def test_a_checkpoint_from_before_an_option_existed_is_of_the_same_experiment():
+    """An option added since the checkpoint was written counts as its default; a real
+    difference (another seed) still refuses it."""
+    from p2pmoe.config import default_config, with_options
+    from p2pmoe.settings import canonical_config
+    from p2pmoe.sim.resume import same_but_newer_defaults
+
+    cfg = with_options(default_config(method="fedmoe-da"), method_options={"p": 1})
+    stored = canonical_config(cfg)
+    del stored["method"]["finetune_epochs"], stored["run"]["eval_point"]  # written before these options existed
+    assert same_but_newer_defaults(stored, cfg)
+    assert not same_but_newer_defaults(stored, with_options(cfg, method_options={"finetune_epochs": 1}))
+    assert not same_but_newer_defaults({**stored, "run": {**stored["run"], "seed": 5}}, cfg)
+    assert not same_but_newer_defaults("garbage", cfg)

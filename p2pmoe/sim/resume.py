@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from p2pmoe.config import build_config, resolve
 from p2pmoe.driver.runner import NodeRunner
 from p2pmoe.driver.summary import Row
 from p2pmoe.ledger import LedgerEntry
@@ -61,12 +62,24 @@ def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunne
     save_checkpoint(folder / CHECKPOINT_NAME, round_index, state, extra)
 
 
+def same_but_newer_defaults(stored: object, cfg: ExperimentConfig) -> bool:
+    """Whether a checkpoint's canonical setting is `cfg`'s once the options added since it was
+    written take their defaults: a run is not refused for an option it could not have had."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        rebuilt = build_config({section: dict(stored.get(section, {})) for section in ("run", "task", "method")}, "checkpoint")
+    except (ValueError, TypeError):
+        return False
+    return canonical_config(resolve(rebuilt)) == canonical_config(resolve(cfg))
+
+
 def load_network_checkpoint(folder: Path, cfg: ExperimentConfig, hint: str = "") -> Checkpoint | None:
     """The checkpoint in `folder` if it is one of `cfg`'s experiment; None when there is none.
     Raises `CheckpointError` naming the settings that differ (when the file names its own),
     followed by `hint`: what the caller's user can do about it."""
     checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
-    if checkpoint is not None and checkpoint.extra.get("config_hash") != config_hash(cfg):
+    if checkpoint is not None and checkpoint.extra.get("config_hash") != config_hash(cfg) and not same_but_newer_defaults(checkpoint.extra.get("setting"), cfg):
         differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting"))) or "settings it does not name"
         raise CheckpointError(f"{folder / CHECKPOINT_NAME} belongs to another experiment (differs in {differ}){hint}")
     return checkpoint
