@@ -52,7 +52,7 @@ def test_help_lists_type_choices_default_and_meaning_of_every_option(capsys):
         build_parser(["simulate", "--method", "fedmoe-da", "--help"]).parse_args(["simulate", "--method", "fedmoe-da", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--fedmoe-embedding" in text and "one of gossip, frozen, server" in text and "default gossip" in text
-    assert "--experts" in text and "int, >= 1, default 4" in text
+    assert "--experts" in text and "int, >= 1; <= 1024, default 4" in text
     assert "--rounds" in text and "communication rounds" in text
 
 

@@ -62,13 +62,13 @@ def _node(tmp_path: Path, name: str, peers: dict[str, str], address: str, cfg=No
 
 @pytest.mark.timeout(60)
 def test_a_message_that_arrives_while_the_method_trains_waits_for_training_to_end(tmp_path):
-    (port,) = free_ports(1)
+    port, silent = free_ports(2)  # the late peer is configured (only configured peers' messages wait), and never says hello
     method = SlowTrainer("node-00")
-    daemon = NodeDaemon(_node(tmp_path, "node-00", {}, f"tcp://127.0.0.1:{port}"), method=method)
+    daemon = NodeDaemon(_node(tmp_path, "node-00", {"late-peer": f"tcp://127.0.0.1:{silent}"}, f"tcp://127.0.0.1:{port}"), method=method)
 
     async def scenario() -> None:
         run = asyncio.create_task(daemon.run())
-        await asyncio.to_thread(method.training_started.wait, 20)
+        await asyncio.to_thread(method.training_started.wait, 30)
         context = zmq.asyncio.Context()
         peer = context.socket(zmq.DEALER)
         peer.setsockopt(zmq.ROUTING_ID, b"late-peer")

@@ -75,7 +75,8 @@ class Harness:
         self.tmp_path = tmp_path
 
     async def __aenter__(self) -> Harness:
-        cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {}, default_config(method="fedmoe-da"))
+        # the attacker is a configured peer (its messages may be held), whose numbers lie
+        cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:9"}, default_config(method="fedmoe-da"))
         self.method = _node()
         self.daemon = NodeDaemon(cfg, method=self.method)
         self.daemon.transport = Transport(NODE, "tcp://127.0.0.1:*")
