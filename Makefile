@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv data phi lint bench-deps clean
+.PHONY: demo test test-slow test-all venv data phi lint bench-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ lint: $(STAMP)
 
 test: data lint
 	$(PY) -m pytest -q
+
+# The multi-minute runs (live-node fuzzing, network namespaces, kill/resume of daemons, benchmark
+# end-to-end runs): CI runs them after `make test`.
+test-slow: data
+	$(PY) -m pytest -q -m slow
 
 test-all: data
 	$(PY) -m pytest -q -m ''

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from p2pmoe.node.checkpoint import load_checkpoint
 
 BENCH = Path(__file__).parent.parent / "bench" / "bench_fmoe_cdsr.py"
@@ -41,6 +43,7 @@ def test_bench_refuses_options_it_cannot_honour(fkcb_like, tmp_path):
         assert done.returncode == 2 and message in done.stderr
 
 
+@pytest.mark.slow
 def test_report_only_tables_finished_and_stopped_runs_without_running(fkcb_like, tmp_path):
     """Runs done elsewhere (a GPU machine) come back as run folders: --report-only tables the
     finished ones from their summaries and one stopped early from the rounds all clients logged."""
@@ -96,6 +99,7 @@ def test_report_only_tables_finished_and_stopped_runs_without_running(fkcb_like,
     assert refused.returncode == 2 and "--report-only" in refused.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_every_lets_a_rerun_go_on_from_the_run_folder(fkcb_like, tmp_path):
     args = (*OPTIONS, "--data-root", str(fkcb_like), "--only", "local", "--name", "c", "--results", str(tmp_path), "--checkpoint-every", "1")
     first = _bench(*args, cwd=tmp_path)

@@ -43,6 +43,7 @@ def _last_round(folder: Path) -> dict[str, dict]:
     return {r["node"]: r["metrics"] for r in read_metrics(folder / "metrics.jsonl") if r["round"] == 1 and r["node"].startswith("node-")}
 
 
+@pytest.mark.slow
 def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_like, tmp_path):
     folder = _checkpointed(fkcb_like, tmp_path, "fmoe-cdsr")
     before = _digest(folder)
@@ -65,6 +66,7 @@ def test_probe_reproduces_the_runs_own_score_and_bounds_the_constant_mixes(fkcb_
     assert str(fkcb_like) not in (tmp_path / "p.json").read_text() + (tmp_path / "p.md").read_text()
 
 
+@pytest.mark.slow
 def test_probe_scores_a_uniform_run_without_gate_columns(fkcb_like, tmp_path):
     folder = _checkpointed(fkcb_like, tmp_path, "fmoe-cdsr-uniform")
     probe = _probe(fkcb_like, tmp_path, folder, "--method", "fmoe-cdsr-uniform")
@@ -76,6 +78,7 @@ def test_probe_scores_a_uniform_run_without_gate_columns(fkcb_like, tmp_path):
             assert abs(row["equal test"] - 100 * last[row["client"]]["mrr"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_probe_refuses_a_checkpoint_of_another_setting(fkcb_like, tmp_path):
     folder = _checkpointed(fkcb_like, tmp_path, "fmoe-cdsr")
     changed = [o if o != "8" else "16" for o in OPTIONS]  # another hidden size and length

@@ -28,7 +28,15 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(600)  # a loaded 2-core machine took 450 s for the 3-round, 5-process case
-@pytest.mark.parametrize("method, clients, participation", [("fedavg", 3, 1.0), ("fedmoe-da", 4, 1.0), ("fmoe-cdsr", 3, 1.0), ("fedavg", 4, 0.5)])
+@pytest.mark.parametrize(
+    "method, clients, participation",
+    [
+        ("fedavg", 3, 1.0),
+        pytest.param("fedmoe-da", 4, 1.0, marks=pytest.mark.slow),
+        ("fmoe-cdsr", 3, 1.0),
+        pytest.param("fedavg", 4, 0.5, marks=pytest.mark.slow),
+    ],
+)
 def test_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, fkcb_like, method, clients, participation):
     """swarm and simulate run the same driver: equal bytes per message kind, and the same
     summary (same model-selection round, same metrics) from the same seed. With partial
@@ -88,7 +96,7 @@ def _kill_test_config(kind: str, tmp_path: Path, fkcb_like: Path) -> ExperimentC
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["fedavg", "fmoe-cdsr"])
+@pytest.mark.parametrize("kind", ["fedavg", pytest.param("fmoe-cdsr", marks=pytest.mark.slow)])
 def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_path, fkcb_like, kind):
     cfg = _kill_test_config(kind, tmp_path / "run", fkcb_like)
     tmp_path = tmp_path / "run"

@@ -35,7 +35,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example],
 )
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # minutes of live-node fuzzing: make test-slow
 RESERVED_META = {"probe", "req", "reply", "round", "done"}  # fields with one type (drawn apart)
 
 

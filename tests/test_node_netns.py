@@ -36,7 +36,7 @@ def _can_make_namespaces() -> str | None:
 
 
 SKIP = _can_make_namespaces()
-pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+pytestmark = [pytest.mark.skipif(SKIP is not None, reason=SKIP or ""), pytest.mark.slow]
 
 
 def _ip(*args: str) -> None:
