@@ -273,7 +273,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     simulate.set_defaults(handler=_simulate)
 
-    experiment("demo", "FedMoE-DA vs FedAvg on Fashion-MNIST with real daemons on loopback").set_defaults(handler=_demo)
+    experiment("demo", "FedMoE-DA vs FedAvg and Local on Fashion-MNIST with real daemons on loopback").set_defaults(handler=_demo)
 
     for role, text in (
         ("node", "run one client or peer daemon from its config file"),
