@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,6 @@ class RunResult:
     out: Path
     summary: dict[str, Any]
 
-    @property
-    def cfg_run(self) -> dict[str, Any]:
-        return dict(self.summary["setting"]["run"])
-
 
 def slug(label: str) -> str:
     """A folder name for a variant's label."""
@@ -77,7 +73,6 @@ def run_seeds(
     seeds: Sequence[int],
     root: Path,
     checkpoint_every: int = 0,
-    on_result: Callable[[RunResult], None] | None = None,
     only_finished: bool = False,
 ) -> list[RunResult]:
     """Every variant for every seed (seed-major, so a partial benchmark has whole seeds first),
@@ -94,10 +89,7 @@ def run_seeds(
             if summary is None:
                 print(f"running {variant.label}, seed {seed} -> {out}", file=sys.stderr, flush=True)
                 summary = run_simulation(cfg, report=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
-            result = RunResult(variant.label, seed, out, summary)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
+            results.append(RunResult(variant.label, seed, out, summary))
     return results
 
 
