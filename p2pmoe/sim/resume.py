@@ -28,7 +28,7 @@ from p2pmoe.driver.summary import Row
 from p2pmoe.ledger import LedgerEntry
 from p2pmoe.node.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pmoe.runs import cut_records
-from p2pmoe.settings import ExperimentConfig, canonical_config, config_differences, config_hash
+from p2pmoe.settings import NODE_LOCAL_KEYS, ExperimentConfig, canonical_config, config_differences, config_hash
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 SEPARATOR = "/"  # node ids never contain it (p2pmoe.naming), so the first one splits a key
@@ -65,13 +65,15 @@ def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunne
 def same_but_newer_defaults(stored: object, cfg: ExperimentConfig) -> bool:
     """Whether a checkpoint's canonical setting is `cfg`'s once the options added since it was
     written take their defaults: a run is not refused for an option it could not have had."""
-    if not isinstance(stored, dict):
+    if not isinstance(stored, dict) or not all(isinstance(stored.get(section, {}), dict) for section in ("run", "task", "method")):
         return False
+    tables = {section: dict(stored.get(section, {})) for section in ("run", "task", "method")}
+    tables["run"] |= {key: value for key, value in cfg.run.to_dict().items() if key in NODE_LOCAL_KEYS}  # not part of the experiment: this run's
     try:
-        rebuilt = build_config({section: dict(stored.get(section, {})) for section in ("run", "task", "method")}, "checkpoint")
-    except (ValueError, TypeError):
+        rebuilt = resolve(build_config(tables, "checkpoint"))
+    except Exception:  # a setting this version cannot build at all is simply another experiment
         return False
-    return canonical_config(resolve(rebuilt)) == canonical_config(resolve(cfg))
+    return canonical_config(rebuilt) == canonical_config(resolve(cfg))
 
 
 def load_network_checkpoint(folder: Path, cfg: ExperimentConfig, hint: str = "") -> Checkpoint | None:
