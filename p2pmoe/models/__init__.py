@@ -1,10 +1,9 @@
-"""Models shared by the methods: sequence encoders, gates, experts, mixtures, LoRA, a CNN."""
+"""Models shared by the methods: sequence encoders, gates, experts, mixtures, a CNN (LoRA comes from peft, see text_lora)."""
 
 from p2pmoe.models.cnn import CNNEmbedder
 from p2pmoe.models.experts import MLP, MLPExpert
 from p2pmoe.models.fmoe_cdsr import FMoECDSR
 from p2pmoe.models.gates import GATE_KINDS, DenseGate, Gate, NoisyGate, TopKGate, make_gate
-from p2pmoe.models.lora import LoRALinear, apply_lora
 from p2pmoe.models.mmoe import MMoE
 from p2pmoe.models.moe import MixtureOfExperts, MoEClassifier
 from p2pmoe.models.sasrec import SASRec, SASRecEncoder
@@ -15,7 +14,6 @@ __all__ = [
     "FMoECDSR",
     "GATE_KINDS",
     "Gate",
-    "LoRALinear",
     "MLP",
     "MLPExpert",
     "MMoE",
@@ -25,6 +23,5 @@ __all__ = [
     "SASRec",
     "SASRecEncoder",
     "TopKGate",
-    "apply_lora",
     "make_gate",
 ]

@@ -101,13 +101,6 @@ def all_tasks() -> dict[str, Task]:
     return ordered(_TASKS, BUILTIN_TASKS, lambda task: type(task).__module__)
 
 
-def get_task(name: str) -> Task:
-    tasks = all_tasks()
-    if name not in tasks:
-        raise ValueError(f"unknown task family {name!r}; choose from {sorted(tasks)}")
-    return tasks[name]
-
-
 def task_for_data(data: str) -> Task:
     """The family a data set belongs to; an unknown name lists every known data set."""
     for task in all_tasks().values():
