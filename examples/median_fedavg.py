@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from p2pmoe.methods.base import Method
-from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
+from p2pmoe.methods.fedavg import FedAvgServer, build_client
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.models.params import float_state
 from p2pmoe.naming import SERVER_ID
@@ -31,10 +31,6 @@ class MedianServer(FedAvgServer):
         return {name: torch.stack([s[name] for s in states]).median(dim=0).values for name in states[0]}
 
 
-def build_client(ctx: BuildContext, node: str) -> Method:
-    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, participation=ctx.participation)
-
-
 def build_server(ctx: BuildContext) -> Method:
     return MedianServer(SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation)
 
@@ -44,7 +40,7 @@ register_method(
         name="fedavg-median",
         summary="FedAvg with the coordinate-wise median of the uploads (an example plugin)",
         tasks=("image", "multitask", "timelines"),
-        build_client=build_client,
+        build_client=build_client,  # FedAvg's clients: only the server's rule differs
         build_server=build_server,
     )
 )

@@ -17,6 +17,15 @@ from p2pmoe.plugins import PluginError, load_plugins
 EXAMPLE = Path(__file__).parent.parent / "examples" / "median_fedavg.py"
 
 
+@pytest.fixture(autouse=True)
+def _registry_as_it_was(monkeypatch):
+    """A plugin loaded here is gone afterwards: later tests (the generated docs) see the built-ins only."""
+    from p2pmoe.methods import registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry.all_methods()))
+    monkeypatch.delitem(sys.modules, "p2pmoe_plugin_median_fedavg", raising=False)
+
+
 def test_the_example_method_aggregates_by_the_coordinate_wise_median():
     load_plugins(str(EXAMPLE))
     median_server = sys.modules["p2pmoe_plugin_median_fedavg"].MedianServer

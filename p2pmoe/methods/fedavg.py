@@ -108,7 +108,8 @@ class FineTuneOptions(Options):
     finetune_epochs: int = option(1, "local epochs on a copy of the model before each evaluation", minimum=1)
 
 
-def _client(ctx: BuildContext, node: str) -> Method:
+def build_client(ctx: BuildContext, node: str) -> Method:
+    """A FedAvg client (FedAvg-FT's with its fine-tuning epochs); plugins with another server rule reuse it."""
     finetune = ctx.cfg.method.finetune_epochs if isinstance(ctx.cfg.method, FineTuneOptions) else 0
     return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, participation=ctx.participation, finetune_epochs=finetune)
 
@@ -122,7 +123,7 @@ register_method(
         name="fedavg",
         summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
         tasks=("image", "multitask", "timelines"),
-        build_client=_client,
+        build_client=build_client,
         build_server=_server,
     )
 )
@@ -133,7 +134,7 @@ register_method(
         tasks=("image", "multitask", "timelines"),
         options=FineTuneOptions,
         flag_prefix="fedavg",
-        build_client=_client,
+        build_client=build_client,
         build_server=_server,
     )
 )
