@@ -373,7 +373,7 @@ def main() -> None:
         f"{run.data} ({', '.join(domains)}), one client per domain; {run.rounds} rounds x {run.local_epochs} local epoch(s), "
         f"batch {run.batch_size}, Adam lr {run.lr} betas (0.9, 0.98), hidden {task.embed_dim}, {task.blocks} blocks, {task.heads} heads, "
         f"dropout {task.dropout}, max length {task.max_len}, {task.negatives} sampled negatives; FMoE-CDSR encoder "
-        f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, embedding init {fmoe.init}, KL {'on' if fmoe.kl else 'off'}, "
+        f"{fmoe.encoder}, gate pooling {fmoe.gate_pooling}, {fmoe.head} head, embedding init {fmoe.init}, KL {'on' if fmoe.encoder == 'vae' else 'off'}, "
         f"graph layer {'on' if fmoe.graph else 'off'}, {'official' if fmoe.input_norm else 'SASRec'} encoder input, "
         f"contrastive weight {fmoe.contrastive_weight}"
         f"{f', foreign experts as after {fmoe.expert_epochs} epoch(s)' if fmoe.expert_epochs else ''}; "

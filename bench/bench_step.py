@@ -85,22 +85,21 @@ class HeadsFloor(torch.nn.Module):
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # issue 11's defect: how the branch's embeddings start and the KL term
     "init": {
-        "FMoE-CDSR one branch, official init (N(0,1) embeddings)": {"init": "official", "kl": True},
-        "FMoE-CDSR one branch, SASRec init (N(0,0.02))": {"init": "sasrec", "kl": True},
-        "FMoE-CDSR one branch, SASRec init, no KL": {"init": "sasrec", "kl": False},
-        "FMoE-CDSR one branch, SASRec init, μ only (no σ stack, no KL)": {"init": "sasrec", "vae": False},
+        "FMoE-CDSR one branch, official init (N(0,1) embeddings)": {"init": "official", "vae": True},
+        "FMoE-CDSR one branch, SASRec init (N(0,0.02))": {"init": "sasrec", "vae": True},
+        "FMoE-CDSR one branch, SASRec init, μ only (no σ stack, no KL)": {"init": "sasrec"},
     },
     # after the fix, over a longer run: which of the branch's other parts keeps it behind SASRec
     "head": {
-        "FMoE-CDSR one branch, project default (μ only)": {"vae": False},
-        "FMoE-CDSR one branch, tied head": {"vae": False, "head": "tied"},
-        "FMoE-CDSR one branch, no contrastive term": {"vae": False, "contrastive_weight": 0.0},
+        "FMoE-CDSR one branch, project default (μ only)": {},
+        "FMoE-CDSR one branch, tied head": {"head": "tied"},
+        "FMoE-CDSR one branch, no contrastive term": {"contrastive_weight": 0.0},
     },
     # with the tied head: do the graph layer or the official input (·√d, LayerNorm) keep it behind SASRec?
     "backbone": {
-        "FMoE-CDSR one branch, tied head": {"vae": False, "head": "tied"},
-        "FMoE-CDSR one branch, tied head, no graph layer": {"vae": False, "head": "tied", "graph": False},
-        "FMoE-CDSR one branch, tied head, SASRec input (no √d, no input LayerNorm)": {"vae": False, "head": "tied", "input_norm": False},
+        "FMoE-CDSR one branch, tied head": {"head": "tied"},
+        "FMoE-CDSR one branch, tied head, no graph layer": {"head": "tied", "graph": False},
+        "FMoE-CDSR one branch, tied head, SASRec input (no √d, no input LayerNorm)": {"head": "tied", "input_norm": False},
     },
 }
 

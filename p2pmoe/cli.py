@@ -42,6 +42,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     row = summary_row(summary)
     print(format_table([row], list(row)))
+    selection = summary.get("selection", {})
+    if selection.get("round") is not None:
+        print(f"selected round: {selection['round']} (by {selection.get('key') or 'the last evaluation'}; rounds are numbered from 0)")
+    if selection.get("warning"):
+        print(f"warning: {selection['warning']}", file=sys.stderr)
     out = Path(summary["setting"]["run"]["out"])
     print(f"run folder: {out}")
     if (out / "report" / "index.html").exists():

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.methods.registry import MethodSpec, all_methods, get_method
+from p2pmoe.methods.registry import MethodSpec, get_method, methods_for
 from p2pmoe.options import add_arguments, describe, from_mapping, values_from_args
 from p2pmoe.plugins import load_plugins
 from p2pmoe.settings import ExperimentConfig, RunOptions
@@ -136,15 +136,19 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, argv: Sequence[str
     add_arguments(parser, RunOptions, "run options ([run])", defaults=defaults["run"])
     try:
         task = task_for_data(data)
-        spec = get_method(method, task.name)
     except ValueError as exc:
         parser.epilog = f"error: {exc}"
         return
     add_arguments(parser, task.options, f"{task.name} task options ([task])", defaults=defaults["task"])
+    fitting = f"methods that run on {data} ({task.name} data): {', '.join(methods_for(task.name))}"
+    try:
+        spec = get_method(method, task.name)
+    except ValueError:
+        parser.epilog = f"{fitting}. Method {method!r} does not run on it: pass --method NAME (with --help for that method's options)."
+        return
     add_arguments(parser, spec.options, f"{spec.name} options ([method])", prefix=spec.flag_prefix, defaults=defaults["method"])
-    names = ", ".join(f"{n} ({'/'.join(s.tasks)})" for n, s in all_methods().items())
     data_sets = ", ".join(f"{d} ({t.name})" for t in all_tasks().values() for d in t.data)
-    parser.epilog = f"methods: {names}. data: {data_sets}. Other methods' options: --method NAME --help."
+    parser.epilog = f"{fitting}. Every data set: {data_sets}. Other methods' options: --method NAME --help."
 
 
 def config_from_args(args: argparse.Namespace, defaults: Values | None = None) -> ExperimentConfig:

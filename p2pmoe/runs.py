@@ -11,7 +11,7 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,10 +23,12 @@ T = TypeVar("T")
 
 
 class RunFolder:
-    """Writer for one run folder; `append=True` continues a resumed node's files."""
+    """Writer for one run folder; `append=True` continues a resumed node's files. `holds` names
+    what each client holds (its domain): every metrics line of that node carries it."""
 
-    def __init__(self, path: str | Path, append: bool = False) -> None:
+    def __init__(self, path: str | Path, append: bool = False, holds: Mapping[str, str] | None = None) -> None:
         self.path = Path(path)
+        self.holds = dict(holds or {})
         self.path.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
         ledger_path = self.path / "ledger.csv"
@@ -39,6 +41,8 @@ class RunFolder:
 
     def log(self, row: dict[str, Any]) -> None:
         """One metrics line (one node, one round)."""
+        if row.get("node") in self.holds:
+            row = {**row, "holds": self.holds[row["node"]]}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
 

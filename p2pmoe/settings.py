@@ -27,7 +27,11 @@ class RunOptions(Options):
 
     method: str = option("fedavg", "the federated method (see docs/methods.md)")
     data: str = option("fmnist", "data set; it decides the task family")
-    data_root: str | None = option(None, "folder of the data set (required for fkcb, cifar10, mnist)")
+    data_root: str | None = option(
+        None,
+        "folder of the data set: required for fkcb, aliexpress, cifar10 and your own atomic / atomic-timelines files "
+        "(the folder NAME/ that holds NAME.inter and NAME.item); optional for mnist, fmnist and MovieLens",
+    )
     nodes: int = option(10, "number of clients (sequence tasks: one per domain, set from the data)", minimum=1, maximum=100_000)
     partition: str = option("dirichlet:0.5", "how image labels are split: iid, dirichlet:ALPHA or shards:N")
     rounds: int = option(20, "communication rounds", minimum=1)

@@ -109,6 +109,6 @@ def test_checkpoint_every_lets_a_rerun_go_on_from_the_run_folder(fkcb_like, tmp_
     assert checkpoint is not None and checkpoint.round == 1
     again = _bench(*args, cwd=tmp_path)  # a finished run resumes to itself: nothing runs again
     assert again.returncode == 0, again.stderr
-    assert "resuming" in again.stderr and "after round 2 of 2" in again.stderr
+    assert "resuming" in again.stderr and "after round 1 (rounds 0..1" in again.stderr
     rows = json.loads((tmp_path / "c.json").read_text())
     assert rows[0]["metrics"]["mrr"] > 0 and "--checkpoint-every" not in (tmp_path / "c.md").read_text()

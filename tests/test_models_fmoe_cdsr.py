@@ -82,7 +82,7 @@ def test_unavailable_branch_gets_zero_weight_and_changes_nothing():
         m.experts[2].mu.final_norm.bias.fill_(1e3)
     torch.testing.assert_close(m.score_candidates(inputs, candidates), before)
     assert set(m.loss_terms(batch(data))) == {"ce", "ce_moe", "contrastive"}  # no KL term by default
-    assert set(model(data, kl=True).loss_terms(batch(data))) == {"ce", "ce_moe", "kl", "contrastive"}
+    assert set(model(data, vae=True).loss_terms(batch(data))) == {"ce", "ce_moe", "kl", "contrastive"}
 
 
 def test_uniform_gate_and_batch_pooling():
@@ -125,8 +125,8 @@ def test_vae_off_has_no_sigma_stack():
 
 
 def test_kl_weight_anneals_to_the_cap_counting_training_steps():
-    assert model().kl_weight() == 0.0 and model(kl=True).kl  # the default has no KL term
-    m = model(kl=True, kl_anneal_steps=100)
+    assert model().kl_weight() == 0.0 and model(vae=True).vae  # the default has no KL term
+    m = model(vae=True, kl_anneal_steps=100)
     assert m.kl_weight() == 0.0
     b = batch(domain())
     m.loss(b)
@@ -139,8 +139,8 @@ def test_kl_weight_anneals_to_the_cap_counting_training_steps():
     assert m.kl_weight() == pytest.approx(0.5)
     m.step.fill_(10_000)
     assert m.kl_weight() == 1.0
-    assert model(kl=True, kl_cap=0.2, kl_anneal_steps=100).kl_weight() == 0.0
-    capped = model(kl=True, kl_cap=0.2, kl_anneal_steps=100)
+    assert model(vae=True, kl_cap=0.2, kl_anneal_steps=100).kl_weight() == 0.0
+    capped = model(vae=True, kl_cap=0.2, kl_anneal_steps=100)
     capped.step.fill_(90)
     assert capped.kl_weight() == pytest.approx(0.2)
 

@@ -41,7 +41,7 @@ def reference_loss(m: FMoECDSR, batch: SequenceBatch) -> torch.Tensor:
         total = total + F.cross_entropy(branch_logits, targets)
         logits[i] = branch_logits.detach()
         reps[i] = z if m.gate_pooling == "position" else mu[:, -1]
-        if m.kl:
+        if m.vae:
             logvar = expert.logvar(branch.embed(table, batch.inputs, 0.0), batch.pad_mask)[keep]
             total = total + m.kl_weight() * -0.5 * (1 + logvar - z.pow(2) - logvar.exp()).sum(dim=-1).mean()
         if permuted is not None:
@@ -79,7 +79,7 @@ def client(frozen: bool, **options) -> FMoECDSR:
         **{"contrastive_weight": 0.3, **options},
     )
     m.set_expert_state(
-        2, FMoECDSR(N, K, 2, transition_adjacency(train, N), max_len=L, hidden=D, heads=2, blocks=2, vae=options.get("vae", True)).expert_state(2)
+        2, FMoECDSR(N, K, 2, transition_adjacency(train, N), max_len=L, hidden=D, heads=2, blocks=2, vae=options.get("vae", False)).expert_state(2)
     )
     m.experts[2].requires_grad_(not frozen)
     m.step.fill_(4000)  # KL weight 0.4
@@ -98,9 +98,9 @@ OPTIONS = [
     {"gate_pooling": "batch"},
     {"gate": "uniform"},
     {"head": "tied"},
-    {"kl": True},
-    {"kl": True, "gate_pooling": "batch", "head": "tied"},
-    {"vae": False, "contrastive_weight": 0.0},
+    {"vae": True},
+    {"vae": True, "gate_pooling": "batch", "head": "tied"},
+    {"contrastive_weight": 0.0},
     {"init": "official"},
 ]
 

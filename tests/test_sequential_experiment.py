@@ -86,7 +86,7 @@ def test_fmoe_cdsr_encoder_and_gate_pooling_come_from_the_config(fkcb_like, enco
 
 def test_unknown_fmoe_options_are_refused(fkcb_like):
     cfg = default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like))
-    with pytest.raises(ValueError, match=r"\[method\] encoder must be one of \['vae', 'lean'\]"):
+    with pytest.raises(ValueError, match=r"\[method\] encoder must be one of \['lean', 'vae'\]"):
         with_options(cfg, method_options={"encoder": "vea"})
     with pytest.raises(ValueError, match="gate_pooling"):
         with_options(cfg, method_options={"gate_pooling": "mean"})

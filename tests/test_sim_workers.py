@@ -54,7 +54,7 @@ def test_with_two_workers_two_nodes_train_at_the_same_time() -> None:
 def test_a_method_drawing_from_the_global_rng_stops_a_parallel_run() -> None:
     assert set(_network(1, draw=True).run_round(0)) == {"a", "b"}  # one at a time each node has its own stream
     before = torch.get_rng_state()
-    with pytest.raises(GlobalRNGUsed, match="workers = 1"):
+    with pytest.raises(GlobalRNGUsed, match="--workers 1"):
         _network(2, draw=True).run_round(0)
     assert torch.equal(torch.get_rng_state(), before)  # the run leaves the process's stream as it found it
 

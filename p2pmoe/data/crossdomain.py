@@ -80,8 +80,22 @@ def atomic_files(folder: str | Path, name: str | None = None) -> tuple[Path, Pat
     paths = (root / f"{stem}.inter", root / f"{stem}.item")
     for path in paths:
         if not path.is_file():
-            raise DataNotFoundError(stem, path, "a folder of RecBole atomic files needs NAME.inter and NAME.item (--data-root DIR)")
+            raise DataNotFoundError(stem, path, "a folder of RecBole atomic files needs NAME.inter and NAME.item (--data-root DIR)" + _nearby(root))
     return paths
+
+
+def _nearby(root: Path) -> str:
+    """Where atomic files are near a wrong --data-root: its sub-folders NAME/ holding
+    NAME.inter (the user pointed at the parent), or .inter files under another name."""
+    if not root.is_dir():
+        return ""
+    inside = sorted(sub for sub in root.iterdir() if sub.is_dir() and (sub / f"{sub.name}.inter").is_file())
+    if inside:
+        return "; did you mean " + " or ".join(f"--data-root {sub}" for sub in inside[:5]) + "?"
+    others = sorted(p.name for p in root.glob("*.inter"))
+    if others:
+        return f"; {root} holds {', '.join(others[:5])}: name the folder after the files (NAME/NAME.inter)"
+    return ""
 
 
 def load_atomic_domains(folder: str | Path, domain_field: str, name: str | None = None, min_users: int = 2, min_items: int = 2) -> CrossDomainInteractions:

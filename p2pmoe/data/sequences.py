@@ -56,3 +56,9 @@ class Timeline:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def unseen_share(targets: list[int], seen: set[int]) -> float | None:
+    """The share of ``targets`` that never occur in ``seen`` (the training items): cold-start
+    targets, which an ID-based model cannot rank above chance. None without targets."""
+    return sum(t not in seen for t in targets) / len(targets) if targets else None

@@ -8,11 +8,12 @@ statistics (`train`) apart from evaluation metrics (`metrics`).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.tasks.base import Selection
+from p2pmoe.tasks.base import Selection, Task
 
 Row = dict[str, Any]
 
@@ -79,15 +80,81 @@ def training_compute(rows: list[Row], clients: list[str], rounds: int) -> dict[s
     return {"sample_epochs": total, "per_node_per_round": total / max(len(clients) * rounds, 1)}
 
 
+def first_exchange_round(ledger: ByteLedger, clients: list[str]) -> int | None:
+    """The first round in which a client received tensors from another node (None: never)."""
+    members = set(clients)
+    return min((e.round for e in ledger.entries if e.dst in members and e.src != e.dst and e.payload_bytes > 0), default=None)
+
+
+def selection_warning(chosen: int | None, first_exchange: int | None) -> str | None:
+    """Why a selected round says little about federation, or None.
+
+    Issue 28: on a user's small data every FMoE-CDSR run selected round 0, whose models had
+    not trained on anything another node sent (the gate sat on the own branch), and nothing
+    said so. A run without any exchange (Local) gets no warning: it claims none.
+    """
+    if chosen is None or first_exchange is None or chosen > first_exchange:
+        return None
+    return (
+        f"model selection picked round {chosen}, no later than the first round in which a client received another node's tensors "
+        f"(round {first_exchange}): the reported models never trained on anything another node sent, so this result "
+        "measures the nodes' own training; look at the selection metric by round (metrics.jsonl, the report) and run more rounds"
+    )
+
+
+COLD_START_SHARE = 0.5
+"""Above this share of unseen test targets in a domain, the data is flagged as cold-start."""
+
+
+def profile_lines(profile: dict[str, Any]) -> list[str]:
+    """A task's data profile (`Task.profile`) in words, for the terminal and the report."""
+    lines = []
+    unseen = profile.get("unseen_targets", {})
+    if unseen:
+        shares = "; ".join(
+            f"{domain} " + ", ".join(f"{split} {share:.0%}" for split, share in splits.items() if share is not None) for domain, splits in unseen.items()
+        )
+        lines.append(f"targets never seen in training: {shares}")
+        cold = [domain for domain, splits in unseen.items() if (splits.get("test") or 0) > COLD_START_SHARE]
+        if cold:
+            lines.append(
+                f"warning: cold-start data: in {', '.join(cold)} most test targets never occur in training, so an ID-based model "
+                "cannot rank them above chance; compare every method with the random-ranking level"
+            )
+    level = profile.get("random_ranking")
+    if level:
+        shown = ", ".join(f"{m} {level[m]:.4f}" for m in ("mrr", "hr@10", "ndcg@10") if m in level)
+        lines.append(f"random ranking with {level['candidates']} candidates per target: {shown}")
+    return lines
+
+
+def client_holdings(task: Task, cfg: ExperimentConfig, clients: list[str]) -> dict[str, str]:
+    """Which domain or scenario each client holds ({} when clients are anonymous parts)."""
+    names = task.client_names(cfg)
+    return dict(zip(clients, names, strict=True)) if names is not None else {}
+
+
 def make_summary(
-    cfg: ExperimentConfig, selection: Selection, rows: list[Row], ledger: ByteLedger, clients: list[str], wall_seconds: float, driver: str
+    cfg: ExperimentConfig,
+    selection: Selection,
+    rows: list[Row],
+    ledger: ByteLedger,
+    clients: list[str],
+    wall_seconds: float,
+    driver: str,
+    profile: dict[str, Any] | None = None,
+    holds: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """summary.json: the selected round's metrics over clients, training statistics of that
-    round, byte totals and the whole setting."""
+    round, byte totals and the whole setting. Rounds are numbered from 0, as in
+    metrics.jsonl and ledger.csv; `selection.warning` says when the selected round precedes
+    any training on exchanged tensors."""
     chosen, per_node = select_round(rows, clients, selection)
     means, spread = summarise_metrics(per_node)
     train_rows = {row["node"]: row["train"] for row in rows if row["round"] == chosen and row["node"] in clients}
     train_means, _ = summarise_metrics(train_rows)
+    first_exchange = first_exchange_round(ledger, clients)
+    warning = selection_warning(chosen, first_exchange)
     return {
         "method": cfg.run.method,
         "data": cfg.run.data,
@@ -95,7 +162,7 @@ def make_summary(
         "rounds": cfg.run.rounds,
         "seed": cfg.run.seed,
         "driver": driver,
-        "selection": {"key": selection.key, "round": chosen},
+        "selection": {"key": selection.key, "round": chosen, "first_exchange_round": first_exchange, **({"warning": warning} if warning else {})},
         "metrics": means,
         "metrics_spread": spread,
         "per_node": per_node,
@@ -103,5 +170,7 @@ def make_summary(
         "bytes": {**ledger.totals(), "per_node_per_round": ledger.per_node_per_round(clients, cfg.run.rounds)},
         "compute": training_compute(rows, clients, cfg.run.rounds),
         "wall_seconds": round(wall_seconds, 2),
+        "data_profile": profile or {},
+        "holds": dict(holds or {}),
         "setting": cfg.to_dict(),
     }

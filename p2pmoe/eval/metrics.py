@@ -104,6 +104,15 @@ def ranking_metrics(ranks: Tensor | ArrayLike, ks: Sequence[int] = (1, 5, 10)) -
     return out
 
 
+def random_ranking_metrics(candidates: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """What ranking at random scores in expectation with ``candidates`` per target (the
+    positive and its sampled negatives): every rank 1..candidates is equally likely, so the
+    expectation is `ranking_metrics` over exactly those ranks (MRR = H_C / C, HR@k = k / C)."""
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    return ranking_metrics(torch.arange(1, candidates + 1), ks)
+
+
 def _as_numpy(x: Tensor | ArrayLike) -> np.ndarray:
     if isinstance(x, Tensor):
         x = x.detach().cpu()

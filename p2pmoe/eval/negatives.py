@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,27 @@ from torch import Tensor
 
 # Largest number of int64 cells one vectorised step may allocate (about 64 MB per array).
 _CELL_BUDGET = 8_000_000
+
+
+def check_negatives_fit(pools: Mapping[str, int], n: int) -> None:
+    """Refuse ``n`` sampled negatives when a domain's pool is too small, naming every such
+    domain at once and the largest ``n`` that fits them all.
+
+    ``pools[d]`` is the fewest negatives any evaluated target of domain ``d`` may be ranked
+    against (its domain's items minus what the protocol excludes). Checked before any model is
+    built, so a user with short domains of their own learns the remedy in one try.
+    """
+    short = {domain: pool for domain, pool in pools.items() if pool < n}
+    if not short:
+        return
+    listed = ", ".join(f"{domain} allows {pool}" for domain, pool in sorted(short.items(), key=lambda kv: kv[1]))
+    fits = min(pools.values())
+    remedy = (
+        f"pass --negatives N (or [task] negatives = N) with N <= {fits}"
+        if fits >= 1
+        else "a domain without a single candidate cannot be ranked: leave it out of the data"
+    )
+    raise ValueError(f"{n} sampled negatives per target do not fit {len(short)} of {len(pools)} domains ({listed}); {remedy}")
 
 
 def sample_negatives(

@@ -58,6 +58,22 @@ def draw_negatives(num_items: int, targets: Tensor, n: int, seed: int, touched: 
     return out
 
 
+def negative_pools(timelines: Sequence[Timeline], num_items: int, domains: Sequence[str], item_domain: np.ndarray | None) -> dict[str, int]:
+    """For `check_negatives_fit`: per domain, the fewest negatives any valid or test target of
+    that domain can draw, i.e. the items (of its domain, or of the catalogue when
+    ``item_domain`` is None) that its user never touched."""
+    sizes = np.bincount(item_domain[item_domain >= 0], minlength=len(domains)) if item_domain is not None else None
+    pools: dict[str, int] = {}
+    for t in timelines:
+        touched = np.unique(t.items)
+        per_domain = np.bincount(item_domain[touched], minlength=len(domains)) if item_domain is not None and sizes is not None else None
+        for cut in (2, 1):
+            d = int(t.domains[-cut])
+            allowed = num_items - len(touched) if per_domain is None or sizes is None else int(sizes[d] - per_domain[d])
+            pools[domains[d]] = min(pools.get(domains[d], allowed), allowed)
+    return pools
+
+
 def _left_pad(rows: Sequence[np.ndarray], width: int, pad: int) -> Tensor:
     out = np.full((len(rows), width), pad, dtype=np.int64)
     for r, row in enumerate(rows):

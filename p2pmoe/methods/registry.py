@@ -164,6 +164,10 @@ def get_method(name: str, task: str | None = None) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(methods)}")
     spec = methods[name]
     if task is not None and task not in spec.tasks:
-        fitting = sorted(m for m, s in methods.items() if task in s.tasks)
-        raise ValueError(f"method {name!r} does not run on {task} data; methods for {task}: {fitting}")
+        raise ValueError(f"method {name!r} does not run on {task} data; methods for {task}: {methods_for(task)}")
     return spec
+
+
+def methods_for(task: str) -> list[str]:
+    """The names of the methods that run on task family `task`, sorted."""
+    return sorted(name for name, spec in all_methods().items() if task in spec.tasks)

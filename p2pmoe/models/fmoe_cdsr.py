@@ -197,14 +197,13 @@ class FMoECDSR(nn.Module):
     frozen (``requires_grad`` False) from construction; a method that wants them trainable
     says so, and then refreshes its learner's optimiser.
 
-    Options: ``vae`` (default True: μ and log σ² stacks, KL weight ``min(kl_cap,
-    step / kl_anneal_steps)``; False: μ only, no KL); ``kl`` (default False, a project
-    decision against the official objective: the KL's ``μ²`` part pulls z = μ, the vector the
-    heads read, towards 0, and on FKCB Food a one-branch client without it scored 23.6 test MRR
-    against 22.2 with it, higher at every epoch (bench/results/fmoe_cdsr_food_one_client.md);
-    True adds ``β_KL(step)·Σ_i KL_i``. Without the KL term the log σ² stack gets no gradient
-    and is not even run; with ``vae`` True it is still built and shipped, so the bytes stay
-    those of the VAE mode: pair ``kl=False`` with ``vae=False`` to drop it);
+    Options: ``vae`` (default False) gives each expert a log σ² stack beside μ and adds the
+    official annealed KL term ``β_KL(step)·Σ_i KL_i``, ``β_KL = min(kl_cap, step /
+    kl_anneal_steps)``; the σ stack's only use is that term, so without it the stack is neither
+    built nor shipped. Off by default, a project decision against the official objective: the
+    KL's ``μ²`` part pulls z = μ, the vector the heads read, towards 0, and on FKCB Food a
+    one-branch client without it scored 23.6 test MRR against 22.2 with it, higher at every
+    epoch (bench/results/fmoe_cdsr_food_one_client.md);
     ``init`` "sasrec" (default) or "official", see `Branch`; ``gate`` "learned" (softmax of an MLP
     ``K·d → gate_hidden → K`` with GELU and LayerNorm over the stop-gradient last-position
     representations) or "uniform" (equal weights over available branches, no gate);
@@ -237,8 +236,7 @@ class FMoECDSR(nn.Module):
         heads: int = 4,
         blocks: int = 2,
         dropout: float = 0.3,
-        vae: bool = True,
-        kl: bool = False,
+        vae: bool = False,
         kl_cap: float = 1.0,
         kl_anneal_steps: int = 10_000,
         contrastive_weight: float = 0.1,
@@ -264,7 +262,6 @@ class FMoECDSR(nn.Module):
         self.domain_index = domain_index
         self.dropout = dropout
         self.vae = vae
-        self.kl = vae and kl
         self.kl_cap, self.kl_anneal_steps = kl_cap, kl_anneal_steps
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
         self.gate_pooling = gate_pooling
@@ -305,7 +302,7 @@ class FMoECDSR(nn.Module):
         return expert
 
     def expert_state(self, i: int) -> dict[str, Tensor]:
-        """Expert i's tensors (``mu.*`` and, in VAE mode, ``logvar.*``), detached CPU copies."""
+        """Expert i's tensors (``mu.*`` and, with ``vae``, ``logvar.*``), detached CPU copies."""
         return {name: t.detach().to("cpu", copy=True) for name, t in self.experts[i].state_dict().items()}
 
     def set_expert_state(self, i: int, state: dict[str, Tensor]) -> None:
@@ -327,7 +324,7 @@ class FMoECDSR(nn.Module):
 
     def kl_weight(self) -> float:
         """β_KL(step) = min(cap, step / anneal steps); 0 without the KL term."""
-        return min(self.kl_cap, int(self.step) / self.kl_anneal_steps) if self.kl else 0.0
+        return min(self.kl_cap, int(self.step) / self.kl_anneal_steps) if self.vae else 0.0
 
     def _gate_weights(self, reps: dict[int, Tensor]) -> Tensor:
         """Gate weights ``[R, K]`` (R = rows of ``reps``, or 1 with batch pooling) over the
@@ -389,8 +386,8 @@ class FMoECDSR(nn.Module):
             logits[i] = branch.scores(z)
             terms["ce"] = terms.get("ce", 0) + F.cross_entropy(logits[i], targets)
             reps[i] = z if self.gate_pooling == "position" else mu[:b, -1]
-            if self.kl:
-                assert expert.logvar is not None  # kl needs the VAE stack (checked at construction)
+            if self.vae:
+                assert expert.logvar is not None  # built exactly when vae is
                 logvar = expert.logvar(x[:b], batch.pad_mask)[keep]
                 kl = -0.5 * (1 + logvar - z.pow(2) - logvar.exp()).sum(dim=-1).mean()
                 terms["kl"] = terms.get("kl", 0) + kl

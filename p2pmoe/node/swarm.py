@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from p2pmoe.config import resolve, spec_of
-from p2pmoe.driver.summary import Row, make_summary
+from p2pmoe.driver.summary import Row, client_holdings, make_summary
 from p2pmoe.experiment import build_topology, links, node_ids
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.naming import SERVER_ID, client_ids
@@ -111,11 +111,12 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
         traffic = ledger.node_traffic(row["node"], row["round"])
         row["bytes_sent"], row["bytes_received"] = traffic["sent"], traffic["received"]
     clients = client_ids(cfg.run.nodes)
-    run_folder = RunFolder(out)
+    holds = client_holdings(task, cfg, clients)
+    run_folder = RunFolder(out, holds=holds)
     for row in rows:
         run_folder.log(row)
     run_folder.log_messages(ledger.entries)
-    summary = make_summary(cfg, task.selection, rows, ledger, clients, wall_seconds, "swarm")
+    summary = make_summary(cfg, task.selection, rows, ledger, clients, wall_seconds, "swarm", task.profile(cfg), holds)
     summary["nodes_finished"] = sorted({r["node"] for r in rows if r["round"] == cfg.run.rounds - 1 and r["node"] in clients})
     summary["exit_codes"] = exit_codes or {}
     run_folder.finish(summary)

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import CausedSend, NodeRunner, request_id
@@ -52,8 +53,23 @@ class RoundStalled(RuntimeError):
     """Nodes still waited after their deadline: a method that never finishes its round."""
 
 
-class GlobalRNGUsed(RuntimeError):
-    """A method drew from torch's global RNG while nodes ran in parallel (see the module doc)."""
+class GlobalRNGUsed(ValueError):
+    """A method drew from torch's global RNG while nodes ran in parallel (see the module doc):
+    a setting that cannot work, hence a ValueError (the command line prints one line)."""
+
+
+def random_module(model: nn.Module) -> str | None:
+    """The first submodule of `model` that draws from torch's global RNG in training (dropout
+    with a positive rate, as a module or as a `dropout` rate it applies itself), else None.
+
+    Lets a parallel simulation refuse before round 0 what `blocking` would catch only after
+    the first training call (issue 28). A model drawing in another way is still caught there.
+    """
+    for name, module in model.named_modules():
+        rate = getattr(module, "p", None) if isinstance(module, nn.modules.dropout._DropoutNd) else getattr(module, "dropout", None)
+        if isinstance(rate, float | int) and not isinstance(rate, bool) and rate > 0:
+            return f"{type(model).__name__}.{name}" if name else type(model).__name__
+    return None
 
 
 class SimNetwork:
@@ -109,7 +125,7 @@ class SimNetwork:
         out = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         if not torch.equal(torch.get_rng_state(), self._rng_at_start):
             name = getattr(fn, "__qualname__", repr(fn))
-            raise GlobalRNGUsed(f"{name} drew from torch's global random generator, which the nodes of a parallel simulation share; run with workers = 1")
+            raise GlobalRNGUsed(f"{name} drew from torch's global random generator, which the nodes of a parallel simulation share; run with --workers 1")
         return out
 
     async def wait(self, node: NodeRunner, timeout: float) -> bool:

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from p2pmoe.driver.summary import Row, make_summary
+from p2pmoe.driver.summary import Row, client_holdings, make_summary, profile_lines
 from p2pmoe.experiment import Experiment, build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import LearnerMethod
@@ -19,7 +20,7 @@ from p2pmoe.methods.registry import run_participation
 from p2pmoe.report import write_report
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig, parse_compute_time
-from p2pmoe.sim.bus import SimNetwork
+from p2pmoe.sim.bus import GlobalRNGUsed, SimNetwork, random_module
 from p2pmoe.sim.links import comm_time_by_round
 from p2pmoe.sim.resume import CHECKPOINT_NAME, checkpoint_due, resume_network, save_network
 from p2pmoe.tasks.base import resolve_device
@@ -74,6 +75,18 @@ def compute_seconds(cfg: ExperimentConfig, experiment: Experiment) -> list[float
     return [seconds * cfg.run.local_epochs * max((sizes[n] for n in participation.among(sizes, r)), default=0) for r in range(cfg.run.rounds)]
 
 
+def refuse_global_rng(cfg: ExperimentConfig, experiment: Experiment) -> None:
+    """With workers, refuse before round 0 a node whose model draws from torch's global RNG."""
+    for node, method in experiment.nodes.items():
+        model = getattr(getattr(method, "learner", None), "model", None)
+        found = random_module(model) if isinstance(model, nn.Module) else None
+        if found:
+            raise GlobalRNGUsed(
+                f"--workers {cfg.run.workers}: {node}'s model draws from torch's global random generator in training (dropout in {found}), "
+                "which nodes running at once share; run with --workers 1"
+            )
+
+
 def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = True, checkpoint_every: int = 0, resume: bool = False) -> dict[str, Any]:
     """Run `cfg` on the in-memory network; return the summary written to summary.json. With
     `report`, also write the run's report (figures, index.html) into `<out>/report`.
@@ -92,6 +105,11 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     started = time.perf_counter()
     experiment = build_experiment(cfg)
     cfg = experiment.cfg
+    if cfg.run.workers > 1:
+        refuse_global_rng(cfg, experiment)
+    profile = experiment.task.profile(cfg)
+    for line in profile_lines(profile):
+        print(line, file=sys.stderr, flush=True)
     out, rounds = Path(cfg.run.out), cfg.run.rounds
     ledger = ByteLedger()
     key = experiment.task.selection.key or experiment.task.metrics[0]
@@ -109,10 +127,11 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
         ledger.extend(resumed.ledger)
         network.rows = [{k: v for k, v in row.items() if k != "diagnostics"} for row in resumed.rows]
         bar.bar.update(first)
-        print(f"resuming {out} after round {resumed.round + 1} of {rounds} from {out / CHECKPOINT_NAME}", file=sys.stderr, flush=True)
+        print(f"resuming {out} after round {resumed.round} (rounds 0..{rounds - 1}, numbered from 0) from {out / CHECKPOINT_NAME}", file=sys.stderr, flush=True)
     elif resume:
-        print(f"no checkpoint in {out}: starting at round 1 of {rounds}", file=sys.stderr, flush=True)
-    folder = network.folder = RunFolder(out, append=resumed is not None)
+        print(f"no checkpoint in {out}: starting at round 0 (rounds 0..{rounds - 1}, numbered from 0)", file=sys.stderr, flush=True)
+    holds = client_holdings(experiment.task, cfg, experiment.clients)
+    folder = network.folder = RunFolder(out, append=resumed is not None, holds=holds)
     logged = len(ledger.entries)  # ledger entries already in ledger.csv
 
     async def drive() -> list[Row]:
@@ -132,7 +151,8 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
         rows = asyncio.run(drive())
     finally:
         bar.bar.close()
-    summary = make_summary(cfg, experiment.task.selection, rows, ledger, experiment.clients, earlier_wall + time.perf_counter() - started, "simulate")
+    wall = earlier_wall + time.perf_counter() - started
+    summary = make_summary(cfg, experiment.task.selection, rows, ledger, experiment.clients, wall, "simulate", profile, holds)
     per_round = comm_time_by_round(ledger.entries, experiment.graph, (cfg.run.link_bandwidth, cfg.run.link_latency))
     compute = compute_seconds(cfg, experiment)
     summary["sim_seconds"] = {

@@ -10,17 +10,18 @@ family whose learners offer what it needs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from p2pmoe.eval.metrics import random_ranking_metrics
 from p2pmoe.learners.base import Learner
-from p2pmoe.options import Options
+from p2pmoe.options import Options, flag
 from p2pmoe.plugins import ordered
-from p2pmoe.settings import ExperimentConfig
+from p2pmoe.settings import ExperimentConfig, RunOptions
 
 ModelFactory = Callable[..., nn.Module]
 """A model for one client; the arguments are the task family's (see each family's docs)."""
@@ -45,10 +46,38 @@ class Task(ABC):
     metrics: ClassVar[tuple[str, ...]]
     selection: ClassVar[Selection] = Selection()
     default_lr: ClassVar[float]
+    unused_run_options: ClassVar[Mapping[str, str]] = {}
+    """`[run]` options the family never reads, each with the reason: a value other than the
+    default is refused (issue 28: `--partition` on timelines was silently ignored)."""
 
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
-        """Settle what the data or the family decides (the learning rate, the client count)."""
+        """Settle what the data or the family decides (the learning rate, the client count),
+        refusing `[run]` options the family does not use."""
+        defaults = RunOptions()
+        for name, why in self.unused_run_options.items():
+            value = getattr(cfg.run, name)
+            if value != getattr(defaults, name):
+                raise ValueError(f"[run] {name} = {value!r} ({flag(name)}) does not apply to {self.name} data ({cfg.run.data}): {why}; leave it out")
         return cfg if cfg.run.lr is not None else cfg.replace_run(lr=self.default_lr)
+
+    def client_names(self, cfg: ExperimentConfig) -> list[str] | None:
+        """What each client holds, in client order (node-00 first), for a family with one client
+        per domain or scenario: people read these names in summaries, reports and figures
+        (issue 28). None when clients are anonymous parts of one data set."""
+        return None
+
+    def nodes_from_data(self, cfg: ExperimentConfig, units: Sequence[str], unit: str) -> ExperimentConfig:
+        """For a family with one client per `unit` of the data (a domain, a scenario): `nodes`
+        is `len(units)`; another value than that or the default is refused, naming the units."""
+        count = len(units)
+        if cfg.run.nodes == count:
+            return cfg
+        if cfg.run.nodes != RunOptions().nodes:
+            raise ValueError(
+                f"{cfg.run.data} has one client per {unit}: its {count} {unit}s ({', '.join(units)}) make {count} nodes, "
+                f"but [run] nodes = {cfg.run.nodes} ({flag('nodes')}); set it to {count} or leave it out"
+            )
+        return cfg.replace_run(nodes=count)
 
     @abstractmethod
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
@@ -66,11 +95,24 @@ class Task(ABC):
         """A freshly initialised model whose shared tensors have their true names and shapes,
         built without reading any client's data (what a coordinator needs)."""
 
+    def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """What a reader of the results must know about the data, for summary.json (e.g. the
+        share of evaluation targets never seen in training, the random-ranking level of a
+        ranking protocol); nothing by default."""
+        return {}
+
     def release_data(self) -> None:
         """Forget data sets cached for building more learners. A daemon builds its one learner
         once; what that learner holds (its own split) stays, the rest need not. By default
         there is no such cache."""
         return
+
+
+def ranking_profile(unseen: dict[str, dict[str, float | None]], candidates: int) -> dict[str, Any]:
+    """A ranking family's `Task.profile`: cold-start shares per domain, and the random-ranking
+    level for the candidate count, under the test metrics' names and the valid_ ones."""
+    level = random_ranking_metrics(candidates)
+    return {"unseen_targets": unseen, "random_ranking": {"candidates": candidates, **level, **{f"valid_{m}": v for m, v in level.items()}}}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,6 +19,7 @@ per field over the declared number of fields.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -172,11 +173,16 @@ class MultiTaskTask(Task):
     selection = Selection("valid_auc", higher=True)
     default_lr = 1e-3
 
+    unused_run_options: ClassVar[Mapping[str, str]] = {"partition": "each scenario is one client's data"}
+
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """One client per scenario: `nodes` follows the data."""
-        cfg = super().resolve(cfg)
-        count = len(_aliexpress_folders(cfg.run.data_root)) if cfg.run.data == "aliexpress" else len(AGE_GROUPS)
-        return cfg if cfg.run.nodes == count else cfg.replace_run(nodes=count)
+        return self.nodes_from_data(super().resolve(cfg), self.client_names(cfg), "scenario")
+
+    def client_names(self, cfg: ExperimentConfig) -> list[str]:
+        if cfg.run.data == "aliexpress":
+            return [p.name.removeprefix("AliExpress_") for p in _aliexpress_folders(cfg.run.data_root)]
+        return list(AGE_GROUPS.values())
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         run, opts = cfg.run, cfg.task

@@ -13,10 +13,11 @@ the run's result is the round with the best mean validation MRR.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,12 +27,13 @@ from p2pmoe.data.crossdomain import non_overlapped_domains as atomic_non_overlap
 from p2pmoe.data.errors import DataNotFoundError
 from p2pmoe.data.feddcsr import load_feddcsr
 from p2pmoe.data.movielens import GENRE_DOMAINS, load_movielens, non_overlapped_domains
-from p2pmoe.data.sequences import DomainSequences
+from p2pmoe.data.sequences import DomainSequences, unseen_share
+from p2pmoe.eval.negatives import check_negatives_fit
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.sequential import METRICS, NextItemLearner, SASRecNextItem
 from p2pmoe.options import Options, option
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.tasks.base import ModelFactory, Selection, Task, register_task, resolve_device
+from p2pmoe.tasks.base import ModelFactory, Selection, Task, ranking_profile, register_task, resolve_device
 
 FKCB_ENV = "P2PMOE_FKCB"
 
@@ -78,17 +80,17 @@ def sequence_domains(data: str, root: str | None, domain_field: str = "category"
     return tuple(non_overlapped_domains(load_movielens(root or data)))
 
 
-def domain_count(data: str, root: str | None, domain_field: str = "category") -> int:
-    """How many clients a run has, without reading any sequence (a coordinator's question;
-    atomic files are read to find their domains)."""
+def domain_names(data: str, root: str | None, domain_field: str = "category") -> list[str]:
+    """The run's domains in client order (node-00 holds the first), without reading any
+    sequence (a coordinator's question; atomic files are read to find their domains)."""
     if data == "atomic":
-        return len(sequence_domains(data, root, domain_field))
+        return [d.name for d in sequence_domains(data, root, domain_field)]
     if data == "fkcb":
         folder = _fkcb_root(root)
         if not folder.is_dir():
             raise DataNotFoundError("fkcb", folder, "pass --data-root DIR (a FedDCSR-format folder)")
-        return sum(1 for p in folder.iterdir() if (p / "train_data.txt").is_file())
-    return len(GENRE_DOMAINS)
+        return sorted(p.name for p in folder.iterdir() if (p / "train_data.txt").is_file())
+    return list(GENRE_DOMAINS)
 
 
 class SequentialTask(Task):
@@ -100,17 +102,26 @@ class SequentialTask(Task):
     selection = Selection("valid_mrr", higher=True)
     default_lr = 1e-3
 
+    unused_run_options: ClassVar[Mapping[str, str]] = {
+        "partition": "each domain's users are one client's data",
+        "max_train_per_node": "a client trains on its whole domain",
+    }
+
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """One client per domain: `nodes` follows the data."""
         cfg = super().resolve(cfg)
         assert isinstance(cfg.task, SequenceOptions)
-        domains = domain_count(cfg.run.data, cfg.run.data_root, cfg.task.domain_field)
-        return cfg if cfg.run.nodes == domains else cfg.replace_run(nodes=domains)
+        return self.nodes_from_data(cfg, domain_names(cfg.run.data, cfg.run.data_root, cfg.task.domain_field), "domain")
+
+    def client_names(self, cfg: ExperimentConfig) -> list[str]:
+        assert isinstance(cfg.task, SequenceOptions)
+        return domain_names(cfg.run.data, cfg.run.data_root, cfg.task.domain_field)
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         run, opts = cfg.run, cfg.task
         assert isinstance(opts, SequenceOptions) and run.lr is not None
         domains = sequence_domains(run.data, run.data_root, opts.domain_field)
+        check_negatives_fit({d.name: d.num_items - 1 for d in domains}, opts.negatives)  # every domain, not only this node's
         device = resolve_device(run.device)
         factory = model or sasrec_model
         out: dict[int, Learner] = {}
@@ -132,6 +143,17 @@ class SequentialTask(Task):
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
         torch.manual_seed(cfg.run.seed)
         return (model or sasrec_model)(cfg, None, 0, cfg.run.nodes)
+
+    def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """Per domain, the share of valid and test targets that no training sequence holds, and
+        what random ranking scores against `negatives` + 1 candidates."""
+        opts = cfg.task
+        assert isinstance(opts, SequenceOptions)
+        unseen = {}
+        for d in sequence_domains(cfg.run.data, cfg.run.data_root, opts.domain_field):
+            seen = {item for seq in d.train for item in seq}
+            unseen[d.name] = {split: unseen_share([seq[-1] for seq in getattr(d, split)], seen) for split in ("valid", "test")}
+        return ranking_profile(unseen, opts.negatives + 1)
 
 
 register_task(SequentialTask())

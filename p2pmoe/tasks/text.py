@@ -13,6 +13,7 @@ with a fixed seed; the run's result is the round with the best mean validation N
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -100,10 +101,17 @@ class TextTask(Task):
     selection = Selection("valid_ndcg@5", higher=True)
     default_lr = 1e-3
 
+    unused_run_options: ClassVar[Mapping[str, str]] = {
+        "partition": "each genre domain is one client's data",
+        "max_train_per_node": "a client trains on its domain's sampled users (--users)",
+    }
+
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """One client per genre domain: `nodes` follows the data."""
-        cfg = super().resolve(cfg)
-        return cfg if cfg.run.nodes == len(GENRE_DOMAINS) else cfg.replace_run(nodes=len(GENRE_DOMAINS))
+        return self.nodes_from_data(super().resolve(cfg), list(GENRE_DOMAINS), "domain")
+
+    def client_names(self, cfg: ExperimentConfig) -> list[str]:
+        return list(GENRE_DOMAINS)
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         run, opts = cfg.run, cfg.task

@@ -11,9 +11,10 @@ Evaluation: leave-one-out, 1 positive + 100 negatives the user never touched
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,13 +23,14 @@ from torch import nn
 from p2pmoe.data.crossdomain import CrossDomainInteractions, load_atomic_domains, overlapped_timelines
 from p2pmoe.data.errors import DataNotFoundError
 from p2pmoe.data.movielens import genre_interactions, load_movielens
-from p2pmoe.data.sequences import Timeline
+from p2pmoe.data.sequences import Timeline, unseen_share
+from p2pmoe.eval.negatives import check_negatives_fit
 from p2pmoe.learners.base import Learner
-from p2pmoe.learners.timelines import TIMELINE_METRICS, TimelineLearner
+from p2pmoe.learners.timelines import TIMELINE_METRICS, TimelineLearner, negative_pools
 from p2pmoe.models.syncrec import SCORE_MODES, CrossSASRec, SingleSASRec, SyNCRec, SyNCRecConfig
 from p2pmoe.options import Options, option
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.tasks.base import ModelFactory, Selection, Task, register_task, resolve_device
+from p2pmoe.tasks.base import ModelFactory, Selection, Task, ranking_profile, register_task, resolve_device
 
 MODELS = ("syncrec", "sasrec-single", "sasrec-cross")
 ATOMIC = "atomic-timelines"
@@ -131,6 +133,11 @@ class TimelineTask(Task):
     selection = Selection("valid_mrr", higher=True)
     default_lr = 1e-3
 
+    unused_run_options: ClassVar[Mapping[str, str]] = {
+        "partition": "users are split over the nodes at random (--users picks how many)",
+        "max_train_per_node": "a node trains on all of its users' timelines",
+    }
+
     def _catalogue(self, cfg: ExperimentConfig) -> tuple[torch.Tensor, int]:
         opts = cfg.task
         assert isinstance(opts, TimelineOptions)
@@ -143,6 +150,9 @@ class TimelineTask(Task):
         data = interactions(run.data, run.data_root, opts.domain_field)
         parts = node_users(run.data, run.data_root, opts.domain_field, opts.min_len, opts.users, run.nodes, run.seed)
         item_domain, num_domains = self._catalogue(cfg)
+        negatives_from = data.item_domain if opts.negatives_from == "domain" else None
+        everyone = [t for part in parts for t in part]  # every node's users: one remedy fits the whole run
+        check_negatives_fit(negative_pools(everyone, data.num_items, data.domains, negatives_from), opts.negatives)
         device = resolve_device(run.device)
         out: dict[int, Learner] = {}
         for k in indices:
@@ -157,11 +167,27 @@ class TimelineTask(Task):
                 lr=run.lr,
                 num_negatives=opts.negatives,
                 negative_seed=run.seed,
-                item_domain=data.item_domain if opts.negatives_from == "domain" else None,
+                item_domain=negatives_from,
                 seed=run.seed * 1000 + k,
                 device=device,
             )
         return out
+
+    def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """Per domain of the target, the share of valid and test targets that no node's
+        training items hold, and what random ranking scores against `negatives` + 1 candidates."""
+        opts = cfg.task
+        assert isinstance(opts, TimelineOptions)
+        data = interactions(cfg.run.data, cfg.run.data_root, opts.domain_field)
+        parts = node_users(cfg.run.data, cfg.run.data_root, opts.domain_field, opts.min_len, opts.users, cfg.run.nodes, cfg.run.seed)
+        everyone = [t for part in parts for t in part]
+        seen = {int(i) for t in everyone for i in t.items[:-2]}
+        unseen = {}
+        for d, name in enumerate(data.domains):
+            unseen[name] = {
+                split: unseen_share([int(t.items[-cut]) for t in everyone if int(t.domains[-cut]) == d], seen) for split, cut in (("valid", 2), ("test", 1))
+            }
+        return ranking_profile(unseen, opts.negatives + 1)
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
         """Project decision: the coordinator reads the item catalogue (item ids and domains, the
