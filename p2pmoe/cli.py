@@ -8,6 +8,7 @@ Experiment commands (simulate, swarm, demo) build their flags from the option de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -178,6 +179,8 @@ def _daemon(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_node_config(args.config)
+    if args.insecure:
+        cfg = dataclasses.replace(cfg, insecure=True)
     check_role(cfg, args.command, args.config)
     if cfg.experiment.run.threads:
         torch.set_num_threads(cfg.experiment.run.threads)
@@ -287,6 +290,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         daemon = sub.add_parser(role, help=text, description=text)
         daemon.add_argument("--config", type=Path, required=True, help="node TOML (see peers/README.md)")
         daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        daemon.add_argument(
+            "--insecure", action="store_true", help="allow plaintext (no [security] keys) on an address other machines can reach; loopback needs no flag"
+        )
         daemon.set_defaults(handler=_daemon)
 
     swarm = experiment("swarm", "run every node as a real daemon process on loopback")

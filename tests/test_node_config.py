@@ -1,9 +1,10 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from p2pmoe.cli import check_role, main
-from p2pmoe.node.config import load_node_config
+from p2pmoe.node.config import is_loopback, load_node_config
 from p2pmoe.settings import config_hash
 
 PEERS = Path(__file__).parent.parent / "peers"
@@ -108,3 +109,30 @@ def test_a_node_that_cannot_bind_says_so_in_one_line(tmp_path, capsys):
         taken.close()
     err = capsys.readouterr().err
     assert "cannot listen on" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "bind, loopback",
+    [("tcp://127.0.0.1:5550", True), ("tcp://127.3.4.5:1", True), ("tcp://localhost:5550", True), ("tcp://[::1]:5550", True),
+     ("ipc:///tmp/x", True), ("tcp://0.0.0.0:5550", False), ("tcp://192.168.1.10:5550", False), ("tcp://*:5550", False)],
+)  # fmt: skip
+def test_loopback_addresses(bind, loopback):
+    assert is_loopback(bind) is loopback
+
+
+def test_plaintext_off_loopback_needs_insecure(tmp_path, capsys):
+    """Issue 26 N2: a node without keys listens on another machine's reach only when told to."""
+    path = tmp_path / "node.toml"
+    path.write_text('node_id = "node-00"\nbind = "tcp://0.0.0.0:0"\n[peers]\nserver = "tcp://127.0.0.1:1"\n[run]\nmethod = "fedavg"\nnodes = 1\n')
+    cfg = load_node_config(path)
+    with pytest.raises(ValueError, match=r"--insecure"):
+        cfg.check_plaintext_bind()
+    dataclasses.replace(cfg, insecure=True).check_plaintext_bind()
+    dataclasses.replace(cfg, bind="tcp://127.0.0.1:0").check_plaintext_bind()
+    assert main(["node", "--config", str(path)]) == 2
+    assert "without encryption or authentication" in capsys.readouterr().err
+    path.write_text(path.read_text().replace('bind = "tcp://0.0.0.0:0"\n', 'bind = "tcp://0.0.0.0:0"\ninsecure = true\n'))
+    assert load_node_config(path).insecure
+    path.write_text(path.read_text().replace("insecure = true", 'insecure = "yes"'))
+    with pytest.raises(ValueError, match="insecure must be true or false"):
+        load_node_config(path)

@@ -86,7 +86,7 @@ def test_cut_link_drops_a_node_and_the_rest_finish(tmp_path):
     timing = Timing(round_deadline=15, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=30, linger=3)
     with Namespaces(ids) as net:
         addresses = {node: f"tcp://{net.address[node]}:5550" for node in ids}
-        configs = write_node_configs(cfg, tmp_path, timing, addresses)
+        configs = write_node_configs(cfg, tmp_path, timing, addresses, insecure=True)  # plaintext inside the test's namespaces
         procs = {n: start_node(configs[n], configs[n].parent / "node.log", ["ip", "netns", "exec", net.ns[n]]) for n in ids}
         try:
             victim = tmp_path / "nodes" / "node-02"

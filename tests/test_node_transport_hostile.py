@@ -228,3 +228,28 @@ def test_replies_with_a_wrong_or_missing_req_do_not_answer_a_request():
                 context.destroy(linger=0)
 
     run(scenario)
+
+
+def test_a_stranger_with_a_connected_clients_routing_id_takes_nothing_over():
+    """Issue 26 N2: without CURVE, a second connection with a routing id in use used to take
+    the connection over (ROUTER_HANDOVER): its forged messages were accepted and the real
+    client's replies went to it. Now libzmq refuses it and the first connection keeps the id."""
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        async with Transport("server", LOOPBACK) as node:
+            served = asyncio.create_task(echo(node))
+            genuine = client(context, node.address, "node-01")
+            stranger = client(context, node.address, "node-01")
+            try:
+                assert await round_trip(genuine, "node-01", 1, 5) < 5
+                await asyncio.sleep(0.3)  # the stranger's connection is refused after its handshake
+                await stranger.send_multipart(encode("node-01", Message(MessageKind.HELLO, 0, meta={"req": 99})))
+                for req in range(2, 7):  # every genuine message still gets its reply, on the genuine connection
+                    assert await round_trip(genuine, "node-01", req, 5) < 5
+                assert not await stranger.poll(300)  # nothing the stranger sent was answered to it
+            finally:
+                served.cancel()
+                context.destroy(linger=0)
+
+    run(scenario)

@@ -64,6 +64,14 @@ class Timing:
             raise ValueError("timing.suspect_after must be <= timing.dead_after")
 
 
+def is_loopback(address: str) -> bool:
+    """True for addresses no other machine can reach: ipc, inproc, tcp on 127.0.0.0/8, ::1, localhost."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: str
@@ -74,6 +82,18 @@ class NodeConfig:
     timing: Timing = field(default_factory=Timing)
     curve: CurveSettings | None = None
     max_inflight_bytes: int = 64 * 2**20
+    insecure: bool = False  # plaintext on a non-loopback address: only when asked for (--insecure)
+
+    def check_plaintext_bind(self) -> None:
+        """Without CURVE keys anyone who reaches the node can read its messages and speak as
+        any node (issue 26 N2), so plaintext listens on loopback only unless `insecure` says the
+        user accepts that, as Flower's `--insecure` does."""
+        if self.curve is None and not self.insecure and not is_loopback(self.bind):
+            raise ValueError(
+                f"node {self.node_id!r} would listen on {self.bind} without encryption or authentication: anyone who reaches it could "
+                "read its messages and speak as any node; add a [security] table (keys from `p2pmoe keys`), bind to 127.0.0.1, "
+                "or accept plaintext on this network with --insecure (or insecure = true in the node file)"
+            )
 
     @property
     def checkpoint_path(self) -> Path:
@@ -121,7 +141,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: cannot read node config: {exc}") from None
-    known = {"node_id", "bind", "out", "max_inflight_bytes", "peers", "timing", "security", *SECTIONS}
+    known = {"node_id", "bind", "out", "max_inflight_bytes", "insecure", "peers", "timing", "security", *SECTIONS}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
@@ -155,7 +175,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
     inflight = raw.get("max_inflight_bytes", 64 * 2**20)
     if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
         raise ValueError(f"{path}: max_inflight_bytes must be a positive integer, got {inflight!r}")
+    insecure = raw.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ValueError(f"{path}: insecure must be true or false, got {insecure!r}")
     return NodeConfig(
+        insecure=insecure,
         node_id=raw["node_id"],
         bind=raw["bind"],
         out=out,

@@ -59,6 +59,7 @@ class NodeDaemon:
     """One node: `await NodeDaemon(cfg).run()` until its rounds are done or it is stopped."""
 
     def __init__(self, cfg: NodeConfig, method: Method | None = None) -> None:
+        cfg.check_plaintext_bind()
         self.cfg = cfg
         experiment = resolve(cfg.experiment)  # what the data and task decide, as every peer resolves it
         self.rounds = experiment.run.rounds

@@ -58,8 +58,9 @@ def thread_budget(cfg: ExperimentConfig, processes: int) -> int:
     return cfg.run.threads or max(1, (os.cpu_count() or 1) // max(processes, 1))
 
 
-def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None) -> dict[str, Path]:
-    """One node.toml per node under <out>/nodes/<id>/; by default on free loopback ports."""
+def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None, insecure: bool = False) -> dict[str, Path]:
+    """One node.toml per node under <out>/nodes/<id>/; by default on free loopback ports.
+    `insecure` writes `insecure = true`: plaintext on addresses other machines can reach."""
     cfg = resolve(cfg)
     ids = node_ids(cfg)
     if addresses is None:
@@ -70,7 +71,7 @@ def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, address
     for node, peer_list in links(cfg, build_topology(cfg)).items():
         folder = out / "nodes" / node
         folder.mkdir(parents=True, exist_ok=True)
-        lines = [f'node_id = "{node}"', f'bind = "{addresses[node]}"', 'out = "."', "", "[peers]"]
+        lines = [f'node_id = "{node}"', f'bind = "{addresses[node]}"', 'out = "."', *(["insecure = true"] if insecure else []), "", "[peers]"]
         lines += [f'"{p}" = "{addresses[p]}"' for p in peer_list]
         lines += _toml_table("timing", dataclasses.asdict(timing))
         run_table = {k: v for k, v in run.to_dict().items() if k != "out"}  # a node's folder is its top-level `out`

@@ -10,7 +10,11 @@ plain pyzmq client sets `ROUTING_ID` to the node id it puts in its headers). Wit
 identity is the node id the connection's key is listed under (the ZAP User-Id) and routing
 ids carry no meaning: our DEALERs set none, so libzmq numbers their connections, and a listed
 client that claims a peer's id as its ROUTING_ID occupies nothing the peer needs.
-`ROUTER_HANDOVER` lets a reconnecting client take its routing id back from a stale connection.
+`ROUTER_HANDOVER` is off (issue 26 N2): a routing id in use is never handed to a new
+connection, so a stranger who connects with a connected peer's id is refused by libzmq and
+takes nothing over. A client that reconnects with its id gets it back once ZMTP heartbeats
+have dropped its stale connection (HEARTBEAT_TIMEOUT_MS). Without CURVE a node listens on
+loopback only unless told `insecure` (`NodeConfig.check_plaintext_bind`).
 
 Trust. A peer is untrusted input. Each message is read frame by frame through
 `codec.MessageReader`; the header's `src` must equal the connection's identity. A bad message
@@ -327,7 +331,7 @@ class Transport:
                 self._guard = CurveGuard(curve, self._context)  # before bind: see CurveGuard
             self._router = self._socket(zmq.ROUTER)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self._router.setsockopt(zmq.ROUTER_HANDOVER, 0)  # see the module doc: ids in use are never taken over
             if self._guard:
                 self._guard.serve(self._router)
             self._router.bind(bind)
