@@ -5,14 +5,17 @@ Needs root and iproute2; skipped with the reason otherwise. Addresses are from T
 (192.0.2.0/24), which exists only inside the namespaces this test makes and removes.
 """
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from p2pmoe.config import default_config
 from p2pmoe.data.images import FMNIST_ROOT
@@ -105,3 +108,59 @@ def test_cut_link_drops_a_node_and_the_rest_finish(tmp_path):
     for node in ("node-00", "node-01", "server"):
         assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.run.rounds))
     assert "peer node-02 is gone" in (tmp_path / "nodes" / "server" / "node.log").read_text()
+
+
+RECEIVE = """
+import asyncio, hashlib, sys, time
+from p2pmoe.node.transport import Transport
+async def main():
+    async with Transport("b", sys.argv[1]) as node:
+        print("ready", flush=True)
+        start = time.monotonic()
+        envelope = await asyncio.wait_for(node.recv(), 120)
+        data = envelope.message.tensors["w"].numpy().tobytes()
+        print("got", hashlib.sha256(data).hexdigest(), round(time.monotonic() - start, 1), flush=True)
+asyncio.run(main())
+"""
+SEND = """
+import asyncio, sys, torch
+from p2pmoe.node.transport import Transport
+from p2pmoe.wire.messages import Message, MessageKind
+async def main():
+    async with Transport("a", "tcp://127.0.0.1:0") as node:
+        node.add_peer("b", sys.argv[1])
+        await node.send("b", Message(MessageKind.EMBEDDING, 0, {"w": torch.arange(2**19, dtype=torch.float32)}))
+        await asyncio.sleep(60)  # keep the connection while the bytes drain through the slow link
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(150)
+def test_a_2mib_tensor_crosses_a_1_mbit_link():
+    """Issue 26 N8: a 2 MiB frame needs ~17 s at 1 Mbit/s; ZMTP heartbeats reset only when a
+    whole frame has arrived, so the 5 s heartbeat timeout cut the connection and the tensor
+    was lost. Tensors now travel in frames of 256 KiB (~2 s each at that rate)."""
+    with Namespaces(["a", "b"]) as net:
+        _ip("-n", net.ns["a"], "link", "set", "eth0", "mtu", "1500")
+        subprocess.run(
+            ["ip", "netns", "exec", net.ns["a"], "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "1mbit", "burst", "4kb", "latency", "500ms"],
+            check=True,
+        )
+        address = f"tcp://{net.address['b']}:5550"
+        python = ["ip", "netns", "exec"]
+        receiver = subprocess.Popen([*python, net.ns["b"], sys.executable, "-c", RECEIVE, "tcp://*:5550"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+            sender = subprocess.Popen([*python, net.ns["a"], sys.executable, "-c", SEND, address])
+            try:
+                line = receiver.stdout.readline().split()
+                assert receiver.wait(timeout=120) == 0
+            finally:
+                sender.kill()
+                sender.wait(timeout=10)
+        finally:
+            if receiver.poll() is None:
+                receiver.kill()
+    expected = hashlib.sha256(torch.arange(2**19, dtype=torch.float32).numpy().tobytes()).hexdigest()
+    assert line[:2] == ["got", expected]
+    assert float(line[2]) > 10  # the link really was that slow: 2 MiB at 1 Mbit/s is ~17 s

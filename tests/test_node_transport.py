@@ -133,7 +133,7 @@ def test_16mb_tensor_round_trip_is_intact_and_travels_in_frames():
                 assert (await a.recv()).src == "client"
                 await a.send("client", Message(MessageKind.EXPERT_RESPONSE, 0, {"w": big}))
                 frames = await client.recv_multipart()
-                assert len(frames) == 1 + 8  # 2 MB frames by default
+                assert len(frames) == 1 + 64  # 256 KiB frames by default
                 assert torch.equal(decode(frames).message.tensors["w"], big)
             finally:
                 context.destroy(linger=0)

@@ -51,8 +51,10 @@ class Limits:
     max_header_bytes: int = 1 * 2**20
     max_dims: int = 8
     max_frames: int = 8192
-    frame_bytes: int = 2 * 2**20
-    max_frame_bytes: int = 4 * 2**20
+    # Issue 26 N8: ZMTP heartbeats see a frame only once all of it has arrived, so a frame must
+    # cross a slow link well within HEARTBEAT_TIMEOUT (5 s): 256 KiB takes ~2 s at 1 Mbit/s.
+    frame_bytes: int = 256 * 2**10
+    max_frame_bytes: int = 512 * 2**10
     require_finite: bool = True
 
     def __post_init__(self) -> None:
