@@ -39,10 +39,9 @@ compression touches only FedMoE-DA's message kinds, FedAvg's models go uncompres
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from p2pmoe.report import format_table, summary_row
+    from p2pmoe.report.tables import summary_tables
 
-    row = summary_row(summary)
-    print(format_table([row], list(row)))
+    print(summary_tables([summary]))
     selection = summary.get("selection", {})
     if selection.get("round") is not None:
         print(f"selected round: {selection['round']} (by {selection.get('key') or 'the last evaluation'}; rounds are numbered from 0)")

@@ -13,11 +13,14 @@ from p2pmoe.cli import main
 from p2pmoe.config import default_config, with_options
 from p2pmoe.data.errors import DataNotFoundError
 from p2pmoe.data.sequences import DomainSequences
-from p2pmoe.driver.summary import first_exchange_round, profile_lines, selection_warning
+from p2pmoe.driver.summary import first_exchange_round, selection_warning
 from p2pmoe.eval.metrics import random_ranking_metrics
 from p2pmoe.eval.negatives import check_negatives_fit
 from p2pmoe.experiment import build_experiment
 from p2pmoe.ledger import ByteLedger
+from p2pmoe.report import write_report
+from p2pmoe.report.folders import load_run
+from p2pmoe.report.tables import profile_lines, summary_tables
 from p2pmoe.sim.bus import GlobalRNGUsed
 from p2pmoe.sim.runner import run_simulation
 from p2pmoe.tasks.base import task_for_data
@@ -197,3 +200,22 @@ def test_summary_and_metrics_name_each_clients_domain(tmp_path):
 
 def test_image_clients_are_anonymous():
     assert task_for_data("fmnist").client_names(default_config()) is None
+
+
+# The report and the terminal say the same (points 4, 5, 7 and 11 where a person reads them)
+
+
+def test_report_and_terminal_show_random_level_warning_domains_and_no_ignored_options(tmp_path, capsys):
+    run = tmp_path / "fmoe"
+    summary = run_simulation(shop(rounds=1, out=str(run)), progress=False, report=False)
+    report = write_report([run], tmp_path / "report", echo=True)
+    printed = capsys.readouterr()
+    level = random_ranking_metrics(21)
+    assert "random ranking (21 candidates)" in printed.out and f"{level['mrr']:.4f}" in printed.out  # beside the methods
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "random ranking (21 candidates)" in page and "targets never seen in training: Books" in page
+    assert "warning: model selection picked round 0" in page  # one round: selected before any training on what arrived
+    assert "dirichlet" not in page  # the family never read the partition: no caption names one
+    assert any(name.startswith("gate_mean") for name in report.figures) and summary["holds"]["node-00"] == "Books"
+    assert load_run(run).named("node-03") == "node-03 (Sports)"
+    assert summary_tables([summary]).splitlines()[-1].lstrip().startswith("random ranking (21 candidates)")

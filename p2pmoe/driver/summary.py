@@ -8,7 +8,6 @@ statistics (`train`) apart from evaluation metrics (`metrics`).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
 from typing import Any
 
 from p2pmoe.ledger import ByteLedger
@@ -102,32 +101,6 @@ def selection_warning(chosen: int | None, first_exchange: int | None) -> str | N
     )
 
 
-COLD_START_SHARE = 0.5
-"""Above this share of unseen test targets in a domain, the data is flagged as cold-start."""
-
-
-def profile_lines(profile: dict[str, Any]) -> list[str]:
-    """A task's data profile (`Task.profile`) in words, for the terminal and the report."""
-    lines = []
-    unseen = profile.get("unseen_targets", {})
-    if unseen:
-        shares = "; ".join(
-            f"{domain} " + ", ".join(f"{split} {share:.0%}" for split, share in splits.items() if share is not None) for domain, splits in unseen.items()
-        )
-        lines.append(f"targets never seen in training: {shares}")
-        cold = [domain for domain, splits in unseen.items() if (splits.get("test") or 0) > COLD_START_SHARE]
-        if cold:
-            lines.append(
-                f"warning: cold-start data: in {', '.join(cold)} most test targets never occur in training, so an ID-based model "
-                "cannot rank them above chance; compare every method with the random-ranking level"
-            )
-    level = profile.get("random_ranking")
-    if level:
-        shown = ", ".join(f"{m} {level[m]:.4f}" for m in ("mrr", "hr@10", "ndcg@10") if m in level)
-        lines.append(f"random ranking with {level['candidates']} candidates per target: {shown}")
-    return lines
-
-
 def client_holdings(task: Task, cfg: ExperimentConfig, clients: list[str]) -> dict[str, str]:
     """Which domain or scenario each client holds ({} when clients are anonymous parts)."""
     names = task.client_names(cfg)
@@ -135,21 +108,15 @@ def client_holdings(task: Task, cfg: ExperimentConfig, clients: list[str]) -> di
 
 
 def make_summary(
-    cfg: ExperimentConfig,
-    selection: Selection,
-    rows: list[Row],
-    ledger: ByteLedger,
-    clients: list[str],
-    wall_seconds: float,
-    driver: str,
-    profile: dict[str, Any] | None = None,
-    holds: Mapping[str, str] | None = None,
+    cfg: ExperimentConfig, task: Task, rows: list[Row], ledger: ByteLedger, clients: list[str], wall_seconds: float, driver: str
 ) -> dict[str, Any]:
     """summary.json: the selected round's metrics over clients, training statistics of that
-    round, byte totals and the whole setting. Rounds are numbered from 0, as in
+    round, byte totals, what the task says of its data (`data_profile`: cold-start shares, the
+    random-ranking level; `holds`: each client's domain; `unused_run_options`: `[run]` options
+    its family never reads, which a caption must not show) and the whole setting. Rounds are numbered from 0, as in
     metrics.jsonl and ledger.csv; `selection.warning` says when the selected round precedes
     any training on exchanged tensors."""
-    chosen, per_node = select_round(rows, clients, selection)
+    chosen, per_node = select_round(rows, clients, task.selection)
     means, spread = summarise_metrics(per_node)
     train_rows = {row["node"]: row["train"] for row in rows if row["round"] == chosen and row["node"] in clients}
     train_means, _ = summarise_metrics(train_rows)
@@ -162,7 +129,7 @@ def make_summary(
         "rounds": cfg.run.rounds,
         "seed": cfg.run.seed,
         "driver": driver,
-        "selection": {"key": selection.key, "round": chosen, "first_exchange_round": first_exchange, **({"warning": warning} if warning else {})},
+        "selection": {"key": task.selection.key, "round": chosen, "first_exchange_round": first_exchange, **({"warning": warning} if warning else {})},
         "metrics": means,
         "metrics_spread": spread,
         "per_node": per_node,
@@ -170,7 +137,8 @@ def make_summary(
         "bytes": {**ledger.totals(), "per_node_per_round": ledger.per_node_per_round(clients, cfg.run.rounds)},
         "compute": training_compute(rows, clients, cfg.run.rounds),
         "wall_seconds": round(wall_seconds, 2),
-        "data_profile": profile or {},
-        "holds": dict(holds or {}),
+        "data_profile": task.profile(cfg),
+        "holds": client_holdings(task, cfg, clients),
+        "unused_run_options": sorted(task.unused_run_options),
         "setting": cfg.to_dict(),
     }

@@ -117,7 +117,7 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     for row in rows:
         run_folder.log(row)
     run_folder.log_messages(ledger.entries)
-    summary = make_summary(cfg, task.selection, rows, ledger, clients, wall_seconds, "swarm", task.profile(cfg), holds)
+    summary = make_summary(cfg, task, rows, ledger, clients, wall_seconds, "swarm")
     summary["nodes_finished"] = sorted({r["node"] for r in rows if r["round"] == cfg.run.rounds - 1 and r["node"] in clients})
     summary["exit_codes"] = exit_codes or {}
     run_folder.finish(summary)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.report.folders import RunData, client_bytes_by_round, load_run, long_rows, spread_by_round
+from p2pmoe.report.folders import RunData, client_bytes_by_round, load_run, long_rows, run_labels, spread_by_round
 from p2pmoe.report.page import html_table, render
-from p2pmoe.report.tables import format_table
+from p2pmoe.report.tables import columns_of, format_table, profile_lines, random_ranking_rows
 
 LONG_COLUMNS = ["run", "round", "node", "section", "name", "value"]
 
@@ -41,19 +41,43 @@ def _unique_labels(runs: list[RunData]) -> None:
             run.label = f"{run.path.resolve().parent.name}/{run.label}"
 
 
-def overview_row(run: RunData) -> dict[str, Any]:
-    """The summary table's row: the selected round's metrics (mean over clients; validation
-    metrics other than the headline left out) and what a client paid in bytes."""
+def _selected_means(run: RunData, names: list[str]) -> dict[str, float]:
+    """name -> mean over clients in the selected round, of the `names` evaluated then."""
     chosen = run.selected_round
-    means = {name: mean for name in run.metric_names for r, mean, _, _ in spread_by_round(run, "metrics", name) if r == chosen}
-    shown = {k: v for k, v in means.items() if k == run.headline or not k.startswith("valid_")}
+    return {name: mean for name in names for r, mean, _, _ in spread_by_round(run, "metrics", name) if r == chosen}
+
+
+def overview_row(run: RunData, label: str | None = None) -> dict[str, Any]:
+    """The summary table's row: the run (`label`: its label and how it differs from the runs
+    beside it), its method and model, the selected round's metrics (mean over clients and
+    domains; validation metrics other than the headline left out: per-domain values are
+    `domain_rows`') and what a client paid in bytes."""
+    chosen = run.selected_round
+    names = [n for n in run.mean_metrics if n == run.headline or not n.startswith("valid_")]
     per_round = client_bytes_by_round(run)
-    row: dict[str, Any] = {"run": run.label, "method": run.run_setting.get("method", "?"), "round": "" if chosen is None else chosen}
-    row.update(shown)
+    row: dict[str, Any] = {"run": label or run.label, "method": run.run_setting.get("method", "?")}
+    model = run.summary.get("setting", {}).get("task", {}).get("model")
+    if model is not None:  # a method trains whichever model the task's --model names
+        row["model"] = model
+    row["round"] = "" if chosen is None else chosen
+    row.update(_selected_means(run, names))
     row["MB/client/round"] = sum(per_round.values()) / len(per_round) / 1e6 if per_round else 0.0
     row["total MB"] = sum(e.total for e in run.ledger) / 1e6
     row["wall s"] = run.summary.get("wall_seconds", "")
     return row
+
+
+def domain_rows(run: RunData) -> list[dict[str, Any]]:
+    """The per-domain table's rows: one per domain (or task) of a run whose metrics have a
+    breakdown, the selected round's mean over clients of each metric."""
+    parts: dict[str, dict[str, Any]] = {}
+    for metric in run.mean_metrics:
+        names = run.parts_of(metric)
+        means = _selected_means(run, list(names.values()))
+        for part, name in names.items():
+            if name in means:
+                parts.setdefault(part, {})[metric] = means[name]
+    return [{"run": run.label, "domain": part, **values} for part, values in sorted(parts.items())]
 
 
 def per_round_rows(run: RunData) -> list[dict[str, Any]]:
@@ -82,10 +106,6 @@ def per_round_rows(run: RunData) -> list[dict[str, Any]]:
     return rows
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(k for row in rows for k in row))
-
-
 def default_out(paths: Sequence[str | Path]) -> Path:
     """RUN/report for one run; ./report for several."""
     return Path(paths[0]) / "report" if len(paths) == 1 else Path("report")
@@ -111,14 +131,27 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, wri
         notes.append(f"no figures: {exc} (install the plot extra: pip install 'p2pmoe[plot]')")
     else:
         figures = draw_all(runs, folder)
-    overview = [overview_row(r) for r in runs]
+    labels = run_labels(runs)
+    overview = [overview_row(r, label) for r, label in zip(runs, labels, strict=True)]
+    overview += random_ranking_rows([r.summary for r in runs], columns_of(overview), "run")
+    said = []  # what the runs said of their data and their selection (printed when they ran): the page repeats it
+    for run, label in zip(runs, labels, strict=True):
+        said += [f"{label}: {line}" for line in profile_lines(run.summary.get("data_profile", {}))]
+        warning = run.summary.get("selection", {}).get("warning")
+        if warning:
+            said.append(f"{label}: warning: {warning}")
+    domains = [row for r in runs for row in domain_rows(r)]
     rounds = [row for r in runs for row in per_round_rows(r)]
+    tables = [("summary (selected round, mean over clients and domains)", overview)]
+    if domains:
+        tables.append(("per domain (selected round, mean over clients)", domains))
     page = render(
         "p2pmoe report",
-        [(r.label, str(r.path), r.setting_text()) for r in runs],
-        [("summary (selected round, mean over clients)", html_table(overview, _columns(overview))), ("per round", html_table(rounds, _columns(rounds)))],
+        [(label, str(r.path), r.setting_text()) for r, label in zip(runs, labels, strict=True)],
+        [(heading, html_table(rows, columns_of(rows))) for heading, rows in tables],
         [(f.file, f.title, f.caption) for f in figures],
-        notes,
+        [*notes, *said],
+        [("per round", html_table(rounds, columns_of(rounds)))],
     )
     index = folder / "index.html"
     index.write_text(page)
@@ -130,7 +163,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, wri
             writer.writeheader()
             for run in runs:
                 writer.writerows(long_rows(run))
-    text = "\n\n".join([format_table(overview, _columns(overview)), format_table(rounds, _columns(rounds))])
+    later = [f"{heading}:\n{format_table(rows, columns_of(rows))}" for heading, rows in [*tables[1:], ("per round", rounds)]]
+    text = "\n\n".join([format_table(overview, columns_of(overview)), *later])  # the first line is the summary's header
     for note in notes:  # even when quiet: a report without figures must say why
         print(f"report: {note}", file=sys.stderr)
     if echo:

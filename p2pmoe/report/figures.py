@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from p2pmoe.naming import SERVER_ID  # noqa: E402
 from p2pmoe.report.folders import (  # noqa: E402
@@ -33,6 +35,7 @@ from p2pmoe.report.folders import (  # noqa: E402
     gate_prefixes,
     gate_table,
     metric_against_bytes,
+    run_labels,
     shared_setting,
     slug,
     spread_by_round,
@@ -41,12 +44,17 @@ from p2pmoe.report.folders import (  # noqa: E402
 from p2pmoe.topology import load_topology, make_topology  # noqa: E402
 
 MAX_PANELS = 8
-"""Metrics drawn per round at most (the headline metric first); the CSV has all of them."""
+"""Metrics (or domains) drawn per round at most (the headline metric first); the CSV has all
+of them."""
 MAX_NODES_DRAWN = 32
 """Clients the per-node figures (traffic matrix, expert graph, gate correlation) show at most.
 More are unreadable, and drawing every one of 1,000 nodes took twice as long as the
 accounting run itself (a 10,000-node traffic matrix alone is 10^8 cells)."""
 DPI = 100
+CAPTION_PT = 6.5
+LEGEND_PT = 7
+GAP_INCHES = 0.08
+"""Space between the caption, the runs' legend and the panels."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,55 @@ class Figure:
     caption: str
 
 
-def _save(fig: Any, out: Path, name: str, title: str, caption: str) -> Figure:
+def _caption(fig: Any, caption: str) -> Text:
+    """The caption at the foot of `fig`, wrapped to lines whose drawn width fits the figure:
+    measured, because a count of characters per inch cut off lines rich in digits, capitals
+    and `=`."""
+    renderer = fig.canvas.get_renderer()
+    text = fig.text(0.01, 0.005, "", fontsize=CAPTION_PT, va="bottom", ha="left", color="0.3")
+    chars = int(fig.get_size_inches()[0] * 24)
+    while True:
+        text.set_text("\n".join(textwrap.wrap(caption, chars, break_on_hyphens=False)))
+        if text.get_window_extent(renderer).x1 <= 0.99 * fig.bbox.width or chars <= 20:
+            return text
+        chars -= max(1, chars // 20)
+
+
+def _runs_legend(fig: Any, bottom: float) -> float:
+    """The legend of every panel's lines, under the panels from `bottom` (a fraction of the
+    figure's height) up, in as many columns as fit the width, labels wrapped if one column does
+    not: a label names how its run differs from the others and can be wider than a panel.
+    Returns the legend's top."""
+    found: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            found.setdefault(label, handle)
+    if not found:
+        return bottom
+    renderer = fig.canvas.get_renderer()
+    columns, chars = len(found), max(len(label) for label in found)
+    while True:
+        labels = ["\n".join(textwrap.wrap(label, chars, break_on_hyphens=False)) for label in found]
+        legend = fig.legend(list(found.values()), labels, loc="lower left", bbox_to_anchor=(0.01, bottom), ncol=columns, fontsize=LEGEND_PT, frameon=False)
+        box = legend.get_window_extent(renderer)
+        if box.x1 <= 0.99 * fig.bbox.width or chars <= 20:
+            return float(box.y1 / fig.bbox.height)
+        legend.remove()
+        if columns > 1:
+            columns -= 1
+        else:
+            chars -= max(1, chars // 20)
+
+
+def _save(fig: Any, out: Path, name: str, title: str, caption: str, runs_legend: bool = False) -> Figure:
+    """Title, caption (and with `runs_legend`, the legend of the runs' lines) on `fig`, the
+    panels laid out in the space left, written to `out/name`."""
     fig.suptitle(title, fontsize=11)
-    wrapped = "\n".join(textwrap.wrap(caption, int(fig.get_size_inches()[0] * 20)))  # about 20 characters of 6.5 pt per inch
-    fig.text(0.01, 0.005, wrapped, fontsize=6.5, va="bottom", ha="left", color="0.3")
-    lines = wrapped.count("\n") + 1
-    fig.tight_layout(rect=(0, 0.02 + 0.022 * lines, 1, 0.96))
+    gap = GAP_INCHES * fig.dpi / fig.bbox.height
+    foot = _caption(fig, caption).get_window_extent(fig.canvas.get_renderer()).y1 / fig.bbox.height + gap
+    if runs_legend:
+        foot = _runs_legend(fig, foot) + gap
+    fig.tight_layout(rect=(0, foot, 1, 0.96))
     fig.savefig(out / name, dpi=DPI)
     plt.close(fig)
     return Figure(name, title, caption)
@@ -89,21 +140,26 @@ def metric_vs_bytes(runs: list[RunData], out: Path, name: str | None = None) -> 
     figures = []
     for metric, group in groups.items():
         fig, ax = plt.subplots(figsize=(7.5, 5))
-        for i, run in enumerate(group):
+        for i, (run, label) in enumerate(zip(group, run_labels(group), strict=True)):
             points = metric_against_bytes(run, metric)
             if points:
                 xs, ys = zip(*points, strict=True)
                 style = ("-", "--", ":")[(i // 10) % 3]  # the colour cycle has 10 colours: the 11th line gets a new style
-                ax.plot([x / 1e6 for x in xs], ys, marker="o", markersize=3, linestyle=style, label=run.label)
+                ax.plot([x / 1e6 for x in xs], ys, marker="o", markersize=3, linestyle=style, label=label)
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("cumulative MB sent + received per client")
         ax.set_ylabel(f"{metric} (mean over clients)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
         file = (name or "metric_vs_bytes.png") if len(groups) == 1 else f"metric_vs_bytes_{slug(metric)}.png"
         caption = f"{metric} after each evaluated round against what a client has sent and received so far. {shared_setting(group)}."
-        figures.append(_save(fig, out, file, f"{metric} against communication", caption))
+        figures.append(_save(fig, out, file, f"{metric} against communication", caption, runs_legend=True))
     return figures
+
+
+def _round_axis(ax: Any) -> None:
+    """Rounds are whole numbers: ticks at 2.5-round steps name rounds that do not exist."""
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _per_round(runs: list[RunData], out: Path, section: str, names: list[str], name: str, title: str, what: str) -> list[Figure]:
@@ -111,25 +167,48 @@ def _per_round(runs: list[RunData], out: Path, section: str, names: list[str], n
     if not names:
         return []
     fig, axes = _grid(len(names))
+    labels = run_labels(runs)
     for ax, metric in zip(axes, names, strict=True):
-        for run in runs:
+        for run, label in zip(runs, labels, strict=True):
             series = spread_by_round(run, section, metric)
             if series:
                 rounds, mean, low, high = zip(*series, strict=True)
-                (line,) = ax.plot(rounds, mean, marker="o", markersize=2.5, label=run.label)
+                (line,) = ax.plot(rounds, mean, marker="o", markersize=2.5, label=label)
                 ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
         ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("round")
+        _round_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return [_save(fig, out, name, title, f"{what}: mean over clients, band from min to max over clients. {shared_setting(runs)}.")]
+    caption = f"{what}: mean over clients, band from min to max over clients. {shared_setting(runs)}."
+    return [_save(fig, out, name, title, caption, runs_legend=True)]
+
+
+def headline_metrics(runs: list[RunData]) -> list[str]:
+    """The metrics per round worth a panel, at most MAX_PANELS: each run's selection metric and
+    its test counterpart (`valid_mrr`, `mrr`), the other test metrics, then validation ones;
+    means over domains only, never one domain's value."""
+    first = [r.headline for r in runs if r.headline]
+    means = [n for r in runs for n in r.mean_metrics]
+    tests = [n for n in means if not n.startswith("valid_")]
+    shown = {*first, *means}
+    return [n for n in dict.fromkeys([*first, *(h.removeprefix("valid_") for h in first), *tests, *means]) if n in shown][:MAX_PANELS]
 
 
 def metrics_per_round(runs: list[RunData], out: Path) -> list[Figure]:
-    """Evaluation metrics per round (the headline metrics first, at most MAX_PANELS)."""
-    first = [r.headline for r in runs if r.headline]
-    names = list(dict.fromkeys([*first, *(n for r in runs for n in r.metric_names)]))[:MAX_PANELS]
-    return _per_round(runs, out, "metrics", [str(n) for n in names], "metrics_per_round.png", "metrics per round", "Evaluation metrics per evaluated round")
+    """The headline evaluation metrics per round (`headline_metrics`)."""
+    what = "Evaluation metrics (means over domains) per evaluated round"
+    return _per_round(runs, out, "metrics", headline_metrics(runs), "metrics_per_round.png", "metrics per round", what)
+
+
+def metrics_per_domain(runs: list[RunData], out: Path) -> list[Figure]:
+    """One test metric per round for each domain (or task), where metrics have a breakdown: the
+    selection metric's test counterpart, one panel per domain (at most MAX_PANELS)."""
+    candidates = [m for r in runs if r.headline for m in (r.headline.removeprefix("valid_"), r.headline)]
+    metric = next((m for m in candidates if any(r.parts_of(m) for r in runs)), None)
+    if metric is None:
+        return []
+    names = sorted({name for r in runs for name in r.parts_of(metric).values()})
+    what = f"{metric} of each domain per evaluated round" + (f" (the first {MAX_PANELS} of {len(names)} domains)" if len(names) > MAX_PANELS else "")
+    return _per_round(runs, out, "metrics", names[:MAX_PANELS], "metrics_per_domain.png", f"{metric} per domain", what)
 
 
 def train_loss_per_round(runs: list[RunData], out: Path) -> list[Figure]:
@@ -146,9 +225,9 @@ def _per_run(runs: list[RunData], draw: Callable[[Any, RunData], None], out: Pat
     if not moving:
         return []
     fig, axes = _grid(len(moving), 4.8, 3.8)
-    for ax, run in zip(axes, moving, strict=True):
+    for ax, run, label in zip(axes, moving, run_labels(moving), strict=True):
         draw(ax, run)
-        ax.set_title(run.label, fontsize=9)
+        ax.set_title(textwrap.fill(label, 60, break_on_hyphens=False), fontsize=9)  # 60 characters of 9 pt: a panel's width
     return [_save(fig, out, name, title, f"{caption} {shared_setting(moving)}.")]
 
 
@@ -161,7 +240,7 @@ def _draw_kinds(ax: Any, run: RunData) -> None:
         values = np.array([table[r].get(kind, 0) / 1e6 for r in rounds])
         ax.bar(rounds, values, bottom=bottom, label=kind)
         bottom += values
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("MB (all messages)")
     ax.legend(fontsize=6)
 
@@ -204,19 +283,18 @@ def sim_time(runs: list[RunData], out: Path) -> list[Figure]:
     if not timed:
         return []
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for run in timed:
+    for run, label in zip(timed, run_labels(timed), strict=True):
         by_round = run.summary["sim_seconds"]["by_round"]
-        ax.plot(range(len(by_round)), by_round, marker="o", markersize=3, label=run.label)
-    ax.set_xlabel("round")
+        ax.plot(range(len(by_round)), by_round, marker="o", markersize=3, label=label)
+    _round_axis(ax)
     ax.set_ylabel("simulated communication seconds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     bandwidth = {r.run_setting.get("link_bandwidth") for r in timed}
     caption = (
         f"Time messages spend on the links per round (fluid model; phases sequential), links of {', '.join(f'{b:g}' for b in bandwidth if b)} "
         f"bit/s unless the topology file says otherwise. {shared_setting(timed)}."
     )
-    return [_save(fig, out, "sim_time.png", "simulated time per round", caption)]
+    return [_save(fig, out, "sim_time.png", "simulated time per round", caption, runs_legend=True)]
 
 
 @lru_cache(maxsize=4)
@@ -333,8 +411,8 @@ def gate_correlation(run: RunData, out: Path) -> list[Figure]:
         ax.axhline(edge - 0.5, color="k", lw=0.5)
         ax.axvline(edge - 0.5, color="k", lw=0.5)
     middles = edges - np.array(sizes) / 2 - 0.5
-    ax.set_xticks(middles, list(gates), rotation=90, fontsize=7)
-    ax.set_yticks(middles, list(gates), fontsize=7)
+    ax.set_xticks(middles, [run.named(n) for n in gates], rotation=90, fontsize=7)
+    ax.set_yticks(middles, [run.named(n) for n in gates], fontsize=7)
     caption = (
         f"Round {chosen}: cosine similarity between the expert proxies (rows of each node's gate, "
         f"{sizes[0]} per node, in slot order) of every node{note}. {run.setting_text()}."
@@ -353,8 +431,9 @@ def gate_weights(run: RunData, out: Path) -> list[Figure]:
         fig, ax = plt.subplots(figsize=(max(6.0, 3.2 + 0.7 * len(columns)), 3.0 + 0.45 * len(clients)))
         image = ax.imshow(np.array(values), cmap="magma", vmin=0, aspect="auto")
         fig.colorbar(image, ax=ax, fraction=0.046)
-        ax.set_xticks(range(len(columns)), columns, fontsize=7)
-        ax.set_yticks(range(len(clients)), clients, fontsize=7)
+        held = list(run.holds.values())  # index i of a per-domain weight is client i's domain
+        ax.set_xticks(range(len(columns)), [held[int(c)] if c.isdigit() and int(c) < len(held) else c for c in columns], fontsize=7)
+        ax.set_yticks(range(len(clients)), [run.named(c) for c in clients], fontsize=7)
         ax.set_xlabel(prefix.rstrip("/") + " index")
         top = max((v for row in values for v in row if v == v), default=1.0)  # v == v skips NaN
         for i, row in enumerate(values):
@@ -366,7 +445,7 @@ def gate_weights(run: RunData, out: Path) -> list[Figure]:
     return figures
 
 
-ACROSS_RUNS = (metric_vs_bytes, metrics_per_round, train_loss_per_round, bytes_per_round, traffic, sim_time)
+ACROSS_RUNS = (metric_vs_bytes, metrics_per_round, metrics_per_domain, train_loss_per_round, bytes_per_round, traffic, sim_time)
 PER_RUN = (expert_graph, gate_correlation, gate_weights)
 
 

@@ -18,11 +18,14 @@ from typing import Any
 
 from p2pmoe.ledger import LedgerEntry
 from p2pmoe.naming import SERVER_ID
+from p2pmoe.report.tables import GATE_PREFIXES, breakdown, mean_metric_names, metric_order
 from p2pmoe.runs import read_ledger, read_metrics
 
-GATE_PREFIXES = ("gate_mean/", "alpha/")
-"""Metric-name prefixes of a per-client weight over experts or domains (FMoE-CDSR's mean gate
-weight per branch, FeDecider's alpha): the report draws each as a client × index heatmap."""
+UNCOMPARED = frozenset({"out"})
+"""Setting keys that differ between any two runs without making them different experiments:
+the run folder, which the label already names."""
+PATH_OPTIONS = frozenset({"data_root"})
+"""Setting keys whose value is a path of the machine that ran: a label names its last part."""
 
 
 @dataclass
@@ -51,9 +54,21 @@ class RunData:
 
     @property
     def metric_names(self) -> list[str]:
-        """Evaluation metrics the clients logged, gate/alpha weights left out."""
+        """Evaluation metrics the clients logged, gate/alpha weights left out (the report draws
+        each as a client × index heatmap), `hr@5` before `hr@10`."""
         names = {name for row in self.client_rows() for name in row.get("metrics", {})}
-        return sorted(n for n in names if not n.startswith(GATE_PREFIXES))
+        return sorted((n for n in names if not n.startswith(GATE_PREFIXES)), key=metric_order)
+
+    @property
+    def mean_metrics(self) -> list[str]:
+        """The metrics that are not one domain's (or task's) value: what runs are compared by."""
+        return mean_metric_names(self.metric_names)
+
+    def parts_of(self, metric: str) -> dict[str, str]:
+        """part (domain or task) -> the name under which `metric`'s value for it is logged."""
+        means = set(self.mean_metrics)
+        found = ((breakdown(name, means), name) for name in self.metric_names)
+        return {split[0]: name for split, name in found if split is not None and split[1] == metric}
 
     @property
     def headline(self) -> str | None:
@@ -74,6 +89,16 @@ class RunData:
         evaluated = [row["round"] for row in self.client_rows() if row.get("metrics")]
         return max(evaluated) if evaluated else None
 
+    @property
+    def holds(self) -> dict[str, str]:
+        """Client -> the domain or scenario it holds (empty when clients are anonymous parts)."""
+        return dict(self.summary.get("holds", {}))
+
+    def named(self, node: str) -> str:
+        """A client as people read it: `node-00 (Books)` when it holds a named domain."""
+        held = self.holds.get(node)
+        return f"{node} ({held})" if held else node
+
     def client_rows(self, round_index: int | None = None) -> list[dict[str, Any]]:
         """Rows of clients (not the server), of one round or all."""
         return [r for r in self.rows if r["node"] != SERVER_ID and (round_index is None or r["round"] == round_index)]
@@ -84,16 +109,18 @@ class RunData:
         run, task, method = self.run_setting, setting.get("task", {}), setting.get("method", {})
         if not run:
             return {"setting": f"{len(self.clients)} clients, {len(self.rounds)} rounds (no summary.json: setting unknown)"}
+        unused = set(self.summary.get("unused_run_options", ()))  # the family never read them: not part of the setting
         parts = {
             "method": str(run.get("method")),
+            "model": f"model {task['model']}" if "model" in task else "",
             "data": f"data {run.get('data')}",
             "nodes": f"{run.get('nodes')} nodes",
-            "partition": str(run.get("partition", "")),
+            "partition": "" if "partition" in unused else str(run.get("partition", "")),
             "rounds": f"{run.get('rounds')} rounds x {run.get('local_epochs', 1)} epoch(s)",
             "topology": f"topology {run.get('topology')}",
             "seed": f"seed {run.get('seed')}",
         }
-        if run.get("max_train_per_node"):
+        if run.get("max_train_per_node") and "max_train_per_node" not in unused:
             parts["max_train_per_node"] = f"max {run['max_train_per_node']} train/node"
         if "embed_dim" in task:
             parts["embed_dim"] = f"hidden {task['embed_dim']}"
@@ -107,17 +134,50 @@ class RunData:
         wall = self.summary.get("wall_seconds")
         return text if wall is None else f"{text}, {self.summary.get('driver', 'run')} {wall / 60:.1f} min wall"
 
+    def setting_values(self) -> dict[str, str]:
+        """Every option of the setting ([run], [task], [method]) as key -> value text; a key
+        that an earlier table already has is qualified by its table (`method.experts`)."""
+        values: dict[str, str] = {}
+        for section, options in self.summary.get("setting", {}).items():
+            for key, value in options.items():
+                name = key if key not in values else f"{section}.{key}"
+                if isinstance(value, float):
+                    values[name] = f"{value:g}"
+                else:
+                    values[name] = Path(value).name if key in PATH_OPTIONS and value else str(value)
+        return values
+
+
+def differences(runs: list[RunData]) -> list[dict[str, str]]:
+    """Per run, the options whose value is not the same in every run that has the option.
+
+    An option only some runs have (a task or method option) counts among those: the runs
+    without it differ in the data or the method, which is itself named."""
+    each = [{k: v for k, v in r.setting_values().items() if k not in UNCOMPARED} for r in runs]
+    keys = dict.fromkeys(k for values in each for k in values)
+    differ = [k for k in keys if len({values[k] for values in each if k in values}) > 1]
+    return [{k: values[k] for k in differ if k in values} for values in each]
+
+
+def run_labels(runs: list[RunData]) -> list[str]:
+    """Each run's label followed by the options on which it differs from the other `runs`
+    (`r_sas (model=sasrec-single)`), for legends and tables: folder names alone say nothing
+    about how runs differ, and the method alone does not tell SyNCRec from SASRec."""
+    return [f"{r.label} ({', '.join(f'{k}={v}' for k, v in d.items())})" if d else r.label for r, d in zip(runs, differences(runs), strict=True)]
+
 
 def shared_setting(runs: list[RunData]) -> str:
-    """The setting runs share, and which parts of it differ (for a figure over several runs)."""
+    """The setting runs share, and each run's values of the options that differ (for a figure
+    over several runs)."""
     if len(runs) == 1:
         return runs[0].setting_text()
     each = [r.setting_parts() for r in runs]
     keys = list(dict.fromkeys(k for parts in each for k in parts))
     same = [k for k in keys if all(parts.get(k) == each[0].get(k) for parts in each)]
     text = ", ".join(each[0][k] for k in same if each[0].get(k))
-    differ = [k for k in keys if k not in same]
-    return f"{text}; differs: {', '.join(differ)}" if differ else text
+    differ = [label for label, d in zip(run_labels(runs), differences(runs), strict=True) if d]
+    differ += [f"{r.label}: {r.setting_text()}" for r in runs if not r.run_setting]  # no summary.json: no options to compare
+    return f"{text}; differs: {'; '.join(differ)}" if differ else text
 
 
 def _gathered(path: Path) -> list[Path]:

@@ -27,10 +27,16 @@ def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def render(
-    title: str, runs: Sequence[tuple[str, str, str]], tables: Sequence[tuple[str, str]], figures: Sequence[tuple[str, str, str]], notes: Sequence[str] = ()
+    title: str,
+    runs: Sequence[tuple[str, str, str]],
+    tables: Sequence[tuple[str, str]],
+    figures: Sequence[tuple[str, str, str]],
+    notes: Sequence[str] = (),
+    folded: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The page: runs as (label, folder, setting), tables as (heading, HTML), figures as
-    (file, title, caption), then notes (figures left out and why)."""
+    """The page: runs as (label, folder, setting), notes (figures left out and why), tables as
+    (heading, HTML) above the figures as (file, title, caption), and `folded` tables (long
+    ones, such as every round's) below them, shown on a click."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><ul>",
@@ -38,12 +44,12 @@ def render(
     parts += [f"<li><b>{html.escape(label)}</b> ({html.escape(folder)}): {html.escape(setting)}</li>" for label, folder, setting in runs]
     parts.append("</ul>")
     parts += [f"<p><i>{html.escape(note)}</i></p>" for note in notes]
-    for heading, table in tables[:1]:
+    for heading, table in tables:
         parts.append(f"<h2>{html.escape(heading)}</h2>{table}")
     for file, name, caption in figures:
         image = f"<img src='{html.escape(file)}' alt='{html.escape(name)}'>"
         parts.append(f"<figure><h3>{html.escape(name)}</h3>{image}<figcaption>{html.escape(caption)}</figcaption></figure>")
-    for heading, table in tables[1:]:
+    for heading, table in folded:
         parts.append(f"<h2>{html.escape(heading)}</h2><details><summary>show</summary>{table}</details>")
     parts.append("</body></html>")
     return "\n".join(parts)

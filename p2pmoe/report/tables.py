@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
+
+GATE_PREFIXES = ("gate_mean/", "alpha/")
+"""Metric-name prefixes of a per-client weight over experts or domains (FMoE-CDSR's mean gate
+weight per branch, FeDecider's alpha): pictures in a report, never table columns."""
 
 
 def cell(value: Any) -> str:
@@ -26,15 +31,117 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def metric_order(name: str) -> list[Any]:
+    """Sort key that puts `hr@5` before `hr@10` (numbers compared as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def breakdown(name: str, means: Collection[str]) -> tuple[str, str] | None:
+    """(part, metric) of a per-domain or per-task metric, None for a mean over them.
+
+    Timelines name a domain's value `books/mrr`, multi-task data a task's `auc/click`: the side
+    that is itself a mean metric's name (`means`) is the metric, the other the part."""
+    if "/" not in name or name.startswith(GATE_PREFIXES):
+        return None
+    first, rest = name.split("/", 1)
+    return (rest, first) if first in means else (first, rest)
+
+
+def mean_metric_names(names: Iterable[str]) -> list[str]:
+    """The metrics without a per-domain breakdown (gate weights left out), in natural order."""
+    return sorted((n for n in names if "/" not in n), key=metric_order)
+
+
 def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The columns every results table shows for one run."""
+    """The columns every results table shows for one run: the mean metrics (per-domain values
+    are `summary_domain_rows`', so a timelines run's row stays one screen wide), bytes and
+    wall time."""
+    metrics = summary["metrics"]
     return {
         "method": summary["method"],
-        **summary["metrics"],
+        **{name: metrics[name] for name in mean_metric_names(metrics)},
         "MB/node/round": summary["bytes"]["per_node_per_round"]["total"] / 1e6,
         "total MB": summary["bytes"]["total"] / 1e6,
         "wall s": summary["wall_seconds"],
     }
+
+
+def split_by_part(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """part (domain or task) -> metric -> value, of the metrics that have a breakdown."""
+    means = set(mean_metric_names(metrics))
+    parts: dict[str, dict[str, Any]] = {}
+    for name in sorted(metrics, key=metric_order):
+        found = breakdown(name, means)
+        if found is not None:
+            parts.setdefault(found[0], {})[found[1]] = metrics[name]
+    return parts
+
+
+def summary_domain_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per domain (or task) of a run whose metrics have a breakdown, one column per
+    metric; no rows for a run without one."""
+    return [{"method": summary["method"], "domain": part, **values} for part, values in sorted(split_by_part(summary["metrics"]).items())]
+
+
+def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every key of `rows`, in order of first appearance: rows of different tasks have
+    different metrics."""
+    return list(dict.fromkeys(k for row in rows for k in row))
+
+
+def random_ranking_rows(summaries: Iterable[dict[str, Any]], columns: Sequence[str], label: str) -> list[dict[str, Any]]:
+    """One row per candidate count among the runs' ranking protocols: what ranking at random
+    scores in each of `columns` (issue 28: a ranking table shows the level a method must beat).
+    `label` is the column that names the row."""
+    levels = {}
+    for summary in summaries:
+        level = summary.get("data_profile", {}).get("random_ranking")
+        if level:
+            levels[level["candidates"]] = level
+    return [
+        {label: f"random ranking ({count} candidates)", **{c: level[c] for c in columns if c in level and c != "candidates"}}
+        for count, level in sorted(levels.items())
+    ]
+
+
+def summary_tables(summaries: Sequence[dict[str, Any]]) -> str:
+    """The terminal text for finished runs: a table of mean metrics, bytes and wall time (one
+    row per run, then the random-ranking level of a ranking protocol), then, where metrics
+    have a per-domain breakdown, a table with one row per run and domain (in one table, a
+    five-domain timelines run is ~55 columns wide)."""
+    means = [summary_row(s) for s in summaries]
+    means += random_ranking_rows(summaries, columns_of(means), "method")
+    parts = [row for s in summaries for row in summary_domain_rows(s)]
+    tables = [format_table(means, columns_of(means))]
+    if parts:
+        tables.append("per domain:\n" + format_table(parts, columns_of(parts)))
+    return "\n\n".join(tables)
+
+
+COLD_START_SHARE = 0.5
+"""Above this share of unseen test targets in a domain, the data is flagged as cold-start."""
+
+
+def profile_lines(profile: dict[str, Any]) -> list[str]:
+    """A task's data profile (`Task.profile`) in words, for the terminal and the report."""
+    lines = []
+    unseen = profile.get("unseen_targets", {})
+    if unseen:
+        shares = "; ".join(
+            f"{domain} " + ", ".join(f"{split} {share:.0%}" for split, share in splits.items() if share is not None) for domain, splits in unseen.items()
+        )
+        lines.append(f"targets never seen in training: {shares}")
+        cold = [domain for domain, splits in unseen.items() if (splits.get("test") or 0) > COLD_START_SHARE]
+        if cold:
+            lines.append(
+                f"warning: cold-start data: in {', '.join(cold)} most test targets never occur in training, so an ID-based model "
+                "cannot rank them above chance; compare every method with the random-ranking level"
+            )
+    level = profile.get("random_ranking")
+    if level:
+        shown = ", ".join(f"{m} {level[m]:.4f}" for m in ("mrr", "hr@10", "ndcg@10") if m in level)
+        lines.append(f"random ranking with {level['candidates']} candidates per target: {shown}")
+    return lines
 
 
 def bench_row(summary: dict[str, Any]) -> dict[str, Any]:

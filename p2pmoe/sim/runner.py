@@ -12,12 +12,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from p2pmoe.driver.summary import Row, client_holdings, make_summary, profile_lines
+from p2pmoe.driver.summary import Row, client_holdings, make_summary
 from p2pmoe.experiment import Experiment, build_experiment, node_seed
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import LearnerMethod
 from p2pmoe.methods.registry import run_participation
 from p2pmoe.report import write_report
+from p2pmoe.report.tables import profile_lines
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import ExperimentConfig, parse_compute_time
 from p2pmoe.sim.bus import GlobalRNGUsed, SimNetwork, random_module
@@ -107,8 +108,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     cfg = experiment.cfg
     if cfg.run.workers > 1:
         refuse_global_rng(cfg, experiment)
-    profile = experiment.task.profile(cfg)
-    for line in profile_lines(profile):
+    for line in profile_lines(experiment.task.profile(cfg)):
         print(line, file=sys.stderr, flush=True)
     out, rounds = Path(cfg.run.out), cfg.run.rounds
     ledger = ByteLedger()
@@ -152,7 +152,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     finally:
         bar.bar.close()
     wall = earlier_wall + time.perf_counter() - started
-    summary = make_summary(cfg, experiment.task.selection, rows, ledger, experiment.clients, wall, "simulate", profile, holds)
+    summary = make_summary(cfg, experiment.task, rows, ledger, experiment.clients, wall, "simulate")
     per_round = comm_time_by_round(ledger.entries, experiment.graph, (cfg.run.link_bandwidth, cfg.run.link_latency))
     compute = compute_seconds(cfg, experiment)
     summary["sim_seconds"] = {
