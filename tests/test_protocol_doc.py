@@ -72,6 +72,7 @@ def test_example_script_gets_hello_and_error_replies_from_a_live_node(tmp_path: 
     out = asyncio.run(_run_example_against_a_node(script, tmp_path))
     assert out.splitlines() == [
         f"hello {NODE_ID} 0 {{'round': -1, 'done': False, 'reply': True}}",
+        "config hash matches",  # the document's hash rule, computed without p2pmoe
         f"error {NODE_ID} unsupported protocol version 2 (speak 1)",
     ]
     printed = re.search(r"it prints:\n\n```\n(.*?)```", DOC.read_text(), flags=re.S)
@@ -87,7 +88,7 @@ def _helpers() -> dict[str, Any]:
 def _tensors() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {
-        "big": torch.randn(5 * 2**20 // 4, generator=generator),  # 5 MiB: three frames
+        "big": torch.randn(5 * 2**20 // 4, generator=generator),  # 5 MiB: twenty 256 KiB frames
         "matrix": torch.randn(3, 4, generator=generator).to(torch.float64),
         "half": torch.randn(7, generator=generator).half(),
         "bf16": torch.randn(2, 5, generator=generator).to(torch.bfloat16),
