@@ -55,20 +55,29 @@ SETTING_TEXT = (
     "sample of 500 test images; every node evaluated after the round's aggregation and after its local training. Peer-to-peer methods and "
     "Local: every node active every round; FedAvg with 100 % and 10 % client sampling. FedMoE-DA: P = 2, τ = 1, I = 1, φ gossiped with one "
     "partner of a random matching every second round, 8-bit φ with error feedback and 8-bit experts; validated: a fifth of each node's "
-    "examples held out. '+FT' rows: the same runs' final models scored after one local epoch on a copy, as FedAvg-FT scores FedAvg. "
+    "examples held out; warm-up: the first sixth of the rounds gossip φ every round and exchange no expert. '+FT' rows: the "
+    "same runs' final models scored after one local epoch on a copy, as FedAvg-FT scores FedAvg. "
     "Seeds 0, 1, 2 change the partition, the initial weights and the shuffling; '± std' is over seeds, '± se' the standard error of "
     "the paired difference over seeds; a verdict needs it beyond two standard errors. Compute: training examples x epochs per node "
     "and round (fine-tuning for evaluation included)."
 )
 BASELINES = ("local", "fedavg", "fedavg 10%", "fedavg-ft", "fedrep")
 VALIDATED = "fedmoe-da validated"  # issue 25 item 6, beyond the paper: peers' experts vetted on a fifth of a node's own examples
+WARMUP = "fedmoe-da warm-up"  # issue 25 item 6, beyond the paper: the first sixth of the rounds mix φ every round, no experts
 
 
 def variants(setting: str) -> list[Variant]:
-    """The comparison of a setting: the baselines, FedMoE-DA, and FedMoE-DA with validated
-    aggregation holding out a fifth of each node's training examples (120 of about 600 in (b))."""
+    """The comparison of a setting: the baselines, FedMoE-DA, FedMoE-DA with validated
+    aggregation holding out a fifth of each node's training examples (120 of about 600 in (b)),
+    and FedMoE-DA whose expert selection starts after a warm-up of a sixth of the rounds (5 of
+    30 in (c)) in which φ is gossiped every round and no expert travels."""
     held = (SETTINGS[setting]["max_train_per_node"] or 600) // 5
-    return [*VARIANTS, Variant(VALIDATED, "fedmoe-da", {"embedding_error_feedback": True, "validation_examples": held}, CHEAP)]
+    warmup = SETTINGS[setting]["rounds"] // 6
+    return [
+        *VARIANTS,
+        Variant(VALIDATED, "fedmoe-da", {"embedding_error_feedback": True, "validation_examples": held}, CHEAP),
+        Variant(WARMUP, "fedmoe-da", {"embedding_error_feedback": True, "warmup_rounds": warmup}, CHEAP),
+    ]
 
 
 def setting_config(name: str, threads: int) -> ExperimentConfig:
@@ -80,7 +89,7 @@ def why(results: list[RunResult]) -> list[dict[str, Any]]:
     """Item 5 per FedMoE-DA run: did the gate correlation pick label-similar peers?"""
     rows = []
     for r in results:
-        if r.label in (REFERENCE, VALIDATED):
+        if r.label in (REFERENCE, VALIDATED, WARMUP):
             cfg = build_config(r.summary["setting"])
             labels = dict(zip(client_ids(cfg.run.nodes), client_label_counts(cfg), strict=True))
             found = selection_vs_labels(read_metrics(r.out / "metrics.jsonl"), labels)
@@ -88,7 +97,7 @@ def why(results: list[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
-FINE_TUNED = ("fedrep", REFERENCE, VALIDATED)  # scored again after 1 local epoch, as FedAvg-FT scores FedAvg
+FINE_TUNED = ("fedrep", REFERENCE, VALIDATED, WARMUP)  # scored again after 1 local epoch, as FedAvg-FT scores FedAvg
 
 
 def fine_tuned_rows(results: list[RunResult]) -> list[RunResult]:

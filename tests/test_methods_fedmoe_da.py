@@ -377,3 +377,25 @@ def test_fine_tuning_before_evaluation_is_an_option_that_reaches_every_node(tmp_
     assert {n.finetune_epochs for n in build_experiment(cfg).nodes.values()} == {2}
     with pytest.raises(ValueError, match="finetune_epochs"):
         with_options(cfg, method_options={"finetune_epochs": -1})
+
+
+def test_warmup_rounds_mix_phi_every_round_and_exchange_experts_only_after(tmp_path):
+    """Issue 25 item 6: in the first W rounds no gate or expert travels and φ is gossiped
+    every round; from round W on, selection and the every-second-round φ schedule run."""
+    from pathlib import Path
+
+    from p2pmoe.config import default_config, with_options
+    from p2pmoe.data.images import FMNIST_ROOT
+    from p2pmoe.runs import read_ledger
+    from p2pmoe.sim.runner import run_simulation
+
+    if not Path(FMNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    cfg = default_config(method="fedmoe-da", data="fmnist", nodes=4, rounds=6, train="none", out=str(tmp_path))
+    run_simulation(with_options(cfg, method_options={"warmup_rounds": 3}), progress=False, report=False)
+    kinds: dict[int, set[str]] = {}
+    for e in read_ledger(tmp_path / "ledger.csv"):
+        kinds.setdefault(e.round, set()).add(e.kind)
+    assert [kinds.get(r, set()) for r in range(3)] == [{"embedding"}] * 3  # φ every round, nothing else
+    assert {"gate_publish", "expert_request", "expert_response"} <= kinds[3] and "embedding" not in kinds[3]  # 3 is odd: no φ
+    assert "embedding" in kinds[4] and "embedding" not in kinds[5]

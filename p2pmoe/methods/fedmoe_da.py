@@ -87,6 +87,12 @@ class FedMoEDAOptions(PlanOptions):
     finetune_epochs: int = option(
         0, "score each evaluation after this many local epochs on a copy of the aggregated model, as FedAvg-FT does (0: off; beyond the paper)", minimum=0
     )
+    warmup_rounds: int = option(
+        0,
+        "for this many first rounds exchange no experts and gossip phi every round, so that expert selection starts from gates "
+        "trained against a phi already mixed (0: off; beyond the paper, see docs/methods.md)",
+        minimum=0,
+    )
     validation_examples: int = option(
         0,
         "hold out this many of a node's training examples (never trained on, never sent) and keep a selected peer expert in an own slot "
@@ -165,11 +171,13 @@ class FedMoEDANode(LearnerMethod):
         participation: Participation | None = None,
         validation: tuple[torch.Tensor, torch.Tensor] | None = None,
         finetune_epochs: int = 0,
+        warmup_rounds: int = 0,
     ) -> None:
         """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
         round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
         `pretrained` mode loads and freezes; `validation` (the node's own held-out images and
-        labels) turns on validated aggregation (`validated_weights`)."""
+        labels) turns on validated aggregation (`validated_weights`); in the first
+        `warmup_rounds` rounds the node aggregates no peer's experts (P = 0)."""
         super().__init__(node_id, learner, local_epochs, participation, finetune_epochs)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
@@ -183,6 +191,7 @@ class FedMoEDANode(LearnerMethod):
             raise ValueError("need interval >= 1, P >= 0 and tau > 0")
         self.visible = set(visible)
         self.p, self.tau, self.interval = p, tau, interval
+        self.warmup = warmup_rounds
         self.embedding, self.server_id, self.planner = embedding, server_id, planner
         moe = learner.model.moe
         if not isinstance(moe, ExpertSlots):
@@ -242,14 +251,14 @@ class FedMoEDANode(LearnerMethod):
         self._enter(round_index, sampled=True)
         self._aggregated = False
         # P = 0 aggregates nothing, so no peer needs this node's gate (FedRep-style runs send none)
-        sampled_peers = self.participation.among(self.visible, round_index) if self.p else set()
+        sampled_peers = self.participation.among(self.visible, round_index) if self.p_now() else set()
         sends = self.gossip.start(round_index, self.participation.among(self.gossip.neighbours, round_index))
         if self.embedding == "server":
             assert self.server_id is not None  # checked in __init__
             phi = float_state(self.learner.model, EMBEDDING_PREFIX)
             sends.append(Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, phi, {"num_examples": self.learner.num_train_examples})))
             self._embedding_awaited = self.takes_part(round_index + 1)
-        if round_index % self.interval == 0 or self.plan is None:
+        if round_index % self.interval == 0 or self.plan is None or round_index == self.warmup:
             gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self.moe.gating_matrix().detach().float().cpu()})
             if self.planner == "server":
                 assert self.server_id is not None  # checked in __init__
@@ -263,6 +272,10 @@ class FedMoEDANode(LearnerMethod):
         else:
             sends += self._request_experts()
         return sends
+
+    def p_now(self) -> int:
+        """P of the current round: 0 during the warm-up rounds."""
+        return 0 if self._round < self.warmup else self.p
 
     def sit_out(self, round_index: int) -> list[Send]:
         self._enter(round_index, sampled=False)
@@ -306,7 +319,7 @@ class FedMoEDANode(LearnerMethod):
     def _plan_if_ready(self) -> list[Send]:
         if self._gates_awaited or self.planner != "p2p":
             return []
-        self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p, self.tau)
+        self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p_now(), self.tau)
         return self._request_experts()
 
     def _on_plan(self, src: str, message: Message) -> list[Send]:
@@ -497,7 +510,7 @@ class FedMoEDANode(LearnerMethod):
             self._plan_awaited = False
             self._gates_awaited = set()
             if self.planner == "p2p":
-                self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p, self.tau)
+                self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p_now(), self.tau)
             elif self.plan is None:
                 self.plan = Plan([(self.node_id, e) for e in range(self.num_experts)], torch.eye(self.num_experts, dtype=torch.float64))
         self._aggregate_if_ready(force=True)
@@ -603,7 +616,8 @@ def _embedding_partners(ctx: BuildContext, node: str, opts: FedMoEDAOptions) -> 
         base = random_matchings(ctx.graph, ctx.cfg.run.seed, ctx.participation).partners(node)
     else:
         base = lambda _round: neighbours  # noqa: E731 (a schedule, like `partners`' own lambdas)
-    return every(opts.embedding_every, base)
+    scheduled = every(opts.embedding_every, base)
+    return lambda round_index: base(round_index) if round_index < opts.warmup_rounds else scheduled(round_index)
 
 
 def _embedding_feedback(ctx: BuildContext, opts: FedMoEDAOptions) -> ErrorFeedback | None:
@@ -650,6 +664,7 @@ def _client(ctx: BuildContext, node: str) -> Method:
         participation=ctx.participation,
         validation=validation,
         finetune_epochs=opts.finetune_epochs if isinstance(opts, FedMoEDAOptions) else 0,
+        warmup_rounds=opts.warmup_rounds if isinstance(opts, FedMoEDAOptions) else 0,
     )
 
 
