@@ -253,3 +253,32 @@ def test_a_stranger_with_a_connected_clients_routing_id_takes_nothing_over():
                 context.destroy(linger=0)
 
     run(scenario)
+
+
+def test_a_sender_gets_its_share_of_the_inbox_and_others_are_still_heard():
+    """Issue 26 N4: the inbox was bounded by a message count (200 x 16 MiB took a node to
+    3.9 GB, bench/bench_inbox_memory.py). Now a sender whose earlier messages still wait is
+    refused beyond its byte share, the node's memory stays bounded, and another client's
+    HELLO goes through while nobody consumes the flood."""
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        async with Transport("server", LOOPBACK, max_inbox_bytes=8 * 2**20, max_peer_inbox_bytes=2 * 2**20) as node:
+            flooder, other = client(context, node.address, "flooder"), client(context, node.address, "other")
+            try:
+                big = encode("flooder", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(230_000)}))  # 0.88 MiB each
+                for _ in range(20):
+                    await flooder.send_multipart(big)
+                refusals = 0
+                while refusals < 18:  # two fit in its 2 MiB share; every later one is refused with a reason
+                    reply = decode(await asyncio.wait_for(flooder.recv_multipart(), 10))
+                    assert reply.message.kind == MessageKind.ERROR and "slow down" in reply.message.meta["reason"]
+                    refusals += 1
+                start = time.perf_counter()
+                await other.send_multipart(encode("other", Message(MessageKind.HELLO, 0)))
+                got = [(await asyncio.wait_for(node.recv(), 5)).src for _ in range(3)]
+                assert got == ["flooder", "flooder", "other"] and time.perf_counter() - start < 0.1
+            finally:
+                context.destroy(linger=0)
+
+    run(scenario)

@@ -66,7 +66,10 @@ YIELD_BYTES = 8 << 20  # ... and bytes read: a few milliseconds of work either w
 _DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
 _NOBLOCK, _RCVMORE, _EVENTS = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS)  # plain ints: pyzmq's enum flags cost microseconds a call
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
-INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
+INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets ...
+INBOX_BYTES = 128 * 2**20  # ... and their bytes (issue 26 N4: a count alone let 200 x 16 MiB wait) ...
+PEER_INBOX_BYTES = 32 * 2**20  # ... of which one sender may hold this much; beyond, its messages are refused
+RCVHWM = 4  # complete messages libzmq keeps per connection while the node does not read
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
 
@@ -298,6 +301,8 @@ class Transport:
         round_of: Callable[[], int] | None = None,
         send_timeout: float = 10.0,
         compression: Mapping[str, str] | None = None,
+        max_inbox_bytes: int = INBOX_BYTES,
+        max_peer_inbox_bytes: int = PEER_INBOX_BYTES,
     ) -> None:
         asyncio.get_running_loop()  # fail early and clearly outside a coroutine
         self.node_id = node_id
@@ -311,7 +316,12 @@ class Transport:
         self._peers: dict[str, _Peer] = {}
         self._contacts: dict[str, bytes] = {}  # node id -> routing id of its last valid ROUTER message
         self._inflight: dict[str, _InFlight] = defaultdict(_InFlight)
-        self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue(INBOX_MESSAGES)
+        self._inbox: asyncio.Queue[tuple[Envelope, int] | None] = asyncio.Queue(INBOX_MESSAGES)
+        self._inbox_bytes = 0  # bytes of the messages in the inbox, bounded by max_inbox_bytes
+        self._inbox_room = asyncio.Event()
+        self.max_inbox_bytes = max_inbox_bytes
+        self.max_peer_inbox_bytes = min(max_peer_inbox_bytes, max_inbox_bytes)
+        self._inbox_by_sender: dict[str, int] = {}
         # (peer, req) -> (waiter, the request's kind): a reply is a message with that req and
         # another kind (or meta.reply true, as hello's), so a peer's own request that happens
         # to reuse the number is not taken for a reply
@@ -357,7 +367,7 @@ class Transport:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, LINGER_MS)
         socket.setsockopt(zmq.SNDHWM, HWM)
-        socket.setsockopt(zmq.RCVHWM, HWM)
+        socket.setsockopt(zmq.RCVHWM, RCVHWM)
         # libzmq checks MAXMSGSIZE per frame, against the size a frame announces before its
         # bytes come, and drops the connection: no frame bigger than the protocol allows is stored
         socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_socket_frame_bytes)
@@ -531,9 +541,16 @@ class Transport:
         """The next valid message from any peer or client, in arrival order per connection."""
         if self._closed and self._inbox.empty():
             raise TransportClosed("transport is closed")
-        envelope = await self._inbox.get()
-        if envelope is None:
+        item = await self._inbox.get()
+        if item is None:
             raise TransportClosed("transport is closed")
+        envelope, nbytes = item
+        self._inbox_bytes -= nbytes
+        left = self._inbox_by_sender.pop(envelope.src) - nbytes
+        if left:
+            self._inbox_by_sender[envelope.src] = left
+        if self._inbox_bytes < self.max_inbox_bytes:
+            self._inbox_room.set()
         return envelope
 
     async def _pump(self, socket: zmq.Socket, peer: str | None) -> None:
@@ -643,10 +660,25 @@ class Transport:
             finished = self._finished_requests.get(key)
             if finished is not None and (kind != finished or flagged):
                 return  # a duplicate reply to a request already answered
-        if self._inbox.full():  # backpressure: stop reading until recv() makes room
-            await self._inbox.put(envelope)
+        queued = self._inbox_by_sender.get(envelope.src, 0)
+        if queued and queued + received > self.max_peer_inbox_bytes:  # one sender cannot fill the inbox for everyone
+            reason = f"{queued} bytes of yours still wait to be processed (limit {self.max_peer_inbox_bytes}): slow down"
+            self._rejections.warning("over budget", "refused a message from %r: %s", sender, reason)
+            if routing_id is not None:
+                await self._reply_error(routing_id, sender, reason)
+            return
+        # Backpressure: stop reading until recv() makes room, in messages and in bytes (a message
+        # bigger than the budget still goes in alone). The sockets then keep at most RCVHWM
+        # messages per connection, and senders block.
+        while self._inbox_bytes and self._inbox_bytes + received > self.max_inbox_bytes:
+            self._inbox_room.clear()
+            await self._inbox_room.wait()
+        self._inbox_bytes += received
+        self._inbox_by_sender[envelope.src] = self._inbox_by_sender.get(envelope.src, 0) + received
+        if self._inbox.full():
+            await self._inbox.put((envelope, received))
         else:
-            self._inbox.put_nowait(envelope)
+            self._inbox.put_nowait((envelope, received))
 
     def _check_sender(self, envelope: Envelope, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
         """The header's src must be who the connection is: its peer, routing id and CURVE key."""
