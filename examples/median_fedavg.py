@@ -39,7 +39,7 @@ register_method(
     MethodSpec(
         name="fedavg-median",
         summary="FedAvg with the coordinate-wise median of the uploads (an example plugin)",
-        tasks=("image", "multitask", "timelines"),
+        needs=frozenset({"whole_model"}),  # runs on every family whose clients share one architecture
         build_client=build_client,  # FedAvg's clients: only the server's rule differs
         build_server=build_server,
     )

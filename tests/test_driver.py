@@ -193,7 +193,7 @@ def test_a_method_from_outside_the_package_runs_with_its_own_options(fkcb_like, 
     from p2pmoe.methods import registry
 
     monkeypatch.setattr(registry, "_METHODS", dict(all_methods()))  # registered for this test only
-    register_method(MethodSpec("echo", "a toy ring", ("sequential",), _echo_client, options=EchoOptions, flag_prefix="echo"))
+    register_method(MethodSpec("echo", "a toy ring", frozenset({"domain_sequences"}), _echo_client, options=EchoOptions, flag_prefix="echo"))
     cfg = with_options(
         default_config(method="echo", data="fkcb", data_root=str(fkcb_like), rounds=2, out=str(tmp_path)),
         task_options={"embed_dim": 8, "max_len": 8, "negatives": 20},

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 from p2pmoe.config import default_config, with_options
 from p2pmoe.data.images import FMNIST_ROOT
+from p2pmoe.methods.registry import NoOptions
+from p2pmoe.options import option
 from p2pmoe.plugins import PluginError, load_plugins
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "median_fedavg.py"
@@ -72,3 +76,48 @@ def test_a_missing_or_broken_plugin_is_an_error_that_names_it(tmp_path):
         load_plugins(str(broken))
     with pytest.raises(ValueError, match="plugin no_such_module_anywhere"):
         default_config(plugins="no_such_module_anywhere")
+
+
+def test_methods_run_on_every_family_that_provides_what_they_need(monkeypatch):
+    """Issue 27 item 1: a new family declares capabilities; no method's file lists it."""
+    from p2pmoe.methods.registry import MethodSpec, get_method, methods_for
+    from p2pmoe.tasks import base
+
+    monkeypatch.setattr(base, "_TASKS", dict(base.all_tasks()))
+    image = base.task_for_data("fmnist")
+
+    class Tabular(type(image)):  # a user's own family: another data set, whole models
+        name = "tabular"
+        data = ("my-table",)
+        provides = frozenset({"whole_model"})
+
+    base.register_task(Tabular())
+    assert {"local", "fedavg", "fedavg-ft", "gossip"} <= set(methods_for("tabular"))
+    assert not {"fedmoe-da", "fmoe-cdsr", "pf-msmtrec"} & set(methods_for("tabular"))  # they need what it does not provide
+    with pytest.raises(ValueError, match="does not run on tabular data"):
+        get_method("fedmoe-da", "tabular")
+    with pytest.raises(ValueError, match="unknown capabilities"):
+        MethodSpec("x", "x", frozenset({"telepathy"}), build_client=lambda ctx, node: None)  # type: ignore[arg-type,return-value]
+
+    class Odd(Tabular):
+        name, data, provides = "odd", ("odd",), frozenset({"gpu"})
+
+    with pytest.raises(ValueError, match="unknown capabilities"):
+        base.register_task(Odd())
+
+
+@dataclass(frozen=True)
+class Clashing(NoOptions):
+    """Options of a method whose `rounds` would shadow `[run] rounds` on the command line."""
+
+    section: ClassVar[str] = "method"
+    rounds: int = option(3, "shadows [run] rounds")
+
+
+def test_a_method_flag_that_collides_with_a_common_or_task_flag_is_refused_at_registration():
+    from p2pmoe.methods.registry import MethodSpec, register_method
+
+    spec = MethodSpec("clash", "x", frozenset(), build_client=lambda ctx, node: None, options=Clashing)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match=r"--rounds \(also an option of \[run\]\)"):
+        register_method(spec)
+    register_method(MethodSpec("no-clash", "x", frozenset(), build_client=lambda ctx, node: None, options=Clashing, flag_prefix="clash"))  # type: ignore[arg-type,return-value]

@@ -122,7 +122,7 @@ register_method(
     MethodSpec(
         name="fedavg",
         summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
-        tasks=("image", "multitask", "timelines"),
+        needs=frozenset({"whole_model"}),
         build_client=build_client,
         build_server=_server,
     )
@@ -131,7 +131,7 @@ register_method(
     MethodSpec(
         name="fedavg-ft",
         summary="FedAvg, each client scoring the global model after k local epochs on its own data (personalised-FL baseline)",
-        tasks=("image", "multitask", "timelines"),
+        needs=frozenset({"whole_model"}),
         options=FineTuneOptions,
         flag_prefix="fedavg",
         build_client=build_client,

@@ -309,7 +309,7 @@ for _name, (_variant, _options, _summary) in _VARIANTS.items():
         MethodSpec(
             name=_name,
             summary=_summary,
-            tasks=("text",),
+            needs=frozenset({"text_encoder"}),
             build_client=_client,
             build_server=_server,
             options=_options,

@@ -683,7 +683,7 @@ register_method(
     MethodSpec(
         name="fedmoe-da",
         summary="FedMoE-DA peer to peer: gates published to neighbours, experts chosen by gate correlation and fetched from their owners",
-        tasks=("image", "timelines"),
+        needs=frozenset({"expert_slots"}),
         options=FedMoEDAOptions,
         flag_prefix="fedmoe",
         build_client=_client,
@@ -717,7 +717,7 @@ register_method(
     MethodSpec(
         name="fedrep",
         summary="FedRep-style baseline: phi averaged by a server (FedAvg), gate and experts never leave the node (FedMoE-DA with P = 0, phi on a server)",
-        tasks=("image", "timelines"),
+        needs=frozenset({"expert_slots"}),
         build_client=_fedrep_client,
         build_server=_fedrep_server,
     )
@@ -726,7 +726,7 @@ register_method(
     MethodSpec(
         name="fedmoe-da-server",
         summary="FedMoE-DA as in the paper: a coordinator FedAvgs phi and plans every node's aggregation; experts still move peer to peer",
-        tasks=("image", "timelines"),
+        needs=frozenset({"expert_slots"}),
         options=PlanOptions,
         flag_prefix="fedmoe",
         build_client=_client,

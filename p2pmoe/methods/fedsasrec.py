@@ -44,7 +44,7 @@ register_method(
     MethodSpec(
         name="fedsasrec",
         summary="FedDCSR's baseline: FedAvg of the SASRec encoder only (item embeddings stay local)",
-        tasks=("sequential",),
+        needs=frozenset({"domain_sequences"}),
         build_client=_client,
         build_server=_server,
     )

@@ -285,7 +285,9 @@ def _expert_template(ctx: BuildContext) -> dict[str, torch.Tensor]:
 
 def _spec(name: str, summary: str, client: Callable[[BuildContext, str], Method], server: Callable[[BuildContext], Method] | None = None) -> MethodSpec:
     """Every FMoE-CDSR variant runs on sequences and takes the same `--fmoe-*` options."""
-    return MethodSpec(name=name, summary=summary, tasks=("sequential",), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server)
+    return MethodSpec(
+        name=name, summary=summary, needs=frozenset({"domain_sequences"}), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server
+    )
 
 
 def _register_mixture(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:

@@ -239,7 +239,7 @@ register_method(
     MethodSpec(
         name="gossip",
         summary="D-PSGD: the whole model averaged with topology neighbours (Metropolis-Hastings weights), no server",
-        tasks=("image",),
+        needs=frozenset({"whole_model"}),
         build_client=_client,
         peers=topology_peers,
     )

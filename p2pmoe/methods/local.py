@@ -28,7 +28,7 @@ register_method(
     MethodSpec(
         name="local",
         summary="each client trains alone and sends nothing (the no-communication baseline)",
-        tasks=("image", "sequential", "multitask", "timelines", "text"),
+        needs=frozenset(),
         build_client=_client,
     )
 )

@@ -317,7 +317,7 @@ def _register(name: str, summary: str, fixed: PFMSMTrecOptions | None) -> None:
         return PFMSMTrecServer(SERVER_ID, ctx.clients, {n: state[n] for n in shared_names(model, opts)}, opts, ctx.participation)
 
     extra = {} if fixed is not None else {"options": PFMSMTrecOptions, "flag_prefix": "pf"}
-    register_method(MethodSpec(name=name, summary=summary, tasks=("multitask",), build_client=client, build_server=server, **extra))  # type: ignore[arg-type]
+    register_method(MethodSpec(name=name, summary=summary, needs=frozenset({"multi_task"}), build_client=client, build_server=server, **extra))  # type: ignore[arg-type]
 
 
 _register(

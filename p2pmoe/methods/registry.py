@@ -20,11 +20,11 @@ from torch import nn
 from p2pmoe.learners.base import Learner
 from p2pmoe.methods.base import Method
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.options import Options
+from p2pmoe.options import Options, describe, flag
 from p2pmoe.participation import Participation
 from p2pmoe.plugins import ordered
-from p2pmoe.settings import ExperimentConfig
-from p2pmoe.tasks.base import ModelFactory, Task
+from p2pmoe.settings import ExperimentConfig, RunOptions
+from p2pmoe.tasks.base import CAPABILITIES, ModelFactory, Task, all_tasks
 from p2pmoe.topology import neighbours_within
 
 BUILTIN_METHODS = (
@@ -108,13 +108,23 @@ class MethodSpec:
 
     name: str
     summary: str
-    tasks: tuple[str, ...]
+    needs: frozenset[str]
     build_client: Callable[[BuildContext, str], Method]
     options: type[Options] = NoOptions
     flag_prefix: str = ""
     build_server: Callable[[BuildContext], Method] | None = None
     uses_server: Callable[[ExperimentConfig], bool] | None = None
     peers: PeerRule = no_peers
+
+    def __post_init__(self) -> None:
+        unknown = sorted(self.needs - set(CAPABILITIES))
+        if unknown:
+            raise ValueError(f"method {self.name!r} needs unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The registered task families that provide everything the method needs."""
+        return tuple(task.name for task in all_tasks().values() if self.needs <= task.provides)
 
     def has_server(self, cfg: ExperimentConfig) -> bool:
         """Whether a run has a coordinator: when the method builds one and, if it says so, only
@@ -145,9 +155,19 @@ def run_participation(cfg: ExperimentConfig, clients: list[str]) -> Participatio
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Declare a method; its options' flags must not collide with common or task flags."""
+    """Declare a method; its options' flags must not collide with the `[run]` flags or those
+    of any task family (they share one command line), which is checked here."""
     if spec.name in _METHODS and _METHODS[spec.name] is not spec:
         raise ValueError(f"method {spec.name!r} is registered twice")
+    taken = {flag(info.name): "[run]" for info in describe(RunOptions)}
+    taken |= {flag(info.name): f"task family {task.name!r}" for task in all_tasks().values() for info in describe(task.options)}
+    clashes = [
+        f"{flag(info.name, spec.flag_prefix)} (also an option of {taken[flag(info.name, spec.flag_prefix)]})"
+        for info in describe(spec.options)
+        if flag(info.name, spec.flag_prefix) in taken
+    ]
+    if clashes:
+        raise ValueError(f"method {spec.name!r}: its flags collide: {', '.join(clashes)}; rename the options or set flag_prefix")
     _METHODS[spec.name] = spec
     return spec
 

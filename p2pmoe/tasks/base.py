@@ -36,6 +36,18 @@ class Selection:
     higher: bool = True
 
 
+CAPABILITIES = {
+    "whole_model": "every client's model has the same tensors, so whole models can be averaged (FedAvg, D-PSGD)",
+    "expert_slots": "a client's model has a `moe` layer with the ExpertSlots contract (FedMoE-DA)",
+    "domain_sequences": "one client per domain of next-item sequences, SASRec-style models with per-domain item tables (FMoE-CDSR, FedSASRec)",
+    "multi_task": "one client per scenario with several prediction tasks, MMoE-style models (PF-MSMTrec)",
+    "text_encoder": "a pretrained text encoder adapted with LoRA, one client per domain (FeDecider)",
+}
+"""What a task family can offer a method. A method declares what it needs (`MethodSpec.needs`)
+and runs on every family that provides it, so a new family (a plugin) works with every
+method it suits without editing any method."""
+
+
 class Task(ABC):
     """One task family. Subclasses set the class attributes and implement the three builders."""
 
@@ -46,6 +58,8 @@ class Task(ABC):
     metrics: ClassVar[tuple[str, ...]]
     selection: ClassVar[Selection] = Selection()
     default_lr: ClassVar[float]
+    provides: ClassVar[frozenset[str]] = frozenset()
+    """Which of `CAPABILITIES` the family's data, models and learners offer."""
     unused_run_options: ClassVar[Mapping[str, str]] = {}
     """`[run]` options the family never reads, each with the reason: a value other than the
     default is refused (issue 28: `--partition` on timelines was silently ignored)."""
@@ -130,6 +144,9 @@ BUILTIN_TASKS = ("p2pmoe.tasks.image", "p2pmoe.tasks.sequential", "p2pmoe.tasks.
 
 
 def register_task(task: Task) -> Task:
+    unknown = sorted(task.provides - set(CAPABILITIES))
+    if unknown:
+        raise ValueError(f"task {task.name!r} provides unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
     for other in _TASKS.values():
         shared = set(other.data) & set(task.data)
         if shared:

@@ -191,6 +191,7 @@ class ImageTask(Task):
     options = ImageOptions
     metrics = ("accuracy", "global_accuracy")
     default_lr = 0.05
+    provides = frozenset({"whole_model", "expert_slots"})
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         """Images stay uint8 in every learner (it converts a batch at a time), and a process

@@ -172,6 +172,7 @@ class MultiTaskTask(Task):
     metrics = ("auc", "logloss", *(f"{m}/{t}" for m in ("auc", "logloss") for t in dict.fromkeys(ML1M_TASKS + ALIEXPRESS_TASKS)))
     selection = Selection("valid_auc", higher=True)
     default_lr = 1e-3
+    provides = frozenset({"whole_model", "multi_task"})
 
     unused_run_options: ClassVar[Mapping[str, str]] = {"partition": "each scenario is one client's data"}
 

@@ -101,6 +101,7 @@ class SequentialTask(Task):
     metrics = tuple(METRICS) + tuple(f"valid_{m}" for m in METRICS)
     selection = Selection("valid_mrr", higher=True)
     default_lr = 1e-3
+    provides = frozenset({"domain_sequences"})
 
     unused_run_options: ClassVar[Mapping[str, str]] = {
         "partition": "each domain's users are one client's data",

@@ -100,6 +100,7 @@ class TextTask(Task):
     metrics = tuple(METRICS) + tuple(f"valid_{m}" for m in METRICS)
     selection = Selection("valid_ndcg@5", higher=True)
     default_lr = 1e-3
+    provides = frozenset({"text_encoder"})
 
     unused_run_options: ClassVar[Mapping[str, str]] = {
         "partition": "each genre domain is one client's data",

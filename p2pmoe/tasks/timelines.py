@@ -132,6 +132,7 @@ class TimelineTask(Task):
     metrics = TIMELINE_METRICS + tuple(f"valid_{m}" for m in TIMELINE_METRICS)
     selection = Selection("valid_mrr", higher=True)
     default_lr = 1e-3
+    provides = frozenset({"whole_model", "expert_slots"})
 
     unused_run_options: ClassVar[Mapping[str, str]] = {
         "partition": "users are split over the nodes at random (--users picks how many)",
