@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,56 @@ def test_a_method_flag_that_collides_with_a_common_or_task_flag_is_refused_at_re
     with pytest.raises(ValueError, match=r"--rounds \(also an option of \[run\]\)"):
         register_method(spec)
     register_method(MethodSpec("no-clash", "x", frozenset(), build_client=lambda ctx, node: None, options=Clashing, flag_prefix="clash"))  # type: ignore[arg-type,return-value]
+
+
+OWN_MODEL = Path(__file__).parent.parent / "examples" / "own_moe_model.py"
+
+
+def _csv_files(folder: Path) -> None:
+    """A user's own data as files: 6 features, 4 classes around separate centres."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 2, (4, 6))
+    folder.mkdir()
+    for name, n in (("train", 600), ("test", 300)):
+        y = rng.integers(0, 4, n)
+        x = centres[y] + rng.normal(0, 1.5, (n, 6))
+        lines = [",".join(f"f{i}" for i in range(6)) + ",label"] + [",".join(f"{v:.4f}" for v in row) + f",{c}" for row, c in zip(x, y, strict=True)]
+        (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_users_own_moe_model_and_data_train_under_fedmoe_da(tmp_path, monkeypatch):
+    """Issue 27 example (b): the user's model (their experts, their gate) and CSV files, from
+    one file outside the package; FedMoE-DA selects, fetches and aggregates their experts."""
+    from p2pmoe.experiment import build_experiment
+    from p2pmoe.runs import read_ledger
+    from p2pmoe.sim.runner import run_simulation
+    from p2pmoe.tasks import base
+
+    monkeypatch.setattr(base, "_TASKS", dict(base.all_tasks()))
+    monkeypatch.delitem(sys.modules, "p2pmoe_plugin_own_moe_model", raising=False)
+    _csv_files(tmp_path / "data")
+    cfg = default_config(
+        method="fedmoe-da", plugins=str(OWN_MODEL), data="my-csv", data_root=str(tmp_path / "data"), nodes=4, rounds=3, out=str(tmp_path / "run")
+    )
+    model = build_experiment(cfg).nodes["node-00"].learner.model
+    assert type(model).__module__ == "p2pmoe_plugin_own_moe_model" and type(model.moe).__name__ == "MyMoE"
+    summary = run_simulation(cfg, progress=False, report=False)
+    kinds = {e.kind for e in read_ledger(tmp_path / "run" / "ledger.csv")}
+    assert {"gate_publish", "expert_request", "expert_response", "embedding"} <= kinds
+    assert summary["metrics"]["accuracy"] > 0.5  # four classes: chance is about 0.25
+    assert not any(name.startswith("p2pmoe_plugin") for name in vars(base))  # the package imports nothing of it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
+def test_a_plugin_method_runs_in_a_swarm_of_daemons(tmp_path):
+    """Example (a) in real daemon processes: `[run] plugins` travels in every node's file."""
+    from p2pmoe.node.config import Timing
+    from p2pmoe.node.swarm import run_swarm
+
+    cfg = default_config(method="fedavg-median", plugins=str(EXAMPLE), data="fmnist", nodes=2, rounds=2, max_train_per_node=100, out=str(tmp_path))
+    summary = run_swarm(
+        with_options(cfg, task_options={"global_test_size": 100}), Timing(round_deadline=60, startup=60, linger=2), timeout=240, progress=False, report=False
+    )
+    assert summary["method"] == "fedavg-median" and summary["nodes_finished"] == ["node-00", "node-01"]
+    assert set(summary["exit_codes"].values()) == {0}
