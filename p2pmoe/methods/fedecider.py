@@ -38,7 +38,7 @@ from torch import Tensor
 from p2pmoe.learners.text import TextRecLearner
 from p2pmoe.methods.base import Method
 from p2pmoe.methods.fedavg import FedAvgServer
-from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer, ServerClient
 from p2pmoe.models.params import weighted_average
 from p2pmoe.models.text_lora import NORMS, LoraTextEncoder, direction_factors
@@ -283,9 +283,8 @@ def _factor_template(ctx: BuildContext) -> dict[str, Tensor]:
 def _builders(variant: Variant):  # noqa: ANN202 - a pair of builder closures
     def client(ctx: BuildContext, node: str) -> Method:
         learner = ctx.learner(node)
-        assert isinstance(learner, TextRecLearner)
-        opts = ctx.cfg.method if isinstance(ctx.cfg.method, FeDeciderOptions) else FeDeciderOptions()
-        return LoraSharingClient(node, learner, SERVER_ID, variant.sharing, opts, variant.alpha_kind, ctx.cfg.run.local_epochs, ctx.participation)
+        assert isinstance(learner, TextRecLearner) and isinstance(ctx.cfg.method, FeDeciderOptions)
+        return LoraSharingClient(node, learner, SERVER_ID, variant.sharing, ctx.cfg.method, variant.alpha_kind, ctx.cfg.run.local_epochs, ctx.participation)
 
     def server(ctx: BuildContext) -> Method:
         build = FedAvgServer if variant.sharing == "average" else RelayServer
@@ -295,24 +294,26 @@ def _builders(variant: Variant):  # noqa: ANN202 - a pair of builder closures
 
 
 _VARIANTS = {
-    "fedecider": (Variant("directions"), FeDeciderOptions, "FeDecider: LoRA directions shared, magnitudes kept, personalised alpha"),
-    "fedecider-nodecomp": (Variant("updates"), FeDeciderOptions, "FeDecider ablation: whole LoRA updates shared and mixed (no decomposition)"),
-    "fedecider-uniform": (Variant("directions", "uniform"), FeDeciderOptions, "FeDecider ablation: directions mixed with fixed uniform alpha"),
-    "lora-fedavg": (Variant("average"), NoOptions, "FedAvg of the LoRA factors A and B"),
-    "lora-fedavg-dw": (Variant("average-dw"), NoOptions, "FedAvg of the LoRA updates Delta W = B A (exact, with a frozen residual)"),
-    "lora-similarity": (Variant("similarity"), NoOptions, "LoRA aggregated with layer-wise cosine-similarity weights (FeDecider Fig. 2 baseline)"),
+    "fedecider": (Variant("directions"), True, "FeDecider: LoRA directions shared, magnitudes kept, personalised alpha"),
+    "fedecider-nodecomp": (Variant("updates"), True, "FeDecider ablation: whole LoRA updates shared and mixed (no decomposition)"),
+    "fedecider-uniform": (Variant("directions", "uniform"), True, "FeDecider ablation: directions mixed with fixed uniform alpha"),
+    "lora-fedavg": (Variant("average"), False, "FedAvg of the LoRA factors A and B"),
+    "lora-fedavg-dw": (Variant("average-dw"), False, "FedAvg of the LoRA updates Delta W = B A (exact, with a frozen residual)"),
+    "lora-similarity": (Variant("similarity"), False, "LoRA aggregated with layer-wise cosine-similarity weights (FeDecider Fig. 2 baseline)"),
 }
+"""name -> (what its clients share, whether it takes FeDecider's options, summary). The baselines
+take none: they run with FeDecider's defaults, pinned (`MethodSpec.variant`), so a flag meant for
+FeDecider is refused rather than silently ignored."""
 
-for _name, (_variant, _options, _summary) in _VARIANTS.items():
+for _name, (_variant, _own_options, _summary) in _VARIANTS.items():
     _client, _server = _builders(_variant)
-    register_method(
-        MethodSpec(
-            name=_name,
-            summary=_summary,
-            needs=frozenset({"text_encoder"}),
-            build_client=_client,
-            build_server=_server,
-            options=_options,
-            flag_prefix="fedecider" if _options is not NoOptions else "",
-        )
+    _spec = MethodSpec(
+        name=_name,
+        summary=_summary,
+        needs=frozenset({"text_encoder"}),
+        build_client=_client,
+        build_server=_server,
+        options=FeDeciderOptions,
+        flag_prefix="fedecider",
     )
+    register_method(_spec if _own_options else _spec.variant(_name, _summary, fixed=FeDeciderOptions()))

@@ -295,38 +295,40 @@ def _model(template: bool) -> Callable[[ExperimentConfig, FeatureSpec], nn.Modul
     return build
 
 
-def _register(name: str, summary: str, fixed: PFMSMTrecOptions | None) -> None:
-    """`fixed` pins the options (a baseline built from the same pieces); None reads them."""
-
-    def options(cfg: ExperimentConfig) -> PFMSMTrecOptions:
-        if fixed is not None:
-            return fixed
-        assert isinstance(cfg.method, PFMSMTrecOptions)
-        return cfg.method
-
-    def client(ctx: BuildContext, node: str) -> Method:
-        opts = options(ctx.cfg)
-        learner = ctx.learner(node, _model(opts.template))
-        assert isinstance(learner, MultiTaskLearner)
-        return PFMSMTrecClient(node, learner, SERVER_ID, opts, ctx.cfg.run.local_epochs, ctx.participation)
-
-    def server(ctx: BuildContext) -> Method:
-        opts = options(ctx.cfg)
-        model = ctx.template(_model(opts.template))
-        state = float_state(model)
-        return PFMSMTrecServer(SERVER_ID, ctx.clients, {n: state[n] for n in shared_names(model, opts)}, opts, ctx.participation)
-
-    extra = {} if fixed is not None else {"options": PFMSMTrecOptions, "flag_prefix": "pf"}
-    register_method(MethodSpec(name=name, summary=summary, needs=frozenset({"multi_task"}), build_client=client, build_server=server, **extra))  # type: ignore[arg-type]
+def _options(cfg: ExperimentConfig) -> PFMSMTrecOptions:
+    assert isinstance(cfg.method, PFMSMTrecOptions)
+    return cfg.method
 
 
-_register(
-    "pf-msmtrec",
-    "PF-MSMTrec: template experts (global/task/scenario parts), parameter FedBN, conflict projection, personalised aggregation",
-    None,
+def _client(ctx: BuildContext, node: str) -> Method:
+    opts = _options(ctx.cfg)
+    learner = ctx.learner(node, _model(opts.template))
+    assert isinstance(learner, MultiTaskLearner)
+    return PFMSMTrecClient(node, learner, SERVER_ID, opts, ctx.cfg.run.local_epochs, ctx.participation)
+
+
+def _server(ctx: BuildContext) -> Method:
+    opts = _options(ctx.cfg)
+    model = ctx.template(_model(opts.template))
+    state = float_state(model)
+    return PFMSMTrecServer(SERVER_ID, ctx.clients, {n: state[n] for n in shared_names(model, opts)}, opts, ctx.participation)
+
+
+PF_MSMTREC = register_method(
+    MethodSpec(
+        name="pf-msmtrec",
+        summary="PF-MSMTrec: template experts (global/task/scenario parts), parameter FedBN, conflict projection, personalised aggregation",
+        needs=frozenset({"multi_task"}),
+        build_client=_client,
+        build_server=_server,
+        options=PFMSMTrecOptions,
+        flag_prefix="pf",
+    )
 )
-_register(
-    "fedbn-mmoe",
-    "FedBN-style MMoE baseline: every tensor averaged by the server but the experts' BatchNorm layers",
-    PFMSMTrecOptions(template=False, fedbn="classic", conflict=False, personalised=False, prox=0.0, embeddings="mean"),
+register_method(
+    PF_MSMTREC.variant(
+        "fedbn-mmoe",
+        "FedBN-style MMoE baseline: every tensor averaged by the server but the experts' BatchNorm layers",
+        fixed=PFMSMTrecOptions(template=False, fedbn="classic", conflict=False, personalised=False, prox=0.0, embeddings="mean"),
+    )
 )

@@ -9,9 +9,10 @@ module under `p2pmoe/methods/` plus its line in `BUILTIN_METHODS`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import ClassVar
 
 import networkx as nx
@@ -65,6 +66,10 @@ class BuildContext:
     def index(self, node: str) -> int:
         return self.clients.index(node)
 
+    def with_method_options(self, options: Options) -> BuildContext:
+        """The same context (and learner cache) seeing `options` as the run's `[method]` table."""
+        return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, method=options))
+
     def learner(self, node: str, model: ModelFactory | None = None) -> Learner:
         """Client `node`'s learner (every wanted client's learner is built on the first call)."""
         if not self._learners:
@@ -77,7 +82,7 @@ class BuildContext:
     def template(self, model: ModelFactory | None = None) -> nn.Module:
         return self.task.template(self.cfg, model)
 
-    @cached_property
+    @functools.cached_property
     def participation(self) -> Participation:
         """The run's participation (option `participation`), one object for every node built
         here: each node, server and daemon derives the same sets from the same seed."""
@@ -120,6 +125,39 @@ class MethodSpec:
         unknown = sorted(self.needs - set(CAPABILITIES))
         if unknown:
             raise ValueError(f"method {self.name!r} needs unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
+
+    def variant(self, name: str, summary: str, fixed: Options | None = None) -> MethodSpec:
+        """Another registered name for the same method: with `fixed`, its builders always see
+        those options (a baseline or ablation pinned to one setting) and the variant takes no
+        `[method]` options of its own, so nothing the user sets is silently replaced."""
+        if fixed is None:
+            return dataclasses.replace(self, name=name, summary=summary)
+        if not isinstance(fixed, self.options):
+            raise TypeError(f"variant {name!r}: fixed options must be {self.options.__name__}, got {type(fixed).__name__}")
+        client, server, uses_server = self.build_client, self.build_server, self.uses_server
+
+        @functools.wraps(client)  # keeps the method's module: the registry orders by it
+        def pinned_client(ctx: BuildContext, node: str) -> Method:
+            return client(ctx.with_method_options(fixed), node)
+
+        def pinned_server(ctx: BuildContext) -> Method:
+            assert server is not None  # only set when the base spec has one
+            return server(ctx.with_method_options(fixed))
+
+        def pinned_uses_server(cfg: ExperimentConfig) -> bool:
+            assert uses_server is not None  # only set when the base spec has one
+            return uses_server(dataclasses.replace(cfg, method=fixed))
+
+        return dataclasses.replace(
+            self,
+            name=name,
+            summary=summary,
+            options=NoOptions,
+            flag_prefix="",
+            build_client=pinned_client,
+            build_server=None if server is None else pinned_server,
+            uses_server=None if uses_server is None else pinned_uses_server,
+        )
 
     @property
     def tasks(self) -> tuple[str, ...]:
