@@ -6,7 +6,6 @@ same methods over the same data splits for the same seed.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from p2pmoe.config import resolve, spec_of
 from p2pmoe.methods.base import Method
 from p2pmoe.methods.registry import BuildContext
 from p2pmoe.naming import SERVER_ID, client_ids
+from p2pmoe.seeds import runner_stream
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import Task
 from p2pmoe.topology import load_topology, make_topology
@@ -58,7 +58,7 @@ def links(cfg: ExperimentConfig, graph: nx.Graph | None = None) -> dict[str, lis
 
 def node_seed(cfg: ExperimentConfig, node: str) -> int:
     """The seed of a node's own RNG stream, from the run's seed and the node's name."""
-    return cfg.run.seed * 1_000_003 + zlib.crc32(node.encode())
+    return runner_stream(cfg.run.seed, node)
 
 
 def build_experiment(cfg: ExperimentConfig, only: str | None = None) -> Experiment:

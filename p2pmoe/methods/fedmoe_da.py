@@ -36,6 +36,7 @@ from p2pmoe.models.pretrained import load_pretrained
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
 from p2pmoe.participation import Participation
+from p2pmoe.seeds import node_stream
 from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.compression import ErrorFeedback, parse_compression, scheme_for
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -645,7 +646,7 @@ def _client(ctx: BuildContext, node: str) -> Method:
         hold_out = getattr(learner, "hold_out", None)
         if hold_out is None:
             raise ValueError(f"[method] validation_examples needs the image task's MoE classifier; {ctx.cfg.run.data} has another model")
-        validation = hold_out(opts.validation_examples, ctx.cfg.run.seed * 1000 + ctx.index(node))
+        validation = hold_out(opts.validation_examples, node_stream(ctx.cfg.run.seed, "shuffle", ctx.index(node)))
     return FedMoEDANode(
         node,
         learner,

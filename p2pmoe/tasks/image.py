@@ -30,6 +30,7 @@ from p2pmoe.models.gates import GATE_KINDS
 from p2pmoe.models.params import float_state
 from p2pmoe.models.pretrained import save_pretrained
 from p2pmoe.options import Options, option
+from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Task, register_task, resolve_device
 
@@ -80,9 +81,9 @@ def pretrain_embedder(
     Fashion-MNIST the runs are scored on), SGD with momentum 0.9 as the nodes train.
     """
     dataset = load_image_dataset(data, root)
-    torch.manual_seed(seed)
     channels, side = dataset.train_x.shape[1], dataset.train_x.shape[2]
-    model = nn.Sequential(OrderedDict(embedder=image_embedder(channels, side, embed_dim), head=nn.Linear(embed_dim, dataset.num_classes)))
+    with seeded_init(seed):
+        model = nn.Sequential(OrderedDict(embedder=image_embedder(channels, side, embed_dim), head=nn.Linear(embed_dim, dataset.num_classes)))
     learner = ImageClassifierLearner(
         model, (dataset.train_x, dataset.train_y), (dataset.test_x, dataset.test_y), batch_size=batch_size, lr=lr, seed=seed, device="cpu"
     )
@@ -180,7 +181,7 @@ def client_label_counts(cfg: ExperimentConfig) -> list[list[int]]:
     splits = _splits(run.data, run.data_root, run.nodes, run.partition, run.seed)
     train_y, _ = _labels(run.data, run.data_root)
     classes = int(train_y.max()) + 1
-    rows = [_client_rows(split, run.max_train_per_node, run.seed + k).train for k, split in enumerate(splits)]
+    rows = [_client_rows(split, run.max_train_per_node, node_stream(run.seed, "cap", k)).train for k, split in enumerate(splits)]
     return [torch.bincount(train_y[torch.from_numpy(r)], minlength=classes).tolist() for r in rows]
 
 
@@ -199,7 +200,7 @@ class ImageTask(Task):
         run, opts = cfg.run, cfg.task
         assert isinstance(opts, ImageOptions) and run.lr is not None
         splits = _splits(run.data, run.data_root, run.nodes, run.partition, run.seed)
-        rows = {k: _client_rows(splits[k], run.max_train_per_node, run.seed + k) for k in indices}
+        rows = {k: _client_rows(splits[k], run.max_train_per_node, node_stream(run.seed, "cap", k)) for k in indices}
         train_y, test_y = _labels(run.data, run.data_root)
         global_rows = _global_rows(len(test_y), opts.global_test_size, run.seed)
         everyone = set(indices) >= set(range(run.nodes))
@@ -210,8 +211,8 @@ class ImageTask(Task):
         factory = model or image_model
         out: dict[int, Learner] = {}
         for k, own in rows.items():
-            torch.manual_seed(run.seed)  # the same initial weights on every client
-            net = factory(cfg, data.train_x.shape[1], data.train_x.shape[2], data.num_classes)
+            with seeded_init(run.seed):  # the same initial weights on every client
+                net = factory(cfg, data.train_x.shape[1], data.train_x.shape[2], data.num_classes)
             out[k] = ImageClassifierLearner(
                 net,
                 (torch.from_numpy(data.train_images(own.train)), train_y[own.train]),
@@ -221,7 +222,7 @@ class ImageTask(Task):
                 batch_size=run.batch_size,
                 lr=run.lr,
                 momentum=opts.momentum,
-                seed=run.seed * 1000 + k,
+                seed=node_stream(run.seed, "shuffle", k),
                 device=device,
             )
         return out
@@ -233,8 +234,8 @@ class ImageTask(Task):
         _splits.cache_clear()
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
-        torch.manual_seed(cfg.run.seed)
-        return (model or image_model)(cfg, *IMAGE_SHAPES[cfg.run.data])
+        with seeded_init(cfg.run.seed):
+            return (model or image_model)(cfg, *IMAGE_SHAPES[cfg.run.data])
 
     def accounting_learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         """No data; one set of model tensors shared by every node, except each node's own gate.
@@ -247,7 +248,7 @@ class ImageTask(Task):
         shared = self.template(cfg, model)
         if not isinstance(shared, MoEClassifier):
             raise TypeError(f"accounting without training gives each node its own gate: needs a MoEClassifier, not {type(shared).__name__}")
-        return {k: AccountingLearner(_own_gate(shared, torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + k))) for k in indices}
+        return {k: AccountingLearner(_own_gate(shared, torch.Generator().manual_seed(node_stream(cfg.run.seed, "gate", k)))) for k in indices}
 
 
 register_task(ImageTask())

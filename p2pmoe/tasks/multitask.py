@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 from torch import nn
 
 from p2pmoe.data.aliexpress import read_aliexpress_csv
@@ -37,6 +36,7 @@ from p2pmoe.learners.base import Learner
 from p2pmoe.learners.multitask import MultiTaskLearner
 from p2pmoe.models.mmoe import MMoE
 from p2pmoe.options import Options, option
+from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Selection, Task, register_task, resolve_device
 
@@ -152,7 +152,8 @@ def _scenarios(data: str, root: str | None, seed: int, opts: MultiTaskOptions) -
         for k, folder in enumerate(_aliexpress_folders(root)):
             train = _csv(folder, "train")
             assert train is not None
-            country = read_aliexpress_csv(train, folder.name.removeprefix("AliExpress_"), _csv(folder, "test"), opts.test_fraction, seed + k)
+            name, split_seed = folder.name.removeprefix("AliExpress_"), node_stream(seed, "split", k)
+            country = read_aliexpress_csv(train, name, _csv(folder, "test"), opts.test_fraction, split_seed)
             out.append(_hashed(country, spec, train))
         return tuple(out)
     found = multi_scenario_multi_task(load_movielens(root or "ml-1m"), opts.neg_per_pos, seed, opts.test_fraction)
@@ -196,24 +197,24 @@ class MultiTaskTask(Task):
         for k in indices:
             data = found[k]
             if run.max_train_per_node is not None and len(data.train_idx) > run.max_train_per_node:
-                keep = np.random.default_rng(run.seed + k).choice(data.train_idx, run.max_train_per_node, replace=False)
+                keep = np.random.default_rng(node_stream(run.seed, "cap", k)).choice(data.train_idx, run.max_train_per_node, replace=False)
                 data = replace(data, train_idx=np.sort(keep))
-            _, held = random_split(len(data.train_idx), opts.valid_fraction, np.random.default_rng(run.seed * 1000 + k))
-            torch.manual_seed(run.seed)  # identical initial weights on every client
-            out[k] = MultiTaskLearner(
-                factory(cfg, spec),
-                data,
-                data.train_idx[held],
-                batch_size=run.batch_size,
-                lr=run.lr,
-                seed=run.seed * 1000 + k,
-                device=device,
-            )
+            _, held = random_split(len(data.train_idx), opts.valid_fraction, np.random.default_rng(node_stream(run.seed, "shuffle", k)))
+            with seeded_init(run.seed):  # identical initial weights on every client
+                out[k] = MultiTaskLearner(
+                    factory(cfg, spec),
+                    data,
+                    data.train_idx[held],
+                    batch_size=run.batch_size,
+                    lr=run.lr,
+                    seed=node_stream(run.seed, "shuffle", k),
+                    device=device,
+                )
         return out
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
-        torch.manual_seed(cfg.run.seed)
-        return (model or mmoe_model)(cfg, feature_spec(cfg))
+        with seeded_init(cfg.run.seed):
+            return (model or mmoe_model)(cfg, feature_spec(cfg))
 
 
 register_task(MultiTaskTask())

@@ -19,7 +19,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from p2pmoe.data.crossdomain import load_atomic_domains
@@ -32,6 +31,7 @@ from p2pmoe.eval.negatives import check_negatives_fit
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.sequential import METRICS, NextItemLearner, SASRecNextItem
 from p2pmoe.options import Options, option
+from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Selection, Task, ranking_profile, register_task, resolve_device
 
@@ -127,23 +127,23 @@ class SequentialTask(Task):
         factory = model or sasrec_model
         out: dict[int, Learner] = {}
         for k in indices:
-            torch.manual_seed(run.seed)  # identical initial encoder weights on every client
-            out[k] = NextItemLearner(
-                factory(cfg, domains[k], k, len(domains)),
-                domains[k],
-                opts.max_len,
-                batch_size=run.batch_size,
-                lr=run.lr,
-                num_negatives=opts.negatives,
-                negative_seed=run.seed,
-                seed=run.seed * 1000 + k,
-                device=device,
-            )
+            with seeded_init(run.seed):  # identical initial encoder weights on every client
+                out[k] = NextItemLearner(
+                    factory(cfg, domains[k], k, len(domains)),
+                    domains[k],
+                    opts.max_len,
+                    batch_size=run.batch_size,
+                    lr=run.lr,
+                    num_negatives=opts.negatives,
+                    negative_seed=run.seed,
+                    seed=node_stream(run.seed, "shuffle", k),
+                    device=device,
+                )
         return out
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
-        torch.manual_seed(cfg.run.seed)
-        return (model or sasrec_model)(cfg, None, 0, cfg.run.nodes)
+        with seeded_init(cfg.run.seed):
+            return (model or sasrec_model)(cfg, None, 0, cfg.run.nodes)
 
     def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """Per domain, the share of valid and test targets that no training sequence holds, and

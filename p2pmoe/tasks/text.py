@@ -27,6 +27,7 @@ from p2pmoe.learners.base import Learner
 from p2pmoe.learners.text import METRICS, TextRecLearner, TextSetup
 from p2pmoe.models.text_lora import LoraSpec, LoraTextEncoder, build_text_encoder, load_backbone
 from p2pmoe.options import Options, option
+from p2pmoe.seeds import node_stream
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Selection, Task, register_task, resolve_device
 
@@ -132,7 +133,7 @@ class TextTask(Task):
                 batch_size=run.batch_size,
                 lr=run.lr,
                 negative_seed=run.seed,
-                seed=run.seed * 1000 + k,
+                seed=node_stream(run.seed, "shuffle", k),
                 device=device,
             )
         return out

@@ -29,6 +29,7 @@ from p2pmoe.learners.base import Learner
 from p2pmoe.learners.timelines import TIMELINE_METRICS, TimelineLearner, negative_pools
 from p2pmoe.models.syncrec import SCORE_MODES, CrossSASRec, SingleSASRec, SyNCRec, SyNCRecConfig
 from p2pmoe.options import Options, option
+from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Selection, Task, ranking_profile, register_task, resolve_device
 
@@ -157,21 +158,21 @@ class TimelineTask(Task):
         device = resolve_device(run.device)
         out: dict[int, Learner] = {}
         for k in indices:
-            torch.manual_seed(run.seed)  # identical initial weights on every node
-            out[k] = TimelineLearner(
-                (model or timeline_model)(cfg, item_domain, num_domains),
-                parts[k],
-                data.num_items,
-                data.domains,
-                opts.max_len,
-                batch_size=run.batch_size,
-                lr=run.lr,
-                num_negatives=opts.negatives,
-                negative_seed=run.seed,
-                item_domain=negatives_from,
-                seed=run.seed * 1000 + k,
-                device=device,
-            )
+            with seeded_init(run.seed):  # identical initial weights on every node
+                out[k] = TimelineLearner(
+                    (model or timeline_model)(cfg, item_domain, num_domains),
+                    parts[k],
+                    data.num_items,
+                    data.domains,
+                    opts.max_len,
+                    batch_size=run.batch_size,
+                    lr=run.lr,
+                    num_negatives=opts.negatives,
+                    negative_seed=run.seed,
+                    item_domain=negatives_from,
+                    seed=node_stream(run.seed, "shuffle", k),
+                    device=device,
+                )
         return out
 
     def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -193,8 +194,8 @@ class TimelineTask(Task):
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
         """Project decision: the coordinator reads the item catalogue (item ids and domains, the
         same for every node) to size the item table; it reads no user's timeline."""
-        torch.manual_seed(cfg.run.seed)
-        return (model or timeline_model)(cfg, *self._catalogue(cfg))
+        with seeded_init(cfg.run.seed):
+            return (model or timeline_model)(cfg, *self._catalogue(cfg))
 
 
 register_task(TimelineTask())
