@@ -229,3 +229,22 @@ def test_fine_tuned_metrics_leave_the_learner_as_it_was():
     assert metrics["eval_sample_epochs"] == 120 and metrics["accuracy"] != untuned["accuracy"]
     after = learner.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_client_without_its_server_goes_on_at_once_until_the_server_is_back():
+    """A restarted client whose server has finished the run waited out every round deadline
+    (2 minutes of a 5-round daemon test); now losing the server ends the wait, as the
+    deadline would, and its return makes the client wait for answers again."""
+    nodes, _, _ = _fedavg([1.0], [1])
+    client = nodes["c0"]
+    client.start_round(0)
+    assert not client.round_complete()
+    client.on_peer_lost("c7")  # someone else: still waiting for the server
+    assert not client.round_complete()
+    client.on_peer_lost("server")
+    assert client.round_complete()
+    client.start_round(1)
+    assert client.round_complete()  # still no server: nothing to wait for
+    client.on_peer_joined("server")
+    client.start_round(2)
+    assert not client.round_complete()

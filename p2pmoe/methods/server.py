@@ -109,6 +109,7 @@ class ServerClient(LearnerMethod):
         self.server_id = server_id
         self._round = -1
         self._synced = True
+        self._server_lost = False
 
     @abstractmethod
     def model_update(self, round_index: int) -> Message:
@@ -129,7 +130,7 @@ class ServerClient(LearnerMethod):
 
     def _enter(self, round_index: int) -> None:
         self._round = round_index
-        self._synced = not self.takes_part(round_index + 1)  # the server answers next round's sample
+        self._synced = self._server_lost or not self.takes_part(round_index + 1)  # the server answers next round's sample
 
     def on_message(self, src: str, message: Message) -> list[Send]:
         require(src == self.server_id and message.kind == MessageKind.MODEL_GLOBAL, f"unexpected {message.kind.value} from {src}")
@@ -140,6 +141,20 @@ class ServerClient(LearnerMethod):
 
     def on_deadline(self, round_index: int) -> list[Send]:
         self._synced = True  # nothing arrived in time: go on with what this client holds
+        return []
+
+    def on_peer_lost(self, peer: str) -> list[Send]:
+        """Without its server no answer can come: go on with what this client holds at once, as
+        the deadline would, and in later rounds too until the server is back (a restarted
+        client whose server has finished the run no longer waits out every round deadline)."""
+        if peer == self.server_id:
+            self._server_lost = True
+            self._synced = True
+        return []
+
+    def on_peer_joined(self, peer: str) -> list[Send]:
+        if peer == self.server_id:
+            self._server_lost = False
         return []
 
     def round_complete(self) -> bool:
