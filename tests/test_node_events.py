@@ -206,7 +206,7 @@ def test_only_configured_peers_messages_are_held(tmp_path):
         def __init__(self):
             self.sent = []
 
-        async def send(self, dst, message):
+        async def send(self, dst, message, timeout=None):
             self.sent.append((dst, message))
 
     daemon = NodeDaemon(_node(tmp_path, "node-00", {"node-01": "tcp://127.0.0.1:1"}, "tcp://127.0.0.1:2"), method=Idle("node-00"))

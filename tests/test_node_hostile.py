@@ -262,3 +262,30 @@ def test_a_peer_round_outside_the_run_is_ignored_at_start_up(tmp_path):
     asyncio.run(scenario())
     rows = (tmp_path / "node" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and ATTACKER not in daemon.peer_rounds
+
+
+def test_a_send_to_a_silent_peer_fails_in_a_second_not_the_send_timeout(tmp_path):
+    """A configured peer that is not 'alive' (never came, or went quiet) held up every round
+    for the transport's 10 s send timeout per message; now it gets SILENT_PEER_SEND_TIMEOUT."""
+    import time
+
+    from p2pmoe.node.config import Timing
+    from p2pmoe.node.daemon import SILENT_PEER_SEND_TIMEOUT
+    from p2pmoe.node.transport import Transport
+
+    timing = Timing(suspect_after=0.1, dead_after=0.2)
+    cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:1"}, default_config(method="fedmoe-da"), timing)
+    daemon = NodeDaemon(cfg, method=_node())
+
+    async def scenario() -> float:
+        daemon.transport = Transport(NODE, "tcp://127.0.0.1:0")
+        daemon.transport.add_peer(ATTACKER, "tcp://127.0.0.1:1")
+        daemon.membership.state(ATTACKER, time.monotonic())  # the clock starts
+        await asyncio.sleep(0.3)  # the peer never answered: dead
+        start = time.perf_counter()
+        await daemon._send_one(ATTACKER, Message(MessageKind.HEARTBEAT, 0, meta={}))
+        elapsed = time.perf_counter() - start
+        await daemon.transport.close()
+        return elapsed
+
+    assert asyncio.run(scenario()) < SILENT_PEER_SEND_TIMEOUT + 1 < 10

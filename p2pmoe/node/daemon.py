@@ -55,6 +55,9 @@ def agreed_round(peer_rounds: dict[str, int], configured: int) -> int:
     return rounds[quorum - 1] if len(rounds) >= quorum else -1
 
 
+SILENT_PEER_SEND_TIMEOUT = 1.0  # seconds a message waits for a connection to a peer that has gone quiet
+
+
 class NodeDaemon:
     """One node: `await NodeDaemon(cfg).run()` until its rounds are done or it is stopped."""
 
@@ -140,9 +143,13 @@ class NodeDaemon:
     # -- sending -----------------------------------------------------------------------------------
 
     async def _send_one(self, dst: str, message: Message) -> None:
+        """Send, failing into the method on error. A configured peer not heard from for
+        `suspect_after` gets `SILENT_PEER_SEND_TIMEOUT` to take a message, not the transport's
+        send timeout: every round waited 10 s per message for a peer that never came."""
         assert self.transport is not None
+        silent = dst in self.cfg.peers and self.membership.state(dst, time.monotonic()) != "alive"
         try:
-            await self.transport.send(dst, message)
+            await self.transport.send(dst, message, SILENT_PEER_SEND_TIMEOUT if silent else None)
         except TransportClosed:
             log.debug("%s: %s to %s dropped: the transport is closing", self.cfg.node_id, message.kind.value, dst)
         except TransportError as exc:

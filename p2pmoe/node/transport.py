@@ -430,12 +430,13 @@ class Transport:
             header, payload = frame_sizes(frames)
             self.ledger.record(round_index, self.node_id, dst, MessageKind(kind).value, header, payload)
 
-    async def send(self, dst: str, message: Message) -> None:
+    async def send(self, dst: str, message: Message, timeout: float | None = None) -> None:
         """Queue `message` for `dst`; returns once libzmq holds it.
 
-        Raises PeerUnreachable (no route, or no connection took it within `send_timeout`) or
-        SendTimeout (too many bytes still in flight to `dst` for `send_timeout`).
+        Raises PeerUnreachable (no route, or no connection took it within `timeout`, default
+        `send_timeout`) or SendTimeout (too many bytes still in flight to `dst` for as long).
         """
+        timeout = self.send_timeout if timeout is None else timeout
         if self._closed:
             raise TransportClosed("transport is closed")
         peer = self._peers.get(dst)
@@ -448,17 +449,17 @@ class Transport:
             nbytes = sum(len(f) for f in frames)
             hold = inflight.try_reserve(nbytes, self.max_inflight_bytes)
             if hold is None:
-                hold = await inflight.wait_for_room(nbytes, self.max_inflight_bytes, self.send_timeout, dst)
+                hold = await inflight.wait_for_room(nbytes, self.max_inflight_bytes, timeout, dst)
         socket = peer.socket if peer else self._router
         if peer is None:
             parts.insert(0, self._contacts[dst])
         try:
-            await self._send_parts(socket, parts)
+            await self._send_parts(socket, parts, timeout)
         except BaseException as exc:
             if hold is not None:
                 inflight.release(hold)
             if isinstance(exc, TimeoutError):
-                raise PeerUnreachable(f"no connection to {dst!r} took the message within {self.send_timeout}s") from None
+                raise PeerUnreachable(f"no connection to {dst!r} took the message within {timeout}s") from None
             if isinstance(exc, zmq.ZMQError):
                 if self._closed:  # woken by close(): the node is shutting down, the peer did nothing wrong
                     raise TransportClosed(f"transport closed while a message for {dst!r} waited") from None
@@ -470,8 +471,8 @@ class Transport:
             hold.tracker = tracker
         self._record(message.round, dst, message.kind, frames)
 
-    async def _send_parts(self, socket: zmq.Socket, parts: list[bytes | memoryview | zmq.Frame]) -> None:
-        """Hand `parts` to libzmq: at once when it takes them, else waiting up to `send_timeout`.
+    async def _send_parts(self, socket: zmq.Socket, parts: list[bytes | memoryview | zmq.Frame], timeout: float) -> None:
+        """Hand `parts` to libzmq: at once when it takes them, else waiting up to `timeout`.
 
         Most sends go at once, without a future or a timer. A send that would block waits its
         turn (a FIFO lock), and while any waits, later sends on that socket queue behind it,
@@ -489,7 +490,7 @@ class Transport:
         self._waiting_sends[socket] += 1
         ready, delay = self._ready[socket], 0.0005
         try:
-            async with asyncio.timeout(self.send_timeout), self._send_turns[socket]:
+            async with asyncio.timeout(timeout), self._send_turns[socket]:
                 while True:
                     try:
                         socket.send_multipart(parts, flags=_NOBLOCK, copy=True)
