@@ -4,6 +4,7 @@ reaches the method at once, peers running another experiment are refused, swarm 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -55,16 +56,17 @@ class SlowTrainer(Method):
         return True
 
 
-def _node(tmp_path: Path, name: str, peers: dict[str, str], address: str, cfg=None) -> NodeConfig:
+def _node(tmp_path: Path, name: str, peers: dict[str, str], address: str, cfg=None, timing: Timing = FAST) -> NodeConfig:
     cfg = cfg or default_config(method="local", rounds=2)
-    return NodeConfig(name, address, tmp_path / name, peers, cfg, FAST)
+    return NodeConfig(name, address, tmp_path / name, peers, cfg, timing)
 
 
 @pytest.mark.timeout(60)
 def test_a_message_that_arrives_while_the_method_trains_waits_for_training_to_end(tmp_path):
     port, silent = free_ports(2)  # the late peer is configured (only configured peers' messages wait), and never says hello
     method = SlowTrainer("node-00")
-    daemon = NodeDaemon(_node(tmp_path, "node-00", {"late-peer": f"tcp://127.0.0.1:{silent}"}, f"tcp://127.0.0.1:{port}"), method=method)
+    timing = dataclasses.replace(FAST, startup=1)  # the late peer never comes: no need to wait long for it
+    daemon = NodeDaemon(_node(tmp_path, "node-00", {"late-peer": f"tcp://127.0.0.1:{silent}"}, f"tcp://127.0.0.1:{port}", timing=timing), method=method)
 
     async def scenario() -> None:
         run = asyncio.create_task(daemon.run())

@@ -301,7 +301,10 @@ class NodeDaemon:
             first = checkpoint.round + 1
             log.info("%s: resumed from %s after round %d", self.cfg.node_id, self.cfg.checkpoint_path, checkpoint.round)
         self.runner.round = first - 1
-        await self.send(self.runner, [Send(peer, self._control(MessageKind.HELLO)) for peer in self.cfg.peers])
+        hello = self._control(MessageKind.HELLO)
+        saying = [asyncio.ensure_future(self._send_one(peer, hello)) for peer in self.cfg.peers]
+        if saying:  # as heartbeats: a peer that is not up yet must not hold the wait for the others
+            await asyncio.wait(saying, timeout=self.cfg.timing.heartbeat)
         heard = await self._wait(lambda: set(self.peer_rounds) >= set(self.cfg.peers), self.cfg.timing.startup)
         if not heard:
             log.warning("%s: starting without %s", self.cfg.node_id, sorted(set(self.cfg.peers) - set(self.peer_rounds)))
