@@ -17,6 +17,7 @@ def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_writes_a_row_per_method_and_checks_expert_bytes(fkcb_like, tmp_path):
     done = _bench(*OPTIONS, "--data-root", str(fkcb_like), "--jobs", "2", "--only", "local,fmoe-cdsr", "--name", "t", "--results", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -37,6 +38,7 @@ def test_bench_writes_a_row_per_method_and_checks_expert_bytes(fkcb_like, tmp_pa
     assert "--data-root DIR" in text and str(fkcb_like) not in text  # no path of this machine
 
 
+@pytest.mark.slow
 def test_bench_refuses_options_it_cannot_honour(fkcb_like, tmp_path):
     for extra, message in ((["--jobs", "0"], "--jobs"), (["--compression", "fp16"], "compression"), (["--only", "fedavg"], "unknown methods")):
         done = _bench(*OPTIONS, "--data-root", str(fkcb_like), *extra, cwd=tmp_path)

@@ -40,6 +40,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_tree_memory_follows_grandchildren_and_stops_them(bench):
     root = subprocess.Popen([sys.executable, "-c", TREE], start_new_session=True)
     memory = bench.TreeMemory(roots=[root.pid], interval=0.05).start()

@@ -33,7 +33,7 @@ def _rows(path: Path) -> list[dict]:
     [
         ("fedavg", 3, 1.0),
         pytest.param("fedmoe-da", 4, 1.0, marks=pytest.mark.slow),
-        ("fmoe-cdsr", 3, 1.0),
+        pytest.param("fmoe-cdsr", 3, 1.0, marks=pytest.mark.slow),
         pytest.param("fedavg", 4, 0.5, marks=pytest.mark.slow),
     ],
 )
@@ -96,7 +96,8 @@ def _kill_test_config(kind: str, tmp_path: Path, fkcb_like: Path) -> ExperimentC
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["fedavg", pytest.param("fmoe-cdsr", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fedavg", "fmoe-cdsr"])
 def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_path, fkcb_like, kind):
     cfg = _kill_test_config(kind, tmp_path / "run", fkcb_like)
     tmp_path = tmp_path / "run"
