@@ -164,7 +164,24 @@ def check_role(cfg: NodeConfig, role: str, path: Path) -> None:
             f"start clients with `p2pmoe node`"
         )
     if role == "node" and cfg.node_id == SERVER_ID:
-        raise ValueError(f"{path}: node_id {SERVER_ID!r} is the coordinator; start it with `p2pmoe coordinator --config {path}`")
+        raise ValueError(f"{path}: node_id {SERVER_ID!r} is the coordinator; start it with `p2pmoe coordinator`")
+
+
+def _daemon_config(args: argparse.Namespace) -> NodeConfig:
+    """The node's config: its own file, or the shared experiment and roster plus flags."""
+    from p2pmoe.node.config import load_node_config, node_config_from_experiment
+
+    if args.config is not None:
+        own = ("roster", "id", "bind", "out", "data_root", "threads", "device", "keys")
+        extra = [f"--{name.replace('_', '-')}" for name in own if getattr(args, name) is not None]
+        if extra:
+            raise ValueError(f"{' '.join(extra)} go with --experiment; a --config file says all of that itself")
+        return load_node_config(args.config)
+    node_id = args.id or ("server" if args.command == "coordinator" else None)
+    if args.roster is None or node_id is None:
+        raise ValueError("--experiment needs --roster FILE and --id NODE")
+    local = {k: v for k, v in (("data_root", args.data_root), ("threads", args.threads), ("device", args.device)) if v is not None}
+    return node_config_from_experiment(args.experiment, args.roster, node_id, args.bind, args.out, local, args.keys, args.insecure)
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -173,14 +190,14 @@ def _daemon(args: argparse.Namespace) -> int:
 
     import torch
 
-    from p2pmoe.node.config import load_node_config
     from p2pmoe.node.daemon import NodeDaemon
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_node_config(args.config)
+    cfg = _daemon_config(args)
     if args.insecure:
         cfg = dataclasses.replace(cfg, insecure=True)
-    check_role(cfg, args.command, args.config)
+    source = args.config or args.experiment
+    check_role(cfg, args.command, source)
     if cfg.experiment.run.threads:
         torch.set_num_threads(cfg.experiment.run.threads)
     try:
@@ -194,7 +211,7 @@ def _daemon(args: argparse.Namespace) -> int:
     try:
         asyncio.run(NodeDaemon(cfg).run())
     except zmq.ZMQError as exc:  # a port in use, an address that is not ours: one line, not a traceback
-        raise ValueError(f"{args.config}: cannot listen on {cfg.bind}: {exc}") from None
+        raise ValueError(f"{source}: node {cfg.node_id!r} cannot listen on {cfg.bind}: {exc}") from None
     return 0
 
 
@@ -287,7 +304,17 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         ("coordinator", "run the server of a server-mediated method (fedavg, fedsasrec, fmoe-cdsr, ...) from its config file"),
     ):
         daemon = sub.add_parser(role, help=text, description=text)
-        daemon.add_argument("--config", type=Path, required=True, help="node TOML (see peers/README.md)")
+        source = daemon.add_mutually_exclusive_group(required=True)
+        source.add_argument("--config", type=Path, help="a node TOML of its own (see peers/README.md)")
+        source.add_argument("--experiment", type=Path, help="the experiment TOML every machine shares ([run], [task], [method], [timing]); with --roster, --id")
+        daemon.add_argument("--roster", type=Path, help="with --experiment: the TOML every machine shares, [nodes] node id = 'tcp://host:port'")
+        daemon.add_argument("--id", help="with --experiment: this machine's node id in the roster" + (" (default server)" if role == "coordinator" else ""))
+        daemon.add_argument("--bind", help="with --experiment: where to listen (default: this node's roster address)")
+        daemon.add_argument("--out", type=Path, help="with --experiment: this node's run folder (default runs/<id>)")
+        daemon.add_argument("--data-root", help="with --experiment: this machine's data folder")
+        daemon.add_argument("--threads", type=int, help="with --experiment: torch threads on this machine")
+        daemon.add_argument("--device", help="with --experiment: auto, cpu or cuda on this machine")
+        daemon.add_argument("--keys", type=Path, help="with --experiment: folder of `p2pmoe keys` files (<id>.key_secret, each peer's <peer>.key): CURVE on")
         daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         daemon.add_argument(
             "--insecure", action="store_true", help="allow plaintext (no [security] keys) on an address other machines can reach; loopback needs no flag"

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.config import SECTIONS, build_config, tables_of
+from p2pmoe.config import SECTIONS, build_config, resolve, tables_of
+from p2pmoe.experiment import links, node_ids
 from p2pmoe.node.security import CurveSettings, read_public_key
-from p2pmoe.settings import ExperimentConfig
+from p2pmoe.settings import NODE_LOCAL_KEYS, ExperimentConfig
 
 MIN_HEARTBEAT = 0.01
 
@@ -189,3 +191,67 @@ def load_node_config(path: str | Path) -> NodeConfig:
         curve=curve,
         max_inflight_bytes=inflight,
     )
+
+
+def node_config_from_experiment(
+    experiment_path: str | Path,
+    roster_path: str | Path,
+    node_id: str,
+    bind: str | None = None,
+    out: str | Path | None = None,
+    local: Mapping[str, Any] | None = None,
+    keys: str | Path | None = None,
+    insecure: bool = False,
+) -> NodeConfig:
+    """A node's config from the files every machine shares, plus what is the machine's own.
+
+    Issue 29: a swarm of 50 machines needed 50 hand-written node files, each repeating the
+    experiment and listing its neighbours' addresses. Now every machine has the same
+    experiment file (`[run]`, `[task]`, `[method]` and optionally `[timing]`) and the same
+    roster (`[nodes]`: node id = address of its ROUTER); a node's peers are its links in the
+    experiment's topology (`links`), their addresses come from the roster. What differs per
+    machine comes from flags: `node_id`, `bind` (default: the node's own roster address; give
+    `tcp://0.0.0.0:PORT` when the roster names the machine by a host name), `out` (default `runs/<id>`), the node-local `[run]` keys in
+    `local` (`data_root`, `threads`, `device`) and `keys`, a folder written by `p2pmoe keys`
+    (`<id>.key_secret`, `<id>.key` and every peer's `<peer>.key`), which turns CURVE on.
+    """
+    experiment_path, roster_path = Path(experiment_path), Path(roster_path)
+    try:
+        raw = tomllib.loads(experiment_path.read_text())
+        roster_raw = tomllib.loads(roster_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read the experiment or roster file: {exc}") from None
+    timing = _timing(_table(raw, "timing", experiment_path), experiment_path)
+    values = tables_of({k: v for k, v in raw.items() if k != "timing"}, str(experiment_path))
+    for key, value in (local or {}).items():
+        if key not in NODE_LOCAL_KEYS:
+            raise ValueError(f"{key!r} is not a node-local [run] key; those are {sorted(NODE_LOCAL_KEYS)} (the rest belongs in {experiment_path})")
+        values["run"][key] = value
+    values["run"]["out"] = str(out or Path("runs") / node_id)
+    experiment = resolve(build_config(values, str(experiment_path)))
+    roster = _table(roster_raw, "nodes", roster_path)
+    if set(roster_raw) - {"nodes"} or not all(isinstance(v, str) and v.startswith("tcp://") for v in roster.values()):
+        raise ValueError(f"{roster_path}: a roster is one table [nodes] of node id = 'tcp://host:port'")
+    expected = node_ids(experiment)
+    missing, extra = sorted(set(expected) - set(roster)), sorted(set(roster) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{roster_path} does not match {experiment_path}: the experiment has nodes {expected}; missing from the roster: {missing}, "
+            f"not in the experiment: {extra}"
+        )
+    if node_id not in roster:
+        raise ValueError(f"--id {node_id!r} is not in {roster_path}; its nodes are {sorted(roster)}")
+    peers = {peer: roster[peer] for peer in links(experiment)[node_id]}
+    curve = None
+    if keys is not None:
+        folder = Path(keys)
+        key_of = {name: folder / f"{name}.key" for name in [node_id, *peers]}
+        for path in [folder / f"{node_id}.key_secret", *key_of.values()]:
+            if not path.is_file():
+                raise ValueError(f"--keys {folder}: no key file {path.name} (write key pairs with `p2pmoe keys --out {folder} {' '.join(expected)}`)")
+        curve = CurveSettings(
+            secret_key_file=folder / f"{node_id}.key_secret",
+            public_key_file=key_of[node_id],
+            allowed_public_keys={peer: read_public_key(key_of[peer]) for peer in peers},
+        )
+    return NodeConfig(node_id, bind or roster[node_id], Path(values["run"]["out"]), peers, experiment, timing, curve, insecure=insecure)
