@@ -130,16 +130,20 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_differences(mine: dict[str, dict[str, Any]], theirs: Any) -> list[str]:
-    """Keys (`run.seed`, `method.p`, ...) whose values differ between two canonical configs;
+def config_differences(mine: dict[str, dict[str, Any]], theirs: Any, sides: tuple[str, str] = ("here", "there")) -> list[str]:
+    """Each key whose value differs between two canonical configs, with both values
+    (`run.seed: 0 here, 1 there`: issue 29, the key alone did not say which side to fix);
     `theirs` comes from a peer, so anything that is not a table of tables differs entirely."""
     if not isinstance(theirs, dict):
         return ["<whole config>"]
     keys = []
-    for section in sorted(set(mine) | set(theirs)):
+    for section in sorted(set(mine) | set(theirs), key=str):
         a, b = mine.get(section, {}), theirs.get(section, {})
         if not isinstance(b, dict):
-            keys.append(section)
+            keys.append(str(section))
             continue
-        keys += [f"{section}.{k}" for k in sorted(set(a) | set(b), key=str) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+        for k in sorted(set(a) | set(b), key=str):
+            ours, other = a.get(k, "<absent>"), b.get(k, "<absent>")
+            if ours != other:
+                keys.append(f"{section}.{k}: {ours!r} {sides[0]}, {other!r} {sides[1]}")
     return keys

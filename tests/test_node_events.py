@@ -158,9 +158,9 @@ def test_a_peer_running_another_experiment_is_refused_with_the_keys_that_differ(
 
     with caplog.at_level(logging.ERROR, logger="p2pmoe.node"):
         asyncio.run(scenario())
-    assert daemons["node-00"].refused_peers == {"node-01": ["run.seed"]}
-    assert daemons["node-01"].refused_peers == {"node-00": ["run.seed"]}
-    assert "node-00: refusing node-01: it runs another experiment; keys that differ: run.seed" in caplog.text
+    assert daemons["node-00"].refused_peers == {"node-01": ["run.seed: 0 here, 1 there"]}
+    assert daemons["node-01"].refused_peers == {"node-00": ["run.seed: 1 here, 0 there"]}
+    assert "node-00: refusing node-01: it runs another experiment; keys that differ: run.seed: 0 here, 1 there" in caplog.text
     assert daemons["node-00"].peer_rounds == {}  # its round was never taken
 
 

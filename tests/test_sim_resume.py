@@ -91,7 +91,7 @@ def test_resume_refuses_another_experiments_checkpoint_and_keeps_its_files(tmp_p
     cfg = with_options(cfg, task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
     run_simulation(cfg, progress=False, report=False, checkpoint_every=1)
     before = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.jsonl", "ledger.csv", CHECKPOINT_NAME)}
-    with pytest.raises(CheckpointError, match=r"another experiment \(differs in run\.seed\)"):
+    with pytest.raises(CheckpointError, match=r"another experiment \(differs in run\.seed: 1 in this run, 0 in the checkpoint\)"):
         run_simulation(with_options(cfg, seed=1), progress=False, report=False, resume=True)
     assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
     # A finished run resumes to itself: no round runs again, the summary is rewritten.

@@ -144,12 +144,14 @@ class NodeDaemon:
 
     async def _send_one(self, dst: str, message: Message) -> None:
         """Send, failing into the method on error. A configured peer not heard from for
-        `suspect_after` gets `SILENT_PEER_SEND_TIMEOUT` to take a message, not the transport's
-        send timeout: every round waited 10 s per message for a peer that never came."""
+        `suspect_after` gets `SILENT_PEER_SEND_TIMEOUT` to take a message, a dead one none (one
+        try), not the transport's send timeout: every round waited 10 s per message for a peer
+        that never came."""
         assert self.transport is not None
-        silent = dst in self.cfg.peers and self.membership.state(dst, time.monotonic()) != "alive"
+        state = self.membership.state(dst, time.monotonic()) if dst in self.cfg.peers else "alive"
+        timeout = {"alive": None, "suspect": SILENT_PEER_SEND_TIMEOUT, "dead": 0.0}[state]  # a dead peer costs no wait at all
         try:
-            await self.transport.send(dst, message, SILENT_PEER_SEND_TIMEOUT if silent else None)
+            await self.transport.send(dst, message, timeout)
         except TransportClosed:
             log.debug("%s: %s to %s dropped: the transport is closing", self.cfg.node_id, message.kind.value, dst)
         except TransportError as exc:

@@ -82,7 +82,8 @@ def load_network_checkpoint(folder: Path, cfg: ExperimentConfig, hint: str = "")
     followed by `hint`: what the caller's user can do about it."""
     checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
     if checkpoint is not None and checkpoint.extra.get("config_hash") != config_hash(cfg) and not same_but_newer_defaults(checkpoint.extra.get("setting"), cfg):
-        differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting"))) or "settings it does not name"
+        sides = ("in this run", "in the checkpoint")
+        differ = ", ".join(config_differences(canonical_config(cfg), checkpoint.extra.get("setting"), sides)) or "settings it does not name"
         raise CheckpointError(f"{folder / CHECKPOINT_NAME} belongs to another experiment (differs in {differ}){hint}")
     return checkpoint
 
