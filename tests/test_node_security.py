@@ -193,3 +193,20 @@ def test_a_listed_client_squatting_a_peers_routing_id_blocks_nobody(keys, squatt
                 context.destroy(linger=0)
 
     run(scenario)
+
+
+def test_each_link_says_once_whether_it_is_encrypted(keys, caplog):
+    """Issue 29: no log line said whether a link was encrypted."""
+
+    async def scenario():
+        async with Transport("a", LOOPBACK, curve=settings(keys, "a", ["b"])) as a, Transport("p", LOOPBACK) as plain:
+            a.add_peer("b", "tcp://127.0.0.1:1")
+            plain.add_peer("q", "tcp://127.0.0.1:2")
+
+    with caplog.at_level(logging.INFO, logger="p2pmoe.transport"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records if "link to" in r.getMessage()]
+    assert lines == [
+        "a: link to 'b' at tcp://127.0.0.1:1 is CURVE-encrypted, the peer's key checked against the allow-list",
+        "p: link to 'q' at tcp://127.0.0.1:2 is plaintext: NOT encrypted or authenticated",
+    ]

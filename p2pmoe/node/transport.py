@@ -406,6 +406,9 @@ class Transport:
         self._ready[socket] = _Readiness(socket)
         pump = asyncio.create_task(self._pump(socket, peer_id), name=f"{self.node_id}-to-{peer_id}")
         self._peers[peer_id] = _Peer(address, socket, pump)
+        # once per link, so a reader of any node's log sees which links are protected (issue 29)
+        protection = "CURVE-encrypted, the peer's key checked against the allow-list" if self._guard else "plaintext: NOT encrypted or authenticated"
+        log.info("%s: link to %r at %s is %s", self.node_id, peer_id, address, protection)
 
     def remove_peer(self, peer_id: str) -> None:
         """Drop the DEALER to `peer_id` and its queued messages (no-op for an unknown peer)."""
