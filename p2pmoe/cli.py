@@ -196,6 +196,8 @@ def _daemon(args: argparse.Namespace) -> int:
     cfg = _daemon_config(args)
     if args.insecure:
         cfg = dataclasses.replace(cfg, insecure=True)
+    if args.metrics_port is not None:
+        cfg = dataclasses.replace(cfg, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
     source = args.config or args.experiment
     check_role(cfg, args.command, source)
     if cfg.experiment.run.threads:
@@ -316,6 +318,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         daemon.add_argument("--device", help="with --experiment: auto, cpu or cuda on this machine")
         daemon.add_argument("--keys", type=Path, help="with --experiment: folder of `p2pmoe keys` files (<id>.key_secret, each peer's <peer>.key): CURVE on")
         daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        daemon.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://ADDR:PORT/metrics (0: any free port, logged)")
+        daemon.add_argument("--metrics-addr", default="127.0.0.1", help="where the metrics endpoint listens (default 127.0.0.1)")
         daemon.add_argument(
             "--insecure", action="store_true", help="allow plaintext (no [security] keys) on an address other machines can reach; loopback needs no flag"
         )

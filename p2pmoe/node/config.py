@@ -85,6 +85,8 @@ class NodeConfig:
     curve: CurveSettings | None = None
     max_inflight_bytes: int = 64 * 2**20
     insecure: bool = False  # plaintext on a non-loopback address: only when asked for (--insecure)
+    metrics_port: int | None = None  # serve Prometheus /metrics there (--metrics-port; 0: any free port)
+    metrics_addr: str = "127.0.0.1"
 
     def check_plaintext_bind(self) -> None:
         """Without CURVE keys anyone who reaches the node can read its messages and speak as

@@ -28,6 +28,7 @@ from p2pmoe.naming import SERVER_ID
 from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.membership import Membership
+from p2pmoe.node.metrics import DaemonState, MetricsServer
 from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportClosed, TransportError
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import canonical_config, config_differences, config_hash
@@ -87,6 +88,9 @@ class NodeDaemon:
         self._folder: RunFolder | None = None
         self._received: dict[int, int] = defaultdict(int)
         self._noise = RateLimitedLog(logger=log)
+        self.rounds_done = 0
+        self.last_metrics: dict[str, float] = {}
+        self.metrics: MetricsServer | None = None
 
     # -- Port (see p2pmoe.driver.rounds) -----------------------------------------------------------
 
@@ -118,6 +122,26 @@ class NodeDaemon:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _serve_metrics(self) -> MetricsServer | None:
+        """Prometheus /metrics when the config asks for it, read from this daemon's own state."""
+        if self.cfg.metrics_port is None:
+            return None
+        transport = self.transport
+        assert transport is not None
+
+        state = DaemonState(
+            node=self.cfg.node_id,
+            round=lambda: self.runner.round,
+            rounds_done=lambda: self.rounds_done,
+            sent=lambda: self.ledger.entries,
+            received=lambda: transport.bytes_received,
+            peers=lambda: {peer: self.membership.state(peer, time.monotonic()) for peer in self.cfg.peers},
+            last_metrics=lambda: self.last_metrics,
+        )
+        server = MetricsServer(state, self.cfg.metrics_port, self.cfg.metrics_addr)
+        log.info("%s: Prometheus metrics at http://%s:%d/metrics", self.cfg.node_id, self.cfg.metrics_addr, server.port)
+        return server
+
     async def round_done(self, node: NodeRunner, round_index: int, train: dict[str, float], metrics: dict[str, float] | None) -> None:
         """Checkpoint first: a metrics line then always means the round can be resumed after."""
         extra = {"node": self.cfg.node_id, "membership": self.membership.table(time.monotonic()), "config_hash": self.config_hash}
@@ -126,6 +150,9 @@ class NodeDaemon:
         assert self._folder is not None
         received = self._received.pop(round_index, 0)
         self._folder.log(metrics_row(self.cfg.node_id, round_index, train, metrics, sent, received, node.diagnostics()))
+        self.rounds_done += 1
+        if metrics:
+            self.last_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         self._flush_ledger()
         shown = {k: round(v, 4) for k, v in {**train, **(metrics or {})}.items() if isinstance(v, int | float) and not k.startswith("valid_")}
         alive = len(self.membership.alive(time.monotonic()))
@@ -343,6 +370,7 @@ class NodeDaemon:
             self.transport.add_peer(peer, address, key)
         tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
         self._folder = RunFolder(self.cfg.out, append=True)
+        self.metrics = self._serve_metrics()
         try:
             first = await self._startup()
             run = self.cfg.experiment.run
@@ -357,4 +385,6 @@ class NodeDaemon:
             await asyncio.gather(*tasks, *self._requests, return_exceptions=True)
             self._flush_ledger()
             self._folder.close()
+            if self.metrics is not None:
+                self.metrics.close()
             await self.transport.close()
