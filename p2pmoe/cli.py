@@ -198,6 +198,8 @@ def _daemon(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, insecure=True)
     if args.metrics_port is not None:
         cfg = dataclasses.replace(cfg, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
+    if args.min_peers is not None:
+        cfg = dataclasses.replace(cfg, min_peers=args.min_peers)
     source = args.config or args.experiment
     check_role(cfg, args.command, source)
     if cfg.experiment.run.threads:
@@ -210,11 +212,14 @@ def _daemon(args: argparse.Namespace) -> int:
         pass
     import zmq
 
+    daemon = NodeDaemon(cfg)
     try:
-        asyncio.run(NodeDaemon(cfg).run())
+        asyncio.run(daemon.run())
     except zmq.ZMQError as exc:  # a port in use, an address that is not ours: one line, not a traceback
         raise ValueError(f"{source}: node {cfg.node_id!r} cannot listen on {cfg.bind}: {exc}") from None
-    return 0
+    for failure in daemon.failures:
+        print(f"p2pmoe: node {cfg.node_id!r}: {failure}", file=sys.stderr)
+    return 1 if daemon.failures else 0
 
 
 def _swarm(args: argparse.Namespace) -> int:
@@ -225,6 +230,11 @@ def _swarm(args: argparse.Namespace) -> int:
     timing = Timing(round_deadline=args.round_deadline, startup=args.startup, linger=args.linger)
     summary = run_swarm(config_from_args(args), timing, report=not args.no_report)
     _print_summary(summary)
+    from p2pmoe.report.tables import participation_lines
+
+    print("who took part:")
+    for line in participation_lines(summary["took_part"], summary["rounds"]):
+        print(f"  {line}")
     return 0 if all(code == 0 for code in summary["exit_codes"].values()) else 1
 
 
@@ -318,6 +328,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         daemon.add_argument("--device", help="with --experiment: auto, cpu or cuda on this machine")
         daemon.add_argument("--keys", type=Path, help="with --experiment: folder of `p2pmoe keys` files (<id>.key_secret, each peer's <peer>.key): CURVE on")
         daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        daemon.add_argument("--min-peers", type=int, help="exit non-zero if a round ran with fewer live peers (the coordinator's: clients)")
         daemon.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://ADDR:PORT/metrics (0: any free port, logged)")
         daemon.add_argument("--metrics-addr", default="127.0.0.1", help="where the metrics endpoint listens (default 127.0.0.1)")
         daemon.add_argument(

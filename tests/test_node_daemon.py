@@ -54,6 +54,8 @@ def test_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, fkcb_like,
 
     server = 1 if method in ("fedavg", "fmoe-cdsr") else 0
     assert len(swarm["exit_codes"]) == clients + server and set(swarm["exit_codes"].values()) == {0}
+    everyone = [f"node-0{k}" for k in range(clients)] + (["server"] if server else [])
+    assert swarm["took_part"] == dict.fromkeys(everyone, f"0-{rounds - 1}")  # who ran which rounds (issue 29)
     method_kinds = {k: v for k, v in swarm["bytes"]["by_kind"].items() if k not in CONTROL_KINDS}
     assert method_kinds == sim["bytes"]["by_kind"]  # every method kind, to the byte
     if method == "fedmoe-da":

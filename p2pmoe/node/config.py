@@ -85,6 +85,7 @@ class NodeConfig:
     curve: CurveSettings | None = None
     max_inflight_bytes: int = 64 * 2**20
     insecure: bool = False  # plaintext on a non-loopback address: only when asked for (--insecure)
+    min_peers: int = 0  # a round with fewer live peers makes the node exit non-zero (--min-peers; the coordinator's peers are its clients)
     metrics_port: int | None = None  # serve Prometheus /metrics there (--metrics-port; 0: any free port)
     metrics_addr: str = "127.0.0.1"
 
@@ -145,7 +146,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: cannot read node config: {exc}") from None
-    known = {"node_id", "bind", "out", "max_inflight_bytes", "insecure", "peers", "timing", "security", *SECTIONS}
+    known = {"node_id", "bind", "out", "max_inflight_bytes", "insecure", "min_peers", "peers", "timing", "security", *SECTIONS}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
@@ -179,11 +180,14 @@ def load_node_config(path: str | Path) -> NodeConfig:
     inflight = raw.get("max_inflight_bytes", 64 * 2**20)
     if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
         raise ValueError(f"{path}: max_inflight_bytes must be a positive integer, got {inflight!r}")
-    insecure = raw.get("insecure", False)
+    insecure, min_peers = raw.get("insecure", False), raw.get("min_peers", 0)
     if not isinstance(insecure, bool):
         raise ValueError(f"{path}: insecure must be true or false, got {insecure!r}")
+    if isinstance(min_peers, bool) or not isinstance(min_peers, int) or not 0 <= min_peers <= len(peers):
+        raise ValueError(f"{path}: min_peers must be a whole number from 0 to the {len(peers)} configured peers, got {min_peers!r}")
     return NodeConfig(
         insecure=insecure,
+        min_peers=min_peers,
         node_id=raw["node_id"],
         bind=raw["bind"],
         out=out,

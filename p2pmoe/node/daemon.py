@@ -30,6 +30,7 @@ from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.membership import Membership
 from p2pmoe.node.metrics import DaemonState, MetricsServer
 from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportClosed, TransportError
+from p2pmoe.report.tables import round_ranges
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import canonical_config, config_differences, config_hash
 from p2pmoe.wire.codec import Envelope
@@ -90,6 +91,8 @@ class NodeDaemon:
         self._noise = RateLimitedLog(logger=log)
         self.rounds_done = 0
         self.last_metrics: dict[str, float] = {}
+        self.thin_rounds: list[int] = []  # rounds run with fewer than min_peers live peers
+        self.failures: list[str] = []  # what the run did not do that was asked (the command exits non-zero)
         self.metrics: MetricsServer | None = None
 
     # -- Port (see p2pmoe.driver.rounds) -----------------------------------------------------------
@@ -122,6 +125,16 @@ class NodeDaemon:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _failures(self) -> list[str]:
+        """Issue 29: every process exited 0 when a peer never came or a node trained alone."""
+        failures = []
+        never = self.membership.never_heard()
+        if never:
+            failures.append(f"never reached configured peer(s) {', '.join(never)}: check their addresses, ports and keys")
+        if self.thin_rounds:
+            failures.append(f"ran rounds {round_ranges(self.thin_rounds)} with fewer than min_peers = {self.cfg.min_peers} live peers")
+        return failures
+
     def _serve_metrics(self) -> MetricsServer | None:
         """Prometheus /metrics when the config asks for it, read from this daemon's own state."""
         if self.cfg.metrics_port is None:
@@ -151,6 +164,8 @@ class NodeDaemon:
         received = self._received.pop(round_index, 0)
         self._folder.log(metrics_row(self.cfg.node_id, round_index, train, metrics, sent, received, node.diagnostics()))
         self.rounds_done += 1
+        if len(self.membership.alive(time.monotonic())) < self.cfg.min_peers:
+            self.thin_rounds.append(round_index)
         if metrics:
             self.last_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         self._flush_ledger()
@@ -375,6 +390,7 @@ class NodeDaemon:
             first = await self._startup()
             run = self.cfg.experiment.run
             last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, self.cfg.timing.round_deadline, eval_point=run.eval_point)
+            self.failures = self._failures()
             if last == self.rounds - 1:
                 self.done = True
                 await self.send(self.runner, [Send(peer, self._control(MessageKind.HEARTBEAT)) for peer in self.cfg.peers])

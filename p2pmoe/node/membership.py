@@ -50,6 +50,10 @@ class Membership:
         last = self._last_seen.get(peer)
         self._last_seen[peer] = now if last is None else max(last, now)
 
+    def never_heard(self) -> list[str]:
+        """Peers never heard from at all, sorted."""
+        return sorted(peer for peer, last in self._last_seen.items() if last is None)
+
     def state(self, peer: str, now: float) -> State:
         """'alive', 'suspect' or 'dead' at `now`; KeyError for a peer not tracked."""
         silence = self._since(peer, now)

@@ -29,6 +29,7 @@ from p2pmoe.ledger import ByteLedger
 from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.node.config import Timing, load_node_config
 from p2pmoe.report import write_report
+from p2pmoe.report.tables import round_ranges
 from p2pmoe.runs import RunFolder, read_ledger, read_metrics
 from p2pmoe.settings import ExperimentConfig
 
@@ -120,6 +121,8 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     summary = make_summary(cfg, task, rows, ledger, clients, wall_seconds, "swarm")
     summary["nodes_finished"] = sorted({r["node"] for r in rows if r["round"] == cfg.run.rounds - 1 and r["node"] in clients})
     summary["exit_codes"] = exit_codes or {}
+    everyone = [*clients, *sorted({r["node"] for r in rows} - set(clients))]  # a node that ran no round is listed too
+    summary["took_part"] = {node: round_ranges(r["round"] for r in rows if r["node"] == node) for node in everyone}
     run_folder.finish(summary)
     return summary
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 GATE_PREFIXES = ("gate_mean/", "alpha/")
@@ -142,6 +142,26 @@ def profile_lines(profile: dict[str, Any]) -> list[str]:
         shown = ", ".join(f"{m} {level[m]:.4f}" for m in ("mrr", "hr@10", "ndcg@10") if m in level)
         lines.append(f"random ranking with {level['candidates']} candidates per target: {shown}")
     return lines
+
+
+def round_ranges(rounds: Iterable[int]) -> str:
+    """Rounds as runs of consecutive numbers: `0-2, 5, 7-9` (empty: `none`)."""
+    ordered = sorted(set(rounds))
+    if not ordered:
+        return "none"
+    spans, start, previous = [], ordered[0], ordered[0]
+    for current in [*ordered[1:], None]:
+        if current is None or current != previous + 1:
+            spans.append(str(start) if start == previous else f"{start}-{previous}")
+            start = current if current is not None else start
+        previous = current if current is not None else previous
+    return ", ".join(spans)
+
+
+def participation_lines(took_part: Mapping[str, str], rounds: int) -> list[str]:
+    """The end-of-run table of who ran which rounds (issue 29: a swarm ended without saying)."""
+    width = max((len(node) for node in took_part), default=4)
+    return [f"{node:<{width}}  rounds {ran} of 0-{rounds - 1}" for node, ran in sorted(took_part.items())]
 
 
 def bench_row(summary: dict[str, Any]) -> dict[str, Any]:
