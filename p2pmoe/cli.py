@@ -238,6 +238,25 @@ def _swarm(args: argparse.Namespace) -> int:
     return 0 if all(code == 0 for code in summary["exit_codes"].values()) else 1
 
 
+def _status(args: argparse.Namespace) -> int:
+    """`p2pmoe status ADDRESS` (one node, in full) or `--roster FILE` (one line per node)."""
+    import tomllib
+
+    from p2pmoe.node.status import ask_status, status_lines, swarm_line
+
+    if args.roster is not None:
+        nodes = tomllib.loads(args.roster.read_text()).get("nodes", {})
+        if not nodes:
+            raise ValueError(f"{args.roster}: no [nodes] table of node id = 'tcp://host:port'")
+        lines = [swarm_line(node, address, args.timeout) for node, address in sorted(nodes.items())]
+        print("\n".join(lines))
+        return 0 if not any("no answer" in line for line in lines) else 1
+    if args.address is None:
+        raise ValueError("give a node's ADDRESS (tcp://host:port) or --roster FILE")
+    print("\n".join(status_lines(ask_status(args.address, args.timeout))))
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from p2pmoe.node.security import write_keys
 
@@ -384,6 +403,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--out", type=Path, default=None, help="file to write (default runs/phi/<data>-d<embed-dim>.safetensors)")
     pretrain.set_defaults(handler=_pretrain_phi)
+
+    status = sub.add_parser("status", help="ask running nodes how they are (round, peers, bytes, refusals, last metrics)")
+    status.add_argument("address", nargs="?", help="a node's address, tcp://host:port")
+    status.add_argument("--roster", type=Path, help="a roster file: one line per node of the swarm")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer (default 5)")
+    status.set_defaults(handler=_status)
 
     keys = sub.add_parser("keys", help="write CURVE key pairs for node names")
     keys.add_argument("--out", type=Path, required=True)

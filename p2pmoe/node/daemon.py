@@ -15,7 +15,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from p2pmoe.config import resolve
 from p2pmoe.driver.rounds import drive_rounds
@@ -57,6 +57,7 @@ def agreed_round(peer_rounds: dict[str, int], configured: int) -> int:
     return rounds[quorum - 1] if len(rounds) >= quorum else -1
 
 
+STATUS_EVERY = 0.5  # seconds a computed status answer is reused
 SILENT_PEER_SEND_TIMEOUT = 1.0  # seconds a message waits for a connection to a peer that has gone quiet
 
 
@@ -94,6 +95,7 @@ class NodeDaemon:
         self.thin_rounds: list[int] = []  # rounds run with fewer than min_peers live peers
         self.failures: list[str] = []  # what the run did not do that was asked (the command exits non-zero)
         self.metrics: MetricsServer | None = None
+        self._status: tuple[float, dict[str, Any]] | None = None
 
     # -- Port (see p2pmoe.driver.rounds) -----------------------------------------------------------
 
@@ -214,6 +216,38 @@ class NodeDaemon:
             return
         await self._dispatch(Envelope(dst, reply))
 
+    @staticmethod
+    def _req_of(message: Message) -> dict[str, Any]:
+        """The request id to copy into a reply, if the message had one."""
+        return {"req": message.meta["req"]} if "req" in message.meta else {}
+
+    def status(self) -> dict[str, Any]:
+        """What `p2pmoe status` shows (issue 29): round, peers' liveness, bytes, refusals, the
+        last metrics. Recomputed at most every STATUS_EVERY seconds, so a flood of status
+        requests costs one pass over the ledger per interval, not one per request."""
+        now = time.monotonic()
+        if self._status is not None and now - self._status[0] < STATUS_EVERY:
+            return self._status[1]
+        sent: dict[str, int] = defaultdict(int)
+        for entry in self.ledger.entries:
+            sent[entry.kind] += entry.total
+        table = self.membership.table(now)
+        status = {
+            "node": self.cfg.node_id,
+            "method": self.cfg.experiment.run.method,
+            "round": self.runner.round,
+            "rounds": self.rounds,
+            "rounds_done": self.rounds_done,
+            "done": self.done,
+            "peers": {peer: {"state": row["state"], "silence_s": round(cast(float, row["silence"]), 1)} for peer, row in table.items()},
+            "sent_bytes": dict(sorted(sent.items())),
+            "received_bytes": sum(self.transport.bytes_received.values()) if self.transport is not None else 0,
+            "refused": sorted(self.refused_peers),
+            "metrics": dict(self.last_metrics),
+        }
+        self._status = (now, status)
+        return status
+
     def _control(self, kind: MessageKind, reply: bool = False) -> Message:
         meta: dict[str, Any] = {"round": self.runner.round, "done": self.done, "config": self.config_hash}
         if kind == MessageKind.HELLO:
@@ -236,14 +270,19 @@ class NodeDaemon:
     async def _dispatch(self, envelope: Envelope) -> None:
         src, message = envelope.src, envelope.message
         configured = src in self.cfg.peers
+        if message.kind == MessageKind.STATUS:  # `p2pmoe status`: answered, never counted as a sign of life
+            if message.meta.get("reply") is not True:
+                await self._send_one(
+                    src, Message(MessageKind.STATUS, max(self.runner.round, 0), meta={"reply": True, **self._req_of(message), "status": self.status()})
+                )
+            return
         if message.kind in CONTROL_KINDS:
             if configured and self._same_experiment(src, message):
                 self.membership.seen(src, time.monotonic())
                 self._take_control(src, message)
             if message.kind == MessageKind.HELLO and message.meta.get("reply") is not True:
                 answer = self._control(MessageKind.HELLO, reply=True)
-                if "req" in message.meta:  # a hello with a request id doubles as a ping
-                    answer.meta["req"] = message.meta["req"]
+                answer.meta.update(self._req_of(message))  # a hello with a request id doubles as a ping
                 await self._send_one(src, answer)
             return
         if src in self.refused_peers:

@@ -27,6 +27,7 @@ class MessageKind(str, Enum):  # noqa: UP042 - StrEnum would change str() and fo
     MODEL_GLOBAL = "model_global"
     AGGREGATION_PLAN = "aggregation_plan"
     GOSSIP = "gossip"
+    STATUS = "status"
 
 
 @dataclass(frozen=True)
