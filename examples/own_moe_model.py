@@ -5,9 +5,8 @@ DIR holds train.csv and test.csv: numeric feature columns and an integer `label`
 model is this file's: an MLP embedder (φ, which FedMoE-DA gossips as `embedder.*`) and a
 mixture of MLP experts behind a linear gate. Its `moe` follows the ExpertSlots contract
 (experts by slot, a gating matrix whose row e is expert e's proxy): all FedMoE-DA needs to
-select, fetch and aggregate experts. The family provides `expert_slots` and `whole_model`, so
-FedMoE-DA, FedAvg, D-PSGD and Local all run on it.
-"""
+select, fetch and aggregate experts. It provides `expert_slots` and `whole_model`: FedMoE-DA,
+FedAvg, D-PSGD and Local all run on it."""
 
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from p2pmoe.data.partition import partition_clients
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.models.moe import ExpertSlots
 from p2pmoe.options import Options, option
+from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import Selection, Task, register_task
 
@@ -30,6 +30,7 @@ from p2pmoe.tasks.base import Selection, Task, register_task
 @dataclass(frozen=True)
 class CsvOptions(Options):
     section: ClassVar[str] = "task"
+    classes: int = option(4, "labels are 0 .. classes - 1", minimum=2)
     hidden: int = option(32, "width of the embedder and of each expert", minimum=1)
     experts: int = option(4, "experts per node", minimum=1)
 
@@ -72,27 +73,27 @@ class CsvTask(Task):
     summary = "a user's CSV classification data with their own MoE model"
     options, metrics, selection, default_lr = CsvOptions, ("accuracy",), Selection(), 0.05
     provides = frozenset({"whole_model", "expert_slots"})
+    unused_run_options = {"max_train_per_node": "a node trains on its whole partition"}
 
-    def _data(self, cfg: ExperimentConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        root = Path(cfg.run.data_root or ".")
-        return read_csv(root / "train.csv"), read_csv(root / "test.csv")
-
-    def _model(self, cfg: ExperimentConfig, train: tuple[torch.Tensor, torch.Tensor]) -> MyModel:
+    def _model(self, cfg: ExperimentConfig, features: int) -> MyModel:
         assert isinstance(cfg.task, CsvOptions)
-        torch.manual_seed(cfg.run.seed)  # every node starts from the same weights
-        return MyModel(train[0].shape[1], int(train[1].max()) + 1, cfg.task)
+        with seeded_init(cfg.run.seed):  # every node starts from the same weights
+            return MyModel(features, cfg.task.classes, cfg.task)
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: object = None) -> dict[int, ImageClassifierLearner]:  # type: ignore[override]
-        (x, y), (tx, ty) = self._data(cfg)
+        root = Path(cfg.run.data_root or ".")
+        (x, y), (tx, ty) = read_csv(root / "train.csv"), read_csv(root / "test.csv")
         splits = partition_clients(y.numpy(), ty.numpy(), cfg.run.nodes, cfg.run.partition, cfg.run.seed)
         learners = {}
         for k in indices:
-            a, b, lr, net = splits[k].train, splits[k].test, cfg.run.lr or self.default_lr, self._model(cfg, (x, y))
-            learners[k] = ImageClassifierLearner(net, (x[a], y[a]), (tx[b], ty[b]), None, cfg.run.batch_size, lr, seed=cfg.run.seed * 1000 + k)
+            a, b, lr, net = splits[k].train, splits[k].test, cfg.run.lr or self.default_lr, self._model(cfg, x.shape[1])
+            learners[k] = ImageClassifierLearner(net, (x[a], y[a]), (tx[b], ty[b]), None, cfg.run.batch_size, lr, seed=node_stream(cfg.run.seed, "shuffle", k))
         return learners
 
     def template(self, cfg: ExperimentConfig, model: object = None) -> nn.Module:
-        return self._model(cfg, self._data(cfg)[0])
+        """A coordinator reads no example: only the header names the features."""
+        with open(Path(cfg.run.data_root or ".") / "train.csv", newline="") as f:
+            return self._model(cfg, len(next(csv.reader(f))) - 1)
 
 
 register_task(CsvTask())

@@ -36,3 +36,15 @@ def test_registered_baselines_take_no_options_of_the_method_they_pin():
     assert get_method("fedbn-mmoe").options is NoOptions and get_method("pf-msmtrec").options is PFMSMTrecOptions
     assert get_method("lora-fedavg").options is NoOptions and get_method("fedecider").options is FeDeciderOptions
     assert get_method("fedbn-mmoe").build_client.__module__ == "p2pmoe.methods.pf_msmtrec"  # listed with its method
+
+
+def test_a_pinned_context_shares_the_learners_built_through_it():
+    """Review of issue 27: the copy a pinned variant builds through had its own learner cache,
+    so fedbn-mmoe built every client's learner once per client."""
+    ctx = _context("local", "fmnist")
+    calls = []
+    ctx.task = type("Counting", (), {"learners": lambda self, cfg, wanted, model: calls.append(wanted) or {0: "learner"}})()  # type: ignore[assignment]
+    ctx.wanted = {"node-00"}
+    pinned = ctx.with_method_options(NoOptions())
+    assert pinned.learner("node-00") == "learner" and ctx.learner("node-00") == "learner"
+    assert calls == [[0]]  # built once, for both

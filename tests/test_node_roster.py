@@ -113,3 +113,12 @@ def test_the_shared_lan_example_gives_every_node_its_ring_neighbours():
     for k in range(6):
         cfg = node_config_from_experiment(folder / "experiment.toml", folder / "roster.toml", f"node-0{k}", insecure=True)
         assert sorted(cfg.peers) == sorted({f"node-0{(k - 1) % 6}", f"node-0{(k + 1) % 6}"}) and cfg.timing.round_deadline == 300.0
+
+
+def test_an_experiment_file_may_not_say_where_a_machine_writes_or_listen_anywhere(tmp_path):
+    experiment, roster = _files(tmp_path, [f"node-0{k}" for k in range(4)], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="--bind must be an address"):
+        node_config_from_experiment(experiment, roster, "node-00", bind="0.0.0.0:5550")
+    experiment.write_text(EXPERIMENT.replace("threads = 1\n", 'threads = 1\nout = "runs/x"\n'))
+    with pytest.raises(ValueError, match=r"\[run\] out is each machine's own"):
+        node_config_from_experiment(experiment, roster, "node-00")

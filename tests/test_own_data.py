@@ -106,7 +106,7 @@ def test_a_run_whose_selection_precedes_the_exchange_says_so(tmp_path, capsys):
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["selection"]["round"] == 0 and summary["selection"]["first_exchange_round"] == 0
-    assert "never trained on anything another node sent" in summary["selection"]["warning"]
+    assert "no node had yet trained on anything another node sent" in summary["selection"]["warning"]
     captured = capsys.readouterr()
     assert "selected round: 0" in captured.out and "warning: model selection picked round 0" in captured.err
 
@@ -219,3 +219,10 @@ def test_report_and_terminal_show_random_level_warning_domains_and_no_ignored_op
     assert any(name.startswith("gate_mean") for name in report.figures) and summary["holds"]["node-00"] == "Books"
     assert load_run(run).named("node-03") == "node-03 (Sports)"
     assert summary_tables([summary]).splitlines()[-1].lstrip().startswith("random ranking (21 candidates)")
+
+
+def test_a_domain_name_with_a_slash_stays_whole_in_the_per_domain_table():
+    from p2pmoe.report.tables import breakdown
+
+    means = {"mrr", "auc"}
+    assert breakdown("home/kitchen/mrr", means) == ("home/kitchen", "mrr") and breakdown("auc/click", means) == ("click", "auc")

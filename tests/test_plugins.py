@@ -175,3 +175,16 @@ def test_a_plugin_method_runs_in_a_swarm_of_daemons(tmp_path):
     )
     assert summary["method"] == "fedavg-median" and summary["nodes_finished"] == ["node-00", "node-01"]
     assert set(summary["exit_codes"].values()) == {0}
+
+
+def test_a_task_option_that_shadows_a_run_flag_is_refused_at_registration(monkeypatch):
+    from p2pmoe.tasks import base
+
+    monkeypatch.setattr(base, "_TASKS", dict(base.all_tasks()))
+    image = base.task_for_data("fmnist")
+
+    class Shadowing(type(image)):  # type: ignore[misc]
+        name, data, options = "shadow", ("shadow",), Clashing  # Clashing has `rounds`, a [run] option
+
+    with pytest.raises(ValueError, match=r"flags \['--rounds'\] are also \[run\] options"):
+        base.register_task(Shadowing())

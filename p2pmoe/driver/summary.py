@@ -96,8 +96,9 @@ def selection_warning(chosen: int | None, first_exchange: int | None) -> str | N
         return None
     return (
         f"model selection picked round {chosen}, no later than the first round in which a client received another node's tensors "
-        f"(round {first_exchange}): the reported models never trained on anything another node sent, so this result "
-        "measures the nodes' own training; look at the selection metric by round (metrics.jsonl, the report) and run more rounds"
+        f"(round {first_exchange}): no node had yet trained on anything another node sent (what the models hold from others, "
+        "an average or a peer's expert, came after their last training), so this result says little about what the exchange "
+        "brings; look at the selection metric by round (metrics.jsonl, the report) and run more rounds"
     )
 
 

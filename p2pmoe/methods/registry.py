@@ -76,7 +76,8 @@ class BuildContext:
             wanted = [k for k, n in enumerate(self.clients) if n in self.wanted]
             build = self.task.accounting_learners if self.cfg.run.train == "none" else self.task.learners
             built = build(self.cfg, wanted, model)
-            self._learners = {self.clients[k]: learner for k, learner in built.items()}
+            # in place: a context seen through `with_method_options` shares this dict
+            self._learners.update({self.clients[k]: learner for k, learner in built.items()})
         return self._learners[node]
 
     def template(self, model: ModelFactory | None = None) -> nn.Module:

@@ -233,6 +233,8 @@ def node_config_from_experiment(
         if key not in NODE_LOCAL_KEYS:
             raise ValueError(f"{key!r} is not a node-local [run] key; those are {sorted(NODE_LOCAL_KEYS)} (the rest belongs in {experiment_path})")
         values["run"][key] = value
+    if "out" in values["run"]:
+        raise ValueError(f"{experiment_path}: [run] out is each machine's own: remove it and pass --out (default runs/<id>)")
     values["run"]["out"] = str(out or Path("runs") / node_id)
     experiment = resolve(build_config(values, str(experiment_path)))
     roster = _table(roster_raw, "nodes", roster_path)
@@ -260,4 +262,6 @@ def node_config_from_experiment(
             public_key_file=key_of[node_id],
             allowed_public_keys={peer: read_public_key(key_of[peer]) for peer in peers},
         )
+    if bind is not None and not bind.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError(f"--bind must be an address like 'tcp://0.0.0.0:5550', got {bind!r}")
     return NodeConfig(node_id, bind or roster[node_id], Path(values["run"]["out"]), peers, experiment, timing, curve, insecure=insecure)

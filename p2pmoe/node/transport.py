@@ -10,11 +10,13 @@ plain pyzmq client sets `ROUTING_ID` to the node id it puts in its headers). Wit
 identity is the node id the connection's key is listed under (the ZAP User-Id) and routing
 ids carry no meaning: our DEALERs set none, so libzmq numbers their connections, and a listed
 client that claims a peer's id as its ROUTING_ID occupies nothing the peer needs.
-`ROUTER_HANDOVER` is off (issue 26 N2): a routing id in use is never handed to a new
-connection, so a stranger who connects with a connected peer's id is refused by libzmq and
-takes nothing over. A client that reconnects with its id gets it back once ZMTP heartbeats
-have dropped its stale connection (HEARTBEAT_TIMEOUT_MS). Without CURVE a node listens on
-loopback only unless told `insecure` (`NodeConfig.check_plaintext_bind`).
+`ROUTER_HANDOVER` is on: a peer that reconnects while its old connection still looks alive
+to us gets its routing id back at once. Project decision, measured against the alternative
+(issue 26 N2): with handover off, libzmq keeps the second connection open but never reads it,
+even after the first has gone, so a reconnecting peer went mute for the rest of the run. The
+price is that without CURVE anyone who can connect may take over a connected peer's id; so a
+node without CURVE listens on loopback only unless told `insecure`
+(`NodeConfig.check_plaintext_bind`), and with CURVE routing ids carry no meaning at all.
 
 Trust. A peer is untrusted input. Each message is read frame by frame through
 `codec.MessageReader`; the header's `src` must equal the connection's identity. A bad message
@@ -341,7 +343,7 @@ class Transport:
                 self._guard = CurveGuard(curve, self._context)  # before bind: see CurveGuard
             self._router = self._socket(zmq.ROUTER)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self._router.setsockopt(zmq.ROUTER_HANDOVER, 0)  # see the module doc: ids in use are never taken over
+            self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # see the module doc: a reconnecting peer gets its id back
             if self._guard:
                 self._guard.serve(self._router)
             self._router.bind(bind)
@@ -669,7 +671,7 @@ class Transport:
             reason = f"{queued} bytes of yours still wait to be processed (limit {self.max_peer_inbox_bytes}): slow down"
             self._rejections.warning("over budget", "refused a message from %r: %s", sender, reason)
             if routing_id is not None:
-                await self._reply_error(routing_id, sender, reason)
+                await self._reply_error(routing_id, sender, reason, envelope.message.meta.get("req"))
             return
         # Backpressure: stop reading until recv() makes room, in messages and in bytes (a message
         # bigger than the budget still goes in alone). The sockets then keep at most RCVHWM
@@ -697,9 +699,10 @@ class Transport:
         elif routing_id != envelope.src.encode():
             raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
 
-    async def _reply_error(self, routing_id: bytes, sender: str, reason: str) -> None:
-        """Best effort: an ERROR to the connection a bad message came on, never blocking."""
-        message = Message(MessageKind.ERROR, self._round_of(), meta={"reason": reason})
+    async def _reply_error(self, routing_id: bytes, sender: str, reason: str, req: int | None = None) -> None:
+        """Best effort: an ERROR to the connection a bad message came on, never blocking; with
+        the refused message's `req`, so a refused request fails at once instead of timing out."""
+        message = Message(MessageKind.ERROR, self._round_of(), meta={"reason": reason, **({"req": req} if req is not None else {})})
         frames = encode(self.node_id, message, self.limits)
         try:
             self._router.send_multipart([routing_id, *frames], flags=_NOBLOCK)

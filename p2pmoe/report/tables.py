@@ -44,7 +44,10 @@ def breakdown(name: str, means: Collection[str]) -> tuple[str, str] | None:
     if "/" not in name or name.startswith(GATE_PREFIXES):
         return None
     first, rest = name.split("/", 1)
-    return (rest, first) if first in means else (first, rest)
+    if first in means:  # a metric's value per task: auc/click
+        return rest, first
+    part, metric = name.rsplit("/", 1)  # a domain's value of a metric; the domain's own name may hold a "/"
+    return part, metric
 
 
 def mean_metric_names(names: Iterable[str]) -> list[str]:

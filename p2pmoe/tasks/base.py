@@ -19,7 +19,7 @@ from torch import nn
 
 from p2pmoe.eval.metrics import random_ranking_metrics
 from p2pmoe.learners.base import Learner
-from p2pmoe.options import Options, flag
+from p2pmoe.options import Options, describe, flag
 from p2pmoe.plugins import ordered
 from p2pmoe.settings import ExperimentConfig, RunOptions
 
@@ -144,9 +144,16 @@ BUILTIN_TASKS = ("p2pmoe.tasks.image", "p2pmoe.tasks.sequential", "p2pmoe.tasks.
 
 
 def register_task(task: Task) -> Task:
+    """Declare a task family; its capabilities must be known and its option flags must not
+    collide with the `[run]` flags (they share one command line; methods are checked against
+    both when they register)."""
     unknown = sorted(task.provides - set(CAPABILITIES))
     if unknown:
         raise ValueError(f"task {task.name!r} provides unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
+    common = {info.name for info in describe(RunOptions)}
+    clashes = sorted(flag(info.name) for info in describe(task.options) if info.name in common)
+    if clashes:
+        raise ValueError(f"task {task.name!r}: its option flags {clashes} are also [run] options; rename them")
     for other in _TASKS.values():
         shared = set(other.data) & set(task.data)
         if shared:
