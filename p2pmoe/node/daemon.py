@@ -93,6 +93,7 @@ class NodeDaemon:
         self.rounds_done = 0
         self.last_metrics: dict[str, float] = {}
         self.thin_rounds: list[int] = []  # rounds run with fewer than min_peers live peers
+        self._heard_before: set[str] = set()  # peers heard by this node's run before a restart (from its checkpoint)
         self.failures: list[str] = []  # what the run did not do that was asked (the command exits non-zero)
         self.metrics: MetricsServer | None = None
         self._status: tuple[float, dict[str, Any]] | None = None
@@ -128,9 +129,11 @@ class NodeDaemon:
         return self._stop.is_set()
 
     def _failures(self) -> list[str]:
-        """Issue 29: every process exited 0 when a peer never came or a node trained alone."""
+        """Issue 29: every process exited 0 when a peer never came or a node trained alone. A
+        peer heard before a restart counts as reached: a client restarted after its server
+        finished the run ran its remaining rounds alone, as designed."""
         failures = []
-        never = self.membership.never_heard()
+        never = [peer for peer in self.membership.never_heard() if peer not in self._heard_before]
         if never:
             failures.append(f"never reached configured peer(s) {', '.join(never)}: check their addresses, ports and keys")
         if self.thin_rounds:
@@ -381,6 +384,9 @@ class NodeDaemon:
                     f"(config hash {saved[:12]}..., this node's {self.config_hash[:12]}...); move it away to start afresh"
                 )
             self.runner.load_state_dict(checkpoint.state)
+            earlier = checkpoint.extra.get("membership")  # peers this node heard before it was stopped count as reached
+            if isinstance(earlier, dict):
+                self._heard_before = {p for p, row in earlier.items() if isinstance(row, dict) and row.get("last_seen") is not None}
             first = checkpoint.round + 1
             log.info("%s: resumed from %s after round %d", self.cfg.node_id, self.cfg.checkpoint_path, checkpoint.round)
         self.runner.round = first - 1
