@@ -399,3 +399,21 @@ def test_warmup_rounds_mix_phi_every_round_and_exchange_experts_only_after(tmp_p
     assert [kinds.get(r, set()) for r in range(3)] == [{"embedding"}] * 3  # φ every round, nothing else
     assert {"gate_publish", "expert_request", "expert_response"} <= kinds[3] and "embedding" not in kinds[3]  # 3 is odd: no φ
     assert "embedding" in kinds[4] and "embedding" not in kinds[5]
+
+
+def test_a_node_with_few_examples_holds_out_at_most_a_fifth_of_them():
+    """Issue 25 (b): under Dirichlet 0.3 over 100 nodes some hold under 100 images; asking each
+    for 120 validation examples must not stop the run, nor take most of a small node's data."""
+    import networkx as nx
+
+    from p2pmoe.config import default_config, with_options
+    from p2pmoe.methods.registry import BuildContext, get_method
+    from p2pmoe.tasks.base import task_for_data
+
+    cfg = with_options(default_config(method="fedmoe-da", data="fmnist", nodes=2), method_options={"validation_examples": 120})
+    learners = {"node-00": _learner(0), "node-01": _learner(1)}
+    learners["node-01"].hold_out(60, seed=0)  # node-01 keeps 4 examples: a fifth of them is 0
+    ctx = BuildContext(cfg, task_for_data("fmnist"), list(learners), nx.path_graph(list(learners)), set(learners), _learners=learners)
+    big, small = (get_method("fedmoe-da").build_client(ctx, node) for node in learners)
+    assert big.validation is not None and len(big.validation[1]) == 12 and learners["node-00"].num_train_examples == 52
+    assert small.validation is None and learners["node-01"].num_train_examples == 4

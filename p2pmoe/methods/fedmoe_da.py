@@ -96,7 +96,7 @@ class FedMoEDAOptions(PlanOptions):
     )
     validation_examples: int = option(
         0,
-        "hold out this many of a node's training examples (never trained on, never sent) and keep a selected peer expert in an own slot "
+        "hold out this many of a node's training examples, at most a fifth of them (never trained on, never sent) and keep a selected peer expert in an own slot "
         "only if it scores no worse there on them than the own expert (0: off; beyond the paper, see docs/methods.md)",
         minimum=0,
     )
@@ -646,7 +646,10 @@ def _client(ctx: BuildContext, node: str) -> Method:
         hold_out = getattr(learner, "hold_out", None)
         if hold_out is None:
             raise ValueError(f"[method] validation_examples needs the image task's MoE classifier; {ctx.cfg.run.data} has another model")
-        validation = hold_out(opts.validation_examples, node_stream(ctx.cfg.run.seed, "shuffle", ctx.index(node)))
+        # project decision: a node holds out at most a fifth of its own examples, so a node with
+        # few (Dirichlet partitions give some under 100) still trains on most of them
+        count = min(opts.validation_examples, learner.num_train_examples // 5)
+        validation = hold_out(count, node_stream(ctx.cfg.run.seed, "shuffle", ctx.index(node))) if count else None
     return FedMoEDANode(
         node,
         learner,
