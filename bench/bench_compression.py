@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from p2pmoe.config import add_experiment_arguments, config_from_args, with_options
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.methods.base import LearnerMethod
 from p2pmoe.models.params import float_state
@@ -61,7 +61,7 @@ def main() -> None:
 
 def trained_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """Realistic weights to measure compression error on: node-00 trained alone for `rounds` epochs."""
-    node = build_experiment(with_options(cfg, method="local"), only="node-00").nodes["node-00"]
+    node = build_experiment(resolve_experiment(with_options(cfg, method="local")), only="node-00").nodes["node-00"]
     assert isinstance(node, LearnerMethod)
     for r in range(cfg.run.rounds):
         node.train_local(r)

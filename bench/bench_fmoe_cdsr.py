@@ -29,7 +29,7 @@ import torch
 
 from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
 from p2pmoe.driver.summary import select_round, summarise_metrics
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.methods.fmoe_cdsr import FMoECDSROptions
 from p2pmoe.naming import SERVER_ID
@@ -75,7 +75,7 @@ def device_name(requested: str) -> str:
 
 def expert_parameters(cfg: ExperimentConfig) -> int:
     """Parameters of one FMoE-CDSR expert in this setting, read off the coordinator's template."""
-    server = build_experiment(with_options(cfg, method="fmoe-cdsr"), only=SERVER_ID).nodes[SERVER_ID]
+    server = build_experiment(resolve_experiment(with_options(cfg, method="fmoe-cdsr")), only=SERVER_ID).nodes[SERVER_ID]
     return sum(t.numel() for t in server.template.values())  # type: ignore[attr-defined]
 
 

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.config import default_config, resolve
+from p2pmoe.config import default_config
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.node.config import Timing
 from p2pmoe.node.swarm import merge_run, start_node, write_node_configs
@@ -61,14 +62,16 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     out = Path("runs") / f"bench_{args.name}"
-    cfg = resolve(default_config(method=args.method, data="fmnist", nodes=args.nodes, rounds=args.rounds, partition=args.partition, seed=0, out=str(out)))
+    experiment = resolve_experiment(
+        default_config(method=args.method, data="fmnist", nodes=args.nodes, rounds=args.rounds, partition=args.partition, seed=0, out=str(out))
+    )
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    configs = write_node_configs(cfg, out, Timing())
+    configs = write_node_configs(experiment, out, Timing())
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
     reaped = reap(procs, args.timeout)
     wall = time.perf_counter() - started
-    summary = merge_run(cfg, out, wall, {node: code for node, (code, _) in reaped.items()})
+    summary = merge_run(experiment, out, wall, {node: code for node, (code, _) in reaped.items()})
     rows: list[dict[str, Any]] = []
     for node, (code, usage) in sorted(reaped.items()):
         rows.append({"node": node, "exit_code": code, "peak_rss_mib": None, "peak_rss_mb": None, "cpu_seconds": None})

@@ -35,9 +35,7 @@ from bench_fmoe_cdsr import defaults
 from torch import nn
 
 from p2pmoe.config import add_experiment_arguments, config_from_args, resolve
-from p2pmoe.driver.runner import NodeRunner
 from p2pmoe.eval.metrics import ranking_metrics
-from p2pmoe.experiment import build_experiment
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.learners.sequential import NextItemLearner
 from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient
@@ -45,7 +43,7 @@ from p2pmoe.models.fmoe_cdsr import FMoECDSR
 from p2pmoe.node.checkpoint import CheckpointError
 from p2pmoe.report import format_table, rerun_command
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.sim.resume import CHECKPOINT_NAME, load_into_runners, load_network_checkpoint
+from p2pmoe.sim.resume import restored_experiment
 
 RESULTS = Path(__file__).parent / "results"
 OWN_WEIGHTS = tuple(w / 10 for w in range(11))
@@ -171,18 +169,14 @@ def probe_client(client: FMoECDSRClient) -> dict[str, float]:
 def load_clients(folder: Path, cfg: ExperimentConfig) -> tuple[dict[str, FMoECDSRClient], int]:
     """The run's clients with the checkpoint's state and the round it holds; refused unless
     the checkpoint is of exactly this setting (its config hash)."""
-    checkpoint = load_network_checkpoint(folder, cfg, ": give the probe the flags the run was made with")
-    if checkpoint is None:
-        raise CheckpointError(f"{folder} has no {CHECKPOINT_NAME}: run the benchmark with --checkpoint-every")
-    experiment = build_experiment(cfg)
-    load_into_runners(folder / CHECKPOINT_NAME, checkpoint, {node: NodeRunner(node, method) for node, method in experiment.nodes.items()})
+    experiment, round_index = restored_experiment(folder, cfg, ": give the probe the flags the run was made with")
     clients: dict[str, FMoECDSRClient] = {}
     for node in experiment.clients:
         method = experiment.nodes[node]
         if not isinstance(method, FMoECDSRClient):
             raise CheckpointError(f"{node} runs {type(method).__name__}, not an FMoE-CDSR client")
         clients[node] = method
-    return clients, checkpoint.round
+    return clients, round_index
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from p2pmoe.methods.base import Method
 from p2pmoe.methods.fedavg import FedAvgServer, build_client
-from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
 from p2pmoe.models.params import float_state
 from p2pmoe.naming import SERVER_ID
 
@@ -31,7 +31,7 @@ class MedianServer(FedAvgServer):
         return {name: torch.stack([s[name] for s in states]).median(dim=0).values for name in states[0]}
 
 
-def build_server(ctx: BuildContext) -> Method:
+def build_server(ctx: BuildContext[NoOptions]) -> Method:
     return MedianServer(SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation)
 
 
@@ -40,6 +40,7 @@ register_method(
         name="fedavg-median",
         summary="FedAvg with the coordinate-wise median of the uploads (an example plugin)",
         needs=frozenset({"whole_model"}),  # runs on every family whose clients share one architecture
+        options=NoOptions,  # no options of its own
         build_client=build_client,  # FedAvg's clients: only the server's rule differs
         build_server=build_server,
     )

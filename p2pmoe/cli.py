@@ -120,6 +120,7 @@ def _clear_previous_demo(folder: Path) -> None:
 def _demo(args: argparse.Namespace) -> int:
     """FedMoE-DA, FedAvg and Local, each as real daemons on loopback, on Fashion-MNIST."""
     from p2pmoe.config import config_from_args, with_options
+    from p2pmoe.experiment import resolve_experiment
     from p2pmoe.node.config import Timing
     from p2pmoe.node.swarm import run_swarm
     from p2pmoe.report import format_table, summary_row
@@ -134,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
         cfg = with_options(base, method_options=feedback, method=method, out=f"{base.run.out}/{method}")
         _clear_previous_demo(Path(cfg.run.out))
         print(f"running {method}: {cfg.run.nodes} daemons on loopback, {cfg.run.rounds} rounds ...", flush=True)
-        summary = run_swarm(cfg, Timing(round_deadline=120, startup=60, linger=10))
+        summary = run_swarm(resolve_experiment(cfg), Timing(round_deadline=120, startup=60, linger=10))
         codes += list(summary["exit_codes"].values())
         rows.append(summary_row(summary))
         summaries[method] = summary
@@ -153,11 +154,9 @@ def _demo(args: argparse.Namespace) -> int:
 def check_role(cfg: NodeConfig, role: str, path: Path) -> None:
     """A coordinator config must be the server of a server-mediated method; a node config
     must not be the server, so a swapped file fails at start, not rounds later."""
-    from p2pmoe.config import spec_of
     from p2pmoe.naming import SERVER_ID
 
-    _, spec = spec_of(cfg.experiment)
-    if role == "coordinator" and (cfg.node_id != SERVER_ID or not spec.has_server(cfg.experiment)):
+    if role == "coordinator" and (cfg.node_id != SERVER_ID or not cfg.experiment.has_server):
         raise ValueError(
             f"{path}: not a coordinator config: node_id must be {SERVER_ID!r} (got {cfg.node_id!r}) and "
             f"[run] method a server-mediated one (got {cfg.experiment.run.method!r} on {cfg.experiment.run.data!r}); "
@@ -224,11 +223,12 @@ def _daemon(args: argparse.Namespace) -> int:
 
 def _swarm(args: argparse.Namespace) -> int:
     from p2pmoe.config import config_from_args
+    from p2pmoe.experiment import resolve_experiment
     from p2pmoe.node.config import Timing
     from p2pmoe.node.swarm import run_swarm
 
     timing = Timing(round_deadline=args.round_deadline, startup=args.startup, linger=args.linger)
-    summary = run_swarm(config_from_args(args), timing, report=not args.no_report)
+    summary = run_swarm(resolve_experiment(config_from_args(args)), timing, report=not args.no_report)
     _print_summary(summary)
     from p2pmoe.report.tables import participation_lines
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.methods.registry import MethodSpec, get_method, methods_for
-from p2pmoe.options import add_arguments, describe, from_mapping, values_from_args
+from p2pmoe.options import OptionInfo, add_arguments, describe, from_mapping, values_from_args
 from p2pmoe.plugins import load_plugins
 from p2pmoe.settings import ExperimentConfig, RunOptions
 from p2pmoe.tasks.base import Task, all_tasks, task_for_data
@@ -72,7 +72,7 @@ def build_config(values: Values, source: str = "config") -> ExperimentConfig:
     load_plugins(run.plugins)  # before the method and the data are looked up: they may be a plugin's
     task = task_for_data(run.data)
     spec = get_method(run.method, task.name)
-    return ExperimentConfig(run, from_mapping(task.options, values["task"], source), from_mapping(spec.options, values["method"], source))
+    return ExperimentConfig(run, from_mapping(task.options, values["task"], source), spec.method_options(values["method"], source))
 
 
 def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -80,7 +80,7 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     return task_for_data(cfg.run.data).resolve(cfg)
 
 
-def spec_of(cfg: ExperimentConfig) -> tuple[Task, MethodSpec]:
+def spec_of(cfg: ExperimentConfig) -> tuple[Task[Any], MethodSpec[Any]]:
     task = task_for_data(cfg.run.data)
     return task, get_method(cfg.run.method, task.name)
 
@@ -96,16 +96,18 @@ def with_options(
     """`cfg` with some `[run]` keys and some task and method options changed; after a change
     of method (or of task family) the new table keeps the values of the keys it also declares
     (FedMoE-DA's P and tau carry over to its server-assisted variant) and defaults the rest."""
-    values = merge({"run": cfg.run.to_dict(), "task": cfg.task.to_dict(), "method": cfg.method.to_dict()}, {"run": run})
+    pinned = get_method(cfg.run.method).pinned  # a variant's fixed values are not the user's: they do not carry over
+    method = {k: v for k, v in cfg.method.to_dict().items() if k not in pinned}
+    values = merge({"run": cfg.run.to_dict(), "task": cfg.task.to_dict(), "method": method}, {"run": run})
     task = task_for_data(values["run"]["data"])
     spec = get_method(values["run"]["method"], task.name)
-    values["task"] = _declared(values["task"], task.options)
-    values["method"] = _declared(values["method"], spec.options)
+    values["task"] = _declared(values["task"], describe(task.options))
+    values["method"] = _declared(values["method"], spec.own_options())
     return build_config(merge(values, {"task": dict(task_options or {}), "method": dict(method_options or {})}))
 
 
-def _declared(values: Mapping[str, Any], cls: type) -> dict[str, Any]:
-    names = {info.name for info in describe(cls)}
+def _declared(values: Mapping[str, Any], infos: Sequence[OptionInfo]) -> dict[str, Any]:
+    names = {info.name for info in infos}
     return {k: v for k, v in values.items() if k in names}
 
 
@@ -146,7 +148,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, argv: Sequence[str
     except ValueError:
         parser.epilog = f"{fitting}. Method {method!r} does not run on it: pass --method NAME (with --help for that method's options)."
         return
-    add_arguments(parser, spec.options, f"{spec.name} options ([method])", prefix=spec.flag_prefix, defaults=defaults["method"])
+    add_arguments(parser, spec.options, f"{spec.name} options ([method])", prefix=spec.flag_prefix, defaults=defaults["method"], skip=spec.pinned)
     data_sets = ", ".join(f"{d} ({t.name})" for t in all_tasks().values() for d in t.data)
     parser.epilog = f"{fitting}. Every data set: {data_sets}. Other methods' options: --method NAME --help."
 

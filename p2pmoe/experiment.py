@@ -1,38 +1,71 @@
 """From an experiment config to the nodes (method objects) that run it.
 
-One place builds nodes for every driver, so a simulation, a swarm and a LAN of daemons run the
-same methods over the same data splits for the same seed.
+A config is resolved once, at the edge (a command, a node file, `run_simulation`), into a
+`ResolvedExperiment`: what the task family settles (the learning rate, one client per
+domain), the family, the method, the clients and their graph. Everything below receives that
+and never resolves again (issue 27). One place then builds nodes for every driver, so a
+simulation, a swarm and a LAN of daemons run the same methods over the same data splits for
+the same seed.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 
 from p2pmoe.config import resolve, spec_of
 from p2pmoe.methods.base import Method
-from p2pmoe.methods.registry import BuildContext
+from p2pmoe.methods.registry import MethodSpec
 from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.seeds import runner_stream
-from p2pmoe.settings import ExperimentConfig
+from p2pmoe.settings import ExperimentConfig, RunOptions, canonical_config, config_hash
 from p2pmoe.tasks.base import Task
 from p2pmoe.topology import load_topology, make_topology
 
 
-@dataclass
-class Experiment:
-    """The nodes of one run (or of one process), which of them are clients, and the topology."""
+@dataclass(frozen=True)
+class ResolvedExperiment:
+    """One experiment with everything settled; immutable, made only by `resolve_experiment`."""
 
     cfg: ExperimentConfig
     task: Task
-    nodes: dict[str, Method]
-    clients: list[str]
+    spec: MethodSpec[Any]
+    clients: tuple[str, ...]
     graph: nx.Graph
+    has_server: bool
+
+    @property
+    def run(self) -> RunOptions:
+        return self.cfg.run
+
+    @property
+    def node_ids(self) -> list[str]:
+        """Every node the run has: the clients, then the server if the method has one."""
+        return [*self.clients, *([SERVER_ID] if self.has_server else [])]
+
+    def links(self) -> dict[str, list[str]]:
+        """Who talks to whom: the peers each node's daemon connects to."""
+        return self.spec.links(self.cfg, self.graph, list(self.clients))
+
+    def node_seed(self, node: str) -> int:
+        """The seed of a node's own RNG stream, from the run's seed and the node's name."""
+        return runner_stream(self.cfg.run.seed, node)
+
+    @functools.cached_property
+    def config_hash(self) -> str:
+        """What peers compare at start-up: equal exactly when the experiments are."""
+        return config_hash(self.cfg)
+
+    @functools.cached_property
+    def canonical(self) -> dict[str, dict[str, Any]]:
+        return canonical_config(self.cfg)
 
 
-def build_topology(cfg: ExperimentConfig) -> nx.Graph:
+def _topology(cfg: ExperimentConfig) -> nx.Graph:
     """The clients' graph: a file (node-link JSON or edge list) or a kind such as 'ring'."""
     run = cfg.run
     if run.nodes == 1:  # a lone node has no links to lay out
@@ -44,37 +77,45 @@ def build_topology(cfg: ExperimentConfig) -> nx.Graph:
     return make_topology(run.topology, run.nodes, run.seed, run.link_bandwidth, run.link_latency)
 
 
-def node_ids(cfg: ExperimentConfig) -> list[str]:
-    """Every node a run has: the clients, then the server if the method has one."""
-    _, spec = spec_of(cfg)
-    return client_ids(cfg.run.nodes) + ([SERVER_ID] if spec.has_server(cfg) else [])
-
-
-def links(cfg: ExperimentConfig, graph: nx.Graph | None = None) -> dict[str, list[str]]:
-    """Who talks to whom in a run: the peers each node's daemon connects to."""
-    _, spec = spec_of(cfg)
-    return spec.links(cfg, graph if graph is not None else build_topology(cfg), client_ids(cfg.run.nodes))
-
-
-def node_seed(cfg: ExperimentConfig, node: str) -> int:
-    """The seed of a node's own RNG stream, from the run's seed and the node's name."""
-    return runner_stream(cfg.run.seed, node)
-
-
-def build_experiment(cfg: ExperimentConfig, only: str | None = None) -> Experiment:
-    """Resolve the config, load data and build every node; with `only`, just that node (what
-    one daemon process needs: a coordinator builds its template without reading any data)."""
+def resolve_experiment(cfg: ExperimentConfig) -> ResolvedExperiment:
+    """Settle `cfg` once: the task family's decisions, its method, clients and graph."""
     cfg = resolve(cfg)
     task, spec = spec_of(cfg)
-    everyone = node_ids(cfg)
+    return ResolvedExperiment(cfg, task, spec, tuple(client_ids(cfg.run.nodes)), _topology(cfg), spec.has_server(cfg))
+
+
+@dataclass
+class Experiment:
+    """The nodes of one run (or of one process) and which of them are clients."""
+
+    resolved: ResolvedExperiment
+    nodes: dict[str, Method]
+    clients: list[str]
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return self.resolved.cfg
+
+    @property
+    def task(self) -> Task:
+        return self.resolved.task
+
+    @property
+    def graph(self) -> nx.Graph:
+        return self.resolved.graph
+
+
+def build_experiment(experiment: ResolvedExperiment, only: str | None = None) -> Experiment:
+    """Load data and build every node; with `only`, just that node (what one daemon process
+    needs: a coordinator builds its template without reading any data)."""
+    everyone = experiment.node_ids
     if only is not None and only not in everyone:
         raise ValueError(f"node {only!r} is not part of this run; its nodes are {everyone}")
     wanted = set(everyone) if only is None else {only}
-    clients = client_ids(cfg.run.nodes)
-    graph = build_topology(cfg)
-    ctx = BuildContext(cfg, task, clients, graph, wanted)
+    clients = list(experiment.clients)
+    spec = experiment.spec
+    ctx = spec.context(experiment.cfg, experiment.task, clients, experiment.graph, wanted)
     nodes: dict[str, Method] = {node: spec.build_client(ctx, node) for node in clients if node in wanted}
-    if SERVER_ID in wanted:
-        assert spec.build_server is not None
+    if SERVER_ID in wanted and spec.build_server is not None:
         nodes[SERVER_ID] = spec.build_server(ctx)
-    return Experiment(cfg, task, nodes, [n for n in clients if n in wanted], graph)
+    return Experiment(experiment, nodes, [n for n in clients if n in wanted])

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import build_config, resolve, with_options
-from p2pmoe.driver.runner import NodeRunner
-from p2pmoe.experiment import build_experiment
 from p2pmoe.methods.base import LearnerMethod, fine_tuned_metrics
 from p2pmoe.node.checkpoint import CheckpointError
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.sim.resume import CHECKPOINT_NAME, load_into_runners, load_network_checkpoint
+from p2pmoe.sim.resume import restored_experiment
 from p2pmoe.sim.runner import run_simulation
 
 
@@ -98,12 +96,9 @@ def fine_tuned_final(result: RunResult, epochs: int) -> dict[str, dict[str, floa
     last round's exchange), read from the run's last checkpoint: FedAvg-FT's scoring applied to
     any finished run without training it again. Needs a run made with `checkpoint_every`."""
     cfg = build_config(result.summary["setting"])
-    checkpoint = load_network_checkpoint(result.out, cfg, ": the run folder was made with other settings")
-    if checkpoint is None or checkpoint.round != cfg.run.rounds - 1:
+    experiment, round_index = restored_experiment(result.out, cfg, ": the run folder was made with other settings")
+    if round_index != cfg.run.rounds - 1:
         raise CheckpointError(f"{result.out} has no checkpoint of its last round: run it with checkpoint_every")
-    experiment = build_experiment(cfg)
-    runners = {node: NodeRunner(node, method) for node, method in experiment.nodes.items()}
-    load_into_runners(result.out / CHECKPOINT_NAME, checkpoint, runners)
     scores = {}
     for node in experiment.clients:
         method = experiment.nodes[node]

@@ -13,8 +13,8 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 _SCALARS = (bool, int, float, str)
 
@@ -96,6 +96,17 @@ class Options:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
+T = TypeVar("T", bound=Options)
+
+
+def options_as(value: Options, cls: type[T], needed_by: str) -> T:
+    """`value` as options of `cls`: the one checked narrowing of a config's `[task]` or
+    `[method]` table to the type a family or method declares (no asserts scattered about)."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{needed_by} needs [{cls.section}] options of type {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
 def describe(cls: type) -> list[OptionInfo]:
     """The options of `cls`, in declaration order."""
     hints = typing.get_type_hints(cls)
@@ -172,12 +183,15 @@ def flag(name: str, prefix: str = "") -> str:
     return "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = "", defaults: Mapping[str, Any] | None = None) -> None:
-    """One flag per option, parsed as text (converted later, so errors name the option);
-    `--help` shows type, constraints, default and meaning. `dest` is `<section>.<name>`."""
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, title: str, prefix: str = "", defaults: Mapping[str, Any] | None = None, skip: Collection[str] = ()
+) -> None:
+    """One flag per option (but those in `skip`: a variant's pinned ones), parsed as text
+    (converted later, so errors name the option); `--help` shows type, constraints, default
+    and meaning. `dest` is `<section>.<name>`."""
     group = parser.add_argument_group(title)
     section = getattr(cls, "section", "options")
-    for info in describe(cls):
+    for info in (i for i in describe(cls) if i.name not in skip):
         default = (defaults or {}).get(info.name, info.default)
         details = ", ".join(x for x in (info.type_text, info.constraint_text, f"default {default}") if x)
         group.add_argument(
@@ -196,10 +210,10 @@ def values_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return out
 
 
-def markdown_table(cls: type, prefix: str = "") -> str:
-    """The docs' table of `cls`: TOML key, flag, type and constraints, default, meaning."""
+def markdown_table(cls: type, prefix: str = "", skip: Collection[str] = ()) -> str:
+    """The docs' table of `cls` (less `skip`): TOML key, flag, type and constraints, default, meaning."""
     lines = ["| key | flag | type | default | meaning |", "|---|---|---|---|---|"]
-    for info in describe(cls):
+    for info in (i for i in describe(cls) if i.name not in skip):
         kind = ", ".join(x for x in (info.type_text, info.constraint_text) if x)
         lines.append(f"| `{info.name}` | `{flag(info.name, prefix)}` | {kind} | `{info.default}` | {info.help} |")
     return "\n".join(lines)

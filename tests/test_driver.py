@@ -182,18 +182,16 @@ class Echo(Method):
         return self.learner.evaluate()
 
 
-def _echo_client(ctx: BuildContext, node: str) -> Method:
+def _echo_client(ctx: BuildContext[EchoOptions], node: str) -> Method:
     k = ctx.index(node)
-    opts = ctx.cfg.method
-    assert isinstance(opts, EchoOptions)
-    return Echo(node, ctx.clients[(k + 1) % len(ctx.clients)], opts.copies, ctx.learner(node))
+    return Echo(node, ctx.clients[(k + 1) % len(ctx.clients)], ctx.options.copies, ctx.learner(node))
 
 
 def test_a_method_from_outside_the_package_runs_with_its_own_options(fkcb_like, tmp_path, monkeypatch):
     from p2pmoe.methods import registry
 
     monkeypatch.setattr(registry, "_METHODS", dict(all_methods()))  # registered for this test only
-    register_method(MethodSpec("echo", "a toy ring", frozenset({"domain_sequences"}), _echo_client, options=EchoOptions, flag_prefix="echo"))
+    register_method(MethodSpec("echo", "a toy ring", frozenset({"domain_sequences"}), EchoOptions, _echo_client, flag_prefix="echo"))
     cfg = with_options(
         default_config(method="echo", data="fkcb", data_root=str(fkcb_like), rounds=2, out=str(tmp_path)),
         task_options={"embed_dim": 8, "max_len": 8, "negatives": 20},

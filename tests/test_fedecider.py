@@ -253,11 +253,11 @@ def test_shipped_backbone_loads_without_network(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize("method", ["fedecider", "lora-fedavg"])
 def test_a_text_coordinator_needs_no_data(method: str, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import p2pmoe.tasks.text as text
-    from p2pmoe.experiment import build_experiment
+    from p2pmoe.experiment import build_experiment, resolve_experiment
 
     monkeypatch.setattr(text, "text_domains", lambda *a: pytest.fail("the coordinator read client data"))
     cfg = with_options(default_config(method=method, data="ml-1m-text", device="cpu"), task_options={"backbone": str(tiny_backbone), "lora_rank": RANK})
-    server = build_experiment(cfg, only="server").nodes["server"]
+    server = build_experiment(resolve_experiment(cfg), only="server").nodes["server"]
     shapes = {k: tuple(v.shape) for k, v in getattr(server, "template" if method == "fedecider" else "global_state").items()}
     assert len(shapes) == 2 * 4 and shapes["encoder.layer.0.attention.self.query.B"] == (16, RANK)
     assert shapes["encoder.layer.1.attention.self.value.A"] == (RANK, 16)

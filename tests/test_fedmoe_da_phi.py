@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.fedmoe_da import EMBEDDING_PREFIX, FedMoEDANode, FedMoEDAOptions
@@ -216,13 +216,13 @@ def _cfg(method_options, **run):
 
 def test_error_feedback_needs_the_wire_to_compress_phi():
     with pytest.raises(ValueError, match="compression embedding=int8"):
-        build_experiment(_cfg({"embedding_error_feedback": True}))
-    nodes = build_experiment(_cfg({"embedding_error_feedback": True, "embedding_peers": "matching"}, compression="embedding=int8")).nodes
+        build_experiment(resolve_experiment(_cfg({"embedding_error_feedback": True})))
+    nodes = build_experiment(resolve_experiment(_cfg({"embedding_error_feedback": True, "embedding_peers": "matching"}, compression="embedding=int8"))).nodes
     assert all(node.gossip.feedback.scheme == "int8" for node in nodes.values())
 
 
 def test_matching_gossip_over_a_built_swarm_sends_at_most_one_phi_per_node_and_round():
-    exp = build_experiment(_cfg({"embedding_peers": "matching", "embedding_every": 1}, seed=5))
+    exp = build_experiment(resolve_experiment(_cfg({"embedding_peers": "matching", "embedding_every": 1}, seed=5)))
     ledger = ByteLedger()
     bus = SimNetwork(exp.nodes, ledger, accounting=True)
     for r in range(3):
@@ -253,14 +253,14 @@ def test_pretrain_then_every_node_of_a_run_loads_it_frozen(tmp_path):
     out = tmp_path / "phi.safetensors"
     meta = pretrain_embedder(out, "mnist5k", str(_tiny_digits(tmp_path / "digits.csv.gz")), embed_dim=64, epochs=1, batch_size=16)
     assert read_metadata(out) == meta and meta["data"] == "mnist5k" and meta["train_examples"] == "80" and 0 <= float(meta["test_accuracy"]) <= 1
-    exp = build_experiment(_cfg({"embedding": "pretrained", "phi_path": str(out)}))
+    exp = build_experiment(resolve_experiment(_cfg({"embedding": "pretrained", "phi_path": str(out)})))
     saved = load_pretrained(out, float_state(next(iter(exp.nodes.values())).learner.model, EMBEDDING_PREFIX))
     for node in exp.nodes.values():
         model = node.learner.model
         assert all(torch.equal(float_state(model, EMBEDDING_PREFIX)[k], v) for k, v in saved.items())
         assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(EMBEDDING_PREFIX))
     with pytest.raises(PretrainedError, match="embed-dim"):  # a phi of another width does not fit
-        build_experiment(with_options(_cfg({"embedding": "pretrained", "phi_path": str(out)}), task_options={"embed_dim": 32}))
+        build_experiment(resolve_experiment(with_options(_cfg({"embedding": "pretrained", "phi_path": str(out)}), task_options={"embed_dim": 32})))
 
 
 def test_pretrained_files_are_checked_before_use(tmp_path):

@@ -220,7 +220,7 @@ def test_partial_participation_fetches_only_from_sampled_topology_neighbours(tmp
 
     from p2pmoe.config import default_config
     from p2pmoe.data.images import FMNIST_ROOT
-    from p2pmoe.experiment import build_topology
+    from p2pmoe.experiment import resolve_experiment
     from p2pmoe.participation import Participation
     from p2pmoe.runs import read_ledger
     from p2pmoe.sim.runner import run_simulation
@@ -229,7 +229,7 @@ def test_partial_participation_fetches_only_from_sampled_topology_neighbours(tmp
         pytest.skip("Fashion-MNIST not installed (make data)")
     cfg = default_config(method="fedmoe-da", data="fmnist", nodes=8, rounds=4, topology=topology, hops=1, participation=0.5, train="none", out=str(tmp_path))
     run_simulation(cfg, progress=False, report=False)
-    graph = build_topology(cfg)
+    graph = resolve_experiment(cfg).graph
     part = Participation(cfg.run.seed, 0.5, sorted(graph.nodes), mode="availability")  # peer-to-peer: churn, not sampling
     ledger = read_ledger(tmp_path / "ledger.csv")
     assert {e.kind for e in ledger} >= {"gate_publish", "expert_request", "expert_response", "embedding"} and "error" not in {e.kind for e in ledger}
@@ -245,14 +245,14 @@ def test_fedrep_averages_phi_on_a_server_and_keeps_gate_and_experts_home(tmp_pat
 
     from p2pmoe.config import default_config
     from p2pmoe.data.images import FMNIST_ROOT
-    from p2pmoe.experiment import build_experiment
+    from p2pmoe.experiment import build_experiment, resolve_experiment
     from p2pmoe.ledger import ByteLedger
     from p2pmoe.sim.bus import SimNetwork
 
     if not Path(FMNIST_ROOT).is_dir():
         pytest.skip("Fashion-MNIST not installed (make data)")
     cfg = default_config(method="fedrep", data="fmnist", nodes=3, rounds=1, max_train_per_node=100, threads=1, out=str(tmp_path))
-    experiment = build_experiment(cfg)
+    experiment = build_experiment(resolve_experiment(cfg))
     ledger = ByteLedger()
     SimNetwork(experiment.nodes, ledger).run_round(0)
     assert {e.kind for e in ledger.entries} == {"model_update", "model_global"}
@@ -367,14 +367,14 @@ def test_fine_tuning_before_evaluation_is_an_option_that_reaches_every_node(tmp_
 
     from p2pmoe.config import default_config, with_options
     from p2pmoe.data.images import FMNIST_ROOT
-    from p2pmoe.experiment import build_experiment
+    from p2pmoe.experiment import build_experiment, resolve_experiment
 
     if not Path(FMNIST_ROOT).is_dir():
         pytest.skip("Fashion-MNIST not installed (make data)")
     cfg = with_options(
         default_config(method="fedmoe-da", data="fmnist", nodes=2, max_train_per_node=50, out=str(tmp_path)), method_options={"finetune_epochs": 2}
     )
-    assert {n.finetune_epochs for n in build_experiment(cfg).nodes.values()} == {2}
+    assert {n.finetune_epochs for n in build_experiment(resolve_experiment(cfg)).nodes.values()} == {2}
     with pytest.raises(ValueError, match="finetune_epochs"):
         with_options(cfg, method_options={"finetune_epochs": -1})
 
@@ -407,13 +407,14 @@ def test_a_node_with_few_examples_holds_out_at_most_a_fifth_of_them():
     import networkx as nx
 
     from p2pmoe.config import default_config, with_options
-    from p2pmoe.methods.registry import BuildContext, get_method
+    from p2pmoe.methods.registry import get_method
     from p2pmoe.tasks.base import task_for_data
 
     cfg = with_options(default_config(method="fedmoe-da", data="fmnist", nodes=2), method_options={"validation_examples": 120})
     learners = {"node-00": _learner(0), "node-01": _learner(1)}
     learners["node-01"].hold_out(60, seed=0)  # node-01 keeps 4 examples: a fifth of them is 0
-    ctx = BuildContext(cfg, task_for_data("fmnist"), list(learners), nx.path_graph(list(learners)), set(learners), _learners=learners)
+    ctx = get_method("fedmoe-da").context(cfg, task_for_data("fmnist"), list(learners), nx.path_graph(list(learners)), set(learners))
+    ctx._learners.update(learners)
     big, small = (get_method("fedmoe-da").build_client(ctx, node) for node in learners)
     assert big.validation is not None and len(big.validation[1]) == 12 and learners["node-00"].num_train_examples == 52
     assert small.validation is None and learners["node-01"].num_train_examples == 4

@@ -10,6 +10,7 @@ import pytest
 
 from p2pmoe.config import default_config, with_options
 from p2pmoe.data.images import FMNIST_ROOT
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.node.config import Timing
 from p2pmoe.node.swarm import merge_run, run_swarm, start_node, write_node_configs
 from p2pmoe.participation import Participation
@@ -49,7 +50,7 @@ def test_daemons_finish_and_match_the_simulator_to_the_byte(tmp_path, fkcb_like,
         cfg = with_options(CFG, method=method, nodes=clients, rounds=rounds, participation=participation)
     # Generous liveness bounds: on a loaded machine a late heartbeat must not drop a node here.
     timing = Timing(round_deadline=120, startup=60, linger=10, suspect_after=30, dead_after=60, request_timeout=60)
-    swarm = run_swarm(with_options(cfg, out=str(tmp_path / "swarm")), timing)
+    swarm = run_swarm(resolve_experiment(with_options(cfg, out=str(tmp_path / "swarm"))), timing)
     sim = run_simulation(with_options(cfg, out=str(tmp_path / "sim")), progress=False)
 
     server = 1 if method in ("fedavg", "fmoe-cdsr") else 0
@@ -104,7 +105,7 @@ def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_pat
     cfg = _kill_test_config(kind, tmp_path / "run", fkcb_like)
     tmp_path = tmp_path / "run"
     timing = Timing(round_deadline=20, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=20, linger=5)
-    configs = write_node_configs(cfg, tmp_path, timing)
+    configs = write_node_configs(resolve_experiment(cfg), tmp_path, timing)
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
     victim = tmp_path / "nodes" / "node-02"
     started = time.monotonic()
@@ -134,14 +135,14 @@ def test_killed_client_others_finish_and_restart_resumes_from_checkpoint(tmp_pat
     assert max(r for r in victim_rounds if r <= done_before) == done_before
     for node in ("node-00", "node-01", "server"):
         assert [r["round"] for r in _rows(tmp_path / "nodes" / node / "metrics.jsonl")] == list(range(cfg.run.rounds))
-    summary = merge_run(cfg, tmp_path, time.monotonic() - started)
+    summary = merge_run(resolve_experiment(cfg), tmp_path, time.monotonic() - started)
     assert summary["nodes_finished"] == ["node-00", "node-01", "node-02"]
 
 
 @pytest.mark.timeout(120)
 def test_sigterm_stops_a_node_cleanly_with_a_checkpoint(tmp_path):
     cfg = with_options(CFG, method="local", nodes=1, rounds=1000, out=str(tmp_path))
-    configs = write_node_configs(cfg, tmp_path, Timing(startup=1))
+    configs = write_node_configs(resolve_experiment(cfg), tmp_path, Timing(startup=1))
     folder = configs["node-00"].parent
     proc = start_node(configs["node-00"], folder / "node.log")
     try:

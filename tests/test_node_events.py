@@ -16,7 +16,7 @@ import zmq.asyncio
 
 from p2pmoe.config import default_config
 from p2pmoe.data.images import FMNIST_ROOT
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.methods.base import Method
 from p2pmoe.node.config import NodeConfig, Timing, load_node_config
 from p2pmoe.node.daemon import NodeDaemon
@@ -58,7 +58,7 @@ class SlowTrainer(Method):
 
 def _node(tmp_path: Path, name: str, peers: dict[str, str], address: str, cfg=None, timing: Timing = FAST) -> NodeConfig:
     cfg = cfg or default_config(method="local", rounds=2)
-    return NodeConfig(name, address, tmp_path / name, peers, cfg, timing)
+    return NodeConfig(name, address, tmp_path / name, peers, resolve_experiment(cfg), timing)
 
 
 @pytest.mark.timeout(60)
@@ -92,7 +92,7 @@ def test_a_message_that_arrives_while_the_method_trains_waits_for_training_to_en
 @pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
 def test_a_refused_expert_request_replans_the_round_at_once(tmp_path, caplog):
     cfg = default_config(method="fedmoe-da", nodes=2, rounds=1, max_train_per_node=64, seed=2)
-    nodes = build_experiment(cfg).nodes
+    nodes = build_experiment(resolve_experiment(cfg)).nodes
     refusing = nodes["node-01"]
 
     def refuse(src, message):
@@ -167,9 +167,9 @@ def test_a_peer_running_another_experiment_is_refused_with_the_keys_that_differ(
 def test_swarm_processes_share_the_cores_out(tmp_path, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     cfg = default_config(method="fedavg", nodes=4, rounds=1)  # 4 clients and a server: 5 processes
-    paths = write_node_configs(cfg, tmp_path, Timing())
+    paths = write_node_configs(resolve_experiment(cfg), tmp_path, Timing())
     assert {load_node_config(p).experiment.run.threads for p in paths.values()} == {3}
-    pinned = write_node_configs(default_config(method="fedavg", nodes=4, rounds=1, threads=2), tmp_path / "pinned", Timing())
+    pinned = write_node_configs(resolve_experiment(default_config(method="fedavg", nodes=4, rounds=1, threads=2)), tmp_path / "pinned", Timing())
     assert {load_node_config(p).experiment.run.threads for p in pinned.values()} == {2}
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from p2pmoe.cli import main
 from p2pmoe.config import default_config
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.node.config import NodeConfig, Timing, load_node_config
 from p2pmoe.node.daemon import NodeDaemon
 from p2pmoe.node.swarm import free_ports
@@ -30,7 +31,7 @@ def test_a_node_that_never_reached_a_peer_or_ran_short_of_peers_says_so(tmp_path
         f"tcp://127.0.0.1:{port}",
         tmp_path / "n",
         {"node-01": f"tcp://127.0.0.1:{silent}"},
-        default_config(method="local", rounds=2),
+        resolve_experiment(default_config(method="local", rounds=2)),
         QUICK,
         min_peers=1,
     )

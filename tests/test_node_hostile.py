@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from p2pmoe.config import default_config
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.methods.fedmoe_da import FedMoEDANode
 from p2pmoe.models import MoEClassifier
@@ -76,7 +77,9 @@ class Harness:
 
     async def __aenter__(self) -> Harness:
         # the attacker is a configured peer (its messages may be held), whose numbers lie
-        cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:9"}, default_config(method="fedmoe-da"))
+        cfg = NodeConfig(
+            NODE, "tcp://127.0.0.1:0", self.tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:9"}, resolve_experiment(default_config(method="fedmoe-da"))
+        )
         self.method = _node()
         self.daemon = NodeDaemon(cfg, method=self.method)
         self.daemon.transport = Transport(NODE, "tcp://127.0.0.1:*")
@@ -238,10 +241,9 @@ def test_a_peer_round_outside_the_run_is_ignored_at_start_up(tmp_path):
     with empty metrics; now the node runs its rounds."""
     from p2pmoe.node.config import Timing
     from p2pmoe.node.swarm import free_ports
-    from p2pmoe.settings import canonical_config, config_hash
 
     (port,) = free_ports(1)
-    experiment = default_config(method="fedmoe-da", rounds=2)
+    experiment = resolve_experiment(default_config(method="fedmoe-da", rounds=2))
     timing = Timing(startup=3, round_deadline=1, heartbeat=0.2, linger=0.1)
     cfg = NodeConfig(NODE, f"tcp://127.0.0.1:{port}", tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:1"}, experiment, timing)
     daemon = NodeDaemon(cfg, method=_node())
@@ -253,7 +255,7 @@ def test_a_peer_round_outside_the_run_is_ignored_at_start_up(tmp_path):
         client.setsockopt(zmq.ROUTING_ID, ATTACKER.encode())
         client.setsockopt(zmq.LINGER, 0)
         client.connect(f"tcp://127.0.0.1:{port}")
-        meta = {"round": 2**62, "done": False, "config": config_hash(experiment), "setting": canonical_config(experiment)}
+        meta = {"round": 2**62, "done": False, "config": experiment.config_hash, "setting": experiment.canonical}
         await client.send_multipart([bytes(f) for f in encode(ATTACKER, Message(MessageKind.HELLO, 0, meta=meta))])
         await asyncio.wait_for(run, 60)
         client.close()
@@ -274,7 +276,9 @@ def test_a_send_to_a_silent_peer_fails_in_a_second_not_the_send_timeout(tmp_path
     from p2pmoe.node.transport import Transport
 
     timing = Timing(suspect_after=0.1, dead_after=0.2)
-    cfg = NodeConfig(NODE, "tcp://127.0.0.1:0", tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:1"}, default_config(method="fedmoe-da"), timing)
+    cfg = NodeConfig(
+        NODE, "tcp://127.0.0.1:0", tmp_path / "node", {ATTACKER: "tcp://127.0.0.1:1"}, resolve_experiment(default_config(method="fedmoe-da")), timing
+    )
     daemon = NodeDaemon(cfg, method=_node())
 
     async def scenario() -> float:

@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pmoe.config import default_config
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.ledger import LedgerEntry
 from p2pmoe.methods.base import Method
 from p2pmoe.node.config import NodeConfig, Timing
@@ -45,7 +46,7 @@ def test_a_live_daemon_serves_metrics_whose_bytes_match_its_ledger(tmp_path: Pat
     a, b = free_ports(2)
     addresses = {"node-00": f"tcp://127.0.0.1:{a}", "node-01": f"tcp://127.0.0.1:{b}"}
     timing = Timing(round_deadline=10, heartbeat=0.2, suspect_after=1, dead_after=3, startup=10, linger=1)
-    experiment = default_config(method="local", nodes=2, rounds=3)
+    experiment = resolve_experiment(default_config(method="local", nodes=2, rounds=3))
     configs = {
         n: NodeConfig(
             n, addresses[n], tmp_path / n, {p: x for p, x in addresses.items() if p != n}, experiment, timing, metrics_port=0 if n == "node-00" else None

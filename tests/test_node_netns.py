@@ -19,7 +19,7 @@ import torch
 
 from p2pmoe.config import default_config
 from p2pmoe.data.images import FMNIST_ROOT
-from p2pmoe.experiment import node_ids
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.node.config import Timing
 from p2pmoe.node.swarm import start_node, write_node_configs
 
@@ -85,11 +85,11 @@ def _rows(path: Path) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_cut_link_drops_a_node_and_the_rest_finish(tmp_path):
     cfg = default_config(method="fedavg", data="fmnist", nodes=3, rounds=4, max_train_per_node=300, seed=1, out=str(tmp_path))
-    ids = node_ids(cfg)
+    ids = resolve_experiment(cfg).node_ids
     timing = Timing(round_deadline=15, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=30, linger=3)
     with Namespaces(ids) as net:
         addresses = {node: f"tcp://{net.address[node]}:5550" for node in ids}
-        configs = write_node_configs(cfg, tmp_path, timing, addresses, insecure=True)  # plaintext inside the test's namespaces
+        configs = write_node_configs(resolve_experiment(cfg), tmp_path, timing, addresses, insecure=True)  # plaintext inside the test's namespaces
         procs = {n: start_node(configs[n], configs[n].parent / "node.log", ["ip", "netns", "exec", net.ns[n]]) for n in ids}
         try:
             victim = tmp_path / "nodes" / "node-02"

@@ -14,7 +14,7 @@ import pytest
 from p2pmoe.cli import main
 from p2pmoe.config import default_config
 from p2pmoe.data.images import FMNIST_ROOT
-from p2pmoe.experiment import build_topology
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.node.config import node_config_from_experiment
 from p2pmoe.node.swarm import free_ports
 
@@ -49,7 +49,7 @@ def _files(folder: Path, ids: list[str], ports: list[int]) -> tuple[Path, Path]:
 def test_peers_are_the_topology_neighbours_with_roster_addresses(tmp_path):
     ids = [f"node-0{k}" for k in range(4)]
     experiment, roster = _files(tmp_path, ids, [5001, 5002, 5003, 5004])
-    ring = build_topology(default_config(method="fedmoe-da", nodes=4, topology="ring"))
+    ring = resolve_experiment(default_config(method="fedmoe-da", nodes=4, topology="ring")).graph
     for k, node in enumerate(ids):
         cfg = node_config_from_experiment(experiment, roster, node, local={"data_root": "/somewhere"})
         assert set(cfg.peers) == set(ring.neighbors(node)) and cfg.bind == f"tcp://127.0.0.1:{5001 + k}"
@@ -100,7 +100,7 @@ def test_four_daemons_from_one_experiment_file_and_roster_finish_the_run(tmp_pat
             if p.poll() is None:
                 p.kill()
     assert codes == [0, 0, 0, 0], (tmp_path / "node-00.log").read_text()[-2000:]
-    ring = build_topology(default_config(method="fedmoe-da", nodes=4, topology="ring"))
+    ring = resolve_experiment(default_config(method="fedmoe-da", nodes=4, topology="ring")).graph
     for n in ids:
         rows = [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1]

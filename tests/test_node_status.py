@@ -8,6 +8,7 @@ from pathlib import Path
 
 from p2pmoe.cli import main
 from p2pmoe.config import default_config
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.methods.base import Method
 from p2pmoe.node.config import NodeConfig, Timing
 from p2pmoe.node.daemon import NodeDaemon
@@ -37,7 +38,7 @@ def test_status_of_a_live_node_and_of_a_roster(tmp_path: Path, capsys):
     a, b, nobody = free_ports(3)
     addresses = {"node-00": f"tcp://127.0.0.1:{a}", "node-01": f"tcp://127.0.0.1:{b}"}
     timing = Timing(round_deadline=10, heartbeat=0.2, suspect_after=1, dead_after=3, startup=10, linger=1)
-    experiment = default_config(method="local", nodes=2, rounds=4)
+    experiment = resolve_experiment(default_config(method="local", nodes=2, rounds=4))
     daemons = {
         n: NodeDaemon(NodeConfig(n, addresses[n], tmp_path / n, {p: x for p, x in addresses.items() if p != n}, experiment, timing), Slow(n)) for n in addresses
     }

@@ -16,7 +16,7 @@ from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.driver.summary import first_exchange_round, selection_warning
 from p2pmoe.eval.metrics import random_ranking_metrics
 from p2pmoe.eval.negatives import check_negatives_fit
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.report import write_report
 from p2pmoe.report.folders import load_run
@@ -39,17 +39,17 @@ def shop(method: str = "fmoe-cdsr", data: str = "atomic", negatives: int = 20, *
 
 def test_too_many_negatives_names_every_short_domain_and_the_value_that_fits():
     with pytest.raises(ValueError) as err:
-        build_experiment(shop(negatives=999))
+        build_experiment(resolve_experiment(shop(negatives=999)))
     message = str(err.value)
     assert all(domain in message for domain in DOMAINS)  # all five are short of 999, not only the first
     assert "--negatives N" in message and "N <= 39" in message  # Sports has 40 items: 39 besides the target
-    build_experiment(shop(negatives=39))  # the value it suggests fits
+    build_experiment(resolve_experiment(shop(negatives=39)))  # the value it suggests fits
 
 
 def test_timelines_negatives_are_checked_over_every_node_and_domain():
     with pytest.raises(ValueError, match=r"do not fit 2 of 5 domains \(Sports allows 29, Garden allows 49\).*N <= 29"):
-        build_experiment(shop("local", "atomic-timelines", 100, nodes=1))
-    build_experiment(shop("local", "atomic-timelines", 29, nodes=1))
+        build_experiment(resolve_experiment(shop("local", "atomic-timelines", 100, nodes=1)))
+    build_experiment(resolve_experiment(shop("local", "atomic-timelines", 29, nodes=1)))
 
 
 def test_check_negatives_fit_without_any_candidate_says_what_to_do():
@@ -75,10 +75,10 @@ def test_help_of_a_data_set_shows_its_options_and_methods(capsys):
 
 
 def test_default_fmoe_cdsr_experts_have_no_unused_sigma_stack():
-    model = build_experiment(shop(), only="node-00").nodes["node-00"].learner.model
+    model = build_experiment(resolve_experiment(shop()), only="node-00").nodes["node-00"].learner.model
     assert all(expert.logvar is None for expert in model.experts) and not model.vae
     assert all(name.startswith("mu.") for name in model.expert_state(0))
-    vae = build_experiment(with_options(shop(), method_options={"encoder": "vae"}), only="node-00").nodes["node-00"].learner.model
+    vae = build_experiment(resolve_experiment(with_options(shop(), method_options={"encoder": "vae"})), only="node-00").nodes["node-00"].learner.model
     count = lambda m: sum(t.numel() for t in m.expert_state(0).values())  # noqa: E731
     assert count(vae) == 2 * count(model) and vae.vae  # the KL term comes with the stack it needs
 
@@ -145,8 +145,8 @@ def test_fixture_profile_reaches_the_summary(tmp_path):
 
 def test_nodes_that_disagree_with_the_domains_are_refused():
     with pytest.raises(ValueError, match=r"one client per domain: its 5 domains \(Books, Electronics, Garden, Sports, Toys\) make 5 nodes.*nodes = 3"):
-        build_experiment(shop(nodes=3))
-    assert build_experiment(shop(nodes=5)).cfg.run.nodes == 5
+        build_experiment(resolve_experiment(shop(nodes=3)))
+    assert build_experiment(resolve_experiment(shop(nodes=5))).cfg.run.nodes == 5
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ def test_nodes_that_disagree_with_the_domains_are_refused():
 def test_run_options_a_family_ignores_are_refused(data, option, value):
     method = "local" if data == "atomic-timelines" else "fmoe-cdsr"
     with pytest.raises(ValueError, match=rf"\[run\] {option} = .* does not apply to .* data \({data}\)"):
-        build_experiment(shop(method, data, **{option: value}))
+        build_experiment(resolve_experiment(shop(method, data, **{option: value})))
 
 
 # 8. a --data-root one level too high points at the folder that holds the files
@@ -163,7 +163,7 @@ def test_run_options_a_family_ignores_are_refused(data, option, value):
 
 def test_parent_data_root_suggests_the_sub_folder():
     with pytest.raises(DataNotFoundError, match=r"did you mean --data-root .*fixtures/shop\?"):
-        build_experiment(with_options(shop(), data_root=str(SHOP.parent)))
+        build_experiment(resolve_experiment(with_options(shop(), data_root=str(SHOP.parent))))
 
 
 def test_data_root_help_names_the_atomic_sets(capsys):

@@ -98,7 +98,7 @@ def test_methods_run_on_every_family_that_provides_what_they_need(monkeypatch):
     with pytest.raises(ValueError, match="does not run on tabular data"):
         get_method("fedmoe-da", "tabular")
     with pytest.raises(ValueError, match="unknown capabilities"):
-        MethodSpec("x", "x", frozenset({"telepathy"}), build_client=lambda ctx, node: None)  # type: ignore[arg-type,return-value]
+        MethodSpec("x", "x", frozenset({"telepathy"}), options=NoOptions, build_client=lambda ctx, node: None)  # type: ignore[arg-type,return-value]
 
     class Odd(Tabular):
         name, data, provides = "odd", ("odd",), frozenset({"gpu"})
@@ -142,7 +142,7 @@ def _csv_files(folder: Path) -> None:
 def test_a_users_own_moe_model_and_data_train_under_fedmoe_da(tmp_path, monkeypatch):
     """Issue 27 example (b): the user's model (their experts, their gate) and CSV files, from
     one file outside the package; FedMoE-DA selects, fetches and aggregates their experts."""
-    from p2pmoe.experiment import build_experiment
+    from p2pmoe.experiment import build_experiment, resolve_experiment
     from p2pmoe.runs import read_ledger
     from p2pmoe.sim.runner import run_simulation
     from p2pmoe.tasks import base
@@ -153,7 +153,7 @@ def test_a_users_own_moe_model_and_data_train_under_fedmoe_da(tmp_path, monkeypa
     cfg = default_config(
         method="fedmoe-da", plugins=str(OWN_MODEL), data="my-csv", data_root=str(tmp_path / "data"), nodes=4, rounds=3, out=str(tmp_path / "run")
     )
-    model = build_experiment(cfg).nodes["node-00"].learner.model
+    model = build_experiment(resolve_experiment(cfg)).nodes["node-00"].learner.model
     assert type(model).__module__ == "p2pmoe_plugin_own_moe_model" and type(model.moe).__name__ == "MyMoE"
     summary = run_simulation(cfg, progress=False, report=False)
     kinds = {e.kind for e in read_ledger(tmp_path / "run" / "ledger.csv")}
@@ -166,12 +166,17 @@ def test_a_users_own_moe_model_and_data_train_under_fedmoe_da(tmp_path, monkeypa
 @pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
 def test_a_plugin_method_runs_in_a_swarm_of_daemons(tmp_path):
     """Example (a) in real daemon processes: `[run] plugins` travels in every node's file."""
+    from p2pmoe.experiment import resolve_experiment
     from p2pmoe.node.config import Timing
     from p2pmoe.node.swarm import run_swarm
 
     cfg = default_config(method="fedavg-median", plugins=str(EXAMPLE), data="fmnist", nodes=2, rounds=2, max_train_per_node=100, out=str(tmp_path))
     summary = run_swarm(
-        with_options(cfg, task_options={"global_test_size": 100}), Timing(round_deadline=60, startup=60, linger=2), timeout=240, progress=False, report=False
+        resolve_experiment(with_options(cfg, task_options={"global_test_size": 100})),
+        Timing(round_deadline=60, startup=60, linger=2),
+        timeout=240,
+        progress=False,
+        report=False,
     )
     assert summary["method"] == "fedavg-median" and summary["nodes_finished"] == ["node-00", "node-01"]
     assert set(summary["exit_codes"].values()) == {0}

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from p2pmoe.config import default_config
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.daemon import NodeDaemon
@@ -38,7 +39,7 @@ def _block(tag: str) -> str:
 
 async def _run_example_against_a_node(script: Path, tmp_path: Path) -> str:
     """Serve a node's receive loop on loopback and run the example as its own process."""
-    cfg = NodeConfig(NODE_ID, "tcp://127.0.0.1:0", tmp_path / "node", {}, default_config(method="fedavg"))
+    cfg = NodeConfig(NODE_ID, "tcp://127.0.0.1:0", tmp_path / "node", {}, resolve_experiment(default_config(method="fedavg")))
     daemon = NodeDaemon(cfg, method=FedAvgServer(NODE_ID, clients=[], template={}))
     daemon.transport = Transport(NODE_ID, "tcp://127.0.0.1:*")
     serving = asyncio.create_task(daemon._receive_loop())

@@ -9,7 +9,7 @@ from conftest import FIXTURE_DOMAINS as DOMAINS
 
 from p2pmoe.cli import main
 from p2pmoe.config import default_config, with_options
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.tasks.sequential import FKCB_ENV
 
 
@@ -79,7 +79,7 @@ def test_fmoe_cdsr_encoder_and_gate_pooling_come_from_the_config(fkcb_like, enco
         task_options={"embed_dim": 8, "max_len": 8, "negatives": 20},
         method_options={"encoder": encoder, "gate_pooling": pooling},
     )
-    model = build_experiment(cfg, only="node-00").nodes["node-00"].learner.model
+    model = build_experiment(resolve_experiment(cfg), only="node-00").nodes["node-00"].learner.model
     assert all((expert.logvar is not None) == (encoder == "vae") for expert in model.experts)
     assert model.gate_pooling == pooling and model.vae == (encoder == "vae")
 
@@ -100,8 +100,8 @@ def test_a_coordinator_reads_no_client_data(fkcb_like, monkeypatch):
     cfg = with_options(default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like)), task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
     with monkeypatch.context() as patch:
         patch.setattr(sequential, "sequence_domains", lambda *a: pytest.fail("the coordinator loaded client data"))
-        server = build_experiment(cfg, only="server").nodes["server"]
-    client = build_experiment(cfg, only="node-01").nodes["node-01"]
+        server = build_experiment(resolve_experiment(cfg), only="server").nodes["server"]
+    client = build_experiment(resolve_experiment(cfg), only="node-01").nodes["node-01"]
     expert = client.model.expert_state(1)
     assert {k: v.shape for k, v in server.template.items()} == {k: v.shape for k, v in expert.items()}
 

@@ -143,10 +143,11 @@ def test_a_checkpoint_from_before_an_option_existed_is_of_the_same_experiment():
     """An option added since the checkpoint was written counts as its default; a real
     difference (another seed) still refuses it."""
     from p2pmoe.config import default_config, with_options
+    from p2pmoe.experiment import resolve_experiment
     from p2pmoe.settings import canonical_config
     from p2pmoe.sim.resume import same_but_newer_defaults
 
-    cfg = with_options(default_config(method="fedmoe-da"), method_options={"p": 1})
+    cfg = resolve_experiment(with_options(default_config(method="fedmoe-da"), method_options={"p": 1})).cfg
     stored = canonical_config(cfg)
     del stored["method"]["finetune_epochs"], stored["run"]["eval_point"]  # written before these options existed
     assert same_but_newer_defaults(stored, cfg)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.methods.fedmoe_da import expert_tensors
 from p2pmoe.methods.registry import run_participation
 from p2pmoe.sim.runner import compute_seconds, run_simulation
@@ -22,7 +22,7 @@ def _accounting(tmp_path, nodes=24, **run):
 
 
 def test_accounting_nodes_share_one_model_but_each_has_its_own_gate(tmp_path):
-    nodes = build_experiment(_accounting(tmp_path)).nodes
+    nodes = build_experiment(resolve_experiment(_accounting(tmp_path))).nodes
     models = [node.learner.model for node in nodes.values()]
     assert len({m.embedder.layers[0].weight.data_ptr() if hasattr(m.embedder, "layers") else next(m.embedder.parameters()).data_ptr() for m in models}) == 1
     assert len({m.moe.experts[0].linears[0].weight.data_ptr() for m in models}) == 1
@@ -34,7 +34,7 @@ def test_an_accounting_run_counts_real_message_sizes_without_training_or_evaluat
     assert summary["metrics"] == {} and summary["train"] == {}
     kinds = summary["bytes"]["by_kind"]
     assert kinds.get("expert_response", 0) > 0 and kinds.get("gate_publish", 0) > 0 and "error" not in kinds
-    model = build_experiment(_accounting(tmp_path / "x"), only="node-00").nodes["node-00"].learner.model
+    model = build_experiment(resolve_experiment(_accounting(tmp_path / "x")), only="node-00").nodes["node-00"].learner.model
     one_expert = frame_sizes(encode("node-00", Message(MessageKind.EXPERT_RESPONSE, 0, expert_tensors({0: model.moe.expert_state(0)}))))[1]
     with open(tmp_path / "ledger.csv") as handle:
         payloads = [int(r["payload_bytes"]) for r in csv.DictReader(handle) if r["kind"] == "expert_response"]
@@ -54,7 +54,7 @@ def test_simulated_compute_time_is_added_to_each_round(tmp_path, spec, expected)
 
 def test_under_participation_only_the_sampled_clients_can_straggle(tmp_path):
     cfg = _accounting(tmp_path, nodes=8, compute_time="per_example:0.001", participation=0.25).replace_run(rounds=3)
-    experiment = build_experiment(cfg)
+    experiment = build_experiment(resolve_experiment(cfg))
     learners = {n: experiment.nodes[n].learner for n in experiment.clients}
     assert len({id(learner) for learner in learners.values()}) == len(learners)
     for k, learner in enumerate(learners.values()):  # accounting learners hold no data: give each a size

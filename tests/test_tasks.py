@@ -12,7 +12,7 @@ from torch import nn
 
 from p2pmoe.config import default_config, resolve, with_options
 from p2pmoe.data.images import float_images
-from p2pmoe.experiment import build_experiment
+from p2pmoe.experiment import build_experiment, resolve_experiment
 from p2pmoe.learners.vision import ImageClassifierLearner
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.models.params import float_state
@@ -41,7 +41,7 @@ def test_device_auto_is_the_cpu_without_cuda_and_cuda_without_it_is_an_error():
 def test_learners_put_their_model_on_the_run_device_and_methods_send_cpu_tensors(fkcb_like):
     base = default_config(method="fmoe-cdsr", data="fkcb", data_root=str(fkcb_like), device="cpu")
     cfg = with_options(base, task_options={"embed_dim": 8, "max_len": 8, "negatives": 20})
-    client = build_experiment(cfg, only="node-00").nodes["node-00"]
+    client = build_experiment(resolve_experiment(cfg), only="node-00").nodes["node-00"]
     assert client.learner.device == torch.device("cpu")
     assert all(p.device.type == "cpu" for p in client.learner.model.parameters())
     [upload] = client.start_round(0)
@@ -65,7 +65,7 @@ def test_an_image_coordinator_template_needs_no_data(data, monkeypatch):
 
     for loader in ("_dataset", "_labels", "load_stored_images"):
         monkeypatch.setattr(image, loader, lambda *a: pytest.fail("the coordinator loaded data"))
-    server = build_experiment(default_config(method="fedavg", data=data, nodes=2), only="server").nodes["server"]
+    server = build_experiment(resolve_experiment(default_config(method="fedavg", data=data, nodes=2)), only="server").nodes["server"]
     assert isinstance(server, FedAvgServer)
     channels, side, classes = IMAGE_SHAPES[data]
     model = image.image_model(server_cfg := default_config(method="fedavg", data=data), channels, side, classes)

@@ -10,6 +10,7 @@ import torch
 
 from p2pmoe.config import default_config, with_options
 from p2pmoe.data.errors import DataFormatError
+from p2pmoe.experiment import resolve_experiment
 from p2pmoe.sim.runner import run_simulation
 from p2pmoe.tasks.base import task_for_data
 from p2pmoe.tasks.multitask import feature_spec, scenarios
@@ -90,7 +91,7 @@ def test_pf_msmtrec_daemons_match_the_simulator_and_a_killed_client_resumes(tmp_
     for k, country in enumerate(["AliExpress_NL", "AliExpress_ES"]):
         _write_country(tmp_path / "data" / country, 300, seed=k)
     cfg = _config(tmp_path / "data", "pf-msmtrec")
-    swarm = run_swarm(with_options(cfg, out=str(tmp_path / "swarm")), Timing(round_deadline=60, startup=60, linger=10))
+    swarm = run_swarm(resolve_experiment(with_options(cfg, out=str(tmp_path / "swarm"))), Timing(round_deadline=60, startup=60, linger=10))
     sim = run_simulation(with_options(cfg, out=str(tmp_path / "sim")), progress=False)
     assert set(swarm["exit_codes"].values()) == {0}
     kinds = {k: v for k, v in swarm["bytes"]["by_kind"].items() if k not in {"hello", "heartbeat", "error"}}
@@ -99,7 +100,7 @@ def test_pf_msmtrec_daemons_match_the_simulator_and_a_killed_client_resumes(tmp_
     run = tmp_path / "kill"
     cfg = with_options(cfg, rounds=4, out=str(run))
     timing = Timing(round_deadline=20, heartbeat=0.5, suspect_after=1.5, dead_after=3, startup=20, linger=5)
-    configs = write_node_configs(cfg, run, timing)
+    configs = write_node_configs(resolve_experiment(cfg), run, timing)
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
     victim = run / "nodes" / "node-01"
 

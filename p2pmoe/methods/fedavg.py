@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from p2pmoe.methods.base import Learner, Method
-from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
-from p2pmoe.methods.server import CollectingServer, ServerClient
+from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
+from p2pmoe.methods.server import CollectingServer, ServerClient, example_count
 from p2pmoe.models.params import float_state, load_float_state, weighted_average
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
 from p2pmoe.participation import Participation
-from p2pmoe.wire.codec import ProtocolError, check_like
+from p2pmoe.wire.codec import check_like
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
@@ -70,9 +70,7 @@ class FedAvgServer(CollectingServer):
         return super().start_round(round_index)
 
     def take(self, src: str, message: Message) -> None:
-        count = message.meta.get("num_examples")
-        if not (isinstance(count, int) and not isinstance(count, bool) and count > 0):  # a raise, not require(): it narrows count
-            raise ProtocolError("meta.num_examples must be a positive integer")
+        count = example_count(message)
         check_like(message.tensors, self.global_state)
         self._updates[src] = (message.tensors, count)
 
@@ -108,13 +106,16 @@ class FineTuneOptions(Options):
     finetune_epochs: int = option(1, "local epochs on a copy of the model before each evaluation", minimum=1)
 
 
-def build_client(ctx: BuildContext, node: str) -> Method:
+def build_client(ctx: BuildContext[Any], node: str, finetune_epochs: int = 0) -> Method:
     """A FedAvg client (FedAvg-FT's with its fine-tuning epochs); plugins with another server rule reuse it."""
-    finetune = ctx.cfg.method.finetune_epochs if isinstance(ctx.cfg.method, FineTuneOptions) else 0
-    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, participation=ctx.participation, finetune_epochs=finetune)
+    return FedAvgClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, participation=ctx.participation, finetune_epochs=finetune_epochs)
 
 
-def _server(ctx: BuildContext) -> Method:
+def _finetuning_client(ctx: BuildContext[FineTuneOptions], node: str) -> Method:
+    return build_client(ctx, node, ctx.options.finetune_epochs)
+
+
+def _server(ctx: BuildContext[Any]) -> Method:
     return FedAvgServer(SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation)
 
 
@@ -123,6 +124,7 @@ register_method(
         name="fedavg",
         summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
         needs=frozenset({"whole_model"}),
+        options=NoOptions,
         build_client=build_client,
         build_server=_server,
     )
@@ -134,7 +136,7 @@ register_method(
         needs=frozenset({"whole_model"}),
         options=FineTuneOptions,
         flag_prefix="fedavg",
-        build_client=build_client,
+        build_client=_finetuning_client,
         build_server=_server,
     )
 )

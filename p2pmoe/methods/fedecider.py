@@ -39,7 +39,7 @@ from p2pmoe.learners.text import TextRecLearner
 from p2pmoe.methods.base import Method
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
-from p2pmoe.methods.server import CollectingServer, ServerClient
+from p2pmoe.methods.server import CollectingServer, ServerClient, example_count
 from p2pmoe.models.params import weighted_average
 from p2pmoe.models.text_lora import NORMS, LoraTextEncoder, direction_factors
 from p2pmoe.naming import SERVER_ID
@@ -60,7 +60,17 @@ class FeDeciderOptions(Options):
     section: ClassVar[str] = "method"
 
     norm: str = option("column", "magnitude of ΔW: column (DoRA's per-output-unit norm) or frobenius (one scalar per layer)", choices=NORMS)
-    alpha: str = option("softmax", "parameterisation of the personalised weights alpha", choices=("softmax", "sigmoid", "unconstrained"))
+    sharing: str = option(
+        "directions",
+        "what clients share: directions (FeDecider), updates (whole LoRA updates mixed), average (FedAvg of A and B), "
+        "average-dw (FedAvg of Delta W = B A) or similarity (layer-wise cosine-similarity weights)",
+        choices=SHARINGS,
+    )
+    alpha: str = option(
+        "softmax",
+        "parameterisation of the personalised weights alpha (uniform: fixed, not learned)",
+        choices=("softmax", "sigmoid", "unconstrained", "uniform"),
+    )
     alpha_epochs: int = option(1, "epochs learning alpha (LoRA frozen) before the LoRA epochs of a round", minimum=0)
     alpha_lr: float = option(0.05, "Adam learning rate of alpha", above=0)
 
@@ -250,10 +260,8 @@ class RelayServer(CollectingServer):
         return super().start_round(round_index)
 
     def take(self, src: str, message: Message) -> None:
-        count = message.meta.get("num_examples")
-        require(isinstance(count, int) and not isinstance(count, bool) and count > 0, "meta.num_examples must be a positive integer")
+        count = example_count(message)
         check_like(message.tensors, self.template)
-        assert isinstance(count, int)
         self._uploads[src] = (message.tensors, count)
 
     def reply(self) -> list[Send]:
@@ -266,54 +274,46 @@ class RelayServer(CollectingServer):
         return sends
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A registered name: what its clients share and, for ablations, a fixed α."""
-
-    sharing: str
-    alpha_kind: str | None = None
-
-
-def _factor_template(ctx: BuildContext) -> dict[str, Tensor]:
+def _factor_template(ctx: BuildContext[FeDeciderOptions]) -> dict[str, Tensor]:
     model = ctx.template()
-    assert isinstance(model, LoraTextEncoder)
+    if not isinstance(model, LoraTextEncoder):
+        raise TypeError(f"{ctx.cfg.run.method} needs a LoraTextEncoder template, got {type(model).__name__}")
     return as_tensors({n: (b.detach(), a.detach()) for n, (b, a) in model.factors().items()})
 
 
-def _builders(variant: Variant):  # noqa: ANN202 - a pair of builder closures
-    def client(ctx: BuildContext, node: str) -> Method:
-        learner = ctx.learner(node)
-        assert isinstance(learner, TextRecLearner) and isinstance(ctx.cfg.method, FeDeciderOptions)
-        return LoraSharingClient(node, learner, SERVER_ID, variant.sharing, ctx.cfg.method, variant.alpha_kind, ctx.cfg.run.local_epochs, ctx.participation)
-
-    def server(ctx: BuildContext) -> Method:
-        build = FedAvgServer if variant.sharing == "average" else RelayServer
-        return build(SERVER_ID, ctx.clients, _factor_template(ctx), ctx.participation)
-
-    return client, server
+def _client(ctx: BuildContext[FeDeciderOptions], node: str) -> Method:
+    learner = ctx.learner(node)
+    if not isinstance(learner, TextRecLearner):
+        raise TypeError(f"{ctx.cfg.run.method} needs the text family's learner, got {type(learner).__name__}")
+    opts = ctx.options
+    return LoraSharingClient(node, learner, SERVER_ID, opts.sharing, opts, None, ctx.cfg.run.local_epochs, ctx.participation)
 
 
-_VARIANTS = {
-    "fedecider": (Variant("directions"), True, "FeDecider: LoRA directions shared, magnitudes kept, personalised alpha"),
-    "fedecider-nodecomp": (Variant("updates"), True, "FeDecider ablation: whole LoRA updates shared and mixed (no decomposition)"),
-    "fedecider-uniform": (Variant("directions", "uniform"), True, "FeDecider ablation: directions mixed with fixed uniform alpha"),
-    "lora-fedavg": (Variant("average"), False, "FedAvg of the LoRA factors A and B"),
-    "lora-fedavg-dw": (Variant("average-dw"), False, "FedAvg of the LoRA updates Delta W = B A (exact, with a frozen residual)"),
-    "lora-similarity": (Variant("similarity"), False, "LoRA aggregated with layer-wise cosine-similarity weights (FeDecider Fig. 2 baseline)"),
-}
-"""name -> (what its clients share, whether it takes FeDecider's options, summary). The baselines
-take none: they run with FeDecider's defaults, pinned (`MethodSpec.variant`), so a flag meant for
-FeDecider is refused rather than silently ignored."""
+def _server(ctx: BuildContext[FeDeciderOptions]) -> Method:
+    build = FedAvgServer if ctx.options.sharing == "average" else RelayServer
+    return build(SERVER_ID, ctx.clients, _factor_template(ctx), ctx.participation)
 
-for _name, (_variant, _own_options, _summary) in _VARIANTS.items():
-    _client, _server = _builders(_variant)
-    _spec = MethodSpec(
-        name=_name,
-        summary=_summary,
+
+FEDECIDER = register_method(
+    MethodSpec(
+        name="fedecider",
+        summary="FeDecider: LoRA directions shared, magnitudes kept, personalised alpha",
         needs=frozenset({"text_encoder"}),
+        options=FeDeciderOptions,
         build_client=_client,
         build_server=_server,
-        options=FeDeciderOptions,
         flag_prefix="fedecider",
     )
-    register_method(_spec if _own_options else _spec.variant(_name, _summary, fixed=FeDeciderOptions()))
+)
+register_method(FEDECIDER.variant("fedecider-nodecomp", "FeDecider ablation: whole LoRA updates shared and mixed (no decomposition)", {"sharing": "updates"}))
+register_method(FEDECIDER.variant("fedecider-uniform", "FeDecider ablation: directions mixed with fixed uniform alpha", {"alpha": "uniform"}))
+# The baselines take no options: FeDecider's defaults, pinned, so a flag meant for FeDecider is refused rather than ignored.
+register_method(FEDECIDER.variant("lora-fedavg", "FedAvg of the LoRA factors A and B", FeDeciderOptions(sharing="average")))
+register_method(
+    FEDECIDER.variant("lora-fedavg-dw", "FedAvg of the LoRA updates Delta W = B A (exact, with a frozen residual)", FeDeciderOptions(sharing="average-dw"))
+)
+register_method(
+    FEDECIDER.variant(
+        "lora-similarity", "LoRA aggregated with layer-wise cosine-similarity weights (FeDecider Fig. 2 baseline)", FeDeciderOptions(sharing="similarity")
+    )
+)

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import networkx as nx
 import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method, SendFailure
 from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_weights
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange, Partners, every, random_matchings
-from p2pmoe.methods.registry import BuildContext, MethodSpec, all_peers, register_method, topology_peers
+from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, all_peers, register_method, topology_peers
 from p2pmoe.models.moe import ExpertSlots, MixtureOfExperts, slot_candidate_losses
 from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.models.pretrained import load_pretrained
@@ -37,31 +38,26 @@ from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
 from p2pmoe.participation import Participation
 from p2pmoe.seeds import node_stream
+from p2pmoe.settings import ExperimentConfig
 from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.compression import ErrorFeedback, parse_compression, scheme_for
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 EMBEDDING_MODES = ("gossip", "frozen", "server", "pretrained")
 EMBEDDING_PEERS = ("all", "matching")
+PLANNERS = ("p2p", "server")
 EMBEDDING_PREFIX = "embedder."
 RESIDUAL_PREFIX = "phi_residual."  # checkpoint keys of the error-feedback residual
 
 
 @dataclass(frozen=True)
-class PlanOptions(Options):
-    """Eq. 9-11's knobs. Third-party defaults are P = 5, tau = 1, I = 5; project decision:
-    P = 2 (P must stay below the number of experts a node sees in small swarms) and I = 1."""
+class FedMoEDAOptions(Options):
+    """FedMoE-DA: who plans, eq. 9-11's knobs and how phi is shared.
 
-    section: ClassVar[str] = "method"
-
-    p: int = option(2, "P: peer experts each own expert aggregates (0 = none)", minimum=0)
-    tau: float = option(1.0, "softmax temperature of the aggregation weights", above=0)
-    interval: int = option(1, "I: rounds between recomputing the aggregation plan", minimum=1)
-
-
-@dataclass(frozen=True)
-class FedMoEDAOptions(PlanOptions):
-    """Peer-to-peer FedMoE-DA: the plan's knobs and how phi is shared (a project decision).
+    Eq. 9-11: third-party defaults are P = 5, tau = 1, I = 5; project decision: P = 2 (P must
+    stay below the number of experts a node sees in small swarms) and I = 1. The paper's own
+    variant has a coordinator plan every node's aggregation and FedAvg phi (`fedmoe-da-server`
+    pins `planner = server`, `embedding = server`); peer-to-peer planning is this project's.
 
     Default φ sharing, chosen from bench/results/fedmoe_da.md (10 nodes, Fashion-MNIST,
     Dirichlet 0.3, 20 rounds): gossip with one partner of a seeded random matching, every
@@ -72,6 +68,14 @@ class FedMoEDAOptions(PlanOptions):
     moved 0.21x FedAvg's bytes.
     """
 
+    section: ClassVar[str] = "method"
+
+    planner: str = option(
+        "p2p", "who plans the aggregation: each node from its neighbours' gates (p2p) or a coordinator from everyone's (server)", choices=PLANNERS
+    )
+    p: int = option(2, "P: peer experts each own expert aggregates (0 = none)", minimum=0)
+    tau: float = option(1.0, "softmax temperature of the aggregation weights", above=0)
+    interval: int = option(1, "I: rounds between recomputing the aggregation plan", minimum=1)
     embedding: str = option(
         "gossip",
         "how phi is shared: gossip with neighbours, frozen (never sent), server (FedAvg), or pretrained (loaded from phi_path, frozen, never sent)",
@@ -96,8 +100,8 @@ class FedMoEDAOptions(PlanOptions):
     )
     validation_examples: int = option(
         0,
-        "hold out this many of a node's training examples, at most a fifth of them (never trained on, never sent) and keep a selected peer expert in an own slot "
-        "only if it scores no worse there on them than the own expert (0: off; beyond the paper, see docs/methods.md)",
+        "hold out this many of a node's training examples, at most a fifth of them (never trained on, never sent), and keep a selected "
+        "peer expert in an own slot only if it scores no worse there on them than the own expert (0: off; beyond the paper, see docs/methods.md)",
         minimum=0,
     )
 
@@ -107,6 +111,8 @@ class FedMoEDAOptions(PlanOptions):
             raise ValueError("[method] embedding = 'pretrained' and phi_path go together: set both or neither")
         # embedding_peers and embedding_every have non-trivial defaults, so only error feedback
         # (off by default) can be a setting that another mode would silently ignore.
+        if self.planner == "server" and self.embedding != "server":
+            raise ValueError("[method] planner = 'server' is the paper's server-assisted variant: it FedAvgs phi, so embedding must be 'server'")
         if self.embedding != "gossip" and self.embedding_error_feedback:
             raise ValueError("[method] embedding_error_feedback applies to embedding = 'gossip' only")
 
@@ -599,17 +605,7 @@ class FedMoEDAServer(Method):
         return sends + self._plan_if_ready(force=True)
 
 
-def _mode(ctx: BuildContext) -> tuple[PlanOptions, bool, str]:
-    """(options, server-assisted?, embedding mode): the paper's server-assisted variant always
-    FedAvgs phi on the server (its original embedding handling)."""
-    opts = ctx.cfg.method
-    assert isinstance(opts, PlanOptions)
-    if isinstance(opts, FedMoEDAOptions):
-        return opts, False, opts.embedding
-    return opts, True, "server"
-
-
-def _embedding_partners(ctx: BuildContext, node: str, opts: FedMoEDAOptions) -> Partners:
+def _embedding_partners(ctx: BuildContext[FedMoEDAOptions], node: str, opts: FedMoEDAOptions) -> Partners:
     """Whom `node` gossips φ with each round: all topology neighbours or its partner in the
     round's random matching (seeded by the run's seed), on rounds divisible by `embedding_every`."""
     neighbours = sorted(ctx.graph.neighbors(node))
@@ -621,7 +617,7 @@ def _embedding_partners(ctx: BuildContext, node: str, opts: FedMoEDAOptions) -> 
     return lambda round_index: base(round_index) if round_index < opts.warmup_rounds else scheduled(round_index)
 
 
-def _embedding_feedback(ctx: BuildContext, opts: FedMoEDAOptions) -> ErrorFeedback | None:
+def _embedding_feedback(ctx: BuildContext[FedMoEDAOptions], opts: FedMoEDAOptions) -> ErrorFeedback | None:
     """Error feedback over the scheme the run's wire compresses embedding messages with: the
     codec does the quantising, the feedback only keeps what it lost (one quantiser, not two)."""
     if not opts.embedding_error_feedback:
@@ -632,17 +628,18 @@ def _embedding_feedback(ctx: BuildContext, opts: FedMoEDAOptions) -> ErrorFeedba
     return ErrorFeedback(scheme)
 
 
-def _client(ctx: BuildContext, node: str) -> Method:
-    opts, assisted, embedding = _mode(ctx)
+def _client(ctx: BuildContext[FedMoEDAOptions], node: str) -> Method:
+    opts = ctx.options
+    assisted = opts.planner == "server"
     visible = [m for m in ctx.clients if m != node] if assisted else topology_peers(ctx.cfg, ctx.graph, [node])[node]
     learner = ctx.learner(node)
     partners, feedback, phi = None, None, None
-    if isinstance(opts, FedMoEDAOptions) and embedding == "gossip":
+    if opts.embedding == "gossip":
         partners, feedback = _embedding_partners(ctx, node, opts), _embedding_feedback(ctx, opts)
-    if isinstance(opts, FedMoEDAOptions) and opts.phi_path is not None:
+    if opts.phi_path is not None:
         phi = load_pretrained(Path(opts.phi_path), float_state(learner.model, EMBEDDING_PREFIX))
     validation = None
-    if isinstance(opts, FedMoEDAOptions) and opts.validation_examples:
+    if opts.validation_examples:
         hold_out = getattr(learner, "hold_out", None)
         if hold_out is None:
             raise ValueError(f"[method] validation_examples needs the image task's MoE classifier; {ctx.cfg.run.data} has another model")
@@ -658,24 +655,25 @@ def _client(ctx: BuildContext, node: str) -> Method:
         p=opts.p,
         tau=opts.tau,
         interval=opts.interval,
-        embedding=embedding,
-        server_id=SERVER_ID if embedding == "server" else None,
-        planner="server" if assisted else "p2p",
+        embedding=opts.embedding,
+        server_id=SERVER_ID if opts.embedding == "server" else None,
+        planner=opts.planner,
         local_epochs=ctx.cfg.run.local_epochs,
         embedding_partners=partners,
         embedding_feedback=feedback,
         phi=phi,
         participation=ctx.participation,
         validation=validation,
-        finetune_epochs=opts.finetune_epochs if isinstance(opts, FedMoEDAOptions) else 0,
-        warmup_rounds=opts.warmup_rounds if isinstance(opts, FedMoEDAOptions) else 0,
+        finetune_epochs=opts.finetune_epochs,
+        warmup_rounds=opts.warmup_rounds,
     )
 
 
-def _server(ctx: BuildContext) -> Method:
-    opts, assisted, embedding = _mode(ctx)
+def _server(ctx: BuildContext[FedMoEDAOptions]) -> Method:
+    opts = ctx.options
+    assisted = opts.planner == "server"
     model = ctx.template()
-    template = float_state(model, EMBEDDING_PREFIX) if embedding == "server" else None
+    template = float_state(model, EMBEDDING_PREFIX) if opts.embedding == "server" else None
     moe = model.get_submodule("moe")
     gate = moe.gating_matrix() if assisted and isinstance(moe, ExpertSlots) else None
     return FedMoEDAServer(
@@ -683,7 +681,14 @@ def _server(ctx: BuildContext) -> Method:
     )
 
 
-register_method(
+def _peers(cfg: ExperimentConfig, graph: nx.Graph, clients: list[str]) -> dict[str, set[str]]:
+    """A node fetches experts from its topology neighbourhood; with a coordinator planning
+    from everyone's gates, from anyone."""
+    rule = all_peers if FEDMOE_DA.options_of(cfg).planner == "server" else topology_peers
+    return rule(cfg, graph, clients)
+
+
+FEDMOE_DA = register_method(
     MethodSpec(
         name="fedmoe-da",
         summary="FedMoE-DA peer to peer: gates published to neighbours, experts chosen by gate correlation and fetched from their owners",
@@ -692,13 +697,13 @@ register_method(
         flag_prefix="fedmoe",
         build_client=_client,
         build_server=_server,
-        uses_server=lambda cfg: getattr(cfg.method, "embedding", None) == "server",
-        peers=topology_peers,
+        uses_server=lambda opts: opts.embedding == "server",
+        peers=_peers,
     )
 )
 
 
-def _fedrep_client(ctx: BuildContext, node: str) -> Method:
+def _fedrep_client(ctx: BuildContext[NoOptions], node: str) -> Method:
     return FedMoEDANode(
         node,
         ctx.learner(node),
@@ -712,7 +717,7 @@ def _fedrep_client(ctx: BuildContext, node: str) -> Method:
     )
 
 
-def _fedrep_server(ctx: BuildContext) -> Method:
+def _fedrep_server(ctx: BuildContext[NoOptions]) -> Method:
     template = float_state(ctx.template(), EMBEDDING_PREFIX)
     return FedMoEDAServer(SERVER_ID, ctx.clients, template, p=0, tau=1.0, plans=False, participation=ctx.participation)
 
@@ -722,19 +727,24 @@ register_method(
         name="fedrep",
         summary="FedRep-style baseline: phi averaged by a server (FedAvg), gate and experts never leave the node (FedMoE-DA with P = 0, phi on a server)",
         needs=frozenset({"expert_slots"}),
+        options=NoOptions,
         build_client=_fedrep_client,
         build_server=_fedrep_server,
     )
 )
+# The paper's server-assisted variant; phi's gossip options do not apply to it, so they are pinned too.
 register_method(
-    MethodSpec(
-        name="fedmoe-da-server",
-        summary="FedMoE-DA as in the paper: a coordinator FedAvgs phi and plans every node's aggregation; experts still move peer to peer",
-        needs=frozenset({"expert_slots"}),
-        options=PlanOptions,
-        flag_prefix="fedmoe",
-        build_client=_client,
-        build_server=_server,
-        peers=all_peers,
+    FEDMOE_DA.variant(
+        "fedmoe-da-server",
+        "FedMoE-DA as in the paper: a coordinator FedAvgs phi and plans every node's aggregation; experts still move peer to peer",
+        {
+            "planner": "server",
+            "embedding": "server",
+            "embedding_peers": "matching",
+            "embedding_every": 2,
+            "embedding_error_feedback": False,
+            "phi_path": None,
+            "warmup_rounds": 0,
+        },
     )
 )

@@ -12,7 +12,7 @@ from torch import nn
 
 from p2pmoe.methods.base import Learner, Method
 from p2pmoe.methods.fedavg import FedAvgClient, FedAvgServer
-from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
 from p2pmoe.models.params import float_state
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.participation import Participation
@@ -32,11 +32,11 @@ class FedSASRecClient(FedAvgClient):
         super().__init__(node_id, learner, server_id, local_epochs, prefix=ENCODER_PREFIX, participation=participation)
 
 
-def _client(ctx: BuildContext, node: str) -> Method:
+def _client(ctx: BuildContext[NoOptions], node: str) -> Method:
     return FedSASRecClient(node, ctx.learner(node), SERVER_ID, ctx.cfg.run.local_epochs, ctx.participation)
 
 
-def _server(ctx: BuildContext) -> Method:
+def _server(ctx: BuildContext[NoOptions]) -> Method:
     return FedAvgServer(SERVER_ID, ctx.clients, encoder_template(ctx.template()), ctx.participation)
 
 
@@ -45,6 +45,7 @@ register_method(
         name="fedsasrec",
         summary="FedDCSR's baseline: FedAvg of the SASRec encoder only (item embeddings stay local)",
         needs=frozenset({"domain_sequences"}),
+        options=NoOptions,
         build_client=_client,
         build_server=_server,
     )

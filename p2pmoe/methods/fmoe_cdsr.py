@@ -25,6 +25,7 @@ loaded, i.e. during round 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,9 +41,9 @@ from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.local import LocalMethod
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.server import CollectingServer, ServerClient
-from p2pmoe.models.fmoe_cdsr import GATE_POOLINGS, HEADS, INITS, FMoECDSR, transition_adjacency
+from p2pmoe.models.fmoe_cdsr import GATE_POOLINGS, GATES, HEADS, INITS, FMoECDSR, transition_adjacency
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.options import Options, option
+from p2pmoe.options import Options, option, options_as
 from p2pmoe.participation import Participation
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.sequential import SequenceOptions
@@ -229,6 +230,10 @@ class FMoECDSROptions(Options):
         "official = torch's N(0, 1) and U(+-1/sqrt d) graph bias, as the official code",
         choices=INITS,
     )
+    gate: str = option("learned", "how a client mixes the branches: a learned gate (the method) or uniformly (an ablation, no gate)", choices=GATES)
+    freeze_foreign: bool = option(
+        True, "keep the other domains' experts frozen (the method); false: fine-tune them locally until the next download (an ablation)"
+    )
     graph: bool = option(True, "the branch's graph layer over the item-transition graph (false: an ablation, the item table is E alone)")
     input_norm: bool = option(True, "the official encoder input LayerNorm((H + E) * sqrt(d) + P) (false: an ablation, (H + E) + P as SASRec)")
     expert_epochs: int = option(
@@ -240,12 +245,11 @@ class FMoECDSROptions(Options):
     )
 
 
-def _model_factory(gate: str) -> Callable[[ExperimentConfig, DomainSequences | None, int, int], nn.Module]:
+def _model_factory(opts: FMoECDSROptions) -> Callable[[ExperimentConfig, DomainSequences | None, int, int], nn.Module]:
     """The sequential task's model hook: an FMoE-CDSR client model for domain k of K."""
 
     def build(cfg: ExperimentConfig, domain: DomainSequences | None, k: int, num_domains: int) -> nn.Module:
-        task, opts = cfg.task, cfg.method
-        assert isinstance(task, SequenceOptions) and isinstance(opts, FMoECDSROptions)
+        task = options_as(cfg.task, SequenceOptions, "FMoE-CDSR's model")
         items = domain.num_items if domain is not None else 1
         adjacency = transition_adjacency(domain.train if domain is not None else [], items)
         return FMoECDSR(
@@ -260,7 +264,7 @@ def _model_factory(gate: str) -> Callable[[ExperimentConfig, DomainSequences | N
             dropout=task.dropout,
             contrastive_weight=opts.contrastive_weight,
             vae=opts.encoder == "vae",
-            gate=gate,
+            gate=opts.gate,
             gate_pooling=opts.gate_pooling,
             head=opts.head,
             init=opts.init,
@@ -271,51 +275,50 @@ def _model_factory(gate: str) -> Callable[[ExperimentConfig, DomainSequences | N
     return build
 
 
-def _learner(ctx: BuildContext, node: str, gate: str) -> NextItemLearner:
-    learner = ctx.learner(node, _model_factory(gate))
-    assert isinstance(learner, NextItemLearner)
+def _learner(ctx: BuildContext[FMoECDSROptions], node: str) -> NextItemLearner:
+    learner = ctx.learner(node, _model_factory(ctx.options))
+    if not isinstance(learner, NextItemLearner):
+        raise TypeError(f"{ctx.cfg.run.method} needs a next-item learner, got {type(learner).__name__}")
     return learner
 
 
-def _expert_template(ctx: BuildContext) -> dict[str, torch.Tensor]:
-    template = ctx.template(_model_factory("learned"))
-    assert isinstance(template, FMoECDSR)
+def _expert_template(ctx: BuildContext[FMoECDSROptions]) -> dict[str, torch.Tensor]:
+    template = ctx.template(_model_factory(ctx.options))
+    if not isinstance(template, FMoECDSR):
+        raise TypeError(f"{ctx.cfg.run.method} needs an FMoECDSR template, got {type(template).__name__}")
     return template.expert_state(0)
 
 
-def _spec(name: str, summary: str, client: Callable[[BuildContext, str], Method], server: Callable[[BuildContext], Method] | None = None) -> MethodSpec:
-    """Every FMoE-CDSR variant runs on sequences and takes the same `--fmoe-*` options."""
-    return MethodSpec(
-        name=name, summary=summary, needs=frozenset({"domain_sequences"}), options=FMoECDSROptions, flag_prefix="fmoe", build_client=client, build_server=server
+def _client(ctx: BuildContext[FMoECDSROptions], node: str) -> Method:
+    """Own expert up, the others' experts down, a gate (or a uniform mixture) over the branches."""
+    learner = _learner(ctx, node)
+    opts = ctx.options
+    return FMoECDSRClient(
+        node, learner, ctx.index(node), SERVER_ID, ctx.cfg.run.local_epochs, freeze_foreign=opts.freeze_foreign, participation=ctx.participation
     )
 
 
-def _register_mixture(name: str, summary: str, gate: str, freeze_foreign: bool) -> None:
-    """FMoE-CDSR and its two ablations: own expert up, the others' experts down."""
-
-    def client(ctx: BuildContext, node: str) -> Method:
-        learner = _learner(ctx, node, gate)
-        return FMoECDSRClient(
-            node, learner, ctx.index(node), SERVER_ID, ctx.cfg.run.local_epochs, freeze_foreign=freeze_foreign, participation=ctx.participation
-        )
-
-    def server(ctx: BuildContext) -> Method:
-        opts = ctx.cfg.method
-        assert isinstance(opts, FMoECDSROptions)
-        store_rounds = math.ceil(opts.expert_epochs / ctx.cfg.run.local_epochs) if opts.expert_epochs else None
-        return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, _expert_template(ctx), ctx.participation, store_rounds)
-
-    register_method(_spec(name, summary, client, server))
+def _server(ctx: BuildContext[FMoECDSROptions]) -> Method:
+    opts = ctx.options
+    store_rounds = math.ceil(opts.expert_epochs / ctx.cfg.run.local_epochs) if opts.expert_epochs else None
+    return FMoECDSRServer(SERVER_ID, {n: k for k, n in enumerate(ctx.clients)}, _expert_template(ctx), ctx.participation, store_rounds)
 
 
-_register_mixture(
-    "fmoe-cdsr",
-    "FMoE-CDSR: each client's own expert goes to a caching server; the others' experts come back frozen and a gate mixes the branches",
-    "learned",
-    True,
+FMOE_CDSR = register_method(
+    MethodSpec(
+        name="fmoe-cdsr",
+        summary="FMoE-CDSR: each client's own expert goes to a caching server; the others' experts come back frozen and a gate mixes the branches",
+        needs=frozenset({"domain_sequences"}),
+        options=FMoECDSROptions,
+        flag_prefix="fmoe",
+        build_client=_client,
+        build_server=_server,
+    )
 )
-_register_mixture("fmoe-cdsr-uniform", "FMoE-CDSR ablation without the gate: a uniform mixture of the branches", "uniform", True)
-_register_mixture("fmoe-cdsr-unfrozen", "FMoE-CDSR ablation: foreign experts fine-tuned locally until the next download", "learned", False)
+register_method(FMOE_CDSR.variant("fmoe-cdsr-uniform", "FMoE-CDSR ablation without the gate: a uniform mixture of the branches", {"gate": "uniform"}))
+register_method(
+    FMOE_CDSR.variant("fmoe-cdsr-unfrozen", "FMoE-CDSR ablation: foreign experts fine-tuned locally until the next download", {"freeze_foreign": False})
+)
 
 
 class OwnExpertAverageClient(ServerClient):
@@ -340,23 +343,33 @@ class OwnExpertAverageClient(ServerClient):
         self.model.set_expert_state(self.model.domain_index, expert_state(message.tensors))
 
 
-def _local_branch(ctx: BuildContext, node: str) -> Method:
-    return LocalMethod(node, _learner(ctx, node, "learned"), ctx.cfg.run.local_epochs, ctx.participation)
+def _local_branch(ctx: BuildContext[FMoECDSROptions], node: str) -> Method:
+    return LocalMethod(node, _learner(ctx, node), ctx.cfg.run.local_epochs, ctx.participation)
 
 
-def _average_branch(ctx: BuildContext, node: str) -> Method:
-    return OwnExpertAverageClient(node, _learner(ctx, node, "learned"), SERVER_ID, ctx.cfg.run.local_epochs, ctx.participation)
+def _average_branch(ctx: BuildContext[FMoECDSROptions], node: str) -> Method:
+    return OwnExpertAverageClient(node, _learner(ctx, node), SERVER_ID, ctx.cfg.run.local_epochs, ctx.participation)
 
 
-def _average_server(ctx: BuildContext) -> Method:
+def _average_server(ctx: BuildContext[FMoECDSROptions]) -> Method:
     return FedAvgServer(SERVER_ID, ctx.clients, expert_tensors(_expert_template(ctx)), ctx.participation)
 
 
+def _branch_baseline(
+    name: str, summary: str, client: Callable[[BuildContext[FMoECDSROptions], str], Method], server: Callable[[BuildContext[FMoECDSROptions]], Method] | None
+) -> MethodSpec[FMoECDSROptions]:
+    """A backbone baseline: FMoE-CDSR's own branch and options, other builders, the mixture's
+    two options pinned (it has no mixture)."""
+    return dataclasses.replace(FMOE_CDSR.variant(name, summary, {"gate": "learned", "freeze_foreign": True}), build_client=client, build_server=server)
+
+
 register_method(
-    _spec("fmoe-cdsr-local", "backbone baseline: Local training of FMoE-CDSR's own branch (graph layer, contrastive loss), nothing sent", _local_branch)
+    _branch_baseline(
+        "fmoe-cdsr-local", "backbone baseline: Local training of FMoE-CDSR's own branch (graph layer, contrastive loss), nothing sent", _local_branch, None
+    )
 )
 register_method(
-    _spec(
+    _branch_baseline(
         "fmoe-cdsr-fedavg",
         "backbone baseline: FedSASRec on FMoE-CDSR's branch, each client's own expert averaged over the domains",
         _average_branch,

@@ -24,7 +24,7 @@ import networkx as nx
 import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
-from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method, topology_peers
+from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method, topology_peers
 from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.participation import Participation
 from p2pmoe.wire.codec import ProtocolError, check_like, require
@@ -231,7 +231,7 @@ class GossipNode(LearnerMethod):
         return self.exchange.done
 
 
-def _client(ctx: BuildContext, node: str) -> Method:
+def _client(ctx: BuildContext[NoOptions], node: str) -> Method:
     return GossipNode(node, ctx.learner(node), sorted(ctx.graph.neighbors(node)), ctx.cfg.run.local_epochs, ctx.participation)
 
 
@@ -240,6 +240,7 @@ register_method(
         name="gossip",
         summary="D-PSGD: the whole model averaged with topology neighbours (Metropolis-Hastings weights), no server",
         needs=frozenset({"whole_model"}),
+        options=NoOptions,
         build_client=_client,
         peers=topology_peers,
     )

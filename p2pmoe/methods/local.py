@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from p2pmoe.methods.base import LearnerMethod, Method
-from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
 from p2pmoe.wire.messages import Message, Send
 
 
@@ -20,7 +20,7 @@ class LocalMethod(LearnerMethod):
         return True
 
 
-def _client(ctx: BuildContext, node: str) -> Method:
+def _client(ctx: BuildContext[NoOptions], node: str) -> Method:
     return LocalMethod(node, ctx.learner(node), ctx.cfg.run.local_epochs, ctx.participation)
 
 
@@ -29,6 +29,7 @@ register_method(
         name="local",
         summary="each client trains alone and sends nothing (the no-communication baseline)",
         needs=frozenset(),
+        options=NoOptions,
         build_client=_client,
     )
 )

@@ -40,7 +40,7 @@ from p2pmoe.learners.multitask import MultiTaskLearner
 from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.methods.pf_aggregation import aggregate_group, average_touched_rows, conflict_share, cosine_softmax
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
-from p2pmoe.methods.server import CollectingServer, ServerClient
+from p2pmoe.methods.server import CollectingServer, ServerClient, example_count
 from p2pmoe.models.params import float_state
 from p2pmoe.models.template import template_part
 from p2pmoe.naming import SERVER_ID
@@ -137,6 +137,7 @@ class PFMSMTrecClient(ServerClient):
         participation: Participation | None = None,
     ) -> None:
         super().__init__(node_id, learner, server_id, local_epochs, participation)
+        self.tasks_learner = learner  # `learner`, typed: the anchor of the proximal term lives there
         self.opts = opts
         self.names = shared_names(learner.model, opts)
 
@@ -152,8 +153,7 @@ class PFMSMTrecClient(ServerClient):
         with torch.no_grad():
             for name, tensor in tensors.items():
                 own[name].copy_(tensor)
-        assert isinstance(self.learner, MultiTaskLearner)
-        self.learner.set_anchor(tensors, self.opts.prox)
+        self.tasks_learner.set_anchor(tensors, self.opts.prox)
 
     def on_send_failed(self, dst: str, failure: SendFailure) -> list[Send]:
         if failure.kind == MessageKind.MODEL_UPDATE:
@@ -162,15 +162,13 @@ class PFMSMTrecClient(ServerClient):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The learner's state and the anchor of the proximal term (``anchor.<name>``)."""
-        assert isinstance(self.learner, MultiTaskLearner)
-        return {**self.learner.state_dict(), **{f"anchor.{n}": t.cpu() for n, t in self.learner.anchor.items()}}
+        return {**self.learner.state_dict(), **{f"anchor.{n}": t.cpu() for n, t in self.tasks_learner.anchor.items()}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         anchor = {k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")}
         self.learner.load_state_dict({k: v for k, v in state.items() if not k.startswith("anchor.")})
         if anchor:
-            assert isinstance(self.learner, MultiTaskLearner)
-            self.learner.set_anchor(anchor, self.opts.prox)
+            self.tasks_learner.set_anchor(anchor, self.opts.prox)
 
 
 UNDELIVERED_KEY = "undelivered"  # a server checkpoint key; client states are "<client>/<name>"
@@ -206,9 +204,7 @@ class PFMSMTrecServer(CollectingServer):
         return super().start_round(round_index)
 
     def take(self, src: str, message: Message) -> None:
-        count = message.meta.get("num_examples")
-        require(isinstance(count, int) and not isinstance(count, bool) and count > 0, "meta.num_examples must be a positive integer")
-        assert isinstance(count, int)
+        count = example_count(message)
         check_like(message.tensors, self.template)
         bad = [n for n, t in message.tensors.items() if not bool(torch.isfinite(t).all())]
         require(not bad, f"non-finite values in {bad[:3]}")
@@ -295,20 +291,16 @@ def _model(template: bool) -> Callable[[ExperimentConfig, FeatureSpec], nn.Modul
     return build
 
 
-def _options(cfg: ExperimentConfig) -> PFMSMTrecOptions:
-    assert isinstance(cfg.method, PFMSMTrecOptions)
-    return cfg.method
-
-
-def _client(ctx: BuildContext, node: str) -> Method:
-    opts = _options(ctx.cfg)
+def _client(ctx: BuildContext[PFMSMTrecOptions], node: str) -> Method:
+    opts = ctx.options
     learner = ctx.learner(node, _model(opts.template))
-    assert isinstance(learner, MultiTaskLearner)
+    if not isinstance(learner, MultiTaskLearner):
+        raise TypeError(f"pf-msmtrec needs the multitask family's learner, got {type(learner).__name__}")
     return PFMSMTrecClient(node, learner, SERVER_ID, opts, ctx.cfg.run.local_epochs, ctx.participation)
 
 
-def _server(ctx: BuildContext) -> Method:
-    opts = _options(ctx.cfg)
+def _server(ctx: BuildContext[PFMSMTrecOptions]) -> Method:
+    opts = ctx.options
     model = ctx.template(_model(opts.template))
     state = float_state(model)
     return PFMSMTrecServer(SERVER_ID, ctx.clients, {n: state[n] for n in shared_names(model, opts)}, opts, ctx.participation)

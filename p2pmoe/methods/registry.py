@@ -3,17 +3,17 @@
 A `MethodSpec` says what the framework needs to know and nothing else: the method's name, the
 task families it runs on, its own options (a frozen `Options` dataclass: TOML `[method]`,
 CLI flags, `--help` and the docs' tables come from it), which peers a client talks to, and how
-to build a client (and, for server-mediated methods, the coordinator). Adding a method is one
-module under `p2pmoe/methods/` plus its line in `BUILTIN_METHODS`.
+to build a client (and, for server-mediated methods, the coordinator). A built-in method is one
+module under `p2pmoe/methods/` plus its line in `BUILTIN_METHODS`; a user's is a plugin.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import networkx as nx
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from p2pmoe.learners.base import Learner
 from p2pmoe.methods.base import Method
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.options import Options, describe, flag
+from p2pmoe.options import OptionInfo, Options, describe, flag, from_mapping, options_as
 from p2pmoe.participation import Participation
 from p2pmoe.plugins import ordered
 from p2pmoe.settings import ExperimentConfig, RunOptions
@@ -48,16 +48,21 @@ class NoOptions(Options):
     section: ClassVar[str] = "method"
 
 
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
 @dataclass
-class BuildContext:
-    """What a method's builders get: the config, the task family, the clients and the graph.
+class BuildContext(Generic[OptionsT]):
+    """What a method's builders get: the resolved config, its method options typed as the
+    method declares them, the task family, the clients and the graph.
 
     Learners are built lazily and together (the data is read once), and only for the clients
     this process runs; `template` gives a coordinator its weight shapes without any data.
     """
 
     cfg: ExperimentConfig
-    task: Task
+    options: OptionsT
+    task: Task[Any]
     clients: list[str]
     graph: nx.Graph
     wanted: set[str]
@@ -66,17 +71,12 @@ class BuildContext:
     def index(self, node: str) -> int:
         return self.clients.index(node)
 
-    def with_method_options(self, options: Options) -> BuildContext:
-        """The same context (and learner cache) seeing `options` as the run's `[method]` table."""
-        return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, method=options))
-
     def learner(self, node: str, model: ModelFactory | None = None) -> Learner:
         """Client `node`'s learner (every wanted client's learner is built on the first call)."""
         if not self._learners:
             wanted = [k for k, n in enumerate(self.clients) if n in self.wanted]
             build = self.task.accounting_learners if self.cfg.run.train == "none" else self.task.learners
             built = build(self.cfg, wanted, model)
-            # in place: a context seen through `with_method_options` shares this dict
             self._learners.update({self.clients[k]: learner for k, learner in built.items()})
         return self._learners[node]
 
@@ -109,56 +109,64 @@ def all_peers(cfg: ExperimentConfig, graph: nx.Graph, clients: list[str]) -> dic
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """Everything the framework knows about a method."""
+class MethodSpec(Generic[OptionsT]):
+    """Everything the framework knows about a method; generic over its options, so a builder
+    receives `BuildContext[ItsOptions]` and reads typed options without a cast.
+
+    A variant (an ablation, a baseline pinned to one setting) is the same spec with some
+    options fixed (`variant`); `pinned` holds them. The config fills them in (so summaries and
+    the experiment hash show what ran), a user value that differs is refused, and they are
+    not flags of the variant.
+    """
 
     name: str
     summary: str
     needs: frozenset[str]
-    build_client: Callable[[BuildContext, str], Method]
-    options: type[Options] = NoOptions
+    options: type[OptionsT]
+    build_client: Callable[[BuildContext[OptionsT], str], Method]
     flag_prefix: str = ""
-    build_server: Callable[[BuildContext], Method] | None = None
-    uses_server: Callable[[ExperimentConfig], bool] | None = None
+    build_server: Callable[[BuildContext[OptionsT]], Method] | None = None
+    uses_server: Callable[[OptionsT], bool] | None = None
     peers: PeerRule = no_peers
+    pinned: Mapping[str, Any] = field(default_factory=dict)
+    variant_of: str | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(self.needs - set(CAPABILITIES))
         if unknown:
             raise ValueError(f"method {self.name!r} needs unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
 
-    def variant(self, name: str, summary: str, fixed: Options | None = None) -> MethodSpec:
-        """Another registered name for the same method: with `fixed`, its builders always see
-        those options (a baseline or ablation pinned to one setting) and the variant takes no
-        `[method]` options of its own, so nothing the user sets is silently replaced."""
-        if fixed is None:
-            return dataclasses.replace(self, name=name, summary=summary)
-        if not isinstance(fixed, self.options):
-            raise TypeError(f"variant {name!r}: fixed options must be {self.options.__name__}, got {type(fixed).__name__}")
-        client, server, uses_server = self.build_client, self.build_server, self.uses_server
+    def variant(self, name: str, summary: str, fixed: Mapping[str, Any] | Options) -> MethodSpec[OptionsT]:
+        """Another registered name for the same method with the options in `fixed` pinned (all
+        of them when `fixed` is an options object: a baseline that takes no options)."""
+        if isinstance(fixed, Options):
+            if not isinstance(fixed, self.options):
+                raise TypeError(f"variant {name!r}: fixed options must be {self.options.__name__}, got {type(fixed).__name__}")
+            fixed = fixed.to_dict()
+        from_mapping(self.options, fixed, f"variant {name!r}")  # unknown keys and bad values are errors now, not at run time
+        return dataclasses.replace(self, name=name, summary=summary, pinned={**self.pinned, **fixed}, variant_of=self.variant_of or self.name)
 
-        @functools.wraps(client)  # keeps the method's module: the registry orders by it
-        def pinned_client(ctx: BuildContext, node: str) -> Method:
-            return client(ctx.with_method_options(fixed), node)
+    def own_options(self) -> list[OptionInfo]:
+        """The options a user may set: the declared ones less those the variant pins."""
+        return [info for info in describe(self.options) if info.name not in self.pinned]
 
-        def pinned_server(ctx: BuildContext) -> Method:
-            assert server is not None  # only set when the base spec has one
-            return server(ctx.with_method_options(fixed))
+    def method_options(self, values: Mapping[str, Any], source: str) -> OptionsT:
+        """The `[method]` table as this method's typed options, pinned values filled in."""
+        for key, value in values.items():
+            if key in self.pinned and value != self.pinned[key]:
+                raise ValueError(
+                    f"{source}: [method] {key} = {value!r}, but {self.name!r} is {self.variant_of!r} with {key} = {self.pinned[key]!r}; "
+                    f"leave it out, or use method {self.variant_of!r} to choose it"
+                )
+        built: OptionsT = from_mapping(self.options, {**values, **self.pinned}, source)
+        return built
 
-        def pinned_uses_server(cfg: ExperimentConfig) -> bool:
-            assert uses_server is not None  # only set when the base spec has one
-            return uses_server(dataclasses.replace(cfg, method=fixed))
+    def options_of(self, cfg: ExperimentConfig) -> OptionsT:
+        """`cfg.method` as this method's options; a config of another method is an error."""
+        return options_as(cfg.method, self.options, f"method {self.name!r}")
 
-        return dataclasses.replace(
-            self,
-            name=name,
-            summary=summary,
-            options=NoOptions,
-            flag_prefix="",
-            build_client=pinned_client,
-            build_server=None if server is None else pinned_server,
-            uses_server=None if uses_server is None else pinned_uses_server,
-        )
+    def context(self, cfg: ExperimentConfig, task: Task[Any], clients: list[str], graph: nx.Graph, wanted: set[str]) -> BuildContext[OptionsT]:
+        return BuildContext(cfg, self.options_of(cfg), task, clients, graph, wanted)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -170,7 +178,7 @@ class MethodSpec:
         for some of its options (FedMoE-DA's `server` embedding mode)."""
         if self.build_server is None:
             return False
-        return self.uses_server(cfg) if self.uses_server is not None else True
+        return self.uses_server(self.options_of(cfg)) if self.uses_server is not None else True
 
     def links(self, cfg: ExperimentConfig, graph: nx.Graph, clients: list[str]) -> dict[str, list[str]]:
         """Who talks to whom: the method's client links plus client <-> server when there is one."""
@@ -182,7 +190,7 @@ class MethodSpec:
         return {n: sorted(p) for n, p in peers.items()}
 
 
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: dict[str, MethodSpec[Any]] = {}
 
 
 def run_participation(cfg: ExperimentConfig, clients: list[str]) -> Participation:
@@ -193,7 +201,7 @@ def run_participation(cfg: ExperimentConfig, clients: list[str]) -> Participatio
     return Participation(cfg.run.seed, cfg.run.participation, clients, mode)
 
 
-def register_method(spec: MethodSpec) -> MethodSpec:
+def register_method(spec: MethodSpec[OptionsT]) -> MethodSpec[OptionsT]:
     """Declare a method; its options' flags must not collide with the `[run]` flags or those
     of any task family (they share one command line), which is checked here."""
     if spec.name in _METHODS and _METHODS[spec.name] is not spec:
@@ -202,7 +210,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     taken |= {flag(info.name): f"task family {task.name!r}" for task in all_tasks().values() for info in describe(task.options)}
     clashes = [
         f"{flag(info.name, spec.flag_prefix)} (also an option of {taken[flag(info.name, spec.flag_prefix)]})"
-        for info in describe(spec.options)
+        for info in spec.own_options()
         if flag(info.name, spec.flag_prefix) in taken
     ]
     if clashes:
@@ -211,12 +219,12 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def all_methods() -> dict[str, MethodSpec]:
+def all_methods() -> dict[str, MethodSpec[Any]]:
     """Every method: the built-ins in `BUILTIN_METHODS` order, then plugins."""
     return ordered(_METHODS, BUILTIN_METHODS, lambda spec: spec.build_client.__module__)
 
 
-def get_method(name: str, task: str | None = None) -> MethodSpec:
+def get_method(name: str, task: str | None = None) -> MethodSpec[Any]:
     """The method called `name`; with `task`, it must run on that family."""
     methods = all_methods()
     if name not in methods:

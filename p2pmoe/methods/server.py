@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.participation import Participation
-from p2pmoe.wire.codec import require
+from p2pmoe.wire.codec import ProtocolError, require
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
 
@@ -159,3 +159,12 @@ class ServerClient(LearnerMethod):
 
     def round_complete(self) -> bool:
         return self._synced
+
+
+def example_count(message: Message) -> int:
+    """An upload's `meta.num_examples`, the weight servers average by: a positive integer, or
+    the message is refused (a peer's bytes decide it, so never an assert)."""
+    count = message.meta.get("num_examples")
+    if not (isinstance(count, int) and not isinstance(count, bool) and count > 0):
+        raise ProtocolError("meta.num_examples must be a positive integer")
+    return count

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.config import SECTIONS, build_config, resolve, tables_of
-from p2pmoe.experiment import links, node_ids
+from p2pmoe.config import SECTIONS, build_config, tables_of
+from p2pmoe.experiment import ResolvedExperiment, resolve_experiment
 from p2pmoe.node.security import CurveSettings, read_public_key
-from p2pmoe.settings import NODE_LOCAL_KEYS, ExperimentConfig
+from p2pmoe.settings import NODE_LOCAL_KEYS
 
 MIN_HEARTBEAT = 0.01
 
@@ -80,7 +80,7 @@ class NodeConfig:
     bind: str
     out: Path
     peers: dict[str, str]
-    experiment: ExperimentConfig
+    experiment: ResolvedExperiment  # resolved here, at the edge: the daemon below never resolves
     timing: Timing = field(default_factory=Timing)
     curve: CurveSettings | None = None
     max_inflight_bytes: int = 64 * 2**20
@@ -167,7 +167,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         values["run"]["data_root"] = str(base / values["run"]["data_root"])
     out = base / raw.get("out", f"runs/{raw['node_id']}")
     values["run"]["out"] = str(out)
-    experiment = build_config(values, str(path))
+    experiment = resolve_experiment(build_config(values, str(path)))
     security = _table(raw, "security", path)
     curve = None
     if security:
@@ -236,11 +236,11 @@ def node_config_from_experiment(
     if "out" in values["run"]:
         raise ValueError(f"{experiment_path}: [run] out is each machine's own: remove it and pass --out (default runs/<id>)")
     values["run"]["out"] = str(out or Path("runs") / node_id)
-    experiment = resolve(build_config(values, str(experiment_path)))
+    experiment = resolve_experiment(build_config(values, str(experiment_path)))
     roster = _table(roster_raw, "nodes", roster_path)
     if set(roster_raw) - {"nodes"} or not all(isinstance(v, str) and v.startswith("tcp://") for v in roster.values()):
         raise ValueError(f"{roster_path}: a roster is one table [nodes] of node id = 'tcp://host:port'")
-    expected = node_ids(experiment)
+    expected = experiment.node_ids
     missing, extra = sorted(set(expected) - set(roster)), sorted(set(roster) - set(expected))
     if missing or extra:
         raise ValueError(
@@ -249,7 +249,7 @@ def node_config_from_experiment(
         )
     if node_id not in roster:
         raise ValueError(f"--id {node_id!r} is not in {roster_path}; its nodes are {sorted(roster)}")
-    peers = {peer: roster[peer] for peer in links(experiment)[node_id]}
+    peers = {peer: roster[peer] for peer in experiment.links()[node_id]}
     curve = None
     if keys is not None:
         folder = Path(keys)

@@ -17,11 +17,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from p2pmoe.config import resolve
 from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, clip, error_reply, request_id
 from p2pmoe.driver.summary import metrics_row
-from p2pmoe.experiment import build_experiment, node_seed
+from p2pmoe.experiment import build_experiment
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.naming import SERVER_ID
@@ -32,7 +31,7 @@ from p2pmoe.node.metrics import DaemonState, MetricsServer
 from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportClosed, TransportError
 from p2pmoe.report.tables import round_ranges
 from p2pmoe.runs import RunFolder
-from p2pmoe.settings import canonical_config, config_differences, config_hash
+from p2pmoe.settings import config_differences
 from p2pmoe.wire.codec import Envelope
 from p2pmoe.wire.compression import parse_compression
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -67,15 +66,15 @@ class NodeDaemon:
     def __init__(self, cfg: NodeConfig, method: Method | None = None) -> None:
         cfg.check_plaintext_bind()
         self.cfg = cfg
-        experiment = resolve(cfg.experiment)  # what the data and task decide, as every peer resolves it
+        experiment = cfg.experiment  # resolved where the config was read
         self.rounds = experiment.run.rounds
-        self.config_hash = config_hash(experiment)
-        self._canonical = canonical_config(experiment)
+        self.config_hash = experiment.config_hash
+        self._canonical = experiment.canonical
         if method is None:
             built = build_experiment(experiment, only=cfg.node_id)
             built.task.release_data()  # this process builds no other learner: keep only its own split
             method = built.nodes[cfg.node_id]
-        self.runner = NodeRunner(cfg.node_id, method, seed=node_seed(experiment, cfg.node_id))
+        self.runner = NodeRunner(cfg.node_id, method, seed=experiment.node_seed(cfg.node_id))
         self.ledger = ByteLedger()
         self._ledger_written = 0
         self.peer_rounds: dict[str, int] = {}

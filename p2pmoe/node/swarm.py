@@ -16,18 +16,18 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from p2pmoe.config import resolve, spec_of
 from p2pmoe.driver.summary import Row, client_holdings, make_summary
-from p2pmoe.experiment import build_topology, links, node_ids
+from p2pmoe.experiment import ResolvedExperiment
 from p2pmoe.ledger import ByteLedger
-from p2pmoe.naming import SERVER_ID, client_ids
-from p2pmoe.node.config import Timing, load_node_config
+from p2pmoe.naming import SERVER_ID
+from p2pmoe.node.config import Timing
 from p2pmoe.report import write_report
 from p2pmoe.report.tables import round_ranges
 from p2pmoe.runs import RunFolder, read_ledger, read_metrics
@@ -59,17 +59,18 @@ def thread_budget(cfg: ExperimentConfig, processes: int) -> int:
     return cfg.run.threads or max(1, (os.cpu_count() or 1) // max(processes, 1))
 
 
-def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, addresses: dict[str, str] | None = None, insecure: bool = False) -> dict[str, Path]:
+def write_node_configs(
+    experiment: ResolvedExperiment, out: Path, timing: Timing, addresses: dict[str, str] | None = None, insecure: bool = False
+) -> dict[str, Path]:
     """One node.toml per node under <out>/nodes/<id>/; by default on free loopback ports.
     `insecure` writes `insecure = true`: plaintext on addresses other machines can reach."""
-    cfg = resolve(cfg)
-    ids = node_ids(cfg)
+    cfg, ids = experiment.cfg, experiment.node_ids
     if addresses is None:
         addresses = {n: f"tcp://127.0.0.1:{port}" for n, port in zip(ids, free_ports(len(ids)), strict=True)}
     data_root = str(Path(cfg.run.data_root).resolve()) if cfg.run.data_root else None  # node files resolve paths from their folder
     run = dataclasses.replace(cfg.run, threads=thread_budget(cfg, len(ids)), data_root=data_root)
     paths = {}
-    for node, peer_list in links(cfg, build_topology(cfg)).items():
+    for node, peer_list in experiment.links().items():
         folder = out / "nodes" / node
         folder.mkdir(parents=True, exist_ok=True)
         lines = [f'node_id = "{node}"', f'bind = "{addresses[node]}"', 'out = "."', *(["insecure = true"] if insecure else []), "", "[peers]"]
@@ -85,21 +86,20 @@ def write_node_configs(cfg: ExperimentConfig, out: Path, timing: Timing, address
 def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """Launch `p2pmoe node --config config` (`p2pmoe coordinator` for the server's config) as a
     child process with the config's thread budget; `prefix` wraps the command (e.g. `ip netns exec NS`)."""
-    node = load_node_config(config)
-    threads = str(node.experiment.run.threads or 1)
+    raw = tomllib.loads(config.read_text())  # this file was written by write_node_configs: no need to resolve it here
+    threads = str(raw.get("run", {}).get("threads") or 1)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    role = "coordinator" if node.node_id == SERVER_ID else "node"
+    role = "coordinator" if raw.get("node_id") == SERVER_ID else "node"
     command = [*prefix, sys.executable, "-m", "p2pmoe.cli", role, "--config", str(config)]
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes: dict[str, int | None] | None = None) -> dict[str, Any]:
+def merge_run(experiment: ResolvedExperiment, out: Path, wall_seconds: float, exit_codes: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Combine every node's metrics.jsonl and ledger.csv into the run folder's own files and
     summarise them as `simulate` does. Each row's bytes are recounted from the merged ledger
     (every message is recorded by its sender), so they mean what the simulator's rows mean."""
-    cfg = resolve(cfg)
-    task, _ = spec_of(cfg)
+    cfg, task = experiment.cfg, experiment.task
     rows: list[Row] = []
     ledger = ByteLedger()
     for part in sorted((out / "nodes").iterdir()):
@@ -112,7 +112,7 @@ def merge_run(cfg: ExperimentConfig, out: Path, wall_seconds: float, exit_codes:
     for row in rows:
         traffic = ledger.node_traffic(row["node"], row["round"])
         row["bytes_sent"], row["bytes_received"] = traffic["sent"], traffic["received"]
-    clients = client_ids(cfg.run.nodes)
+    clients = list(experiment.clients)
     holds = client_holdings(task, cfg, clients)
     run_folder = RunFolder(out, holds=holds)
     for row in rows:
@@ -147,18 +147,17 @@ def _progress(out: Path, key: str | None) -> tuple[int, dict[str, str]]:
     return len(rows), post
 
 
-def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = None, progress: bool = True, report: bool = True) -> dict[str, Any]:
+def run_swarm(experiment: ResolvedExperiment, timing: Timing, timeout: float | None = None, progress: bool = True, report: bool = True) -> dict[str, Any]:
     """Start every node, wait for all (stopping stragglers after `timeout`), merge results;
     with `report`, write the run's report (figures, index.html) into `<out>/report`."""
-    cfg = resolve(cfg)
+    cfg, task = experiment.cfg, experiment.task
     out = Path(cfg.run.out)
     started = time.perf_counter()
-    configs = write_node_configs(cfg, out, timing)
+    configs = write_node_configs(experiment, out, timing)
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
     budget = timeout or timing.startup + cfg.run.rounds * timing.round_deadline + timing.linger + 60
     deadline = time.monotonic() + budget
     bar = tqdm(total=len(procs) * cfg.run.rounds, desc=f"{cfg.run.method} swarm", unit="node-round", disable=not progress)
-    task, _ = spec_of(cfg)
     key = task.selection.key or task.metrics[0]
     try:
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
@@ -184,7 +183,7 @@ def run_swarm(cfg: ExperimentConfig, timing: Timing, timeout: float | None = Non
     failed = {node: code for node, code in codes.items() if code != 0}
     if failed:
         print(f"swarm: nodes exited with errors {failed}; see {out}/nodes/<id>/node.log", file=sys.stderr)
-    summary = merge_run(cfg, out, time.perf_counter() - started, codes)
+    summary = merge_run(experiment, out, time.perf_counter() - started, codes)
     if report:
         write_report([out], echo=False)
     return summary

@@ -25,6 +25,7 @@ import torch
 from p2pmoe.config import build_config, resolve
 from p2pmoe.driver.runner import NodeRunner
 from p2pmoe.driver.summary import Row
+from p2pmoe.experiment import Experiment, build_experiment, resolve_experiment
 from p2pmoe.ledger import LedgerEntry
 from p2pmoe.node.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pmoe.runs import cut_records
@@ -63,8 +64,9 @@ def save_network(folder: Path, round_index: int, runners: Mapping[str, NodeRunne
 
 
 def same_but_newer_defaults(stored: object, cfg: ExperimentConfig) -> bool:
-    """Whether a checkpoint's canonical setting is `cfg`'s once the options added since it was
-    written take their defaults: a run is not refused for an option it could not have had."""
+    """Whether a checkpoint's canonical setting is `cfg`'s (resolved) once the options added
+    since it was written take their defaults: a run is not refused for an option it could not
+    have had."""
     if not isinstance(stored, dict) or not all(isinstance(stored.get(section, {}), dict) for section in ("run", "task", "method")):
         return False
     tables = {section: dict(stored.get(section, {})) for section in ("run", "task", "method")}
@@ -73,11 +75,11 @@ def same_but_newer_defaults(stored: object, cfg: ExperimentConfig) -> bool:
         rebuilt = resolve(build_config(tables, "checkpoint"))
     except Exception:  # a setting this version cannot build at all is simply another experiment
         return False
-    return canonical_config(rebuilt) == canonical_config(resolve(cfg))
+    return canonical_config(rebuilt) == canonical_config(cfg)
 
 
 def load_network_checkpoint(folder: Path, cfg: ExperimentConfig, hint: str = "") -> Checkpoint | None:
-    """The checkpoint in `folder` if it is one of `cfg`'s experiment; None when there is none.
+    """The checkpoint in `folder` if it is one of `cfg`'s (resolved) experiment; None when there is none.
     Raises `CheckpointError` naming the settings that differ (when the file names its own),
     followed by `hint`: what the caller's user can do about it."""
     checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
@@ -126,3 +128,15 @@ def resume_network(folder: Path, runners: Mapping[str, NodeRunner], cfg: Experim
         raise CheckpointError(f"{folder}: cannot cut its records at round {checkpoint.round} ({exc})") from None
     wall = checkpoint.extra.get("wall_seconds", 0.0)
     return Resumed(checkpoint.round, rows, ledger, float(wall) if isinstance(wall, (int, float)) else 0.0)
+
+
+def restored_experiment(folder: Path, cfg: ExperimentConfig, hint: str) -> tuple[Experiment, int]:
+    """Every node of `cfg`'s experiment with the state of the checkpoint in `folder`, and the
+    round it holds: what scoring a finished run again (fine-tuning, probes) starts from."""
+    resolved = resolve_experiment(cfg)
+    checkpoint = load_network_checkpoint(folder, resolved.cfg, hint)
+    if checkpoint is None:
+        raise CheckpointError(f"{folder} has no {CHECKPOINT_NAME}: make the run with checkpoint_every (--checkpoint-every)")
+    experiment = build_experiment(resolved)
+    load_into_runners(folder / CHECKPOINT_NAME, checkpoint, {node: NodeRunner(node, method) for node, method in experiment.nodes.items()})
+    return experiment, checkpoint.round

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from p2pmoe.driver.summary import Row, client_holdings, make_summary
-from p2pmoe.experiment import Experiment, build_experiment, node_seed
+from p2pmoe.experiment import Experiment, build_experiment, resolve_experiment
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import LearnerMethod
 from p2pmoe.methods.registry import run_participation
@@ -104,8 +104,9 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    experiment = build_experiment(cfg)
-    cfg = experiment.cfg
+    resolved = resolve_experiment(cfg)  # simulate's edge: everything below gets the resolved experiment
+    experiment = build_experiment(resolved)
+    cfg = resolved.cfg
     if cfg.run.workers > 1:
         refuse_global_rng(cfg, experiment)
     for line in profile_lines(experiment.task.profile(cfg)):
@@ -114,7 +115,7 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     ledger = ByteLedger()
     key = experiment.task.selection.key or experiment.task.metrics[0]
     bar = _Progress(rounds, experiment.clients, key, ledger, f"{cfg.run.method} on {cfg.run.data}", progress)
-    seeds = {node: node_seed(cfg, node) for node in experiment.nodes}
+    seeds = {node: resolved.node_seed(node) for node in experiment.nodes}
     accounting = cfg.run.train == "none"
     on_round = bar if progress else None  # nobody reads a hidden bar's postfix, which sums the whole ledger each round
     network = SimNetwork(

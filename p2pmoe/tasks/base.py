@@ -12,14 +12,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from p2pmoe.eval.metrics import random_ranking_metrics
 from p2pmoe.learners.base import Learner
-from p2pmoe.options import Options, describe, flag
+from p2pmoe.options import Options, describe, flag, options_as
 from p2pmoe.plugins import ordered
 from p2pmoe.settings import ExperimentConfig, RunOptions
 
@@ -48,13 +48,17 @@ and runs on every family that provides it, so a new family (a plugin) works with
 method it suits without editing any method."""
 
 
-class Task(ABC):
-    """One task family. Subclasses set the class attributes and implement the three builders."""
+T = TypeVar("T", bound=Options)
+
+
+class Task(ABC, Generic[T]):
+    """One task family. Subclasses set the class attributes and implement the three builders;
+    generic over the family's options, so `options_of` gives them typed."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     data: ClassVar[tuple[str, ...]]
-    options: ClassVar[type[Options]]
+    options: type[T]
     metrics: ClassVar[tuple[str, ...]]
     selection: ClassVar[Selection] = Selection()
     default_lr: ClassVar[float]
@@ -63,6 +67,10 @@ class Task(ABC):
     unused_run_options: ClassVar[Mapping[str, str]] = {}
     """`[run]` options the family never reads, each with the reason: a value other than the
     default is refused (issue 28: `--partition` on timelines was silently ignored)."""
+
+    def options_of(self, cfg: ExperimentConfig) -> T:
+        """`cfg.task` as this family's options; a config of another family is an error."""
+        return options_as(cfg.task, self.options, f"task family {self.name!r}")
 
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """Settle what the data or the family decides (the learning rate, the client count),
@@ -138,12 +146,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-_TASKS: dict[str, Task] = {}
+_TASKS: dict[str, Task[Any]] = {}
 BUILTIN_TASKS = ("p2pmoe.tasks.image", "p2pmoe.tasks.sequential", "p2pmoe.tasks.multitask", "p2pmoe.tasks.timelines", "p2pmoe.tasks.text")
 """Modules that register the built-in families; a new family is one module and one line here."""
 
 
-def register_task(task: Task) -> Task:
+def register_task(task: Task[T]) -> Task[T]:
     """Declare a task family; its capabilities must be known and its option flags must not
     collide with the `[run]` flags (they share one command line; methods are checked against
     both when they register)."""
@@ -162,12 +170,12 @@ def register_task(task: Task) -> Task:
     return task
 
 
-def all_tasks() -> dict[str, Task]:
+def all_tasks() -> dict[str, Task[Any]]:
     """Every family: the built-ins in `BUILTIN_TASKS` order, then plugins."""
     return ordered(_TASKS, BUILTIN_TASKS, lambda task: type(task).__module__)
 
 
-def task_for_data(data: str) -> Task:
+def task_for_data(data: str) -> Task[Any]:
     """The family a data set belongs to; an unknown name lists every known data set."""
     for task in all_tasks().values():
         if data in task.data:

@@ -29,7 +29,7 @@ from p2pmoe.models import CNNEmbedder, MoEClassifier
 from p2pmoe.models.gates import GATE_KINDS
 from p2pmoe.models.params import float_state
 from p2pmoe.models.pretrained import save_pretrained
-from p2pmoe.options import Options, option
+from p2pmoe.options import Options, option, options_as
 from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Task, register_task, resolve_device
@@ -57,8 +57,7 @@ class ImageOptions(Options):
 
 def image_model(cfg: ExperimentConfig, channels: int, side: int, classes: int) -> nn.Module:
     """The family's model: CNN embedder phi, gate Pi and E expert heads (a `ModelFactory`)."""
-    opts = cfg.task
-    assert isinstance(opts, ImageOptions)
+    opts = options_as(cfg.task, ImageOptions, "image data")
     embedder = image_embedder(channels, side, opts.embed_dim)
     return MoEClassifier(embedder, opts.embed_dim, opts.experts, opts.expert_hidden, classes, gate=opts.gate, top_k=opts.top_k)
 
@@ -185,7 +184,7 @@ def client_label_counts(cfg: ExperimentConfig) -> list[list[int]]:
     return [torch.bincount(train_y[torch.from_numpy(r)], minlength=classes).tolist() for r in rows]
 
 
-class ImageTask(Task):
+class ImageTask(Task[ImageOptions]):
     name = "image"
     summary = "image classification with a per-node MoE classifier; accuracy on own and global test sets"
     data = IMAGE_DATASETS
@@ -197,8 +196,8 @@ class ImageTask(Task):
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
         """Images stay uint8 in every learner (it converts a batch at a time), and a process
         building only some clients reads only their images (see `_images`)."""
-        run, opts = cfg.run, cfg.task
-        assert isinstance(opts, ImageOptions) and run.lr is not None
+        run, opts = cfg.run, self.options_of(cfg)
+        assert run.lr is not None  # `resolve` set it
         splits = _splits(run.data, run.data_root, run.nodes, run.partition, run.seed)
         rows = {k: _client_rows(splits[k], run.max_train_per_node, node_stream(run.seed, "cap", k)) for k in indices}
         train_y, test_y = _labels(run.data, run.data_root)

@@ -35,7 +35,7 @@ from p2pmoe.data.multitask import ScenarioData, keep_rows, random_split
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.multitask import MultiTaskLearner
 from p2pmoe.models.mmoe import MMoE
-from p2pmoe.options import Options, option
+from p2pmoe.options import Options, option, options_as
 from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Selection, Task, register_task, resolve_device
@@ -80,8 +80,7 @@ class MultiTaskOptions(Options):
 
 def mmoe_model(cfg: ExperimentConfig, features: FeatureSpec, template: bool = False) -> nn.Module:
     """The family's model: an MMoE sized by the options (`template` for PF-MSMTrec's experts)."""
-    opts = cfg.task
-    assert isinstance(opts, MultiTaskOptions)
+    opts = options_as(cfg.task, MultiTaskOptions, "multitask data")
     return MMoE(
         features.cardinalities,
         features.num_numerical,
@@ -97,8 +96,7 @@ def mmoe_model(cfg: ExperimentConfig, features: FeatureSpec, template: bool = Fa
 
 def feature_spec(cfg: ExperimentConfig) -> FeatureSpec:
     """The run's features, from the options alone (no data read)."""
-    assert isinstance(cfg.task, MultiTaskOptions)
-    return _spec(cfg.run.data, cfg.task)
+    return _spec(cfg.run.data, options_as(cfg.task, MultiTaskOptions, "multitask data"))
 
 
 def _spec(data: str, opts: MultiTaskOptions) -> FeatureSpec:
@@ -140,8 +138,7 @@ def _sample_users(data: ScenarioData, count: int, rng: np.random.Generator) -> S
 
 def scenarios(cfg: ExperimentConfig) -> tuple[ScenarioData, ...]:
     """The run's scenarios in client order (node-00 is the first)."""
-    assert isinstance(cfg.task, MultiTaskOptions)
-    return _scenarios(cfg.run.data, cfg.run.data_root, cfg.run.seed, cfg.task)
+    return _scenarios(cfg.run.data, cfg.run.data_root, cfg.run.seed, options_as(cfg.task, MultiTaskOptions, "multitask data"))
 
 
 @lru_cache(maxsize=2)
@@ -165,7 +162,7 @@ def _scenarios(data: str, root: str | None, seed: int, opts: MultiTaskOptions) -
     return tuple(found)
 
 
-class MultiTaskTask(Task):
+class MultiTaskTask(Task[MultiTaskOptions]):
     name = "multitask"
     summary = "multi-scenario multi-task recommendation, one client per scenario, an MMoE each; AUC per task"
     data = ("ml-1m-mtl", "aliexpress")
@@ -187,8 +184,8 @@ class MultiTaskTask(Task):
         return list(AGE_GROUPS.values())
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
-        run, opts = cfg.run, cfg.task
-        assert isinstance(opts, MultiTaskOptions) and run.lr is not None
+        run, opts = cfg.run, self.options_of(cfg)
+        assert run.lr is not None  # `resolve` set it
         found = scenarios(cfg)
         spec = feature_spec(cfg)
         device = resolve_device(run.device)

@@ -30,7 +30,7 @@ from p2pmoe.data.sequences import DomainSequences, unseen_share
 from p2pmoe.eval.negatives import check_negatives_fit
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.sequential import METRICS, NextItemLearner, SASRecNextItem
-from p2pmoe.options import Options, option
+from p2pmoe.options import Options, option, options_as
 from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Selection, Task, ranking_profile, register_task, resolve_device
@@ -55,8 +55,7 @@ class SequenceOptions(Options):
 
 def sasrec_model(cfg: ExperimentConfig, domain: DomainSequences | None, k: int, num_domains: int) -> nn.Module:
     """The family's default model: SASRec over the domain's items, scores tied to item embeddings."""
-    opts = cfg.task
-    assert isinstance(opts, SequenceOptions)
+    opts = options_as(cfg.task, SequenceOptions, "sequential data")
     items = domain.num_items if domain is not None else 1
     return SASRecNextItem(items, opts.max_len, opts.embed_dim, heads=opts.heads, blocks=opts.blocks, dropout=opts.dropout)
 
@@ -93,7 +92,7 @@ def domain_names(data: str, root: str | None, domain_field: str = "category") ->
     return list(GENRE_DOMAINS)
 
 
-class SequentialTask(Task):
+class SequentialTask(Task[SequenceOptions]):
     name = "sequential"
     summary = "cross-domain sequential recommendation, one client per domain; FedDCSR's sampled ranking"
     data = ("fkcb", "ml-1m", "ml-100k", "atomic")
@@ -111,16 +110,14 @@ class SequentialTask(Task):
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """One client per domain: `nodes` follows the data."""
         cfg = super().resolve(cfg)
-        assert isinstance(cfg.task, SequenceOptions)
-        return self.nodes_from_data(cfg, domain_names(cfg.run.data, cfg.run.data_root, cfg.task.domain_field), "domain")
+        return self.nodes_from_data(cfg, domain_names(cfg.run.data, cfg.run.data_root, self.options_of(cfg).domain_field), "domain")
 
     def client_names(self, cfg: ExperimentConfig) -> list[str]:
-        assert isinstance(cfg.task, SequenceOptions)
-        return domain_names(cfg.run.data, cfg.run.data_root, cfg.task.domain_field)
+        return domain_names(cfg.run.data, cfg.run.data_root, self.options_of(cfg).domain_field)
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
-        run, opts = cfg.run, cfg.task
-        assert isinstance(opts, SequenceOptions) and run.lr is not None
+        run, opts = cfg.run, self.options_of(cfg)
+        assert run.lr is not None  # `resolve` set it
         domains = sequence_domains(run.data, run.data_root, opts.domain_field)
         check_negatives_fit({d.name: d.num_items - 1 for d in domains}, opts.negatives)  # every domain, not only this node's
         device = resolve_device(run.device)
@@ -148,8 +145,7 @@ class SequentialTask(Task):
     def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """Per domain, the share of valid and test targets that no training sequence holds, and
         what random ranking scores against `negatives` + 1 candidates."""
-        opts = cfg.task
-        assert isinstance(opts, SequenceOptions)
+        opts = self.options_of(cfg)
         unseen = {}
         for d in sequence_domains(cfg.run.data, cfg.run.data_root, opts.domain_field):
             seen = {item for seq in d.train for item in seq}

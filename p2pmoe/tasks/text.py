@@ -93,7 +93,7 @@ def text_encoder(opts: TextOptions, seed: int) -> tuple[Any, LoraTextEncoder]:
     return build_text_encoder(opts.lora(), seed, copy.deepcopy(backbone)), tokenizer
 
 
-class TextTask(Task):
+class TextTask(Task[TextOptions]):
     name = "text"
     summary = "text-based recommendation with a LoRA-adapted pretrained encoder, one client per domain"
     data = tuple(DATA)
@@ -116,8 +116,8 @@ class TextTask(Task):
         return list(GENRE_DOMAINS)
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
-        run, opts = cfg.run, cfg.task
-        assert isinstance(opts, TextOptions) and run.lr is not None
+        run, opts = cfg.run, self.options_of(cfg)
+        assert run.lr is not None  # `resolve` set it
         domains = text_domains(run.data, run.data_root, opts.users, run.seed)
         device = resolve_device(run.device)
         out: dict[int, Learner] = {}
@@ -139,8 +139,7 @@ class TextTask(Task):
         return out
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
-        assert isinstance(cfg.task, TextOptions)
-        return text_encoder(cfg.task, cfg.run.seed)[0]
+        return text_encoder(self.options_of(cfg), cfg.run.seed)[0]
 
 
 register_task(TextTask())

@@ -28,7 +28,7 @@ from p2pmoe.eval.negatives import check_negatives_fit
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.timelines import TIMELINE_METRICS, TimelineLearner, negative_pools
 from p2pmoe.models.syncrec import SCORE_MODES, CrossSASRec, SingleSASRec, SyNCRec, SyNCRecConfig
-from p2pmoe.options import Options, option
+from p2pmoe.options import Options, option, options_as
 from p2pmoe.seeds import node_stream, seeded_init
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import ModelFactory, Selection, Task, ranking_profile, register_task, resolve_device
@@ -91,8 +91,7 @@ def syncrec_config(opts: TimelineOptions) -> SyNCRecConfig:
 
 def timeline_model(cfg: ExperimentConfig, item_domain: torch.Tensor, num_domains: int) -> nn.Module:
     """The model `--model` names over the catalogue's items and domains."""
-    opts = cfg.task
-    assert isinstance(opts, TimelineOptions)
+    opts = options_as(cfg.task, TimelineOptions, "timelines data")
     if opts.model == "syncrec":
         return SyNCRec(item_domain, num_domains, opts.max_len, opts.embed_dim, syncrec_config(opts), opts.heads, opts.blocks, opts.dropout)
     kind = SingleSASRec if opts.model == "sasrec-single" else CrossSASRec
@@ -125,7 +124,7 @@ def node_users(data: str, root: str | None, domain_field: str, min_len: int, use
     return tuple(tuple(timelines[i] for i in sorted(part)) for part in parts)
 
 
-class TimelineTask(Task):
+class TimelineTask(Task[TimelineOptions]):
     name = "timelines"
     summary = "cross-domain recommendation on merged timelines (SyNCRec), users split over nodes; 100 sampled negatives"
     data = ("ml-1m-timelines", "ml-100k-timelines", ATOMIC)
@@ -141,14 +140,13 @@ class TimelineTask(Task):
     }
 
     def _catalogue(self, cfg: ExperimentConfig) -> tuple[torch.Tensor, int]:
-        opts = cfg.task
-        assert isinstance(opts, TimelineOptions)
+        opts = self.options_of(cfg)
         data = interactions(cfg.run.data, cfg.run.data_root, opts.domain_field)
         return torch.from_numpy(data.item_domain), len(data.domains)
 
     def learners(self, cfg: ExperimentConfig, indices: list[int], model: ModelFactory | None = None) -> dict[int, Learner]:
-        run, opts = cfg.run, cfg.task
-        assert isinstance(opts, TimelineOptions) and run.lr is not None
+        run, opts = cfg.run, self.options_of(cfg)
+        assert run.lr is not None  # `resolve` set it
         data = interactions(run.data, run.data_root, opts.domain_field)
         parts = node_users(run.data, run.data_root, opts.domain_field, opts.min_len, opts.users, run.nodes, run.seed)
         item_domain, num_domains = self._catalogue(cfg)
@@ -178,8 +176,7 @@ class TimelineTask(Task):
     def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """Per domain of the target, the share of valid and test targets that no node's
         training items hold, and what random ranking scores against `negatives` + 1 candidates."""
-        opts = cfg.task
-        assert isinstance(opts, TimelineOptions)
+        opts = self.options_of(cfg)
         data = interactions(cfg.run.data, cfg.run.data_root, opts.domain_field)
         parts = node_users(cfg.run.data, cfg.run.data_root, opts.domain_field, opts.min_len, opts.users, cfg.run.nodes, cfg.run.seed)
         everyone = [t for part in parts for t in part]
