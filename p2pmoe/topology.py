@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -269,22 +269,15 @@ def neighbours_within(graph: nx.Graph, node: str, hops: int) -> list[str]:
     return sorted(n for n in reach if n != node)
 
 
-def metropolis_hastings_weights(graph: nx.Graph, node: str, neighbours: list[str] | None = None) -> dict[str, float]:
-    """Gossip mixing weights of `node`: w_kj = 1 / (1 + max(deg_k, deg_j)), w_kk = 1 − Σ_j w_kj.
+def metropolis_hastings_weights(own_degree: int, degrees: Mapping[str, int]) -> tuple[float, dict[str, float]]:
+    """Gossip mixing weights of a node of degree `own_degree` with partners of the given
+    degrees: w_kj = 1 / (1 + max(deg_k, deg_j)) and w_kk = 1 - sum_j w_kj, returned as
+    (w_kk, {j: w_kj}).
 
-    Degrees are graph degrees, so both ends of a link compute the same weight and the mixing
-    matrix is symmetric and doubly stochastic on any graph (averaging converges to the mean).
-    `neighbours` (default: all graph neighbours) may be a subset, e.g. the peers still alive;
-    the dropped weight stays with `node`. For an h-hop neighbourhood pass `nx.power(graph, h)`.
+    Both ends of a link compute the same weight, so the mixing matrix is symmetric and doubly
+    stochastic on any graph (averaging converges to the mean). A node knows only its own
+    degree: its partners' come with their messages (gossip's `meta.degree`); a partner that
+    did not send is left out and its weight stays with the node.
     """
-    if node not in graph:
-        raise TopologyError(f"{node!r} is not a node of topology {graph.graph.get('name', '')!r}")
-    adjacent = graph[node]
-    chosen = sorted(adjacent) if neighbours is None else sorted(set(neighbours))
-    strangers = [j for j in chosen if j not in adjacent]
-    if strangers:
-        raise TopologyError(f"{strangers} are not neighbours of {node}")
-    deg = graph.degree(node)
-    weights = {j: 1.0 / (1 + max(deg, graph.degree(j))) for j in chosen}
-    weights[node] = 1.0 - sum(weights.values())
-    return weights
+    weights = {j: 1.0 / (1 + max(own_degree, d)) for j, d in degrees.items()}
+    return 1.0 - sum(weights.values()), weights

@@ -111,7 +111,10 @@ def test_neighbours_within_one_and_two_hops_on_a_ring():
 @pytest.mark.parametrize("kind", ["star", "erdos-renyi:0.3", "small-world:4:0.2", "ring"])
 def test_metropolis_hastings_weights_are_stochastic_and_symmetric(kind):
     graph = make_topology(kind, 10, seed=1)
-    weights = {k: metropolis_hastings_weights(graph, k) for k in graph}
+    weights = {}
+    for k in graph:
+        own, row = metropolis_hastings_weights(graph.degree(k), {j: graph.degree(j) for j in graph[k]})
+        weights[k] = {**row, k: own}
     for k, row in weights.items():
         assert set(row) == set(graph[k]) | {k}
         assert sum(row.values()) == pytest.approx(1.0)
@@ -121,13 +124,11 @@ def test_metropolis_hastings_weights_are_stochastic_and_symmetric(kind):
                 assert weights[j][k] == w
 
 
-def test_metropolis_hastings_weights_by_hand_and_on_a_subset():
-    star = make_topology("star", 4)  # hub degree 3, leaves degree 1
-    assert metropolis_hastings_weights(star, "node-01") == {"node-00": 0.25, "node-01": 0.75}
-    assert metropolis_hastings_weights(star, "node-00") == {"node-01": 0.25, "node-02": 0.25, "node-03": 0.25, "node-00": 0.25}
-    assert metropolis_hastings_weights(star, "node-00", ["node-02"]) == {"node-02": 0.25, "node-00": 0.75}
-    with pytest.raises(TopologyError, match="not neighbours of node-01"):
-        metropolis_hastings_weights(star, "node-01", ["node-02"])
+def test_metropolis_hastings_weights_by_hand_and_with_a_silent_partner():
+    # a star of 4: hub degree 3, leaves degree 1
+    assert metropolis_hastings_weights(1, {"node-00": 3}) == (0.75, {"node-00": 0.25})
+    assert metropolis_hastings_weights(3, {"node-01": 1, "node-02": 1, "node-03": 1}) == (0.25, {"node-01": 0.25, "node-02": 0.25, "node-03": 0.25})
+    assert metropolis_hastings_weights(3, {"node-02": 1}) == (0.75, {"node-02": 0.25})  # the others' weight stays with the hub
 
 
 @pytest.mark.parametrize("suffix", [".json", ".edges"])

@@ -27,6 +27,7 @@ from p2pmoe.methods.base import Learner, LearnerMethod, Method
 from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method, topology_peers
 from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.participation import Participation
+from p2pmoe.topology import metropolis_hastings_weights
 from p2pmoe.wire.codec import ProtocolError, check_like, require
 from p2pmoe.wire.compression import ErrorFeedback
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -187,8 +188,7 @@ class GossipExchange:
         # Sorted by sender, not arrival: the same sums in the same order whatever the network did,
         # so a swarm computes exactly what the simulator does.
         received = sorted(self._received.items())
-        weights = {src: 1.0 / (1 + max(self._degree, degree)) for src, (_, degree) in received}
-        own_weight = 1.0 - sum(weights[src] for src, _ in received)
+        own_weight, weights = metropolis_hastings_weights(self._degree, {src: degree for src, (_, degree) in received})
         mixed = {}
         for name, own in self._own.items():
             total = own_weight * own
