@@ -171,16 +171,20 @@ def _daemon_config(args: argparse.Namespace) -> NodeConfig:
     from p2pmoe.node.config import load_node_config, node_config_from_experiment
 
     if args.config is not None:
-        own = ("roster", "id", "bind", "out", "data_root", "threads", "device", "keys")
+        own = ("roster", "id", "bind", "out", "data_root", "threads", "device", "keys", "join", "advertise")
         extra = [f"--{name.replace('_', '-')}" for name in own if getattr(args, name) is not None]
         if extra:
             raise ValueError(f"{' '.join(extra)} go with --experiment; a --config file says all of that itself")
         return load_node_config(args.config)
     node_id = args.id or ("server" if args.command == "coordinator" else None)
-    if args.roster is None or node_id is None:
-        raise ValueError("--experiment needs --roster FILE and --id NODE")
+    if node_id is None:
+        raise ValueError("--experiment needs --id NODE, and --roster FILE or --bind ADDRESS (with --join MEMBER, except on the first member)")
+    if args.roster is not None and (args.join or args.advertise):
+        raise ValueError("--join and --advertise find peers without a roster: give either --roster FILE or those")
     local = {k: v for k, v in (("data_root", args.data_root), ("threads", args.threads), ("device", args.device)) if v is not None}
-    return node_config_from_experiment(args.experiment, args.roster, node_id, args.bind, args.out, local, args.keys, args.insecure)
+    return node_config_from_experiment(
+        args.experiment, args.roster, node_id, args.bind, args.out, local, args.keys, args.insecure, args.join or (), args.advertise
+    )
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -345,6 +349,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         daemon.add_argument("--data-root", help="with --experiment: this machine's data folder")
         daemon.add_argument("--threads", type=int, help="with --experiment: torch threads on this machine")
         daemon.add_argument("--device", help="with --experiment: auto, cpu or cuda on this machine")
+        daemon.add_argument(
+            "--join",
+            action="append",
+            metavar="MEMBER",
+            help="with --experiment and no --roster: a running node to learn the roster from, tcp://host:port or ID=tcp://host:port "
+            "(ID needed with --keys); repeatable; the first member starts without it",
+        )
+        daemon.add_argument("--advertise", help="with --join: the address other nodes dial to reach this one (default: --bind)")
         daemon.add_argument("--keys", type=Path, help="with --experiment: folder of `p2pmoe keys` files (<id>.key_secret, each peer's <peer>.key): CURVE on")
         daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         daemon.add_argument("--min-peers", type=int, help="exit non-zero if a round ran with fewer live peers (the coordinator's: clients)")

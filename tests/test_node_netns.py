@@ -5,6 +5,7 @@ Needs root and iproute2; skipped with the reason otherwise. Addresses are from T
 (192.0.2.0/24), which exists only inside the namespaces this test makes and removes.
 """
 
+import csv
 import hashlib
 import json
 import os
@@ -164,3 +165,60 @@ def test_a_2mib_tensor_crosses_a_1_mbit_link():
     expected = hashlib.sha256(torch.arange(2**19, dtype=torch.float32).numpy().tobytes()).hexdigest()
     assert line[:2] == ["got", expected]
     assert float(line[2]) > 10  # the link really was that slow: 2 MiB at 1 Mbit/s is ~17 s
+
+
+JOIN_EXPERIMENT = """
+[run]
+method = "fedmoe-da"
+data = "fmnist"
+nodes = 6
+topology = "ring"
+rounds = 3
+max_train_per_node = 200
+seed = 2
+
+[task]
+global_test_size = 100
+
+[timing]
+startup = 60
+heartbeat = 0.5
+round_deadline = 30
+linger = 3
+"""
+
+
+@pytest.mark.timeout(300)
+def test_six_nodes_in_namespaces_join_through_one_member_and_run_fedmoe_da_on_a_ring(tmp_path):
+    """Issue 29: one experiment file copied to every machine and one command per machine; a
+    node knows only one member's address (`--join`), and each finds its ring neighbours."""
+    experiment = tmp_path / "experiment.toml"
+    experiment.write_text(JOIN_EXPERIMENT)
+    ids = [f"node-0{k}" for k in range(6)]
+    with Namespaces(ids) as net:
+        first = f"tcp://{net.address['node-00']}:5550"
+        procs = {}
+        for node in ids:
+            folder = tmp_path / node
+            folder.mkdir()
+            command = ["ip", "netns", "exec", net.ns[node], sys.executable, "-m", "p2pmoe.cli", "node", "--experiment", str(experiment)]
+            command += ["--id", node, "--bind", f"tcp://{net.address[node]}:5550", "--out", str(folder), "--threads", "1", "--insecure"]
+            command += [] if node == "node-00" else ["--join", first]
+            with open(folder / "node.log", "ab") as log:
+                procs[node] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for node, proc in procs.items():
+                assert proc.wait(timeout=240) == 0, (tmp_path / node / "node.log").read_text()[-3000:]
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+    ring = {node: sorted({ids[(k - 1) % 6], ids[(k + 1) % 6]}) for k, node in enumerate(ids)}
+    for node in ids:
+        log = (tmp_path / node / "node.log").read_text()
+        found = sorted(line.split(" found ")[1].split(" at ")[0] for line in log.splitlines() if f"{node}: found " in line)
+        assert found == ring[node], (node, found)
+        assert [r["round"] for r in _rows(tmp_path / node / "metrics.jsonl")] == [0, 1, 2]
+        kinds = {row["kind"] for row in csv.DictReader((tmp_path / node / "ledger.csv").open())}
+        assert {"gate_publish", "expert_request", "expert_response"} <= kinds  # experts really travelled between the found peers

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,10 @@ class NodeConfig:
     min_peers: int = 0  # a round with fewer live peers makes the node exit non-zero (--min-peers; the coordinator's peers are its clients)
     metrics_port: int | None = None  # serve Prometheus /metrics there (--metrics-port; 0: any free port)
     metrics_addr: str = "127.0.0.1"
+    # discovery (issue 29, `--join`): peers still to be found, members to ask, our own address for them
+    discover: frozenset[str] = frozenset()
+    join: tuple[str, ...] = ()
+    advertise: str | None = None
 
     def check_plaintext_bind(self) -> None:
         """Without CURVE keys anyone who reaches the node can read its messages and speak as
@@ -201,13 +205,15 @@ def load_node_config(path: str | Path) -> NodeConfig:
 
 def node_config_from_experiment(
     experiment_path: str | Path,
-    roster_path: str | Path,
+    roster_path: str | Path | None,
     node_id: str,
     bind: str | None = None,
     out: str | Path | None = None,
     local: Mapping[str, Any] | None = None,
     keys: str | Path | None = None,
     insecure: bool = False,
+    join: Sequence[str] = (),
+    advertise: str | None = None,
 ) -> NodeConfig:
     """A node's config from the files every machine shares, plus what is the machine's own.
 
@@ -220,11 +226,15 @@ def node_config_from_experiment(
     `tcp://0.0.0.0:PORT` when the roster names the machine by a host name), `out` (default `runs/<id>`), the node-local `[run]` keys in
     `local` (`data_root`, `threads`, `device`) and `keys`, a folder written by `p2pmoe keys`
     (`<id>.key_secret`, `<id>.key` and every peer's `<peer>.key`), which turns CURVE on.
+
+    Without a roster (`roster_path` None) the node discovers its peers' addresses at start-up
+    (`join`: members to ask, `ID=tcp://host:port` or, in plaintext, a bare address; none for
+    the first member, which waits to be asked) and tells them `advertise` (default: `bind`).
     """
-    experiment_path, roster_path = Path(experiment_path), Path(roster_path)
+    experiment_path = Path(experiment_path)
     try:
         raw = tomllib.loads(experiment_path.read_text())
-        roster_raw = tomllib.loads(roster_path.read_text())
+        roster_raw = tomllib.loads(Path(roster_path).read_text()) if roster_path is not None else None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"cannot read the experiment or roster file: {exc}") from None
     timing = _timing(_table(raw, "timing", experiment_path), experiment_path)
@@ -237,31 +247,58 @@ def node_config_from_experiment(
         raise ValueError(f"{experiment_path}: [run] out is each machine's own: remove it and pass --out (default runs/<id>)")
     values["run"]["out"] = str(out or Path("runs") / node_id)
     experiment = resolve_experiment(build_config(values, str(experiment_path)))
-    roster = _table(roster_raw, "nodes", roster_path)
-    if set(roster_raw) - {"nodes"} or not all(isinstance(v, str) and v.startswith("tcp://") for v in roster.values()):
-        raise ValueError(f"{roster_path}: a roster is one table [nodes] of node id = 'tcp://host:port'")
     expected = experiment.node_ids
-    missing, extra = sorted(set(expected) - set(roster)), sorted(set(roster) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{roster_path} does not match {experiment_path}: the experiment has nodes {expected}; missing from the roster: {missing}, "
-            f"not in the experiment: {extra}"
-        )
-    if node_id not in roster:
-        raise ValueError(f"--id {node_id!r} is not in {roster_path}; its nodes are {sorted(roster)}")
-    peers = {peer: roster[peer] for peer in experiment.links()[node_id]}
+    if bind is not None and not bind.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError(f"--bind must be an address like 'tcp://0.0.0.0:5550', got {bind!r}")
+    discovery: dict[str, Any] = {}
+    if roster_path is None:
+        if node_id not in expected:
+            raise ValueError(f"--id {node_id!r} is not a node of {experiment_path}; its nodes are {expected}")
+        if bind is None:
+            raise ValueError("without --roster, give --bind (where this node listens) and --join (a member to ask; none for the first member)")
+        address = advertise or bind
+        if any(host in address for host in ("0.0.0.0", "*", "[::]")):
+            raise ValueError(f"--bind {bind} listens on every interface: give --advertise tcp://THIS-HOST:PORT, the address peers should dial")
+        members = tuple(parse_join(target, expected, keys is not None) for target in join)
+        peers: dict[str, str] = {}
+        discovery = {"discover": frozenset(experiment.links()[node_id]), "join": members, "advertise": address}
+    else:
+        roster = _table(roster_raw or {}, "nodes", Path(roster_path))
+        if set(roster_raw or {}) - {"nodes"} or not all(isinstance(v, str) and v.startswith("tcp://") for v in roster.values()):
+            raise ValueError(f"{roster_path}: a roster is one table [nodes] of node id = 'tcp://host:port'")
+        missing, extra = sorted(set(expected) - set(roster)), sorted(set(roster) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"{roster_path} does not match {experiment_path}: the experiment has nodes {expected}; missing from the roster: {missing}, "
+                f"not in the experiment: {extra}"
+            )
+        if node_id not in roster:
+            raise ValueError(f"--id {node_id!r} is not in {roster_path}; its nodes are {sorted(roster)}")
+        peers = {peer: roster[peer] for peer in experiment.links()[node_id]}
+        bind = bind or roster[node_id]
     curve = None
     if keys is not None:
         folder = Path(keys)
-        key_of = {name: folder / f"{name}.key" for name in [node_id, *peers]}
+        # with discovery any node of the experiment may ask us for the roster: every one is allowed
+        allowed = list(peers) if roster_path is not None else [n for n in expected if n != node_id]
+        key_of = {name: folder / f"{name}.key" for name in [node_id, *allowed]}
         for path in [folder / f"{node_id}.key_secret", *key_of.values()]:
             if not path.is_file():
                 raise ValueError(f"--keys {folder}: no key file {path.name} (write key pairs with `p2pmoe keys --out {folder} {' '.join(expected)}`)")
         curve = CurveSettings(
             secret_key_file=folder / f"{node_id}.key_secret",
             public_key_file=key_of[node_id],
-            allowed_public_keys={peer: read_public_key(key_of[peer]) for peer in peers},
+            allowed_public_keys={peer: read_public_key(key_of[peer]) for peer in allowed},
         )
-    if bind is not None and not bind.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ValueError(f"--bind must be an address like 'tcp://0.0.0.0:5550', got {bind!r}")
-    return NodeConfig(node_id, bind or roster[node_id], Path(values["run"]["out"]), peers, experiment, timing, curve, insecure=insecure)
+    return NodeConfig(node_id, bind, Path(values["run"]["out"]), peers, experiment, timing, curve, insecure=insecure, **discovery)
+
+
+def parse_join(target: str, nodes: Sequence[str], curve: bool) -> str:
+    """A `--join` value: `ID=tcp://host:port` or, without CURVE, a bare `tcp://host:port` (with
+    CURVE the member's id names the public key its connection is checked against)."""
+    member, _, address = target.rpartition("=")
+    if not address.startswith(("tcp://", "ipc://")) or (member and member not in nodes):
+        raise ValueError(f"--join {target!r}: give ID=tcp://host:port (ID one of the experiment's nodes) or tcp://host:port")
+    if curve and not member:
+        raise ValueError(f"--join {target!r}: with --keys, name the member: ID=tcp://host:port")
+    return target

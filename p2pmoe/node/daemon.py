@@ -10,6 +10,7 @@ answering peers and heartbeats while it trains; deliveries meanwhile wait in the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -28,6 +29,7 @@ from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.membership import Membership
 from p2pmoe.node.metrics import DaemonState, MetricsServer
+from p2pmoe.node.status import ask
 from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportClosed, TransportError
 from p2pmoe.report.tables import round_ranges
 from p2pmoe.runs import RunFolder
@@ -57,6 +59,7 @@ def agreed_round(peer_rounds: dict[str, int], configured: int) -> int:
 
 
 STATUS_EVERY = 0.5  # seconds a computed status answer is reused
+MAX_ADDRESS_CHARS = 256  # a roster address longer than this is ignored (peer data)
 SILENT_PEER_SEND_TIMEOUT = 1.0  # seconds a message waits for a connection to a peer that has gone quiet
 
 
@@ -96,6 +99,10 @@ class NodeDaemon:
         self.failures: list[str] = []  # what the run did not do that was asked (the command exits non-zero)
         self.metrics: MetricsServer | None = None
         self._status: tuple[float, dict[str, Any]] | None = None
+        # who is where: this node, its configured peers, and whatever `roster` requests taught it
+        self.roster: dict[str, str] = {cfg.node_id: cfg.advertise or cfg.bind, **cfg.peers}
+        self._members = set(experiment.node_ids)
+        self._join_ids: dict[str, str] = {}  # a bare --join address -> the id that answered there
 
     # -- Port (see p2pmoe.driver.rounds) -----------------------------------------------------------
 
@@ -201,7 +208,7 @@ class NodeDaemon:
         except TransportClosed:
             log.debug("%s: %s to %s dropped: the transport is closing", self.cfg.node_id, message.kind.value, dst)
         except TransportError as exc:
-            if message.kind in (MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR):
+            if message.kind in (MessageKind.HELLO, MessageKind.HEARTBEAT, MessageKind.ERROR, MessageKind.ROSTER, MessageKind.STATUS):
                 self._noise.warning(f"send:{dst}", "%s: could not send %s to %s: %s", self.cfg.node_id, message.kind.value, dst, exc)
                 return
             await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), "unreachable", request_id(message))))
@@ -254,6 +261,7 @@ class NodeDaemon:
         meta: dict[str, Any] = {"round": self.runner.round, "done": self.done, "config": self.config_hash}
         if kind == MessageKind.HELLO:
             meta["setting"] = self._canonical
+            meta["address"] = self.roster[self.cfg.node_id]
         if reply:
             meta["reply"] = True
         return Message(kind, max(self.runner.round, 0), meta=meta)
@@ -278,7 +286,17 @@ class NodeDaemon:
                     src, Message(MessageKind.STATUS, max(self.runner.round, 0), meta={"reply": True, **self._req_of(message), "status": self.status()})
                 )
             return
+        if message.kind == MessageKind.ROSTER:  # `--join`: who is where, answered to any node of the same experiment
+            if message.meta.get("reply") is not True and src in self._members and self._same_experiment(src, message):
+                self._learn(message.meta.get("roster"), src, adopt=False)  # the asker's own address goes into the answer
+                roster = Message(MessageKind.ROSTER, max(self.runner.round, 0), meta={"reply": True, **self._req_of(message), **self._roster_meta()})
+                await self._send_one(src, roster)  # first: once the asker is a peer, replies would take our link, not its connection
+                self._learn({}, src)
+            return
         if message.kind in CONTROL_KINDS:
+            if not configured and src in self.cfg.discover and self._same_experiment(src, message):
+                self._learn({src: message.meta.get("address")}, src)  # a neighbour that found us first says where it is
+                configured = src in self.cfg.peers
             if configured and self._same_experiment(src, message):
                 self.membership.seen(src, time.monotonic())
                 self._take_control(src, message)
@@ -363,6 +381,77 @@ class NodeDaemon:
                 pass
         return True
 
+    # -- discovery (`--join`) -----------------------------------------------------------------------
+
+    def _roster_meta(self) -> dict[str, Any]:
+        return {"config": self.config_hash, "roster": dict(self.roster)}
+
+    def _learn(self, entries: object, src: str, adopt: bool = True) -> None:
+        """Merge a peer's roster (untrusted: ids of this experiment only, addresses as the
+        protocol writes them). A node's word about its own address replaces what we had; a
+        third party's only fills a gap. Topology neighbours learnt here are connected at once."""
+        for node, address in (entries if isinstance(entries, dict) else {}).items():
+            if node not in self._members or node == self.cfg.node_id or not isinstance(address, str):
+                continue
+            if not address.startswith(("tcp://", "ipc://")) or len(address) > MAX_ADDRESS_CHARS:
+                continue
+            if node == src or node not in self.roster:
+                self.roster[node] = address
+        for peer in sorted(self.cfg.discover - set(self.cfg.peers)) if adopt else ():
+            if peer in self.roster:
+                self._adopt(peer, self.roster[peer])
+
+    def _adopt(self, peer: str, address: str) -> None:
+        """`peer`, a topology neighbour whose address was just learnt, becomes a configured peer."""
+        assert self.transport is not None
+        key = self.cfg.curve.allowed_public_keys.get(peer) if self.cfg.curve else None
+        self.transport.add_peer(peer, address, key)
+        self.cfg = dataclasses.replace(self.cfg, peers={**self.cfg.peers, peer: address})
+        self.membership.add(peer)
+        log.info("%s: found %s at %s", self.cfg.node_id, peer, address)
+        self._progress.set()
+
+    async def _ask_members(self) -> None:
+        """One `roster` request to each `--join` member: over a one-off connection while its id
+        is unknown or it is not a peer of ours, over our link to it once it is (a one-off
+        connection with our routing id would take that link's place)."""
+        assert self.transport is not None
+        for target in self.cfg.join:
+            named, _, address = target.rpartition("=")
+            member = named or self._join_ids.get(target, "")
+            try:
+                if member in self.cfg.peers:
+                    message = Message(MessageKind.ROSTER, max(self.runner.round, 0), meta=self._roster_meta())
+                    reply = await self.transport.request(member, message, self.cfg.timing.heartbeat, retries=0)
+                    self._learn(reply.meta.get("roster"), member)
+                    continue
+                curve = None
+                if self.cfg.curve is not None:
+                    public, secret = self.cfg.curve.keypair()
+                    curve = (public, secret, self.cfg.curve.allowed_public_keys[member])
+                message = Message(MessageKind.ROSTER, max(self.runner.round, 0), meta={"req": 1, **self._roster_meta()})
+                envelope = await asyncio.to_thread(ask, address, message, self.cfg.node_id, self.cfg.timing.heartbeat, curve)
+            except (TransportError, ValueError) as exc:
+                self._noise.warning(f"join:{target}", "%s: no roster from %s yet: %s", self.cfg.node_id, clip(target), exc)
+                continue
+            if envelope.src in self._members and envelope.message.meta.get("config") == self.config_hash:
+                self._join_ids[target] = envelope.src
+                self._learn(envelope.message.meta.get("roster"), envelope.src)
+
+    async def _discover(self) -> None:
+        """Find the addresses of this node's topology neighbours before its first round: ask the
+        `--join` members until every neighbour is known or the start-up wait is over (a node
+        without `--join` is a first member: it learns its neighbours as they ask it)."""
+        deadline = time.monotonic() + self.cfg.timing.startup
+        missing = lambda: self.cfg.discover - set(self.cfg.peers)  # noqa: E731
+        if not self.cfg.join:
+            log.info("%s: waiting for %s to join at %s", self.cfg.node_id, sorted(missing()), self.roster[self.cfg.node_id])
+        while missing() and time.monotonic() < deadline and not self._stop.is_set():
+            await self._ask_members()
+            await self._wait(lambda: not missing(), min(self.cfg.timing.heartbeat, max(deadline - time.monotonic(), 0)))
+        if missing():
+            log.warning("%s: never learnt where %s are; going on without them", self.cfg.node_id, sorted(missing()))
+
     # -- the run -----------------------------------------------------------------------------------
 
     async def _startup(self) -> int:
@@ -431,6 +520,8 @@ class NodeDaemon:
         self._folder = RunFolder(self.cfg.out, append=True)
         self.metrics = self._serve_metrics()
         try:
+            if self.cfg.discover:
+                await self._discover()
             first = await self._startup()
             run = self.cfg.experiment.run
             last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, self.cfg.timing.round_deadline, eval_point=run.eval_point)

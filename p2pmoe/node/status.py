@@ -11,35 +11,52 @@ from typing import Any
 
 import zmq
 
-from p2pmoe.wire.codec import ProtocolError, decode, encode
+from p2pmoe.wire.codec import Envelope, ProtocolError, decode, encode
 from p2pmoe.wire.messages import Message, MessageKind
 
 
-def ask_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The `status` map of the node at `address`; ValueError when it does not answer."""
-    me = f"status-{uuid.uuid4().hex[:8]}"
+def ask(address: str, message: Message, sender: str, timeout: float, curve: tuple[bytes, bytes, bytes] | None = None) -> Envelope:
+    """Send `message` (its meta carrying `req`) from a one-off DEALER named `sender` to the node
+    at `address` and return its reply: what `p2pmoe status` and a joining node (`--join`)
+    need before they know the node's id. `curve` is (our public key, our secret key, the
+    node's public key). The reply comes with the answering node's id (`src`). ValueError
+    when nothing answers within `timeout` or the node refuses."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, me.encode())
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is None:
+        sock.setsockopt(zmq.ROUTING_ID, sender.encode())
+    else:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+    req = message.meta.get("req")
     try:
         sock.connect(address)
-        sock.send_multipart(encode(me, Message(MessageKind.STATUS, 0, meta={"req": 1})))
+        sock.send_multipart(encode(sender, message))
         while sock.poll(int(timeout * 1000)):
             try:
                 reply = decode(sock.recv_multipart())
             except ProtocolError:
                 continue
-            if reply.message.kind == MessageKind.STATUS and reply.message.meta.get("req") == 1:
-                status = reply.message.meta.get("status")
-                if isinstance(status, dict):
-                    return status
             if reply.message.kind == MessageKind.ERROR:
                 raise ValueError(f"{address} refused: {reply.message.meta.get('reason')}")
-        raise ValueError(f"no status from {address} within {timeout} s (is a node listening there, without CURVE?)")
+            if reply.message.kind == message.kind and reply.message.meta.get("req") == req and reply.message.meta.get("reply") is True:
+                return reply
+        raise ValueError(f"no answer from {address} within {timeout} s")
     finally:
         sock.close()
         context.term()
+
+
+def ask_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The `status` map of the node at `address`; ValueError when it does not answer."""
+    try:
+        reply = ask(address, Message(MessageKind.STATUS, 0, meta={"req": 1}), f"status-{uuid.uuid4().hex[:8]}", timeout)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (is a node listening there, without CURVE?)") from None
+    status = reply.message.meta.get("status")
+    if not isinstance(status, dict):
+        raise ValueError(f"{address} answered status without a status table")
+    return status
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ class MessageKind(str, Enum):  # noqa: UP042 - StrEnum would change str() and fo
     AGGREGATION_PLAN = "aggregation_plan"
     GOSSIP = "gossip"
     STATUS = "status"
+    ROSTER = "roster"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""Issue 29 item 2: a node joins through one member (`--join`) and learns where its topology
+neighbours are; nobody writes a roster or `[peers]`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from p2pmoe.methods.base import Method
+from p2pmoe.node.config import Timing, node_config_from_experiment
+from p2pmoe.node.daemon import NodeDaemon
+from p2pmoe.node.swarm import free_ports
+from p2pmoe.wire.messages import Message, MessageKind
+
+EXPERIMENT = """
+[run]
+method = "gossip"
+nodes = 5
+topology = "ring"
+rounds = 2
+
+[timing]
+startup = 20
+heartbeat = 0.2
+round_deadline = 5
+linger = 1
+"""
+
+
+class Quiet(Method):
+    """Sends nothing: the test is about who finds whom, not about a method."""
+
+    def train_local(self, round_index: int) -> dict[str, float]:
+        return {"train_loss": 1.0}
+
+    def evaluate(self) -> dict[str, float]:
+        return {"accuracy": 0.5}
+
+    def start_round(self, round_index: int) -> list:
+        return []
+
+    def on_message(self, src, message) -> list:
+        return []
+
+    def round_complete(self) -> bool:
+        return True
+
+
+def _experiment(tmp_path: Path) -> Path:
+    path = tmp_path / "experiment.toml"
+    path.write_text(EXPERIMENT)
+    return path
+
+
+def test_nodes_that_join_through_one_member_find_their_ring_neighbours_and_run(tmp_path: Path):
+    experiment = _experiment(tmp_path)
+    ids = [f"node-0{k}" for k in range(5)]
+    addresses = {node: f"tcp://127.0.0.1:{port}" for node, port in zip(ids, free_ports(5), strict=True)}
+    first = addresses["node-00"]
+    configs = {
+        node: node_config_from_experiment(experiment, None, node, bind=addresses[node], out=tmp_path / node, join=[] if node == "node-00" else [first])
+        for node in ids
+    }
+    daemons = {node: NodeDaemon(cfg, Quiet(node)) for node, cfg in configs.items()}
+
+    async def scenario() -> None:
+        # the members start one by one, the first one first: nobody knows anybody in advance
+        runs = []
+        for daemon in daemons.values():
+            runs.append(asyncio.create_task(daemon.run()))
+            await asyncio.sleep(0.3)
+        await asyncio.wait_for(asyncio.gather(*runs), 60)
+
+    asyncio.run(scenario())
+    links = configs["node-00"].experiment.links()
+    for node, daemon in daemons.items():
+        assert sorted(daemon.cfg.peers) == links[node], node  # the ring's neighbours, found at run time
+        assert daemon.cfg.peers == {peer: addresses[peer] for peer in links[node]}
+        assert daemon.rounds_done == 2 and daemon.failures == [], (node, daemon.failures)
+    assert set(daemons["node-00"].roster) == set(ids)  # the first member heard of everyone
+
+
+def test_a_roster_from_a_peer_is_checked_before_anything_is_learnt(tmp_path: Path):
+    (port,) = free_ports(1)
+    cfg = node_config_from_experiment(_experiment(tmp_path), None, "node-02", bind=f"tcp://127.0.0.1:{port}", out=tmp_path / "n")
+    daemon = NodeDaemon(cfg, Quiet("node-02"))
+    lies = {
+        "stranger": "tcp://10.0.0.9:1",  # not a node of this experiment
+        "node-02": "tcp://10.0.0.9:2",  # ourselves
+        "node-00": "udp://10.0.0.9:3",  # not an address the protocol writes
+        "node-04": "tcp://" + "x" * 300,  # too long
+        "node-03": 7,  # not a string
+    }
+    daemon._learn(lies, "node-00")
+    assert daemon.roster == {"node-02": f"tcp://127.0.0.1:{port}"}
+    daemon._learn({"node-00": "tcp://10.0.0.1:5"}, "node-04", adopt=False)  # a third party fills a gap ...
+    daemon._learn({"node-00": "tcp://10.0.0.1:6"}, "node-04", adopt=False)  # ... but cannot move a node it did not name first
+    daemon._learn({"node-04": "tcp://10.0.0.4:5"}, "node-04", adopt=False)  # a node's word about itself counts
+    assert daemon.roster["node-00"] == "tcp://10.0.0.1:5" and daemon.roster["node-04"] == "tcp://10.0.0.4:5"
+    assert Message(MessageKind.ROSTER, 0).kind.value == "roster"
+
+
+def test_join_options_are_checked_with_the_remedy(tmp_path: Path):
+    experiment = _experiment(tmp_path)
+    with pytest.raises(ValueError, match="give --bind"):
+        node_config_from_experiment(experiment, None, "node-01")
+    with pytest.raises(ValueError, match="give --advertise"):
+        node_config_from_experiment(experiment, None, "node-01", bind="tcp://0.0.0.0:5550", join=["tcp://10.0.0.1:5550"])
+    with pytest.raises(ValueError, match="ID=tcp://host:port"):
+        node_config_from_experiment(experiment, None, "node-01", bind="tcp://127.0.0.1:5550", join=["10.0.0.1:5550"])
+    with pytest.raises(ValueError, match="not a node of"):
+        node_config_from_experiment(experiment, None, "node-9", bind="tcp://127.0.0.1:5550")
+    cfg = node_config_from_experiment(
+        experiment, None, "node-01", bind="tcp://0.0.0.0:5550", advertise="tcp://10.0.0.2:5550", join=["node-00=tcp://10.0.0.1:5550"]
+    )
+    assert cfg.discover == {"node-00", "node-02"} and cfg.peers == {} and cfg.advertise == "tcp://10.0.0.2:5550"
+    assert Timing().startup > 0
