@@ -171,7 +171,7 @@ def _daemon_config(args: argparse.Namespace) -> NodeConfig:
     from p2pmoe.node.config import load_node_config, node_config_from_experiment
 
     if args.config is not None:
-        own = ("roster", "id", "bind", "out", "data_root", "threads", "device", "keys", "join", "advertise")
+        own = ("roster", "id", "bind", "out", "data_root", "threads", "device", "keys", "join", "advertise", "mdns")
         extra = [f"--{name.replace('_', '-')}" for name in own if getattr(args, name) is not None]
         if extra:
             raise ValueError(f"{' '.join(extra)} go with --experiment; a --config file says all of that itself")
@@ -183,7 +183,7 @@ def _daemon_config(args: argparse.Namespace) -> NodeConfig:
         raise ValueError("--join and --advertise find peers without a roster: give either --roster FILE or those")
     local = {k: v for k, v in (("data_root", args.data_root), ("threads", args.threads), ("device", args.device)) if v is not None}
     return node_config_from_experiment(
-        args.experiment, args.roster, node_id, args.bind, args.out, local, args.keys, args.insecure, args.join or (), args.advertise
+        args.experiment, args.roster, node_id, args.bind, args.out, local, args.keys, args.insecure, args.join or (), args.advertise, bool(args.mdns)
     )
 
 
@@ -357,6 +357,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             "(ID needed with --keys); repeatable; the first member starts without it",
         )
         daemon.add_argument("--advertise", help="with --join: the address other nodes dial to reach this one (default: --bind)")
+        daemon.add_argument(
+            "--mdns", action="store_const", const=True, help="with --experiment and no --roster: also announce this node and find peers by mDNS on the LAN"
+        )
         daemon.add_argument("--keys", type=Path, help="with --experiment: folder of `p2pmoe keys` files (<id>.key_secret, each peer's <peer>.key): CURVE on")
         daemon.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         daemon.add_argument("--min-peers", type=int, help="exit non-zero if a round ran with fewer live peers (the coordinator's: clients)")

@@ -117,3 +117,20 @@ def test_join_options_are_checked_with_the_remedy(tmp_path: Path):
     )
     assert cfg.discover == {"node-00", "node-02"} and cfg.peers == {} and cfg.advertise == "tcp://10.0.0.2:5550"
     assert Timing().startup > 0
+
+
+def test_an_mdns_announcement_counts_only_for_the_same_experiment(tmp_path: Path):
+    from p2pmoe.node.mdns import host_and_port
+
+    (port,) = free_ports(1)
+    cfg = node_config_from_experiment(_experiment(tmp_path), None, "node-02", bind=f"tcp://127.0.0.1:{port}", out=tmp_path / "n", mdns=True)
+    daemon = NodeDaemon(cfg, Quiet("node-02"))
+    daemon._heard_by_mdns("node-01", "tcp://10.0.0.1:5550", "0" * 64)  # another experiment on the same LAN
+    assert "node-01" not in daemon.roster
+    assert host_and_port("tcp://192.0.2.10:5550") == ("192.0.2.10", 5550)
+    with pytest.raises(ValueError, match="literal IPv4"):
+        node_config_from_experiment(_experiment(tmp_path), None, "node-02", bind="tcp://myhost:5550", out=tmp_path / "n", mdns=True)
+    with pytest.raises(ValueError, match="either --roster FILE or --mdns"):
+        roster = tmp_path / "roster.toml"
+        roster.write_text("[nodes]\n" + "\n".join(f'node-0{k} = "tcp://127.0.0.1:{5000 + k}"' for k in range(5)) + "\n")
+        node_config_from_experiment(_experiment(tmp_path), roster, "node-02", mdns=True)

@@ -189,9 +189,11 @@ linger = 3
 
 
 @pytest.mark.timeout(300)
-def test_six_nodes_in_namespaces_join_through_one_member_and_run_fedmoe_da_on_a_ring(tmp_path):
+@pytest.mark.parametrize("how", ["join", "mdns"])
+def test_six_nodes_in_namespaces_find_their_ring_neighbours_and_run_fedmoe_da(tmp_path, how):
     """Issue 29: one experiment file copied to every machine and one command per machine; a
-    node knows only one member's address (`--join`), and each finds its ring neighbours."""
+    node knows only one member's address (`--join`), or nobody's (`--mdns`: multicast DNS
+    across the bridge), and each finds exactly its ring neighbours."""
     experiment = tmp_path / "experiment.toml"
     experiment.write_text(JOIN_EXPERIMENT)
     ids = [f"node-0{k}" for k in range(6)]
@@ -203,7 +205,10 @@ def test_six_nodes_in_namespaces_join_through_one_member_and_run_fedmoe_da_on_a_
             folder.mkdir()
             command = ["ip", "netns", "exec", net.ns[node], sys.executable, "-m", "p2pmoe.cli", "node", "--experiment", str(experiment)]
             command += ["--id", node, "--bind", f"tcp://{net.address[node]}:5550", "--out", str(folder), "--threads", "1", "--insecure"]
-            command += [] if node == "node-00" else ["--join", first]
+            if how == "mdns":
+                command += ["--mdns"]
+            elif node != "node-00":
+                command += ["--join", first]
             with open(folder / "node.log", "ab") as log:
                 procs[node] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:

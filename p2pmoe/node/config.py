@@ -33,6 +33,7 @@ from typing import Any
 
 from p2pmoe.config import SECTIONS, build_config, tables_of
 from p2pmoe.experiment import ResolvedExperiment, resolve_experiment
+from p2pmoe.node.mdns import host_and_port
 from p2pmoe.node.security import CurveSettings, read_public_key
 from p2pmoe.settings import NODE_LOCAL_KEYS
 
@@ -92,6 +93,7 @@ class NodeConfig:
     discover: frozenset[str] = frozenset()
     join: tuple[str, ...] = ()
     advertise: str | None = None
+    mdns: bool = False  # also announce and find peers by mDNS (python-zeroconf)
 
     def check_plaintext_bind(self) -> None:
         """Without CURVE keys anyone who reaches the node can read its messages and speak as
@@ -214,6 +216,7 @@ def node_config_from_experiment(
     insecure: bool = False,
     join: Sequence[str] = (),
     advertise: str | None = None,
+    mdns: bool = False,
 ) -> NodeConfig:
     """A node's config from the files every machine shares, plus what is the machine's own.
 
@@ -229,7 +232,8 @@ def node_config_from_experiment(
 
     Without a roster (`roster_path` None) the node discovers its peers' addresses at start-up
     (`join`: members to ask, `ID=tcp://host:port` or, in plaintext, a bare address; none for
-    the first member, which waits to be asked) and tells them `advertise` (default: `bind`).
+    the first member, which waits to be asked; with `mdns` also by mDNS on the LAN) and tells
+    them `advertise` (default: `bind`).
     """
     experiment_path = Path(experiment_path)
     try:
@@ -260,9 +264,13 @@ def node_config_from_experiment(
         if any(host in address for host in ("0.0.0.0", "*", "[::]")):
             raise ValueError(f"--bind {bind} listens on every interface: give --advertise tcp://THIS-HOST:PORT, the address peers should dial")
         members = tuple(parse_join(target, expected, keys is not None) for target in join)
+        if mdns:
+            host_and_port(address)  # a literal IPv4 address to announce, checked now rather than at start-up
         peers: dict[str, str] = {}
-        discovery = {"discover": frozenset(experiment.links()[node_id]), "join": members, "advertise": address}
+        discovery = {"discover": frozenset(experiment.links()[node_id]), "join": members, "advertise": address, "mdns": mdns}
     else:
+        if mdns:
+            raise ValueError("--mdns finds peers without a roster: give either --roster FILE or --mdns (with --bind)")
         roster = _table(roster_raw or {}, "nodes", Path(roster_path))
         if set(roster_raw or {}) - {"nodes"} or not all(isinstance(v, str) and v.startswith("tcp://") for v in roster.values()):
             raise ValueError(f"{roster_path}: a roster is one table [nodes] of node id = 'tcp://host:port'")

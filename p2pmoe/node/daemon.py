@@ -27,6 +27,7 @@ from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.node.checkpoint import load_checkpoint, save_checkpoint
 from p2pmoe.node.config import NodeConfig
+from p2pmoe.node.mdns import MdnsPeers
 from p2pmoe.node.membership import Membership
 from p2pmoe.node.metrics import DaemonState, MetricsServer
 from p2pmoe.node.status import ask
@@ -411,6 +412,11 @@ class NodeDaemon:
         log.info("%s: found %s at %s", self.cfg.node_id, peer, address)
         self._progress.set()
 
+    def _heard_by_mdns(self, node: str, address: str, config: str) -> None:
+        """An mDNS announcement: a node's word about itself, like its own `roster` entry."""
+        if config == self.config_hash:
+            self._learn({node: address}, node)
+
     async def _ask_members(self) -> None:
         """One `roster` request to each `--join` member: over a one-off connection while its id
         is unknown or it is not a peer of ours, over our link to it once it is (a one-off
@@ -519,7 +525,10 @@ class NodeDaemon:
         tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
         self._folder = RunFolder(self.cfg.out, append=True)
         self.metrics = self._serve_metrics()
+        mdns = MdnsPeers(self.cfg.node_id, self.roster[self.cfg.node_id], self.config_hash, self._heard_by_mdns) if self.cfg.mdns else None
         try:
+            if mdns is not None:
+                await mdns.start()
             if self.cfg.discover:
                 await self._discover()
             first = await self._startup()
@@ -538,4 +547,6 @@ class NodeDaemon:
             self._folder.close()
             if self.metrics is not None:
                 self.metrics.close()
+            if mdns is not None:
+                await mdns.close()
             await self.transport.close()
