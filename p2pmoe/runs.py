@@ -11,12 +11,13 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
 from p2pmoe.ledger import LedgerEntry
+from p2pmoe.trackers import Tracker
 
 LEDGER_FIELDS = [f.name for f in dataclasses.fields(LedgerEntry)]
 T = TypeVar("T")
@@ -26,9 +27,10 @@ class RunFolder:
     """Writer for one run folder; `append=True` continues a resumed node's files. `holds` names
     what each client holds (its domain): every metrics line of that node carries it."""
 
-    def __init__(self, path: str | Path, append: bool = False, holds: Mapping[str, str] | None = None) -> None:
+    def __init__(self, path: str | Path, append: bool = False, holds: Mapping[str, str] | None = None, trackers: Sequence[Tracker] = ()) -> None:
         self.path = Path(path)
         self.holds = dict(holds or {})
+        self.trackers = list(trackers)  # TensorBoard, MLflow: each line also goes there
         self.path.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
         ledger_path = self.path / "ledger.csv"
@@ -45,6 +47,8 @@ class RunFolder:
             row = {**row, "holds": self.holds[row["node"]]}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def log_messages(self, entries: Iterable[LedgerEntry]) -> None:
         """Append ledger rows, one per message."""
@@ -54,6 +58,9 @@ class RunFolder:
     def close(self) -> None:
         self._metrics.close()
         self._ledger_file.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Close the streams and write summary.json."""

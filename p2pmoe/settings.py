@@ -16,7 +16,7 @@ from p2pmoe.options import Options, option
 
 # Keys that may differ between the nodes of one experiment: where a node keeps its files and
 # data, and how it uses its own hardware. Everything else must agree (see `canonical_config`).
-NODE_LOCAL_KEYS = frozenset({"out", "data_root", "threads", "workers", "device", "plugins"})
+NODE_LOCAL_KEYS = frozenset({"out", "data_root", "threads", "workers", "device", "plugins", "tensorboard", "mlflow"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,10 @@ class RunOptions(Options):
     device: str = option("auto", "where models train: auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     out: str = option("runs/latest", "run folder")
     plugins: str = option("", "comma-separated modules or .py files that register methods or task families (a user's own, outside the package); see the README")
+    tensorboard: str | None = option(None, "also write each node's metrics per round as TensorBoard scalars under this folder (needs p2pmoe[track])")
+    mlflow: str | None = option(
+        None, "also log the setting and each node's metrics per round to this MLflow tracking URI, e.g. file:./mlruns (needs p2pmoe[track])"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

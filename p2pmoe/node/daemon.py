@@ -35,6 +35,7 @@ from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, Tr
 from p2pmoe.report.tables import round_ranges
 from p2pmoe.runs import RunFolder
 from p2pmoe.settings import config_differences
+from p2pmoe.trackers import open_trackers
 from p2pmoe.wire.codec import Envelope
 from p2pmoe.wire.compression import parse_compression
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -523,7 +524,8 @@ class NodeDaemon:
             key = self.cfg.curve.allowed_public_keys.get(peer) if self.cfg.curve else None
             self.transport.add_peer(peer, address, key)
         tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
-        self._folder = RunFolder(self.cfg.out, append=True)
+        run = self.cfg.experiment.run
+        self._folder = RunFolder(self.cfg.out, append=True, trackers=open_trackers(run.tensorboard, run.mlflow, self.cfg.node_id, self._canonical))
         self.metrics = self._serve_metrics()
         mdns = MdnsPeers(self.cfg.node_id, self.roster[self.cfg.node_id], self.config_hash, self._heard_by_mdns) if self.cfg.mdns else None
         try:
@@ -532,7 +534,6 @@ class NodeDaemon:
             if self.cfg.discover:
                 await self._discover()
             first = await self._startup()
-            run = self.cfg.experiment.run
             last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, self.cfg.timing.round_deadline, eval_point=run.eval_point)
             self.failures = self._failures()
             if last == self.rounds - 1:

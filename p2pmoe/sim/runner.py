@@ -25,6 +25,7 @@ from p2pmoe.sim.bus import GlobalRNGUsed, SimNetwork, random_module
 from p2pmoe.sim.links import comm_time_by_round
 from p2pmoe.sim.resume import CHECKPOINT_NAME, checkpoint_due, resume_network, save_network
 from p2pmoe.tasks.base import resolve_device
+from p2pmoe.trackers import open_trackers
 from p2pmoe.wire.compression import parse_compression
 
 
@@ -132,7 +133,8 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     elif resume:
         print(f"no checkpoint in {out}: starting at round 0 (rounds 0..{rounds - 1}, numbered from 0)", file=sys.stderr, flush=True)
     holds = client_holdings(experiment.task, cfg, experiment.clients)
-    folder = network.folder = RunFolder(out, append=resumed is not None, holds=holds)
+    trackers = open_trackers(cfg.run.tensorboard, cfg.run.mlflow, out.name, cfg.to_dict())
+    folder = network.folder = RunFolder(out, append=resumed is not None, holds=holds, trackers=trackers)
     logged = len(ledger.entries)  # ledger entries already in ledger.csv
 
     async def drive() -> list[Row]:
