@@ -13,7 +13,7 @@ DOCS = Path(__file__).parent.parent / "docs" / "methods.md"
 
 # Lower ranks are lower layers; a module may import its own rank or below.
 LAYERS = {
-    0: {"wire", "options", "naming", "fsio", "settings", "ledger", "topology", "runs", "plugins", "participation", "seeds"},
+    0: {"wire", "options", "naming", "fsio", "settings", "ledger", "topology", "runs", "plugins", "participation", "seeds", "trackers"},
     1: {"models"},
     2: {"data", "eval"},
     3: {"learners"},
