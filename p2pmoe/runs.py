@@ -23,6 +23,11 @@ LEDGER_FIELDS = [f.name for f in dataclasses.fields(LedgerEntry)]
 T = TypeVar("T")
 
 
+NODE_FILE = "node.json"
+"""A daemon's own file in its run folder (setting, start and end, peers found and lost); the
+report merges a LAN run's per-node folders by it."""
+
+
 class RunFolder:
     """Writer for one run folder; `append=True` continues a resumed node's files. `holds` names
     what each client holds (its domain): every metrics line of that node carries it."""

@@ -22,6 +22,7 @@ from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, clip, error_reply, request_id
 from p2pmoe.driver.summary import metrics_row
 from p2pmoe.experiment import build_experiment
+from p2pmoe.fsio import atomic_write_json
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.naming import SERVER_ID
@@ -33,7 +34,7 @@ from p2pmoe.node.metrics import DaemonState, MetricsServer
 from p2pmoe.node.status import ask
 from p2pmoe.node.transport import PeerUnreachable, RequestTimeout, Transport, TransportClosed, TransportError
 from p2pmoe.report.tables import round_ranges
-from p2pmoe.runs import RunFolder
+from p2pmoe.runs import NODE_FILE, RunFolder
 from p2pmoe.settings import config_differences
 from p2pmoe.trackers import open_trackers
 from p2pmoe.wire.codec import Envelope
@@ -99,6 +100,8 @@ class NodeDaemon:
         self.thin_rounds: list[int] = []  # rounds run with fewer than min_peers live peers
         self._heard_before: set[str] = set()  # peers heard by this node's run before a restart (from its checkpoint)
         self.failures: list[str] = []  # what the run did not do that was asked (the command exits non-zero)
+        self.events: list[dict[str, Any]] = []  # peers found, lost and back, with the wall time (node.json)
+        self._started = round(time.time(), 3)
         self.metrics: MetricsServer | None = None
         self._status: tuple[float, dict[str, Any]] | None = None
         # who is where: this node, its configured peers, and whatever `roster` requests taught it
@@ -135,6 +138,25 @@ class NodeDaemon:
 
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def _event(self, peer: str, what: str) -> None:
+        self.events.append({"time": round(time.time(), 3), "peer": peer, "event": what})
+
+    def _write_node_file(self, finished: bool) -> None:
+        """`node.json` in the run folder: what `p2pmoe report` needs to merge a LAN run's
+        per-node folders (the setting, when this node ran, who it lost and found, what failed)."""
+        state = {
+            "node": self.cfg.node_id,
+            "config_hash": self.config_hash,
+            "setting": self.cfg.experiment.cfg.to_dict(),
+            "peers": dict(self.cfg.peers),
+            "started": self._started,
+            "finished": round(time.time(), 3) if finished else None,
+            "rounds_done": self.rounds_done,
+            "failures": self.failures,
+            "events": self.events,
+        }
+        atomic_write_json(self.cfg.out / NODE_FILE, state)
 
     def _failures(self) -> list[str]:
         """Issue 29: every process exited 0 when a peer never came or a node trained alone. A
@@ -175,7 +197,8 @@ class NodeDaemon:
         sent = sum(e.total for e in self.ledger.entries[self._ledger_written :] if e.round == round_index)
         assert self._folder is not None
         received = self._received.pop(round_index, 0)
-        self._folder.log(metrics_row(self.cfg.node_id, round_index, train, metrics, sent, received, node.diagnostics()))
+        row = metrics_row(self.cfg.node_id, round_index, train, metrics, sent, received, node.diagnostics())
+        self._folder.log({**row, "time": round(time.time(), 3)})  # wall clock: the report's per-node timeline
         self.rounds_done += 1
         if len(self.membership.alive(time.monotonic())) < self.cfg.min_peers:
             self.thin_rounds.append(round_index)
@@ -363,9 +386,11 @@ class NodeDaemon:
             now = time.monotonic()
             for peer in self.membership.newly_dead(now):
                 log.warning("%s: peer %s is gone", self.cfg.node_id, peer)
+                self._event(peer, "lost")
                 await self.send(self.runner, self.runner.peer_lost(peer))
             for peer in self.membership.revived(now):
                 log.info("%s: peer %s is back", self.cfg.node_id, peer)
+                self._event(peer, "back")
                 await self.send(self.runner, self.runner.peer_joined(peer))
             await asyncio.sleep(self.cfg.timing.heartbeat)
 
@@ -411,6 +436,7 @@ class NodeDaemon:
         self.cfg = dataclasses.replace(self.cfg, peers={**self.cfg.peers, peer: address})
         self.membership.add(peer)
         log.info("%s: found %s at %s", self.cfg.node_id, peer, address)
+        self._event(peer, "found")
         self._progress.set()
 
     def _heard_by_mdns(self, node: str, address: str, config: str) -> None:
@@ -527,6 +553,7 @@ class NodeDaemon:
         run = self.cfg.experiment.run
         self._folder = RunFolder(self.cfg.out, append=True, trackers=open_trackers(run.tensorboard, run.mlflow, self.cfg.node_id, self._canonical))
         self.metrics = self._serve_metrics()
+        self._write_node_file(finished=False)
         mdns = MdnsPeers(self.cfg.node_id, self.roster[self.cfg.node_id], self.config_hash, self._heard_by_mdns) if self.cfg.mdns else None
         try:
             if mdns is not None:
@@ -545,6 +572,7 @@ class NodeDaemon:
                 task.cancel()
             await asyncio.gather(*tasks, *self._requests, return_exceptions=True)
             self._flush_ledger()
+            self._write_node_file(finished=True)
             self._folder.close()
             if self.metrics is not None:
                 self.metrics.close()

@@ -29,6 +29,7 @@ from p2pmoe.ledger import ByteLedger
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.node.config import Timing
 from p2pmoe.report import write_report
+from p2pmoe.report.folders import lan_summary
 from p2pmoe.report.tables import round_ranges
 from p2pmoe.runs import RunFolder, read_ledger, read_metrics
 from p2pmoe.settings import ExperimentConfig
@@ -102,7 +103,8 @@ def merge_run(experiment: ResolvedExperiment, out: Path, wall_seconds: float, ex
     cfg, task = experiment.cfg, experiment.task
     rows: list[Row] = []
     ledger = ByteLedger()
-    for part in sorted((out / "nodes").iterdir()):
+    parts = sorted((out / "nodes").iterdir())
+    for part in parts:
         if (part / "metrics.jsonl").exists():
             rows += read_metrics(part / "metrics.jsonl")
         if (part / "ledger.csv").exists():
@@ -121,6 +123,8 @@ def merge_run(experiment: ResolvedExperiment, out: Path, wall_seconds: float, ex
     summary = make_summary(cfg, task, rows, ledger, clients, wall_seconds, "swarm")
     summary["nodes_finished"] = sorted({r["node"] for r in rows if r["round"] == cfg.run.rounds - 1 and r["node"] in clients})
     summary["exit_codes"] = exit_codes or {}
+    lan = lan_summary(parts, rows)  # the daemons' node.json: when each started, whom it lost and found, what failed
+    summary.update({key: lan[key] for key in ("started", "events", "failures") if key in lan})
     everyone = [*clients, *sorted({r["node"] for r in rows} - set(clients))]  # a node that ran no round is listed too
     summary["took_part"] = {node: round_ranges(r["round"] for r in rows if r["node"] == node) for node in everyone}
     run_folder.finish(summary)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.report.folders import RunData, client_bytes_by_round, load_run, long_rows, run_labels, spread_by_round
+from p2pmoe.report.folders import RunData, client_bytes_by_round, load_runs, long_rows, run_labels, spread_by_round
 from p2pmoe.report.page import html_table, render
-from p2pmoe.report.tables import columns_of, format_table, profile_lines, random_ranking_rows
+from p2pmoe.report.tables import columns_of, format_table, participation_lines, profile_lines, random_ranking_rows
 
 LONG_COLUMNS = ["run", "round", "node", "section", "name", "value"]
 
@@ -119,7 +119,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, wri
     stderr say why the figures are missing."""
     if not paths:
         raise ValueError("report: no run folders given")
-    runs = [load_run(p) for p in paths]
+    runs = load_runs(paths)
     _unique_labels(runs)
     folder = Path(out) if out is not None else default_out(paths)
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,6 +140,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, wri
         warning = run.summary.get("selection", {}).get("warning")
         if warning:
             said.append(f"{label}: warning: {warning}")
+        if "took_part" in run.summary:  # a swarm or LAN run: which node ran which rounds, and what failed
+            said += [f"{label}: {line}" for line in participation_lines(run.summary["took_part"], int(run.summary.get("rounds", 0)))]
+            said += [f"{label}: {node} failed: {'; '.join(why)}" for node, why in sorted(run.summary.get("failures", {}).items())]
     domains = [row for r in runs for row in domain_rows(r)]
     rounds = [row for r in runs for row in per_round_rows(r)]
     tables = [("summary (selected round, mean over clients and domains)", overview)]

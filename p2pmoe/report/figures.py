@@ -24,7 +24,7 @@ import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from p2pmoe.naming import SERVER_ID  # noqa: E402
 from p2pmoe.report.folders import (  # noqa: E402
@@ -140,13 +140,20 @@ def metric_vs_bytes(runs: list[RunData], out: Path, name: str | None = None) -> 
     figures = []
     for metric, group in groups.items():
         fig, ax = plt.subplots(figsize=(7.5, 5))
+        spent: list[float] = []
         for i, (run, label) in enumerate(zip(group, run_labels(group), strict=True)):
             points = metric_against_bytes(run, metric)
             if points:
                 xs, ys = zip(*points, strict=True)
                 style = ("-", "--", ":")[(i // 10) % 3]  # the colour cycle has 10 colours: the 11th line gets a new style
+                spent += [x / 1e6 for x in xs]
                 ax.plot([x / 1e6 for x in xs], ys, marker="o", markersize=3, linestyle=style, label=label)
-        ax.set_xscale("symlog", linthresh=0.1)
+        # a log axis only when the runs' bytes span more than a decade and a half; plain numbers either way
+        # (issue 29: a symlog axis under its linear threshold showed two ticks in scientific notation)
+        if spent and min(spent) > 0 and max(spent) / min(spent) > 30:
+            ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("cumulative MB sent + received per client")
         ax.set_ylabel(f"{metric} (mean over clients)")
         ax.grid(alpha=0.3)
@@ -445,8 +452,46 @@ def gate_weights(run: RunData, out: Path) -> list[Figure]:
     return figures
 
 
+def node_timeline(run: RunData, out: Path) -> list[Figure]:
+    """A daemon run's nodes over wall time: a mark where each finished a round (the gaps are
+    round durations), and where a peer declared it gone or back (from the nodes' node.json).
+    Only runs whose rows carry wall times (swarm and LAN daemons)."""
+    started = run.summary.get("started")
+    timed = [r for r in run.rows if isinstance(r.get("time"), int | float)]
+    if not timed or not isinstance(started, int | float):
+        return []
+    nodes = sorted({r["node"] for r in timed} | set(run.summary.get("took_part", {})))
+    place = {node: i for i, node in enumerate(nodes)}
+    fig, ax = plt.subplots(figsize=(9.0, 1.6 + 0.42 * len(nodes)))
+    for node in nodes:
+        ends = sorted((r["time"] - started, r["round"]) for r in timed if r["node"] == node)
+        if ends:
+            ax.plot([t for t, _ in ends], [place[node]] * len(ends), "-o", color="tab:blue", markersize=4, linewidth=1)
+            last_time, last_round = ends[-1]
+            done = f"{len(ends)} round{'s' if len(ends) != 1 else ''}"
+            ax.annotate(f"{done} (last {last_round})", (last_time, place[node]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    styles = {"lost": ("x", "tab:red", "declared gone by a peer"), "back": ("o", "tab:green", "back, per a peer")}
+    shown: set[str] = set()
+    for events in run.summary.get("events", {}).values():
+        for event in events:
+            style = styles.get(event.get("event"))
+            if style is None or event.get("peer") not in place or not isinstance(event.get("time"), int | float):
+                continue
+            marker, color, label = style
+            ax.plot(event["time"] - started, place[event["peer"]], marker, color=color, markersize=9, mfc="none", label=None if label in shown else label)
+            shown.add(label)
+    ax.set_yticks(range(len(nodes)), nodes, fontsize=7)
+    ax.set_xlabel("wall seconds since the first node started")
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.12, y=0.2)  # room for the labels at the right end of each line
+    if shown:
+        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
+    caption = f"Blue marks: a node finished a round (the gap before it is that round's duration). {run.setting_text()}."
+    return [_save(fig, out, f"timeline_{slug(run.label)}.png", f"node timeline ({run.label})", caption)]
+
+
 ACROSS_RUNS = (metric_vs_bytes, metrics_per_round, metrics_per_domain, train_loss_per_round, bytes_per_round, traffic, sim_time)
-PER_RUN = (expert_graph, gate_correlation, gate_weights)
+PER_RUN = (expert_graph, gate_correlation, gate_weights, node_timeline)
 
 
 def draw_all(runs: list[RunData], out: Path) -> list[Figure]:

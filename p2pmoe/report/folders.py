@@ -8,18 +8,19 @@ folder, and on runs made by older versions, without building any model.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from p2pmoe.ledger import LedgerEntry
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.report.tables import GATE_PREFIXES, breakdown, mean_metric_names, metric_order
-from p2pmoe.runs import read_ledger, read_metrics
+from p2pmoe.report.tables import GATE_PREFIXES, breakdown, mean_metric_names, metric_order, round_ranges
+from p2pmoe.runs import NODE_FILE, read_ledger, read_metrics
 
 UNCOMPARED = frozenset({"out"})
 """Setting keys that differ between any two runs without making them different experiments:
@@ -189,23 +190,84 @@ def _gathered(path: Path) -> list[Path]:
     return []
 
 
-def load_run(path: str | Path, label: str | None = None) -> RunData:
-    """Read a run folder; without summary.json, merge the per-node folders under it.
+def is_node_folder(path: str | Path) -> bool:
+    """A daemon's own run folder (node.json, no summary.json): one part of a LAN run."""
+    return (Path(path) / NODE_FILE).exists() and not (Path(path) / "summary.json").exists()
 
-    Each message is in its sender's ledger only, so gathered ledgers are concatenated."""
+
+def _node_file(part: Path) -> dict[str, Any]:
+    try:
+        found = json.loads((part / NODE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def lan_summary(parts: Sequence[Path], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What summary.json would say of a LAN run, from its daemons' node.json files: the setting,
+    the wall time from the first start to the last finish, who ran which rounds, who finished,
+    what each node lost and found, and each node's failures. Empty without node files (folders
+    of an older build): the report then says that the setting is unknown."""
+    nodes = {part: _node_file(part) for part in parts}
+    known = {part: node for part, node in nodes.items() if node.get("setting")}
+    if not known:
+        return {}
+    hashes = {node.get("config_hash") for node in known.values()}
+    if len(hashes) > 1:
+        by_hash = sorted(f"{part.name}: {str(node.get('config_hash'))[:12]}" for part, node in known.items())
+        raise ValueError(f"these node folders are not one experiment (config hashes differ): {'; '.join(by_hash)}")
+    setting = next(iter(known.values()))["setting"]
+    rounds = int(setting.get("run", {}).get("rounds", 0))
+    starts = [float(n["started"]) for n in known.values() if isinstance(n.get("started"), int | float)]
+    ends = [float(n["finished"]) for n in known.values() if isinstance(n.get("finished"), int | float)]
+    ends += [float(r["time"]) for r in rows if isinstance(r.get("time"), int | float)]
+    took_part = {str(n.get("node", p.name)): round_ranges(r["round"] for r in rows if r["node"] == n.get("node", p.name)) for p, n in known.items()}
+    return {
+        "method": setting.get("run", {}).get("method"),
+        "rounds": rounds,
+        "driver": "lan",
+        "setting": setting,
+        "wall_seconds": max(ends) - min(starts) if starts and ends else None,
+        "started": min(starts) if starts else None,
+        "took_part": took_part,
+        "nodes_finished": sorted(node for node, ran in took_part.items() if ran.endswith(str(rounds - 1)) and rounds),
+        "events": {str(n.get("node", p.name)): n.get("events", []) for p, n in known.items()},
+        "failures": {str(n.get("node", p.name)): n["failures"] for p, n in known.items() if n.get("failures")},
+    }
+
+
+def gathered_run(parts: Sequence[Path], path: Path, label: str | None = None) -> RunData:
+    """One run from its per-node folders (each message is in its sender's ledger only, so the
+    ledgers are concatenated)."""
+    rows = sorted((row for part in parts for row in read_metrics(part / "metrics.jsonl")), key=lambda r: (r["round"], r["node"]))
+    ledger = [e for part in parts if (part / "ledger.csv").exists() for e in read_ledger(part / "ledger.csv")]
+    return RunData(path, label or path.resolve().name, lan_summary(parts, rows), rows, ledger)
+
+
+def load_run(path: str | Path, label: str | None = None) -> RunData:
+    """Read a run folder; without summary.json, merge the per-node folders under it."""
     path = Path(path)
     if (path / "summary.json").exists():
         summary = json.loads((path / "summary.json").read_text())
         rows = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
         ledger = read_ledger(path / "ledger.csv") if (path / "ledger.csv").exists() else []
-    else:
-        parts = _gathered(path)
-        if not parts:
-            raise ValueError(f"{path}: not a run folder (no summary.json, and no per-node folders with metrics.jsonl)")
-        summary = {}
-        rows = sorted((row for part in parts for row in read_metrics(part / "metrics.jsonl")), key=lambda r: (r["round"], r["node"]))
-        ledger = [e for part in parts if (part / "ledger.csv").exists() for e in read_ledger(part / "ledger.csv")]
-    return RunData(path, label or path.resolve().name, summary, rows, ledger)
+        return RunData(path, label or path.resolve().name, summary, rows, ledger)
+    parts = _gathered(path)
+    if not parts:
+        raise ValueError(f"{path}: not a run folder (no summary.json, and no per-node folders with metrics.jsonl)")
+    return gathered_run(parts, path, label)
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
+    """The runs `paths` name: run folders, parents of per-node folders, and the per-node
+    folders of one LAN run given one by one (`p2pmoe report runs/node-*`), merged into one run
+    labelled by their common parent."""
+    nodes = [Path(p) for p in paths if is_node_folder(p)]
+    runs = [load_run(p) for p in paths if not is_node_folder(p)]
+    if nodes:
+        parent = Path(os.path.commonpath([str(p.resolve()) for p in nodes]))
+        runs.append(gathered_run(nodes, parent if len(nodes) > 1 else nodes[0], f"{parent.name or 'lan'} (LAN, {len(nodes)} nodes)"))
+    return runs
 
 
 def slug(text: str) -> str:
