@@ -5,8 +5,13 @@
 Nodes are configured and started exactly as `p2pmoe swarm` starts them (one process per node,
 Fashion-MNIST split by Dirichlet 0.5, FedMoE-DA by default), then each is reaped with
 `os.wait4`, whose resource usage is that process's own: `ru_maxrss` is its peak resident
-memory over its whole life, with nothing sampled or missed between polls. The run is merged
-as `p2pmoe swarm` merges it, so the table also says whether it trained and finished. Writes
+memory over its whole life, with nothing sampled or missed between polls. RSS counts the
+pages a process shares with the others (torch's libraries: about 218 MiB of `import torch`)
+in full in every process, so the sum of RSS overstates what a swarm costs; every half second
+the bench also sums each live node's PSS (shared pages divided among the processes sharing
+them, /proc/PID/smaps_rollup) and its USS (private pages), and reads how much of the machine's
+memory is in use: their peaks are what N daemons really take. The run is merged as `p2pmoe
+swarm` merges it, so the table also says whether it trained and finished. Writes
 bench/results/<name>.{json,md}.
 """
 
@@ -31,13 +36,50 @@ from p2pmoe.report import format_table
 RESULTS = Path(__file__).parent / "results"
 
 
-def reap(procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> dict[str, tuple[int, resource.struct_rusage | None]]:
+def _smaps(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, USS) of a live process in KiB; zeros once it is gone."""
+    fields: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, _, value = line.partition(":")
+            fields[name] = int(value.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0, 0, 0
+    return fields.get("Rss", 0), fields.get("Pss", 0), fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+
+
+def _used_kib() -> int:
+    """MemTotal - MemAvailable: the machine's memory in use, in KiB."""
+    info = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.split()[1:]}
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+class Peaks:
+    """Sampled peaks of the live nodes' summed RSS, PSS and USS, and of the machine's use."""
+
+    def __init__(self) -> None:
+        self.baseline = _used_kib()
+        self.rss = self.pss = self.uss = self.used = 0
+        self.live_at_peak = 0
+
+    def sample(self, pids: list[int]) -> None:
+        rss, pss, uss = (sum(values) for values in zip(*(_smaps(pid) for pid in pids), strict=True)) if pids else (0, 0, 0)
+        self.rss, self.uss, self.used = max(self.rss, rss), max(self.uss, uss), max(self.used, _used_kib() - self.baseline)
+        if pss > self.pss:
+            self.pss, self.live_at_peak = pss, len(pids)
+
+
+def reap(procs: dict[str, subprocess.Popen[bytes]], timeout: float, peaks: Peaks) -> dict[str, tuple[int, resource.struct_rusage | None]]:
     """Wait for every node (killing those still running after `timeout` seconds); return each
     one's exit code and its own resource usage (None for a node that had to be killed)."""
     deadline = time.monotonic() + timeout
     left = dict(procs)
     done: dict[str, tuple[int, resource.struct_rusage | None]] = {}
+    next_sample = 0.0
     while left and time.monotonic() < deadline:
+        if time.monotonic() >= next_sample:
+            peaks.sample([proc.pid for proc in left.values()])
+            next_sample = time.monotonic() + 0.5
         for node, proc in list(left.items()):
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -57,19 +99,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--method", default="fedmoe-da")
     parser.add_argument("--partition", default="dirichlet:0.5")
+    parser.add_argument("--topology", default="full", help="e.g. random-regular:4 for 100 nodes (full: every node heartbeats every other)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before still-running nodes are killed")
     parser.add_argument("--name", default="swarm_memory", help="results file stem")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     out = Path("runs") / f"bench_{args.name}"
     experiment = resolve_experiment(
-        default_config(method=args.method, data="fmnist", nodes=args.nodes, rounds=args.rounds, partition=args.partition, seed=0, out=str(out))
+        default_config(
+            method=args.method, data="fmnist", nodes=args.nodes, rounds=args.rounds, partition=args.partition, topology=args.topology, seed=0, out=str(out)
+        )
     )
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    configs = write_node_configs(experiment, out, Timing())
+    # N processes start on two cores one torch import at a time: wait for the last as long as that takes
+    timing = Timing(startup=max(60.0, 6.0 * args.nodes), round_deadline=max(120.0, 6.0 * args.nodes))
+    configs = write_node_configs(experiment, out, timing)
+    sampled = Peaks()
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
-    reaped = reap(procs, args.timeout)
+    reaped = reap(procs, args.timeout, sampled)
     wall = time.perf_counter() - started
     summary = merge_run(experiment, out, wall, {node: code for node, (code, _) in reaped.items()})
     rows: list[dict[str, Any]] = []
@@ -84,23 +132,46 @@ def main() -> None:
     peaks = [r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None]
     peaks_mib = [r["peak_rss_mib"] for r in rows if r["peak_rss_mib"] is not None]
     result = {
-        "setting": {"method": args.method, "data": "fmnist", "nodes": args.nodes, "rounds": args.rounds, "partition": args.partition, "seed": 0},
+        "setting": {
+            "method": args.method,
+            "data": "fmnist",
+            "nodes": args.nodes,
+            "rounds": args.rounds,
+            "partition": args.partition,
+            "topology": args.topology,
+            "seed": 0,
+            "start": "spawn" if os.environ.get("P2PMOE_SPAWN") == "1" else "fork",
+        },
         "wall_seconds": round(wall, 1),
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "max_peak_rss_mb": max(peaks, default=None),
         "max_peak_rss_mib": max(peaks_mib, default=None),
+        "sampled_peak_total_mib": {
+            "rss_sum": round(sampled.rss / 1024, 1),
+            "pss_sum": round(sampled.pss / 1024, 1),
+            "uss_sum": round(sampled.uss / 1024, 1),
+            "machine_used_over_baseline": round(sampled.used / 1024, 1),
+            "live_nodes_at_pss_peak": sampled.live_at_peak,
+        },
+        "pss_per_node_at_peak_mib": round(sampled.pss / 1024 / max(sampled.live_at_peak, 1), 1),
         "nodes_finished": summary.get("nodes_finished", []),
         "metrics": summary.get("metrics", {}),
         "per_node": rows,
     }
-    command = f"python bench/bench_swarm_memory.py --nodes {args.nodes} --rounds {args.rounds} --method {args.method}"
-    command += f" --partition {args.partition} --name {args.name}"
+    command = ("P2PMOE_SPAWN=1 " if result["setting"]["start"] == "spawn" else "") + "python bench/bench_swarm_memory.py"
+    command += f" --nodes {args.nodes} --rounds {args.rounds} --method {args.method}"
+    command += f" --partition {args.partition} --topology {args.topology} --name {args.name}"
     text = (
         f"# Swarm memory per process\n\n{args.method} swarm on loopback, Fashion-MNIST, {args.nodes} nodes, {args.partition}, "
-        f"{args.rounds} round(s), seed 0; one process per node, peak RSS from each process's own rusage (os.wait4). "
+        f"{args.rounds} round(s), seed 0; one process per node ({result['setting']['start']}ed), peak RSS from each process's own rusage (os.wait4). "
         f"Largest peak: {result['max_peak_rss_mib']} MiB = {result['max_peak_rss_mb']} MB (10^6 bytes); "
         f"{len(result['nodes_finished'])} of {args.nodes} clients finished; "
         f"wall {result['wall_seconds']} s; load average {result['load_average'][0]} -> {result['load_average'][1]} on 2 shared cores.\n\n"
+        f"Sampled every 0.5 s over the live nodes: peak summed RSS {result['sampled_peak_total_mib']['rss_sum']} MiB (shared pages counted "
+        f"in every process), peak summed PSS {result['sampled_peak_total_mib']['pss_sum']} MiB with "
+        f"{result['sampled_peak_total_mib']['live_nodes_at_pss_peak']} nodes alive ({result['pss_per_node_at_peak_mib']} MiB per node), "
+        f"peak summed USS {result['sampled_peak_total_mib']['uss_sum']} MiB; the machine's memory in use rose by at most "
+        f"{result['sampled_peak_total_mib']['machine_used_over_baseline']} MiB (other work on the machine included).\n\n"
         f"Command: `{command}`\n\n```\n{format_table(rows, ['node', 'exit_code', 'peak_rss_mib', 'peak_rss_mb', 'cpu_seconds'])}\n```\n"
     )
     print(text)

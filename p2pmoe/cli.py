@@ -151,21 +151,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all(code == 0 for code in codes) else 1
 
 
-def check_role(cfg: NodeConfig, role: str, path: Path) -> None:
-    """A coordinator config must be the server of a server-mediated method; a node config
-    must not be the server, so a swapped file fails at start, not rounds later."""
-    from p2pmoe.naming import SERVER_ID
-
-    if role == "coordinator" and (cfg.node_id != SERVER_ID or not cfg.experiment.has_server):
-        raise ValueError(
-            f"{path}: not a coordinator config: node_id must be {SERVER_ID!r} (got {cfg.node_id!r}) and "
-            f"[run] method a server-mediated one (got {cfg.experiment.run.method!r} on {cfg.experiment.run.data!r}); "
-            f"start clients with `p2pmoe node`"
-        )
-    if role == "node" and cfg.node_id == SERVER_ID:
-        raise ValueError(f"{path}: node_id {SERVER_ID!r} is the coordinator; start it with `p2pmoe coordinator`")
-
-
 def _daemon_config(args: argparse.Namespace) -> NodeConfig:
     """The node's config: its own file, or the shared experiment and roster plus flags."""
     from p2pmoe.node.config import load_node_config, node_config_from_experiment
@@ -189,13 +174,10 @@ def _daemon_config(args: argparse.Namespace) -> NodeConfig:
 
 def _daemon(args: argparse.Namespace) -> int:
     """`p2pmoe node` and `p2pmoe coordinator`: one daemon, the same machinery for both roles."""
-    import asyncio
 
-    import torch
+    from p2pmoe.node.launch import LOG_FORMAT, check_role, run_daemon
 
-    from p2pmoe.node.daemon import NodeDaemon
-
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     cfg = _daemon_config(args)
     if args.insecure:
         cfg = dataclasses.replace(cfg, insecure=True)
@@ -205,24 +187,7 @@ def _daemon(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, min_peers=args.min_peers)
     source = args.config or args.experiment
     check_role(cfg, args.command, source)
-    if cfg.experiment.run.threads:
-        torch.set_num_threads(cfg.experiment.run.threads)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    import zmq
-
-    daemon = NodeDaemon(cfg)
-    try:
-        asyncio.run(daemon.run())
-    except zmq.ZMQError as exc:  # a port in use, an address that is not ours: one line, not a traceback
-        raise ValueError(f"{source}: node {cfg.node_id!r} cannot listen on {cfg.bind}: {exc}") from None
-    for failure in daemon.failures:
-        print(f"p2pmoe: node {cfg.node_id!r}: {failure}", file=sys.stderr)
-    return 1 if daemon.failures else 0
+    return run_daemon(cfg, source)
 
 
 def _swarm(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from p2pmoe.config import resolve, spec_of
 from p2pmoe.methods.base import Method
 from p2pmoe.methods.registry import MethodSpec
 from p2pmoe.naming import SERVER_ID, client_ids
+from p2pmoe.participation import Window, check_churn, parse_churn
 from p2pmoe.seeds import runner_stream
 from p2pmoe.settings import ExperimentConfig, RunOptions, canonical_config, config_hash
 from p2pmoe.tasks.base import Task
@@ -50,6 +51,10 @@ class ResolvedExperiment:
     def links(self) -> dict[str, list[str]]:
         """Who talks to whom: the peers each node's daemon connects to."""
         return self.spec.links(self.cfg, self.graph, list(self.clients))
+
+    def window(self, node: str) -> Window:
+        """The rounds `node` is part of the swarm: (first, first gone or None), from `churn`."""
+        return parse_churn(self.cfg.run.churn).get(node, (0, None))
 
     def node_seed(self, node: str) -> int:
         """The seed of a node's own RNG stream, from the run's seed and the node's name."""
@@ -81,7 +86,9 @@ def resolve_experiment(cfg: ExperimentConfig) -> ResolvedExperiment:
     """Settle `cfg` once: the task family's decisions, its method, clients and graph."""
     cfg = resolve(cfg)
     task, spec = spec_of(cfg)
-    return ResolvedExperiment(cfg, task, spec, tuple(client_ids(cfg.run.nodes)), _topology(cfg), spec.has_server(cfg))
+    clients = tuple(client_ids(cfg.run.nodes))
+    check_churn(parse_churn(cfg.run.churn), clients, cfg.run.rounds)
+    return ResolvedExperiment(cfg, task, spec, clients, _topology(cfg), spec.has_server(cfg))
 
 
 @dataclass

@@ -10,6 +10,10 @@ Either way the set is a pure, seeded function of (seed, round, clients, q), so e
 server, the simulator and every daemon of a swarm compute the same set on their own, and no
 message announces it.
 
+A churn schedule (`[run] churn`, e.g. `node-05:join@3,node-02:leave@5`) adds nodes that exist
+only from a round on or until a round: outside its window a node takes part in nothing, in the
+simulator and in a swarm alike, so both run the same rounds with the same nodes.
+
 Torch-free and at the bottom layer: methods (which peers to wait for) and drivers (which
 nodes train) both ask it.
 """
@@ -69,6 +73,40 @@ def available_clients(seed: int, round_index: int, clients: Sequence[str], proba
     return frozenset(c for c in clients if uniform(c) < probability)
 
 
+Window = tuple[int, int | None]  # (first round the node exists, first round it is gone for good or None)
+
+
+def parse_churn(spec: str) -> dict[str, Window]:
+    """`node-05:join@3,node-02:leave@5` -> {"node-05": (3, None), "node-02": (0, 5)}: when each
+    scheduled node exists. A node may have one join and one leave (join before leave)."""
+    joins: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        node, _, event = item.partition(":")
+        kind, _, value = event.partition("@")
+        if not node or kind not in ("join", "leave") or not value.isdigit():
+            raise ValueError(f"[run] churn: {item!r} is not NODE:join@ROUND or NODE:leave@ROUND (e.g. node-05:join@3,node-02:leave@5)")
+        events = joins if kind == "join" else leaves
+        if node in events:
+            raise ValueError(f"[run] churn: {node} has two {kind} events")
+        events[node] = int(value)
+    windows = {node: (joins.get(node, 0), leaves.get(node)) for node in {**joins, **leaves}}
+    for node, (join, leave) in windows.items():
+        if leave is not None and not join < leave:
+            raise ValueError(f"[run] churn: {node} must join (round {join}) before it leaves (round {leave})")
+    return windows
+
+
+def check_churn(windows: dict[str, Window], clients: Sequence[str], rounds: int) -> None:
+    """Each scheduled node is a client and its events fall inside the run."""
+    unknown = sorted(set(windows) - set(clients))
+    if unknown:
+        raise ValueError(f"[run] churn names {unknown}, which are not clients of this run ({clients[0]}..{clients[-1]})")
+    for node, (join, leave) in windows.items():
+        if not 0 <= join < rounds or (leave is not None and not 0 < leave < rounds):
+            raise ValueError(f"[run] churn: {node}'s rounds must lie within the run's rounds 0..{rounds - 1}")
+
+
 class Participation:
     """One run's participation rule: `sample_clients` (mode `sample`) or `available_clients`
     (mode `availability`) with the run's seed, clients and fraction.
@@ -77,18 +115,26 @@ class Participation:
     fraction 1) is full participation, what every method did before this option existed.
     """
 
-    def __init__(self, seed: int = 0, fraction: float = 1.0, clients: Sequence[str] = (), mode: str = "sample") -> None:
+    def __init__(
+        self, seed: int = 0, fraction: float = 1.0, clients: Sequence[str] = (), mode: str = "sample", windows: dict[str, Window] | None = None
+    ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"participation must be in (0, 1], got {fraction!r}")
         if mode not in MODES:
             raise ValueError(f"participation mode must be one of {MODES}, got {mode!r}")
         self.seed, self.fraction, self.clients, self.mode = seed, fraction, tuple(clients), mode
+        self.windows = dict(windows or {})
         self._members = frozenset(self.clients)
         self._cache: dict[int, frozenset[str]] = {}
 
     @property
     def everyone(self) -> bool:
-        return self.fraction >= 1
+        return self.fraction >= 1 and not self.windows
+
+    def exists(self, node: str, round_index: int) -> bool:
+        """Whether `node` is part of the swarm in `round_index` (its churn window, if any)."""
+        join, leave = self.windows.get(node, (0, None))
+        return join <= round_index and (leave is None or round_index < leave)
 
     def sampled(self, round_index: int) -> frozenset[str]:
         """The clients taking part in `round_index` (cached: thousands of nodes may share this object)."""
@@ -101,7 +147,9 @@ class Participation:
 
     def takes_part(self, node: str, round_index: int) -> bool:
         """Whether `node` trains and exchanges in `round_index`."""
-        return self.everyone or node not in self._members or node in self.sampled(round_index)
+        if self.everyone or node not in self._members:
+            return True
+        return self.exists(node, round_index) and (self.fraction >= 1 or node in self.sampled(round_index))
 
     def among(self, nodes: Iterable[str], round_index: int) -> set[str]:
         """The members of `nodes` that take part in `round_index`."""

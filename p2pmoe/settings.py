@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from p2pmoe.options import Options, option
+from p2pmoe.participation import parse_churn
 
 # Keys that may differ between the nodes of one experiment: where a node keeps its files and
 # data, and how it uses its own hardware. Everything else must agree (see `canonical_config`).
@@ -41,6 +42,11 @@ class RunOptions(Options):
         "(seeded; 1: everyone). Absent clients neither train nor send; see docs/methods.md",
         above=0,
         maximum=1,
+    )
+    churn: str = option(
+        "",
+        "nodes that join or leave mid-run, e.g. node-05:join@3,node-02:leave@5 (the node exists from round 3 / is gone from round 5 on); "
+        "the simulator and a swarm run the same schedule",
     )
     local_epochs: int = option(1, "local epochs per round", minimum=1)
     batch_size: int = option(64, "training batch size", minimum=1)
@@ -88,6 +94,7 @@ class RunOptions(Options):
 
         parse_compression(self.compression)
         parse_compute_time(self.compute_time)
+        parse_churn(self.churn)
 
 
 def parse_compute_time(spec: str) -> tuple[str, float]:

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pmoe.cli import check_role, main
+from p2pmoe.cli import main
+from p2pmoe.node.launch import check_role
 from p2pmoe.node.config import is_loopback, load_node_config
 
 PEERS = Path(__file__).parent.parent / "peers"

@@ -22,7 +22,7 @@ from p2pmoe.learners.base import Learner
 from p2pmoe.methods.base import Method
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import OptionInfo, Options, describe, flag, from_mapping, options_as
-from p2pmoe.participation import Participation
+from p2pmoe.participation import Participation, parse_churn
 from p2pmoe.plugins import ordered
 from p2pmoe.settings import ExperimentConfig, RunOptions
 from p2pmoe.tasks.base import CAPABILITIES, ModelFactory, Task, all_tasks
@@ -198,7 +198,7 @@ def run_participation(cfg: ExperimentConfig, clients: list[str]) -> Participatio
     availability (each node online with that probability, churn) when its models live on
     the nodes and nobody samples them (peer-to-peer methods, Local)."""
     mode = "sample" if get_method(cfg.run.method).has_server(cfg) else "availability"
-    return Participation(cfg.run.seed, cfg.run.participation, clients, mode)
+    return Participation(cfg.run.seed, cfg.run.participation, clients, mode, parse_churn(cfg.run.churn))
 
 
 def register_method(spec: MethodSpec[OptionsT]) -> MethodSpec[OptionsT]:

@@ -107,6 +107,7 @@ class NodeDaemon:
         # who is where: this node, its configured peers, and whatever `roster` requests taught it
         self.roster: dict[str, str] = {cfg.node_id: cfg.advertise or cfg.bind, **cfg.peers}
         self._members = set(experiment.node_ids)
+        self.window = experiment.window(cfg.node_id)  # (join round, leave round or None) of a churn schedule
         self._join_ids: dict[str, str] = {}  # a bare --join address -> the id that answered there
 
     # -- Port (see p2pmoe.driver.rounds) -----------------------------------------------------------
@@ -515,10 +516,13 @@ class NodeDaemon:
         saying = [asyncio.ensure_future(self._send_one(peer, hello)) for peer in self.cfg.peers]
         if saying:  # as heartbeats: a peer that is not up yet must not hold the wait for the others
             await asyncio.wait(saying, timeout=self.cfg.timing.heartbeat)
-        heard = await self._wait(lambda: set(self.peer_rounds) >= set(self.cfg.peers), self.cfg.timing.startup)
+        first = max(first, self.window[0])  # a node scheduled to join later starts at its join round
+        # peers scheduled to join after this node's first round are not waited for (churn)
+        present = {peer for peer in self.cfg.peers if self.cfg.experiment.window(peer)[0] <= first}
+        heard = await self._wait(lambda: set(self.peer_rounds) >= present, self.cfg.timing.startup)
         if not heard:
-            log.warning("%s: starting without %s", self.cfg.node_id, sorted(set(self.cfg.peers) - set(self.peer_rounds)))
-        ahead = max(first, agreed_round(self.peer_rounds, len(self.cfg.peers)))
+            log.warning("%s: starting without %s", self.cfg.node_id, sorted(present - set(self.peer_rounds)))
+        ahead = max(first, agreed_round(self.peer_rounds, len(present)))
         if ahead > first:
             log.info("%s: peers are at round %d; joining there instead of round %d", self.cfg.node_id, ahead, first)
         return ahead
@@ -561,9 +565,11 @@ class NodeDaemon:
             if self.cfg.discover:
                 await self._discover()
             first = await self._startup()
-            last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, self.cfg.timing.round_deadline, eval_point=run.eval_point)
+            leave = self.window[1]  # a node scheduled to leave runs its rounds before that one, then finishes
+            timing = self.cfg.timing
+            last = await drive_rounds(self.runner, self, first, self.rounds, run.eval_every, timing.round_deadline, stop=leave, eval_point=run.eval_point)
             self.failures = self._failures()
-            if last == self.rounds - 1:
+            if last == (self.rounds if leave is None else leave) - 1:
                 self.done = True
                 await self.send(self.runner, [Send(peer, self._control(MessageKind.HEARTBEAT)) for peer in self.cfg.peers])
                 await self._wait(lambda: set(self.membership.alive(time.monotonic())) <= self.peers_done, self.cfg.timing.linger)

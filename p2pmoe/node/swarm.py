@@ -16,8 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from p2pmoe.experiment import ResolvedExperiment
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.node.config import Timing
+from p2pmoe.node.launch import start_node
 from p2pmoe.report import write_report
 from p2pmoe.report.folders import lan_summary
 from p2pmoe.report.tables import round_ranges
@@ -82,18 +81,6 @@ def write_node_configs(
         (folder / "node.toml").write_text("\n".join(lines) + "\n")
         paths[node] = folder / "node.toml"
     return paths
-
-
-def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """Launch `p2pmoe node --config config` (`p2pmoe coordinator` for the server's config) as a
-    child process with the config's thread budget; `prefix` wraps the command (e.g. `ip netns exec NS`)."""
-    raw = tomllib.loads(config.read_text())  # this file was written by write_node_configs: no need to resolve it here
-    threads = str(raw.get("run", {}).get("threads") or 1)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    role = "coordinator" if raw.get("node_id") == SERVER_ID else "node"
-    command = [*prefix, sys.executable, "-m", "p2pmoe.cli", role, "--config", str(config)]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def merge_run(experiment: ResolvedExperiment, out: Path, wall_seconds: float, exit_codes: dict[str, int | None] | None = None) -> dict[str, Any]:
