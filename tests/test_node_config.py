@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from p2pmoe.cli import main
-from p2pmoe.node.launch import check_role
 from p2pmoe.node.config import is_loopback, load_node_config
+from p2pmoe.node.launch import check_role
 
 PEERS = Path(__file__).parent.parent / "peers"
 
