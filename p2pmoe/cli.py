@@ -208,15 +208,21 @@ def _swarm(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    """`p2pmoe status ADDRESS` (one node, in full) or `--roster FILE` (one line per node)."""
+    """`p2pmoe status ADDRESS` (one node, in full), `--swarm ADDRESS` or `--roster FILE` (one line per node)."""
     import tomllib
 
     from p2pmoe.node.status import ask_status, status_lines, swarm_line
 
-    if args.roster is not None:
-        nodes = tomllib.loads(args.roster.read_text()).get("nodes", {})
-        if not nodes:
-            raise ValueError(f"{args.roster}: no [nodes] table of node id = 'tcp://host:port'")
+    if args.roster is not None or args.swarm:
+        if args.roster is not None:
+            nodes = tomllib.loads(args.roster.read_text()).get("nodes", {})
+            if not nodes:
+                raise ValueError(f"{args.roster}: no [nodes] table of node id = 'tcp://host:port'")
+        else:  # the roster a running node knows: its own, its peers', and whoever asked it (--join)
+            if args.address is None:
+                raise ValueError("--swarm needs the ADDRESS of one running node")
+            known = ask_status(args.address, args.timeout).get("roster", {})
+            nodes = {str(node): str(address) for node, address in known.items()} if isinstance(known, dict) else {}
         lines = [swarm_line(node, address, args.timeout) for node, address in sorted(nodes.items())]
         print("\n".join(lines))
         return 0 if not any("no answer" in line for line in lines) else 1
@@ -387,6 +393,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="ask running nodes how they are (round, peers, bytes, refusals, last metrics)")
     status.add_argument("address", nargs="?", help="a node's address, tcp://host:port")
     status.add_argument("--roster", type=Path, help="a roster file: one line per node of the swarm")
+    status.add_argument("--swarm", action="store_true", help="one line per node that the node at ADDRESS knows of (its roster)")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer (default 5)")
     status.set_defaults(handler=_status)
 

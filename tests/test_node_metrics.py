@@ -28,7 +28,18 @@ def _samples(text: str) -> dict[str, list]:
 
 def test_the_collector_reports_the_ledger_membership_and_last_metrics_exactly():
     sent = [LedgerEntry(0, "a", "b", "gate_publish", 10, 100), LedgerEntry(0, "a", "b", "gate_publish", 10, 50), LedgerEntry(1, "a", "c", "embedding", 5, 7)]
-    state = DaemonState("a", lambda: 1, lambda: 1, lambda: sent, lambda: {"b": 123}, lambda: {"b": "alive", "c": "dead"}, lambda: {"accuracy": 0.5})
+    state = DaemonState(
+        "a",
+        lambda: 1,
+        lambda: 1,
+        lambda: sent,
+        lambda: {"b": 123},
+        lambda: {"b": "alive", "c": "dead"},
+        lambda: {"accuracy": 0.5},
+        lambda: {"train": 2.5, "evaluate": 0.5},
+        lambda: (4, 0.2),
+        lambda: 3,
+    )
 
     class Registry:
         def collect(self):
@@ -40,6 +51,9 @@ def test_the_collector_reports_the_ledger_membership_and_last_metrics_exactly():
     assert {s.labels["state"]: s.value for s in families["p2pmoe_peers"]} == {"alive": 1, "dead": 1, "suspect": 0}
     assert [(s.labels["name"], s.value) for s in families["p2pmoe_metric"]] == [("accuracy", 0.5)]
     assert [s.value for s in families["p2pmoe_received_bytes"]] == [123] and [s.value for s in families["p2pmoe_round"]] == [1]
+    assert {s.labels["phase"]: s.value for s in families["p2pmoe_compute_seconds"] if s.name.endswith("_total")} == {"train": 2.5, "evaluate": 0.5}
+    assert {s.name: s.value for s in families["p2pmoe_request_seconds"]} == {"p2pmoe_request_seconds_count": 4, "p2pmoe_request_seconds_sum": 0.2}
+    assert [s.value for s in families["p2pmoe_refused_messages"] if s.name.endswith("_total")] == [3]
 
 
 def test_a_live_daemon_serves_metrics_whose_bytes_match_its_ledger(tmp_path: Path):
@@ -95,6 +109,10 @@ def test_a_live_daemon_serves_metrics_whose_bytes_match_its_ledger(tmp_path: Pat
     assert scraped and all(seen["before"][k] <= scraped[k] <= seen["after"][k] for k in scraped)  # type: ignore[index]
     assert any(s.labels["name"] == "accuracy" and s.value == 0.25 for s in families["p2pmoe_metric"])
     assert [s.value for s in families["p2pmoe_rounds_done"] if s.name == "p2pmoe_rounds_done_total"][0] >= 1
+    compute = {s.labels["phase"]: s.value for s in families["p2pmoe_compute_seconds"] if s.name == "p2pmoe_compute_seconds_total"}
+    assert compute["train"] >= 0.5 and "evaluate" in compute  # Slow trains 0.5 s a round
+    assert [s.value for s in families["p2pmoe_refused_messages"] if s.name == "p2pmoe_refused_messages_total"] == [0]
+    assert {s.name for s in families["p2pmoe_request_seconds"]} == {"p2pmoe_request_seconds_count", "p2pmoe_request_seconds_sum"}
 
 
 def _by_kind(entries: list[LedgerEntry]) -> dict[str, int]:

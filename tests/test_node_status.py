@@ -51,6 +51,8 @@ def test_status_of_a_live_node_and_of_a_roster(tmp_path: Path, capsys):
             await asyncio.sleep(0.05)
         seen["status"] = await asyncio.to_thread(ask_status, addresses["node-00"])
         seen["code"] = await asyncio.to_thread(main, ["status", "--roster", str(roster), "--timeout", "1"])
+        seen["swarm_out"] = capsys.readouterr().out
+        seen["swarm"] = await asyncio.to_thread(main, ["status", "--swarm", addresses["node-01"], "--timeout", "1"])
 
     async def scenario() -> None:
         await asyncio.gather(*(d.run() for d in daemons.values()), ask())
@@ -60,6 +62,8 @@ def test_status_of_a_live_node_and_of_a_roster(tmp_path: Path, capsys):
     assert status["node"] == "node-00" and status["method"] == "local" and status["rounds_done"] >= 1 and status["rounds"] == 4
     assert status["peers"]["node-01"]["state"] == "alive" and status["metrics"] == {"accuracy": 0.5}
     assert status["sent_bytes"]["heartbeat"] > 0 and status["received_bytes"] > 0
-    out = capsys.readouterr().out
+    out = seen["swarm_out"]
     assert seen["code"] == 1  # the ghost did not answer
     assert "ghost" in out and "no answer" in out and "node-01" in out and "1/1 peers alive" in out
+    walked = capsys.readouterr().out  # --swarm: the roster node-01 knows, no file
+    assert seen["swarm"] == 0 and walked.count("1/1 peers alive") == 2 and "node-00" in walked and "ghost" not in walked

@@ -16,6 +16,7 @@ It is the one place that
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -235,7 +236,7 @@ class NodeRunner:
         """Mark the runner busy now, on the driver's thread, and return `fn(*args)` as a call to
         run anywhere (a worker thread): nothing reaches the method until `start` or `resume`."""
         self._busy = True
-        return lambda: fn(*args)
+        return functools.partial(fn, *args)  # a partial, not a lambda: a port may read which call it runs (`func`)
 
     def round_complete(self) -> bool:
         return self.method.round_complete()

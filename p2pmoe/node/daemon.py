@@ -100,6 +100,9 @@ class NodeDaemon:
         self.thin_rounds: list[int] = []  # rounds run with fewer than min_peers live peers
         self._heard_before: set[str] = set()  # peers heard by this node's run before a restart (from its checkpoint)
         self.failures: list[str] = []  # what the run did not do that was asked (the command exits non-zero)
+        self.compute_seconds: dict[str, float] = defaultdict(float)  # /metrics: wall seconds in training and evaluation
+        self.requests = (0, 0.0)  # /metrics: request round trips so far, (count, seconds)
+        self.refusals = 0  # messages refused here (the transport counts its own)
         self.events: list[dict[str, Any]] = []  # peers found, lost and back, with the wall time (node.json)
         self._started = round(time.time(), 3)
         self.metrics: MetricsServer | None = None
@@ -132,7 +135,11 @@ class NodeDaemon:
         self._progress.set()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+        started = time.perf_counter()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:  # the driver's blocking calls are the runner's train and evaluate: what /metrics reports as compute
+            self.compute_seconds[getattr(getattr(fn, "func", fn), "__name__", "other")] += time.perf_counter() - started
 
     async def wait(self, node: NodeRunner, timeout: float) -> bool:
         return await self._wait(node.round_complete, timeout)
@@ -186,6 +193,9 @@ class NodeDaemon:
             received=lambda: transport.bytes_received,
             peers=lambda: {peer: self.membership.state(peer, time.monotonic()) for peer in self.cfg.peers},
             last_metrics=lambda: self.last_metrics,
+            compute_seconds=lambda: dict(self.compute_seconds),
+            requests=lambda: self.requests,
+            refused=lambda: self.refusals + transport.refused,
         )
         server = MetricsServer(state, self.cfg.metrics_port, self.cfg.metrics_addr)
         log.info("%s: Prometheus metrics at http://%s:%d/metrics", self.cfg.node_id, self.cfg.metrics_addr, server.port)
@@ -243,8 +253,10 @@ class NodeDaemon:
         """A request whose reply the transport matches by meta.req, retried on silence; a
         timeout or an unreachable peer reaches the method as a failure."""
         assert self.transport is not None
+        started = time.perf_counter()
         try:
             reply = await self.transport.request(dst, message, self.cfg.timing.request_timeout, self.cfg.timing.request_retries)
+            self.requests = (self.requests[0] + 1, self.requests[1] + time.perf_counter() - started)
         except TransportError as exc:
             cause = "timeout" if isinstance(exc, RequestTimeout) else "unreachable" if isinstance(exc, PeerUnreachable) else "failed"
             await self.send(self.runner, self.runner.failed(dst, SendFailure(message.kind, message.round, str(exc), cause, request_id(message))))
@@ -279,6 +291,7 @@ class NodeDaemon:
             "received_bytes": sum(self.transport.bytes_received.values()) if self.transport is not None else 0,
             "refused": sorted(self.refused_peers),
             "metrics": dict(self.last_metrics),
+            "roster": dict(self.roster),
         }
         self._status = (now, status)
         return status
@@ -333,6 +346,7 @@ class NodeDaemon:
             return
         if src in self.refused_peers:
             # one key for every sender: per-sender keys would let strangers with fresh ids log without limit
+            self.refusals += 1
             self._noise.warning("refused", "%s: ignoring %s from %s, which runs another experiment", self.cfg.node_id, message.kind.value, clip(src))
             return
         if configured:
@@ -343,6 +357,7 @@ class NodeDaemon:
             self._noise.warning(
                 "unconfigured-held", "%s: refused %s from %s: only configured peers' messages are held", self.cfg.node_id, message.kind.value, clip(src)
             )
+            self.refusals += 1
             await self._send_one(src, error_reply(message, "only configured peers' messages are held for later rounds"))
             return
         self._received[message.round] += sum(t.numel() * t.element_size() for t in message.tensors.values())

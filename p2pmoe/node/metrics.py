@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from p2pmoe.ledger import LedgerEntry
@@ -33,6 +33,9 @@ class DaemonState:
     received: Callable[[], Mapping[str, int]]
     peers: Callable[[], Mapping[str, str]]
     last_metrics: Callable[[], Mapping[str, float]]
+    compute_seconds: Callable[[], Mapping[str, float]]  # "train", "evaluate" -> wall seconds spent so far
+    requests: Callable[[], tuple[int, float]]  # request round trips so far: (count, seconds)
+    refused: Callable[[], int]  # messages refused so far (malformed, over budget, another experiment, a stranger's held)
 
 
 class DaemonCollector(Collector):
@@ -68,6 +71,17 @@ class DaemonCollector(Collector):
         for state, count in sorted(counts.items()):
             states.add_metric([s.node, state], count)
         yield states
+        seconds = CounterMetricFamily("p2pmoe_compute_seconds", "wall seconds spent training and evaluating", labels=["node", "phase"])
+        for phase, spent in sorted(dict(s.compute_seconds()).items()):
+            seconds.add_metric([s.node, phase], spent)
+        yield seconds
+        trips, waited = s.requests()
+        latency = SummaryMetricFamily("p2pmoe_request_seconds", "round trips of requests to peers (expert fetches, ...)", labels=labels)
+        latency.add_metric([s.node], count_value=trips, sum_value=waited)
+        yield latency
+        refused = CounterMetricFamily("p2pmoe_refused_messages", "messages this node refused: malformed, over budget, of another experiment", labels=labels)
+        refused.add_metric([s.node], s.refused())
+        yield refused
         metric = GaugeMetricFamily("p2pmoe_metric", "the last evaluated round's metrics (accuracy, mrr, ...)", labels=["node", "name"])
         for name, value in sorted(dict(s.last_metrics()).items()):
             metric.add_metric([s.node, name], value)

@@ -314,6 +314,7 @@ class Transport:
         self.send_timeout = send_timeout
         self.compression = dict(compression or {})
         self.bytes_received: dict[str, int] = defaultdict(int)
+        self.refused = 0  # messages refused: malformed, or over the sender's inbox share
         self._round_of = round_of or (lambda: 0)
         self._peers: dict[str, _Peer] = {}
         self._contacts: dict[str, bytes] = {}  # node id -> routing id of its last valid ROUTER message
@@ -648,6 +649,7 @@ class Transport:
             self._check_sender(envelope, header, peer, routing_id)
         except ProtocolError as exc:
             reason = _short(str(exc))
+            self.refused += 1
             self._rejections.warning("rejected", "rejected a message from %r: %s", sender, reason)
             if routing_id is not None:
                 await self._reply_error(routing_id, sender, reason)
@@ -668,6 +670,7 @@ class Transport:
                 return  # a duplicate reply to a request already answered
         queued = self._inbox_by_sender.get(envelope.src, 0)
         if queued and queued + received > self.max_peer_inbox_bytes:  # one sender cannot fill the inbox for everyone
+            self.refused += 1
             reason = f"{queued} bytes of yours still wait to be processed (limit {self.max_peer_inbox_bytes}): slow down"
             self._rejections.warning("over budget", "refused a message from %r: %s", sender, reason)
             if routing_id is not None:
