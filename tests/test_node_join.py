@@ -134,3 +134,47 @@ def test_an_mdns_announcement_counts_only_for_the_same_experiment(tmp_path: Path
         roster = tmp_path / "roster.toml"
         roster.write_text("[nodes]\n" + "\n".join(f'node-0{k} = "tcp://127.0.0.1:{5000 + k}"' for k in range(5)) + "\n")
         node_config_from_experiment(_experiment(tmp_path), roster, "node-02", mdns=True)
+
+
+def test_with_curve_keys_nodes_join_by_id_and_a_stranger_cannot_add_itself(tmp_path: Path):
+    """Issue 29: under CURVE the keys folder is the allow-list. Nodes join by naming the member
+    (ID=ADDRESS) and find their neighbours; a process with a key of its own, not in the
+    folder, asking for the roster in a member's name gets no answer and is in nobody's roster."""
+    from p2pmoe.cli import main
+    from p2pmoe.node.security import CurveSettings, read_public_key
+    from p2pmoe.node.status import ask
+
+    experiment = _experiment(tmp_path)
+    ids = [f"node-0{k}" for k in range(5)]
+    assert main(["keys", "--out", str(tmp_path / "keys"), *ids]) == 0
+    assert main(["keys", "--out", str(tmp_path / "stranger"), "node-03"]) == 0  # a valid key pair, for a name of the run, never listed
+    addresses = {node: f"tcp://127.0.0.1:{port}" for node, port in zip(ids, free_ports(5), strict=True)}
+    join = [f"node-00={addresses['node-00']}"]
+    configs = {
+        node: node_config_from_experiment(
+            experiment, None, node, bind=addresses[node], out=tmp_path / node, keys=tmp_path / "keys", join=[] if node == "node-00" else join
+        )
+        for node in ids
+    }
+    daemons = {node: NodeDaemon(cfg, Quiet(node)) for node, cfg in configs.items()}
+    stranger = CurveSettings(tmp_path / "stranger" / "node-03.key_secret", tmp_path / "stranger" / "node-03.key", {})
+    public, secret = stranger.keypair()
+    outcome: dict = {}
+
+    async def scenario() -> None:
+        runs = [asyncio.create_task(d.run()) for d in daemons.values()]
+        await asyncio.sleep(0.5)
+        request = Message(MessageKind.ROSTER, 0, meta={"req": 1, "config": daemons["node-00"].config_hash, "roster": {"node-03": "tcp://10.9.9.9:1"}})
+        try:
+            await asyncio.to_thread(ask, addresses["node-00"], request, "node-03", 1.0, (public, secret, read_public_key(tmp_path / "keys" / "node-00.key")))
+            outcome["answered"] = True
+        except ValueError:
+            outcome["answered"] = False
+        await asyncio.wait_for(asyncio.gather(*runs), 60)
+
+    asyncio.run(scenario())
+    assert outcome == {"answered": False}
+    links = configs["node-00"].experiment.links()
+    for node, daemon in daemons.items():
+        assert sorted(daemon.cfg.peers) == links[node] and daemon.failures == [], node
+    assert daemons["node-00"].roster["node-03"] == addresses["node-03"]  # the stranger's address never got in
