@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from p2pmoe.config import default_config
 from p2pmoe.experiment import resolve_experiment
 from p2pmoe.methods.base import Method
@@ -44,6 +46,7 @@ class Steady(Method):
         return True
 
 
+@pytest.mark.slow
 def test_a_lan_runs_node_folders_make_one_report_with_its_timeline(tmp_path: Path):
     experiment = resolve_experiment(default_config(method="gossip", nodes=4, topology="ring", rounds=ROUNDS))
     ids = list(experiment.clients)

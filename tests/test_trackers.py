@@ -31,6 +31,7 @@ def test_asking_for_a_tracker_that_is_not_installed_names_the_extra(monkeypatch,
         open_trackers(str(tmp_path), None, "run", {})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
 def test_a_simulation_writes_the_same_numbers_to_tensorboard_and_mlflow(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
