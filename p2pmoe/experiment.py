@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import torch
 
 from p2pmoe.config import resolve, spec_of
+from p2pmoe.methods.attacks import Adversary, attacker_nodes, flip_labels, parse_attack
 from p2pmoe.methods.base import Method
 from p2pmoe.methods.registry import MethodSpec
 from p2pmoe.naming import SERVER_ID, client_ids
 from p2pmoe.participation import Window, check_churn, parse_churn
-from p2pmoe.seeds import runner_stream
+from p2pmoe.seeds import node_stream, runner_stream
 from p2pmoe.settings import ExperimentConfig, RunOptions, canonical_config, config_hash
 from p2pmoe.tasks.base import Task
 from p2pmoe.topology import load_topology, make_topology
@@ -56,6 +58,17 @@ class ResolvedExperiment:
         """The rounds `node` is part of the swarm: (first, first gone or None), from `churn`."""
         return parse_churn(self.cfg.run.churn).get(node, (0, None))
 
+    @functools.cached_property
+    def attackers(self) -> frozenset[str]:
+        """The clients that lie (`[run] attack`, `attackers`), the same set in every process."""
+        return attacker_nodes(self.cfg.run.seed, self.clients, self.cfg.run.attackers) if self.cfg.run.attack else frozenset()
+
+    def adversary(self, node: str) -> Adversary | None:
+        """`node`'s lies, if it is an attacker."""
+        if node not in self.attackers:
+            return None
+        return Adversary(node, parse_attack(self.cfg.run.attack), node_stream(self.cfg.run.seed, "attack", self.clients.index(node)))
+
     def node_seed(self, node: str) -> int:
         """The seed of a node's own RNG stream, from the run's seed and the node's name."""
         return runner_stream(self.cfg.run.seed, node)
@@ -88,6 +101,11 @@ def resolve_experiment(cfg: ExperimentConfig) -> ResolvedExperiment:
     task, spec = spec_of(cfg)
     clients = tuple(client_ids(cfg.run.nodes))
     check_churn(parse_churn(cfg.run.churn), clients, cfg.run.rounds)
+    attack = parse_attack(cfg.run.attack)
+    if attack.any != (cfg.run.attackers > 0):
+        raise ValueError("[run] attack and attackers go together: name the lie (--attack) and the fraction that tells it (--attackers)")
+    if attack.mimic not in (None, "mean") and attack.mimic not in clients:
+        raise ValueError(f"[run] attack: mimic:{attack.mimic} names no client of this run")
     return ResolvedExperiment(cfg, task, spec, clients, _topology(cfg), spec.has_server(cfg))
 
 
@@ -112,6 +130,18 @@ class Experiment:
         return self.resolved.graph
 
 
+def _train_on_flipped_labels(node: str, method: Method) -> None:
+    """A label-flip attacker's learner trains on class C - 1 - c (issue 30)."""
+    learner = getattr(method, "learner", None)
+    labels = getattr(learner, "train_y", None)
+    if learner is None or not isinstance(labels, torch.Tensor):
+        raise ValueError(f"[run] attack label-flip needs a classifier's training labels; {node}'s method has none (image data has them)")
+    classes = getattr(learner.model, "num_classes", None)
+    if not isinstance(classes, int):
+        raise ValueError(f"[run] attack label-flip needs a model that says its number of classes; {node}'s does not")
+    learner.train_y = flip_labels(labels, classes)
+
+
 def build_experiment(experiment: ResolvedExperiment, only: str | None = None) -> Experiment:
     """Load data and build every node; with `only`, just that node (what one daemon process
     needs: a coordinator builds its template without reading any data)."""
@@ -123,6 +153,9 @@ def build_experiment(experiment: ResolvedExperiment, only: str | None = None) ->
     spec = experiment.spec
     ctx = spec.context(experiment.cfg, experiment.task, clients, experiment.graph, wanted)
     nodes: dict[str, Method] = {node: spec.build_client(ctx, node) for node in clients if node in wanted}
+    if parse_attack(experiment.cfg.run.attack).label_flip:
+        for node in experiment.attackers & set(nodes):
+            _train_on_flipped_labels(node, nodes[node])
     if SERVER_ID in wanted and spec.build_server is not None:
         nodes[SERVER_ID] = spec.build_server(ctx)
     return Experiment(experiment, nodes, [n for n in clients if n in wanted])

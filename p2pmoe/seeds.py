@@ -11,6 +11,7 @@ numbers:
 | `split` | `seed + k` | a scenario's own train/test split (AliExpress countries) |
 | `gate` | `seed * 1_000_003 + k` | an accounting run's per-node gate |
 | `runner` | `seed * 1_000_003 + k`, k = CRC-32 of the node id | the node's own torch stream for dropout and sampling (`NodeRunner`) |
+| `attack` | `seed * 7_919 + k` | an attacker's noise (issue 30) |
 
 Data-wide draws (the partition, the global test sample, sampled users) take `run.seed` itself.
 Initial weights are the same on every node: `seeded_init(seed)` builds a model from `seed`
@@ -32,6 +33,7 @@ _FORMULAS = {
     "split": lambda seed, k: seed + k,
     "gate": lambda seed, k: seed * 1_000_003 + k,
     "runner": lambda seed, k: seed * 1_000_003 + k,
+    "attack": lambda seed, k: seed * 7_919 + k,
 }
 
 

@@ -48,6 +48,12 @@ class RunOptions(Options):
         "nodes that join or leave mid-run, e.g. node-05:join@3,node-02:leave@5 (the node exists from round 3 / is gone from round 5 on); "
         "the simulator and a swarm run the same schedule",
     )
+    attack: str = option(
+        "",
+        "what attackers lie with (issue 30): noise:SIGMA, sign-flip:SCALE, label-flip, mimic-mean or mimic:NODE (FedMoE-DA gates), "
+        "joined by +; see docs/methods.md",
+    )
+    attackers: float = option(0.0, "fraction of the clients that attack (a seeded draw); 0: nobody lies", minimum=0, maximum=0.99)
     local_epochs: int = option(1, "local epochs per round", minimum=1)
     batch_size: int = option(64, "training batch size", minimum=1)
     lr: float | None = option(None, "learning rate; none takes the task's default (images 0.05 SGD, sequences 1e-3 Adam)", above=0)

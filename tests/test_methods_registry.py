@@ -66,7 +66,7 @@ def test_a_builder_gets_its_options_typed_and_a_config_of_another_method_is_refu
     resolved = resolve_experiment(default_config(method="fedmoe-da", nodes=2))
     ctx = spec.context(resolved.cfg, resolved.task, list(resolved.clients), resolved.graph, set())
     assert isinstance(ctx.options, FedMoEDAOptions) and ctx.options is resolved.cfg.method
-    with pytest.raises(TypeError, match="method 'fedmoe-da' needs \\[method\\] options of type FedMoEDAOptions, got NoOptions"):
+    with pytest.raises(TypeError, match="method 'fedmoe-da' needs \\[method\\] options of type FedMoEDAOptions, got FedAvgOptions"):
         spec.options_of(default_config(method="fedavg"))
 
 

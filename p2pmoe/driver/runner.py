@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from p2pmoe.methods.attacks import Adversary
 from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.wire.codec import ProtocolError
 from p2pmoe.wire.messages import Message, MessageKind, Send
@@ -141,9 +142,19 @@ class NodeRunner:
     its messages.
     """
 
-    def __init__(self, node_id: str, method: Method, strict: bool = False, seed: int = 0, accounting: bool = False, fork_rng: bool = True) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        method: Method,
+        strict: bool = False,
+        seed: int = 0,
+        accounting: bool = False,
+        fork_rng: bool = True,
+        adversary: Adversary | None = None,
+    ) -> None:
         self.node_id = node_id
         self.method = method
+        self.adversary = adversary  # an attacker's lies (issue 30): it sees what arrives and rewrites what leaves
         self.strict = strict
         self.accounting = accounting  # --train none: the method is never asked to train or evaluate
         # The node's own stream of torch's global RNG (dropout, sampling): a node draws the same
@@ -168,6 +179,8 @@ class NodeRunner:
         if message.kind == MessageKind.ERROR:
             failure = failure_of(message)
             return self.failed(src, failure) if failure is not None else []
+        if self.adversary is not None:
+            self.adversary.observe(src, message)
         if self.would_hold(message):
             return self._hold(src, message, phase)
         return self._call(lambda: self.method.on_message(src, message), src, message)
@@ -299,6 +312,8 @@ class NodeRunner:
                 raise
             log.exception("%s: method error handling %s", self.node_id, message.kind.value if message else "an event")
             return [Send(src, error_reply(message, "internal error"))] if message is not None and src is not None else []
+        if self.adversary is not None:
+            sends = [self.adversary.lie(send) for send in sends]
         return [_on_cpu(send) for send in sends]
 
     def _hold(self, src: str, message: Message, phase: int) -> list[Send]:

@@ -11,6 +11,7 @@ import statistics
 from typing import Any
 
 from p2pmoe.ledger import ByteLedger
+from p2pmoe.methods.attacks import attacker_nodes
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import Selection, Task
 
@@ -142,4 +143,15 @@ def make_summary(
         "holds": client_holdings(task, cfg, clients),
         "unused_run_options": sorted(task.unused_run_options),
         "setting": cfg.to_dict(),
+        **_honest(cfg, clients, per_node),
     }
+
+
+def _honest(cfg: ExperimentConfig, clients: list[str], per_node: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """With attackers (issue 30): who they were and the selected round's metrics over the
+    honest clients only, what an attack and a defence are judged by."""
+    if not cfg.run.attack:
+        return {}
+    liars = sorted(attacker_nodes(cfg.run.seed, clients, cfg.run.attackers))
+    honest, _ = summarise_metrics({node: values for node, values in per_node.items() if node not in liars})
+    return {"attackers": liars, "honest_metrics": honest}

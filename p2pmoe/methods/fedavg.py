@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from p2pmoe.methods import robust
 from p2pmoe.methods.base import Learner, Method
-from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
+from p2pmoe.methods.robust import Rule
 from p2pmoe.methods.server import CollectingServer, ServerClient, example_count
-from p2pmoe.models.params import float_state, load_float_state, weighted_average
+from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
 from p2pmoe.participation import Participation
@@ -57,11 +59,22 @@ class FedAvgClient(ServerClient):
         load_float_state(self.learner.model, message.tensors, self.prefix)
 
 
+MEAN = Rule("mean")
+
+
 class FedAvgServer(CollectingServer):
     """Collects client weights for a round and broadcasts their weighted average."""
 
-    def __init__(self, node_id: str, clients: Sequence[str], template: dict[str, torch.Tensor], participation: Participation | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        clients: Sequence[str],
+        template: dict[str, torch.Tensor],
+        participation: Participation | None = None,
+        rule: Rule = MEAN,
+    ) -> None:
         super().__init__(node_id, clients, participation)
+        self.rule = rule
         self.global_state = {name: t.clone() for name, t in template.items()}
         self._updates: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
 
@@ -76,9 +89,9 @@ class FedAvgServer(CollectingServer):
 
     def aggregate(self, states: Sequence[dict[str, torch.Tensor]], counts: Sequence[int]) -> dict[str, torch.Tensor]:
         """The new global state from the round's uploads (in client order) and their example
-        counts: FedAvg's weighted mean. A subclass with another rule overrides only this (see
-        examples/median_fedavg.py)."""
-        return weighted_average(states, counts)
+        counts: FedAvg's weighted mean, or the robust rule of `--fedavg-aggregation` (issue 30).
+        A subclass with another rule overrides only this (see examples/median_fedavg.py)."""
+        return robust.aggregate(self.rule, states, counts, self.global_state)
 
     def reply(self) -> list[Send]:
         states, counts = zip(*(self._updates[c] for c in sorted(self._updates)), strict=True)  # client order, not arrival
@@ -95,7 +108,24 @@ class FedAvgServer(CollectingServer):
 
 
 @dataclass(frozen=True)
-class FineTuneOptions(Options):
+class FedAvgOptions(Options):
+    """How the server aggregates: the mean (FedAvg) or a rule that no few clients can drag."""
+
+    section: ClassVar[str] = "method"
+
+    aggregation: str = option(
+        "mean",
+        "mean (FedAvg), median (coordinate-wise), trimmed:BETA (trimmed mean), krum:F or krum:F:M (multi-Krum, F tolerated attackers) "
+        "or clip:TAU (centred clipping around the current model); see docs/methods.md",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        robust.parse_rule(self.aggregation)
+
+
+@dataclass(frozen=True)
+class FineTuneOptions(FedAvgOptions):
     """FedAvg-FT, the personalised-FL baseline "FedAvg + local fine-tuning": every client
     evaluates the global model after k local epochs on its own data. Project decision: the
     fine-tuned copy is dropped after evaluation, so training is FedAvg's exactly and only what
@@ -115,8 +145,11 @@ def _finetuning_client(ctx: BuildContext[FineTuneOptions], node: str) -> Method:
     return build_client(ctx, node, ctx.options.finetune_epochs)
 
 
-def _server(ctx: BuildContext[Any]) -> Method:
-    return FedAvgServer(SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation)
+AggregatingOptions = TypeVar("AggregatingOptions", bound=FedAvgOptions)
+
+
+def _server(ctx: BuildContext[AggregatingOptions]) -> Method:
+    return FedAvgServer(SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation, robust.parse_rule(ctx.options.aggregation))
 
 
 register_method(
@@ -124,7 +157,8 @@ register_method(
         name="fedavg",
         summary="the whole model averaged by a server, weighted by training examples (the byte baseline)",
         needs=frozenset({"whole_model"}),
-        options=NoOptions,
+        options=FedAvgOptions,
+        flag_prefix="fedavg",
         build_client=build_client,
         build_server=_server,
     )

@@ -147,6 +147,7 @@ class MoEClassifier(nn.Module):
         top_k: int | None = None,
     ) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.embedder = embedder
         self.moe = MixtureOfExperts(
             make_gate(gate, embed_dim, num_experts, top_k),

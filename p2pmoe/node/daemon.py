@@ -80,7 +80,7 @@ class NodeDaemon:
             built = build_experiment(experiment, only=cfg.node_id)
             built.task.release_data()  # this process builds no other learner: keep only its own split
             method = built.nodes[cfg.node_id]
-        self.runner = NodeRunner(cfg.node_id, method, seed=experiment.node_seed(cfg.node_id))
+        self.runner = NodeRunner(cfg.node_id, method, seed=experiment.node_seed(cfg.node_id), adversary=experiment.adversary(cfg.node_id))
         self.ledger = ByteLedger()
         self._ledger_written = 0
         self.peer_rounds: dict[str, int] = {}

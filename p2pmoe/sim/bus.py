@@ -41,6 +41,7 @@ from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import CausedSend, NodeRunner, request_id
 from p2pmoe.driver.summary import Row, metrics_row
 from p2pmoe.ledger import ByteLedger
+from p2pmoe.methods.attacks import Adversary
 from p2pmoe.methods.base import Method, SendFailure
 from p2pmoe.runs import RunFolder
 from p2pmoe.wire.codec import DEFAULT_LIMITS, Limits, decode, encode, frame_sizes
@@ -86,12 +87,21 @@ class SimNetwork:
         folder: RunFolder | None = None,
         on_round: Callable[[Row], None] | None = None,
         workers: int = 1,
+        adversaries: Mapping[str, Adversary] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self.runners = {
-            node: NodeRunner(node, method, strict=True, seed=(seeds or {}).get(node, 0), accounting=accounting, fork_rng=workers == 1)
+            node: NodeRunner(
+                node,
+                method,
+                strict=True,
+                seed=(seeds or {}).get(node, 0),
+                accounting=accounting,
+                fork_rng=workers == 1,
+                adversary=(adversaries or {}).get(node),
+            )
             for node, method in nodes.items()
         }
         self.ledger = ledger if ledger is not None else ByteLedger()

@@ -120,7 +120,14 @@ def run_simulation(cfg: ExperimentConfig, progress: bool = True, report: bool = 
     accounting = cfg.run.train == "none"
     on_round = bar if progress else None  # nobody reads a hidden bar's postfix, which sums the whole ledger each round
     network = SimNetwork(
-        experiment.nodes, ledger, seeds, accounting, compression=parse_compression(cfg.run.compression), on_round=on_round, workers=cfg.run.workers
+        experiment.nodes,
+        ledger,
+        seeds,
+        accounting,
+        compression=parse_compression(cfg.run.compression),
+        on_round=on_round,
+        workers=cfg.run.workers,
+        adversaries={node: a for node in experiment.nodes if (a := resolved.adversary(node)) is not None},
     )
     resumed = resume_network(out, network.runners, cfg) if resume else None
     first, earlier_wall = 0, 0.0
