@@ -81,3 +81,22 @@ def test_attackers_are_a_seeded_fraction_and_configured_together():
         resolve_experiment(default_config(nodes=10, attack="sign-flip:3"))
     with pytest.raises(ValueError, match="names no client"):
         resolve_experiment(default_config(nodes=10, attack="mimic:node-77", attackers=0.1))
+
+
+def test_clipped_gossip_bounds_a_neighbours_pull_and_equals_plain_mixing_for_small_steps():
+    from p2pmoe.methods.gossip import GossipExchange
+    from p2pmoe.methods.robust import self_centred_mix
+
+    own = {"w": torch.zeros(4)}
+    honest, liar = {"w": torch.full((4,), 0.1)}, {"w": torch.full((4,), 1e6)}
+    mixed = self_centred_mix(own, [(honest, 0.25), (liar, 0.25)], tau=1.0)
+    assert float(mixed["w"].norm()) <= 0.25 * 0.2 + 0.25 * 1.0 + 1e-6  # the liar moved it by at most w * tau
+    small = self_centred_mix(own, [(honest, 0.25)], tau=10.0)
+    assert small["w"].tolist() == pytest.approx([0.025] * 4)  # under tau: plain Metropolis-Hastings mixing
+
+    written: list = []
+    exchange = GossipExchange(["b", "c"], MessageKind.GOSSIP, lambda: {"w": torch.ones(4)}, written.append, clip=1.0)
+    exchange.start(0)
+    exchange.take("b", Message(MessageKind.GOSSIP, 0, {"w": torch.full((4,), 1.1)}, {"degree": 2}))
+    exchange.take("c", Message(MessageKind.GOSSIP, 0, {"w": torch.full((4,), -50.0)}, {"degree": 2}))  # plausible, and far off
+    assert exchange.done and float(written[0]["w"].min()) > 0.6  # plain mixing would have given -16

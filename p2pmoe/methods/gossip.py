@@ -19,13 +19,17 @@ from __future__ import annotations
 import random
 import weakref
 from collections.abc import Callable, Collection, Sequence, Set
+from dataclasses import dataclass
+from typing import ClassVar
 
 import networkx as nx
 import torch
 
 from p2pmoe.methods.base import Learner, LearnerMethod, Method
-from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, register_method, topology_peers
+from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method, topology_peers
+from p2pmoe.methods.robust import self_centred_mix
 from p2pmoe.models.params import float_state, load_float_state
+from p2pmoe.options import Options, option
 from p2pmoe.participation import Participation
 from p2pmoe.topology import metropolis_hastings_weights
 from p2pmoe.wire.codec import ProtocolError, check_like, require
@@ -117,7 +121,9 @@ class GossipExchange:
         write: Callable[[dict[str, torch.Tensor]], None],
         partners: Partners | None = None,
         feedback: ErrorFeedback | None = None,
+        clip: float | None = None,
     ) -> None:
+        self.clip = clip  # ClippedGossip's tau (issue 30); None: plain Metropolis-Hastings mixing
         self.configured = set(neighbours)
         self.neighbours = set(neighbours)
         self.kind = kind
@@ -189,6 +195,10 @@ class GossipExchange:
         # so a swarm computes exactly what the simulator does.
         received = sorted(self._received.items())
         own_weight, weights = metropolis_hastings_weights(self._degree, {src: degree for src, (_, degree) in received})
+        if self.clip is not None:
+            self._write(self_centred_mix(self._own, [(tensors, weights[src]) for src, (tensors, _) in received], self.clip))
+            self.done = True
+            return
         mixed = {}
         for name, own in self._own.items():
             total = own_weight * own
@@ -202,10 +212,19 @@ class GossipExchange:
 class GossipNode(LearnerMethod):
     """D-PSGD: train locally, then average the whole model with topology neighbours."""
 
-    def __init__(self, node_id: str, learner: Learner, neighbours: Sequence[str], local_epochs: int = 1, participation: Participation | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        learner: Learner,
+        neighbours: Sequence[str],
+        local_epochs: int = 1,
+        participation: Participation | None = None,
+        clip: float | None = None,
+    ) -> None:
         super().__init__(node_id, learner, local_epochs, participation)
         model = learner.model
-        self.exchange = GossipExchange(neighbours, MessageKind.GOSSIP, lambda: float_state(model), lambda state: load_float_state(model, state))
+        read, write = lambda: float_state(model), lambda state: load_float_state(model, state)
+        self.exchange = GossipExchange(neighbours, MessageKind.GOSSIP, read, write, clip=clip)
 
     def start_round(self, round_index: int) -> list[Send]:
         return self.exchange.start(round_index, self.participation.among(self.exchange.neighbours, round_index))
@@ -231,8 +250,20 @@ class GossipNode(LearnerMethod):
         return self.exchange.done
 
 
-def _client(ctx: BuildContext[NoOptions], node: str) -> Method:
-    return GossipNode(node, ctx.learner(node), sorted(ctx.graph.neighbors(node)), ctx.cfg.run.local_epochs, ctx.participation)
+@dataclass(frozen=True)
+class GossipOptions(Options):
+    """D-PSGD's mixing: plain, or with each neighbour's pull clipped (a defence, issue 30)."""
+
+    section: ClassVar[str] = "method"
+
+    clip: float | None = option(
+        None, "ClippedGossip's tau: each neighbour's difference from this node clipped to this norm before mixing (none: plain mixing)", above=0
+    )
+
+
+def _client(ctx: BuildContext[GossipOptions], node: str) -> Method:
+    neighbours = sorted(ctx.graph.neighbors(node))
+    return GossipNode(node, ctx.learner(node), neighbours, ctx.cfg.run.local_epochs, ctx.participation, clip=ctx.options.clip)
 
 
 register_method(
@@ -240,7 +271,8 @@ register_method(
         name="gossip",
         summary="D-PSGD: the whole model averaged with topology neighbours (Metropolis-Hastings weights), no server",
         needs=frozenset({"whole_model"}),
-        options=NoOptions,
+        options=GossipOptions,
+        flag_prefix="gossip",
         build_client=_client,
         peers=topology_peers,
     )

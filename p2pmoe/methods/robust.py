@@ -128,3 +128,17 @@ def aggregate(rule: Rule, states: Sequence[State], counts: Sequence[int], centre
     if rule.name == "clip":
         return centred_clip(states, counts, centre, rule.tau)
     return weighted_average([dict(s) for s in states], counts)
+
+
+def self_centred_mix(own: State, others: Sequence[tuple[State, float]], tau: float) -> dict[str, torch.Tensor]:
+    """Self-centred clipping for gossip (ClippedGossip, He, Karimireddy and Jaggi 2022):
+    own + Σ_j w_j clip(x_j − own, τ), with each neighbour's whole-state difference clipped to
+    norm τ, so a neighbour moves this node by at most w_j τ per round whatever it sends."""
+    mixed = {name: t.to(torch.float64).clone() for name, t in own.items()}
+    for state, weight in others:
+        delta = {name: state[name].to(torch.float64) - own[name].to(torch.float64) for name in own}
+        norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
+        scale = min(1.0, tau / norm) if norm > 0 else 1.0
+        for name, d in delta.items():
+            mixed[name] += weight * scale * d
+    return {name: mixed[name].to(own[name].dtype) for name in own}
