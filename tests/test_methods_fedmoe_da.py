@@ -418,3 +418,48 @@ def test_a_node_with_few_examples_holds_out_at_most_a_fifth_of_them():
     big, small = (get_method("fedmoe-da").build_client(ctx, node) for node in learners)
     assert big.validation is not None and len(big.validation[1]) == 12 and learners["node-00"].num_train_examples == 52
     assert small.validation is None and learners["node-01"].num_train_examples == 4
+
+
+def _attacked(attack: str, p: int = 1, **defence):
+    """Two rounds of the 4-node swarm with n3 lying; per round, how many of the honest nodes'
+    12 slots give n3's experts a weight."""
+    from p2pmoe.methods.attacks import Adversary, parse_attack
+
+    nodes, learners = _swarm(p=p)
+    for n in ("n0", "n1", "n2"):
+        for name, value in defence.items():
+            setattr(nodes[n], name, value)
+    adversary = {"n3": Adversary("n3", parse_attack(attack), 0)}
+    seen = []
+    for r in range(2):
+        SimNetwork(nodes, adversaries=adversary).run_round(r)
+        picks = 0
+        for n in ("n0", "n1", "n2"):
+            plan = nodes[n].plan
+            columns = [c for c, (node, _) in enumerate(plan.sources) if node == "n3"]
+            weight = plan.weights[:, columns].sum(dim=1)
+            picks += int((weight > 0).sum())
+        seen.append(picks)
+    return seen, nodes, learners
+
+
+def test_gate_mimicry_gets_the_attacker_selected_and_the_cap_bounds_its_share():
+    """Issue 30: publishing the neighbours' mean gate makes honest nodes pick the attacker's
+    experts (shown first), and `source_cap` bounds what one source can weigh in a slot."""
+    plain, _, _ = _attacked("sign-flip:5")
+    mimic, _, _ = _attacked("mimic-mean+sign-flip:5")
+    assert plain == [0, 0] and min(mimic) >= 6  # of the honest nodes' 12 slots
+    from p2pmoe.methods.robust import cap_source_share
+
+    weights = torch.tensor([[0.2, 0.0, 0.8, 0.0], [0.0, 0.4, 0.3, 0.3]])  # own e0, own e1, peer (x, 0), peer (x, 1)
+    capped = cap_source_share(weights, [("me", 0), ("me", 1), ("x", 0), ("x", 1)], "me", 0.25)
+    assert capped.flatten().tolist() == pytest.approx([0.75, 0.0, 0.25, 0.0, 0.0, 0.75, 0.125, 0.125])
+    assert capped.sum(dim=1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_a_slot_median_keeps_a_poisoned_expert_out_of_an_honest_slot():
+    _, _, learners = _attacked("mimic-mean+sign-flip:50", p=2)
+    _, _, guarded = _attacked("mimic-mean+sign-flip:50", p=2, slot_rule="median")
+    honest_scale = max(float(t.abs().max()) for n in ("n0", "n1", "n2") for t in float_state(guarded[n].model.moe).values())
+    poisoned_scale = max(float(t.abs().max()) for n in ("n0", "n1", "n2") for t in float_state(learners[n].model.moe).values())
+    assert poisoned_scale > 3 * honest_scale  # the mean let the -50x expert in; the median of three kept the honest values

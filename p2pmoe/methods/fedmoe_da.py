@@ -31,6 +31,7 @@ from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_we
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange, Partners, every, random_matchings
 from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, all_peers, register_method, topology_peers
+from p2pmoe.methods.robust import cap_source_share
 from p2pmoe.models.moe import ExpertSlots, MixtureOfExperts, slot_candidate_losses
 from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.models.pretrained import load_pretrained
@@ -46,6 +47,7 @@ from p2pmoe.wire.messages import Message, MessageKind, Send
 EMBEDDING_MODES = ("gossip", "frozen", "server", "pretrained")
 EMBEDDING_PEERS = ("all", "matching")
 PLANNERS = ("p2p", "server")
+SLOT_RULES = ("mean", "median")
 EMBEDDING_PREFIX = "embedder."
 RESIDUAL_PREFIX = "phi_residual."  # checkpoint keys of the error-feedback residual
 
@@ -103,6 +105,19 @@ class FedMoEDAOptions(Options):
         "hold out this many of a node's training examples, at most a fifth of them (never trained on, never sent), and keep a selected "
         "peer expert in an own slot only if it scores no worse there on them than the own expert (0: off; beyond the paper, see docs/methods.md)",
         minimum=0,
+    )
+
+    source_cap: float = option(
+        1.0,
+        "at most this share of an own slot's aggregation weight from any one peer, the rest to the own expert "
+        "(1: no cap; a defence against gate mimicry, beyond the paper, see docs/methods.md)",
+        above=0,
+        maximum=1,
+    )
+    slot_rule: str = option(
+        "mean",
+        "how a slot combines the experts it selected: mean (Eq. 11) or median (coordinate-wise; a defence, beyond the paper)",
+        choices=SLOT_RULES,
     )
 
     def __post_init__(self) -> None:
@@ -179,12 +194,17 @@ class FedMoEDANode(LearnerMethod):
         validation: tuple[torch.Tensor, torch.Tensor] | None = None,
         finetune_epochs: int = 0,
         warmup_rounds: int = 0,
+        source_cap: float = 1.0,
+        slot_rule: str = "mean",
     ) -> None:
         """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
         round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
         `pretrained` mode loads and freezes; `validation` (the node's own held-out images and
         labels) turns on validated aggregation (`validated_weights`); in the first
-        `warmup_rounds` rounds the node aggregates no peer's experts (P = 0)."""
+        `warmup_rounds` rounds the node aggregates no peer's experts (P = 0). Against peers
+        that lie (issue 30): `source_cap` bounds any one peer's share of an own slot's weights,
+        `slot_rule` "median" replaces a slot's weighted mean by the coordinate-wise median of
+        the experts it selected."""
         super().__init__(node_id, learner, local_epochs, participation, finetune_epochs)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
@@ -223,6 +243,9 @@ class FedMoEDANode(LearnerMethod):
             raise TypeError(f"validated aggregation needs a MixtureOfExperts layer, got {type(moe).__name__}")
         self.validation = validation
         self._dropped_by_validation = 0
+        if not 0 < source_cap <= 1 or slot_rule not in SLOT_RULES:
+            raise ValueError(f"need 0 < source_cap <= 1 and slot_rule one of {SLOT_RULES}")
+        self.source_cap, self.slot_rule = source_cap, slot_rule
         self.plan: Plan | None = None
         self._round = -1
         self._snapshot: dict[int, dict[str, torch.Tensor]] = {}
@@ -420,6 +443,8 @@ class FedMoEDANode(LearnerMethod):
         weights = weights / weights.sum(dim=1, keepdim=True)
         if self.validation is not None:
             weights = self.validated_weights(weights)
+        if self.source_cap < 1:
+            weights = cap_source_share(weights, self.plan.sources, self.node_id, self.source_cap)
         used = torch.nonzero(weights.sum(dim=0)).flatten().tolist()  # columns some own slot takes
         states = [self._snapshot[s] if n == self.node_id else self._fetched[(n, s)] for n, s in (self.plan.sources[c] for c in used)]
         mix = weights[:, used]  # [E, used]: Eq. 11 for every slot at once, in float64
@@ -428,6 +453,9 @@ class FedMoEDANode(LearnerMethod):
             stacked = torch.stack([state[name].double().reshape(-1) for state in states])
             mixed = (mix @ stacked).float()
             for slot in range(self.num_experts):
+                if self.slot_rule == "median":  # the selected experts' coordinate-wise median, weights ignored
+                    chosen = stacked[mix[slot] > 0]
+                    mixed[slot] = torch.quantile(chosen, 0.5, dim=0).float() if len(chosen) > 1 else chosen[0].float()
                 new[slot][name] = mixed[slot].reshape(own.shape)
         for slot, state in new.items():
             self.moe.load_expert_state(slot, state)
@@ -666,6 +694,8 @@ def _client(ctx: BuildContext[FedMoEDAOptions], node: str) -> Method:
         validation=validation,
         finetune_epochs=opts.finetune_epochs,
         warmup_rounds=opts.warmup_rounds,
+        source_cap=opts.source_cap,
+        slot_rule=opts.slot_rule,
     )
 
 

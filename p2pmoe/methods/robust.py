@@ -142,3 +142,20 @@ def self_centred_mix(own: State, others: Sequence[tuple[State, float]], tau: flo
         for name, d in delta.items():
             mixed[name] += weight * scale * d
     return {name: mixed[name].to(own[name].dtype) for name in own}
+
+
+def cap_source_share(weights: torch.Tensor, sources: Sequence[tuple[str, int]], own: str, cap: float) -> torch.Tensor:
+    """FedMoE-DA's aggregation weights [E, M] with no peer holding more than `cap` of any own
+    slot's row (summed over that peer's columns); what is cut goes to the slot's own expert
+    (column e of row e: the first E columns are the node's own). A peer that every gate
+    correlation picks (gate mimicry) still moves a slot by at most `cap` of the way."""
+    capped = weights.clone()
+    peers = sorted({node for node, _ in sources if node != own})
+    for slot in range(capped.shape[0]):
+        for peer in peers:
+            columns = [c for c, (node, _) in enumerate(sources) if node == peer]
+            share = float(capped[slot, columns].sum())
+            if share > cap:
+                capped[slot, columns] *= cap / share
+                capped[slot, slot] += share - cap
+    return capped
