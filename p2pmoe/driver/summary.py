@@ -12,6 +12,7 @@ from typing import Any
 
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.methods.attacks import attacker_nodes
+from p2pmoe.methods.registry import get_method
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.base import Selection, Task
 
@@ -144,7 +145,14 @@ def make_summary(
         "unused_run_options": sorted(task.unused_run_options),
         "setting": cfg.to_dict(),
         **_honest(cfg, clients, per_node),
+        **_method_extra(cfg),
     }
+
+
+def _method_extra(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the method adds to summary.json (FedAvg with DP: the privacy spent)."""
+    spec = get_method(cfg.run.method)
+    return spec.summary_extra(spec.options_of(cfg), cfg) if spec.summary_extra is not None else {}
 
 
 def _honest(cfg: ExperimentConfig, clients: list[str], per_node: dict[str, dict[str, float]]) -> dict[str, Any]:

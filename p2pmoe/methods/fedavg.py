@@ -16,6 +16,7 @@ import torch
 
 from p2pmoe.methods import robust
 from p2pmoe.methods.base import Learner, Method
+from p2pmoe.methods.privacy import dp_mean, epsilon
 from p2pmoe.methods.registry import BuildContext, MethodSpec, register_method
 from p2pmoe.methods.robust import Rule
 from p2pmoe.methods.server import CollectingServer, ServerClient, example_count
@@ -23,6 +24,8 @@ from p2pmoe.models.params import float_state, load_float_state
 from p2pmoe.naming import SERVER_ID
 from p2pmoe.options import Options, option
 from p2pmoe.participation import Participation
+from p2pmoe.seeds import node_stream
+from p2pmoe.settings import ExperimentConfig
 from p2pmoe.wire.codec import check_like
 from p2pmoe.wire.messages import Message, MessageKind, Send
 
@@ -72,9 +75,13 @@ class FedAvgServer(CollectingServer):
         template: dict[str, torch.Tensor],
         participation: Participation | None = None,
         rule: Rule = MEAN,
+        dp: tuple[float, float] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(node_id, clients, participation)
         self.rule = rule
+        self.dp = dp  # (clip S, noise multiplier sigma): DP-FedAvg, see p2pmoe/methods/privacy.py
+        self._noise = torch.Generator().manual_seed(seed)
         self.global_state = {name: t.clone() for name, t in template.items()}
         self._updates: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
 
@@ -91,6 +98,8 @@ class FedAvgServer(CollectingServer):
         """The new global state from the round's uploads (in client order) and their example
         counts: FedAvg's weighted mean, or the robust rule of `--fedavg-aggregation` (issue 30).
         A subclass with another rule overrides only this (see examples/median_fedavg.py)."""
+        if self.dp is not None:
+            return dp_mean(states, self.global_state, *self.dp, self._noise)
         return robust.aggregate(self.rule, states, counts, self.global_state)
 
     def reply(self) -> list[Send]:
@@ -119,9 +128,18 @@ class FedAvgOptions(Options):
         "or clip:TAU (centred clipping around the current model); see docs/methods.md",
     )
 
+    dp_clip: float | None = option(
+        None, "client-level DP (DP-FedAvg): clip each client's update to this norm S (needs dp_noise > 0 and aggregation mean)", above=0
+    )
+    dp_noise: float = option(0.0, "client-level DP: Gaussian noise multiplier sigma, the server adds N(0, (sigma S)^2) to the clipped sum", minimum=0)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         robust.parse_rule(self.aggregation)
+        if (self.dp_clip is None) != (self.dp_noise == 0):
+            raise ValueError("[method] dp_clip and dp_noise go together (DP-FedAvg): set both or neither")
+        if self.dp_clip is not None and self.aggregation != "mean":
+            raise ValueError("[method] client-level DP is accounted for the mean only: leave aggregation at mean")
 
 
 @dataclass(frozen=True)
@@ -149,7 +167,21 @@ AggregatingOptions = TypeVar("AggregatingOptions", bound=FedAvgOptions)
 
 
 def _server(ctx: BuildContext[AggregatingOptions]) -> Method:
-    return FedAvgServer(SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation, robust.parse_rule(ctx.options.aggregation))
+    opts = ctx.options
+    dp = (opts.dp_clip, opts.dp_noise) if opts.dp_clip is not None else None
+    rule = robust.parse_rule(opts.aggregation)
+    return FedAvgServer(
+        SERVER_ID, ctx.clients, float_state(ctx.template()), ctx.participation, rule, dp, seed=node_stream(ctx.cfg.run.seed, "attack", len(ctx.clients))
+    )
+
+
+def privacy_spent(opts: FedAvgOptions, cfg: ExperimentConfig) -> dict[str, Any]:
+    """summary.json's `privacy`: ε at δ = 1/n after the run's rounds (none without DP)."""
+    if opts.dp_clip is None:
+        return {}
+    delta = 1 / cfg.run.nodes
+    spent = epsilon(opts.dp_noise, cfg.run.participation, cfg.run.rounds, delta)
+    return {"privacy": {"epsilon": spent, "delta": delta, "noise_multiplier": opts.dp_noise, "clip": opts.dp_clip, "accountant": "RDP (dp-accounting)"}}
 
 
 register_method(
@@ -161,6 +193,7 @@ register_method(
         flag_prefix="fedavg",
         build_client=build_client,
         build_server=_server,
+        summary_extra=privacy_spent,
     )
 )
 register_method(
@@ -172,5 +205,6 @@ register_method(
         flag_prefix="fedavg",
         build_client=_finetuning_client,
         build_server=_server,
+        summary_extra=privacy_spent,
     )
 )

@@ -130,6 +130,7 @@ class MethodSpec(Generic[OptionsT]):
     peers: PeerRule = no_peers
     pinned: Mapping[str, Any] = field(default_factory=dict)
     variant_of: str | None = None
+    summary_extra: Callable[[OptionsT, ExperimentConfig], dict[str, Any]] | None = None  # more for summary.json (e.g. privacy spent)
 
     def __post_init__(self) -> None:
         unknown = sorted(self.needs - set(CAPABILITIES))
