@@ -111,7 +111,7 @@ def test_a_method_on_the_wrong_task_family_is_refused():
 def test_changing_the_method_resets_its_options():
     cfg = with_options(default_config(method="fedmoe-da"), method_options={"p": 3})
     assert cfg.method.p == 3
-    assert with_options(cfg, method="fedavg").method.to_dict() == {}
+    assert with_options(cfg, method="fedavg").method.to_dict() == {"aggregation": "mean", "dp_clip": None, "dp_noise": 0.0}  # its own defaults, not P = 3
 
 
 def test_config_hash_ignores_node_local_keys_and_names_differences():
