@@ -142,7 +142,8 @@ class Participation:
             if len(self._cache) >= _CACHED_ROUNDS:
                 del self._cache[min(self._cache)]
             draw = sample_clients if self.mode == "sample" else available_clients
-            self._cache[round_index] = draw(self.seed, round_index, self.clients, self.fraction)
+            present = [c for c in self.clients if self.exists(c, round_index)]  # a sample of the clients that exist then
+            self._cache[round_index] = draw(self.seed, round_index, present, self.fraction) if present else frozenset()
         return self._cache[round_index]
 
     def takes_part(self, node: str, round_index: int) -> bool:

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ from p2pmoe.trackers import Tracker
 LEDGER_FIELDS = [f.name for f in dataclasses.fields(LedgerEntry)]
 T = TypeVar("T")
 
+
+log = logging.getLogger("p2pmoe.runs")
 
 NODE_FILE = "node.json"
 """A daemon's own file in its run folder (setting, start and end, peers found and lost); the
@@ -52,8 +55,12 @@ class RunFolder:
             row = {**row, "holds": self.holds[row["node"]]}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
-        for tracker in self.trackers:
-            tracker.log(row)
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(row)
+            except Exception as exc:  # a tracker that fails (a server gone) must not end the run: it is dropped
+                log.warning("%s stopped receiving metrics: %s", type(tracker).__name__, exc)
+                self.trackers.remove(tracker)
 
     def log_messages(self, entries: Iterable[LedgerEntry]) -> None:
         """Append ledger rows, one per message."""

@@ -12,7 +12,7 @@ numbers:
 | `gate` | `seed * 1_000_003 + k` | an accounting run's per-node gate |
 | `runner` | `seed * 1_000_003 + k`, k = CRC-32 of the node id | the node's own torch stream for dropout and sampling (`NodeRunner`) |
 | `attack` | `seed * 7_919 + k` | an attacker's noise (issue 30) |
-| `dp` | `seed * 7_927 + k` | the server's DP noise (k = 0) |
+| `dp` | `seed * 104_729 + k` | the server's DP noise (k = 0) |
 
 Data-wide draws (the partition, the global test sample, sampled users) take `run.seed` itself.
 Initial weights are the same on every node: `seeded_init(seed)` builds a model from `seed`
@@ -35,7 +35,7 @@ _FORMULAS = {
     "gate": lambda seed, k: seed * 1_000_003 + k,
     "runner": lambda seed, k: seed * 1_000_003 + k,
     "attack": lambda seed, k: seed * 7_919 + k,
-    "dp": lambda seed, k: seed * 7_927 + k,
+    "dp": lambda seed, k: seed * 104_729 + k,
 }
 
 

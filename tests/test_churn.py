@@ -92,3 +92,25 @@ def test_a_node_joins_at_round_3_and_another_leaves_at_round_5_in_a_swarm_as_in_
     assert _rounds(nodes / "node-00" / "metrics.jsonl") == list(range(7))
     simulated, swarmed = _kinds(tmp_path / "sim" / "ledger.csv"), _kinds(tmp_path / "swarm" / "ledger.csv")
     assert swarmed == simulated and {"gate_publish", "expert_response"} <= set(swarmed)
+
+
+def test_the_simulator_neither_evaluates_nor_logs_a_node_outside_its_window_and_samples_only_present_clients(tmp_path):
+    from p2pmoe.sim.runner import run_simulation
+
+    clients = [f"node-0{k}" for k in range(6)]
+    part = Participation(0, 0.5, clients, "sample", parse_churn("node-00:leave@1,node-01:leave@1,node-02:leave@1"))
+    assert len(part.sampled(3)) == 1 and part.sampled(3) <= {"node-03", "node-04", "node-05"}  # m = floor(0.5 x 3 present)
+    cfg = default_config(method="local", data="fmnist", nodes=3, rounds=3, max_train_per_node=32, churn="node-01:join@1,node-02:leave@2", out=str(tmp_path))
+    if not Path(FMNIST_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    run_simulation(with_options(cfg, task_options={"global_test_size": 20}), progress=False, report=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["node"], r["round"]) for r in rows) == [
+        ("node-00", 0),
+        ("node-00", 1),
+        ("node-00", 2),
+        ("node-01", 1),
+        ("node-01", 2),
+        ("node-02", 0),
+        ("node-02", 1),
+    ]

@@ -178,3 +178,21 @@ def test_with_curve_keys_nodes_join_by_id_and_a_stranger_cannot_add_itself(tmp_p
     for node, daemon in daemons.items():
         assert sorted(daemon.cfg.peers) == links[node] and daemon.failures == [], node
     assert daemons["node-00"].roster["node-03"] == addresses["node-03"]  # the stranger's address never got in
+
+
+def test_peer_given_addresses_are_checked_and_a_neighbour_never_found_is_a_failure(tmp_path: Path):
+    from p2pmoe.node.daemon import dialable
+
+    assert dialable("tcp://10.0.0.1:5550") and dialable("tcp://host.lan:1")
+    for bad in ("tcp://abc", "tcp://:5", "tcp://h:0", "tcp://h:99999", "ipc:///tmp/x", "tcp://a b:5", 7, "tcp://" + "x" * 300 + ":1"):
+        assert not dialable(bad), bad
+    (port,) = free_ports(1)
+    cfg = node_config_from_experiment(_experiment(tmp_path), None, "node-02", bind=f"tcp://127.0.0.1:{port}", out=tmp_path / "n")
+    daemon = NodeDaemon(cfg, Quiet("node-02"))
+    daemon._learn({"node-01": "tcp://abc", "node-03": "ipc:///etc/passwd"}, "node-01")
+    assert set(daemon.roster) == {"node-02"}
+    daemon._heard_by_mdns("node-04", "tcp://10.0.0.4:1", daemon.config_hash)  # mDNS fills a gap ...
+    daemon._learn({"node-04": "tcp://10.0.0.5:1"}, "node-04", adopt=False)  # ... that the node's own word may correct
+    daemon._heard_by_mdns("node-04", "tcp://10.6.6.6:1", daemon.config_hash)  # but an announcement never overrides
+    assert daemon.roster["node-04"] == "tcp://10.0.0.5:1"
+    assert daemon._failures()[0].startswith("never learnt where topology neighbour(s) node-01, node-03 are")

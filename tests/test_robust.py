@@ -29,8 +29,16 @@ def test_each_rule_keeps_a_wild_upload_from_dragging_the_result():
     assert trimmed_mean(states, 0.2)["w"].tolist() == pytest.approx([(0.95 + 1.0 + 1.0 + 1.1) / 4] * 3)  # one dropped from each end
     assert 5 not in krum_choice(states, f=1) and 5 not in krum_choice(states, f=1, m=3)
     centre = {"w": torch.ones(3), "b": torch.ones(1)}
-    clipped = centred_clip(states, counts, centre, tau=0.5)
-    assert float(clipped["w"][0]) <= 1.0 + 0.5 / 6 * 2  # the outlier moves the result by at most its share times tau
+    clipped = centred_clip(states, centre, tau=0.5)
+    assert float(clipped["w"][0]) <= 1.0 + 0.5 / 6 * 2  # the outlier moves the result by at most tau / n
+    # a liar claiming a billion examples weighs no more than anyone (counts are the sender's claim)
+    claimed = aggregate(Rule("clip", tau=0.5), states, [1, 1, 1, 1, 1, 10**9], centre)
+    assert claimed["w"].tolist() == pytest.approx(clipped["w"].tolist())
+    assert aggregate(Rule("krum", f=1, m=3), states, [1, 1, 1, 1, 1, 10**9], centre)["w"].tolist() == pytest.approx(
+        aggregate(Rule("krum", f=1, m=3), states, counts, centre)["w"].tolist()
+    )
+    nan = _states([*HONEST, float("nan")])
+    assert 5 not in krum_choice(nan, f=1, m=5)  # a NaN score never sorts first
 
 
 def test_rules_are_parsed_with_their_parameters_and_bad_ones_named():

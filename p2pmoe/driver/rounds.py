@@ -75,7 +75,8 @@ async def drive_rounds(
             log.info("%s: stopping before round %d", node.node_id, r)
             break
         sampled = node.takes_part(r)
-        due = evaluation_due(r, rounds, eval_every)
+        present = node.exists(r)  # outside its churn window a node neither evaluates nor logs (as in a swarm, where it is not running)
+        due = evaluation_due(r, rounds, eval_every) and present
         train = await port.blocking(node.blocking_call(node.train, r)) if sampled else {}
         metrics = await port.blocking(node.blocking_call(node.evaluate)) if due and eval_point != "aggregated" else None
         if metrics is not None and eval_point == "both":
@@ -91,6 +92,7 @@ async def drive_rounds(
         if due and eval_point != "trained":
             metrics = {**(metrics or {}), **await port.blocking(node.blocking_call(node.evaluate))}
             await port.send(node, node.resume())
-        await port.round_done(node, r, train, metrics)
+        if present:
+            await port.round_done(node, r, train, metrics)
         completed = r
     return completed

@@ -209,6 +209,10 @@ class NodeRunner:
     def deadline(self, round_index: int) -> list[Send]:
         return self._call(lambda: self.method.on_deadline(round_index))
 
+    def exists(self, round_index: int) -> bool:
+        """Whether this node is part of the swarm in the round (its churn window)."""
+        return self.method.participation.exists(self.node_id, round_index)
+
     def takes_part(self, round_index: int) -> bool:
         """Whether the node is sampled for round r (partial participation); a server always is."""
         return self.method.takes_part(round_index)

@@ -4,14 +4,14 @@ ICLR 2018), with the privacy spent tracked by Google's dp-accounting (RDP accoun
 Each round the server clips every participant's update (its upload minus the current global
 model) to norm S, adds Gaussian noise of standard deviation σS to their sum and divides by
 the number of participants. One round is then a Gaussian mechanism of noise multiplier σ on
-the sum, applied to the round's participants: sampled with rate q = `participation` (all
-clients: q = 1). Over T rounds the accountant composes T such events and reports ε at δ.
+the sum. Over T rounds the accountant composes T such events and reports ε at δ.
 
 Project decisions: the noise is added by the server (central DP, the clients trust it with
-their clipped updates; local noise is not built); the accountant treats client sampling as
-Poisson sampling at rate q, the usual approximation for a fixed sample size; δ = 1/n for n
-clients, as the issue asks; updates are weighted equally (a weight by example count would
-leak the counts).
+their clipped updates; local noise is not built); no amplification by subsampling is
+claimed, because which clients take part in a round is a public function of the run's seed,
+not a secret draw (`epsilon` can account a secret Poisson sample, but FedAvg does not use it);
+δ = 1/n for n clients, as the issue asks; updates are weighted equally (a weight by example
+count would leak the counts).
 """
 
 from __future__ import annotations

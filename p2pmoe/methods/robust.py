@@ -8,8 +8,10 @@ fixed order) and returns one state; none trusts any single sender's numbers.
 - `krum` / multi-Krum: score each state by its squared distances to its n − f − 2 nearest
   others and average the m best scored (Blanchard et al., NeurIPS 2017; m = 1 is Krum).
 - `centred_clip`: clip each state's difference from a centre (the current model) to norm τ
-  and add the weighted mean of the clipped differences to the centre (centred clipping,
-  Karimireddy, He and Jaggi, ICML 2021, one iteration).
+  and add the mean of the clipped differences to the centre (centred clipping, Karimireddy,
+  He and Jaggi, ICML 2021, one iteration).
+The robust rules weigh senders equally: an upload's example count is its sender's claim.
+Callers refuse non-finite uploads before any rule sees them.
 `parse_rule` reads the `--fedavg-aggregation` spelling of each.
 """
 
@@ -94,26 +96,28 @@ def krum_choice(states: Sequence[State], f: int, m: int = 1) -> list[int]:
     flat = torch.stack([_flat(s) for s in states])
     distances = torch.cdist(flat, flat).pow(2)
     scores = [float(distances[i][torch.arange(n) != i].sort().values[:near].sum()) for i in range(n)]
+    scores = [score if math.isfinite(score) else math.inf for score in scores]  # a NaN never sorts first
     return sorted(range(n), key=lambda i: (scores[i], i))[: min(m, n)]
 
 
-def krum(states: Sequence[State], counts: Sequence[int], f: int, m: int = 1) -> dict[str, torch.Tensor]:
-    """Krum (m = 1) or multi-Krum: the example-weighted mean of the m best-scored states."""
+def krum(states: Sequence[State], f: int, m: int = 1) -> dict[str, torch.Tensor]:
+    """Krum (m = 1) or multi-Krum: the plain mean of the m best-scored states (a sender's
+    example count is its own claim, so it weighs nothing here)."""
     chosen = krum_choice(states, f, m)
-    return weighted_average([dict(states[i]) for i in chosen], [counts[i] for i in chosen])
+    return weighted_average([dict(states[i]) for i in chosen], [1] * len(chosen))
 
 
-def centred_clip(states: Sequence[State], counts: Sequence[int], centre: State, tau: float) -> dict[str, torch.Tensor]:
-    """centre + Σ_i w_i clip(s_i − centre, τ), w_i ∝ examples: a sender moves the result by at
-    most w_i τ however far its numbers lie."""
-    total = float(sum(counts))
+def centred_clip(states: Sequence[State], centre: State, tau: float) -> dict[str, torch.Tensor]:
+    """centre + Σ_i clip(s_i − centre, τ) / n: a sender moves the result by at most τ / n
+    however far its numbers lie (equal weights: an example count is the sender's own claim,
+    and weighting by it would let a liar claim all the weight)."""
     moved = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in centre.items()}
-    for state, count in zip(states, counts, strict=True):
+    for state in states:
         delta = {name: state[name].to(torch.float64) - centre[name].to(torch.float64) for name in centre}
         norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
         scale = min(1.0, tau / norm) if norm > 0 else 1.0
         for name, d in delta.items():
-            moved[name] += (count / total) * scale * d
+            moved[name] += scale * d / len(states)
     return {name: (centre[name].to(torch.float64) + moved[name]).to(centre[name].dtype) for name in centre}
 
 
@@ -124,9 +128,9 @@ def aggregate(rule: Rule, states: Sequence[State], counts: Sequence[int], centre
     if rule.name == "trimmed":
         return trimmed_mean(states, rule.beta)
     if rule.name == "krum":
-        return krum(states, counts, rule.f, rule.m)
+        return krum(states, rule.f, rule.m)
     if rule.name == "clip":
-        return centred_clip(states, counts, centre, rule.tau)
+        return centred_clip(states, centre, rule.tau)
     return weighted_average([dict(s) for s in states], counts)
 
 

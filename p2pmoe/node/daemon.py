@@ -18,6 +18,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import zmq
+
 from p2pmoe.driver.rounds import drive_rounds
 from p2pmoe.driver.runner import NodeRunner, RateLimitedLog, clip, error_reply, request_id
 from p2pmoe.driver.summary import metrics_row
@@ -63,6 +65,17 @@ def agreed_round(peer_rounds: dict[str, int], configured: int) -> int:
 
 STATUS_EVERY = 0.5  # seconds a computed status answer is reused
 MAX_ADDRESS_CHARS = 256  # a roster address longer than this is ignored (peer data)
+
+
+def dialable(address: object) -> bool:
+    """A peer-given address this node may dial: tcp://HOST:PORT with a port number, at most
+    MAX_ADDRESS_CHARS long (ipc:// only names this machine's files: never from a peer)."""
+    if not isinstance(address, str) or len(address) > MAX_ADDRESS_CHARS or not address.startswith("tcp://"):
+        return False
+    host, _, port = address[len("tcp://") :].rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536 and not any(c.isspace() for c in host)
+
+
 SILENT_PEER_SEND_TIMEOUT = 1.0  # seconds a message waits for a connection to a peer that has gone quiet
 
 
@@ -171,6 +184,9 @@ class NodeDaemon:
         peer heard before a restart counts as reached: a client restarted after its server
         finished the run ran its remaining rounds alone, as designed."""
         failures = []
+        unfound = sorted(self.cfg.discover - set(self.cfg.peers))
+        if unfound:
+            failures.append(f"never learnt where topology neighbour(s) {', '.join(unfound)} are: check --join and that they were started")
         never = [peer for peer in self.membership.never_heard() if peer not in self._heard_before]
         if never:
             failures.append(f"never reached configured peer(s) {', '.join(never)}: check their addresses, ports and keys")
@@ -333,6 +349,14 @@ class NodeDaemon:
                 self._learn({}, src)
             return
         if message.kind in CONTROL_KINDS:
+            said = message.meta.get("address")
+            if configured and self.cfg.curve is not None and src in self.cfg.discover and dialable(said) and said != self.cfg.peers[src]:
+                # under CURVE a hello is the peer's own, authenticated word: re-point a link someone
+                # else's roster or announcement sent to the wrong address
+                self.roster[src] = str(said)
+                self.cfg = dataclasses.replace(self.cfg, peers={k: v for k, v in self.cfg.peers.items() if k != src})
+                self._adopt(src, str(said))
+                configured = src in self.cfg.peers
             if not configured and src in self.cfg.discover and self._same_experiment(src, message):
                 self._learn({src: message.meta.get("address")}, src)  # a neighbour that found us first says where it is
                 configured = src in self.cfg.peers
@@ -434,11 +458,9 @@ class NodeDaemon:
         protocol writes them). A node's word about its own address replaces what we had; a
         third party's only fills a gap. Topology neighbours learnt here are connected at once."""
         for node, address in (entries if isinstance(entries, dict) else {}).items():
-            if node not in self._members or node == self.cfg.node_id or not isinstance(address, str):
+            if node not in self._members or node == self.cfg.node_id or not dialable(address):
                 continue
-            if not address.startswith(("tcp://", "ipc://")) or len(address) > MAX_ADDRESS_CHARS:
-                continue
-            if node == src or node not in self.roster:
+            if (node == src and node not in self.cfg.peers) or node not in self.roster:  # a linked peer's address stays as it is
                 self.roster[node] = address
         for peer in sorted(self.cfg.discover - set(self.cfg.peers)) if adopt else ():
             if peer in self.roster:
@@ -448,7 +470,12 @@ class NodeDaemon:
         """`peer`, a topology neighbour whose address was just learnt, becomes a configured peer."""
         assert self.transport is not None
         key = self.cfg.curve.allowed_public_keys.get(peer) if self.cfg.curve else None
-        self.transport.add_peer(peer, address, key)
+        try:
+            self.transport.add_peer(peer, address, key)
+        except (zmq.ZMQError, ValueError) as exc:  # an address libzmq refuses: forget it, wait for a better one
+            self._noise.warning(f"adopt:{peer}", "%s: cannot dial %s at %s: %s", self.cfg.node_id, peer, clip(address), exc)
+            self.roster.pop(peer, None)
+            return
         self.cfg = dataclasses.replace(self.cfg, peers={**self.cfg.peers, peer: address})
         self.membership.add(peer)
         log.info("%s: found %s at %s", self.cfg.node_id, peer, address)
@@ -456,9 +483,10 @@ class NodeDaemon:
         self._progress.set()
 
     def _heard_by_mdns(self, node: str, address: str, config: str) -> None:
-        """An mDNS announcement: a node's word about itself, like its own `roster` entry."""
+        """An mDNS announcement, unauthenticated even under CURVE (anyone on the LAN may
+        announce any id): it only fills a gap, like a third party's roster entry."""
         if config == self.config_hash:
-            self._learn({node: address}, node)
+            self._learn({node: address}, "")
 
     async def _ask_members(self) -> None:
         """One `roster` request to each `--join` member: over a one-off connection while its id
@@ -482,6 +510,9 @@ class NodeDaemon:
                 envelope = await asyncio.to_thread(ask, address, message, self.cfg.node_id, self.cfg.timing.heartbeat, curve)
             except (TransportError, ValueError) as exc:
                 self._noise.warning(f"join:{target}", "%s: no roster from %s yet: %s", self.cfg.node_id, clip(target), exc)
+                continue
+            if named and envelope.src != named:  # the member answering must be the one named
+                self._noise.warning(f"join:{target}", "%s: %s answered as %s, not %s", self.cfg.node_id, address, clip(envelope.src), named)
                 continue
             if envelope.src in self._members and envelope.message.meta.get("config") == self.config_hash:
                 self._join_ids[target] = envelope.src
@@ -556,6 +587,8 @@ class NodeDaemon:
             except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
                 pass
         self.cfg.out.mkdir(parents=True, exist_ok=True)
+        run = self.cfg.experiment.run
+        trackers = open_trackers(run.tensorboard, run.mlflow, self.cfg.node_id, self._canonical)  # a missing package: an error before anything binds
         self.transport = Transport(
             self.cfg.node_id,
             self.cfg.bind,
@@ -569,8 +602,7 @@ class NodeDaemon:
             key = self.cfg.curve.allowed_public_keys.get(peer) if self.cfg.curve else None
             self.transport.add_peer(peer, address, key)
         tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
-        run = self.cfg.experiment.run
-        self._folder = RunFolder(self.cfg.out, append=True, trackers=open_trackers(run.tensorboard, run.mlflow, self.cfg.node_id, self._canonical))
+        self._folder = RunFolder(self.cfg.out, append=True, trackers=trackers)
         self.metrics = self._serve_metrics()
         self._write_node_file(finished=False)
         mdns = MdnsPeers(self.cfg.node_id, self.roster[self.cfg.node_id], self.config_hash, self._heard_by_mdns) if self.cfg.mdns else None

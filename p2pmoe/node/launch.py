@@ -132,6 +132,13 @@ def _child(config: Path, log_path: Path, role: str, threads: str) -> int:
         return 1
 
 
+def _fork_unsafe() -> bool:
+    """CUDA cannot be used in a child forked after it was initialised: spawn instead."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
 def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes] | ForkedNode:
     """Start the swarm node of `config` (a node file written by `write_node_configs`) with its
     thread budget, logging to `log_path`: forked from this process, or under `prefix` (e.g.
@@ -139,7 +146,7 @@ def start_node(config: Path, log_path: Path, prefix: Sequence[str] = ()) -> subp
     raw = tomllib.loads(config.read_text())  # this file was written by write_node_configs: no need to resolve it here
     threads = str(raw.get("run", {}).get("threads") or 1)
     role = "coordinator" if raw.get("node_id") == SERVER_ID else "node"
-    if prefix or os.environ.get("P2PMOE_SPAWN") == "1":
+    if prefix or os.environ.get("P2PMOE_SPAWN") == "1" or _fork_unsafe():
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         command = [*prefix, sys.executable, "-m", "p2pmoe.cli", role, "--config", str(config)]
         with open(log_path, "ab") as log:

@@ -2,10 +2,12 @@
 
 A node announces one service of type `_p2pmoe._tcp.local.` whose TXT properties say its node
 id, the address its ROUTER listens on and its experiment hash, and browses for the others.
-What it hears is handed to `found(node, address, config)`; the daemon treats it exactly like
-a `roster` entry (untrusted: it checks the hash, the id and the address, and with CURVE the
-connection itself is checked against the allow-list), so mDNS adds nothing a stranger could
-not already say. Multicast stays on the interface of the announced address.
+What it hears is handed to `found(node, address, config)`. mDNS is unauthenticated even
+under CURVE (anyone on the LAN may announce any id with the public hash), so the daemon
+treats an announcement as a third party's `roster` entry: it checks the hash, the id and
+the address, only fills a gap, and under CURVE a peer's own authenticated hello re-points a
+link that an announcement sent astray. Multicast stays on the interface of the announced
+address.
 """
 
 from __future__ import annotations

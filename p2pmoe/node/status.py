@@ -6,6 +6,7 @@ id and prints the reply. Without CURVE keys only; a node with CURVE answers only
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -32,7 +33,8 @@ def ask(address: str, message: Message, sender: str, timeout: float, curve: tupl
     try:
         sock.connect(address)
         sock.send_multipart(encode(sender, message))
-        while sock.poll(int(timeout * 1000)):
+        deadline = time.monotonic() + timeout
+        while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):  # one deadline: chatter cannot extend it
             try:
                 reply = decode(sock.recv_multipart())
             except ProtocolError:

@@ -145,12 +145,16 @@ def run_swarm(experiment: ResolvedExperiment, timing: Timing, timeout: float | N
     out = Path(cfg.run.out)
     started = time.perf_counter()
     configs = write_node_configs(experiment, out, timing)
-    procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
+    procs: dict[str, Any] = {}
     budget = timeout or timing.startup + cfg.run.rounds * timing.round_deadline + timing.linger + 60
     deadline = time.monotonic() + budget
-    bar = tqdm(total=len(procs) * cfg.run.rounds, desc=f"{cfg.run.method} swarm", unit="node-round", disable=not progress)
     key = task.selection.key or task.metrics[0]
+    bar: tqdm[Any] | None = None
     try:
+        for node, path in configs.items():  # inside the try: nodes started before a failure are stopped below
+            procs[node] = start_node(path, path.parent / "node.log")
+        # after the forks: the bar's monitor thread is not copied into the nodes
+        bar = tqdm(total=len(procs) * cfg.run.rounds, desc=f"{cfg.run.method} swarm", unit="node-round", disable=not progress)
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
             done, post = _progress(out, key) if progress else (0, {})
@@ -161,7 +165,8 @@ def run_swarm(experiment: ResolvedExperiment, timing: Timing, timeout: float | N
         if late:
             print(f"swarm: {late} still running after {budget:.0f}s; stopping them", file=sys.stderr)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
