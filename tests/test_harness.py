@@ -12,6 +12,7 @@ from p2pmoe.harness import Variant, finished_summary, run_seeds
 pytestmark = pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data)")
 
 
+@pytest.mark.slow
 def test_finished_runs_are_read_back_and_only_the_missing_ones_run(tmp_path, monkeypatch):
     calls = []
     real = harness.run_simulation

@@ -235,6 +235,7 @@ def test_messages_for_later_rounds_are_held_only_up_to_the_cap(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_a_peer_round_outside_the_run_is_ignored_at_start_up(tmp_path):
     """A hello claiming round 2**62 (or any round past the run) used to end the run at once
