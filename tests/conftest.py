@@ -11,6 +11,22 @@ import torch
 torch.set_num_threads(1)
 
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Write the synthetic shop (tests/fixtures/shop) once if it is not there: it is generated
+    by a seeded script, not committed as data."""
+    if not (FIXTURES / "shop" / "shop.inter").exists():
+        import importlib.util
+
+        loader = importlib.util.spec_from_file_location("make_shop", FIXTURES / "make_shop.py")
+        assert loader is not None and loader.loader is not None
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        module.main(FIXTURES / "shop")
+
+
 FIXTURE_DOMAINS = {"Alpha": 40, "Beta": 30, "Gamma": 50}
 
 
