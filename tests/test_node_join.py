@@ -7,8 +7,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from stub_methods import Idle
 
-from p2pmoe.methods.base import Method
 from p2pmoe.node.config import Timing, node_config_from_experiment
 from p2pmoe.node.daemon import NodeDaemon
 from p2pmoe.node.swarm import free_ports
@@ -29,25 +29,6 @@ linger = 1
 """
 
 
-class Quiet(Method):
-    """Sends nothing: the test is about who finds whom, not about a method."""
-
-    def train_local(self, round_index: int) -> dict[str, float]:
-        return {"train_loss": 1.0}
-
-    def evaluate(self) -> dict[str, float]:
-        return {"accuracy": 0.5}
-
-    def start_round(self, round_index: int) -> list:
-        return []
-
-    def on_message(self, src, message) -> list:
-        return []
-
-    def round_complete(self) -> bool:
-        return True
-
-
 def _experiment(tmp_path: Path) -> Path:
     path = tmp_path / "experiment.toml"
     path.write_text(EXPERIMENT)
@@ -63,7 +44,7 @@ def test_nodes_that_join_through_one_member_find_their_ring_neighbours_and_run(t
         node: node_config_from_experiment(experiment, None, node, bind=addresses[node], out=tmp_path / node, join=[] if node == "node-00" else [first])
         for node in ids
     }
-    daemons = {node: NodeDaemon(cfg, Quiet(node)) for node, cfg in configs.items()}
+    daemons = {node: NodeDaemon(cfg, Idle(node)) for node, cfg in configs.items()}
 
     async def scenario() -> None:
         # the members start one by one, the first one first: nobody knows anybody in advance
@@ -85,7 +66,7 @@ def test_nodes_that_join_through_one_member_find_their_ring_neighbours_and_run(t
 def test_a_roster_from_a_peer_is_checked_before_anything_is_learnt(tmp_path: Path):
     (port,) = free_ports(1)
     cfg = node_config_from_experiment(_experiment(tmp_path), None, "node-02", bind=f"tcp://127.0.0.1:{port}", out=tmp_path / "n")
-    daemon = NodeDaemon(cfg, Quiet("node-02"))
+    daemon = NodeDaemon(cfg, Idle("node-02"))
     lies = {
         "stranger": "tcp://10.0.0.9:1",  # not a node of this experiment
         "node-02": "tcp://10.0.0.9:2",  # ourselves
@@ -124,7 +105,7 @@ def test_an_mdns_announcement_counts_only_for_the_same_experiment(tmp_path: Path
 
     (port,) = free_ports(1)
     cfg = node_config_from_experiment(_experiment(tmp_path), None, "node-02", bind=f"tcp://127.0.0.1:{port}", out=tmp_path / "n", mdns=True)
-    daemon = NodeDaemon(cfg, Quiet("node-02"))
+    daemon = NodeDaemon(cfg, Idle("node-02"))
     daemon._heard_by_mdns("node-01", "tcp://10.0.0.1:5550", "0" * 64)  # another experiment on the same LAN
     assert "node-01" not in daemon.roster
     assert host_and_port("tcp://192.0.2.10:5550") == ("192.0.2.10", 5550)
@@ -156,7 +137,7 @@ def test_with_curve_keys_nodes_join_by_id_and_a_stranger_cannot_add_itself(tmp_p
         )
         for node in ids
     }
-    daemons = {node: NodeDaemon(cfg, Quiet(node)) for node, cfg in configs.items()}
+    daemons = {node: NodeDaemon(cfg, Idle(node)) for node, cfg in configs.items()}
     stranger = CurveSettings(tmp_path / "stranger" / "node-03.key_secret", tmp_path / "stranger" / "node-03.key", {})
     public, secret = stranger.keypair()
     outcome: dict = {}
@@ -188,7 +169,7 @@ def test_peer_given_addresses_are_checked_and_a_neighbour_never_found_is_a_failu
         assert not dialable(bad), bad
     (port,) = free_ports(1)
     cfg = node_config_from_experiment(_experiment(tmp_path), None, "node-02", bind=f"tcp://127.0.0.1:{port}", out=tmp_path / "n")
-    daemon = NodeDaemon(cfg, Quiet("node-02"))
+    daemon = NodeDaemon(cfg, Idle("node-02"))
     daemon._learn({"node-01": "tcp://abc", "node-03": "ipc:///etc/passwd"}, "node-01")
     assert set(daemon.roster) == {"node-02"}
     daemon._heard_by_mdns("node-04", "tcp://10.0.0.4:1", daemon.config_hash)  # mDNS fills a gap ...

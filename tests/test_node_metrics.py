@@ -4,18 +4,17 @@ the bytes are the ledger's."""
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from stub_methods import Idle
 
 from p2pmoe.config import default_config
 from p2pmoe.experiment import resolve_experiment
 from p2pmoe.ledger import LedgerEntry
-from p2pmoe.methods.base import Method
 from p2pmoe.node.config import NodeConfig, Timing
 from p2pmoe.node.daemon import NodeDaemon
 from p2pmoe.node.metrics import DaemonCollector, DaemonState
@@ -68,22 +67,9 @@ def test_a_live_daemon_serves_metrics_whose_bytes_match_its_ledger(tmp_path: Pat
         for n in addresses
     }
 
-    class Slow(Method):  # long enough rounds for a scrape in the middle of the run
-        def train_local(self, round_index: int) -> dict[str, float]:
-            time.sleep(0.5)
-            return {"train_loss": 1.0}
-
-        def evaluate(self) -> dict[str, float]:
-            return {"accuracy": 0.25}
-
-        def start_round(self, round_index: int) -> list:
-            return []
-
-        def on_message(self, src, message) -> list:
-            return []
-
-        def round_complete(self) -> bool:
-            return True
+    class Slow(Idle):  # long enough rounds for a scrape in the middle of the run
+        seconds = 0.5
+        accuracy = 0.25
 
     daemons = {n: NodeDaemon(cfg, method=Slow(n)) for n, cfg in configs.items()}
     seen: dict[str, object] = {}

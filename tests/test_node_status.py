@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
+
+from stub_methods import Idle
 
 from p2pmoe.cli import main
 from p2pmoe.config import default_config
 from p2pmoe.experiment import resolve_experiment
-from p2pmoe.methods.base import Method
 from p2pmoe.node.config import NodeConfig, Timing
 from p2pmoe.node.daemon import NodeDaemon
 from p2pmoe.node.status import ask_status
 from p2pmoe.node.swarm import free_ports
 
 
-class Slow(Method):
-    def train_local(self, round_index: int) -> dict[str, float]:
-        time.sleep(0.4)
-        return {"train_loss": 1.0}
-
-    def evaluate(self) -> dict[str, float]:
-        return {"accuracy": 0.5}
-
-    def start_round(self, round_index: int) -> list:
-        return []
-
-    def on_message(self, src, message) -> list:
-        return []
-
-    def round_complete(self) -> bool:
-        return True
+class Slow(Idle):
+    seconds = 0.4
 
 
 def test_status_of_a_live_node_and_of_a_roster(tmp_path: Path, capsys):

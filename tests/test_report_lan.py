@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
+from stub_methods import Idle
 
 from p2pmoe.config import default_config
 from p2pmoe.experiment import resolve_experiment
-from p2pmoe.methods.base import Method
 from p2pmoe.node.config import NodeConfig, Timing
 from p2pmoe.node.daemon import NodeDaemon
 from p2pmoe.node.swarm import free_ports
@@ -22,28 +21,19 @@ from p2pmoe.report import write_report
 ROUNDS = 6
 
 
-class Steady(Method):
+class Steady(Idle):
+    """Rounds of a quarter second; with `stop_after`, the node leaves during that round."""
+
+    seconds = 0.25
+
     def __init__(self, node_id: str, stop_after: int | None = None, daemon: list | None = None) -> None:
         super().__init__(node_id)
         self.stop_after, self.daemon = stop_after, daemon
 
     def train_local(self, round_index: int) -> dict[str, float]:
-        time.sleep(0.25)
         if self.stop_after is not None and round_index == self.stop_after and self.daemon:
             self.daemon[0]._stop.set()  # this node leaves after this round, for good
-        return {"train_loss": 1.0 / (round_index + 1)}
-
-    def evaluate(self) -> dict[str, float]:
-        return {"accuracy": 0.5}
-
-    def start_round(self, round_index: int) -> list:
-        return []
-
-    def on_message(self, src, message) -> list:
-        return []
-
-    def round_complete(self) -> bool:
-        return True
+        return {**super().train_local(round_index), "train_loss": 1.0 / (round_index + 1)}
 
 
 @pytest.mark.slow

@@ -16,10 +16,11 @@ count would leak the counts).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
+
+from p2pmoe.methods.robust import clipped_difference
 
 State = Mapping[str, torch.Tensor]
 
@@ -28,11 +29,8 @@ def dp_mean(states: Sequence[State], centre: State, clip: float, noise: float, g
     """centre + (Σ_i clip(s_i − centre, S) + N(0, (σS)² I)) / m."""
     total = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in centre.items()}
     for state in states:
-        delta = {name: state[name].to(torch.float64) - centre[name].to(torch.float64) for name in centre}
-        norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
-        scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        for name, d in delta.items():
-            total[name] += scale * d
+        for name, d in clipped_difference(state, centre, clip).items():
+            total[name] += d
     out = {}
     for name, t in centre.items():
         noisy = total[name] + noise * clip * torch.randn(t.shape, generator=generator, dtype=torch.float64)

@@ -107,17 +107,23 @@ def krum(states: Sequence[State], f: int, m: int = 1) -> dict[str, torch.Tensor]
     return weighted_average([dict(states[i]) for i in chosen], [1] * len(chosen))
 
 
+def clipped_difference(state: State, centre: State, tau: float) -> dict[str, torch.Tensor]:
+    """state − centre in float64, scaled down to whole-state norm `tau` if it is longer: the
+    step every clipping rule here (centred clipping, ClippedGossip, DP-FedAvg) bounds."""
+    delta = {name: state[name].to(torch.float64) - centre[name].to(torch.float64) for name in centre}
+    norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
+    scale = min(1.0, tau / norm) if norm > 0 else 1.0
+    return {name: scale * d for name, d in delta.items()}
+
+
 def centred_clip(states: Sequence[State], centre: State, tau: float) -> dict[str, torch.Tensor]:
     """centre + Σ_i clip(s_i − centre, τ) / n: a sender moves the result by at most τ / n
     however far its numbers lie (equal weights: an example count is the sender's own claim,
     and weighting by it would let a liar claim all the weight)."""
     moved = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in centre.items()}
     for state in states:
-        delta = {name: state[name].to(torch.float64) - centre[name].to(torch.float64) for name in centre}
-        norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
-        scale = min(1.0, tau / norm) if norm > 0 else 1.0
-        for name, d in delta.items():
-            moved[name] += scale * d / len(states)
+        for name, d in clipped_difference(state, centre, tau).items():
+            moved[name] += d / len(states)
     return {name: (centre[name].to(torch.float64) + moved[name]).to(centre[name].dtype) for name in centre}
 
 
@@ -140,11 +146,8 @@ def self_centred_mix(own: State, others: Sequence[tuple[State, float]], tau: flo
     norm τ, so a neighbour moves this node by at most w_j τ per round whatever it sends."""
     mixed = {name: t.to(torch.float64).clone() for name, t in own.items()}
     for state, weight in others:
-        delta = {name: state[name].to(torch.float64) - own[name].to(torch.float64) for name in own}
-        norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
-        scale = min(1.0, tau / norm) if norm > 0 else 1.0
-        for name, d in delta.items():
-            mixed[name] += weight * scale * d
+        for name, d in clipped_difference(state, own, tau).items():
+            mixed[name] += weight * d
     return {name: mixed[name].to(own[name].dtype) for name in own}
 
 
