@@ -211,6 +211,7 @@ class _FakeLearner:
         return {"train_loss": float(loss.detach())}
 
 
+@pytest.mark.slow
 def test_simulation_counts_direction_bytes_on_real_titles(tiny_backbone: Path, tmp_path: Path) -> None:
     """Two rounds on real MovieLens-1M titles with the tiny backbone folder (`--backbone PATH`):
     every upload's payload is r (d_in + d_out) x layers x 4 bytes."""

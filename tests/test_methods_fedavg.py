@@ -201,6 +201,7 @@ def _fmnist_run(tmp_path, method: str, **run):
     return run_simulation(with_options(cfg, task_options={"global_test_size": 200}), progress=False, report=False)
 
 
+@pytest.mark.slow
 def test_fedavg_ft_trains_as_fedavg_and_scores_the_fine_tuned_copy(tmp_path):
     """Real data: the same training losses and bytes in every round as FedAvg (the copy is
     dropped, the shuffling RNG restored), another personalised score, and its compute counted."""

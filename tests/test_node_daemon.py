@@ -32,7 +32,7 @@ def _rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize(
     "method, clients, participation",
     [
-        ("fedavg", 3, 1.0),
+        pytest.param("fedavg", 3, 1.0, marks=pytest.mark.slow),
         pytest.param("fedmoe-da", 4, 1.0, marks=pytest.mark.slow),
         pytest.param("fmoe-cdsr", 3, 1.0, marks=pytest.mark.slow),
         pytest.param("fedavg", 4, 0.5, marks=pytest.mark.slow),

@@ -89,7 +89,8 @@ def test_workers_must_be_positive() -> None:
 
 
 @pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data installs dataset-fashion-mnist)")
-@pytest.mark.parametrize("method", [pytest.param("fedavg", marks=pytest.mark.slow), "fedmoe-da", pytest.param("gossip", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedavg", "fedmoe-da", "gossip"])
 def test_two_workers_give_the_numbers_and_bytes_of_one_at_a_time(tmp_path: Path, method: str) -> None:
     """Real data: every metric of every node, every counted byte and every message's phase
     equal, to the last digit."""
