@@ -12,6 +12,7 @@ exactly one message handed to recv() for a valid one, and nothing that recv() yi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -25,10 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pmoe.node.transport import Transport
-from p2pmoe.wire.codec import DTYPES, PROTOCOL_VERSION, Envelope, Limits, decode, encode
+from p2pmoe.wire.codec import DTYPES, PROTOCOL_VERSION, XFER_BYTES, Envelope, Limits, decode, encode, wire_messages
 from p2pmoe.wire.messages import Message, MessageKind
 
-LIMITS = Limits(max_message_bytes=2**20, max_tensors=16, max_header_bytes=2**16, max_frames=1024, frame_bytes=1024)
+LIMITS = Limits(max_message_bytes=2**20, max_tensors=16, max_header_bytes=2**16, frame_bytes=1024)
+FLOOD_FRAMES = 1024  # empty frames a flood case appends to one ZeroMQ message
 ME = "fuzzer"
 FUZZ = settings(
     deadline=None,
@@ -87,11 +89,13 @@ class Harness:
         assert got.message.meta == message.meta, got
         return pending
 
-    async def case(self, frames: list[bytes]) -> Outcome:
+    async def case(self, messages: list[list[bytes]]) -> Outcome:
+        """Send `messages` (each one ZeroMQ message), then a probe; what came back before it."""
         self.cases += 1
         probe = self.cases
         before = len(self.accepted)
-        await self.client.send_multipart(frames)
+        for frames in messages:
+            await self.client.send_multipart(frames)
         await self.client.send_multipart(encode(ME, Message(MessageKind.HEARTBEAT, 0, meta={"probe": probe})))
         errors: list[Message] = []
         while True:
@@ -125,8 +129,8 @@ def live():
     def run(coroutine):
         return loop.run_until_complete(asyncio.wait_for(coroutine, 20))
 
-    def run_case(frames: list[bytes]) -> Outcome:
-        return run(harness.case(frames))
+    def run_case(messages: list[list[bytes]]) -> Outcome:
+        return run(harness.case(messages))
 
     yield harness, run_case, run
     try:
@@ -185,16 +189,22 @@ def valid_messages(draw, float32_only: bool = False) -> Message:
     return Message(kind, draw(st.integers(0, 2**31)), named, meta)
 
 
-def _header(frames: list[bytes]) -> dict:
-    return msgpack.unpackb(frames[0], raw=False)
+def _header(messages: list[list[bytes]]) -> dict:
+    return msgpack.unpackb(messages[0][0], raw=False)
 
 
-def _pack(header: object, payload: list[bytes]) -> list[bytes]:
-    return [msgpack.packb(header, use_bin_type=True), *payload]
+def _pack(header: object, payload: list[bytes]) -> list[list[bytes]]:
+    """One ZeroMQ message: the header and the given payload frames (one, for a valid message)."""
+    return [[msgpack.packb(header, use_bin_type=True), *payload]]
 
 
-def _encoded(message: Message) -> list[bytes]:
-    return [bytes(f) for f in encode(ME, message, LIMITS)]
+_transfers = itertools.count()  # a fresh transfer id per case: a transfer left open never clashes with a later one
+
+
+def _encoded(message: Message, compression: dict[str, str] | None = None) -> list[list[bytes]]:
+    """`message` as the ZeroMQ messages a node sends: a header, then its transfer's chunks."""
+    xfer = (next(_transfers) % 2**32).to_bytes(XFER_BYTES, "big")
+    return wire_messages([bytes(f) for f in encode(ME, message, LIMITS, compression, xfer)])
 
 
 _ints = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
@@ -207,11 +217,14 @@ _msgpack_values = st.recursive(
 
 
 @st.composite
-def corrupted(draw) -> list[bytes]:
-    """A valid message broken in exactly one way that the protocol forbids."""
+def corrupted(draw) -> list[list[bytes]]:
+    """A valid message broken in exactly one way that the protocol forbids, as the ZeroMQ
+    messages it travels in. Each breaks the header or a chunk that is not the transfer's last:
+    a transfer whose last bytes never come is dropped after `transfer_timeout`, unanswered."""
     message = draw(valid_messages())
-    frames = _encoded(message)
-    header, payload = _header(frames), frames[1:]
+    messages = _encoded(message)
+    header = _header(messages)
+    payload = b"".join(m[1] for m in messages if len(m) > 1)  # the tensors' bytes, for ways that rebuild one message
     table = header["tensors"]
     sized = [i for i, row in enumerate(table) if row[3] > 0]
     floats = [name for name, t in message.tensors.items() if t.is_floating_point() and t.numel()]
@@ -234,12 +247,13 @@ def corrupted(draw) -> list[bytes]:
         "flood",
     ]
     if payload:
-        ways += ["drop_frame"]
+        ways += ["drop_frame", "truncate"]
     if sized:
-        ways += ["truncate", "lie_nbytes", "lie_nframes_up"]
+        ways += ["lie_nbytes"]
     if floats:
         ways += ["nan"]
     way = draw(st.sampled_from(ways))
+    rest = messages[1:]  # the transfer's chunks, if any: after a refused header they are dropped unanswered
     if way == "version":
         header["v"] = draw(_ints.filter(lambda v: v != PROTOCOL_VERSION) | st.text(max_size=3) | st.none() | st.sampled_from([1.0, True]))
     elif way == "meta_types":  # booleans are not counts, 1.0 is not an int, 1 is not true
@@ -265,48 +279,44 @@ def corrupted(draw) -> list[bytes]:
     elif way == "tensors":
         header["tensors"] = draw(st.dictionaries(st.text(max_size=3), _ints, max_size=2) | _ints | st.none())
     elif way == "not_a_map":
-        return _pack(draw(st.lists(_ints, max_size=3) | _ints | st.text(max_size=5)), payload)
+        return [*_pack(draw(st.lists(_ints, max_size=3) | _ints | st.text(max_size=5)), messages[0][1:]), *rest]
     elif way == "garbage":  # a strict prefix of a msgpack object, or trailing bytes after it
-        if draw(st.booleans()):
-            return [frames[0][: draw(st.integers(0, len(frames[0]) - 1))], *payload]
-        return [frames[0] + draw(st.binary(min_size=1, max_size=16)), *payload]
-    elif way == "flood":  # more frames than max_frames, after a header or after the tensors
-        return [*frames, *[b""] * draw(st.integers(LIMITS.max_frames - len(frames) + 1, 3 * LIMITS.max_frames))]
-    elif way == "extra_frame":
-        position = draw(st.integers(1, len(frames)))
-        return [*frames[:position], draw(st.binary(max_size=64)), *frames[position:]]
-    elif way == "drop_frame":
-        del payload[draw(st.integers(0, len(payload) - 1))]
+        head = messages[0][0]
+        broken = head[: draw(st.integers(0, len(head) - 1))] if draw(st.booleans()) else head + draw(st.binary(min_size=1, max_size=16))
+        return [[broken, *messages[0][1:]], *rest]
+    elif way in ("flood", "extra_frame"):  # a third frame (or a thousand more) in one ZeroMQ message
+        i = draw(st.integers(0, len(messages) - 1))
+        more = [b""] * FLOOD_FRAMES if way == "flood" else [draw(st.binary(max_size=64))]
+        frames = messages[i] if len(messages[i]) == 2 else [*messages[i], b""]
+        return [*messages[:i], [*frames, *more], *messages[i + 1 :]]
+    elif way == "drop_frame":  # a head whose payload frame is missing
+        i = draw(st.integers(0, len(messages) - 1))
+        return [*messages[:i], messages[i][:1], *messages[i + 1 :]]
+    elif way == "truncate":  # a payload shorter than sent: the message falls short, or the next chunk's offset no longer fits
+        i = draw(st.integers(0, max(0, len(messages) - 2)))  # never a transfer's last chunk (see above)
+        chunk = messages[i][1]
+        return [*messages[:i], [messages[i][0], chunk[: draw(st.integers(0, len(chunk) - 1))]], *messages[i + 1 :]]
     elif way == "huge":
         dims = draw(st.lists(st.integers(2**10, 2**30), min_size=2, max_size=2))  # > limit, < 2**64
-        table.append(["huge", "float32", dims, 4 * math.prod(dims), 1])
-        payload.append(b"\x00" * 16)
+        table.append(["huge", "float32", dims, 4 * math.prod(dims)])
     elif way == "dtype":
-        if not table:
-            table.append(["t", "float32", [1], 4, 1])
-            payload.append(b"\x00" * 4)
-        table[0][1] = draw(st.sampled_from(["object", "complex64", "float8", "str", "", "uint16"]) | _ints | st.none())
+        bad = draw(st.sampled_from(["object", "complex64", "float8", "str", "", "uint16"]) | _ints | st.none())
+        if not table:  # a tensor to give the bad dtype to, its bytes in the one message
+            return _pack(header | {"tensors": [["t", bad, [1], 4]]}, [b"\x00" * 4])
+        table[0][1] = bad
     elif way == "dup_name":
-        table += [["d", "uint8", [1], 1, 1], ["d", "uint8", [1], 1, 1]]
-        payload += [b"\x01", b"\x02"]
+        table += [["d", "uint8", [1], 1], ["d", "uint8", [1], 1]]
     elif way == "dims":
-        table.append(["deep", "uint8", [1] * (LIMITS.max_dims + 1), 1, 1])
-        payload.append(b"\x00")
-    elif way == "truncate":
-        i = draw(st.sampled_from(sized))
-        index = sum(r[4] for r in table[:i]) + draw(st.integers(0, table[i][4] - 1))  # one of its frames
-        payload[index] = payload[index][: draw(st.integers(0, len(payload[index]) - 1))]
+        table.append(["deep", "uint8", [1] * (LIMITS.max_dims + 1), 1])
     elif way == "lie_nbytes":
         row = table[draw(st.sampled_from(sized))]
         row[3] += draw(st.integers(-row[3], 4096).filter(lambda d: d != 0))
-    elif way == "lie_nframes_up":
-        table[draw(st.sampled_from(sized))][4] += draw(st.integers(1, 4))
     elif way == "nan":
         name = draw(st.sampled_from(floats))
         bad = message.tensors[name].clone().reshape(-1)
         bad[draw(st.integers(0, bad.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
         return _encoded(Message(message.kind, message.round, {**message.tensors, name: bad.reshape(message.tensors[name].shape)}, message.meta))
-    return _pack(header, payload)
+    return [*_pack(header, messages[0][1:]), *rest]
 
 
 _SCALE_OVER = st.floats(1.4e36, 1e300) | st.just(3.0e38)  # 255 * scale > float32's max
@@ -338,8 +348,8 @@ def _hostile_comp(draw, table: list[list]) -> object:
 
 
 @st.composite
-def random_tables(draw) -> list[bytes]:
-    """A well-formed header whose tensor table and frames are drawn at random."""
+def random_tables(draw) -> list[list[bytes]]:
+    """A well-formed header whose tensor table and payload are drawn at random, in one ZeroMQ message."""
     rows, payload = [], []
     for i in range(draw(st.integers(0, 4))):
         dtype = draw(st.sampled_from(_DTYPE_NAMES) | st.text(max_size=6))
@@ -348,11 +358,9 @@ def random_tables(draw) -> list[bytes]:
         honest = math.prod(shape) * itemsize
         lies = st.integers(-1, 2**34)
         nbytes = draw(st.just(honest) | lies if -(2**63) <= honest < 2**64 else lies)
-        nframes = draw(st.integers(-1, 3))
-        rows.append([draw(st.just(f"t{i}") | st.text(max_size=3)), dtype, shape, nbytes, nframes])
-        for _ in range(max(0, nframes)):
-            fits = draw(st.booleans()) and 0 <= nbytes <= 256
-            payload.append(draw(st.binary(min_size=nbytes, max_size=nbytes) if fits else st.binary(max_size=64)))
+        rows.append([draw(st.just(f"t{i}") | st.text(max_size=3)), dtype, shape, nbytes])
+        fits = draw(st.booleans()) and 0 <= nbytes <= 256
+        payload.append(draw(st.binary(min_size=nbytes, max_size=nbytes) if fits else st.binary(max_size=64)))
     header = {
         "v": PROTOCOL_VERSION,
         "kind": draw(st.sampled_from([k.value for k in MessageKind])),
@@ -361,7 +369,8 @@ def random_tables(draw) -> list[bytes]:
         "meta": {},
         "tensors": rows,
     }
-    return _pack(header, payload)
+    joined = b"".join(payload)
+    return _pack(header, [joined] if joined or draw(st.booleans()) else [])
 
 
 # -- the fuzz ----------------------------------------------------------------------------------
@@ -370,19 +379,19 @@ def random_tables(draw) -> list[bytes]:
 @settings(FUZZ, max_examples=1500)
 @given(frames=st.lists(st.binary(max_size=300), min_size=1, max_size=6))
 def test_random_bytes_frames(live, frames):
-    handled(live[1](frames))
+    handled(live[1]([frames]))
 
 
 @settings(FUZZ, max_examples=3500)
-@given(frames=corrupted())
-def test_each_protocol_violation_gets_an_error_reply(live, frames):
-    rejected(live[1](frames))
+@given(messages=corrupted())
+def test_each_protocol_violation_gets_an_error_reply(live, messages):
+    rejected(live[1](messages))
 
 
 @settings(FUZZ, max_examples=1500)
-@given(frames=random_tables())
-def test_valid_header_with_random_tensor_table(live, frames):
-    handled(live[1](frames))
+@given(messages=random_tables())
+def test_valid_header_with_random_tensor_table(live, messages):
+    handled(live[1](messages))
 
 
 @settings(FUZZ, max_examples=1000)
@@ -405,7 +414,7 @@ def test_valid_messages_arrive_intact(live, message):
 @settings(FUZZ, max_examples=1000)
 @given(message=valid_messages(float32_only=True), scheme=st.sampled_from(["fp16", "int8"]))
 def test_compressed_messages_arrive_restored_and_finite(live, message, scheme):
-    outcome = live[1]([bytes(f) for f in encode(ME, message, LIMITS, {"*": scheme})])
+    outcome = live[1](_encoded(message, {"*": scheme}))
     assert outcome.errors == [] and len(outcome.accepted) == 1
     got = outcome.accepted[0].message.tensors
     for name, t in message.tensors.items():
@@ -415,10 +424,11 @@ def test_compressed_messages_arrive_restored_and_finite(live, message, scheme):
 
 
 @settings(FUZZ, max_examples=200)
-@given(header=valid_messages(), extra=st.integers(1, 2 * LIMITS.max_frames), size=st.integers(0, 8))
+@given(header=valid_messages(), extra=st.integers(1, 2 * FLOOD_FRAMES), size=st.integers(0, 8))
 def test_frame_floods_are_refused_with_one_error(live, header, extra, size):
-    frames = _encoded(header)
-    rejected(live[1]([*frames, *[b"\x00" * size] * (LIMITS.max_frames - len(frames) + extra)]))
+    messages = _encoded(header)
+    first = messages[0] if len(messages[0]) == 2 else [*messages[0], b""]
+    rejected(live[1]([[*first, *[b"\x00" * size] * extra], *messages[1:]]))
 
 
 _REQ_FORMS = ["same", "other", "absent", "true", "float", "text"]
@@ -439,7 +449,7 @@ def test_replies_without_the_requests_id_never_answer_it(live, req_form, reply_f
         meta["reply"] = reply_form
     kind = MessageKind.EXPERT_REQUEST if same_kind else MessageKind.EXPERT_RESPONSE
     pending = run(harness.ask(Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": req})))
-    outcome = run_case(_pack({"v": 1, "kind": kind.value, "src": ME, "round": 0, "meta": meta, "tensors": []}, []))
+    outcome = run_case(_pack({"v": PROTOCOL_VERSION, "kind": kind.value, "src": ME, "round": 0, "meta": meta, "tensors": []}, []))
     flagged = reply_form is True  # not `in`: 1 == True in Python, the very confusion under test
     matches = req_form == "same" and (reply_form == "absent" or flagged) and (not same_kind or flagged)
     if matches:
@@ -454,6 +464,6 @@ def test_replies_without_the_requests_id_never_answer_it(live, req_form, reply_f
 def test_zz_node_still_serves_after_the_fuzz(live):
     """Runs last in this module: a real request round trip on the same connection."""
     run_case = live[1]
-    big = Message(MessageKind.EXPERT_RESPONSE, 1, {"w": torch.randn(2**17)})  # 512 KB, 512 frames
+    big = Message(MessageKind.EXPERT_RESPONSE, 1, {"w": torch.randn(2**17)})  # 512 KB, 512 chunks
     outcome = run_case(_encoded(big))
     assert outcome.errors == [] and torch.equal(outcome.accepted[0].message.tensors["w"], big.tensors["w"])

@@ -9,6 +9,7 @@ restored compressed values unchecked) and bounds its own time.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import struct
 import time
@@ -19,10 +20,11 @@ import pytest
 import torch
 import zmq
 import zmq.asyncio
+from raw_wire import send_frames
 
 import p2pmoe.node.transport as transport_module
 from p2pmoe.node.transport import Transport
-from p2pmoe.wire.codec import Limits, decode, encode
+from p2pmoe.wire.codec import Limits, decode, encode, wire_messages
 from p2pmoe.wire.messages import Message, MessageKind
 
 LOOPBACK = "tcp://127.0.0.1:0"
@@ -86,7 +88,7 @@ def test_a_frame_flood_is_refused_quickly_and_other_clients_keep_being_served():
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
                 assert error.message.kind is MessageKind.ERROR
-                assert error.message.meta["reason"] == "too many frames: 100000 > 8192"
+                assert error.message.meta["reason"] == "a message is a head frame and at most one payload frame, got 100000 frames"
                 # the old transport built a zmq.Frame object a frame first (400,000 took 6-8 s on
                 # a quiet machine, while the prober waited); dropping frames makes none
                 assert peak < 8 * 2**20, peak
@@ -108,7 +110,7 @@ def test_a_frame_over_the_frame_limit_is_never_read():
             server = asyncio.create_task(echo(node))
             attacker, prober = client(context, node.address, "attacker"), client(context, node.address, "prober")
             try:
-                header = {"v": 1, "kind": "embedding", "src": "attacker", "round": 0, "meta": {}, "tensors": [["x", "uint8", [1], 1, 1]]}
+                header = {"v": 2, "kind": "embedding", "src": "attacker", "round": 0, "meta": {}, "tensors": [["x", "uint8", [1], 1]]}
                 big = bytes(2**20)  # 1 MiB frames: the old limit was max_message_bytes + header (257 MiB)
                 await attacker.send_multipart([msgpack.packb(header), big, big, big, big])
                 await asyncio.sleep(0.5)
@@ -162,7 +164,7 @@ def test_a_stalled_half_sent_message_is_dropped(monkeypatch, frame):
             port = int(node.address.rsplit(":", 1)[1])
             attacker = await asyncio.to_thread(_zmtp_dealer, port, b"stall")
             try:
-                header = msgpack.packb({"v": 1, "kind": "embedding", "src": "stall", "round": 0, "meta": {}, "tensors": []})
+                header = msgpack.packb({"v": 2, "kind": "embedding", "src": "stall", "round": 0, "meta": {}, "tensors": []})
                 data = bytes(2 * 2**20)
                 if frame == "announced 256 MiB":  # MAXMSGSIZE: dropped at the announcement
                     body = bytes([0x03]) + struct.pack(">Q", 256 * 2**20) + data
@@ -255,33 +257,125 @@ def test_a_peer_that_reconnects_with_its_routing_id_is_heard_again():
     run(scenario)
 
 
-def test_a_sender_gets_its_share_of_the_inbox_and_others_are_still_heard():
+def test_a_sender_gets_its_share_of_the_budget_and_others_are_still_heard():
     """Issue 26 N4: the inbox was bounded by a message count (200 x 16 MiB took a node to
-    3.9 GB, bench/bench_inbox_memory.py). Now a sender whose earlier messages still wait is
-    refused beyond its byte share, the node's memory stays bounded, and another client's
+    3.9 GB, bench/bench_inbox_memory.py). Now a message's bytes are reserved when its header
+    arrives: a sender whose earlier messages are still held is refused beyond its byte share
+    at the header, its refused transfers' chunks are dropped unread, and another client's
     HELLO goes through while nobody consumes the flood."""
 
     async def scenario():
         context = zmq.asyncio.Context()
-        async with Transport("server", LOOPBACK, max_inbox_bytes=8 * 2**20, max_peer_inbox_bytes=2 * 2**20) as node:
+        async with Transport("server", LOOPBACK, max_held_bytes=8 * 2**20, max_peer_held_bytes=2 * 2**20) as node:
             flooder, other = client(context, node.address, "flooder"), client(context, node.address, "other")
             try:
-                big = encode("flooder", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(230_000)}))  # 0.88 MiB each
-                for _ in range(20):
-                    await flooder.send_multipart(big)
+                for n in range(20):  # 0.88 MiB each: four chunks of one transfer apiece
+                    await send_frames(flooder, encode("flooder", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(230_000)}), xfer=n.to_bytes(4, "big")))
                 refusals = 0
                 while refusals < 18:  # two fit in its 2 MiB share; every later one is refused with a reason
                     reply = decode(await asyncio.wait_for(flooder.recv_multipart(), 10))
-                    assert reply.message.kind == MessageKind.ERROR and "slow down" in reply.message.meta["reason"]
+                    assert reply.message.kind == MessageKind.ERROR and "slow down" in reply.message.meta["reason"], reply
                     assert "req" not in reply.message.meta  # the flood carried none; a request's refusal copies its req
                     refusals += 1
-                await flooder.send_multipart(encode("flooder", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(230_000)}, {"req": 77})))
+                request = Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(230_000)}, {"req": 77})
+                await send_frames(flooder, encode("flooder", request, xfer=b"REQ!"))
                 refused = decode(await asyncio.wait_for(flooder.recv_multipart(), 10)).message
                 assert refused.kind == MessageKind.ERROR and refused.meta["req"] == 77  # a refused request fails at once
                 start = time.perf_counter()
                 await other.send_multipart(encode("other", Message(MessageKind.HELLO, 0)))
                 got = [(await asyncio.wait_for(node.recv(), 5)).src for _ in range(3)]
                 assert got == ["flooder", "flooder", "other"] and time.perf_counter() - start < 0.1
+                assert node.stray_chunks == 19 * 3 and node.refused == 19  # refused at the header; chunks dropped unread
+                assert node.held_bytes == 0  # every reservation is back once recv() has handed the messages out
+            finally:
+                context.destroy(linger=0)
+
+    run(scenario)
+
+
+def test_a_stalled_transfer_expires_and_frees_its_reservation():
+    """A header and a first chunk, then nothing: the reservation goes after transfer_timeout
+    and the transfer's late chunks are dropped unanswered, not stored."""
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        async with Transport("node", LOOPBACK, transfer_timeout=0.3) as node:
+            sender = client(context, node.address, "slow")
+            try:
+                frames = encode("slow", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(200_000)}), xfer=b"SLOW")  # 0.8 MB: 4 chunks
+                first, *rest = wire_messages(frames)
+                await sender.send_multipart(first)
+                for _ in range(50):
+                    if node.held_bytes:
+                        break
+                    await asyncio.sleep(0.01)
+                assert node.held_bytes == len(frames[0]) + 800_000  # reserved at the header, before the chunks come
+                for _ in range(200):
+                    if not node.held_bytes:
+                        break
+                    await asyncio.sleep(0.01)
+                assert node.held_bytes == 0
+                for message in rest:
+                    await sender.send_multipart(message)
+                await asyncio.sleep(0.2)
+                assert node.stray_chunks == 3 and node.refused == 0
+                with pytest.raises(TimeoutError):  # nothing was delivered, and no error was sent
+                    await asyncio.wait_for(node.recv(), 0.2)
+            finally:
+                context.destroy(linger=0)
+
+    run(scenario)
+
+
+def test_chunks_keep_a_sender_alive_and_other_clients_are_answered_between_them():
+    """Issue 26 N8/N9: `heard` fires for every chunk, so a peer sending a big tensor slowly is
+    seen alive, and another client's HELLO is answered between two chunks, not after the
+    whole message."""
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        heard: list[tuple[str, float]] = []
+        async with Transport("node", LOOPBACK, heard=lambda who: heard.append((who, time.monotonic()))) as node:
+            server = asyncio.create_task(echo(node))
+            sender, prober = client(context, node.address, "peer"), client(context, node.address, "prober")
+            try:
+                frames = encode("peer", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(400_000)}, {"req": 9}), xfer=b"BIG!")
+                messages = wire_messages(frames)
+                assert len(messages) == 7
+                worst = 0.0
+                for n, message in enumerate(messages):  # 0.1 s between chunks: a slow link
+                    await sender.send_multipart(message)
+                    await asyncio.sleep(0.1)
+                    worst = max(worst, await round_trip(prober, "prober", n, 5))
+                reply = decode(await asyncio.wait_for(sender.recv_multipart(), 5))
+                assert reply.message.meta == {"reply": True, "req": 9}  # the whole message arrived and was answered
+                times = [t for who, t in heard if who == "peer"]
+                assert len(times) == 7 and max(b - a for a, b in itertools.pairwise(times)) < 1.0  # alive all along
+                assert worst < 0.5, worst  # answered between chunks (a whole message took 0.7 s to come)
+            finally:
+                server.cancel()
+                context.destroy(linger=0)
+
+    run(scenario)
+
+
+def test_a_third_frame_in_a_chunk_drops_its_transfer_with_one_error():
+    async def scenario():
+        context = zmq.asyncio.Context()
+        async with Transport("node", LOOPBACK) as node:
+            sender = client(context, node.address, "peer")
+            try:
+                frames = encode("peer", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(200_000)}, {"req": 4}), xfer=b"XTRA")
+                first, second, *rest = wire_messages(frames)
+                await sender.send_multipart(first)
+                await sender.send_multipart([*second, b"extra"])
+                for message in rest:
+                    await sender.send_multipart(message)
+                error = decode(await asyncio.wait_for(sender.recv_multipart(), 5)).message
+                assert error.kind is MessageKind.ERROR and error.meta["req"] == 4 and "at most one payload frame" in error.meta["reason"]
+                with pytest.raises(TimeoutError):  # exactly one error: the later chunks are strays
+                    await asyncio.wait_for(sender.recv_multipart(), 0.3)
+                assert node.stray_chunks == len(rest) and node.held_bytes == 0
             finally:
                 context.destroy(linger=0)
 

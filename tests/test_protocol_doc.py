@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -22,7 +21,7 @@ from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.node.config import NodeConfig
 from p2pmoe.node.daemon import NodeDaemon
 from p2pmoe.node.transport import Transport
-from p2pmoe.wire.codec import DTYPES, Limits, decode, encode
+from p2pmoe.wire.codec import DTYPES, Limits, decode, encode, wire_messages
 from p2pmoe.wire.messages import Message, MessageKind
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
@@ -74,7 +73,7 @@ def test_example_script_gets_hello_and_error_replies_from_a_live_node(tmp_path: 
     assert out.splitlines() == [
         f"hello {NODE_ID} 0 {{'round': -1, 'done': False, 'reply': True}}",
         "config hash matches",  # the document's hash rule, computed without p2pmoe
-        f"error {NODE_ID} unsupported protocol version 2 (speak 1)",
+        f"error {NODE_ID} unsupported protocol version 3 (speak 2)",
     ]
     printed = re.search(r"it prints:\n\n```\n(.*?)```", DOC.read_text(), flags=re.S)
     assert printed is not None and printed.group(1) == out
@@ -89,7 +88,7 @@ def _helpers() -> dict[str, Any]:
 def _tensors() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {
-        "big": torch.randn(5 * 2**20 // 4, generator=generator),  # 5 MiB: twenty 256 KiB frames
+        "big": torch.randn(5 * 2**20 // 4, generator=generator),  # 5 MiB: twenty-one 256 KiB chunks with the rest
         "matrix": torch.randn(3, 4, generator=generator).to(torch.float64),
         "half": torch.randn(7, generator=generator).half(),
         "bf16": torch.randn(2, 5, generator=generator).to(torch.bfloat16),
@@ -109,9 +108,9 @@ def _wire_dtype(tensor: torch.Tensor) -> str:
 
 def test_numpy_helpers_read_what_the_codec_writes() -> None:
     tensors = _tensors()
-    frames = encode("a", Message(MessageKind.MODEL_UPDATE, 3, tensors, {"num_examples": 1}))
-    header = msgpack.unpackb(frames[0], raw=False)
-    arrays = _helpers()["unpack_tensors"](header["tensors"], frames[1:])
+    frames = encode("a", Message(MessageKind.MODEL_UPDATE, 3, tensors, {"num_examples": 1}), xfer=b"ABCD")
+    header, arrays = _helpers()["unpack_message"]([[bytes(f) for f in m] for m in wire_messages(frames)])
+    assert header["xfer"] == b"ABCD" and header["meta"] == {"num_examples": 1}
     for name, tensor in tensors.items():
         if tensor.dtype == torch.bfloat16:  # the doc's recipe: words << 16 viewed as float32
             got = torch.from_numpy((arrays[name].astype(np.uint32) << 16).view(np.float32))
@@ -120,17 +119,19 @@ def test_numpy_helpers_read_what_the_codec_writes() -> None:
             assert torch.equal(torch.from_numpy(arrays[name].copy()), tensor), name
 
 
-def test_codec_accepts_what_the_numpy_helpers_write() -> None:
-    tensors = _tensors()
+@pytest.mark.parametrize("which", ["all", "small"])
+def test_codec_accepts_what_the_numpy_helpers_write(which: str) -> None:
+    tensors = {k: v for k, v in _tensors().items() if which == "all" or k != "big"}  # a transfer, and one ZeroMQ message
     arrays = {}
     for name, tensor in tensors.items():
         source = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
         arrays[name] = (_wire_dtype(tensor), source.numpy())
-    table, frames = _helpers()["pack_tensors"](arrays)
-    header = {"v": 1, "kind": "model_update", "src": "a", "round": 3, "meta": {"num_examples": 1}, "tensors": table}
-    ours = encode("a", Message(MessageKind.MODEL_UPDATE, 3, tensors, {"num_examples": 1}))
-    assert [bytes(f) for f in frames] == [bytes(f) for f in ours[1:]]
-    envelope = decode([msgpack.packb(header, use_bin_type=True), *frames])
+    head = {"v": 2, "kind": "model_update", "src": "a", "round": 3, "meta": {"num_examples": 1}}
+    messages = _helpers()["pack_message"](head, arrays, b"WXYZ")
+    ours = wire_messages(encode("a", Message(MessageKind.MODEL_UPDATE, 3, tensors, {"num_examples": 1}), xfer=b"WXYZ"))
+    assert [[bytes(f) for f in m] for m in messages] == [[bytes(f) for f in m] for m in ours]  # byte for byte
+    assert (len(messages) > 1) == (which == "all")
+    envelope = decode([frame for message in messages for frame in message])
     for name, tensor in tensors.items():
         assert torch.equal(envelope.message.tensors[name], tensor), name
 

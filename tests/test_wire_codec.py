@@ -1,9 +1,8 @@
 import msgpack
-import numpy as np
 import pytest
 import torch
 
-from p2pmoe.wire.codec import Limits, MessageReader, ProtocolError, check_like, decode, encode, frame_sizes
+from p2pmoe.wire.codec import Limits, MessageReader, ProtocolError, check_like, chunk_head, decode, encode, frame_sizes, wire_messages
 from p2pmoe.wire.messages import Message, MessageKind
 
 
@@ -34,12 +33,17 @@ def test_round_trip_preserves_every_tensor_and_field():
         assert torch.equal(got, tensor)
 
 
-def test_large_tensors_are_split_into_frames_of_at_most_frame_bytes():
-    message = Message(MessageKind.EXPERT_RESPONSE, 0, {"x": torch.zeros(1000)})
-    frames = encode("a", message, Limits(frame_bytes=1024))
-    assert [len(f) for f in frames[1:]] == [1024, 1024, 1024, 928]
+def test_large_payloads_travel_as_chunks_of_at_most_frame_bytes_across_tensor_boundaries():
+    message = Message(MessageKind.EXPERT_RESPONSE, 0, {"x": torch.zeros(1000), "y": torch.ones(3, dtype=torch.int8)})
+    frames = encode("a", message, Limits(frame_bytes=1024), xfer=b"ABCD")
+    assert [len(f) for f in frames[1::2]] == [1024, 1024, 1024, 931]  # y's 3 bytes ride in x's last chunk
+    assert msgpack.unpackb(frames[0], raw=False)["xfer"] == b"ABCD"
+    assert [msgpack.unpackb(f, raw=False) for f in frames[2::2]] == [{"xfer": b"ABCD", "off": off} for off in (1024, 2048, 3072)]
+    assert [len(m) for m in wire_messages(frames)] == [2, 2, 2, 2]  # every ZeroMQ message: a head and a payload
     header, payload = frame_sizes(frames)
-    assert payload == 4000 and header == len(frames[0])
+    assert payload == 4003 and header == sum(len(f) for f in frames[0::2])
+    single = encode("a", Message(MessageKind.EXPERT_RESPONSE, 0, {"x": torch.zeros(10)}))
+    assert len(single) == 2 and "xfer" not in msgpack.unpackb(single[0], raw=False)  # one chunk: no transfer id
 
 
 def test_non_contiguous_tensor_is_sent_by_value():
@@ -64,8 +68,8 @@ def _with_header(frames, **changes):
         (lambda f: _with_header(f, v=99), "version"),
         (lambda f: _with_header(f, kind="steal_keys"), "unknown message kind"),
         (lambda f: _with_header(f, round="one"), "round"),
-        (lambda f: f[:-1], "frames"),
-        (lambda f: [*f, b"extra"], "frames"),
+        (lambda f: f[:-1], "payload bytes"),
+        (lambda f: [*f, b"extra"], "one head frame"),
         (lambda f: [f[0], f[1][:-4], *f[2:]], "bytes"),
         (lambda f: [b"\xc1\xff garbage", *f[1:]], "msgpack"),
         (lambda f: [], "empty"),
@@ -137,14 +141,27 @@ def test_bool_in_a_shape_is_rejected():
         decode([msgpack.packb(header), *frames[1:]])
 
 
-def test_frame_count_is_bounded_before_anything_is_parsed():
-    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.zeros(64)}), Limits(frame_bytes=1))
-    with pytest.raises(ProtocolError, match="too many frames"):
-        decode(frames, Limits(max_frames=100))
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda f: [*f[:2], chunk_head(b"ABCD", 9), *f[3:]], "offset 9, expected 4"),
+        (lambda f: [*f[:2], chunk_head(b"WXYZ", 4), *f[3:]], "another transfer"),
+        (lambda f: [*f[:2], msgpack.packb({"xfer": b"AB", "off": 4}), *f[3:]], "chunk head must be"),
+        (lambda f: [*f[:2], msgpack.packb({"xfer": b"ABCD", "off": -4}), *f[3:]], "chunk head must be"),
+        (lambda f: f[:3], "without its payload"),
+        (lambda f: [*f, chunk_head(b"ABCD", 16), b"\x00\x00\x80\x3f"], "chunks carry 20"),
+        (lambda f: [f[0], b"", *f[2:]], "1 to max_frame_bytes"),
+    ],
+)
+def test_chunks_must_continue_their_own_transfer_in_order(mutate, reason):
+    frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": torch.arange(4.0)}), Limits(frame_bytes=4), xfer=b"ABCD")
+    assert torch.equal(decode(frames).message.tensors["x"], torch.arange(4.0))
+    with pytest.raises(ProtocolError, match=reason):
+        decode(mutate(frames))
 
 
-@pytest.mark.parametrize("version", [1.0, True, "1", [1], None])
-def test_version_must_be_exactly_the_integer_1(version):
+@pytest.mark.parametrize("version", [1, 1.0, True, "2", [2], None])
+def test_version_must_be_exactly_the_integer_2(version):
     frames = encode("a", Message(MessageKind.HELLO, 0))
     with pytest.raises(ProtocolError, match="unsupported protocol version"):
         decode(_with_header(frames, v=version))
@@ -183,36 +200,34 @@ def test_a_frame_over_max_frame_bytes_is_refused_and_senders_cannot_make_one():
         Limits(frame_bytes=8 * 2**20)
 
 
-def test_declared_frame_count_is_bounded_by_the_header_alone():
-    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {}, "tensors": [["x", "uint8", [1000], 1000, 1000]]}
-    with pytest.raises(ProtocolError, match="declares 1001 frames"):
-        MessageReader(msgpack.packb(header), Limits(max_frames=100))
+def test_declared_payload_is_bounded_by_the_header_alone():
+    header = {"v": 2, "kind": "embedding", "src": "a", "round": 0, "meta": {}, "tensors": [["x", "uint8", [1000], 1000]], "xfer": b"ABCD"}
+    with pytest.raises(ProtocolError, match="exceeds the message limit 100"):
+        MessageReader(msgpack.packb(header), Limits(max_message_bytes=100))
+    assert MessageReader(msgpack.packb(header)).size == 1000  # what a receiver reserves before any chunk
 
 
 def test_empty_tensor_with_huge_dimensions_is_refused():
-    header = {"v": 1, "kind": "embedding", "src": "a", "round": 0, "meta": {}, "tensors": [["x", "float32", [0, 2**33, 2**33], 0, 0]]}
+    header = {"v": 2, "kind": "embedding", "src": "a", "round": 0, "meta": {}, "tensors": [["x", "float32", [0, 2**33, 2**33], 0]]}
     with pytest.raises(ProtocolError, match="exceeds the message limit"):
         decode([msgpack.packb(header)])
 
 
-def test_reader_takes_frames_in_place_and_checks_each_on_arrival():
+def test_reader_takes_chunks_and_checks_each_on_arrival():
     values = torch.arange(6, dtype=torch.float32)
     frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": values}), Limits(frame_bytes=6))  # splits floats
     reader = MessageReader(frames[0])
-    for frame in frames[1:]:
-        target = reader.target()
-        target[: len(frame)] = np.frombuffer(frame, dtype=np.uint8)
-        reader.took(len(frame))
-    assert reader.target() is None and torch.equal(reader.finish().message.tensors["x"], values)
+    for chunk in frames[1::2]:
+        reader.feed(chunk)
+    assert reader.complete and torch.equal(reader.finish().message.tensors["x"], values)
     bad = values.clone()
     bad[1] = float("nan")
     frames = encode("a", Message(MessageKind.EMBEDDING, 0, {"x": bad}), Limits(frame_bytes=6))
     reader = MessageReader(frames[0])
-    reader.target()[:6] = np.frombuffer(frames[1], dtype=np.uint8)
+    reader.feed(frames[1])
     with pytest.raises(ProtocolError, match="NaN"):
-        reader.took(6)  # the second float is complete after the second frame: checked at once
-        reader.target()[:6] = np.frombuffer(frames[2], dtype=np.uint8)
-        reader.took(6)
+        reader.feed(frames[3])  # the second float is complete after the second chunk: checked at once
+    assert not reader.complete
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])

@@ -105,7 +105,7 @@ def test_fp16_values_are_checked_after_restoring_and_the_sender_never_overflows(
     got = decode(frames).message.tensors
     assert torch.equal(got["big"], message.tensors["big"]) and torch.equal(got["edge"], message.tensors["edge"])
     inf16 = np.array([np.inf, 1.0], dtype="<f2").tobytes()
-    header["tensors"] = [["w", "float16", [2], 4, 1]]
+    header["tensors"] = [["w", "float16", [2], 4]]
     header["comp"] = {"scheme": "fp16", "tensors": {"w": []}}
     with pytest.raises(ProtocolError, match="NaN or infinite"):
         decode([msgpack.packb(header, use_bin_type=True), inf16])

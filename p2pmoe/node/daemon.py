@@ -482,6 +482,13 @@ class NodeDaemon:
         self._event(peer, "found")
         self._progress.set()
 
+    def _bytes_from(self, sender: str) -> None:
+        """The transport read a ZeroMQ message from `sender` (a chunk of a big expert, say): a
+        configured peer of this experiment that is sending is alive, even while its heartbeats
+        wait behind its chunks on a slow link (issue 26 N8)."""
+        if sender in self.cfg.peers and sender not in self.refused_peers:
+            self.membership.seen(sender, time.monotonic())
+
     def _heard_by_mdns(self, node: str, address: str, config: str) -> None:
         """An mDNS announcement, unauthenticated even under CURVE (anyone on the LAN may
         announce any id): it only fills a gap, like a third party's roster entry."""
@@ -597,6 +604,7 @@ class NodeDaemon:
             max_inflight_bytes=self.cfg.max_inflight_bytes,
             round_of=lambda: max(self.runner.round, 0),
             compression=parse_compression(self.cfg.experiment.run.compression),
+            heard=self._bytes_from,
         )
         for peer, address in self.cfg.peers.items():
             key = self.cfg.curve.allowed_public_keys.get(peer) if self.cfg.curve else None

@@ -18,12 +18,27 @@ price is that without CURVE anyone who can connect may take over a connected pee
 node without CURVE listens on loopback only unless told `insecure`
 (`NodeConfig.check_plaintext_bind`), and with CURVE routing ids carry no meaning at all.
 
-Trust. A peer is untrusted input. Each message is read frame by frame through
-`codec.MessageReader`; the header's `src` must equal the connection's identity. A bad message
-is logged, answered with an ERROR message when it came on the ROUTER, and never returned.
+Trust. A peer is untrusted input. Every ZeroMQ message is a head frame and at most one
+payload frame (codec, protocol version 2); a message of more frames is refused, its extra
+frames dropped unread. A header starts a message; a big message's further bytes come as
+chunks of its transfer (`xfer`), each its own ZeroMQ message, read into the message's buffers
+through `codec.MessageReader` as they arrive. The header's `src` must equal the connection's
+identity. A bad message is logged, answered with an ERROR message when it came on the ROUTER,
+and never returned.
+
+Memory (issue 26 N4). libzmq holds at most RCVHWM complete ZeroMQ messages per connection,
+each at most MAXMSGSIZE a frame: a few hundred KiB, not a whole expert. What the node holds
+itself is budgeted in bytes: a message's declared payload is reserved when its header arrives
+(before its chunks are sent or stored) and stays reserved until `recv()` hands the message
+out. The reservations of all senders stay under `max_held_bytes`, and a sender already holding
+something may not pass `max_peer_held_bytes`; a message over either is refused at its header
+with an ERROR that carries its `req`, and its chunks are then dropped at the cost of reading a
+small head. A transfer without a chunk for `transfer_timeout` seconds is dropped and its
+reservation freed. `heard(sender)` is called for every ZeroMQ message that comes from a
+sender, chunks included, so a peer sending a big expert over a slow link is seen alive.
 
 Flow control. High-water marks count messages, not bytes. Frames of 64 KB or more are sent
-zero-copy, and a message of 64 KB or more has its last frame tracked (a MessageTracker);
+zero-copy, and the last frame of a message of 64 KB or more is tracked (a MessageTracker);
 libzmq releases frames in order, so a message counts as in flight until libzmq has released
 that last frame, i.e. handed the whole message to the kernel. `send` waits while a
 destination has more than `max_inflight_bytes` in flight. Messages under 64 KB are copied,
@@ -41,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import secrets
 from collections import OrderedDict, defaultdict
@@ -52,7 +68,19 @@ import zmq
 from p2pmoe.driver.runner import RateLimitedLog
 from p2pmoe.ledger import ByteLedger
 from p2pmoe.node.security import CurveGuard, CurveSettings
-from p2pmoe.wire.codec import DEFAULT_LIMITS, Envelope, Limits, MessageReader, ProtocolError, encode, frame_sizes
+from p2pmoe.wire.codec import (
+    DEFAULT_LIMITS,
+    XFER_BYTES,
+    ChunkHead,
+    Envelope,
+    Limits,
+    MessageReader,
+    ProtocolError,
+    encode,
+    frame_sizes,
+    read_head,
+    wire_messages,
+)
 from p2pmoe.wire.messages import Message, MessageKind
 
 log = logging.getLogger("p2pmoe.transport")
@@ -68,10 +96,12 @@ YIELD_BYTES = 8 << 20  # ... and bytes read: a few milliseconds of work either w
 _DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
 _NOBLOCK, _RCVMORE, _EVENTS = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS)  # plain ints: pyzmq's enum flags cost microseconds a call
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
-INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets ...
-INBOX_BYTES = 128 * 2**20  # ... and their bytes (issue 26 N4: a count alone let 200 x 16 MiB wait) ...
-PEER_INBOX_BYTES = 32 * 2**20  # ... of which one sender may hold this much; beyond, its messages are refused
-RCVHWM = 4  # complete messages libzmq keeps per connection while the node does not read
+INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
+HELD_BYTES = 256 * 2**20  # bytes the node holds for messages being received or waiting for recv() (issue 26 N4) ...
+PEER_HELD_BYTES = 64 * 2**20  # ... of which a sender already holding something may hold this much
+TRANSFER_TIMEOUT = 30.0  # seconds a transfer may go without a chunk before it is dropped
+REMEMBERED_REFUSALS = 4096  # refused transfers whose chunks are dropped without a word
+RCVHWM = 8  # complete ZeroMQ messages (each at most a head and a chunk) libzmq keeps per connection
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
 
@@ -94,6 +124,17 @@ class RequestTimeout(TransportError):
 
 class TransportClosed(TransportError):
     """The transport was closed."""
+
+
+@dataclasses.dataclass
+class _Transfer:
+    """A message whose header has come and whose chunks are arriving."""
+
+    reader: MessageReader
+    held: int  # bytes reserved for it: the header and the payload it declares
+    header: zmq.Frame  # its properties (CURVE User-Id) name the sender
+    routing_id: bytes | None
+    last: float  # loop time of its last chunk
 
 
 @dataclasses.dataclass
@@ -136,20 +177,22 @@ class _InFlight:
         self._holds.remove(hold)
 
 
-def _zmq_parts(frames: Sequence[bytes | memoryview]) -> tuple[list[bytes | memoryview | zmq.Frame], zmq.MessageTracker | None]:
-    """Frames to hand to `send_multipart`: big ones as zero-copy Frames, the last one tracked.
+def _zmq_parts(frames: Sequence[bytes | memoryview], track: bool) -> tuple[list[bytes | memoryview | zmq.Frame], zmq.MessageTracker | None]:
+    """Frames to hand to `send_multipart`: big ones as zero-copy Frames, the last one tracked
+    when `track` says so.
 
-    libzmq releases a message's frames in order, so the last frame's tracker says the whole
-    message has left: one tracker a message, not one a frame (each is an Event that pyzmq's
-    garbage-collector thread must set). The caller must drop the returned parts after
-    sending: a tracker completes only once no Python Frame refers to the buffer any more.
+    libzmq releases a connection's frames in order, so the tracker of the last frame of a
+    message's last ZeroMQ message says the whole message has left: one tracker a message, not
+    one a frame (each is an Event that pyzmq's garbage-collector thread must set). The caller
+    must drop the returned parts after sending: a tracker completes only once no Python Frame
+    refers to the buffer any more.
     """
     parts: list[bytes | memoryview | zmq.Frame] = list(frames)
-    if sum(len(f) for f in frames) < ZERO_COPY_BYTES:  # the common control message: nothing to share or track
-        return parts, None
-    for i, frame in enumerate(frames[:-1]):
+    for i, frame in enumerate(frames[:-1] if track else frames):
         if len(frame) >= ZERO_COPY_BYTES:
             parts[i] = zmq.Frame(frame, copy=False)
+    if not track:
+        return parts, None
     last = zmq.Frame(frames[-1], copy=False, track=True)
     parts[-1] = last
     assert last.tracker is not None  # track=True always makes one
@@ -303,8 +346,10 @@ class Transport:
         round_of: Callable[[], int] | None = None,
         send_timeout: float = 10.0,
         compression: Mapping[str, str] | None = None,
-        max_inbox_bytes: int = INBOX_BYTES,
-        max_peer_inbox_bytes: int = PEER_INBOX_BYTES,
+        max_held_bytes: int = HELD_BYTES,
+        max_peer_held_bytes: int = PEER_HELD_BYTES,
+        transfer_timeout: float = TRANSFER_TIMEOUT,
+        heard: Callable[[str], None] | None = None,
     ) -> None:
         asyncio.get_running_loop()  # fail early and clearly outside a coroutine
         self.node_id = node_id
@@ -314,17 +359,22 @@ class Transport:
         self.send_timeout = send_timeout
         self.compression = dict(compression or {})
         self.bytes_received: dict[str, int] = defaultdict(int)
-        self.refused = 0  # messages refused: malformed, or over the sender's inbox share
+        self.refused = 0  # messages refused: malformed, or over a byte budget
+        self.stray_chunks = 0  # chunks of no open transfer (refused, expired or never started), dropped
         self._round_of = round_of or (lambda: 0)
         self._peers: dict[str, _Peer] = {}
         self._contacts: dict[str, bytes] = {}  # node id -> routing id of its last valid ROUTER message
         self._inflight: dict[str, _InFlight] = defaultdict(_InFlight)
-        self._inbox: asyncio.Queue[tuple[Envelope, int] | None] = asyncio.Queue(INBOX_MESSAGES)
-        self._inbox_bytes = 0  # bytes of the messages in the inbox, bounded by max_inbox_bytes
-        self._inbox_room = asyncio.Event()
-        self.max_inbox_bytes = max_inbox_bytes
-        self.max_peer_inbox_bytes = min(max_peer_inbox_bytes, max_inbox_bytes)
-        self._inbox_by_sender: dict[str, int] = {}
+        self._inbox: asyncio.Queue[tuple[Envelope, str, int] | None] = asyncio.Queue(INBOX_MESSAGES)
+        self.max_held_bytes = max_held_bytes
+        self.max_peer_held_bytes = min(max_peer_held_bytes, max_held_bytes)
+        self.transfer_timeout = transfer_timeout
+        self._held = 0  # bytes reserved for messages being received or waiting in the inbox
+        self._held_by_sender: dict[str, int] = {}
+        self._transfers: dict[tuple[str, bytes], _Transfer] = {}
+        self._refused_transfers: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._xfer_ids = itertools.count(secrets.randbits(31))  # per node; a restart does not reuse ids still open at a peer
+        self._heard = heard
         # (peer, req) -> (waiter, the request's kind): a reply is a message with that req and
         # another kind (or meta.reply true, as hello's), so a peer's own request that happens
         # to reuse the number is not taken for a reply
@@ -358,6 +408,7 @@ class Transport:
         self.address: str = endpoint.decode()
         self._ready[self._router] = _Readiness(self._router)
         self._router_pump = asyncio.create_task(self._pump(self._router, None), name=f"{node_id}-router")
+        self._sweeper = asyncio.create_task(self._sweep_transfers(), name=f"{node_id}-transfers")
         if not self._guard:
             log.warning(
                 "traffic is NOT encrypted or authenticated: node %r at %s runs without CURVE keys; "
@@ -425,6 +476,11 @@ class Transport:
         peer.socket.close(linger=0)
         self._inflight.pop(peer_id, None)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes reserved for messages being received or waiting for recv() (at most `max_held_bytes`)."""
+        return self._held
+
     def in_flight(self, dst: str) -> int:
         """Bytes sent to `dst` that libzmq has not released yet (see the module docstring)."""
         return self._inflight[dst].total() if dst in self._inflight else 0
@@ -448,19 +504,25 @@ class Transport:
         peer = self._peers.get(dst)
         if peer is None and dst not in self._contacts:
             raise PeerUnreachable(f"{dst!r} is neither a configured peer nor a client connected to us")
-        frames = encode(self.node_id, message, self.limits, self.compression)
-        parts, tracker = _zmq_parts(frames)
-        inflight, hold = self._inflight[dst], None
-        if tracker is not None:  # copied messages leave no bytes in flight: the HWM bounds them
-            nbytes = sum(len(f) for f in frames)
+        xfer = (next(self._xfer_ids) % 2**32).to_bytes(XFER_BYTES, "big")
+        frames = encode(self.node_id, message, self.limits, self.compression, xfer)
+        nbytes = sum(len(f) for f in frames)
+        inflight, hold, tracker = self._inflight[dst], None, None
+        track = nbytes >= ZERO_COPY_BYTES  # copied messages leave no bytes in flight: the HWM bounds them
+        if track:
             hold = inflight.try_reserve(nbytes, self.max_inflight_bytes)
             if hold is None:
                 hold = await inflight.wait_for_room(nbytes, self.max_inflight_bytes, timeout, dst)
         socket = peer.socket if peer else self._router
-        if peer is None:
-            parts.insert(0, self._contacts[dst])
+        wire = wire_messages(frames)
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await self._send_parts(socket, parts, timeout)
+            for i, frames_of_one in enumerate(wire):
+                parts, tracker = _zmq_parts(frames_of_one, track and i == len(wire) - 1)
+                if peer is None:
+                    parts.insert(0, self._contacts[dst])
+                await self._send_parts(socket, parts, max(0.0, deadline - asyncio.get_running_loop().time()))
+                del parts  # a live Frame keeps its tracker pending
         except BaseException as exc:
             if hold is not None:
                 inflight.release(hold)
@@ -472,7 +534,6 @@ class Transport:
                 self._contacts.pop(dst, None)
                 raise PeerUnreachable(f"{dst!r} is unreachable: {exc}") from None
             raise
-        del parts  # a live Frame keeps its tracker pending
         if hold is not None:
             hold.tracker = tracker
         self._record(message.round, dst, message.kind, frames)
@@ -551,13 +612,8 @@ class Transport:
         item = await self._inbox.get()
         if item is None:
             raise TransportClosed("transport is closed")
-        envelope, nbytes = item
-        self._inbox_bytes -= nbytes
-        left = self._inbox_by_sender.pop(envelope.src) - nbytes
-        if left:
-            self._inbox_by_sender[envelope.src] = left
-        if self._inbox_bytes < self.max_inbox_bytes:
-            self._inbox_room.set()
+        envelope, sender, nbytes = item
+        self._release(sender, nbytes)
         return envelope
 
     async def _pump(self, socket: zmq.Socket, peer: str | None) -> None:
@@ -568,10 +624,11 @@ class Transport:
                 await ready.wait_for(_POLLIN)
                 first = socket.recv(flags=_NOBLOCK, copy=False)
                 routing_id = first.bytes if peer is None else None
-                header = first if peer is not None else socket.recv(flags=_NOBLOCK, copy=False)
-                outcome, received = await self._read(socket, header)
+                head = first if peer is not None else socket.recv(flags=_NOBLOCK, copy=False)
+                body = socket.recv(flags=_NOBLOCK, copy=False) if head.more else None
+                extra = await _drop_rest(socket) if body is not None and body.more else (0, 0)
                 ready.settle()
-                await self._accept(outcome, received, header, peer, routing_id)
+                await self._take(head, body, extra, peer, routing_id)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
                     return
@@ -580,80 +637,165 @@ class Transport:
             except Exception:  # last line of defence: one message never stops the loop
                 log.exception("dropped a message after an unexpected error")
 
-    async def _read(self, frames: zmq.Socket, header: zmq.Frame) -> tuple[Envelope | ProtocolError, int]:
-        """Read the rest of the message whose header frame is `header`: (Envelope or why not, bytes).
-
-        libzmq delivers a multipart only once all of it has arrived, so every later frame can
-        be taken without waiting. Each goes straight into its tensor's buffer and is checked
-        there (MessageReader); from the first bad frame on, the rest are received into nothing,
-        about a microsecond each (_drop_rest). Reading yields to the event loop every
-        `YIELD_BYTES` bytes, dropping every `YIELD_FRAMES` frames, so other tasks wait for at
-        most that much work at a time; other messages on the same socket wait for the whole
-        message, as libzmq queues them behind it.
-        """
-        failure: ProtocolError | None = None
-        reader: MessageReader | None = None
-        try:
-            reader = MessageReader(header.buffer, self.limits)
-        except Exception as exc:  # hostile bytes may raise more than ProtocolError
-            failure = _refusal(exc)
-        count, received, unyielded = 1, len(header), 0
-        more = header.more
-        while more and reader is not None and (target := reader.target()) is not None:
-            nbytes = frames.recv_into(cast(Any, target), flags=_NOBLOCK)  # numpy arrays are buffers; its stubs do not say so
-            count += 1
-            received += nbytes
-            unyielded += nbytes
-            try:
-                reader.took(nbytes)
-            except Exception as exc:
-                failure, reader = _refusal(exc), None
-            more = bool(frames.get(_RCVMORE))
-            if unyielded >= YIELD_BYTES:  # other connections and tasks get their turn
-                unyielded = 0
-                await asyncio.sleep(0)
-        if more:  # after a bad frame, or past the frames the table declares
-            dropped, dropped_bytes = await _drop_rest(frames)
-            count += dropped
-            received += dropped_bytes
-        if count > self.limits.max_frames:
-            return ProtocolError(f"too many frames: {count} > {self.limits.max_frames}"), received
-        if failure is not None:
-            return failure, received
-        assert reader is not None  # no failure: the header was read
-        if count - 1 > reader.frames:
-            return reader.frame_count_error(count), received
-        try:
-            if received > DECODE_IN_THREAD_BYTES and reader.compressed:  # restoring is a pass over every value
-                return await asyncio.to_thread(reader.finish), received
-            return reader.finish(), received
-        except Exception as exc:
-            return _refusal(exc), received
-
-    async def _accept(self, outcome: Envelope | ProtocolError, received: int, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
-        """Hand a valid message to its waiting request or to recv(); answer an invalid one."""
+    def _sender(self, head: zmq.Frame, peer: str | None, routing_id: bytes | None) -> str:
+        """Who a ZeroMQ message comes from: the DEALER's peer, the CURVE key's node, or the routing id."""
         if routing_id is None:
             assert peer is not None  # _pump passes a peer exactly when there is no routing id
-            sender = peer
-        elif self._guard:  # with CURVE, who a ROUTER connection is comes from its key, not its routing id
-            user_id = header.get("User-Id")
+            return peer
+        if self._guard:  # with CURVE, who a ROUTER connection is comes from its key, not its routing id
+            user_id = head.get("User-Id")
             assert isinstance(user_id, str)  # a message property, always a string
-            sender = user_id
-        else:
-            sender = routing_id.decode("utf-8", "backslashreplace")
+            return user_id
+        return routing_id.decode("utf-8", "backslashreplace")
+
+    async def _take(self, head: zmq.Frame, body: zmq.Frame | None, extra: tuple[int, int], peer: str | None, routing_id: bytes | None) -> None:
+        """One ZeroMQ message: a header (a message, or a transfer's start) or a transfer's chunk.
+
+        Constant work for a chunk nobody waits for: its head is unpacked and looked up, its bytes
+        are never copied. Nothing here waits except handing a finished message to the inbox."""
+        sender = self._sender(head, peer, routing_id)
+        received = len(head) + (len(body) if body is not None else 0) + extra[1]
         self.bytes_received[sender] += received
+        if self._heard is not None:
+            self._heard(sender)
+        reader: MessageReader | None = None
         try:
-            if isinstance(outcome, ProtocolError):
-                raise outcome
-            envelope = outcome
-            self._check_sender(envelope, header, peer, routing_id)
+            parsed = read_head(head.buffer, self.limits)
+            if extra[0]:  # a chunk's transfer is dropped with it: its later chunks are then strays, not errors
+                if isinstance(parsed, ChunkHead) and (transfer := self._transfers.get((sender, parsed.xfer))) is not None:
+                    reader = transfer.reader
+                raise ProtocolError(f"a message is a head frame and at most one payload frame, got {2 + extra[0]} frames")
+            if isinstance(parsed, ChunkHead):
+                await self._continue(sender, parsed, body)
+                return
+            reader = parsed
+            self._check_sender(reader.src, head, peer, routing_id)
+            if reader.transfer is not None and not self._start(sender, reader, head, routing_id):
+                return
+            if body is not None:
+                reader.feed(body.buffer)
+            elif reader.size:
+                raise ProtocolError(f"header declares {reader.size} payload bytes and no payload frame follows it")
         except ProtocolError as exc:
-            reason = _short(str(exc))
-            self.refused += 1
-            self._rejections.warning("rejected", "rejected a message from %r: %s", sender, reason)
-            if routing_id is not None:
-                await self._reply_error(routing_id, sender, reason)
+            if reader is not None and reader.transfer is not None:
+                self._abort((sender, reader.transfer))
+            self._refuse(sender, routing_id, _short(str(exc)), reader.meta.get("req") if reader is not None else None)
             return
+        except Exception as exc:  # hostile bytes may raise more than ProtocolError
+            self._refuse(sender, routing_id, _short(str(_refusal(exc))))
+            return
+        if reader.transfer is None:
+            if self._reserve(sender, routing_id, len(head) + reader.size, reader.meta.get("req")):
+                await self._finish(sender, reader, len(head) + reader.size, routing_id)
+        elif reader.complete:
+            transfer = self._transfers.pop((sender, reader.transfer))
+            await self._finish(sender, reader, transfer.held, routing_id)
+
+    def _reserve(self, sender: str, routing_id: bytes | None, size: int, req: Any) -> bool:
+        """Hold `size` bytes for `sender` if its budgets allow, else refuse the message.
+
+        A sender holding nothing may take one message of any size up to `max_held_bytes`; one
+        already holding something must stay within `max_peer_held_bytes`, so one sender cannot
+        take the node's whole budget from everyone else."""
+        mine = self._held_by_sender.get(sender, 0)
+        if mine and mine + size > self.max_peer_held_bytes:
+            reason = f"{mine} bytes of yours are still held here (limit {self.max_peer_held_bytes}): slow down"
+        elif self._held and self._held + size > self.max_held_bytes:
+            reason = f"this node holds {self._held} bytes (limit {self.max_held_bytes}): busy, try again later"
+        else:
+            self._held += size
+            self._held_by_sender[sender] = mine + size
+            return True
+        self._refuse(sender, routing_id, reason, req, "over budget")
+        return False
+
+    def _release(self, sender: str, nbytes: int) -> None:
+        self._held -= nbytes
+        left = self._held_by_sender.pop(sender) - nbytes
+        if left:
+            self._held_by_sender[sender] = left
+
+    def _start(self, sender: str, reader: MessageReader, head: zmq.Frame, routing_id: bytes | None) -> bool:
+        """Open a transfer for a header that announces chunks, if its bytes can be held (else
+        the message is refused and False returned)."""
+        assert reader.transfer is not None  # only headers with a transfer id start one
+        key, held = (sender, reader.transfer), len(head) + reader.size
+        if key in self._transfers:
+            raise ProtocolError(f"transfer {reader.transfer.hex()} is already open")
+        if not self._reserve(sender, routing_id, held, reader.meta.get("req")):
+            self._refused_transfers[key] = None  # its chunks are now dropped without a word
+            while len(self._refused_transfers) > REMEMBERED_REFUSALS:
+                self._refused_transfers.popitem(last=False)
+            return False
+        self._transfers[key] = _Transfer(reader, held, head, routing_id, asyncio.get_running_loop().time())
+        return True
+
+    def _abort(self, key: tuple[str, bytes]) -> None:
+        """Drop an open transfer and free its reservation (no-op if it is not open)."""
+        transfer = self._transfers.pop(key, None)
+        if transfer is not None:
+            self._release(key[0], transfer.held)
+
+    async def _continue(self, sender: str, chunk: ChunkHead, body: zmq.Frame | None) -> None:
+        """A chunk: into its transfer's buffers, and the message out once it is complete."""
+        key = (sender, chunk.xfer)
+        transfer = self._transfers.get(key)
+        if transfer is None:
+            self.stray_chunks += 1
+            if key not in self._refused_transfers:
+                self._rejections.warning("stray chunk", "dropped a chunk from %r of no open transfer (refused, expired or never started)", sender)
+            return
+        reader = transfer.reader
+        try:
+            if body is None:
+                raise ProtocolError("a chunk head without its payload frame")
+            if chunk.offset != reader.received:
+                raise ProtocolError(f"a chunk at offset {chunk.offset}, expected {reader.received}")
+            reader.feed(body.buffer)
+        except ProtocolError as exc:
+            self._abort(key)
+            self._refuse(sender, transfer.routing_id, _short(str(exc)), reader.meta.get("req"))
+            return
+        transfer.last = asyncio.get_running_loop().time()
+        if reader.complete:
+            del self._transfers[key]
+            await self._finish(sender, reader, transfer.held, transfer.routing_id)
+
+    async def _finish(self, sender: str, reader: MessageReader, held: int, routing_id: bytes | None) -> None:
+        """A message whose bytes have all come (`held` of them reserved): restored, then accepted."""
+        try:
+            if reader.size > DECODE_IN_THREAD_BYTES and reader.compressed:  # restoring is a pass over every value
+                envelope = await asyncio.to_thread(reader.finish)
+            else:
+                envelope = reader.finish()
+        except Exception as exc:
+            self._release(sender, held)
+            self._refuse(sender, routing_id, _short(str(_refusal(exc))), reader.meta.get("req"))
+            return
+        await self._accept(envelope, sender, held, routing_id)
+
+    async def _sweep_transfers(self) -> None:
+        """Drop transfers that went `transfer_timeout` seconds without a chunk."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.transfer_timeout / 4))
+            now = loop.time()
+            for key, transfer in list(self._transfers.items()):
+                if now - transfer.last > self.transfer_timeout:
+                    self._abort(key)
+                    got, size = transfer.reader.received, transfer.reader.size
+                    self._rejections.warning(
+                        "expired", "dropped a transfer from %r: no chunk for %.0f s (%d of %d bytes came)", key[0], self.transfer_timeout, got, size
+                    )
+
+    def _refuse(self, sender: str, routing_id: bytes | None, reason: str, req: Any = None, key: str = "rejected") -> None:
+        self.refused += 1
+        self._rejections.warning(key, "refused a message from %r: %s", sender, reason)
+        if routing_id is not None:
+            self._reply_error(routing_id, sender, reason, req)
+
+    async def _accept(self, envelope: Envelope, sender: str, held: int, routing_id: bytes | None) -> None:
+        """Hand a valid message (its `held` bytes reserved for `sender`) to its waiting request or to recv()."""
         if routing_id is not None:
             self._contacts[envelope.src] = routing_id
         req = envelope.message.meta.get("req")
@@ -662,47 +804,35 @@ class Transport:
             flagged = envelope.message.meta.get("reply") is True
             waiting = self._waiters.get(key)
             if waiting is not None and (kind != waiting[1] or flagged):
+                self._release(sender, held)
                 if not waiting[0].done():
                     waiting[0].set_result(envelope.message)
                 return
             finished = self._finished_requests.get(key)
             if finished is not None and (kind != finished or flagged):
+                self._release(sender, held)
                 return  # a duplicate reply to a request already answered
-        queued = self._inbox_by_sender.get(envelope.src, 0)
-        if queued and queued + received > self.max_peer_inbox_bytes:  # one sender cannot fill the inbox for everyone
-            self.refused += 1
-            reason = f"{queued} bytes of yours still wait to be processed (limit {self.max_peer_inbox_bytes}): slow down"
-            self._rejections.warning("over budget", "refused a message from %r: %s", sender, reason)
-            if routing_id is not None:
-                await self._reply_error(routing_id, sender, reason, envelope.message.meta.get("req"))
-            return
-        # Backpressure: stop reading until recv() makes room, in messages and in bytes (a message
-        # bigger than the budget still goes in alone). The sockets then keep at most RCVHWM
-        # messages per connection, and senders block.
-        while self._inbox_bytes and self._inbox_bytes + received > self.max_inbox_bytes:
-            self._inbox_room.clear()
-            await self._inbox_room.wait()
-        self._inbox_bytes += received
-        self._inbox_by_sender[envelope.src] = self._inbox_by_sender.get(envelope.src, 0) + received
+        # Backpressure by count only: the bytes are reserved already. The sockets then keep at
+        # most RCVHWM messages per connection, and senders block.
         if self._inbox.full():
-            await self._inbox.put((envelope, received))
+            await self._inbox.put((envelope, sender, held))
         else:
-            self._inbox.put_nowait((envelope, received))
+            self._inbox.put_nowait((envelope, sender, held))
 
-    def _check_sender(self, envelope: Envelope, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
+    def _check_sender(self, src: str, header: zmq.Frame, peer: str | None, routing_id: bytes | None) -> None:
         """The header's src must be who the connection is: its peer, routing id and CURVE key."""
-        if peer is not None and envelope.src != peer:
-            raise ProtocolError(f"header src {envelope.src!r} arrived on the connection to {peer!r}")
+        if peer is not None and src != peer:
+            raise ProtocolError(f"header src {src!r} arrived on the connection to {peer!r}")
         if routing_id is None:
             return
         if self._guard:
             owner = header.get("User-Id")
-            if owner != envelope.src:
-                raise ProtocolError(f"header src {envelope.src!r} but the CURVE key belongs to {owner!r}")
-        elif routing_id != envelope.src.encode():
-            raise ProtocolError(f"header src {envelope.src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
+            if owner != src:
+                raise ProtocolError(f"header src {src!r} but the CURVE key belongs to {owner!r}")
+        elif routing_id != src.encode():
+            raise ProtocolError(f"header src {src!r} differs from the routing id {routing_id!r}: set ROUTING_ID to your node id")
 
-    async def _reply_error(self, routing_id: bytes, sender: str, reason: str, req: int | None = None) -> None:
+    def _reply_error(self, routing_id: bytes, sender: str, reason: str, req: int | None = None) -> None:
         """Best effort: an ERROR to the connection a bad message came on, never blocking; with
         the refused message's `req`, so a refused request fails at once instead of timing out."""
         message = Message(MessageKind.ERROR, self._round_of(), meta={"reason": reason, **({"req": req} if req is not None else {})})
@@ -723,7 +853,7 @@ class Transport:
         if self._closed:
             return
         self._closed = True
-        pumps = [self._router_pump, *(p.pump for p in self._peers.values())]
+        pumps = [self._router_pump, self._sweeper, *(p.pump for p in self._peers.values())]
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
