@@ -54,7 +54,7 @@ context = zmq.Context()
 sock = context.socket(zmq.DEALER)
 sock.routing_id = name.encode()
 sock.sndhwm = 0 if scenario == "multipart" else 1000
-sock.linger = 0
+sock.linger = 5000
 sock.connect(address)
 time.sleep(0.2)
 if scenario == "big":

@@ -168,7 +168,7 @@ def test_a_stalled_half_sent_message_is_dropped(monkeypatch, frame):
                 data = bytes(2 * 2**20)
                 if frame == "announced 256 MiB":  # MAXMSGSIZE: dropped at the announcement
                     body = bytes([0x03]) + struct.pack(">Q", 256 * 2**20) + data
-                else:  # frames within the limit: heartbeats drop the silent sender
+                else:  # a 2 MiB frame is over MAXMSGSIZE (1 MiB) as well: dropped at its announcement
                     body = bytes([0x03]) + struct.pack(">Q", len(data)) + data
                 try:
                     await asyncio.to_thread(attacker.sendall, bytes([0x01, len(header)]) + header + body)

@@ -92,7 +92,7 @@ DECODE_IN_THREAD_BYTES = 1 << 20  # bigger compressed messages are restored off 
 HEARTBEAT_IVL_MS = 1000  # ZMTP PING every second on every connection ...
 HEARTBEAT_TIMEOUT_MS = 5000  # ... and a connection silent this long after one is dropped
 YIELD_FRAMES = 1024  # frames dropped between two yields to the event loop ...
-YIELD_BYTES = 8 << 20  # ... and bytes read: a few milliseconds of work either way
+YIELD_BYTES = 8 << 20  # ... and bytes read (a message counted as at least 64 KiB): a few milliseconds of work either way
 _DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
 _NOBLOCK, _RCVMORE, _EVENTS = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS)  # plain ints: pyzmq's enum flags cost microseconds a call
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
@@ -393,6 +393,17 @@ class Transport:
             if curve:
                 self._guard = CurveGuard(curve, self._context)  # before bind: see CurveGuard
             self._router = self._socket(zmq.ROUTER)
+            # No ZMTP heartbeat timeout on the ROUTER, where anyone can connect. libzmq 4.3
+            # aborts the process (`!_io_error`, stream_engine_base.cpp; libzmq issues #3937,
+            # #4364) when a heartbeat times out on a connection whose input it has stopped
+            # because the receive queue is full: 8 processes flooding empty messages killed a
+            # node within 10 s (bench/bench_flood.py). A stalled frame now holds at most
+            # MAXMSGSIZE per connection; TCP keepalive ends connections to dead hosts. The
+            # DEALERs to configured peers keep heartbeats: only those peers can stop them.
+            self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
+            self._router.setsockopt(zmq.HEARTBEAT_IVL, 0)
+            self._router.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            self._router.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # see the module doc: a reconnecting peer gets its id back
             if self._guard:
@@ -619,8 +630,12 @@ class Transport:
     async def _pump(self, socket: zmq.Socket, peer: str | None) -> None:
         """Read `socket` until closed; `peer` is the DEALER's peer, None for the ROUTER."""
         ready = self._ready[socket]
+        unyielded = 0
         while True:
             try:
+                if unyielded >= YIELD_BYTES:  # a stream of chunks must not keep recv() and other tasks waiting
+                    unyielded = 0
+                    await asyncio.sleep(0)
                 await ready.wait_for(_POLLIN)
                 first = socket.recv(flags=_NOBLOCK, copy=False)
                 routing_id = first.bytes if peer is None else None
@@ -628,6 +643,7 @@ class Transport:
                 body = socket.recv(flags=_NOBLOCK, copy=False) if head.more else None
                 extra = await _drop_rest(socket) if body is not None and body.more else (0, 0)
                 ready.settle()
+                unyielded += len(head) + (len(body) if body is not None else 0) + extra[1] + 64 * 2**10  # a message costs as much as 64 KiB
                 await self._take(head, body, extra, peer, routing_id)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
