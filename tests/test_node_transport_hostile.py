@@ -380,3 +380,44 @@ def test_a_third_frame_in_a_chunk_drops_its_transfer_with_one_error():
                 context.destroy(linger=0)
 
     run(scenario)
+
+
+@pytest.mark.parametrize("where", ["header", "chunk"])
+def test_an_unexpected_error_in_a_transfer_frees_its_reservation_at_once(monkeypatch, where):
+    """Not only a ProtocolError: any exception while a transfer's payload is read drops the
+    transfer and its reserved bytes there and then (before, one raised with the header's
+    payload kept them until transfer_timeout), and the sender gets one error."""
+    from p2pmoe.wire.codec import MessageReader
+
+    real_feed = MessageReader.feed
+    calls = itertools.count()
+    failing_call = 0 if where == "header" else 1
+
+    def feed(self, data):
+        if next(calls) == failing_call:
+            raise RuntimeError("boom")
+        return real_feed(self, data)
+
+    monkeypatch.setattr(MessageReader, "feed", feed)
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        async with Transport("node", LOOPBACK, transfer_timeout=30.0) as node:
+            sender = client(context, node.address, "peer")
+            try:
+                frames = encode("peer", Message(MessageKind.EMBEDDING, 0, {"w": torch.zeros(200_000)}, {"req": 9}), xfer=b"BOOM")
+                first, second, *rest = wire_messages(frames)
+                await sender.send_multipart(first)
+                await sender.send_multipart(second)
+                error = decode(await asyncio.wait_for(sender.recv_multipart(), 5)).message
+                assert error.kind is MessageKind.ERROR and "RuntimeError" in error.meta["reason"]
+                assert node.held_bytes == 0  # freed now, not after the 30 s transfer timeout
+                for message in rest:
+                    await sender.send_multipart(message)
+                with pytest.raises(TimeoutError):  # the later chunks are strays: no second error
+                    await asyncio.wait_for(sender.recv_multipart(), 0.3)
+                assert node.stray_chunks == len(rest) + (where == "header")  # failed at the header: the first chunk is a stray too
+            finally:
+                context.destroy(linger=0)
+
+    run(scenario)

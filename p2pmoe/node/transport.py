@@ -692,13 +692,11 @@ class Transport:
                 reader.feed(body.buffer)
             elif reader.size:
                 raise ProtocolError(f"header declares {reader.size} payload bytes and no payload frame follows it")
-        except ProtocolError as exc:
+        except Exception as exc:  # hostile bytes may raise more than ProtocolError: the same refusal, by type
             if reader is not None and reader.transfer is not None:
                 self._abort((sender, reader.transfer))
-            self._refuse(sender, routing_id, _short(str(exc)), reader.meta.get("req") if reader is not None else None)
-            return
-        except Exception as exc:  # hostile bytes may raise more than ProtocolError
-            self._refuse(sender, routing_id, _short(str(_refusal(exc))))
+            req = reader.meta.get("req") if reader is not None and isinstance(exc, ProtocolError) else None
+            self._refuse(sender, routing_id, _short(str(_refusal(exc))), req)
             return
         if reader.transfer is None:
             if self._reserve(sender, routing_id, len(head) + reader.size, reader.meta.get("req")):
@@ -768,9 +766,9 @@ class Transport:
             if chunk.offset != reader.received:
                 raise ProtocolError(f"a chunk at offset {chunk.offset}, expected {reader.received}")
             reader.feed(body.buffer)
-        except ProtocolError as exc:
+        except Exception as exc:
             self._abort(key)
-            self._refuse(sender, transfer.routing_id, _short(str(exc)), reader.meta.get("req"))
+            self._refuse(sender, transfer.routing_id, _short(str(_refusal(exc))), reader.meta.get("req"))
             return
         transfer.last = asyncio.get_running_loop().time()
         if reader.complete:
