@@ -50,7 +50,7 @@ class RunOptions(Options):
     )
     attack: str = option(
         "",
-        "what attackers lie with (issue 30): noise:SIGMA, sign-flip:SCALE, label-flip, mimic-mean or mimic:NODE (FedMoE-DA gates), "
+        "what attackers lie with (issue 30): noise:SIGMA, sign-flip:SCALE, fill:VALUE, label-flip, mimic-mean or mimic:NODE (FedMoE-DA gates), "
         "joined by +; see docs/methods.md",
     )
     attackers: float = option(0.0, "fraction of the clients that attack (a seeded draw); 0: nobody lies", minimum=0, maximum=0.99)

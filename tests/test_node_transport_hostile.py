@@ -421,3 +421,37 @@ def test_an_unexpected_error_in_a_transfer_frees_its_reservation_at_once(monkeyp
                 context.destroy(linger=0)
 
     run(scenario)
+
+
+def test_junk_gets_a_few_error_replies_a_second_and_a_refused_request_always_gets_one():
+    """Issue 26 N9: a flood of messages that ask nothing costs a parse and a counter each, not
+    an encode and a send; a refused request (it carries a req) is still answered at once."""
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        async with Transport("node", LOOPBACK) as node:
+            sender = client(context, node.address, "junk")
+            try:
+                for _ in range(300):
+                    await sender.send(b"\x00junk")
+                for _ in range(200):
+                    if node.refused == 300:
+                        break
+                    await asyncio.sleep(0.01)
+                replies = 0
+                while await sender.poll(200):
+                    await sender.recv_multipart()
+                    replies += 1
+                assert node.refused == 300 and replies + node.unanswered == 300
+                assert 1 <= replies <= 2 * transport_module.UNASKED_ERRORS_PER_SECOND  # the flood spans at most two windows
+                await sender.send_multipart([b"\x00junk", b"x"], copy=True)  # no req is readable: unanswered too
+                frames = encode("junk", Message(MessageKind.HELLO, 0, meta={"req": 77}))
+                await sender.send_multipart([frames[0], b"unexpected payload"])  # a request refused: answered with its req
+                error = None
+                while error is None or error.meta.get("req") != 77:
+                    error = decode(await asyncio.wait_for(sender.recv_multipart(), 5)).message
+                assert error.kind is MessageKind.ERROR
+            finally:
+                context.destroy(linger=0)
+
+    run(scenario)

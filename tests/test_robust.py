@@ -76,6 +76,11 @@ def test_attacks_have_the_stated_form():
     assert mimic.lie(hello).message.tensors["gate"].tolist() == [[2.0] * 3] * 2  # the neighbours' mean
     assert Adversary("a", parse_attack("sign-flip:1"), seed=0).lie(hello) is hello  # a gate is no shared model tensor
     assert flip_labels(torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
+    filler = Adversary("a", parse_attack("fill:-3e38"), seed=0)  # issue 26 N1: gates and shared tensors alike
+    assert torch.equal(filler.lie(hello).message.tensors["gate"], torch.full((2, 3), -3e38))
+    assert torch.equal(filler.lie(Send("server", update)).message.tensors["w"], torch.full((4,), -3e38))
+    with pytest.raises(ValueError, match="fill:VALUE"):
+        parse_attack("fill:inf")
 
 
 def test_attackers_are_a_seeded_fraction_and_configured_together():

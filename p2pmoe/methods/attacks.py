@@ -7,6 +7,8 @@ message the method sends through `Adversary.lie` and every message it receives t
 by a seeded draw, `attacker_nodes`):
 - `noise:SIGMA`: Gaussian noise of standard deviation SIGMA added to every tensor it shares;
 - `sign-flip:SCALE`: every tensor it shares multiplied by -SCALE;
+- `fill:VALUE`: every value it shares, gates included, set to VALUE (finite, of either sign):
+  the crude attack of issue 26 N1 (`fill:3e38`, `fill:-65504`), which bounds on receipt stop;
 - `label-flip`: it trains on permuted labels (class c becomes C - 1 - c), so what it sends
   looks like any other node's training result;
 - `mimic-mean` (FedMoE-DA): the gate it publishes is the mean of the gates its neighbours
@@ -18,6 +20,7 @@ Lies combine with `+` (`mimic-mean+sign-flip:5`: chosen by every neighbour, then
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,16 +37,17 @@ SHARED_KINDS = frozenset({MessageKind.MODEL_UPDATE, MessageKind.GOSSIP, MessageK
 class Attack:
     noise: float = 0.0
     flip: float = 0.0  # 0: no sign flip; else the scale
+    fill: float | None = None  # every shared value set to this
     label_flip: bool = False
     mimic: str | None = None  # "mean" or a victim's node id
 
     @property
     def any(self) -> bool:
-        return bool(self.noise or self.flip or self.label_flip or self.mimic)
+        return bool(self.noise or self.flip or self.label_flip or self.mimic) or self.fill is not None
 
 
 def parse_attack(spec: str) -> Attack:
-    """`noise:SIGMA`, `sign-flip:SCALE`, `label-flip`, `mimic-mean`, `mimic:NODE`, joined by `+`."""
+    """`noise:SIGMA`, `sign-flip:SCALE`, `fill:VALUE`, `label-flip`, `mimic-mean`, `mimic:NODE`, joined by `+`."""
     attack = Attack()
     for part in (p.strip() for p in spec.split("+") if p.strip()):
         name, _, value = part.partition(":")
@@ -54,6 +58,9 @@ def parse_attack(spec: str) -> Attack:
             if name == "sign-flip" and float(value) > 0:
                 attack = replace(attack, flip=float(value))
                 continue
+            if name == "fill" and math.isfinite(float(value)):
+                attack = replace(attack, fill=float(value))
+                continue
         except ValueError:
             pass
         if name == "label-flip" and not value:
@@ -63,7 +70,7 @@ def parse_attack(spec: str) -> Attack:
         elif name == "mimic" and value:
             attack = replace(attack, mimic=value)
         else:
-            raise ValueError(f"[run] attack: {part!r} is not noise:SIGMA, sign-flip:SCALE, label-flip, mimic-mean or mimic:NODE (joined by +)")
+            raise ValueError(f"[run] attack: {part!r} is not noise:SIGMA, sign-flip:SCALE, fill:VALUE, label-flip, mimic-mean or mimic:NODE (joined by +)")
     return attack
 
 
@@ -97,7 +104,9 @@ class Adversary:
             if copied is None:
                 return send
             tensors = {**tensors, "gate": copied}
-        elif message.kind in SHARED_KINDS and (self.attack.noise or self.attack.flip):
+        elif message.kind == MessageKind.GATE_PUBLISH and self.attack.fill is not None and "gate" in tensors:
+            tensors = {**tensors, "gate": self._numbers(tensors["gate"])}
+        elif message.kind in SHARED_KINDS and (self.attack.noise or self.attack.flip or self.attack.fill is not None):
             tensors = {name: self._numbers(t) for name, t in tensors.items()}
         else:
             return send
@@ -108,6 +117,8 @@ class Adversary:
         if not tensor.is_floating_point():
             return tensor
         lied = tensor.to(torch.float32)
+        if self.attack.fill is not None:
+            return torch.full_like(tensor, self.attack.fill)
         if self.attack.flip:
             lied = -self.attack.flip * lied
         if self.attack.noise:

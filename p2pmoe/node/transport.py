@@ -59,6 +59,7 @@ import dataclasses
 import itertools
 import logging
 import secrets
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
@@ -103,6 +104,7 @@ TRANSFER_TIMEOUT = 30.0  # seconds a transfer may go without a chunk before it i
 REMEMBERED_REFUSALS = 4096  # refused transfers whose chunks are dropped without a word
 RCVHWM = 8  # complete ZeroMQ messages (each at most a head and a chunk) libzmq keeps per connection
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
+UNASKED_ERRORS_PER_SECOND = 20  # ERROR replies a sender gets each second for messages that asked nothing (no req)
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
 
 
@@ -361,6 +363,9 @@ class Transport:
         self.bytes_received: dict[str, int] = defaultdict(int)
         self.refused = 0  # messages refused: malformed, or over a byte budget
         self.stray_chunks = 0  # chunks of no open transfer (refused, expired or never started), dropped
+        self.unanswered = 0  # refusals not answered: over UNASKED_ERRORS_PER_SECOND for their sender
+        self._errors_sent: dict[str, int] = {}  # ERROR replies without a req per sender, this second
+        self._errors_second = 0.0
         self._round_of = round_of or (lambda: 0)
         self._peers: dict[str, _Peer] = {}
         self._contacts: dict[str, bytes] = {}  # node id -> routing id of its last valid ROUTER message
@@ -849,6 +854,9 @@ class Transport:
     def _reply_error(self, routing_id: bytes, sender: str, reason: str, req: int | None = None) -> None:
         """Best effort: an ERROR to the connection a bad message came on, never blocking; with
         the refused message's `req`, so a refused request fails at once instead of timing out."""
+        if req is None and not self._may_answer(sender):
+            self.unanswered += 1
+            return
         message = Message(MessageKind.ERROR, self._round_of(), meta={"reason": reason, **({"req": req} if req is not None else {})})
         frames = encode(self.node_id, message, self.limits)
         try:
@@ -859,6 +867,21 @@ class Transport:
             log.debug("could not send an error reply to %r: %s", sender, exc)
             return
         self._record(message.round, sender, message.kind, frames)
+
+    def _may_answer(self, sender: str) -> bool:
+        """Whether `sender` may get one more ERROR for a message that asked nothing this second.
+
+        A flood of garbage (issue 26 N9) then costs a parse and a counter per message, not an
+        encode and a send: a refused request (one with a req) is always answered, so it fails
+        at once; a stream of junk learns it is refused from the first replies. Project decision."""
+        now = time.monotonic()
+        if now - self._errors_second >= 1.0:
+            self._errors_second, self._errors_sent = now, {}
+        sent = self._errors_sent.get(sender, 0)
+        if sent >= UNASKED_ERRORS_PER_SECOND:
+            return False
+        self._errors_sent[sender] = sent + 1
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
