@@ -463,3 +463,46 @@ def test_a_slot_median_keeps_a_poisoned_expert_out_of_an_honest_slot():
     honest_scale = max(float(t.abs().max()) for n in ("n0", "n1", "n2") for t in float_state(guarded[n].model.moe).values())
     poisoned_scale = max(float(t.abs().max()) for n in ("n0", "n1", "n2") for t in float_state(learners[n].model.moe).values())
     assert poisoned_scale > 3 * honest_scale  # the mean let the -50x expert in; the median of three kept the honest values
+
+
+def test_a_refused_gate_or_phi_ends_the_wait_for_that_peer_this_round():
+    """Issue 26 N1 (found measuring it): a liar whose gate and φ every honest node refuses
+    must not hold their rounds to the deadline. The refusal ends the wait for that peer: the
+    node plans, fetches and mixes over the others, and the round completes without a deadline."""
+    from p2pmoe.driver.runner import NodeRunner
+
+    nodes, learners = _swarm(p=1, embedding="gossip")
+    runner = NodeRunner("n0", nodes["n0"])
+    runner.round = 0
+    sends = runner.start(0)
+    awaited = set(nodes["n0"]._gates_awaited)
+    assert awaited == {"n1", "n2", "n3"} and not nodes["n0"].gossip.done
+    gate = learners["n0"].model.moe.gating_matrix().detach().float()
+    phi = float_state(learners["n0"].model, "embedder.")
+    for peer in ("n1", "n2"):  # honest gates
+        runner.deliver(peer, Message(MessageKind.GATE_PUBLISH, 0, {"gate": learners[peer].model.moe.gating_matrix().detach().float()}))
+    replies = runner.deliver("n3", Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.full_like(gate, 3e38)}))
+    assert replies[0].message.kind is MessageKind.ERROR and replies[0].dst == "n3"
+    requests = [s for s in replies[1:] if s.message.kind is MessageKind.EXPERT_REQUEST]
+    assert not nodes["n0"]._gates_awaited and nodes["n0"].plan is not None  # planned over n0, n1, n2 at once
+    assert {s.dst for s in requests} <= {"n1", "n2"}
+    partners = {s.dst for s in sends if s.message.kind is MessageKind.EMBEDDING}
+    for peer in sorted(partners):
+        runner.deliver(peer, Message(MessageKind.EMBEDDING, 0, {k: torch.full_like(v, 3e38) for k, v in phi.items()}, {"degree": 2}))
+    assert nodes["n0"].gossip.done  # every partner's φ refused: mixed with none of them, no waiting
+
+
+def test_a_refused_gossip_message_ends_the_wait_for_that_neighbour():
+    from p2pmoe.methods.gossip import GossipNode
+
+    node = GossipNode("a", _learner(0), ["b", "c"])
+    node.start_round(0)
+    assert not node.round_complete()
+    bad = Message(MessageKind.GOSSIP, 0, {k: torch.full_like(v, 3e38) for k, v in float_state(node.learner.model).items()}, {"degree": 2})
+    with pytest.raises(ProtocolError):
+        node.on_message("b", bad)
+    node.on_refused("b", bad)
+    node.on_refused("c", Message(MessageKind.GOSSIP, 5, {}, {"degree": 2}))  # another round's refusal changes nothing
+    assert not node.round_complete()
+    node.on_refused("c", bad)
+    assert node.round_complete()

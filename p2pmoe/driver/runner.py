@@ -310,7 +310,7 @@ class NodeRunner:
             if message is None or src is None:
                 raise
             self.rejected.warning(f"rejected:{message.kind.value}", "%s: rejected %s from %s: %s", self.node_id, message.kind.value, src, exc)
-            return [Send(src, error_reply(message, str(exc)))]
+            return [Send(src, error_reply(message, str(exc))), *self._call(lambda: self.method.on_refused(src, message))]
         except Exception:
             if self.strict:
                 raise

@@ -89,6 +89,12 @@ class Method(ABC):
         it would have brought, or try another way. Default: nothing to do."""
         return []
 
+    def on_refused(self, src: str, message: Message) -> list[Send]:
+        """`message` from `src` broke a rule and was refused (the sender got an ERROR): stop
+        waiting for what it would have brought this round, so that one liar cannot hold every
+        honest node's round to its deadline. Default: nothing to do."""
+        return []
+
     def on_deadline(self, round_index: int) -> list[Send]:
         """The round's time is up: finish it with whatever has arrived."""
         return []

@@ -511,6 +511,18 @@ class FedMoEDANode(LearnerMethod):
         self.gossip.rejoin(peer)
         return []
 
+    def on_refused(self, src: str, message: Message) -> list[Send]:
+        """A refused gate or φ of this round ends the wait for it (a refused expert reply
+        already did, in `_on_expert_response`): the plan and the mix go on without that peer."""
+        if message.kind == MessageKind.EMBEDDING:
+            self.gossip.skip(src, message.round)
+        elif message.kind == MessageKind.GATE_PUBLISH and message.round == self._round and src in self._gates_awaited:
+            self._gates_awaited.discard(src)
+            sends = self._plan_if_ready()
+            self._aggregate_if_ready()
+            return sends
+        return []
+
     def diagnostics(self) -> dict[str, Any]:
         """This round's plan (candidate (node, slot) sources and the [E, M] weights, whose zero
         columns were not fetched) and the node's own gate, for expert-selection reports."""

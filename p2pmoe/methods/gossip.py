@@ -137,6 +137,7 @@ class GossipExchange:
         self._expected: set[str] = set()
         self._waiting: set[str] = set()
         self.done = True
+        self.round = -1  # the round of the latest start()
 
     def start(self, round_index: int, sampled: Set[str] | None = None) -> list[Send]:
         """Snapshot our tensors and send them to this round's live partners (those of
@@ -147,6 +148,7 @@ class GossipExchange:
         unknown = chosen - self.configured
         if unknown:
             raise ValueError(f"gossip partners {sorted(unknown)} are not topology neighbours")
+        self.round = round_index
         self._degree = len(chosen)  # the configured count, not the live or sampled one: both ends of a link agree on its weight
         self._received = {}
         self._expected = chosen & self.neighbours if sampled is None else chosen & self.neighbours & sampled
@@ -177,6 +179,13 @@ class GossipExchange:
         self._expected.discard(peer)
         self._waiting.discard(peer)
         self._finish_if_ready()
+
+    def skip(self, peer: str, round_index: int) -> None:
+        """`peer`'s tensors for `round_index` were refused: if that is this exchange's round,
+        mix without them (it stays a neighbour; a valid message later this round still counts)."""
+        if round_index == self.round and peer in self._waiting:
+            self._waiting.discard(peer)
+            self._finish_if_ready()
 
     def rejoin(self, peer: str) -> None:
         """A configured neighbour is back: exchange with it again from the next round."""
@@ -240,6 +249,11 @@ class GossipNode(LearnerMethod):
 
     def on_peer_joined(self, peer: str) -> list[Send]:
         self.exchange.rejoin(peer)
+        return []
+
+    def on_refused(self, src: str, message: Message) -> list[Send]:
+        if message.kind == MessageKind.GOSSIP:
+            self.exchange.skip(src, message.round)
         return []
 
     def on_deadline(self, round_index: int) -> list[Send]:
