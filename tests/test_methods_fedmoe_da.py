@@ -506,3 +506,17 @@ def test_a_refused_gossip_message_ends_the_wait_for_that_neighbour():
     assert not node.round_complete()
     node.on_refused("c", bad)
     assert node.round_complete()
+
+
+def test_no_aggregation_before_this_rounds_plan_when_a_peer_drops_out_early():
+    """Found by the swarm attack test: a peer lost (or refused) while other gates of the round
+    were still awaited made the node mix at once with the plan kept from the round before,
+    and this round's plan then found the round aggregated: the node learnt nothing from it."""
+    nodes, learners = _swarm(p=1)
+    node = nodes["n0"]
+    node.start_round(0)
+    node.on_deadline(0)  # round 0 ends with a plan over its own experts
+    assert node.plan is not None and node._aggregated
+    node.start_round(1)
+    node.on_peer_lost("n3")
+    assert node._gates_awaited == {"n1", "n2"} and not node._aggregated

@@ -159,3 +159,24 @@ def test_sigterm_stops_a_node_cleanly_with_a_checkpoint(tmp_path):
     from p2pmoe.node.checkpoint import load_checkpoint
 
     assert load_checkpoint(folder / "checkpoint.safetensors").round == rounds[-1]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.slow
+def test_an_attacker_in_a_swarm_lies_as_in_the_simulator_and_the_honest_daemons_live(tmp_path):
+    """Issues 26 N1 and 30: a FedMoE-DA daemon whose gates, φ and expert replies are all 3e38
+    (`fill:3e38`). Every honest daemon refuses them, none dies or waits for its deadline, and
+    the swarm computes exactly what the simulator does under the same attack (honest metrics
+    included), so the simulator's attack measurements hold for live nodes."""
+    cfg = with_options(CFG, method="fedmoe-da", nodes=4, rounds=3, attack="fill:3e38", attackers=0.25)
+    timing = Timing(round_deadline=120, startup=60, linger=10, suspect_after=30, dead_after=60, request_timeout=60)
+    started = time.monotonic()
+    swarm = run_swarm(resolve_experiment(with_options(cfg, out=str(tmp_path / "swarm"))), timing)
+    took = time.monotonic() - started
+    sim = run_simulation(with_options(cfg, out=str(tmp_path / "sim")), progress=False)
+    assert set(swarm["exit_codes"].values()) == {0} and len(swarm["exit_codes"]) == 4
+    assert swarm["attackers"] == sim["attackers"] and len(swarm["attackers"]) == 1
+    assert swarm["metrics"] == sim["metrics"] and swarm["honest_metrics"] == sim["honest_metrics"]
+    errors = [e for e in read_ledger(tmp_path / "swarm" / "ledger.csv") if e.kind == "error"]
+    assert {e.dst for e in errors if e.src not in swarm["attackers"]} == set(swarm["attackers"])  # honest daemons refused only the liar
+    assert took < 3 * timing.round_deadline  # no round waited for its deadline

@@ -435,7 +435,9 @@ class FedMoEDANode(LearnerMethod):
     # -- aggregation ---------------------------------------------------------------------
 
     def _aggregate_if_ready(self, force: bool = False) -> None:
-        if self._aggregated or self.plan is None or (self._fetch_awaited and not force):
+        # Not before this round's plan: the plan kept from an earlier round would mix now and
+        # this round's would find the round already aggregated (a peer lost or refused early).
+        if self._aggregated or self.plan is None or ((self._fetch_awaited or self._gates_awaited or self._plan_awaited) and not force):
             return
         weights = self.plan.weights.clone()
         present = torch.tensor([n == self.node_id or (n, s) in self._fetched for n, s in self.plan.sources])
@@ -518,9 +520,7 @@ class FedMoEDANode(LearnerMethod):
             self.gossip.skip(src, message.round)
         elif message.kind == MessageKind.GATE_PUBLISH and message.round == self._round and src in self._gates_awaited:
             self._gates_awaited.discard(src)
-            sends = self._plan_if_ready()
-            self._aggregate_if_ready()
-            return sends
+            return self._plan_if_ready()
         return []
 
     def diagnostics(self) -> dict[str, Any]:
