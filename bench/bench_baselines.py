@@ -7,18 +7,14 @@ Prints a table and saves bench/results/baselines_<data>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from p2pmoe.config import add_experiment_arguments, config_from_args, resolve, with_options
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.report import bench_row, format_table, rerun_command, summary_row
+from p2pmoe.harness import add_flags, bench_parser, markdown, parse_flags, rerun_command, result_row, write_results
+from p2pmoe.report import format_table, summary_row
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.runner import run_simulation
 from p2pmoe.tasks.image import ImageOptions
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def for_method(base: ExperimentConfig, method: str, out: str) -> ExperimentConfig:
@@ -28,32 +24,30 @@ def for_method(base: ExperimentConfig, method: str, out: str) -> ExperimentConfi
     return with_options(cfg, method_options=shared)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_experiment_arguments(parser, sys.argv[1:])
-    parser.add_argument("--methods", default="local,fedavg")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for baselines_<data>.json and .md")
-    args = parser.parse_args()
-    base = config_from_args(args)
-    if not isinstance(base.task, ImageOptions):
-        parser.error(f"--data {base.run.data}: this benchmark runs image data sets")
-    summaries = []
-    for method in args.methods.split(","):
-        summaries.append(run_simulation(for_method(base, method, f"runs/bench_baselines/{method}")))
+def setting_text(base: ExperimentConfig) -> str:
     run, task = resolve(base).run, base.task
-    assert isinstance(task, ImageOptions)  # checked above
-    setting = (
+    assert isinstance(task, ImageOptions)  # checked by main
+    return (
         f"{run.data}, {run.nodes} nodes, partition {run.partition}, {run.rounds} rounds, "
         f"{run.local_epochs} local epoch(s), batch {run.batch_size}, SGD lr {run.lr} momentum {task.momentum}, "
         f"{task.experts} experts, embed {task.embed_dim}, expert hidden {task.expert_hidden}, seed {run.seed}"
     )
+
+
+def main() -> None:
+    cli = bench_parser(__doc__)
+    add_experiment_arguments(cli, sys.argv[1:])
+    cli.add_argument("--methods", default="local,fedavg")
+    add_flags(cli, "results")
+    args = parse_flags(cli)
+    base = config_from_args(args)
+    if not isinstance(base.task, ImageOptions):
+        cli.error(f"--data {base.run.data}: this benchmark runs image data sets")
+    summaries = [run_simulation(for_method(base, method, f"runs/bench_baselines/{method}")) for method in args.methods.split(",")]
     table = format_table([summary_row(s) for s in summaries], list(summary_row(summaries[0])))
-    print(setting)
-    print(table)
-    name = f"baselines_{run.data}"
-    atomic_write_json(args.results / f"{name}.json", [bench_row(s) for s in summaries])
-    command = rerun_command("bench/bench_baselines.py", args, skip=("results",), parser=parser)
-    atomic_write_bytes(args.results / f"{name}.md", f"# {name}\n\n{setting}\n\n```\n{table}\n```\n\nCommand: `{command}`\n".encode())
+    name = f"baselines_{base.run.data}"
+    text = markdown(name, setting_text(base), rerun_command(cli, args, skip=("results",)), f"```\n{table}\n```\n")
+    write_results(args.results, name, [result_row(s, s["method"]) for s in summaries], text)
 
 
 if __name__ == "__main__":

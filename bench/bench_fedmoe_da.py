@@ -25,15 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.report import bench_row, format_table, load_run, rerun_command
+from p2pmoe.config import add_experiment_arguments, config_from_args, resolve, with_options
+from p2pmoe.harness import add_flags, bench_parser, chosen, markdown, method_defaults, parse_flags, rerun_command, result_row, slug, write_results
+from p2pmoe.harness.writer import Figure
+from p2pmoe.report import format_table, load_run
 from p2pmoe.report.figures import metric_vs_bytes
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.runner import run_simulation
 from p2pmoe.tasks.image import ImageOptions
 
-RESULTS = Path(__file__).parent / "results"
 PHI_FILE = "runs/phi/mnist5k-d64.safetensors"  # what `make phi` writes
 CHEAP_NOTE = "int8 φ is `--compression embedding=int8` with error feedback, int8 experts `expert_response=int8`"
 ALL = {"embedding": "gossip", "embedding_peers": "all", "embedding_every": 1, "embedding_error_feedback": False}  # the original
@@ -53,24 +53,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("fedmoe-da (server-assisted)", "fedmoe-da-server", {}, {}),
 ]
 P2P = {"gossip", "fedmoe-da"}
-
-
-def defaults() -> Values:
-    """The parser is built for FedMoE-DA, so its --fedmoe-* flags (P, τ, I) are accepted."""
-    values = empty_values()
-    values["run"]["method"] = "fedmoe-da"
-    return values
+DEFAULTS = method_defaults("fedmoe-da")  # the parser accepts FedMoE-DA's --fedmoe-* flags (P, τ, I)
 
 
 def variant(base: ExperimentConfig, method: str, options: dict[str, Any], **run: Any) -> ExperimentConfig:
     """`base` with another method: it keeps whichever of base's method options the method
     also declares (FedMoE-DA's P, τ, I for the server-assisted variant), then takes `options`."""
     return with_options(base, method_options=options, method=method, **run)
-
-
-def slug(label: str) -> str:
-    """A folder name for a variant's label."""
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
 
 
 def table_row(label: str, topology: str, summary: dict[str, Any], fedavg_bytes: float | None) -> dict[str, Any]:
@@ -88,48 +77,44 @@ def table_row(label: str, topology: str, summary: dict[str, Any], fedavg_bytes: 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_experiment_arguments(parser, sys.argv[1:], defaults())
-    parser.add_argument("--alphas", default="0.3,0.5")
-    parser.add_argument("--only", default="", help="comma-separated texts: run only the variants whose label contains one")
-    parser.add_argument("--rings", default="true", choices=("true", "false"), help="also run the peer-to-peer methods on a ring (last alpha)")
-    parser.add_argument("--name", default="fedmoe_da", help="results file stem under the results folder")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json, .md and the plots")
-    args = parser.parse_args()
-    base = config_from_args(args, defaults())
-    if not isinstance(base.task, ImageOptions):
-        parser.error(f"--data {base.run.data}: this benchmark runs image data sets")
-    wanted = [text for text in args.only.split(",") if text]
-    rows, text = [], []
-    alphas = args.alphas.split(",")
-    for alpha in alphas:
-        tables, curves, fedavg_bytes = [], [], None
-        for topology in ("full", "ring") if alpha == alphas[-1] and args.rings == "true" else ("full",):
-            for label, method, options, run_changes in VARIANTS:
-                if (topology == "ring" and method not in P2P) or (wanted and not any(text in label for text in wanted)):
-                    continue
-                if options.get("phi_path") and not Path(options["phi_path"]).is_file():
-                    print(f"skipping {label}: {options['phi_path']} is missing (make phi writes it)", flush=True)
-                    continue
-                out = Path("runs") / f"bench_{args.name}" / f"alpha{alpha}" / topology / slug(label)
-                cfg = variant(base, method, options, partition=f"dirichlet:{alpha}", topology=topology, out=str(out), **run_changes)
-                print(f"running {label} on {topology}, alpha {alpha}", flush=True)
-                summary = run_simulation(cfg)
-                if label == "fedavg":
-                    fedavg_bytes = summary["bytes"]["per_node_per_round"]["total"]
-                rows.append({**bench_row(summary), "label": label, "sim_seconds": summary["sim_seconds"]})
-                tables.append(table_row(label, topology, summary, fedavg_bytes))
-                if topology == "full":
-                    curves.append(load_run(out, label))
-        metric_vs_bytes(curves, args.results, f"{args.name}_alpha{alpha}.png")
-        text.append(
-            f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({args.name}_alpha{alpha}.png)\n"
-        )
-        print(text[-1])
+def runnable(label: str, method: str, options: dict[str, Any], topology: str, wanted: list[str]) -> bool:
+    """Whether a variant runs on `topology`: chosen, peer to peer on a ring, and with its φ file."""
+    if label not in wanted or (topology == "ring" and method not in P2P):
+        return False
+    if options.get("phi_path") and not Path(options["phi_path"]).is_file():
+        print(f"skipping {label}: {options['phi_path']} is missing (make phi writes it)", flush=True)
+        return False
+    return True
+
+
+def run_alpha(
+    args: argparse.Namespace, base: ExperimentConfig, alpha: str, topologies: tuple[str, ...], wanted: list[str]
+) -> tuple[list[dict[str, Any]], str, dict[str, Figure]]:
+    """Every chosen variant at one Dirichlet alpha on each topology: its rows, its table and
+    its figure of accuracy against bytes (the full topology's runs)."""
+    rows, tables, curves, fedavg_bytes = [], [], [], None
+    for topology in topologies:
+        for label, method, options, run_changes in (v for v in VARIANTS if runnable(v[0], v[1], v[2], topology, wanted)):
+            out = Path("runs") / f"bench_{args.name}" / f"alpha{alpha}" / topology / slug(label)
+            cfg = variant(base, method, options, partition=f"dirichlet:{alpha}", topology=topology, out=str(out), **run_changes)
+            print(f"running {label} on {topology}, alpha {alpha}", flush=True)
+            summary = run_simulation(cfg)
+            if label == "fedavg":
+                fedavg_bytes = summary["bytes"]["per_node_per_round"]["total"]
+            rows.append(result_row(summary, label, case=f"alpha {alpha}, {topology}", sim_seconds=summary["sim_seconds"]))
+            tables.append(table_row(label, topology, summary, fedavg_bytes))
+            if topology == "full":
+                curves.append(load_run(out, label))
+    png = f"{args.name}_alpha{alpha}.png"
+    text = f"## Dirichlet alpha = {alpha}\n\n```\n{format_table(tables, list(tables[0]))}\n```\n\n![accuracy vs bytes]({png})\n"
+    print(text)
+    return rows, text, {png: lambda folder, file: metric_vs_bytes(curves, folder, file)}
+
+
+def setting_text(base: ExperimentConfig) -> str:
     run, task, fedmoe = resolve(base).run, base.task, variant(base, "fedmoe-da", {}).method.to_dict()
-    assert isinstance(task, ImageOptions)  # checked above
-    setting = (
+    assert isinstance(task, ImageOptions)  # checked by main
+    return (
         f"{run.data}, {run.nodes} nodes, {run.rounds} rounds, {run.local_epochs} local epoch(s), batch {run.batch_size}, "
         f"SGD lr {run.lr} momentum {task.momentum}, "
         f"{'all training examples' if run.max_train_per_node is None else f'max {run.max_train_per_node} train examples per node'}, "
@@ -138,12 +123,36 @@ def main() -> None:
         f"MoE: CNN φ (embed {task.embed_dim}), {task.experts} experts (hidden {task.expert_hidden}), {task.gate} gate; "
         f"FedMoE-DA P={fedmoe['p']}, τ={fedmoe['tau']}, I={fedmoe['interval']}, hops {run.hops}; "
         f"links {run.link_bandwidth / 1e6:g} Mbit/s, {run.link_latency * 1e3:g} ms; seed {run.seed}"
+        f"; compression: none unless the label says int8 ({CHEAP_NOTE})"
     )
-    command = rerun_command("bench/bench_fedmoe_da.py", args, skip=("results",), parser=parser)
-    atomic_write_json(args.results / f"{args.name}.json", rows)
-    setting += f"; compression: none unless the label says int8 ({CHEAP_NOTE})"
-    report = f"# FedMoE-DA communication benchmark\n\n{setting}\n\nCommand: `{command}`\n\n" + "\n".join(text)
-    atomic_write_bytes(args.results / f"{args.name}.md", report.encode())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    add_experiment_arguments(p, sys.argv[1:], DEFAULTS)
+    p.add_argument("--alphas", default="0.3,0.5")
+    add_flags(p, "only")
+    p.add_argument("--rings", default="true", choices=("true", "false"), help="also run the peer-to-peer methods on a ring (last alpha)")
+    add_flags(p, "name", "results", name="fedmoe_da")
+    return p
+
+
+def main() -> None:
+    cli = parser()
+    args = parse_flags(cli)
+    base = config_from_args(args, DEFAULTS)
+    if not isinstance(base.task, ImageOptions):
+        cli.error(f"--data {base.run.data}: this benchmark runs image data sets")
+    wanted = chosen(cli, args, [v[0] for v in VARIANTS], parts=True)
+    rows, sections, figures, alphas = [], [], {}, args.alphas.split(",")
+    for alpha in alphas:
+        topologies = ("full", "ring") if alpha == alphas[-1] and args.rings == "true" else ("full",)
+        done, text, drawn = run_alpha(args, base, alpha, topologies, wanted)
+        rows, figures = rows + done, {**figures, **drawn}
+        sections.append(text)
+    command = rerun_command(cli, args, skip=("results",))
+    text = markdown("FedMoE-DA communication benchmark", setting_text(base), command, *sections)
+    write_results(args.results, args.name, rows, text, figures, echo=False)
 
 
 if __name__ == "__main__":

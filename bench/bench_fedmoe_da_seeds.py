@@ -21,8 +21,23 @@ from typing import Any
 
 from p2pmoe.config import build_config, default_config, with_options
 from p2pmoe.driver.rounds import evaluation_due
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.harness import RunResult, Variant, fine_tuned_final, run_seeds
+from p2pmoe.fsio import atomic_write_json
+from p2pmoe.harness import (
+    RunResult,
+    Variant,
+    add_flags,
+    bench_parser,
+    chosen,
+    fine_tuned_final,
+    markdown,
+    parse_flags,
+    rerun_command,
+    result_row,
+    run_seeds,
+    seed_list,
+    write_results,
+)
+from p2pmoe.harness.writer import Figure
 from p2pmoe.naming import client_ids
 from p2pmoe.report import format_table
 from p2pmoe.report.peer_similarity import selection_vs_labels
@@ -32,7 +47,6 @@ from p2pmoe.runs import read_metrics
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.tasks.image import client_label_counts
 
-RESULTS = Path(__file__).parent / "results"
 SETTINGS: dict[str, dict[str, Any]] = {
     "a": {"nodes": 10, "max_train_per_node": 2000, "rounds": 20, "local_epochs": 1, "eval_every": 4},
     "b": {"nodes": 100, "max_train_per_node": None, "rounds": 60, "local_epochs": 1, "eval_every": 10},
@@ -168,94 +182,99 @@ def verdicts(runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str]:
-    results = results + fine_tuned_rows(results)
+def by_label(results: list[RunResult]) -> dict[str, dict[int, dict[str, Any]]]:
+    """label -> seed -> summary, as `seed_table` reads them."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for r in results:
         runs.setdefault(r.label, {})[r.seed] = r.summary
-    text = [f"## Setting ({name}): {json.dumps(SETTINGS[name])}\n"]
-    for point, suffix in POINTS.items():
-        table = seed_table(runs, "accuracy" + suffix, REFERENCE, "fedavg", extra=("global_accuracy" + suffix,))
-        text.append(f"Evaluated {point}:\n\n```\n{format_table(table, list(table[0]))}\n```\n")
-    best = {
+    return runs
+
+
+def differences(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per evaluation point: FedMoE-DA minus every other row, mean over seeds."""
+    if REFERENCE not in runs:
+        return {}
+    return {
         point: {
             lb: compare(runs, REFERENCE, lb, "accuracy" + sfx).by_seed.mean for lb in runs if lb != REFERENCE and metric_by_seed(runs[lb], "accuracy" + sfx)
         }
         for point, sfx in POINTS.items()
-        if REFERENCE in runs
     }
-    analysis = why(results)
-    for a in analysis:
-        text.append(
-            f"{a['variant']}, seed {a['seed']}, round {a['round']}: Spearman(gate similarity, label similarity) over {a['pairs']} pairs = "
-            f"{a['spearman_gate_vs_label_similarity']:.3f}; JS of fetched peers' labels {a['mean_js_fetched']:.3f} vs a random peer's "
-            f"{a['mean_js_random_peer']:.3f}; {a['nodes_closer_than_random']}/{a['nodes_fetching']} nodes fetched closer than random.\n"
-        )
-    text += verdicts(runs)
-    losses = []
+
+
+def why_lines(analysis: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{a['variant']}, seed {a['seed']}, round {a['round']}: Spearman(gate similarity, label similarity) over {a['pairs']} pairs = "
+        f"{a['spearman_gate_vs_label_similarity']:.3f}; JS of fetched peers' labels {a['mean_js_fetched']:.3f} vs a random peer's "
+        f"{a['mean_js_random_peer']:.3f}; {a['nodes_closer_than_random']}/{a['nodes_fetching']} nodes fetched closer than random.\n"
+        for a in analysis
+    ]
+
+
+def losses(results: list[RunResult], analysis: list[dict[str, Any]], best: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Per evaluation point, `where_it_loses` against the baseline FedMoE-DA trails most (or leads least)."""
+    found = []
     for point, suffix in POINTS.items():
         others = {lb: d for lb, d in best.get(point, {}).items() if lb in BASELINES}
         if analysis and others:
-            strongest = min(others, key=lambda lb: others[lb])  # the baseline FedMoE-DA trails most (or leads least)
-            loss = where_it_loses(results, analysis, strongest, "accuracy" + suffix)
-            losses.append({"point": point, **loss})
-            text.append(
-                f"Evaluated {point}, against the strongest baseline ({strongest}): FedMoE-DA is below it on {loss['losing_nodes']} of "
-                f"{len(loss['nodes'])} node-seeds; Spearman(per-node difference, JS of fetched peers minus a random peer's) = "
-                f"{loss['spearman_difference_vs_js_gap']:.3f}.\n"
-            )
-    png = draw_seeds(
-        runs,
-        ["accuracy", "accuracy@trained"],
-        REFERENCE,
-        RESULTS,
-        f"fedmoe_da_seeds_{name}.png",
-        f"setting ({name}), seeds {sorted({r.seed for r in results})}",
+            strongest = min(others, key=lambda lb: others[lb])
+            found.append({"point": point, **where_it_loses(results, analysis, strongest, "accuracy" + suffix)})
+    return found
+
+
+def loss_line(loss: dict[str, Any]) -> str:
+    return (
+        f"Evaluated {loss['point']}, against the strongest baseline ({loss['baseline']}): FedMoE-DA is below it on {loss['losing_nodes']} of "
+        f"{len(loss['nodes'])} node-seeds; Spearman(per-node difference, JS of fetched peers minus a random peer's) = "
+        f"{loss['spearman_difference_vs_js_gap']:.3f}.\n"
     )
-    text.append(f"![seeds]({png.name})\n")
-    rows = [
-        {
-            "label": r.label,
-            "seed": r.seed,
-            "metrics": r.summary["metrics"],
-            "per_node": r.summary["per_node"],
-            "bytes": r.summary["bytes"]["per_node_per_round"],
-            "compute": r.summary.get("compute"),
-            "wall_seconds": r.summary["wall_seconds"],
-            "setting": r.summary["setting"],
-        }
-        for r in results
-    ]
-    return {"runs": rows, "differences_vs_" + REFERENCE: best, "why": analysis, "where_it_loses": losses}, "\n".join(text)
+
+
+def section(name: str, results: list[RunResult]) -> tuple[dict[str, Any], str, dict[str, Figure]]:
+    """A setting's JSON, Markdown and figure: the tables at both evaluation points, why the
+    gate picked whom it picked, the verdicts and where FedMoE-DA loses."""
+    results = results + fine_tuned_rows(results)
+    runs, analysis = by_label(results), why(results)
+    best = differences(runs)
+    text = [f"## Setting ({name}): {json.dumps(SETTINGS[name])}\n"]
+    for point, suffix in POINTS.items():
+        table = seed_table(runs, "accuracy" + suffix, REFERENCE, "fedavg", extra=("global_accuracy" + suffix,))
+        text.append(f"Evaluated {point}:\n\n```\n{format_table(table, list(table[0]))}\n```\n")
+    found = losses(results, analysis, best)
+    png = f"fedmoe_da_seeds_{name}.png"
+    title = f"setting ({name}), seeds {sorted({r.seed for r in results})}"
+    text += [*why_lines(analysis), *verdicts(runs), *map(loss_line, found), f"![seeds]({png})\n"]
+    rows = [result_row(r.summary, r.label, case=name, compute=r.summary.get("compute")) for r in results]
+    data = {"runs": rows, "differences_vs_" + REFERENCE: best, "why": analysis, "where_it_loses": found}
+    return data, "\n".join(text), {png: lambda folder, file: draw_seeds(runs, ["accuracy", "accuracy@trained"], REFERENCE, folder, file, title)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    p.add_argument("--settings", default="c", help="comma-separated: a, b, c")
+    add_flags(p, "seeds", "only", "threads", "checkpoint_every", "report_only", "name", "results", name="fedmoe_da_seeds")
+    p.add_argument("--runs", type=Path, default=Path("runs/bench_fedmoe_da_seeds"), help="folder of the run folders (<runs>/<setting>/<variant>/seed<k>)")
+    return p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default="c", help="comma-separated: a, b, c")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--only", default="", help="comma-separated variant labels to run (default: all)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--checkpoint-every", type=int, default=0)
-    parser.add_argument("--report-only", action="store_true", help="tables from finished runs only; runs nothing")
-    parser.add_argument("--name", default="fedmoe_da_seeds", help="results file stem under bench/results")
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench_fedmoe_da_seeds"), help="folder of the run folders (<runs>/<setting>/<variant>/seed<k>)")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    command = f"python bench/bench_fedmoe_da_seeds.py --settings {args.settings} --seeds {args.seeds} --checkpoint-every 5"
-    data, text = {}, [f"# FedMoE-DA over seeds\n\n{SETTING_TEXT}\n\nCommand: `{command}`\n"]
+    cli = parser()
+    args = parse_flags(cli)
+    seeds, labels = seed_list(args), [v.label for v in variants("a")]
+    wanted = chosen(cli, args, labels)
+    skip = ("only", "threads", "report_only", "runs", "results", *(("name",) if args.name == "fedmoe_da_seeds" else ()))
+    command = rerun_command(cli, args, skip, checkpoint_every=args.checkpoint_every or 5)  # the +FT rows need checkpoints
+    data, sections, figures = {}, [], {}
     for name in args.settings.split(","):
-        root = args.runs / name
-        base = setting_config(name, args.threads)
-        compared = variants(name)
+        root, base, compared = args.runs / name, setting_config(name, args.threads), variants(name)
         if not args.report_only:
-            run_seeds(base, [v for v in compared if not args.only or v.label in args.only.split(",")], seeds, root, args.checkpoint_every)
+            run_seeds(base, [v for v in compared if v.label in wanted], seeds, root, args.checkpoint_every)
         finished = run_seeds(base, compared, seeds, root, only_finished=True)
         if finished:
-            data[name], md = section(name, finished)
-            text.append(md)
-    atomic_write_json(RESULTS / f"{args.name}.json", data)
-    atomic_write_bytes(RESULTS / f"{args.name}.md", "\n".join(text).encode())
-    print("\n".join(text))
+            data[name], md, drawn = section(name, finished)
+            sections.append(md)
+            figures.update(drawn)
+    write_results(args.results, args.name, data, markdown("FedMoE-DA over seeds", SETTING_TEXT, command, *sections), figures)
 
 
 if __name__ == "__main__":

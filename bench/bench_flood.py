@@ -18,12 +18,11 @@ the node's byte budget (max_held_bytes, 256 MiB) + 100 MB, and every HELLO answe
     python bench/bench_flood.py                      # all three scenarios
     python bench/bench_flood.py --scenarios big --slow 0.05
 
-Prints a table and saves bench/results/flood.json and flood.md.
+Prints a table and saves bench/results/<name>.json and .md (name: flood).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import platform
@@ -31,12 +30,11 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, markdown, parse_flags, rerun_command, write_results
 from p2pmoe.node import transport
 from p2pmoe.node.transport import Transport
 from p2pmoe.wire.codec import PROTOCOL_VERSION, decode, encode
@@ -185,23 +183,23 @@ def table(rows: list[dict[str, object]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", default="big,empty,multipart")
-    parser.add_argument("--slow", type=float, default=0.0, help="seconds the consumer spends on each message with tensors")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long each sender of empty messages keeps on")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flood")
-    args = parser.parse_args()
+    cli = bench_parser(__doc__)
+    cli.add_argument("--scenarios", default="big,empty,multipart")
+    cli.add_argument("--slow", type=float, default=0.0, help="seconds the consumer spends on each message with tensors")
+    cli.add_argument("--seconds", type=float, default=10.0, help="how long each sender of empty messages keeps on")
+    add_flags(cli, "name", "results", name="flood")
+    args = parse_flags(cli)
     rows = []
     for scenario in args.scenarios.split(","):
         rows.append(asyncio.run(flood(scenario, args.slow, args.seconds)))
         print(json.dumps(rows[-1]), flush=True)
-    command = f"python bench/bench_flood.py --scenarios {args.scenarios} --slow {args.slow} --seconds {args.seconds}"
     versions = f"Python {platform.python_version()}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}"
-    setting = f"{versions}; {SENDERS} sender processes on loopback, 2 CPUs shared with them; command: `{command}`"
-    atomic_write_json(args.out.with_suffix(".json"), {"setting": setting, "rows": rows})
+    setting = f"{versions}; {SENDERS} sender processes on loopback, 2 CPUs shared with them"
     intro = (__doc__ or "").split("\n\n", 1)[1]
-    atomic_write_bytes(args.out.with_suffix(".md"), f"# flood\n\n{intro}\n{setting}\n\n{table(rows)}\n".encode())
-    print(table(rows))
+    command = rerun_command(cli, args, skip=("name", "results"))
+    write_results(
+        args.results, args.name, {"setting": setting, "command": command, "rows": rows}, markdown("flood", f"{intro}\n{setting}", command, table(rows) + "\n")
+    )
 
 
 if __name__ == "__main__":

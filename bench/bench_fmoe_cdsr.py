@@ -8,39 +8,49 @@ evaluation (999 negatives drawn once, seed fixed) and the run's metrics taken at
 with the best mean validation MRR. `--jobs` runs that many methods at once, one process each
 (give each `--threads 1` on a 2-core machine). Prints the table, saves
 bench/results/<name>.json (one row per method) and .md, and checks the ledger's expert traffic
-against the expert's parameter count.
+against the expert's parameter count. `--resume` takes a method from its run folder when it
+finished there with this setting; `--report-only` runs nothing and tables finished runs and
+runs stopped early (from their metrics.jsonl).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import multiprocessing
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
-from p2pmoe.driver.summary import select_round, summarise_metrics
+from p2pmoe.config import add_experiment_arguments, config_from_args, resolve, with_options
 from p2pmoe.experiment import build_experiment, resolve_experiment
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import (
+    add_flags,
+    bench_parser,
+    chosen,
+    client_traffic,
+    failed_row,
+    finished_summary,
+    markdown,
+    method_defaults,
+    parse_flags,
+    partial_summary,
+    rerun_command,
+    result_row,
+    run_parallel,
+    write_results,
+)
+from p2pmoe.harness.folders import Traffic
 from p2pmoe.methods.fmoe_cdsr import FMoECDSROptions
 from p2pmoe.naming import SERVER_ID
-from p2pmoe.report import bench_row, format_table, rerun_command
+from p2pmoe.report import format_table
 from p2pmoe.runs import read_metrics
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.sim.runner import run_simulation
 from p2pmoe.tasks.base import resolve_device
 from p2pmoe.tasks.sequential import SequenceOptions, SequentialTask, sequence_domains
 
-RESULTS = Path(__file__).parent / "results"
 LABELS = {
     "local": "Local SASRec",
     "fedsasrec": "FedSASRec",
@@ -79,97 +89,12 @@ def expert_parameters(cfg: ExperimentConfig) -> int:
     return sum(t.numel() for t in server.template.values())  # type: ignore[attr-defined]
 
 
-def client_traffic(run_folder: Path) -> dict[int, dict[str, dict[str, int]]]:
-    """Payload bytes each client uploaded to and downloaded from the server, by round."""
-    traffic: dict[int, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"up": 0, "down": 0}))
-    with open(run_folder / "ledger.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["dst"] == SERVER_ID:
-                traffic[int(row["round"])][row["src"]]["up"] += int(row["payload_bytes"])
-            elif row["src"] == SERVER_ID:
-                traffic[int(row["round"])][row["dst"]]["down"] += int(row["payload_bytes"])
-    return {r: {node: dict(t) for node, t in by_node.items()} for r, by_node in traffic.items()}
-
-
-def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The summary a run folder holds when it was written for exactly this setting (`--reuse`)."""
-    path = Path(cfg.run.out) / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    if summary.get("setting") != json.loads(json.dumps(cfg.to_dict())):
-        return None
-    return {**summary, "cpu_seconds": summary.get("cpu_seconds")}
-
-
-def unfinished_run(cfg: ExperimentConfig, clients: list[str], first_rounds: int | None = None) -> dict[str, Any] | None:
-    """What a run stopped before its last round left (`--report-only`): its metrics.jsonl read
-    as the simulator reads a finished run's, over the rounds every client evaluated, with
-    ``rounds_done`` saying how many. Its setting is taken to be the command's (an unfinished
-    folder has no summary to check it against). ``first_rounds`` reads only rounds
-    ``0 .. first_rounds - 1`` (`--first-rounds`), finished run or not."""
-    path = Path(cfg.run.out) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = read_metrics(path)
-    evaluated: dict[int, set[str]] = defaultdict(set)
-    for row in rows:
-        if "metrics" in row:
-            evaluated[row["round"]].add(row["node"])
-    complete = {r for r, nodes in evaluated.items() if nodes >= set(clients) and (first_rounds is None or r < first_rounds)}
-    chosen, per_node = select_round([r for r in rows if r["round"] in complete], clients, SequentialTask.selection)
-    if chosen is None:
-        return None
-    metrics, spread = summarise_metrics(per_node)
-    return {
-        "method": cfg.run.method,
-        "data": cfg.run.data,
-        "rounds": cfg.run.rounds,
-        "rounds_done": len(complete),
-        "first_rounds": first_rounds,
-        "selection": {"key": SequentialTask.selection.key, "round": chosen},
-        "metrics": metrics,
-        "metrics_spread": spread,
-        "per_node": per_node,
-        "bytes": {},
-        "wall_seconds": None,
-        "cpu_seconds": None,
-        "setting": cfg.to_dict(),
-    }
-
-
 def expert_traffic_check(traffic: dict[int, dict[str, dict[str, int]]], rounds: int, clients: int, expert_bytes: int) -> bool:
     """Every round, every client uploaded exactly one expert and downloaded exactly K-1."""
     return all(
         len(traffic.get(r, {})) == clients and all(t["up"] == expert_bytes and t["down"] == expert_bytes * (clients - 1) for t in traffic[r].values())
         for r in range(rounds)
     )
-
-
-def _run(cfg: ExperimentConfig, checkpoint_every: int = 0) -> dict[str, Any]:
-    """One method in a worker process; its CPU time says what it costs whatever ran beside it
-    (this process's part only, for a run resumed from a checkpoint). With `checkpoint_every`,
-    the run checkpoints and goes on from its folder's checkpoint of the same setting."""
-    started = time.process_time()
-    summary = run_simulation(cfg, progress=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
-    return {**summary, "cpu_seconds": round(time.process_time() - started, 1)}
-
-
-def run_all(configs: dict[str, ExperimentConfig], jobs: int, checkpoint_every: int = 0) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
-    """(method, summary or the error that stopped it) as each finishes: in this process for
-    one job, else `jobs` workers. One method's failure does not lose the others' results."""
-    if jobs == 1:
-        for method, cfg in configs.items():
-            try:
-                yield method, _run(cfg, checkpoint_every)
-            except Exception as exc:  # reported in the table; the other methods still run
-                yield method, exc
-        return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run, cfg, checkpoint_every): method for method, cfg in configs.items()}
-        for future in as_completed(futures):
-            error = future.exception()
-            yield futures[future], error if isinstance(error, Exception) else future.result()
 
 
 def table_row(summary: dict[str, Any], domains: list[str]) -> dict[str, Any]:
@@ -232,144 +157,84 @@ def rounds_table(methods: dict[str, Path], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
-def defaults() -> Values:
-    """The parser is built for FMoE-CDSR on FKCB, so its --fmoe-* flags are accepted."""
-    values = empty_values()
-    values["run"].update(method="fmoe-cdsr", data="fkcb")
-    return values
+DEFAULTS = method_defaults("fmoe-cdsr", data="fkcb")  # the parser accepts the --fmoe-* flags
+Outcome = dict[str, Any] | Exception
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_experiment_arguments(parser, sys.argv[1:], defaults())
-    parser.add_argument("--only", default="", help="comma-separated methods to run (default: all of them)")
-    parser.add_argument("--jobs", type=int, default=1, help="methods run at once, one process each")
-    parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_<data>)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
-    parser.add_argument("--reuse", action="store_true", help="take a method from its run folder when it finished there with this exact setting")
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        metavar="N",
-        help="each run checkpoints every N rounds and, run again, goes on from its folder's checkpoint (p2pmoe simulate --resume); 0: never",
-    )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="run nothing: finished runs as --reuse, runs stopped early from their metrics.jsonl up to their last round every client evaluated",
-    )
-    parser.add_argument(
-        "--first-rounds",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --report-only: read every method's first N rounds only, finished or not, so runs stopped at different rounds compare at one budget",
-    )
-    args = parser.parse_args()
-    if getattr(args, "run.method") or getattr(args, "run.out"):
-        parser.error("--method and --out are set per method by the benchmark; use --only and --name")
-    try:  # data that is not sequential is refused here: FMoE-CDSR runs on the sequential family only
-        base = resolve(config_from_args(args, defaults()))
-    except ValueError as exc:
-        parser.error(str(exc))
-    methods = [m for m in args.only.split(",") if m] or list(METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
-    if args.checkpoint_every < 0:
-        parser.error("--checkpoint-every must be 0 (never) or a number of rounds")
-    if args.first_rounds < 0 or (args.first_rounds and not args.report_only):
-        parser.error("--first-rounds N (N >= 1) reads run folders: use it with --report-only")
-    if base.run.compression != "none":
-        parser.error("the byte check counts float32 experts: run the replication without --compression")
-    run, task, fmoe = base.run, base.task, base.method
-    assert isinstance(task, SequenceOptions) and isinstance(fmoe, FMoECDSROptions)
-    name = args.name or f"fmoe_cdsr_{run.data.replace('-', '')}"
-    domains = [d.name for d in sequence_domains(run.data, run.data_root)]
-    runs = f"runs/bench_{name}"
-    configs = {m: with_options(base, method=m, out=f"{runs}/{m}") for m in methods}
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    add_experiment_arguments(p, sys.argv[1:], DEFAULTS)
+    add_flags(p, "only", "jobs", "name", "results", "resume", "checkpoint_every", "report_only", "first_rounds")
+    return p
 
-    started = time.perf_counter()
-    clients = [f"node-{k:02d}" for k in range(len(domains))]
-    outcomes: dict[str, dict[str, Any] | Exception] = {}
-    if args.reuse or args.report_only:
-        for method, cfg in configs.items():
-            if args.first_rounds:
-                found = unfinished_run(cfg, clients, args.first_rounds)
-            else:
-                found = finished_run(cfg) or (unfinished_run(cfg, clients) if args.report_only else None)
-            if found is not None:
-                outcomes[method] = found
-            elif args.report_only:
-                outcomes[method] = FileNotFoundError(f"nothing to report in {cfg.run.out}")
-        if outcomes:
-            print(f"taken from their run folders: {', '.join(outcomes)}", flush=True)
-    pending = {m: cfg for m, cfg in configs.items() if m not in outcomes}
-    if pending:
-        print(
-            f"running {len(pending)} methods on {run.data} ({', '.join(domains)}), {args.jobs} at a time; per-round metrics in {runs}/<method>/metrics.jsonl",
-            flush=True,
-        )
-    for method, outcome in run_all(pending, args.jobs, args.checkpoint_every):
+
+def from_folders(args: argparse.Namespace, configs: dict[str, ExperimentConfig], clients: list[str]) -> dict[str, Outcome]:
+    """What `--resume` or `--report-only` takes from the run folders: finished runs of this
+    setting and (report only) runs stopped early; a method with nothing is an error row."""
+    outcomes: dict[str, Outcome] = {}
+    if not (args.resume or args.report_only):
+        return outcomes
+    for method, cfg in configs.items():
+        if args.first_rounds:
+            found = partial_summary(cfg, clients, SequentialTask.selection, args.first_rounds)
+        else:
+            found = finished_summary(Path(cfg.run.out), cfg) or (partial_summary(cfg, clients, SequentialTask.selection) if args.report_only else None)
+        if found is not None:
+            outcomes[method] = found
+        elif args.report_only:
+            outcomes[method] = FileNotFoundError(f"nothing to report in {cfg.run.out}")
+    if outcomes:
+        print(f"taken from their run folders: {', '.join(outcomes)}", flush=True)
+    return outcomes
+
+
+def run_pending(pending: dict[str, ExperimentConfig], args: argparse.Namespace) -> dict[str, Outcome]:
+    outcomes: dict[str, Outcome] = {}
+    for method, outcome in run_parallel(pending, args.jobs, args.checkpoint_every):
         outcomes[method] = outcome
         if isinstance(outcome, Exception):
             print(f"  {method}: FAILED: {outcome}", flush=True)
         else:
             print(f"  {method}: mean test MRR {outcome['metrics']['mrr']:.4f} after {outcome['wall_seconds'] / 60:.1f} min", flush=True)
-    wall = time.perf_counter() - started
+    return outcomes
 
-    expert_bytes = 4 * expert_parameters(base)
+
+def traffic_check(method: str, outcome: dict[str, Any], traffic: Traffic | None, rounds: int, domains: list[str], expert_bytes: int) -> list[str]:
+    """The line saying whether a mixture moved one expert up and K-1 down every round."""
+    if traffic is None:
+        return [f"- {method}: its run folder kept no ledger.csv, so its traffic per client is not checked"]
+    if method not in MIXTURES:
+        return []
+    checked = outcome.get("rounds_done") or rounds  # a run stopped early: the rounds it logged
+    ok = expert_traffic_check(traffic, checked, len(domains), expert_bytes)
+    return [
+        f"- {method}: in each of the {checked} rounds every client uploaded {expert_bytes:,} B and "
+        f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}"
+    ]
+
+
+def rows_and_checks(outcomes: dict[str, Outcome], configs: dict[str, ExperimentConfig], domains: list[str], expert_bytes: int) -> tuple[list, list, list[str]]:
+    """(JSON rows, table rows, traffic check lines) in the methods' order."""
     rows, table, checks = [], [], []
-    for method in methods:
+    for method, cfg in configs.items():
         outcome = outcomes[method]
         if isinstance(outcome, Exception):
-            rows.append({"method": method, "data": run.data, "error": str(outcome), "setting": configs[method].to_dict()})
+            rows.append(failed_row(LABELS[method], cfg, outcome))
             table.append({"method": f"{LABELS[method]}: FAILED ({outcome})"})
             continue
-        ledger = Path(configs[method].run.out) / "ledger.csv"
+        ledger = Path(cfg.run.out) / "ledger.csv"
         traffic = client_traffic(ledger.parent) if ledger.is_file() else None
-        rows.append(
-            {
-                **bench_row(outcome),
-                "label": LABELS[method],
-                "cpu_seconds": outcome["cpu_seconds"],
-                "selected_round": outcome["selection"]["round"],
-                "rounds_done": outcome.get("rounds_done", run.rounds),
-                "per_domain": {d: outcome["per_node"][f"node-{k:02d}"] for k, d in enumerate(domains)},
-                "payload_bytes_by_round": traffic,
-            }
-        )
+        extra = {"rounds_done": outcome.get("rounds_done", cfg.run.rounds), "payload_bytes_by_round": traffic}
+        rows.append(result_row(outcome, LABELS[method], domains=domains, **extra))
         table.append(table_row(outcome, domains))
-        if traffic is None:
-            checks.append(f"- {method}: its run folder kept no ledger.csv, so its traffic per client is not checked")
-        elif method in MIXTURES:
-            checked = outcome.get("rounds_done") or run.rounds  # a run stopped early: the rounds it logged
-            ok = expert_traffic_check(traffic, checked, len(domains), expert_bytes)
-            checks.append(
-                f"- {method}: in each of the {checked} rounds every client uploaded {expert_bytes:,} B and "
-                f"downloaded {expert_bytes * (len(domains) - 1):,} B of tensor payload: {'yes' if ok else 'NO'}"
-            )
-    if run.data == "fkcb":
-        table += PAPER_FKCB
-    columns = [
-        "method",
-        "MRR %",
-        "HR@10 %",
-        "NDCG@10 %",
-        *domains,
-        "gate own %",
-        "up KB/client/round",
-        "down KB/client/round",
-        "best round",
-        "wall min",
-        "CPU min",
-    ]
-    rendered = format_table(table, columns)
-    stacks = "μ and log σ² stacks" if fmoe.encoder == "vae" else "μ stack only"
-    setting = (
+        checks += traffic_check(method, outcome, traffic, cfg.run.rounds, domains, expert_bytes)
+    return rows, table, checks
+
+
+def setting_text(base: ExperimentConfig, domains: list[str], done: str) -> str:
+    run, task, fmoe = base.run, base.task, base.method
+    assert isinstance(task, SequenceOptions) and isinstance(fmoe, FMoECDSROptions)
+    return (
         f"{run.data} ({', '.join(domains)}), one client per domain; {run.rounds} rounds x {run.local_epochs} local epoch(s), "
         f"batch {run.batch_size}, Adam lr {run.lr} betas (0.9, 0.98), hidden {task.embed_dim}, {task.blocks} blocks, {task.heads} heads, "
         f"dropout {task.dropout}, max length {task.max_len}, {task.negatives} sampled negatives; FMoE-CDSR encoder "
@@ -377,33 +242,67 @@ def main() -> None:
         f"graph layer {'on' if fmoe.graph else 'off'}, {'official' if fmoe.input_norm else 'SASRec'} encoder input, "
         f"contrastive weight {fmoe.contrastive_weight}"
         f"{f', foreign experts as after {fmoe.expert_epochs} epoch(s)' if fmoe.expert_epochs else ''}; "
-        f"seed {run.seed}; {run.threads or 'all'} torch thread(s) each, on {device_name(run.device)}; "
-        + (
-            f"{args.jobs} method(s) at a time, wall time of the whole benchmark {wall / 60:.1f} min"
-            if pending
-            else "every method taken from its run folder (--reuse / --report-only), so no wall time of the whole"
-        )
+        f"seed {run.seed}; {run.threads or 'all'} torch thread(s) each, on {device_name(run.device)}; {done}"
     )
-    skip = ("results", "checkpoint_every") + (() if args.first_rounds else ("first_rounds",))
-    command = rerun_command("bench/bench_fmoe_cdsr.py", args, skip=skip, parser=parser)
+
+
+def report_sections(table: list[dict[str, Any]], checks: list[str], base: ExperimentConfig, domains: list[str], expert_bytes: int) -> str:
+    """The table with its reading, the expert size and traffic checks, and every mixture's rounds."""
+    task = base.task
+    assert isinstance(task, SequenceOptions) and isinstance(base.method, FMoECDSROptions)
+    columns = ["method", "MRR %", "HR@10 %", "NDCG@10 %", *domains, "gate own %", "up KB/client/round", "down KB/client/round"]
+    columns += ["best round", "wall min", "CPU min"]
+    stacks = "μ and log σ² stacks" if base.method.encoder == "vae" else "μ stack only"
     text = (
-        f"# FMoE-CDSR replication on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
         f"Metrics in %, test split, at the round with the best mean validation MRR (best round, counted from 1); "
         f"per-domain columns are MRR; gate own % is the gate's mean weight on each client's own branch over its test sequences "
         f"(mean over clients; the rest goes to the other domains' branches). Bytes are a client's uploads (model_update) and downloads "
         f"(model_global) per round, headers included, from the run's summary; "
-        f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{rendered}\n```\n\n"
+        f"CPU min is each method's own CPU time, wall min its wall time beside the other jobs.\n\n```\n{format_table(table, columns)}\n```\n\n"
         f"One expert ({stacks}, hidden {task.embed_dim}) has {expert_bytes // 4:,} parameters = {expert_bytes:,} B in float32.\n" + "\n".join(checks) + "\n"
     )
-    rounds = rounds_table({m: Path(configs[m].run.out) for m in methods if m in MIXTURES}, domains)
-    if rounds:
-        text += (
-            "\nEvery evaluated round of the mixtures (test and validation MRR, mean over clients; gate own %: the gate's mean "
-            "weight on the client's own branch over its test sequences, mean over clients and per client):\n\n" + rounds
-        )
-    print(text)
-    atomic_write_json(args.results / f"{name}.json", rows)
-    atomic_write_bytes(args.results / f"{name}.md", text.encode())
+    return text
+
+
+def main() -> None:
+    cli = parser()
+    args = parse_flags(cli)
+    if getattr(args, "run.method") or getattr(args, "run.out"):
+        cli.error("--method and --out are set per method by the benchmark; use --only and --name")
+    try:  # data that is not sequential is refused here: FMoE-CDSR runs on the sequential family only
+        base = resolve(config_from_args(args, DEFAULTS))
+    except ValueError as exc:
+        cli.error(str(exc))
+    if base.run.compression != "none":
+        cli.error("the byte check counts float32 experts: run the replication without --compression")
+    args.name = args.name or f"fmoe_cdsr_{base.run.data.replace('-', '')}"
+    domains = [d.name for d in sequence_domains(base.run.data, base.run.data_root)]
+    configs = {m: with_options(base, method=m, out=f"runs/bench_{args.name}/{m}") for m in chosen(cli, args, METHODS)}
+    started, outcomes = time.perf_counter(), from_folders(args, configs, [f"node-{k:02d}" for k in range(len(domains))])
+    pending = {m: cfg for m, cfg in configs.items() if m not in outcomes}
+    if pending:
+        where = f"per-round metrics in runs/bench_{args.name}/<method>/metrics.jsonl"
+        print(f"running {len(pending)} methods on {base.run.data} ({', '.join(domains)}), {args.jobs} at a time; {where}", flush=True)
+    outcomes |= run_pending(pending, args)
+    wall, expert_bytes = time.perf_counter() - started, 4 * expert_parameters(base)
+    done = f"{args.jobs} method(s) at a time, wall time of the whole benchmark {wall / 60:.1f} min"
+    done = done if pending else "every method taken from its run folder (--resume / --report-only), so no wall time of the whole"
+    rows, table, checks = rows_and_checks(outcomes, configs, domains, expert_bytes)
+    table += PAPER_FKCB if base.run.data == "fkcb" else []
+    text = report_sections(table, checks, base, domains, expert_bytes)
+    text += rounds_part({m: Path(cfg.run.out) for m, cfg in configs.items() if m in MIXTURES}, domains)
+    command = rerun_command(cli, args, skip=("results", "checkpoint_every") + (() if args.first_rounds else ("first_rounds",)))
+    write_results(args.results, args.name, rows, markdown(f"FMoE-CDSR replication on {base.run.data}", setting_text(base, domains, done), command, text))
+
+
+def rounds_part(folders: dict[str, Path], domains: list[str]) -> str:
+    rounds = rounds_table(folders, domains)
+    if not rounds:
+        return ""
+    return (
+        "\nEvery evaluated round of the mixtures (test and validation MRR, mean over clients; gate own %: the gate's mean "
+        "weight on the client's own branch over its test sequences, mean over clients and per client):\n\n" + rounds
+    )
 
 
 if __name__ == "__main__":

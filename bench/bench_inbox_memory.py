@@ -8,21 +8,19 @@ sender already has its share of the inbox waiting).
 
     python bench/bench_inbox_memory.py --count 200 --size 16 --delay 0.05
 
-Prints and saves bench/results/inbox_memory.json.
+Prints and saves bench/results/inbox_memory.json and .md.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from p2pmoe.fsio import atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, markdown, parse_flags, rerun_command, write_results
 from p2pmoe.node.transport import Transport
 
 SENDER = """
@@ -71,15 +69,16 @@ async def flood(count: int, size: int, delay: float) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--size", type=int, default=16, help="MiB per message")
-    parser.add_argument("--delay", type=float, default=0.05, help="seconds the consumer spends on each message")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "inbox_memory.json")
-    args = parser.parse_args()
+    cli = bench_parser(__doc__)
+    cli.add_argument("--count", type=int, default=200)
+    cli.add_argument("--size", type=int, default=16, help="MiB per message")
+    cli.add_argument("--delay", type=float, default=0.05, help="seconds the consumer spends on each message")
+    add_flags(cli, "name", "results", name="inbox_memory")
+    args = parse_flags(cli)
     result = asyncio.run(flood(args.count, args.size, args.delay))
-    print(json.dumps(result, indent=1))
-    atomic_write_json(args.out, result)
+    setting = "One node on loopback, one sender process flooding it; peak RSS of the node's process (MiB)."
+    text = markdown("Inbox memory under a flood", setting, rerun_command(cli, args, skip=("results",)), f"```\n{json.dumps(result, indent=1)}\n```\n")
+    write_results(args.results, args.name, result, text)
 
 
 if __name__ == "__main__":

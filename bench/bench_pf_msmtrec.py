@@ -17,15 +17,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_fmoe_cdsr import client_traffic, run_all
-
-from p2pmoe.config import Values, add_experiment_arguments, config_from_args, empty_values, resolve, with_options
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.report import bench_row, format_table, rerun_command
+from p2pmoe.config import add_experiment_arguments, config_from_args, resolve, with_options
+from p2pmoe.harness import (
+    add_flags,
+    bench_parser,
+    chosen,
+    client_traffic,
+    failed_row,
+    markdown,
+    method_defaults,
+    parse_flags,
+    rerun_command,
+    result_row,
+    run_parallel,
+    write_results,
+)
+from p2pmoe.report import format_table
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.tasks.multitask import MultiTaskOptions, scenarios
+from p2pmoe.tasks.multitask import MultiTaskOptions, ScenarioData, scenarios
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "local": ("Local MMoE", "local", {}),
     "fedavg": ("FedAvg MMoE", "fedavg", {}),
@@ -38,11 +48,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def defaults() -> Values:
-    """The parser is built for PF-MSMTrec on ML-1M, so its --pf-* flags are accepted."""
-    values = empty_values()
-    values["run"].update(method="pf-msmtrec", data="ml-1m-mtl")
-    return values
+DEFAULTS = method_defaults("pf-msmtrec", data="ml-1m-mtl")  # the parser accepts the --pf-* flags
 
 
 def table_row(label: str, summary: dict[str, Any], names: list[str], tasks: tuple[str, ...], rounds: int) -> dict[str, Any]:
@@ -60,84 +66,77 @@ def table_row(label: str, summary: dict[str, Any], names: list[str], tasks: tupl
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_experiment_arguments(parser, sys.argv[1:], defaults())
-    parser.add_argument("--only", default="", help=f"comma-separated variants (default all: {','.join(VARIANTS)})")
-    parser.add_argument("--jobs", type=int, default=1, help="variants run at once, one process each")
-    parser.add_argument("--name", default="pf_msmtrec_ml1m", help="results file stem")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
-    args = parser.parse_args()
-    if getattr(args, "run.method") or getattr(args, "run.out"):
-        parser.error("--method and --out are set per variant by the benchmark; use --only and --name")
-    base = resolve(config_from_args(args, defaults()))
-    chosen = [v for v in args.only.split(",") if v] or list(VARIANTS)
-    unknown = sorted(set(chosen) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    add_experiment_arguments(p, sys.argv[1:], DEFAULTS)
+    add_flags(p, "only", "jobs", "name", "results", name="pf_msmtrec_ml1m")
+    return p
+
+
+def setting_text(base: ExperimentConfig, found: tuple[ScenarioData, ...], jobs: int, wall: float) -> str:
     run, task = base.run, base.task
     assert isinstance(task, MultiTaskOptions)
-    found = scenarios(base)
-    names = [s.name for s in found]
-    runs = f"runs/bench_{args.name}"
-    configs: dict[str, ExperimentConfig] = {}
-    for key in chosen:
-        _, method, overrides = VARIANTS[key]
-        own = base.method.to_dict() if method == "pf-msmtrec" else {}
-        configs[key] = with_options(base, method=method, out=f"{runs}/{key}", method_options={**own, **overrides})
-    started = time.perf_counter()
-    print(f"running {len(configs)} variants on {run.data} ({', '.join(names)}), {args.jobs} at a time", flush=True)
-    outcomes: dict[str, Any] = {}
-    for key, outcome in run_all(configs, args.jobs):
-        outcomes[key] = outcome
-        done = f"FAILED: {outcome}" if isinstance(outcome, Exception) else f"mean test AUC {outcome['metrics']['auc']:.4f}"
-        print(f"  {key}: {done}", flush=True)
-    wall = time.perf_counter() - started
-    rows, table = [], []
-    for key in [v for v in VARIANTS if v in chosen]:  # the table in the usual order, whatever ran first
-        label, outcome = VARIANTS[key][0], outcomes[key]
-        if isinstance(outcome, Exception):
-            rows.append({"method": key, "data": run.data, "error": str(outcome), "setting": configs[key].to_dict()})
-            table.append({"method": f"{label}: FAILED ({outcome})"})
-            continue
-        outcome["out"] = configs[key].run.out
-        row = table_row(label, outcome, names, found[0].tasks, run.rounds)
-        rows.append(
-            {
-                **bench_row(outcome),
-                "variant": key,
-                "label": label,
-                "cpu_seconds": outcome["cpu_seconds"],
-                "selected_round": outcome["selection"]["round"],
-                "per_scenario": {n: outcome["per_node"][f"node-{k:02d}"] for k, n in enumerate(names)},
-                "payload_kb_per_client_round": row["KB/client/round"],
-            }
-        )
-        table.append(row)
-    tasks = found[0].tasks
-    columns = ["method", *(f"AUC {t}" for t in tasks), "AUC mean", *names, "KB/client/round", "best round", "CPU min"]
     sizes = ", ".join(f"{s.name} {len(s.train_idx):,}/{len(s.test_idx):,}" for s in found)
-    pf = base.method
-    setting = (
+    return (
         f"{run.data}: one client per age group; rows train/test per scenario: {sizes} "
         f"({task.users_per_scenario or 'all'} users per scenario, {task.neg_per_pos} sampled negative per rating, "
         f"{task.valid_fraction:.0%} of training rows for validation); {run.rounds} rounds x {run.local_epochs} local epoch(s), "
         f"batch {run.batch_size}, Adam lr {run.lr}; MMoE: embeddings {task.embed_dim}, {task.experts} experts of "
         f"{task.expert_layers}x{task.expert_hidden}, towers {task.tower_hidden}, expert BatchNorm {task.expert_norm}; "
-        f"PF-MSMTrec: {pf.to_dict()}; seed {run.seed}; {args.jobs} variant(s) at a time, "
+        f"PF-MSMTrec: {base.method.to_dict()}; seed {run.seed}; {jobs} variant(s) at a time, "
         f"{run.threads or 'all'} torch thread(s) each; wall time of the whole benchmark {wall / 60:.1f} min"
     )
-    command = rerun_command("bench/bench_pf_msmtrec.py", args, skip=("results",), parser=parser)
-    rendered = format_table(table, columns)
-    text = (
-        f"# PF-MSMTrec on {run.data}\n\n{setting}\n\nCommand: `{command}`\n\n"
+
+
+def configs_of(base: ExperimentConfig, keys: list[str], name: str) -> dict[str, ExperimentConfig]:
+    """Each chosen variant's run: PF-MSMTrec's variants keep the command's --pf-* options."""
+    configs = {}
+    for key in keys:
+        _, method, overrides = VARIANTS[key]
+        own = base.method.to_dict() if method == "pf-msmtrec" else {}
+        configs[key] = with_options(base, method=method, out=f"runs/bench_{name}/{key}", method_options={**own, **overrides})
+    return configs
+
+
+def rows_of(outcomes: dict[str, Any], configs: dict[str, ExperimentConfig], found: tuple[ScenarioData, ...]) -> tuple[list, list]:
+    """(JSON rows, table rows) in the variants' order, whatever ran first."""
+    names, tasks, rounds = [s.name for s in found], found[0].tasks, next(iter(configs.values())).run.rounds
+    rows, table = [], []
+    for key, cfg in configs.items():
+        label, outcome = VARIANTS[key][0], outcomes[key]
+        if isinstance(outcome, Exception):
+            rows.append(failed_row(label, cfg, outcome))
+            table.append({"method": f"{label}: FAILED ({outcome})"})
+            continue
+        row = table_row(label, {**outcome, "out": cfg.run.out}, names, tasks, rounds)
+        rows.append(result_row(outcome, label, domains=names, payload_kb_per_client_round=row["KB/client/round"]))
+        table.append(row)
+    return rows, table
+
+
+def main() -> None:
+    cli = parser()
+    args = parse_flags(cli)
+    if getattr(args, "run.method") or getattr(args, "run.out"):
+        cli.error("--method and --out are set per variant by the benchmark; use --only and --name")
+    base = resolve(config_from_args(args, DEFAULTS))
+    configs, found = configs_of(base, chosen(cli, args, list(VARIANTS)), args.name), scenarios(base)
+    print(f"running {len(configs)} variants on {base.run.data} ({', '.join(s.name for s in found)}), {args.jobs} at a time", flush=True)
+    started, outcomes = time.perf_counter(), {}
+    for key, outcome in run_parallel(configs, args.jobs):
+        outcomes[key] = outcome
+        print(f"  {key}: " + (f"FAILED: {outcome}" if isinstance(outcome, Exception) else f"mean test AUC {outcome['metrics']['auc']:.4f}"), flush=True)
+    rows, table = rows_of(outcomes, configs, found)
+    tasks, names = found[0].tasks, [s.name for s in found]
+    columns = ["method", *(f"AUC {t}" for t in tasks), "AUC mean", *names, "KB/client/round", "best round", "CPU min"]
+    reading = (
         f"Test AUC at the round with the best mean validation AUC (best round, counted from 1); task columns and "
         f"AUC mean are means over scenarios; scenario columns are {' / '.join(tasks)} AUC. KB/client/round is tensor "
-        f"payload sent plus received. CPU min is each variant's own CPU time.\n\n```\n{rendered}\n```\n"
+        f"payload sent plus received. CPU min is each variant's own CPU time.\n\n```\n{format_table(table, columns)}\n```\n"
     )
-    print(text)
-    atomic_write_json(args.results / f"{args.name}.json", rows)
-    atomic_write_bytes(args.results / f"{args.name}.md", text.encode())
+    setting = setting_text(base, found, args.jobs, time.perf_counter() - started)
+    text = markdown(f"PF-MSMTrec on {base.run.data}", setting, rerun_command(cli, args, skip=("results",)), reading)
+    write_results(args.results, args.name, rows, text)
 
 
 if __name__ == "__main__":

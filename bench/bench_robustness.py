@@ -11,18 +11,15 @@ seed, with its standard error and a verdict only beyond two standard errors. Wri
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.harness import Variant, run_seeds
+from p2pmoe.harness import Variant, add_flags, bench_parser, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
 from p2pmoe.report import format_table
 from p2pmoe.report.seeds import seed_table
 from p2pmoe.report.tables import columns_of
 
-RESULTS = Path(__file__).parent / "results"
 ATTACK = {"attack": "sign-flip:5", "attackers": 0.2}
 RULES = ("mean", "median", "trimmed:0.2", "krum:2:6", "clip:5")
 
@@ -39,33 +36,34 @@ def honest(summary: dict[str, Any]) -> dict[str, Any]:
     return {**summary, "metrics": summary.get("honest_metrics", summary["metrics"]), "per_node": per_node}
 
 
+def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """What the attack costs each rule (verdict "better": without attackers is better beyond
+    2 SE), then each rule against the mean in the same case ("worse": the mean is worse)."""
+    found = {}
+    for rule in RULES:
+        mine = {k: v for k, v in runs.items() if k.startswith(f"{rule},")}
+        found[f"{rule}: with and without attackers"] = seed_table(mine, "accuracy", f"{rule}, no attack", f"{rule}, no attack", ["global_accuracy"])
+    for case in ("no attack", "20% sign-flip"):
+        mine = {k: v for k, v in runs.items() if k.endswith(case)}
+        found[f"every rule against the mean, {case}"] = seed_table(mine, "accuracy", f"mean, {case}", f"mean, {case}", ["global_accuracy"])
+    return found
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--name", default="robustness_fedavg")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    cli = bench_parser(__doc__)
+    add_flags(cli, "seeds", "threads", "name", "results", name="robustness_fedavg")
+    args = parse_flags(cli)
     base = default_config(data="fmnist", nodes=10, max_train_per_node=500, partition="dirichlet:0.3", rounds=10, eval_every=10, threads=args.threads)
     base = with_options(base, task_options={"global_test_size": 500})
-    results = run_seeds(base, variants(), seeds, Path("runs") / f"bench_{args.name}")
     runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in results:
+    for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"):
         runs.setdefault(r.label, {})[r.seed] = honest(r.summary)
-    tables = {}
-    for rule in RULES:  # what the attack costs each rule (verdict "better": without attackers is better beyond 2 SE)
-        mine = {k: v for k, v in runs.items() if k.startswith(f"{rule},")}
-        tables[f"{rule}: with and without attackers"] = seed_table(mine, "accuracy", f"{rule}, no attack", f"{rule}, no attack", ["global_accuracy"])
-    for case in ("no attack", "20% sign-flip"):  # each rule against the mean in the same case ("worse": the mean is worse than the rule)
-        mine = {k: v for k, v in runs.items() if k.endswith(case)}
-        tables[f"every rule against the mean, {case}"] = seed_table(mine, "accuracy", f"mean, {case}", f"mean, {case}", ["global_accuracy"])
-    text = [f"# FedAvg's aggregation rules under attack\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split('Writes')[0].strip()}\n"]
-    text.append(f"Command: `python bench/bench_robustness.py --seeds {args.seeds}`\n")
-    for heading, rows in tables.items():
-        text.append(f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n")
-    print("\n".join(text))
-    atomic_write_json(RESULTS / f"{args.name}.json", {"seeds": seeds, "tables": tables})
-    atomic_write_bytes(RESULTS / f"{args.name}.md", "\n".join(text).encode())
+    found = tables(runs)
+    intro = (__doc__ or "").split("\n\n", 1)[1].split("Writes")[0].strip()
+    sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in found.items()]
+    command = rerun_command(cli, args, skip=("threads", "name", "results"))
+    text = markdown("FedAvg's aggregation rules under attack", intro, command, *sections)
+    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": found}, text)
 
 
 if __name__ == "__main__":

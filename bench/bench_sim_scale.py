@@ -20,13 +20,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, markdown, parse_flags, rerun_command, write_results
 from p2pmoe.report import format_table
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def one_run(nodes: int, rounds: int, trained: bool, out: str, embedding: str) -> dict[str, Any]:
@@ -64,47 +61,46 @@ def one_run(nodes: int, rounds: int, trained: bool, out: str, embedding: str) ->
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", default="100,1000,10000", help="comma-separated node counts")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--trained", action="store_true", help="train on Fashion-MNIST instead of accounting only")
-    parser.add_argument("--embedding", default="frozen", choices=("gossip", "frozen"), help="how FedMoE-DA shares phi")
-    parser.add_argument("--name", default="sim_scale", help="results file stem")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one node count and print JSON
-    args = parser.parse_args()
-    if args.one is not None:
-        print(json.dumps(one_run(args.one, args.rounds, args.trained, f"runs/bench_{args.name}/{args.one}", args.embedding)))
-        return
+def run_each(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every node count in a process of its own (its peak RSS is its own); a failed one is a row with its error."""
     rows = []
     for nodes in (int(n) for n in args.nodes.split(",")):
         command = [sys.executable, __file__, "--one", str(nodes), "--rounds", str(args.rounds), "--embedding", args.embedding, "--name", args.name]
-        if args.trained:
-            command.append("--trained")
         print(f"running {nodes} nodes ...", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command + (["--trained"] if args.trained else []), capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
             rows.append({"nodes": nodes, "error": done.stderr[-500:]})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  {rows[-1]['wall_seconds']} s ({rows[-1]['cpu_seconds']} s CPU), peak RSS {rows[-1]['peak_rss_mb']} MB", flush=True)
+    return rows
+
+
+def main() -> None:
+    cli = bench_parser(__doc__)
+    cli.add_argument("--nodes", default="100,1000,10000", help="comma-separated node counts")
+    cli.add_argument("--rounds", type=int, default=10)
+    cli.add_argument("--embedding", default="frozen", choices=("gossip", "frozen"), help="how FedMoE-DA shares phi")
+    cli.add_argument("--trained", action="store_true", help="train on Fashion-MNIST instead of accounting only")
+    add_flags(cli, "name", "results", name="sim_scale")
+    cli.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one node count and print JSON
+    args = parse_flags(cli)
+    if args.one is not None:
+        print(json.dumps(one_run(args.one, args.rounds, args.trained, f"runs/bench_{args.name}/{args.one}", args.embedding)))
+        return
+    rows = run_each(args)
     columns = ["nodes", "mode", "embedding", "rounds", "wall_seconds", "cpu_seconds", "load", "peak_rss_mb", "messages"]
     columns += ["bytes_per_node_per_round", "sim_seconds_per_round"]
     table = format_table([{**r, "load": "{} -> {}".format(*r["load_average"])} for r in rows if "error" not in r], columns)
     mode = "trained on Fashion-MNIST (Dirichlet 0.3, all 60,000 images)" if args.trained else "accounting only (--train none)"
-    text = (
-        f"# Simulator at scale\n\nFedMoE-DA peer to peer, random-regular-4 topology, {args.rounds} rounds, phi {args.embedding}, "
+    setting = (
+        f"FedMoE-DA peer to peer, random-regular-4 topology, {args.rounds} rounds, phi {args.embedding}, "
         f"{mode}, seed 0, one process per row, 1 torch thread, the run's report included; this machine: 2 cores, shared "
         f"(load: the 1-minute load average before -> after each row; wall time under load counts other programs' turns, "
-        f"CPU seconds are the run's own).\n\n"
-        f"Command: `python bench/bench_sim_scale.py --nodes {args.nodes} --rounds {args.rounds} --embedding {args.embedding}"
-        f"{' --trained' if args.trained else ''} --name {args.name}`\n\n```\n{table}\n```\n"
+        f"CPU seconds are the run's own)."
     )
-    print(text)
-    atomic_write_json(args.results / f"{args.name}.json", rows)
-    atomic_write_bytes(args.results / f"{args.name}.md", text.encode())
+    write_results(args.results, args.name, rows, markdown("Simulator at scale", setting, rerun_command(cli, args, skip=("results",)), f"```\n{table}\n```\n"))
 
 
 if __name__ == "__main__":

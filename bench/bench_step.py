@@ -29,7 +29,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,12 +36,10 @@ import torch.nn.functional as F
 
 from p2pmoe.data.feddcsr import load_feddcsr
 from p2pmoe.data.sequences import DomainSequences
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, markdown, parse_flags, rerun_command, write_results
 from p2pmoe.learners.sequential import NextItemLearner, SASRecNextItem, SequenceBatch
 from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
 from p2pmoe.report import format_table
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def fmoe_model(domains: list[DomainSequences], c: int, args: argparse.Namespace, frozen: bool) -> FMoECDSR:
@@ -104,7 +101,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace) -> None:
+def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace, command: str) -> None:
     """Test MRR of Local SASRec and of the one-branch recipes after ``args.quality`` epochs."""
     data = domains[c]
     adjacency = transition_adjacency(data.train, data.num_items)
@@ -142,41 +139,30 @@ def quality(domains: list[DomainSequences], c: int, args: argparse.Namespace) ->
         f"{c} of {len(domains)} with the foreign branches absent, contrastive weight 0.1 and KL annealed min(1, step/10000) unless the "
         f"recipe says otherwise"
     )
-    command = (
-        f"python bench/bench_step.py --data-root DIR --domain {data.name} --hidden {args.hidden} "
-        f"--batch-size {args.batch_size} --threads {args.threads} --quality {args.quality} --recipes {args.recipes}"
-    )
-    text = (
-        f"# One client, own branch only: FMoE-CDSR recipes against Local SASRec\n\n{setting}\n\nCommand: `{command}`\n\n"
-        f"```\n{format_table(rows, list(rows[0]))}\n```\n"
-    )
-    print(text)
+    text = markdown("One client, own branch only: FMoE-CDSR recipes against Local SASRec", setting, command, f"```\n{format_table(rows, list(rows[0]))}\n```\n")
     stem = f"fmoe_cdsr_{data.name.lower()}_one_client" + ("" if args.recipes == "init" else f"_{args.recipes}")
-    atomic_write_json(RESULTS / f"{stem}.json", {"setting": setting, "command": command, "rows": rows})
-    atomic_write_bytes(RESULTS / f"{stem}.md", text.encode())
+    write_results(args.results, stem, {"setting": setting, "command": command, "rows": rows}, text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", required=True, help="FedDCSR-format FKCB folder")
-    parser.add_argument("--domain", default="Food")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-len", type=int, default=16)
-    parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per method (median reported)")
-    parser.add_argument("--name", default="step", help="results file stem")
-    parser.add_argument("--quality", type=int, default=0, metavar="EPOCHS", help="train the one-branch recipes this long instead of timing")
-    parser.add_argument("--recipes", choices=sorted(RECIPES), default="init", help="which one-branch recipes --quality trains")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    domains = load_feddcsr(args.data_root)
-    c = [d.name for d in domains].index(args.domain)
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    p.add_argument("--data-root", required=True, help="FedDCSR-format FKCB folder")
+    p.add_argument("--domain", default="Food")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.3)
+    add_flags(p, "threads")
+    p.add_argument("--repeats", type=int, default=3, help="epochs timed per method (median reported)")
+    add_flags(p, "name", "results", name="step")
+    p.add_argument("--quality", type=int, default=0, metavar="EPOCHS", help="train the one-branch recipes this long instead of timing")
+    p.add_argument("--recipes", choices=sorted(RECIPES), default="init", help="which one-branch recipes --quality trains")
+    return p
+
+
+def epoch_seconds(domains: list[DomainSequences], c: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """CPU seconds of each method's timed epochs, the methods taking turns after a warm-up epoch each."""
     data = domains[c]
-    if args.quality:
-        quality(domains, c, args)
-        return
 
     def learner(model: torch.nn.Module) -> NextItemLearner:
         return NextItemLearner(model, data, args.max_len, batch_size=args.batch_size, num_negatives=999)
@@ -197,8 +183,21 @@ def main() -> None:
             started = time.process_time()
             lrn.train(1)
             seconds[name].append(time.process_time() - started)
-    base = statistics.median(seconds["Local SASRec"])
-    steps = -(-len(data.train) // args.batch_size)
+    return seconds
+
+
+def main() -> None:
+    cli = parser()
+    args = parse_flags(cli)
+    torch.set_num_threads(args.threads)
+    domains = load_feddcsr(args.data_root)
+    c = [d.name for d in domains].index(args.domain)
+    data = domains[c]
+    if args.quality:
+        quality(domains, c, args, rerun_command(cli, args, skip=("repeats", "name", "results", "max_len", "dropout"), data_root="DIR"))
+        return
+    seconds = epoch_seconds(domains, c, args)
+    base, steps = statistics.median(seconds["Local SASRec"]), -(-len(data.train) // args.batch_size)
     rows = [
         {
             "method": name,
@@ -217,15 +216,13 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}; process CPU seconds, median of {args.repeats} epochs after "
         f"one warm-up epoch, methods interleaved"
     )
-    command = (
-        f"python bench/bench_step.py --data-root DIR --domain {args.domain} --hidden {args.hidden} "
-        f"--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}"
+    command = rerun_command(cli, args, skip=("name", "results", "max_len", "dropout", "quality", "recipes"), data_root="DIR")
+    write_results(
+        args.results,
+        args.name,
+        {"setting": setting, "command": command, "rows": rows},
+        markdown("Epoch time per method", setting, command, f"```\n{format_table(rows, list(rows[0]))}\n```\n"),
     )
-    text = f"# Epoch time per method\n\n{setting}\n\nCommand: `{command}`\n\n```\n{format_table(rows, list(rows[0]))}\n```\n"
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / f"{args.name}.json", {"setting": setting, "command": command, "rows": rows})
-    atomic_write_bytes(RESULTS / f"{args.name}.md", text.encode())
 
 
 if __name__ == "__main__":

@@ -28,12 +28,10 @@ from typing import Any
 
 from p2pmoe.config import default_config
 from p2pmoe.experiment import resolve_experiment
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, markdown, parse_flags, rerun_command, write_results
 from p2pmoe.node.config import Timing
 from p2pmoe.node.swarm import merge_run, start_node, write_node_configs
 from p2pmoe.report import format_table
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _smaps(pid: int) -> tuple[int, int, int]:
@@ -93,59 +91,75 @@ def reap(procs: dict[str, subprocess.Popen[bytes]], timeout: float, peaks: Peaks
     return done
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--method", default="fedmoe-da")
-    parser.add_argument("--partition", default="dirichlet:0.5")
-    parser.add_argument("--topology", default="full", help="e.g. random-regular:4 for 100 nodes (full: every node heartbeats every other)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before still-running nodes are killed")
-    parser.add_argument("--name", default="swarm_memory", help="results file stem")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
+Reaped = dict[str, tuple[int, resource.struct_rusage | None]]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    p.add_argument("--nodes", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--method", default="fedmoe-da")
+    p.add_argument("--partition", default="dirichlet:0.5")
+    p.add_argument("--topology", default="full", help="e.g. random-regular:4 for 100 nodes (full: every node heartbeats every other)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before still-running nodes are killed")
+    add_flags(p, "name", "results", name="swarm_memory")
+    return p
+
+
+def swarm(args: argparse.Namespace, sampled: Peaks) -> tuple[Reaped, dict[str, Any], float]:
+    """Start every node as `p2pmoe swarm` does, reap each, merge the run: (reaped, summary, wall)."""
     out = Path("runs") / f"bench_{args.name}"
-    experiment = resolve_experiment(
-        default_config(
-            method=args.method, data="fmnist", nodes=args.nodes, rounds=args.rounds, partition=args.partition, topology=args.topology, seed=0, out=str(out)
-        )
-    )
-    load_before = os.getloadavg()[0]
+    run = {"method": args.method, "nodes": args.nodes, "rounds": args.rounds, "partition": args.partition, "topology": args.topology}
+    experiment = resolve_experiment(default_config(data="fmnist", seed=0, out=str(out), **run))
     started = time.perf_counter()
     # N processes start on two cores one torch import at a time: wait for the last as long as that takes
     timing = Timing(startup=max(60.0, 6.0 * args.nodes), round_deadline=max(120.0, 6.0 * args.nodes))
     configs = write_node_configs(experiment, out, timing)
-    sampled = Peaks()
     procs = {node: start_node(path, path.parent / "node.log") for node, path in configs.items()}
     reaped = reap(procs, args.timeout, sampled)
     wall = time.perf_counter() - started
-    summary = merge_run(experiment, out, wall, {node: code for node, (code, _) in reaped.items()})
+    return reaped, merge_run(experiment, out, wall, {node: code for node, (code, _) in reaped.items()}), wall
+
+
+def setting_text(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    peaks = result["sampled_peak_total_mib"]
+    return (
+        f"{args.method} swarm on loopback, Fashion-MNIST, {args.nodes} nodes, {args.partition}, "
+        f"{args.rounds} round(s), seed 0; one process per node ({result['setting']['start']}ed), peak RSS from each process's own rusage (os.wait4). "
+        f"Largest peak: {result['max_peak_rss_mib']} MiB = {result['max_peak_rss_mb']} MB (10^6 bytes); "
+        f"{len(result['nodes_finished'])} of {args.nodes} clients finished; "
+        f"wall {result['wall_seconds']} s; load average {result['load_average'][0]} -> {result['load_average'][1]} on 2 shared cores.\n\n"
+        f"Sampled every 0.5 s over the live nodes: peak summed RSS {peaks['rss_sum']} MiB (shared pages counted "
+        f"in every process), peak summed PSS {peaks['pss_sum']} MiB with "
+        f"{peaks['live_nodes_at_pss_peak']} nodes alive ({result['pss_per_node_at_peak_mib']} MiB per node), "
+        f"peak summed USS {peaks['uss_sum']} MiB; the machine's memory in use rose by at most "
+        f"{peaks['machine_used_over_baseline']} MiB (other work on the machine included)."
+    )
+
+
+def node_rows(reaped: Reaped) -> list[dict[str, Any]]:
+    """Each node's exit code, peak RSS (ru_maxrss is in KiB: MiB = /1024, MB = *1024/10^6) and CPU seconds."""
     rows: list[dict[str, Any]] = []
     for node, (code, usage) in sorted(reaped.items()):
         rows.append({"node": node, "exit_code": code, "peak_rss_mib": None, "peak_rss_mb": None, "cpu_seconds": None})
-        if usage is not None:  # ru_maxrss is in KiB: MiB = /1024, MB (10^6 bytes) = *1024/10^6
+        if usage is not None:
             rows[-1].update(
                 peak_rss_mib=round(usage.ru_maxrss / 1024, 1),
                 peak_rss_mb=round(usage.ru_maxrss * 1024 / 1e6, 1),
                 cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1),
             )
-    peaks = [r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None]
-    peaks_mib = [r["peak_rss_mib"] for r in rows if r["peak_rss_mib"] is not None]
-    result = {
-        "setting": {
-            "method": args.method,
-            "data": "fmnist",
-            "nodes": args.nodes,
-            "rounds": args.rounds,
-            "partition": args.partition,
-            "topology": args.topology,
-            "seed": 0,
-            "start": "spawn" if os.environ.get("P2PMOE_SPAWN") == "1" else "fork",
-        },
+    return rows
+
+
+def result_of(args: argparse.Namespace, rows: list[dict[str, Any]], sampled: Peaks, summary: dict[str, Any], wall: float, load: float) -> dict[str, Any]:
+    setting = {"method": args.method, "data": "fmnist", "nodes": args.nodes, "rounds": args.rounds, "partition": args.partition}
+    setting |= {"topology": args.topology, "seed": 0, "start": "spawn" if os.environ.get("P2PMOE_SPAWN") == "1" else "fork"}
+    return {
+        "setting": setting,
         "wall_seconds": round(wall, 1),
-        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-        "max_peak_rss_mb": max(peaks, default=None),
-        "max_peak_rss_mib": max(peaks_mib, default=None),
+        "load_average": [round(load, 1), round(os.getloadavg()[0], 1)],
+        "max_peak_rss_mb": max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None), default=None),
+        "max_peak_rss_mib": max((r["peak_rss_mib"] for r in rows if r["peak_rss_mib"] is not None), default=None),
         "sampled_peak_total_mib": {
             "rss_sum": round(sampled.rss / 1024, 1),
             "pss_sum": round(sampled.pss / 1024, 1),
@@ -158,25 +172,18 @@ def main() -> None:
         "metrics": summary.get("metrics", {}),
         "per_node": rows,
     }
-    command = ("P2PMOE_SPAWN=1 " if result["setting"]["start"] == "spawn" else "") + "python bench/bench_swarm_memory.py"
-    command += f" --nodes {args.nodes} --rounds {args.rounds} --method {args.method}"
-    command += f" --partition {args.partition} --topology {args.topology} --name {args.name}"
-    text = (
-        f"# Swarm memory per process\n\n{args.method} swarm on loopback, Fashion-MNIST, {args.nodes} nodes, {args.partition}, "
-        f"{args.rounds} round(s), seed 0; one process per node ({result['setting']['start']}ed), peak RSS from each process's own rusage (os.wait4). "
-        f"Largest peak: {result['max_peak_rss_mib']} MiB = {result['max_peak_rss_mb']} MB (10^6 bytes); "
-        f"{len(result['nodes_finished'])} of {args.nodes} clients finished; "
-        f"wall {result['wall_seconds']} s; load average {result['load_average'][0]} -> {result['load_average'][1]} on 2 shared cores.\n\n"
-        f"Sampled every 0.5 s over the live nodes: peak summed RSS {result['sampled_peak_total_mib']['rss_sum']} MiB (shared pages counted "
-        f"in every process), peak summed PSS {result['sampled_peak_total_mib']['pss_sum']} MiB with "
-        f"{result['sampled_peak_total_mib']['live_nodes_at_pss_peak']} nodes alive ({result['pss_per_node_at_peak_mib']} MiB per node), "
-        f"peak summed USS {result['sampled_peak_total_mib']['uss_sum']} MiB; the machine's memory in use rose by at most "
-        f"{result['sampled_peak_total_mib']['machine_used_over_baseline']} MiB (other work on the machine included).\n\n"
-        f"Command: `{command}`\n\n```\n{format_table(rows, ['node', 'exit_code', 'peak_rss_mib', 'peak_rss_mb', 'cpu_seconds'])}\n```\n"
-    )
-    print(text)
-    atomic_write_json(args.results / f"{args.name}.json", result)
-    atomic_write_bytes(args.results / f"{args.name}.md", text.encode())
+
+
+def main() -> None:
+    cli = parser()
+    args = parse_flags(cli)
+    load_before, sampled = os.getloadavg()[0], Peaks()
+    reaped, summary, wall = swarm(args, sampled)
+    rows = node_rows(reaped)
+    result = result_of(args, rows, sampled, summary, wall, load_before)
+    command = ("P2PMOE_SPAWN=1 " if result["setting"]["start"] == "spawn" else "") + rerun_command(cli, args, skip=("timeout", "results"))
+    table = format_table(rows, ["node", "exit_code", "peak_rss_mib", "peak_rss_mb", "cpu_seconds"])
+    write_results(args.results, args.name, result, markdown("Swarm memory per process", setting_text(args, result), command, f"```\n{table}\n```\n"))
     sys.exit(0 if all(code == 0 for code, _ in reaped.values()) else 1)
 
 

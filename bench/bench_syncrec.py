@@ -12,26 +12,22 @@ most correlated visible expert; phi, the item and position embeddings, kept loca
 `frozen` embedding mode, never sent; towers are local in every mode).
 Every variant is a full simulation with the same users, seed and candidate sets; metrics are
 the test split's at the round with the best mean validation MRR. Results are written after
-each variant to bench/results/<name>.json and .md.
+each variant to bench/results/<name>.json and .md; `--report-only` rewrites the .md from the .json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
-from p2pmoe.report import bench_row, format_table
-from p2pmoe.sim.runner import run_simulation
+from p2pmoe.harness import add_flags, bench_parser, chosen, markdown, parse_flags, rerun_command, result_row, timed_run, upgraded, write_results
+from p2pmoe.report import format_table
 
-RESULTS = Path(__file__).parent / "results"
 DOMAINS = ("kids", "dark", "action", "comedy", "drama")
 METHOD_KEYS = ("embedding", "p")
 MODEL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -49,32 +45,15 @@ P2P_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run_variant(args: argparse.Namespace, method: str, changes: dict[str, Any], out: Path) -> dict[str, Any]:
+def run_variant(args: argparse.Namespace, label: str, method: str, changes: dict[str, Any], out: Path) -> dict[str, Any]:
     method_options = {k: v for k, v in changes.items() if k in METHOD_KEYS}
     task_options = {k: v for k, v in changes.items() if k not in METHOD_KEYS}
     task_options.update(
         users=args.users, embed_dim=args.embed_dim, max_len=args.max_len, negatives_from=args.negatives_from, cross_expert_ratio=args.cross_expert_ratio
     )
-    cfg = with_options(
-        default_config(
-            data=args.data,
-            method=method,
-            nodes=args.nodes,
-            rounds=args.rounds,
-            eval_every=args.eval_every,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            threads=1,
-            out=str(out),
-        ),
-        task_options=task_options,
-        method_options=method_options,
-    )
-    start, cpu = time.time(), time.process_time()
-    summary = run_simulation(cfg, progress=False)
-    cost = {"wall_min": (time.time() - start) / 60, "cpu_min": (time.process_time() - cpu) / 60}
-    return {**bench_row(summary), "selection_round": summary["selection"]["round"], **cost}
+    run = {"nodes": args.nodes, "rounds": args.rounds, "eval_every": args.eval_every, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    cfg = with_options(default_config(data=args.data, method=method, threads=1, out=str(out), **run), task_options=task_options, method_options=method_options)
+    return result_row(timed_run(cfg), label)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -84,7 +63,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         cell = {"variant": row["variant"], "MRR %": 100 * m["mrr"], "HR@10 %": 100 * m["hr@10"], "NDCG@10 %": 100 * m["ndcg@10"]}
         cell.update({d.capitalize(): 100 * m.get(f"{d}/mrr", float("nan")) for d in DOMAINS})
         cell["KB/node/round"] = row["bytes"]["per_node_per_round"]["total"] / 1000
-        cell.update({"best round": row["selection_round"], "CPU min": row["cpu_min"]})
+        cell.update({"best round": row["selected_round"], "CPU min": row["cpu_seconds"] / 60})
         cells.append(cell)
     return format_table(cells, list(cells[0]))
 
@@ -129,72 +108,59 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    p.add_argument("--part", choices=("model", "p2p"), required=True)
+    p.add_argument("--data", default="ml-1m-timelines")
+    p.add_argument("--users", type=int, default=800)
+    p.add_argument("--nodes", type=int, default=None, help="default: 1 for model, 4 for p2p")
+    for flag, kind, default in (("rounds", int, 12), ("eval-every", int, 3), ("batch-size", int, 128), ("lr", float, 2e-3), ("embed-dim", int, 32)):
+        p.add_argument(f"--{flag}", type=kind, default=default)
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cross-expert-ratio", type=float, default=0.8, help="SyNCRec's share of cross-domain experts among the 5")
+    p.add_argument("--negatives-from", choices=("domain", "all"), default="domain", help="draw negatives from the target's domain or all items")
+    add_flags(p, "only", "name", "results", "report_only")
+    return p
+
+
+def setting_text(args: argparse.Namespace) -> str:
+    cross = round(5 * args.cross_expert_ratio)
+    return (
+        f"{args.data}: {args.users} users drawn with seed {args.seed} (of 6,040), {args.nodes} node(s), {args.rounds} rounds x 1 local epoch, "
+        f"evaluated every {args.eval_every} rounds, batch {args.batch_size}, Adam lr {args.lr}, hidden {args.embed_dim}, max length {args.max_len}, "
+        f"1 block and 2 heads per expert/SASRec, dropout 0.2, 5 ACMoE experts ({5 - cross} single-domain, {cross} cross-domain), 100 negatives "
+        f"{'from the target domain' if args.negatives_from == 'domain' else 'from all items'} that the user never touched (drawn once), 1 torch thread"
+    )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("model", "p2p"), required=True)
-    parser.add_argument("--data", default="ml-1m-timelines")
-    parser.add_argument("--users", type=int, default=800)
-    parser.add_argument("--nodes", type=int, default=None, help="default: 1 for model, 4 for p2p")
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--eval-every", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cross-expert-ratio", type=float, default=0.8, help="SyNCRec's share of cross-domain experts among the 5")
-    parser.add_argument("--negatives-from", choices=("domain", "all"), default="domain", help="draw negatives from the target's domain or all items")
-    parser.add_argument("--only", default="", help="comma-separated variant numbers (1-based) to run")
-    parser.add_argument("--name", default="")
-    parser.add_argument("--render", action="store_true", help="only rewrite <name>.md from <name>.json")
-    args = parser.parse_args()
+    cli = parser()
+    args = parse_flags(cli)
     torch.set_num_threads(1)
     args.nodes = args.nodes or (1 if args.part == "model" else 4)
     variants = MODEL_VARIANTS if args.part == "model" else P2P_VARIANTS
-    name = args.name or ("syncrec_ml1m" if args.part == "model" else "syncrec_p2p_ml1m")
-    if args.render:
-        render(name)
+    args.name = args.name or ("syncrec_ml1m" if args.part == "model" else "syncrec_p2p_ml1m")
+    if args.report_only:
+        saved = json.loads((args.results / f"{args.name}.json").read_text())
+        write(args.results, args.name, saved["command"], saved["setting"], [upgraded(r) for r in saved["rows"]])
         return
-    chosen = [int(i) - 1 for i in args.only.split(",") if i] or list(range(len(variants)))
-    command = "python " + " ".join(["bench/bench_syncrec.py", *sys.argv[1:]])
-    rows: list[dict[str, Any]] = []
-    for i, (label, (method, changes)) in enumerate(variants.items()):
-        if i not in chosen:
-            continue
-        row = run_variant(args, method, changes, Path("runs") / name / str(i))
-        row["variant"] = label
-        rows.append(row)
-        print(label, f"MRR {100 * row['metrics']['mrr']:.2f}", f"{row['cpu_min']:.1f} CPU min", flush=True)
-        setting = (
-            f"{args.data}: {args.users} users drawn with seed {args.seed} (of 6,040), {args.nodes} node(s), {args.rounds} rounds x 1 local epoch, "
-            f"evaluated every {args.eval_every} rounds, batch {args.batch_size}, Adam lr {args.lr}, hidden {args.embed_dim}, max length {args.max_len}, "
-            "1 block and 2 heads per expert/SASRec, dropout 0.2, 5 ACMoE experts "
-            f"({5 - round(5 * args.cross_expert_ratio)} single-domain, {round(5 * args.cross_expert_ratio)} cross-domain), 100 negatives "
-            f"{'from the target domain' if args.negatives_from == 'domain' else 'from all items'} that the user never touched (drawn once), 1 torch thread"
-        )
-        write_results(name, command, setting, rows)
+    command, rows = rerun_command(cli, args, skip=("results",)), []
+    for label in chosen(cli, args, list(variants)):
+        rows.append(run_variant(args, label, *variants[label], Path("runs") / args.name / str(list(variants).index(label))))
+        print(label, f"MRR {100 * rows[-1]['metrics']['mrr']:.2f}", f"{rows[-1]['cpu_seconds'] / 60:.1f} CPU min", flush=True)
+        write(args.results, args.name, command, setting_text(args), rows)
 
 
-def write_results(name: str, command: str, setting: str, rows: list[dict[str, Any]]) -> None:
-    """bench/results/<name>.json (every row in full) and .md (the table and the targets)."""
-    md = (
-        f"# {name}\n\n{setting}.\n\nCommand: `{command}`\n\n"
+def write(folder: Path, name: str, command: str, setting: str, rows: list[dict[str, Any]]) -> None:
+    """<name>.json (every row in full) and .md (the table and the targets)."""
+    intro = (
         "Metrics in %, test split (leave-one-out, 1 positive + 100 negatives), at the evaluated round with the best mean validation MRR; "
         "per-domain columns are MRR by the domain of the target item; MRR/HR/NDCG are the unweighted mean over the five domains. "
         "KB/node/round: encoded bytes a client sends plus receives per round. CPU min: this process's CPU time (the machine was shared).\n\n```\n"
-        + table(rows)
-        + "\n```\n\n"
-        + "".join(f"- {line}\n" for line in findings(rows))
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / f"{name}.json", {"command": command, "setting": setting, "rows": rows})
-    atomic_write_bytes(RESULTS / f"{name}.md", md.encode())
-
-
-def render(name: str) -> None:
-    """Rewrite <name>.md from <name>.json (after the table or the findings changed)."""
-    saved = json.loads((RESULTS / f"{name}.json").read_text())
-    write_results(name, saved["command"], saved["setting"], saved["rows"])
+    text = markdown(name, f"{setting}.", command, intro + table(rows) + "\n```\n\n" + "".join(f"- {line}\n" for line in findings(rows)))
+    write_results(folder, name, {"command": command, "setting": setting, "rows": rows}, text, echo=False)
 
 
 if __name__ == "__main__":

@@ -22,21 +22,18 @@
 Targets (issue 15): transport / fair-limit MB/s >= 0.8 at 16 and 64 MiB, and transport round
 trip p50 <= 1.5 x raw zmq.asyncio p50, both from the same run.
 
-Prints a table and saves bench/results/transport.json and transport.md.
+Prints a table and saves bench/results/<name>.json and .md (name: transport).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import logging
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -45,13 +42,12 @@ import torch
 import zmq
 import zmq.asyncio
 
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, markdown, parse_flags, rerun_command, write_results
 from p2pmoe.node.transport import Transport
 from p2pmoe.report import format_table
 from p2pmoe.wire.codec import DEFAULT_LIMITS, encode, frame_sizes
 from p2pmoe.wire.messages import Message, MessageKind
 
-RESULTS = Path(__file__).parent / "results"
 MIB = 2**20
 REPEATS = {1: 100, 16: 30, 64: 12}  # per size in MiB; bigger transfers vary less
 WARMUP = 2  # untimed transfers per size and path: connection set-up, page faults
@@ -324,23 +320,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return format_table(lines, columns)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1,16,64", help=f"tensor sizes in MiB, from {sorted(REPEATS)}")
-    parser.add_argument("--round-trips", type=int, default=2000)
-    parser.add_argument(
-        "--torch-threads", type=int, default=1, help="torch intra-op threads for decode's finite check (a node in a swarm runs with 1; 0 = torch default)"
-    )
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if not set(sizes) <= set(REPEATS) or not 1 <= args.round_trips <= 100_000:
-        parser.error(f"sizes must come from {sorted(REPEATS)} and round trips lie in 1..100000")
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    load = os.getloadavg()
-    started = time.perf_counter()
-    rows = asyncio.run(_run(sizes, args.round_trips))
-    common = {
+def machine(load: float, started: float) -> dict[str, Any]:
+    """What every row's numbers depend on besides the code: versions, threads, CPUs, load, date."""
+    return {
         "python": platform.python_version(),
         "pyzmq": zmq.pyzmq_version(),
         "libzmq": zmq.zmq_version(),
@@ -350,33 +332,48 @@ def main() -> None:
         "event_loop": "asyncio default",
         "transport": "tcp loopback 127.0.0.1, no CURVE, sender and receiver in one process, one context each",
         "cpus": os.cpu_count(),
-        "load_avg_1m_at_start": load[0],
+        "load_avg_1m_at_start": load,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_seconds": time.perf_counter() - started,
     }
-    for row in rows:
-        row["setting"] = {**row["setting"], **common}
-    table = _table(rows)
-    setting = (
+
+
+def setting_text(common: dict[str, Any], sizes: list[int], round_trips: int) -> str:
+    return (
         f"Python {common['python']}, pyzmq {common['pyzmq']}, libzmq {common['libzmq']}, torch {common['torch']} "
         f"({common['torch_threads']} intra-op thread(s)); "
-        f"{common['cpus']} CPUs, 1-min load {load[0]:.2f} at start; {common['transport']}; "
+        f"{common['cpus']} CPUs, 1-min load {common['load_avg_1m_at_start']:.2f} at start; {common['transport']}; "
         f"transfers: float32 tensors of {', '.join(f'{s} MiB' for s in sizes)} in "
         f"{DEFAULT_LIMITS.frame_bytes // MIB} MiB frames, repeats {', '.join(str(REPEATS[s]) for s in sizes)} "
         f"(median MB/s, MB = 10^6 bytes, after {WARMUP} warm-up transfers); "
-        f"round trips: {args.round_trips} after {WARMUP} warm-up; x fair and x raw = MB/s over the fair-limit and "
+        f"round trips: {round_trips} after {WARMUP} warm-up; x fair and x raw = MB/s over the fair-limit and "
         f"raw-pyzmq paths; x raw asyncio = round-trip p50 over raw zmq.asyncio's; {common['date']}"
     )
-    verdicts = "\n".join(f"- {line}" for line in _verdicts(rows))
-    print(setting)
-    print(table)
-    print(verdicts)
-    atomic_write_json(RESULTS / "transport.json", rows)
-    command = "python bench/bench_transport.py " + " ".join(sys.argv[1:])
-    atomic_write_bytes(
-        RESULTS / "transport.md",
-        (f"# transport\n\n{__doc__.strip()}\n\n{setting}\n\n```\n{table}\n```\n\n{verdicts}\n\nCommand: `{command.strip()}`\n").encode(),
+
+
+def main() -> None:
+    cli = bench_parser(__doc__)
+    cli.add_argument("--sizes", default="1,16,64", help=f"tensor sizes in MiB, from {sorted(REPEATS)}")
+    cli.add_argument("--round-trips", type=int, default=2000)
+    cli.add_argument(
+        "--torch-threads", type=int, default=1, help="torch intra-op threads for decode's finite check (a node in a swarm runs with 1; 0 = torch default)"
     )
+    add_flags(cli, "name", "results", name="transport")
+    args = parse_flags(cli)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if not set(sizes) <= set(REPEATS) or not 1 <= args.round_trips <= 100_000:
+        cli.error(f"sizes must come from {sorted(REPEATS)} and round trips lie in 1..100000")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    load, started = os.getloadavg()[0], time.perf_counter()
+    rows = asyncio.run(_run(sizes, args.round_trips))
+    common = machine(load, started)
+    for row in rows:
+        row["setting"] = {**row["setting"], **common}
+    verdicts = "\n".join(f"- {line}" for line in _verdicts(rows))
+    setting = f"{(__doc__ or '').strip()}\n\n{setting_text(common, sizes, args.round_trips)}"
+    text = markdown("transport", setting, rerun_command(cli, args, skip=("results",)), f"```\n{_table(rows)}\n```\n\n{verdicts}\n")
+    write_results(args.results, args.name, rows, text)
 
 
 if __name__ == "__main__":

@@ -60,17 +60,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, chosen, parse_flags, rerun_command, write_results
 from p2pmoe.node.swarm import free_ports
 from p2pmoe.report import format_table
 
-RESULTS = Path(__file__).parent / "results"
 FLOWER_APP = Path(__file__).parent / "flower_app"
 SYSTEMS = ("p2pmoe-simulate", "p2pmoe-simulate-workers", "flower-simulation", "p2pmoe-swarm", "flower-deployment")
 POLL_SECONDS = 0.5  # /proc sampling period: cheap next to training, fine enough for steady peaks
@@ -98,29 +97,26 @@ class Setting:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="times each system runs, in turns")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds one run may take before it is stopped and recorded as a timeout")
-    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    add_flags(parser, "only")
     parser.add_argument("--quick", action="store_true", help="check both systems run: 2 clients, 1 round, 200 examples, 1 repeat")
     parser.add_argument("--nodes", type=int, help="clients (default 10; a smaller work than the issue's is named so in the results)")
     parser.add_argument("--rounds", type=int, help="rounds (default 5)")
     parser.add_argument("--max-train", type=int, help="training examples per client at most (default 2000)")
-    parser.add_argument("--name", help="results file stem (default vs_flower, or vs_flower_quick with --quick)")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    unknown = set(args.only.split(",")) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; expected some of {', '.join(SYSTEMS)}")
+    add_flags(parser, "name", "results")
+    args = parse_flags(parser, argv)
     if args.repeats < 1 or args.timeout <= 0:
         parser.error("--repeats must be >= 1 and --timeout > 0")
-    args.systems = [s for s in SYSTEMS if s in args.only.split(",")]
+    args.systems = chosen(parser, args, SYSTEMS)
     base = Setting(nodes=2, rounds=1, max_train=200) if args.quick else Setting()
     given = {"nodes": args.nodes, "rounds": args.rounds, "max_train": args.max_train}
     args.setting = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     if args.quick:
         args.repeats = 1
     args.name = args.name or ("vs_flower_quick" if args.quick else "vs_flower")
+    args.command = rerun_command(parser, args, skip=("results", "systems", "setting"))
     return args
 
 
@@ -344,6 +340,28 @@ def _flwr_home(folder: Path, port: int) -> dict[str, str]:
     return {"FLWR_HOME": str(home)}
 
 
+Starter = Callable[..., "subprocess.Popen[bytes]"]
+
+
+def _start_flower(system: str, setting: Setting, folder: Path, start: Starter, ready: float, result_path: Path) -> subprocess.Popen[bytes]:
+    """A SuperLink (simulation mode for flower-simulation), the SuperNodes of a deployment,
+    then `flwr run` of the app, each through `start`; returns the `flwr run` process."""
+    (port,) = free_ports(1)
+    env = _flwr_home(folder, port)
+    superlink = [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
+    if system == "flower-simulation":
+        superlink.append("--simulation")
+    _wait_port(port, start(superlink, "superlink.log", env), ready)
+    run = [_bin("flwr"), "run", str(FLOWER_APP), "bench", "--stream", "--run-config", _run_config(setting, result_path)]
+    if system == "flower-simulation":
+        run += ["--federation-config", f"num-supernodes={setting.nodes}"]
+    else:
+        for k, node_port in enumerate(free_ports(setting.nodes)):
+            node = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(node_port)]
+            start([*node, "--node-config", f"partition-id={k} num-partitions={setting.nodes}"], f"supernode-{k}.log", env)
+    return start(run, "flwr-run.log", env)
+
+
 def run_system(system: str, setting: Setting, folder: Path, timeout: float) -> dict[str, Any]:
     """Run one system once in `folder`; return its wall time, memory, accuracy and status."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -367,21 +385,7 @@ def run_system(system: str, setting: Setting, folder: Path, timeout: float) -> d
         if system.startswith("p2pmoe"):
             last = start(_p2pmoe_command(system, setting, folder / "run"), "p2pmoe.log")
         else:
-            (port,) = free_ports(1)
-            env = _flwr_home(folder, port)
-            superlink = [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
-            if system == "flower-simulation":
-                superlink.append("--simulation")
-            link = start(superlink, "superlink.log", env)
-            _wait_port(port, link, min(READY_TIMEOUT, timeout))
-            run = [_bin("flwr"), "run", str(FLOWER_APP), "bench", "--stream", "--run-config", _run_config(setting, result_path)]
-            if system == "flower-simulation":
-                run += ["--federation-config", f"num-supernodes={setting.nodes}"]
-            else:
-                for k, node_port in enumerate(free_ports(setting.nodes)):
-                    node = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(node_port)]
-                    start([*node, "--node-config", f"partition-id={k} num-partitions={setting.nodes}"], f"supernode-{k}.log", env)
-            last = start(run, "flwr-run.log", env)
+            last = _start_flower(system, setting, folder, start, min(READY_TIMEOUT, timeout), result_path)
         while last.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if last.poll() is None:
@@ -514,10 +518,6 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
             got = f"largest {check['max_mib']} MiB" if check["max_mib"] is not None else "not measured"
         verdict = "not run" if check["met"] is None else "met" if check["met"] else "missed"
         lines.append(f"- {check['target']}: {got}; **{verdict}**")
-    overrides = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("nodes", "rounds", "max_train") if getattr(args, k) is not None)
-    only = f" --only {args.only} --name {args.name}" if args.systems != list(SYSTEMS) else ""
-    runs = " --quick" if args.quick else f" --repeats {args.repeats}"
-    command = f"python bench/bench_vs_flower.py{runs}{overrides}{only} --timeout {args.timeout:.0f}"
     scope = "" if args.setting == Setting() else f"**Not the issue's work** ({Setting().describe()}): a smaller one. "
     return (
         f"# p2pmoe against Flower {machine['flwr']}\n\n"
@@ -534,7 +534,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], checks: list[di
         f"Machine: {machine['cores']} cores, {machine['platform']}, torch {machine['torch']}, niceness {os.nice(0)}; "
         f"load average (1, 5, 15 min) at start "
         f"{machine['load_start']}, at end {machine['load_end']}; {machine['date']}.\n\n"
-        f"Command: `{command}`\n\n```\n{format_table(table_rows, columns)}\n```\n\n"
+        f"Command: `{args.command}`\n\n```\n{format_table(table_rows, columns)}\n```\n\n"
         f"Targets (issue 15), from the medians of this run:\n\n" + "\n".join(lines) + "\n"
     )
 
@@ -574,10 +574,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine["load_end"] = [round(x, 2) for x in os.getloadavg()]
     checks = targets(rows)
     text = render(args, rows, checks, machine)
-    print(text)
     setting = {**vars(args.setting), "systems": args.systems, "repeats": args.repeats, "timeout_seconds": args.timeout}
-    atomic_write_json(args.results / f"{args.name}.json", {"setting": setting, "machine": machine, "targets": checks, "runs": rows})
-    atomic_write_bytes(args.results / f"{args.name}.md", text.encode())
+    write_results(args.results, args.name, {"setting": setting, "machine": machine, "targets": checks, "runs": rows}, text)
     if any(r["status"] == "failed" for r in rows):
         sys.exit(1)
 

@@ -31,21 +31,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from bench_fmoe_cdsr import defaults
 from torch import nn
 
 from p2pmoe.config import add_experiment_arguments, config_from_args, resolve
 from p2pmoe.eval.metrics import ranking_metrics
-from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness import add_flags, bench_parser, markdown, method_defaults, parse_flags, rerun_command, write_results
 from p2pmoe.learners.sequential import NextItemLearner
 from p2pmoe.methods.fmoe_cdsr import FMoECDSRClient
 from p2pmoe.models.fmoe_cdsr import FMoECDSR
 from p2pmoe.node.checkpoint import CheckpointError
-from p2pmoe.report import format_table, rerun_command
+from p2pmoe.report import format_table
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.resume import restored_experiment
 
-RESULTS = Path(__file__).parent / "results"
+DEFAULTS = method_defaults("fmoe-cdsr", data="fkcb")  # as bench_fmoe_cdsr.py: the --fmoe-* flags are accepted
 OWN_WEIGHTS = tuple(w / 10 for w in range(11))
 """The constant own-branch weights tried (the rest shared equally by the foreign branches);
 the equal mix's own weight joins them when it is not one of these (1/4 with four domains)."""
@@ -179,50 +178,61 @@ def load_clients(folder: Path, cfg: ExperimentConfig) -> tuple[dict[str, FMoECDS
     return clients, round_index
 
 
+def parser() -> argparse.ArgumentParser:
+    p = bench_parser(__doc__)
+    add_experiment_arguments(p, sys.argv[1:], DEFAULTS)
+    p.add_argument("--run-folder", type=Path, required=True, help="the FMoE-CDSR run folder holding checkpoint.safetensors")
+    add_flags(p, "name", "results")
+    return p
+
+
+def setting_text(cfg: ExperimentConfig, folder: Path, round_index: int) -> str:
+    run, task, method = cfg.run, cfg.task, cfg.method
+    return (
+        f"{run.method} on {run.data}, checkpoint of `{folder.name}` after round {round_index + 1} of {run.rounds}; "
+        f"hidden {getattr(task, 'embed_dim', '?')}, batch {run.batch_size}, {run.local_epochs} local epoch(s) a round, seed {run.seed}; "
+        f"method options {method.to_dict()}. No training: every client's validation and test sequences scored with each mix "
+        "(MRR %, FedDCSR's sampled negatives, the run's own); probs: the same weights on the branches' probabilities instead of "
+        "their logits; tuned: the constant own weight (0, 0.1, ..., 1 and the equal mix's) best on the client's validation split, "
+        "so its valid MRR is optimistic by construction; gate own % is the learned gate's mean weight on the client's own "
+        "branch over a split's sequences (train: the prediction after each whole training sequence)."
+    )
+
+
+def probe_all(clients: dict[str, FMoECDSRClient]) -> list[dict[str, float | str]]:
+    """One row per client and their mean (the tuned own weight left out of the mean: the mean
+    of each client's choice would be no mix anyone chose)."""
+    probed: dict[str, dict[str, float]] = {}
+    for node, client in clients.items():
+        probed[node] = probe_client(client)
+        print(f"  {node}: done", file=sys.stderr, flush=True)
+    columns = list(next(iter(probed.values())))
+    probed["mean"] = {k: sum(r[k] for r in probed.values()) / len(probed) for k in columns if k != "tuned own weight"}
+    return [{"client": node, **values} for node, values in probed.items()]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_experiment_arguments(parser, sys.argv[1:], defaults())
-    parser.add_argument("--run-folder", type=Path, required=True, help="the FMoE-CDSR run folder holding checkpoint.safetensors")
-    parser.add_argument("--name", default="", help="results file stem (default fmoe_cdsr_gate_probe_<data>)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
-    args = parser.parse_args()
+    cli = parser()
+    args = parse_flags(cli)
     try:
-        cfg = resolve(config_from_args(args, defaults()))
+        cfg = resolve(config_from_args(args, DEFAULTS))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         clients, round_index = load_clients(args.run_folder, cfg)
     except (CheckpointError, ValueError, OSError) as exc:
         sys.exit(f"fmoe_cdsr_gate_probe: {exc}")
     print(f"probing {len(clients)} clients after round {round_index + 1}", file=sys.stderr, flush=True)
-    probed: dict[str, dict[str, float]] = {}
-    for node, client in clients.items():
-        probed[node] = probe_client(client)
-        print(f"  {node}: done", file=sys.stderr, flush=True)
-    columns = list(next(iter(probed.values())))
-    # the mean of each client's tuned own weight would be no mix anyone chose: left out
-    probed["mean"] = {k: sum(r[k] for r in probed.values()) / len(probed) for k in columns if k != "tuned own weight"}
-    rows = [{"client": node, **values} for node, values in probed.items()]
-    table = format_table(rows, ["client", *columns])
+    rows = probe_all(clients)
+    table = format_table(rows, list(rows[0]))
     name = args.name or f"fmoe_cdsr_gate_probe_{cfg.run.data.replace('-', '')}"
-    command = rerun_command("bench/fmoe_cdsr_gate_probe.py", args, skip=("results",), parser=parser)
-    run, task, method = cfg.run, cfg.task, cfg.method
-    header = (
-        "# FMoE-CDSR: learned gate against equal weights, same branches\n\n"
-        f"{run.method} on {run.data}, checkpoint of `{args.run_folder.name}` after round {round_index + 1} of {run.rounds}; "
-        f"hidden {getattr(task, 'embed_dim', '?')}, batch {run.batch_size}, {run.local_epochs} local epoch(s) a round, seed {run.seed}; "
-        f"method options {method.to_dict()}. No training: every client's validation and test sequences scored with each mix "
-        "(MRR %, FedDCSR's sampled negatives, the run's own); probs: the same weights on the branches' probabilities instead of "
-        "their logits; tuned: the constant own weight (0, 0.1, ..., 1 and the equal mix's) best on the client's validation split, "
-        "so its valid MRR is optimistic by construction; gate own % is the learned gate's mean weight on the client's own "
-        "branch over a split's sequences (train: the prediction after each whole training sequence).\n\n"
-        f"Command: `{command}`\n"
+    command = rerun_command(cli, args, skip=("results",))
+    text = markdown(
+        "FMoE-CDSR: learned gate against equal weights, same branches", setting_text(cfg, args.run_folder, round_index), command, f"```\n{table}\n```\n"
     )
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.results / f"{name}.md", f"{header}\n```\n{table}\n```\n".encode())
     setting = cfg.to_dict()
-    if run.data_root:  # this machine's path is nobody else's
+    if cfg.run.data_root:  # this machine's path is nobody else's
         setting["run"]["data_root"] = "DIR"
-    atomic_write_json(args.results / f"{name}.json", {"round": round_index + 1, "setting": setting, "command": command, "rows": rows})
+    write_results(args.results, name, {"round": round_index + 1, "setting": setting, "command": command, "rows": rows}, text, echo=False)
     print(table)
 
 

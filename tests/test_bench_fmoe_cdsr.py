@@ -40,7 +40,7 @@ def test_bench_writes_a_row_per_method_and_checks_expert_bytes(fkcb_like, tmp_pa
 
 @pytest.mark.slow
 def test_bench_refuses_options_it_cannot_honour(fkcb_like, tmp_path):
-    for extra, message in ((["--jobs", "0"], "--jobs"), (["--compression", "fp16"], "compression"), (["--only", "fedavg"], "unknown methods")):
+    for extra, message in ((["--jobs", "0"], "--jobs"), (["--compression", "fp16"], "compression"), (["--only", "fedavg"], "unknown variants")):
         done = _bench(*OPTIONS, "--data-root", str(fkcb_like), *extra, cwd=tmp_path)
         assert done.returncode == 2 and message in done.stderr
 

@@ -89,7 +89,7 @@ def test_probe_refuses_a_checkpoint_of_another_setting(fkcb_like, tmp_path):
 
 
 def _probe_module():
-    sys.path.insert(0, str(BENCH))  # the probe imports bench_fmoe_cdsr as its own scripts do
+    sys.path.insert(0, str(BENCH))  # a script, not a module of the package
     try:
         return importlib.import_module("fmoe_cdsr_gate_probe")
     finally:

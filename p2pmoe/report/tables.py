@@ -167,20 +167,6 @@ def participation_lines(took_part: Mapping[str, str], rounds: int) -> list[str]:
     return [f"{node:<{width}}  rounds {ran} of 0-{rounds - 1}" for node, ran in sorted(took_part.items())]
 
 
-def bench_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The row bench/results/<benchmark>.json keeps for one run: method, data, metrics,
-    bytes (totals and per node per round, by message kind) and the full setting."""
-    return {
-        "method": summary["method"],
-        "data": summary["data"],
-        "metrics": summary["metrics"],
-        "metrics_spread": summary["metrics_spread"],
-        "bytes": summary["bytes"],
-        "wall_seconds": summary["wall_seconds"],
-        "setting": summary["setting"],
-    }
-
-
 LOCAL_PLACEHOLDERS = {"run.data_root": "DIR"}
 """Options whose value is a path of the machine that ran the command, and what stands for it."""
 

@@ -1,4 +1,4 @@
-"""The benchmark harness: variants x seeds of one setting, each a simulator run folder.
+"""Running a benchmark's simulations: variants x seeds, each a simulator run folder.
 
 A benchmark script names what is its own (the variants it compares, the setting) and leaves
 the running here: every (variant, seed) is one `run_simulation` in
@@ -9,14 +9,17 @@ checkpoint of it (`checkpoint_every`) resumes from there (`p2pmoe.sim.resume`).
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pmoe.config import build_config, resolve, with_options
+from p2pmoe.config import build_config, with_options
+from p2pmoe.harness.folders import finished_summary
 from p2pmoe.methods.base import LearnerMethod, fine_tuned_metrics
 from p2pmoe.node.checkpoint import CheckpointError
 from p2pmoe.settings import ExperimentConfig
@@ -50,19 +53,6 @@ class RunResult:
 def slug(label: str) -> str:
     """A folder name for a variant's label."""
     return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
-
-
-def finished_summary(out: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The summary in `out` when it is of exactly `cfg` (resolved), else None. The stored
-    setting is read back through `build_config`, so an option added since the run was made
-    counts as its default (a run is not redone for an option it could not have had)."""
-    path = out / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-        stored = resolve(build_config(summary["setting"], str(path)))
-    except (OSError, ValueError, KeyError, TypeError):  # missing, torn, or of an older or foreign shape
-        return None
-    return summary if stored == resolve(cfg) else None
 
 
 def run_seeds(
@@ -106,3 +96,29 @@ def fine_tuned_final(result: RunResult, epochs: int) -> dict[str, dict[str, floa
             raise TypeError(f"{node} runs {type(method).__name__}, which has no learner to fine-tune")
         scores[node] = fine_tuned_metrics(method.learner, epochs)
     return scores
+
+
+def timed_run(cfg: ExperimentConfig, checkpoint_every: int = 0) -> dict[str, Any]:
+    """One simulation and its `cpu_seconds`: what it cost whatever ran beside it (this
+    process's part only, for a run resumed from a checkpoint). With `checkpoint_every`, the
+    run checkpoints and goes on from its folder's checkpoint of the same setting."""
+    started = time.process_time()
+    summary = run_simulation(cfg, progress=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
+    return {**summary, "cpu_seconds": round(time.process_time() - started, 1)}
+
+
+def run_parallel(configs: Mapping[str, ExperimentConfig], jobs: int, checkpoint_every: int = 0) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    """(key, summary or the error that stopped it) as each run finishes: in this process for
+    one job, else `jobs` spawned workers. One run's failure does not lose the others'."""
+    if jobs == 1:
+        for key, cfg in configs.items():
+            try:
+                yield key, timed_run(cfg, checkpoint_every)
+            except Exception as exc:  # reported in the table; the other runs still go
+                yield key, exc
+        return
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(timed_run, cfg, checkpoint_every): key for key, cfg in configs.items()}
+        for future in as_completed(futures):
+            error = future.exception()
+            yield futures[future], error if isinstance(error, Exception) else future.result()
