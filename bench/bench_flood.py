@@ -17,6 +17,12 @@ the node's byte budget (max_held_bytes, 256 MiB) + 100 MB, and every HELLO answe
 
     python bench/bench_flood.py                      # all three scenarios
     python bench/bench_flood.py --scenarios big --slow 0.05
+    python bench/bench_flood.py --pin                # node and senders on separate CPUs
+
+Without --pin the 8 senders (16 threads with libzmq's) and the node share every CPU, so the
+HELLO maxima include the scheduler's delays for a node starved of CPU by its own attackers;
+--pin gives the node the first CPU and the senders the rest, as when they run on other
+machines. Results: flood.{json,md} (shared CPUs) and flood_pinned.{json,md}.
 
 Prints a table and saves bench/results/<name>.json and .md (name: flood).
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -81,6 +88,16 @@ context.term()
 """
 
 
+def pin_node() -> set[int]:
+    """The node (this process, and the libzmq I/O threads it starts later) on the first CPU;
+    the other CPUs, for the senders, are returned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    os.sched_setaffinity(0, cpus[:1])
+    return set(cpus[1:])
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -125,7 +142,8 @@ async def probe(address: str, stop: asyncio.Event, rtts: list[float]) -> None:
         context.destroy(linger=0)
 
 
-async def flood(scenario: str, slow: float, seconds: float) -> dict[str, object]:
+async def flood(scenario: str, slow: float, seconds: float, sender_cpus: set[int]) -> dict[str, object]:
+    """One scenario; `sender_cpus` (with --pin) are the CPUs the sender processes may use."""
     async with Transport("node", "tcp://127.0.0.1:0") as node:
         consumer = asyncio.create_task(consume(node, slow))
         before = rss_mib()
@@ -133,7 +151,9 @@ async def flood(scenario: str, slow: float, seconds: float) -> dict[str, object]
         prober = asyncio.create_task(probe(node.address, stop, rtts))
         await asyncio.sleep(0.3)
         started = time.perf_counter()
-        senders = [subprocess.Popen([sys.executable, "-c", SENDER, node.address, f"flooder-{i}", scenario, str(seconds)]) for i in range(SENDERS)]
+        pin = (lambda: os.sched_setaffinity(0, sender_cpus)) if sender_cpus else None
+        command = [sys.executable, "-c", SENDER, node.address]
+        senders = [subprocess.Popen([*command, f"flooder-{i}", scenario, str(seconds)], preexec_fn=pin) for i in range(SENDERS)]
         while any(s.poll() is None for s in senders) and time.perf_counter() - started < 120:
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
@@ -156,7 +176,9 @@ async def flood(scenario: str, slow: float, seconds: float) -> dict[str, object]
             "refused": node.refused,
             "stray_chunks": getattr(node, "stray_chunks", None),
             "hellos": len(rtts_ms),
+            "pinned": bool(sender_cpus),
             "hello_p50_ms": round(rtts_ms[len(rtts_ms) // 2], 2) if rtts_ms else None,
+            "hello_p99_ms": round(rtts_ms[int(len(rtts_ms) * 0.99)], 2) if rtts_ms else None,
             "hello_max_ms": round(rtts_ms[-1], 2) if rtts_ms else None,
             "seconds": round(flood_seconds, 1),
         }
@@ -173,7 +195,9 @@ def table(rows: list[dict[str, object]]) -> str:
         "refused",
         "stray_chunks",
         "hellos",
+        "pinned",
         "hello_p50_ms",
+        "hello_p99_ms",
         "hello_max_ms",
         "seconds",
     ]
@@ -187,14 +211,17 @@ def main() -> None:
     cli.add_argument("--scenarios", default="big,empty,multipart")
     cli.add_argument("--slow", type=float, default=0.0, help="seconds the consumer spends on each message with tensors")
     cli.add_argument("--seconds", type=float, default=10.0, help="how long each sender of empty messages keeps on")
+    cli.add_argument("--pin", action="store_true", help="the node on the first CPU, the senders on the others (senders on other machines)")
     add_flags(cli, "name", "results", name="flood")
     args = parse_flags(cli)
+    sender_cpus = pin_node() if args.pin else set()
     rows = []
     for scenario in args.scenarios.split(","):
-        rows.append(asyncio.run(flood(scenario, args.slow, args.seconds)))
+        rows.append(asyncio.run(flood(scenario, args.slow, args.seconds, sender_cpus)))
         print(json.dumps(rows[-1]), flush=True)
     versions = f"Python {platform.python_version()}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}"
-    setting = f"{versions}; {SENDERS} sender processes on loopback, 2 CPUs shared with them"
+    shared = "the node on CPU 0, the senders on the others (--pin)" if args.pin else "every CPU shared by the node and the senders"
+    setting = f"{versions}; {SENDERS} sender processes on loopback, {os.cpu_count()} CPUs, {shared}"
     intro = (__doc__ or "").split("\n\n", 1)[1]
     command = rerun_command(cli, args, skip=("name", "results"))
     write_results(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
+from p2pmoe.harness import Variant, add_flags, bench_parser, honest_view, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
 from p2pmoe.report import format_table
 from p2pmoe.report.seeds import seed_table
 from p2pmoe.report.tables import columns_of
@@ -27,13 +27,6 @@ RULES = ("mean", "median", "trimmed:0.2", "krum:2:6", "clip:5")
 def variants() -> list[Variant]:
     rows = [Variant(f"{rule}, no attack", "fedavg", {"aggregation": rule}) for rule in RULES]
     return rows + [Variant(f"{rule}, 20% sign-flip", "fedavg", {"aggregation": rule}, ATTACK) for rule in RULES]
-
-
-def honest(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary as the honest clients see it (all clients when nobody attacks)."""
-    liars = set(summary.get("attackers", []))
-    per_node = {n: v for n, v in summary["per_node"].items() if n not in liars}
-    return {**summary, "metrics": summary.get("honest_metrics", summary["metrics"]), "per_node": per_node}
 
 
 def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
@@ -57,7 +50,7 @@ def main() -> None:
     base = with_options(base, task_options={"global_test_size": 500})
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"):
-        runs.setdefault(r.label, {})[r.seed] = honest(r.summary)
+        runs.setdefault(r.label, {})[r.seed] = honest_view(r.summary)
     found = tables(runs)
     intro = (__doc__ or "").split("\n\n", 1)[1].split("Writes")[0].strip()
     sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in found.items()]

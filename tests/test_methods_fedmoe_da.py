@@ -308,11 +308,20 @@ def test_hold_out_removes_examples_from_training_for_good():
         learner.hold_out(54, seed=3)
 
 
-@pytest.mark.parametrize("value", [3e38, -3e38, 65504.0])
-def test_finite_but_huge_values_from_a_peer_are_refused_and_change_nothing(value):
-    """Issue 26 N1: values that pass the finiteness check but dwarf the model's own scale are a
-    protocol error for phi, gates and expert replies alike; the node's model is untouched."""
+@pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
+@pytest.mark.parametrize("value", [3e38, -3e38, 65504.0, -65504.0])
+def test_finite_but_huge_values_from_a_peer_are_refused_and_change_nothing(value, compression):
+    """Issue 26 N1: values that pass the finiteness check but dwarf the model's own scale, in
+    phi, gates and expert replies, sent through the wire under each compression mode (fp16
+    sends 3e38 as float32, int8 restores it through its scale), are refused with an error
+    naming the tensor, and the node's model is untouched."""
     from p2pmoe.driver.runner import NodeRunner
+    from p2pmoe.methods.fedmoe_da import expert_tensors
+    from p2pmoe.wire.codec import decode, encode
+    from p2pmoe.wire.compression import parse_compression
+
+    def wire(message: Message) -> Message:
+        return decode(encode("n1", message, compression=parse_compression(compression))).message
 
     nodes, learners = _swarm(p=1, embedding="gossip")
     a = NodeRunner("n0", nodes["n0"])
@@ -321,15 +330,26 @@ def test_finite_but_huge_values_from_a_peer_are_refused_and_change_nothing(value
     a.start(0)
     own_phi = float_state(learners["n0"].model, "embedder.")
     gate = learners["n0"].model.moe.gating_matrix().detach().float()
-    attacks = [
+    for message in (
         Message(MessageKind.EMBEDDING, 0, {k: torch.full_like(v, value) for k, v in own_phi.items()}, {"degree": 2}),
         Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.full_like(gate, value)}),
-    ]
-    for message in attacks:
-        replies = a.deliver("n1", message)
-        assert [r.message.kind for r in replies] == [MessageKind.ERROR] and "exceeds" in replies[0].message.meta["reason"]
+    ):
+        replies = a.deliver("n1", wire(message))
+        assert replies[0].message.kind is MessageKind.ERROR and "exceeds" in replies[0].message.meta["reason"]
+    requests = []
+    for peer in ("n2", "n3"):  # honest gates: n0 plans over n2 and n3 and asks them for experts
+        requests += a.deliver(peer, Message(MessageKind.GATE_PUBLISH, 0, {"gate": learners[peer].model.moe.gating_matrix().detach().float()}))
+    request = next(s for s in requests if s.message.kind is MessageKind.EXPERT_REQUEST)
+    slots = request.message.meta["slots"]
+    poisoned = {k: torch.full_like(v, value) for k, v in expert_tensors({s: nodes["n0"]._snapshot[s] for s in slots}).items()}
+    reply = Message(MessageKind.EXPERT_RESPONSE, 0, poisoned, {"req": request.message.meta["req"]})
+    replies = a.deliver(request.dst, decode(encode(request.dst, reply, compression=parse_compression(compression))).message)
+    assert replies[0].message.kind is MessageKind.ERROR and "exceeds" in replies[0].message.meta["reason"]
+    a.deadline(0)  # the round ends without the poisoned experts
     after = float_state(learners["n0"].model)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    experts = [k for k in after if ".experts." in k or k.startswith("moe.experts")]
+    assert experts and all(float(after[k].abs().max()) < 1e3 for k in after)  # no poisoned value anywhere in the model
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("moe.experts"))
 
 
 def test_a_merge_that_makes_training_explode_is_rolled_back():

@@ -54,3 +54,17 @@ def upgraded(row: dict[str, Any]) -> dict[str, Any]:
     if "cpu_min" in row and "cpu_seconds" not in row:
         row["cpu_seconds"] = 60 * row["cpu_min"]
     return row
+
+
+def honest_view(summary: dict[str, Any], liars: Sequence[str] | None = None) -> dict[str, Any]:
+    """`summary` as the honest clients see it: its per-node rows and mean metrics over the
+    clients that do not lie, `liars` (default: the run's own `attackers`; pass another run's
+    to compare a clean run over the same clients)."""
+    own = liars is None
+    liars = set(summary.get("attackers", []) if liars is None else liars)
+    per_node = {n: v for n, v in summary["per_node"].items() if n not in liars}
+    if own:  # the driver's own mean over the honest clients (the run's metrics when nobody lies)
+        return {**summary, "metrics": summary.get("honest_metrics", summary["metrics"]), "per_node": per_node}
+    names = sorted({k for v in per_node.values() for k, x in v.items() if isinstance(x, (int, float))})
+    metrics = {k: sum(v[k] for v in per_node.values() if k in v) / max(1, sum(k in v for v in per_node.values())) for k in names}
+    return {**summary, "metrics": metrics, "per_node": per_node}
