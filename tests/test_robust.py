@@ -79,6 +79,7 @@ def test_attacks_have_the_stated_form():
     filler = Adversary("a", parse_attack("fill:-3e38"), seed=0)  # issue 26 N1: gates and shared tensors alike
     assert torch.equal(filler.lie(hello).message.tensors["gate"], torch.full((2, 3), -3e38))
     assert torch.equal(filler.lie(Send("server", update)).message.tensors["w"], torch.full((4,), -3e38))
+    assert parse_attack("fill:3e+38+mimic-mean").fill == pytest.approx(3e38)  # an exponent's + joins nothing
     with pytest.raises(ValueError, match="fill:VALUE"):
         parse_attack("fill:inf")
 

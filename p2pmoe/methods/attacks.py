@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -49,7 +50,7 @@ class Attack:
 def parse_attack(spec: str) -> Attack:
     """`noise:SIGMA`, `sign-flip:SCALE`, `fill:VALUE`, `label-flip`, `mimic-mean`, `mimic:NODE`, joined by `+`."""
     attack = Attack()
-    for part in (p.strip() for p in spec.split("+") if p.strip()):
+    for part in (p.strip() for p in re.split(r"\+(?=\s*[A-Za-z])", spec) if p.strip()):  # not the + of 3e+38
         name, _, value = part.partition(":")
         try:
             if name == "noise" and float(value) > 0:
