@@ -1,0 +1,119 @@
+"""Issue 30: every attack against FedAvg, gossip and FedMoE-DA, with and without each defence.
+
+    python bench/bench_robustness_grid.py --seeds 0,1,2
+
+Fashion-MNIST, 10 clients of at most 500 images, Dirichlet 0.3, 10 rounds x 2 local epochs;
+2 of the 10 clients (20 %, a seeded draw) lie: `sign-flip:5` (what they share times -5),
+`noise:0.5` (Gaussian noise added), `label-flip` (they train on permuted labels) and, for
+FedMoE-DA, `mimic-mean+sign-flip:5` (they publish the mean of their neighbours' gates so that
+everyone selects them, then serve flipped experts). A sign-flip row at 10 % and 30 % shows
+the fraction. Defences: FedAvg's coordinate-wise median and trimmed mean (20 %); gossip's
+self-centred clipping (ClippedGossip, tau 1); FedMoE-DA's cap of 0.34 on any one source's
+share of a slot plus the slot median, and the check of each fetched expert on 100 held-out
+examples of the node's own (validated). Each row is the honest clients' accuracy on their own
+test split after the round's exchange (every method scored at the same point), mean over
+seeds; the paired difference is the reference row minus the row, with its standard error and
+a verdict only beyond two standard errors. "fetched from liars" is, for FedMoE-DA, the mean
+over rounds of the honest nodes whose plan gives a liar's expert some weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from p2pmoe.config import default_config, with_options
+from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, honest_view, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
+from p2pmoe.report import format_table
+from p2pmoe.report.seeds import draw_seeds, seed_table
+from p2pmoe.report.tables import columns_of
+
+ATTACKS = {"sign-flip": "sign-flip:5", "noise": "noise:0.5", "label-flip": "label-flip"}
+DEFENCES = {
+    "fedavg": {"none": {}, "median": {"aggregation": "median"}, "trimmed": {"aggregation": "trimmed:0.2"}},
+    "gossip": {"none": {}, "clipped": {"clip": 1.0}},
+    "fedmoe-da": {"none": {}, "cap+median": {"source_cap": 0.34, "slot_rule": "median"}, "validated": {"validation_examples": 100}},
+}
+FRACTIONS = (0.1, 0.3)  # sign-flip only, beside the 20 % of every attack
+
+
+def attacks_of(method: str) -> dict[str, str]:
+    return {**ATTACKS, "mimic+sign-flip": "mimic-mean+sign-flip:5"} if method == "fedmoe-da" else ATTACKS
+
+
+def variants() -> list[Variant]:
+    found = []
+    for method, defences in DEFENCES.items():
+        for defence, options in defences.items():
+            found.append(Variant(f"{method} {defence} / no attack", method, options))
+            for name, spec in attacks_of(method).items():
+                found.append(Variant(f"{method} {defence} / 20% {name}", method, options, {"attack": spec, "attackers": 0.2}))
+            for fraction in FRACTIONS:
+                found.append(Variant(f"{method} {defence} / {fraction:.0%} sign-flip", method, options, {"attack": "sign-flip:5", "attackers": fraction}))
+    return found
+
+
+def fetched_from_liars(out: Path, liars: set[str]) -> float:
+    """Mean over rounds of the honest nodes whose FedMoE-DA plan weights a liar's expert."""
+    counts: dict[int, int] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        found = row.get("diagnostics", {})
+        if row.get("node") in liars or "plan_sources" not in found:
+            continue
+        used = {tuple(s) for s, w in zip(found["plan_sources"], zip(*found["plan_weights"], strict=True), strict=True) if any(w)}
+        counts[row["round"]] = counts.get(row["round"], 0) + any(node in liars for node, _ in used)
+    return sum(counts.values()) / len(counts) if counts else float("nan")
+
+
+def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per method and defence, what each attack costs ("better": no attack is better beyond
+    2 SE); per method and attack, each defence against none ("worse": none is worse)."""
+    found = {}
+    for method, defences in DEFENCES.items():
+        for defence in defences:
+            mine = {k: v for k, v in runs.items() if k.startswith(f"{method} {defence} /")}
+            found[f"{method} {defence}: each attack against no attack"] = seed_table(
+                mine, "accuracy", f"{method} {defence} / no attack", f"{method} {defence} / no attack"
+            )
+        for case in ["no attack", *(f"20% {a}" for a in attacks_of(method)), *(f"{f:.0%} sign-flip" for f in FRACTIONS)]:
+            mine = {k: v for k, v in runs.items() if k.startswith(f"{method} ") and k.endswith(f" / {case}")}
+            found[f"{method}, {case}: each defence against none"] = seed_table(mine, "accuracy", f"{method} none / {case}", f"{method} none / {case}")
+    for rows in found.values():
+        for row in rows:
+            liars = [s.get("fetched_from_liars") for s in runs[row["method"]].values()]
+            if row["method"].startswith("fedmoe-da") and None not in liars:
+                row["fetched from liars"] = sum(liars) / len(liars)
+    return found
+
+
+def main() -> None:
+    cli = bench_parser(__doc__)
+    add_flags(cli, "seeds", "only", "threads", "name", "results", "checkpoint_every", "report_only", name="robustness")
+    args = parse_flags(cli)
+    base = default_config(
+        data="fmnist", nodes=10, max_train_per_node=500, partition="dirichlet:0.3", rounds=10, local_epochs=2, eval_every=10, threads=args.threads
+    )
+    base = with_options(base, task_options={"global_test_size": 500})
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    every = variants()
+    picked = set(chosen(cli, args, [v.label for v in every], parts=True))
+    todo = [v for v in every if v.label in picked]
+    for r in run_seeds(base, todo, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only):
+        runs.setdefault(r.label, {})[r.seed] = {**honest_view(r.summary), "fetched_from_liars": fetched_from_liars(r.out, set(r.summary.get("attackers", [])))}
+    found = tables(runs)
+    figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in DEFENCES if f"{m} none / no attack" in runs}
+    sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in found.items() if rows]
+    command = rerun_command(cli, args, skip=("threads", "name", "results", "checkpoint_every", "report_only"))
+    text = markdown("Attacks and defences, every method", (__doc__ or "").split("\n\n", 1)[1].strip(), command, *sections)
+    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": found}, text, figures)
+
+
+def _figure(runs: dict[str, dict[int, dict[str, Any]]], method: str) -> Any:
+    mine = {k: v for k, v in runs.items() if k.startswith(f"{method} ") and (" / 20%" in k or k == f"{method} none / no attack")}
+    return lambda folder, file_name: draw_seeds(mine, ["accuracy"], f"{method} none / no attack", folder, file_name, f"{method}: honest accuracy, 20% liars")
+
+
+if __name__ == "__main__":
+    main()
