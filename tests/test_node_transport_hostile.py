@@ -455,3 +455,74 @@ def test_junk_gets_a_few_error_replies_a_second_and_a_refused_request_always_get
                 context.destroy(linger=0)
 
     run(scenario)
+
+
+NODE = """
+import asyncio, sys
+from p2pmoe.node.transport import Transport
+from p2pmoe.wire.messages import Message, MessageKind
+
+async def main():
+    async with Transport("node", "tcp://127.0.0.1:0") as node:
+        print(node.address, flush=True)
+        while True:
+            envelope = await node.recv()
+            if envelope.message.kind is MessageKind.HELLO:
+                await node.send(envelope.src, Message(MessageKind.HELLO, 0, meta={"reply": True, "req": envelope.message.meta.get("req", 0)}))
+
+asyncio.run(main())
+"""
+
+EMPTY_FLOOD = """
+import sys, time, zmq
+context = zmq.Context()
+sock = context.socket(zmq.DEALER)
+sock.routing_id = sys.argv[2].encode()
+sock.sndhwm = 1000
+sock.linger = 0
+sock.connect(sys.argv[1])
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        sock.send(b"", flags=zmq.NOBLOCK)
+    except zmq.Again:
+        time.sleep(0.001)
+sock.close()
+context.term()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_node_flooded_with_empty_messages_from_eight_processes_stays_alive():
+    """Issue 26 N9: 8 processes sending empty one-frame messages as fast as they can for 8 s.
+    With ZMTP heartbeats on the ROUTER, libzmq 4.3 aborted the node (`!_io_error`, exit 134)
+    when a heartbeat timed out on a connection whose input it had stopped; the node must
+    outlive the flood and answer a HELLO after it."""
+    import subprocess
+    import sys
+
+    node = subprocess.Popen([sys.executable, "-c", NODE], stdout=subprocess.PIPE, text=True)
+    flooders: list[subprocess.Popen] = []
+    try:
+        address = node.stdout.readline().strip()
+        assert address.startswith("tcp://"), address
+        flooders = [subprocess.Popen([sys.executable, "-c", EMPTY_FLOOD, address, f"flooder-{i}", "8"]) for i in range(8)]
+        for flooder in flooders:
+            flooder.wait(timeout=60)
+        time.sleep(1.0)
+        assert node.poll() is None, f"the node died during the flood (exit code {node.returncode})"
+
+        async def hello() -> float:
+            context = zmq.asyncio.Context()
+            try:
+                return await round_trip(client(context, address, "prober"), "prober", 1, timeout=10)
+            finally:
+                context.destroy(linger=0)
+
+        assert run(hello) < 10
+    finally:
+        for process in [*flooders, node]:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
