@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import struct
 import time
@@ -232,7 +233,7 @@ def test_replies_with_a_wrong_or_missing_req_do_not_answer_a_request():
     run(scenario)
 
 
-def test_a_peer_that_reconnects_with_its_routing_id_is_heard_again():
+def test_a_peer_that_reconnects_with_its_routing_id_is_heard_again(caplog):
     """A second connection with a routing id in use takes it over (ROUTER_HANDOVER), so a
     peer whose old connection still looks alive to the node is heard at once. With handover
     off (tried for issue 26 N2), libzmq kept the second connection open but never read it,
@@ -250,11 +251,14 @@ def test_a_peer_that_reconnects_with_its_routing_id_is_heard_again():
                 first.close()
                 for req in range(3, 6):  # and it stays heard after the old connection has gone
                     assert await round_trip(second, "node-01", req, 5) < 5
+                assert node.handovers == 1  # logged once (issue 26 N2), not for every message after it
             finally:
                 served.cancel()
                 context.destroy(linger=0)
 
-    run(scenario)
+    with caplog.at_level(logging.WARNING, logger="p2pmoe.transport"):
+        run(scenario)
+    assert any("moved to a new connection" in r.getMessage() and "node-01" in r.getMessage() for r in caplog.records)
 
 
 def test_a_sender_gets_its_share_of_the_budget_and_others_are_still_heard():

@@ -97,11 +97,13 @@ YIELD_BYTES = 8 << 20  # ... and bytes read (a message counted as at least 64 Ki
 _DISCARD = bytearray()  # recv_into an empty buffer drops a frame without copying it
 _NOBLOCK, _RCVMORE, _EVENTS = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS)  # plain ints: pyzmq's enum flags cost microseconds a call
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
+_SRCFD = int(zmq.SRCFD)  # the file descriptor of the connection a frame came on
 INBOX_MESSAGES = 1024  # valid messages waiting for recv(); beyond it, backpressure to sockets
 HELD_BYTES = 256 * 2**20  # bytes the node holds for messages being received or waiting for recv() (issue 26 N4) ...
 PEER_HELD_BYTES = 64 * 2**20  # ... of which a sender already holding something may hold this much
 TRANSFER_TIMEOUT = 30.0  # seconds a transfer may go without a chunk before it is dropped
 REMEMBERED_REFUSALS = 4096  # refused transfers whose chunks are dropped without a word
+REMEMBERED_CONNECTIONS = 4096  # routing ids whose latest connection is kept, to log a handover
 RCVHWM = 8  # complete ZeroMQ messages (each at most a head and a chunk) libzmq keeps per connection
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
 UNASKED_ERRORS_PER_SECOND = 20  # ERROR replies a sender gets each second for messages that asked nothing (no req)
@@ -364,6 +366,8 @@ class Transport:
         self.refused = 0  # messages refused: malformed, or over a byte budget
         self.stray_chunks = 0  # chunks of no open transfer (refused, expired or never started), dropped
         self.unanswered = 0  # refusals not answered: over UNASKED_ERRORS_PER_SECOND for their sender
+        self.handovers = 0  # ROUTER routing ids seen on a new connection while known on another
+        self._connection_of: OrderedDict[bytes, int] = OrderedDict()  # routing id -> its latest connection's fd
         self._errors_sent: dict[str, int] = {}  # ERROR replies without a req per sender, this second
         self._errors_second = 0.0
         self._round_of = round_of or (lambda: 0)
@@ -644,6 +648,8 @@ class Transport:
                 await ready.wait_for(_POLLIN)
                 first = socket.recv(flags=_NOBLOCK, copy=False)
                 routing_id = first.bytes if peer is None else None
+                if routing_id is not None:
+                    self._note_connection(routing_id, first.get(_SRCFD))
                 head = first if peer is not None else socket.recv(flags=_NOBLOCK, copy=False)
                 body = socket.recv(flags=_NOBLOCK, copy=False) if head.more else None
                 extra = await _drop_rest(socket) if body is not None and body.more else (0, 0)
@@ -867,6 +873,21 @@ class Transport:
             log.debug("could not send an error reply to %r: %s", sender, exc)
             return
         self._record(message.round, sender, message.kind, frames)
+
+    def _note_connection(self, routing_id: bytes, fd: int) -> None:
+        """Log a routing id that arrives on another connection than before (issue 26 N2):
+        with ROUTER_HANDOVER that connection now gets the id's replies. A peer that reconnects
+        does this; so does, without CURVE, anyone who claims a connected peer's id."""
+        known = self._connection_of.get(routing_id)
+        self._connection_of[routing_id] = fd
+        self._connection_of.move_to_end(routing_id)
+        if known is not None and known != fd:
+            self.handovers += 1
+            self._rejections.warning(
+                "handover", "routing id %r moved to a new connection: replies go there now (a reconnect, or someone claiming it)", _short(repr(routing_id))
+            )
+        while len(self._connection_of) > REMEMBERED_CONNECTIONS:
+            self._connection_of.popitem(last=False)
 
     def _may_answer(self, sender: str) -> bool:
         """Whether `sender` may get one more ERROR for a message that asked nothing this second.
