@@ -67,10 +67,13 @@ def _assert_same_run(whole: dict, resumed: dict, whole_out: Path, resumed_out: P
 
 @pytest.mark.skipif(not Path(FMNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed (make data installs dataset-fashion-mnist)")
 @pytest.mark.slow  # the default suite keeps resume's exactness through the FMoE-CDSR test below
-@pytest.mark.parametrize("method", ["fedavg", "fedmoe-da"])
-def test_a_killed_fashion_mnist_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+@pytest.mark.parametrize("method, options", [("fedavg", {}), ("fedmoe-da", {}), ("fedmoe-da", {"dp_clip": 1.0, "dp_noise": 0.01})])
+def test_a_killed_fashion_mnist_run_resumes_to_the_numbers_of_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, options: dict
+) -> None:
+    """With DP, the public copy each node has released and its noise stream are checkpointed."""
     cfg = default_config(method=method, data="fmnist", nodes=3, rounds=ROUNDS, max_train_per_node=200, threads=1, device="cpu", eval_every=2)
-    cfg = with_options(cfg, task_options={"global_test_size": 200})
+    cfg = with_options(cfg, task_options={"global_test_size": 200}, method_options=options)
     whole = run_simulation(with_options(cfg, out=str(tmp_path / "whole")), progress=False, report=False)
     resumed = _interrupted_then_resumed(cfg, tmp_path / "resumed", monkeypatch, "node-01")
     _assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "resumed")

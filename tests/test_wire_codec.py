@@ -126,6 +126,16 @@ def test_check_like_names_the_offending_tensor():
         check_like({}, template)
 
 
+def test_check_like_bounds_by_the_own_scale_and_only_asks_finiteness_of_an_exploded_own_tensor():
+    """A node rolling back from a NaN model to its own earlier state (weights of 5e3, say) must
+    not be refused for a scale the NaN model does not have; a non-finite value still is."""
+    with pytest.raises(ProtocolError, match="exceeds"):
+        check_like({"a": torch.full((2,), 5e3)}, {"a": torch.zeros(2)})
+    check_like({"a": torch.full((2,), 5e3)}, {"a": torch.tensor([float("nan"), 1.0])})
+    with pytest.raises(ProtocolError, match="exceeds"):
+        check_like({"a": torch.tensor([float("inf"), 1.0])}, {"a": torch.tensor([float("nan"), 1.0])})
+
+
 @pytest.mark.parametrize("field, value", [("round", True), ("round", -1)])
 def test_bools_and_negative_rounds_are_not_counts(field, value):
     frames = encode("a", Message(MessageKind.EMBEDDING, 0, {}))

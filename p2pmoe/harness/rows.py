@@ -61,8 +61,8 @@ def honest_view(summary: dict[str, Any], liars: Sequence[str] | None = None) -> 
     clients that do not lie, `liars` (default: the run's own `attackers`; pass another run's
     to compare a clean run over the same clients)."""
     own = liars is None
-    liars = set(summary.get("attackers", []) if liars is None else liars)
-    per_node = {n: v for n, v in summary["per_node"].items() if n not in liars}
+    excluded = set(summary.get("attackers", []) if liars is None else liars)
+    per_node = {n: v for n, v in summary["per_node"].items() if n not in excluded}
     if own:  # the driver's own mean over the honest clients (the run's metrics when nobody lies)
         return {**summary, "metrics": summary.get("honest_metrics", summary["metrics"]), "per_node": per_node}
     names = sorted({k for v in per_node.values() for k, x in v.items() if isinstance(x, (int, float))})

@@ -30,6 +30,7 @@ from p2pmoe.methods.base import Learner, LearnerMethod, Method, SendFailure
 from p2pmoe.methods.expert_selection import correlation, fetch_set, selection_weights
 from p2pmoe.methods.fedavg import FedAvgServer
 from p2pmoe.methods.gossip import GossipExchange, Partners, every, random_matchings
+from p2pmoe.methods.privacy import NoisyRelease, node_epsilon
 from p2pmoe.methods.registry import BuildContext, MethodSpec, NoOptions, all_peers, register_method, topology_peers
 from p2pmoe.methods.robust import cap_source_share
 from p2pmoe.models.moe import ExpertSlots, MixtureOfExperts, slot_candidate_losses
@@ -50,6 +51,8 @@ PLANNERS = ("p2p", "server")
 SLOT_RULES = ("mean", "median")
 EMBEDDING_PREFIX = "embedder."
 RESIDUAL_PREFIX = "phi_residual."  # checkpoint keys of the error-feedback residual
+PHI_PREFIX = "phi."  # φ's names in a private release (beside expert.<slot>.)
+PUBLIC_PREFIX, DP_RNG = "dp_public.", "dp_rng"  # checkpoint keys of a private release's public state and noise stream
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,20 @@ class FedMoEDAOptions(Options):
         "how a slot combines the experts it selected: mean (Eq. 11) or median (coordinate-wise; a defence, beyond the paper)",
         choices=SLOT_RULES,
     )
+    dp_clip: float | None = option(
+        None,
+        "node-level DP of what a node shares: clip each round's change of its experts and gossiped phi, together, to this norm S "
+        "(needs dp_noise > 0; beyond the paper, see docs/methods.md)",
+        above=0,
+    )
+    dp_noise: float = option(0.0, "node-level DP: the node adds N(0, (sigma S)^2) to each release; sigma is this noise multiplier", minimum=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if (self.dp_clip is None) != (self.dp_noise == 0):
+            raise ValueError("[method] dp_clip and dp_noise go together: set both or neither")
+        if self.dp_clip is not None and (self.embedding in ("server", "pretrained") or self.embedding_error_feedback):
+            raise ValueError("[method] DP noises gossiped or frozen phi only, without error feedback: use embedding = 'gossip' or 'frozen'")
         if (self.embedding == "pretrained") != (self.phi_path is not None):
             raise ValueError("[method] embedding = 'pretrained' and phi_path go together: set both or neither")
         # embedding_peers and embedding_every have non-trivial defaults, so only error feedback
@@ -196,6 +210,7 @@ class FedMoEDANode(LearnerMethod):
         warmup_rounds: int = 0,
         source_cap: float = 1.0,
         slot_rule: str = "mean",
+        dp: tuple[float, float, int] | None = None,
     ) -> None:
         """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
         round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
@@ -204,7 +219,8 @@ class FedMoEDANode(LearnerMethod):
         `warmup_rounds` rounds the node aggregates no peer's experts (P = 0). Against peers
         that lie (issue 30): `source_cap` bounds any one peer's share of an own slot's weights,
         `slot_rule` "median" replaces a slot's weighted mean by the coordinate-wise median of
-        the experts it selected."""
+        the experts it selected. `dp` = (clip S, noise multiplier σ, seed) noises every expert and
+        φ the node shares (`NoisyRelease`); its own model stays private."""
         super().__init__(node_id, learner, local_epochs, participation, finetune_epochs)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
@@ -238,6 +254,7 @@ class FedMoEDANode(LearnerMethod):
             lambda state: load_float_state(model, state, EMBEDDING_PREFIX),
             partners=embedding_partners,
             feedback=embedding_feedback,
+            publish=(lambda own: self._released_phi) if dp is not None else None,
         )
         if validation is not None and not isinstance(moe, MixtureOfExperts):
             raise TypeError(f"validated aggregation needs a MixtureOfExperts layer, got {type(moe).__name__}")
@@ -248,8 +265,11 @@ class FedMoEDANode(LearnerMethod):
         self.source_cap, self.slot_rule = source_cap, slot_rule
         self.plan: Plan | None = None
         self._round = -1
-        self._snapshot: dict[int, dict[str, torch.Tensor]] = {}
-        self._previous: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None  # (round, snapshot) still served
+        self.privacy = None if dp is None else NoisyRelease(self._shared(), dp[0], dp[1], torch.Generator().manual_seed(dp[2]))
+        self._snapshot: dict[int, dict[str, torch.Tensor]] = {}  # the own experts as the round starts
+        self._served: dict[int, dict[str, torch.Tensor]] = {}  # what peers get of them: the snapshot, or its private release
+        self._released_phi: dict[str, torch.Tensor] = {}
+        self._previous: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None  # (round, served) still served
         self._gates: dict[str, torch.Tensor] = {}
         self._gates_awaited: set[str] = set()
         self._plan_awaited = False
@@ -265,10 +285,18 @@ class FedMoEDANode(LearnerMethod):
         """The learner's state and, with error feedback, φ's residual: it is what the wire still
         owes the peers, so a restarted node that lost it would drop that error for good."""
         residual = self.gossip.feedback.residual if self.gossip.feedback is not None else {}
-        return {**self.learner.state_dict(), **{RESIDUAL_PREFIX + k: v for k, v in residual.items()}}
+        state = {**self.learner.state_dict(), **{RESIDUAL_PREFIX + k: v for k, v in residual.items()}}
+        if self.privacy is not None:  # what peers have seen and the noise to come: a resumed run releases the same
+            state |= {PUBLIC_PREFIX + k: v for k, v in self.privacy.public.items()} | {DP_RNG: self.privacy.generator.get_state()}
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.learner.load_state_dict({k: v for k, v in state.items() if not k.startswith(RESIDUAL_PREFIX)})
+        self.learner.load_state_dict({k: v for k, v in state.items() if not k.startswith((RESIDUAL_PREFIX, PUBLIC_PREFIX)) and k != DP_RNG})
+        if self.privacy is not None:
+            public = {k[len(PUBLIC_PREFIX) :]: v for k, v in state.items() if k.startswith(PUBLIC_PREFIX)}
+            check_like(public, self.privacy.public)
+            self.privacy.public = {k: public[k] for k in self.privacy.public}  # the noise is drawn in this order: not the file's
+            self.privacy.generator.set_state(state[DP_RNG])
         residual = {k[len(RESIDUAL_PREFIX) :]: v for k, v in state.items() if k.startswith(RESIDUAL_PREFIX)}
         if self.gossip.feedback is not None:
             if residual:
@@ -315,10 +343,26 @@ class FedMoEDANode(LearnerMethod):
     def _enter(self, round_index: int, sampled: bool) -> None:
         """Move to round r. The experts are snapshotted only in sampled rounds: the last sampled
         round's snapshot stays served to slow peers, and an unsampled node serves none."""
-        if self._snapshot:
-            self._previous = (self._round, self._snapshot)
+        if self._served:
+            self._previous = (self._round, self._served)
         self._round = round_index
         self._snapshot = {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)} if sampled else {}
+        self._served = self._release(self._snapshot) if sampled and self.privacy is not None else self._snapshot
+
+    def _release(self, snapshot: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        """This round's private release of the experts and (gossiped) φ, together: one
+        Gaussian mechanism a round (`NoisyRelease`); φ's part is what gossip sends."""
+        assert self.privacy is not None
+        released = self.privacy.release(self._shared(snapshot))
+        self._released_phi = {k[len(PHI_PREFIX) :]: v for k, v in released.items() if k.startswith(PHI_PREFIX)}
+        return {slot: {k: released[f"expert.{slot}.{k}"] for k in state} for slot, state in snapshot.items()}
+
+    def _shared(self, snapshot: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """What the node shares, under one set of names: every expert (`expert.<slot>.`) and,
+        when φ is gossiped, φ (`phi.`)."""
+        experts = snapshot if snapshot is not None else {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)}
+        phi = float_state(self.learner.model, EMBEDDING_PREFIX) if self.embedding == "gossip" else {}
+        return {**expert_tensors(experts), **{PHI_PREFIX + k: v for k, v in phi.items()}}
         self._fetched, self._fetch_awaited = {}, {}
 
     # -- messages ------------------------------------------------------------------------
@@ -394,7 +438,7 @@ class FedMoEDANode(LearnerMethod):
         ):
             raise ProtocolError(f"meta.slots must be distinct expert slots in 0..{self.num_experts - 1}")
         meta = {"req": message.meta["req"]} if "req" in message.meta else {}
-        served = self._snapshot if snapshot is None else snapshot
+        served = self._served if snapshot is None else snapshot
         require(bool(served), f"{self.node_id} was not sampled for round {message.round}: it serves no experts")
         reply = Message(MessageKind.EXPERT_RESPONSE, message.round, expert_tensors({s: served[s] for s in slots}), meta)
         return [Send(src, reply)]
@@ -708,7 +752,28 @@ def _client(ctx: BuildContext[FedMoEDAOptions], node: str) -> Method:
         warmup_rounds=opts.warmup_rounds,
         source_cap=opts.source_cap,
         slot_rule=opts.slot_rule,
+        dp=(opts.dp_clip, opts.dp_noise, node_stream(ctx.cfg.run.seed, "dp", ctx.index(node))) if opts.dp_clip is not None else None,
     )
+
+
+def privacy_spent(opts: FedMoEDAOptions, cfg: ExperimentConfig) -> dict[str, Any]:
+    """summary.json's `privacy`: each node's ε at δ = 1/n after a release in every round (an
+    upper bound for a node that sat rounds out), none without DP."""
+    if opts.dp_clip is None:
+        return {}
+    delta = 1 / cfg.run.nodes
+    spent = node_epsilon(opts.dp_noise, cfg.run.rounds, delta)
+    unit = "a node's data set, for everything it shares (experts and gossiped phi)"
+    return {
+        "privacy": {
+            "epsilon": spent,
+            "delta": delta,
+            "noise_multiplier": opts.dp_noise,
+            "clip": opts.dp_clip,
+            "unit": unit,
+            "accountant": "RDP (dp-accounting)",
+        }
+    }
 
 
 def _server(ctx: BuildContext[FedMoEDAOptions]) -> Method:
@@ -741,6 +806,7 @@ FEDMOE_DA = register_method(
         build_server=_server,
         uses_server=lambda opts: opts.embedding == "server",
         peers=_peers,
+        summary_extra=privacy_spent,
     )
 )
 

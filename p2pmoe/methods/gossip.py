@@ -122,7 +122,13 @@ class GossipExchange:
         partners: Partners | None = None,
         feedback: ErrorFeedback | None = None,
         clip: float | None = None,
+        publish: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
+        """`publish` turns the own tensors into what is sent (a differentially private
+        release); mixing still uses the own ones. Not with `feedback`: one of the two."""
+        if publish is not None and feedback is not None:
+            raise ValueError("a gossip exchange takes error feedback or a private release, not both")
+        self.publish = publish
         self.clip = clip  # ClippedGossip's tau (issue 30); None: plain Metropolis-Hastings mixing
         self.configured = set(neighbours)
         self.neighbours = set(neighbours)
@@ -158,7 +164,7 @@ class GossipExchange:
             self._own = {}
             return []
         self._own = self._read()
-        sent = self.feedback.apply(self._own) if self.feedback is not None else self._own
+        sent = self.feedback.apply(self._own) if self.feedback is not None else self.publish(self._own) if self.publish is not None else self._own
         message = Message(self.kind, round_index, sent, {"degree": self._degree})
         return [Send(peer, message) for peer in sorted(self._expected)]
 

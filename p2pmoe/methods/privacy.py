@@ -51,3 +51,41 @@ def epsilon(noise: float, sample_rate: float, rounds: int, delta: float) -> floa
     accountant = RdpAccountant()
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     return float(accountant.get_epsilon(delta))
+
+
+class NoisyRelease:
+    """Differential privacy for what a peer-to-peer node shares (issue 30): FedMoE-DA's experts
+    and φ. No server adds noise for it, so each node noises its own release.
+
+    The node keeps a public copy P of what it shares, starting from the model's initial state
+    (a function of the run's seed, public). Each round it releases P + clip(private − P, S) +
+    N(0, (σS)² I), over experts and φ together, and that becomes P; its peers only ever see P.
+    A release changes by at most 2S when the node's data change (both clipped steps lie in a
+    ball of radius S), so one round is a Gaussian mechanism of noise multiplier σ/2 whatever
+    the private model is, and the node's ε over its rounds composes those (`epsilon`).
+
+    Project decisions beyond DP-FedAvg: the unit is a node's whole data set (client-level, as
+    for FedAvg); the node's own aggregation and evaluation use its private model (only what
+    leaves the node is noised); a round's release is counted whether or not a peer asks for
+    it, so ε is an upper bound for a node that served nothing."""
+
+    def __init__(self, initial: State, clip: float, noise: float, generator: torch.Generator) -> None:
+        if clip <= 0 or noise < 0:
+            raise ValueError(f"need dp_clip > 0 and dp_noise >= 0, got {clip} and {noise}")
+        self.public = {name: t.detach().clone() for name, t in initial.items()}
+        self.clip, self.noise, self.generator = clip, noise, generator
+        self.releases = 0
+
+    def release(self, private: State) -> dict[str, torch.Tensor]:
+        """This round's public state from the private one (names as in `initial`)."""
+        for name, d in clipped_difference(private, self.public, self.clip).items():
+            noisy = d + self.noise * self.clip * torch.randn(d.shape, generator=self.generator, dtype=torch.float64)
+            self.public[name] = (self.public[name].to(torch.float64) + noisy).to(self.public[name].dtype)
+        self.releases += 1
+        return dict(self.public)
+
+
+def node_epsilon(noise: float, rounds: int, delta: float) -> float:
+    """ε at `delta` of a node that released `rounds` times through `NoisyRelease` (noise
+    multiplier σ/2 a release: a replaced data set moves the clipped step by up to 2S)."""
+    return epsilon(noise / 2, 1.0, rounds, delta) if noise > 0 else float("inf")

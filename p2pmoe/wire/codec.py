@@ -485,7 +485,10 @@ def check_like(tensors: Mapping[str, torch.Tensor], template: Mapping[str, torch
         if not (got.dtype == like.dtype):
             raise ProtocolError(f"tensor {name!r}: dtype {got.dtype} != model's {like.dtype}")
         if got.is_floating_point() and got.numel():
-            bound = magnitude_ratio * max(1.0, float(like.detach().abs().max()) if like.numel() else 1.0)
+            own = float(like.detach().abs().max()) if like.numel() else 1.0
+            # An own tensor that is not finite has no scale to compare with (a node rolling back
+            # from an exploded model to its own earlier state): then only finiteness is asked.
+            bound = magnitude_ratio * max(1.0, own) if math.isfinite(own) else math.inf
             largest = float(got.detach().abs().max())
-            if not largest <= bound:  # also refuses NaN
+            if not largest <= bound or not math.isfinite(largest):  # also refuses NaN
                 raise ProtocolError(f"tensor {name!r}: a value of magnitude {largest:.3g} exceeds {bound:.3g} ({magnitude_ratio:g}x the model's own scale)")
