@@ -1,0 +1,74 @@
+"""Issue 30 item 3: accuracy against the privacy spent, FedAvg (DP-FedAvg) and FedMoE-DA
+(node-level DP of what it shares), three noise levels each.
+
+    python bench/bench_dp.py --seeds 0,1,2
+
+Fashion-MNIST, 10 clients of at most 500 images, Dirichlet 0.3, 10 rounds x 2 local epochs,
+as bench/bench_robustness_grid.py. FedAvg: the server clips each update to S = 1 and adds
+N(0, (σS)²) to the sum of 10 (central DP). FedMoE-DA: each node clips its round's change of
+experts and φ to S = 1 and adds N(0, (σS)²) to what it releases (no server to average the
+noise away, so σ is far smaller). ε at δ = 1/10 from the RDP accountant over the 10 rounds.
+Each row is the mean over seeds of the clients' accuracy on their own test split after the
+round's exchange and of the global accuracy; the paired difference is the run without DP
+minus the row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from p2pmoe.config import default_config, with_options
+from p2pmoe.harness import Variant, add_flags, bench_parser, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
+from p2pmoe.report import format_table
+from p2pmoe.report.seeds import draw_seeds, seed_table
+from p2pmoe.report.tables import columns_of
+
+NOISE = {"fedavg": (0.3, 1.0, 3.0), "fedmoe-da": (0.003, 0.01, 0.03)}
+CLIP = 1.0
+
+
+def variants() -> list[Variant]:
+    found = []
+    for method, levels in NOISE.items():
+        found.append(Variant(f"{method}, no DP", method))
+        found += [Variant(f"{method}, sigma {sigma:g}", method, {"dp_clip": CLIP, "dp_noise": sigma}) for sigma in levels]
+    return found
+
+
+def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    found = {}
+    for method in NOISE:
+        mine = {k: v for k, v in runs.items() if k.startswith(f"{method},")}
+        rows = seed_table(mine, "accuracy", f"{method}, no DP", f"{method}, no DP", ["global_accuracy"])
+        for row in rows:
+            spent = [s.get("privacy", {}).get("epsilon") for s in runs[row["method"]].values()]
+            row["epsilon (delta 1/10)"] = spent[0] if spent and spent[0] is not None else float("inf")
+        found[method] = rows
+    return found
+
+
+def main() -> None:
+    cli = bench_parser(__doc__)
+    add_flags(cli, "seeds", "threads", "name", "results", "checkpoint_every", "report_only", name="dp")
+    args = parse_flags(cli)
+    setting = {"nodes": 10, "max_train_per_node": 500, "partition": "dirichlet:0.3", "rounds": 10, "local_epochs": 2, "eval_every": 10}
+    base = with_options(default_config(data="fmnist", threads=args.threads, **setting), task_options={"global_test_size": 500})
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only):
+        runs.setdefault(r.label, {})[r.seed] = r.summary
+    found = tables(runs)
+    figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in NOISE if f"{m}, no DP" in runs}
+    sections = [f"## {method}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for method, rows in found.items() if rows]
+    command = rerun_command(cli, args, skip=("threads", "name", "results", "checkpoint_every", "report_only"))
+    text = markdown("Accuracy against the privacy spent", (__doc__ or "").split("\n\n", 1)[1].strip(), command, *sections)
+    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": found}, text, figures)
+
+
+def _figure(runs: dict[str, dict[int, dict[str, Any]]], method: str) -> Any:
+    mine = {k: v for k, v in runs.items() if k.startswith(f"{method},")}
+    return lambda folder, file_name: draw_seeds(mine, ["accuracy", "global_accuracy"], f"{method}, no DP", folder, file_name, f"{method}: accuracy by noise level")
+
+
+if __name__ == "__main__":
+    main()
