@@ -67,7 +67,8 @@ def main() -> None:
 
 def _figure(runs: dict[str, dict[int, dict[str, Any]]], method: str) -> Any:
     mine = {k: v for k, v in runs.items() if k.startswith(f"{method},")}
-    return lambda folder, file_name: draw_seeds(mine, ["accuracy", "global_accuracy"], f"{method}, no DP", folder, file_name, f"{method}: accuracy by noise level")
+    title = f"{method}: accuracy by noise level"
+    return lambda folder, file_name: draw_seeds(mine, ["accuracy", "global_accuracy"], f"{method}, no DP", folder, file_name, title)
 
 
 if __name__ == "__main__":
