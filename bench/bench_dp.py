@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
-from p2pmoe.report import format_table
+from p2pmoe.harness import Variant, add_flags, bench_parser, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import draw_seeds, seed_table
-from p2pmoe.report.tables import columns_of
 
 NOISE = {"fedavg": (0.3, 1.0, 3.0), "fedmoe-da": (0.003, 0.01, 0.03)}
 CLIP = 1.0
@@ -59,10 +57,7 @@ def main() -> None:
         runs.setdefault(r.label, {})[r.seed] = r.summary
     found = tables(runs)
     figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in NOISE if f"{m}, no DP" in runs}
-    sections = [f"## {method}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for method, rows in found.items() if rows]
-    command = rerun_command(cli, args, skip=("threads", "name", "results", "checkpoint_every", "report_only"))
-    text = markdown("Accuracy against the privacy spent", (__doc__ or "").split("\n\n", 1)[1].strip(), command, *sections)
-    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": found}, text, figures)
+    write_seed_tables(cli, args, "Accuracy against the privacy spent", __doc__, found, figures)
 
 
 def _figure(runs: dict[str, dict[int, dict[str, Any]]], method: str) -> Any:

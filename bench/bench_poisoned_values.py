@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, honest_view, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
-from p2pmoe.report import format_table
+from p2pmoe.harness import Variant, add_flags, bench_parser, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import seed_table
-from p2pmoe.report.tables import columns_of
 
 CASES = (("none", 3e38), ("fp16", -65504.0), ("int8", -3e38))
 """(wire compression, the liar's value): each mode once, each sign and magnitude of N1."""
@@ -74,16 +72,7 @@ def main() -> None:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"):
         runs.setdefault(r.label, {})[r.seed] = r.summary
-    found = tables(runs)
-    intro = (__doc__ or "").split("\n\n", 1)[1].strip()
-    sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in found.items()]
-    command = rerun_command(cli, args, skip=("threads", "name", "results"))
-    write_results(
-        args.results,
-        args.name,
-        {"seeds": seed_list(args), "tables": found},
-        markdown("Finite but huge values from a peer (issue 26 N1)", intro, command, *sections),
-    )
+    write_seed_tables(cli, args, "Finite but huge values from a peer (issue 26 N1)", __doc__, tables(runs))
 
 
 if __name__ == "__main__":

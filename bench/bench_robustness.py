@@ -6,7 +6,7 @@ Fashion-MNIST, 10 clients of at most 500 images, Dirichlet 0.3, 10 rounds x 1 ep
 the 10 clients (20 %, a seeded draw) send their weights multiplied by -5 (`sign-flip:5`).
 Each row is the honest clients' accuracy (their own test split and the global sample) at the
 last round, mean over seeds; the paired difference is the reference row minus the row, by
-seed, with its standard error and a verdict only beyond two standard errors. Writes bench/results/robustness_fedavg.{json,md}.
+seed, with its standard error and a verdict only beyond two standard errors.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, honest_view, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
-from p2pmoe.report import format_table
+from p2pmoe.harness import Variant, add_flags, bench_parser, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import seed_table
-from p2pmoe.report.tables import columns_of
 
 ATTACK = {"attack": "sign-flip:5", "attackers": 0.2}
 RULES = ("mean", "median", "trimmed:0.2", "krum:2:6", "clip:5")
@@ -51,12 +49,7 @@ def main() -> None:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"):
         runs.setdefault(r.label, {})[r.seed] = honest_view(r.summary)
-    found = tables(runs)
-    intro = (__doc__ or "").split("\n\n", 1)[1].split("Writes")[0].strip()
-    sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in found.items()]
-    command = rerun_command(cli, args, skip=("threads", "name", "results"))
-    text = markdown("FedAvg's aggregation rules under attack", intro, command, *sections)
-    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": found}, text)
+    write_seed_tables(cli, args, "FedAvg's aggregation rules under attack", __doc__, tables(runs))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, honest_view, markdown, parse_flags, rerun_command, run_seeds, seed_list, write_results
-from p2pmoe.report import format_table
+from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import draw_seeds, seed_table
-from p2pmoe.report.tables import columns_of
 
 ATTACKS = {"sign-flip": "sign-flip:5", "noise": "noise:0.5", "label-flip": "label-flip"}
 DEFENCES = {
@@ -104,10 +102,7 @@ def main() -> None:
         runs.setdefault(r.label, {})[r.seed] = {**honest_view(r.summary), "fetched_from_liars": fetched_from_liars(r.out, set(r.summary.get("attackers", [])))}
     found = tables(runs)
     figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in DEFENCES if f"{m} none / no attack" in runs}
-    sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in found.items() if rows]
-    command = rerun_command(cli, args, skip=("threads", "name", "results", "checkpoint_every", "report_only"))
-    text = markdown("Attacks and defences, every method", (__doc__ or "").split("\n\n", 1)[1].strip(), command, *sections)
-    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": found}, text, figures)
+    write_seed_tables(cli, args, "Attacks and defences, every method", __doc__, found, figures)
 
 
 def _figure(runs: dict[str, dict[int, dict[str, Any]]], method: str) -> Any:

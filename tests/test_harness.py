@@ -25,6 +25,7 @@ from p2pmoe.harness import (
     seed_list,
     upgraded,
     write_results,
+    write_seed_tables,
 )
 from p2pmoe.tasks.base import Selection
 
@@ -91,6 +92,18 @@ def test_the_writer_leaves_json_markdown_and_figures_and_says_the_command(tmp_pa
     assert written in capsys.readouterr().out
     write_results(tmp_path / "out", "quiet", [], "text", echo=False)
     assert capsys.readouterr().out == ""
+
+
+def test_seed_tables_are_written_with_the_setting_and_a_rerun_command_without_run_only_flags(tmp_path, capsys):
+    parser = _parser("seeds", "threads", "name", "results", name="x")
+    args = parse_flags(parser, ["--seeds", "0,1", "--threads", "2", "--results", str(tmp_path)])
+    doc = "Title line.\n\n    python bench/bench_x.py\n\nThe setting."
+    write_seed_tables(parser, args, "X", doc, {"first": [{"method": "a", "accuracy": 0.5}], "empty": []})
+    written = (tmp_path / "x.md").read_text()
+    assert written.startswith("# X\n\npython bench/bench_x.py\n\nThe setting.\n\nCommand: `python bench/bench_x.py --settings c --seeds 0,1`")
+    assert "## first" in written and "0.5" in written and "## empty" not in written and "--threads" not in written
+    assert json.loads((tmp_path / "x.json").read_text())["seeds"] == [0, 1]
+    capsys.readouterr()
 
 
 def _fake_summary(cfg, accuracy):

@@ -10,7 +10,7 @@ from p2pmoe.harness.flags import RESULTS, add_flags, bench_parser, chosen, metho
 from p2pmoe.harness.folders import client_traffic, finished_summary, partial_summary
 from p2pmoe.harness.rows import failed_row, honest_view, result_row, upgraded
 from p2pmoe.harness.runs import RunResult, Variant, fine_tuned_final, run_parallel, run_seeds, slug, timed_run
-from p2pmoe.harness.writer import markdown, rerun_command, write_results
+from p2pmoe.harness.writer import markdown, rerun_command, write_results, write_seed_tables
 
 __all__ = [
     "RESULTS",
@@ -37,4 +37,5 @@ __all__ = [
     "timed_run",
     "upgraded",
     "write_results",
+    "write_seed_tables",
 ]

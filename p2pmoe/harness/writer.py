@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.fsio import atomic_write_bytes, atomic_write_json
+from p2pmoe.harness.flags import seed_list
+from p2pmoe.report.tables import columns_of, format_table
 from p2pmoe.report.tables import rerun_command as flags_as_given
 
 Figure = Callable[[Path, str], object]
@@ -45,3 +47,25 @@ def write_results(folder: Path, name: str, data: Any, text: str, figures: Mappin
     atomic_write_bytes(folder / f"{name}.md", text.encode())
     if echo:
         print(text, flush=True)
+
+
+RUN_ONLY_FLAGS = ("threads", "name", "results", "checkpoint_every", "report_only")
+"""Flags that change how a benchmark runs or where it writes, not what it measures: the rerun
+command leaves them out."""
+
+
+def write_seed_tables(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    title: str,
+    doc: str | None,
+    tables: Mapping[str, list[dict[str, Any]]],
+    figures: Mapping[str, Figure] | None = None,
+) -> None:
+    """The report of a comparison over seeds: the setting (the script's docstring after its
+    first paragraph), the rerun command, and one table per heading of `tables` (headings with
+    no rows left out), written with `figures` as <name>.json, .md and PNGs."""
+    sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in tables.items() if rows]
+    command = rerun_command(parser, args, skip=tuple(flag for flag in RUN_ONLY_FLAGS if hasattr(args, flag)))
+    text = markdown(title, (doc or "").split("\n\n", 1)[1].strip(), command, *sections)
+    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": dict(tables)}, text, figures)
