@@ -382,6 +382,21 @@ def test_the_planning_server_checks_gates_against_the_model_not_the_first_sender
     assert len(server.on_message("n3", Message(MessageKind.GATE_PUBLISH, 0, {"gate": honest}))) == 4  # every plan goes out
 
 
+def test_the_planning_server_plans_without_a_node_whose_gate_was_refused():
+    """Review finding: a refused gate ends the server's wait for it, as on a peer-to-peer node."""
+    nodes, learners = _swarm(p=1, planner="server")
+    server = nodes["server"]
+    server.start_round(0)
+    honest = learners["n0"].model.moe.gating_matrix().detach().float()
+    for n in ("n0", "n1", "n2"):
+        assert server.on_message(n, Message(MessageKind.GATE_PUBLISH, 0, {"gate": honest})) == []
+    bad = Message(MessageKind.GATE_PUBLISH, 0, {"gate": torch.full_like(honest, 3e38)})
+    with pytest.raises(ProtocolError):
+        server.on_message("n3", bad)
+    plans = server.on_refused("n3", bad)
+    assert sorted(s.dst for s in plans) == ["n0", "n1", "n2"] and server.round_complete()
+
+
 def test_fine_tuning_before_evaluation_is_an_option_that_reaches_every_node(tmp_path):
     from pathlib import Path
 
@@ -540,3 +555,25 @@ def test_no_aggregation_before_this_rounds_plan_when_a_peer_drops_out_early():
     node.start_round(1)
     node.on_peer_lost("n3")
     assert node._gates_awaited == {"n1", "n2"} and not node._aggregated
+
+
+def test_a_late_reply_after_the_deadline_is_refused_and_a_new_round_starts_with_nothing_fetched():
+    """Review finding: with the reset of fetched experts lost from `_enter`, a reply that came
+    after round 0's deadline stayed in `_fetched` and was mixed into round 1 as if it were that
+    round's. Now the deadline ends the wait and every round starts with nothing fetched."""
+    from p2pmoe.methods.fedmoe_da import expert_tensors
+
+    nodes, learners = _swarm(p=2)
+    n0 = nodes["n0"]
+    sends = n0.start_round(0)
+    for peer in ("n1", "n2", "n3"):
+        sends += n0.on_message(peer, Message(MessageKind.GATE_PUBLISH, 0, {"gate": learners[peer].model.moe.gating_matrix().detach().float()}))
+    request = next(s for s in sends if s.message.kind is MessageKind.EXPERT_REQUEST)
+    n0.on_deadline(0)
+    slots = request.message.meta["slots"]
+    late = expert_tensors({s: learners[request.dst].model.moe.expert_state(s) for s in slots})
+    with pytest.raises(ProtocolError, match="no experts expected"):
+        n0.on_message(request.dst, Message(MessageKind.EXPERT_RESPONSE, 0, late, {"req": request.message.meta["req"]}))
+    n0._fetched[("n1", 0)] = {}  # whatever a round left behind ...
+    n0.start_round(1)
+    assert n0._fetched == {} and n0._fetch_awaited == {}  # ... the next one starts without it

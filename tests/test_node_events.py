@@ -186,11 +186,16 @@ def test_a_flood_of_bad_messages_is_logged_in_a_few_lines(caplog):
             peer.connect(node.address)
             for _ in range(200):
                 await peer.send_multipart([b"\xff" * 16])
+            for _ in range(500):
+                if node.refused == 200:
+                    break
+                await asyncio.sleep(0.01)
             replies = 0
-            while replies < 200 and await peer.poll(5000):
+            while await peer.poll(300):
                 await peer.recv_multipart()
                 replies += 1
-            assert replies == 200  # every bad message still gets its ERROR reply
+            assert node.refused == 200 and replies + node.unanswered == 200  # every one refused; a few answered a second
+            assert 1 <= replies <= 40
             peer.close()
             context.term()
 

@@ -455,6 +455,18 @@ def test_junk_gets_a_few_error_replies_a_second_and_a_refused_request_always_get
                 while error is None or error.meta.get("req") != 77:
                     error = decode(await asyncio.wait_for(sender.recv_multipart(), 5)).message
                 assert error.kind is MessageKind.ERROR
+                before = node.unanswered
+                for req in range(500):  # junk that carries a req (review finding): bounded too
+                    await sender.send_multipart([encode("junk", Message(MessageKind.HELLO, 0, meta={"req": req}))[0], b"x"])
+                for _ in range(300):
+                    if node.refused >= 302 + 500:
+                        break
+                    await asyncio.sleep(0.01)
+                replies = 0
+                while await sender.poll(200):
+                    await sender.recv_multipart()
+                    replies += 1
+                assert replies <= 2 * transport_module.ASKED_ERRORS_PER_SECOND and node.unanswered - before >= 500 - replies
             finally:
                 context.destroy(linger=0)
 

@@ -77,6 +77,8 @@ def test_fedmoe_da_peers_see_only_the_noisy_release_and_the_node_keeps_its_own_m
     node.train_local(0)
     sends = node.start_round(0)
     phi_sent = next(s for s in sends if s.message.kind is MessageKind.EMBEDDING).message.tensors
+    gate_sent = next(s for s in sends if s.message.kind is MessageKind.GATE_PUBLISH).message.tensors["gate"]
+    assert not torch.equal(gate_sent, learner.model.moe.gating_matrix().detach())  # the gate is released too (review finding)
     own_phi = float_state(learner.model, "embedder.")
     assert set(phi_sent) == set(own_phi) and all(not torch.equal(phi_sent[k], v) for k, v in own_phi.items())
     reply = node.on_message("n1", Message(MessageKind.EXPERT_REQUEST, 0, meta={"req": 1, "slots": [0, 1]}))[0].message.tensors

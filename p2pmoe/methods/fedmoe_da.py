@@ -51,7 +51,7 @@ PLANNERS = ("p2p", "server")
 SLOT_RULES = ("mean", "median")
 EMBEDDING_PREFIX = "embedder."
 RESIDUAL_PREFIX = "phi_residual."  # checkpoint keys of the error-feedback residual
-PHI_PREFIX = "phi."  # φ's names in a private release (beside expert.<slot>.)
+PHI_PREFIX, GATE_NAME = "phi.", "gate"  # φ's and the gate's names in a private release (beside expert.<slot>.)
 PUBLIC_PREFIX, DP_RNG = "dp_public.", "dp_rng"  # checkpoint keys of a private release's public state and noise stream
 
 
@@ -269,6 +269,7 @@ class FedMoEDANode(LearnerMethod):
         self._snapshot: dict[int, dict[str, torch.Tensor]] = {}  # the own experts as the round starts
         self._served: dict[int, dict[str, torch.Tensor]] = {}  # what peers get of them: the snapshot, or its private release
         self._released_phi: dict[str, torch.Tensor] = {}
+        self._released_gate: torch.Tensor | None = None
         self._previous: tuple[int, dict[int, dict[str, torch.Tensor]]] | None = None  # (round, served) still served
         self._gates: dict[str, torch.Tensor] = {}
         self._gates_awaited: set[str] = set()
@@ -317,7 +318,7 @@ class FedMoEDANode(LearnerMethod):
             sends.append(Send(self.server_id, Message(MessageKind.MODEL_UPDATE, round_index, phi, {"num_examples": self.learner.num_train_examples})))
             self._embedding_awaited = self.takes_part(round_index + 1)
         if round_index % self.interval == 0 or self.plan is None or round_index == self.warmup:
-            gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self.moe.gating_matrix().detach().float().cpu()})
+            gate = Message(MessageKind.GATE_PUBLISH, round_index, {"gate": self._public_gate().float()})
             if self.planner == "server":
                 assert self.server_id is not None  # checked in __init__
                 self._plan_awaited = True
@@ -348,6 +349,7 @@ class FedMoEDANode(LearnerMethod):
         self._round = round_index
         self._snapshot = {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)} if sampled else {}
         self._served = self._release(self._snapshot) if sampled and self.privacy is not None else self._snapshot
+        self._fetched, self._fetch_awaited = {}, {}
 
     def _release(self, snapshot: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
         """This round's private release of the experts and (gossiped) φ, together: one
@@ -355,15 +357,23 @@ class FedMoEDANode(LearnerMethod):
         assert self.privacy is not None
         released = self.privacy.release(self._shared(snapshot))
         self._released_phi = {k[len(PHI_PREFIX) :]: v for k, v in released.items() if k.startswith(PHI_PREFIX)}
+        self._released_gate = released[GATE_NAME]
         return {slot: {k: released[f"expert.{slot}.{k}"] for k in state} for slot, state in snapshot.items()}
 
     def _shared(self, snapshot: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-        """What the node shares, under one set of names: every expert (`expert.<slot>.`) and,
-        when φ is gossiped, φ (`phi.`)."""
+        """What the node shares, under one set of names: every expert (`expert.<slot>.`), its
+        gate (`GATE_NAME`) and, when φ is gossiped, φ (`phi.`)."""
         experts = snapshot if snapshot is not None else {slot: self.moe.expert_state(slot) for slot in range(self.num_experts)}
         phi = float_state(self.learner.model, EMBEDDING_PREFIX) if self.embedding == "gossip" else {}
-        return {**expert_tensors(experts), **{PHI_PREFIX + k: v for k, v in phi.items()}}
-        self._fetched, self._fetch_awaited = {}, {}
+        gate = {GATE_NAME: self.moe.gating_matrix().detach().float().cpu()}
+        return {**expert_tensors(experts), **gate, **{PHI_PREFIX + k: v for k, v in phi.items()}}
+
+    def _public_gate(self) -> torch.Tensor:
+        """The gate peers see and the node plans with: with DP its release (so the plan, and
+        the requests that show it, are a function of public values only), else its own."""
+        if self.privacy is not None and self._released_gate is not None:
+            return self._released_gate
+        return self.moe.gating_matrix().detach().cpu()
 
     # -- messages ------------------------------------------------------------------------
 
@@ -393,7 +403,7 @@ class FedMoEDANode(LearnerMethod):
     def _plan_if_ready(self) -> list[Send]:
         if self._gates_awaited or self.planner != "p2p":
             return []
-        self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p_now(), self.tau)
+        self.plan = make_plan(self.node_id, self._public_gate().double(), self._gates, self.p_now(), self.tau)
         return self._request_experts()
 
     def _on_plan(self, src: str, message: Message) -> list[Send]:
@@ -601,10 +611,11 @@ class FedMoEDANode(LearnerMethod):
             self._plan_awaited = False
             self._gates_awaited = set()
             if self.planner == "p2p":
-                self.plan = make_plan(self.node_id, self.moe.gating_matrix().detach().double().cpu(), self._gates, self.p_now(), self.tau)
+                self.plan = make_plan(self.node_id, self._public_gate().double(), self._gates, self.p_now(), self.tau)
             elif self.plan is None:
                 self.plan = Plan([(self.node_id, e) for e in range(self.num_experts)], torch.eye(self.num_experts, dtype=torch.float64))
         self._aggregate_if_ready(force=True)
+        self._fetch_awaited = {}  # the round is mixed: a late reply is refused, not kept
         return []
 
 
@@ -637,11 +648,13 @@ class FedMoEDAServer(Method):
         self._live = set(self.clients)
         self._gates: dict[str, torch.Tensor] = {}
         self._round = -1
+        self._refused: set[str] = set()  # nodes whose gate of this round was refused
         self._planned = True
 
     def start_round(self, round_index: int) -> list[Send]:
         self._round = round_index
         self._gates = {}
+        self._refused = set()
         self._planned = not self._expects_gates()
         return self.embedding.start_round(round_index) if self.embedding else []
 
@@ -660,7 +673,8 @@ class FedMoEDAServer(Method):
         return self._plan_if_ready()
 
     def _plan_if_ready(self, force: bool = False) -> list[Send]:
-        if self._planned or (not force and (not self._gates or set(self._gates) != self.participation.among(self._live, self._round))):
+        expected = self.participation.among(self._live, self._round)
+        if self._planned or (not force and (not self._gates or set(self._gates) | self._refused != expected)):
             return []
         self._planned = True  # with force and no gates at all, nodes keep their previous plans
         sends = []
@@ -672,6 +686,14 @@ class FedMoEDAServer(Method):
 
     def round_complete(self) -> bool:
         return self._planned and (self.embedding is None or self.embedding.round_complete())
+
+    def on_refused(self, src: str, message: Message) -> list[Send]:
+        """A refused gate of this round ends the wait for it: plan over the others (a liar
+        must not hold every node's plan to the deadline)."""
+        if message.kind == MessageKind.GATE_PUBLISH and message.round == self._round and src in self._live and not self._planned:
+            self._refused.add(src)
+            return self._plan_if_ready()
+        return []
 
     def on_peer_lost(self, peer: str) -> list[Send]:
         self._live.discard(peer)
@@ -763,7 +785,7 @@ def privacy_spent(opts: FedMoEDAOptions, cfg: ExperimentConfig) -> dict[str, Any
         return {}
     delta = 1 / cfg.run.nodes
     spent = node_epsilon(opts.dp_noise, cfg.run.rounds, delta)
-    unit = "a node's data set, for everything it shares (experts and gossiped phi)"
+    unit = "a node's data set, for everything it shares (experts, gate and gossiped phi; its requests follow from public gates)"
     return {
         "privacy": {
             "epsilon": spent,

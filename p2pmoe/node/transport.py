@@ -106,7 +106,8 @@ REMEMBERED_REFUSALS = 4096  # refused transfers whose chunks are dropped without
 REMEMBERED_CONNECTIONS = 4096  # routing ids whose latest connection is kept, to log a handover
 RCVHWM = 8  # complete ZeroMQ messages (each at most a head and a chunk) libzmq keeps per connection
 MAX_REASON_CHARS = 300  # error reasons quote peer input: keep replies and log lines short
-UNASKED_ERRORS_PER_SECOND = 20  # ERROR replies a sender gets each second for messages that asked nothing (no req)
+UNASKED_ERRORS_PER_SECOND = 20  # ERROR replies a sender gets each second for messages that asked nothing (no req) ...
+ASKED_ERRORS_PER_SECOND = 200  # ... and for refused requests (a req): more, but a bound (junk can carry a req)
 _REMEMBERED_REQUESTS = 1024  # finished request ids whose late duplicate replies are dropped
 
 
@@ -368,7 +369,7 @@ class Transport:
         self.unanswered = 0  # refusals not answered: over UNASKED_ERRORS_PER_SECOND for their sender
         self.handovers = 0  # ROUTER routing ids seen on a new connection while known on another
         self._connection_of: OrderedDict[bytes, int] = OrderedDict()  # routing id -> its latest connection's fd
-        self._errors_sent: dict[str, int] = {}  # ERROR replies without a req per sender, this second
+        self._errors_sent: dict[tuple[str, bool], int] = {}  # ERROR replies per (sender, with a req), this second
         self._errors_second = 0.0
         self._round_of = round_of or (lambda: 0)
         self._peers: dict[str, _Peer] = {}
@@ -860,7 +861,7 @@ class Transport:
     def _reply_error(self, routing_id: bytes, sender: str, reason: str, req: int | None = None) -> None:
         """Best effort: an ERROR to the connection a bad message came on, never blocking; with
         the refused message's `req`, so a refused request fails at once instead of timing out."""
-        if req is None and not self._may_answer(sender):
+        if not self._may_answer(sender, asked=req is not None):
             self.unanswered += 1
             return
         message = Message(MessageKind.ERROR, self._round_of(), meta={"reason": reason, **({"req": req} if req is not None else {})})
@@ -889,19 +890,20 @@ class Transport:
         while len(self._connection_of) > REMEMBERED_CONNECTIONS:
             self._connection_of.popitem(last=False)
 
-    def _may_answer(self, sender: str) -> bool:
-        """Whether `sender` may get one more ERROR for a message that asked nothing this second.
-
-        A flood of garbage (issue 26 N9) then costs a parse and a counter per message, not an
-        encode and a send: a refused request (one with a req) is always answered, so it fails
-        at once; a stream of junk learns it is refused from the first replies. Project decision."""
+    def _may_answer(self, sender: str, asked: bool) -> bool:
+        """Whether `sender` may get one more ERROR this second: for a refused request (`asked`,
+        it carries a req) up to ASKED_ERRORS_PER_SECOND, so an honest refused request fails at
+        once; for one that asked nothing up to UNASKED_ERRORS_PER_SECOND. A flood of garbage
+        (issue 26 N9), with a req or without, then costs a parse and a counter per message past
+        those, not an encode and a send. Project decision."""
         now = time.monotonic()
         if now - self._errors_second >= 1.0:
             self._errors_second, self._errors_sent = now, {}
-        sent = self._errors_sent.get(sender, 0)
-        if sent >= UNASKED_ERRORS_PER_SECOND:
+        key = (sender, asked)
+        sent = self._errors_sent.get(key, 0)
+        if sent >= (ASKED_ERRORS_PER_SECOND if asked else UNASKED_ERRORS_PER_SECOND):
             return False
-        self._errors_sent[sender] = sent + 1
+        self._errors_sent[key] = sent + 1
         return True
 
     # -- lifecycle -----------------------------------------------------------------------------
