@@ -310,7 +310,12 @@ class NodeRunner:
             if message is None or src is None:
                 raise
             self.rejected.warning(f"rejected:{message.kind.value}", "%s: rejected %s from %s: %s", self.node_id, message.kind.value, src, exc)
-            return [Send(src, error_reply(message, str(exc))), *self._call(lambda: self.method.on_refused(src, message))]
+            reply = Send(src, error_reply(message, str(exc)))
+            try:  # the method stops waiting for what the refused message would have brought
+                return [reply, *self._call(lambda: self.method.on_refused(src, message))]
+            except ProtocolError:  # a method bug, not the peer's: the refusal still goes out
+                log.exception("%s: on_refused raised after refusing %s from %s", self.node_id, message.kind.value, src)
+                return [reply]
         except Exception:
             if self.strict:
                 raise

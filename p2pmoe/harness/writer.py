@@ -67,5 +67,6 @@ def write_seed_tables(
     no rows left out), written with `figures` as <name>.json, .md and PNGs."""
     sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in tables.items() if rows]
     command = rerun_command(parser, args, skip=tuple(flag for flag in RUN_ONLY_FLAGS if hasattr(args, flag)))
-    text = markdown(title, (doc or "").split("\n\n", 1)[1].strip(), command, *sections)
+    paragraphs = (doc or "").split("\n\n", 1)
+    text = markdown(title, paragraphs[-1].strip(), command, *sections)
     write_results(args.results, args.name, {"seeds": seed_list(args), "tables": dict(tables)}, text, figures)
