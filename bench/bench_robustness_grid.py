@@ -106,7 +106,7 @@ def main() -> None:
 
 
 def _figure(runs: dict[str, dict[int, dict[str, Any]]], method: str) -> Any:
-    mine = {k: v for k, v in runs.items() if k.startswith(f"{method} ") and (" / 20%" in k or k == f"{method} none / no attack")}
+    mine = {k: v for k, v in runs.items() if k.startswith(f"{method} ") and (" / 20%" in k or k.endswith(" / no attack"))}
     return lambda folder, file_name: draw_seeds(mine, ["accuracy"], f"{method} none / no attack", folder, file_name, f"{method}: honest accuracy, 20% liars")
 
 
