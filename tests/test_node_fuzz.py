@@ -115,7 +115,9 @@ def live():
     logger.setLevel(logging.ERROR)  # thousands of rejection warnings are expected; errors are not
 
     async def start() -> tuple[Harness, asyncio.Task[None]]:
-        transport = Transport("node", "tcp://127.0.0.1:0", limits=LIMITS)
+        # Every rejected case must get its one ERROR: no rate limit on replies here (the limit
+        # has its own test in test_node_transport_hostile.py).
+        transport = Transport("node", "tcp://127.0.0.1:0", limits=LIMITS, error_replies_per_second=(math.inf, math.inf))
         context = zmq.asyncio.Context()
         client = context.socket(zmq.DEALER)
         client.linger = 0

@@ -355,8 +355,12 @@ class Transport:
         max_peer_held_bytes: int = PEER_HELD_BYTES,
         transfer_timeout: float = TRANSFER_TIMEOUT,
         heard: Callable[[str], None] | None = None,
+        error_replies_per_second: tuple[float, float] = (UNASKED_ERRORS_PER_SECOND, ASKED_ERRORS_PER_SECOND),
     ) -> None:
+        """`error_replies_per_second`: ERROR replies a sender gets a second for refused
+        messages without a req and with one (`_may_answer`); (inf, inf) answers every one."""
         asyncio.get_running_loop()  # fail early and clearly outside a coroutine
+        self.error_replies_per_second = error_replies_per_second
         self.node_id = node_id
         self.limits = limits
         self.ledger = ledger
@@ -892,8 +896,8 @@ class Transport:
 
     def _may_answer(self, sender: str, asked: bool) -> bool:
         """Whether `sender` may get one more ERROR this second: for a refused request (`asked`,
-        it carries a req) up to ASKED_ERRORS_PER_SECOND, so an honest refused request fails at
-        once; for one that asked nothing up to UNASKED_ERRORS_PER_SECOND. A flood of garbage
+        it carries a req) up to ASKED_ERRORS_PER_SECOND by default, so an honest refused request
+        fails at once; for one that asked nothing up to UNASKED_ERRORS_PER_SECOND. A flood of garbage
         (issue 26 N9), with a req or without, then costs a parse and a counter per message past
         those, not an encode and a send. Project decision."""
         now = time.monotonic()
@@ -901,7 +905,7 @@ class Transport:
             self._errors_second, self._errors_sent = now, {}
         key = (sender, asked)
         sent = self._errors_sent.get(key, 0)
-        if sent >= (ASKED_ERRORS_PER_SECOND if asked else UNASKED_ERRORS_PER_SECOND):
+        if sent >= self.error_replies_per_second[asked]:
             return False
         self._errors_sent[key] = sent + 1
         return True
