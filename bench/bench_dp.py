@@ -57,6 +57,7 @@ def main() -> None:
         runs.setdefault(r.label, {})[r.seed] = r.summary
     found = tables(runs)
     figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in NOISE if f"{m}, no DP" in runs}
+    figures[f"{args.name}.png"] = lambda folder, file_name: _against_epsilon(found, folder / file_name)
     write_seed_tables(cli, args, "Accuracy against the privacy spent", __doc__, found, figures)
 
 
@@ -64,6 +65,32 @@ def _figure(runs: dict[str, dict[int, dict[str, Any]]], method: str) -> Any:
     mine = {k: v for k, v in runs.items() if k.startswith(f"{method},")}
     title = f"{method}: accuracy by noise level"
     return lambda folder, file_name: draw_seeds(mine, ["accuracy", "global_accuracy"], f"{method}, no DP", folder, file_name, title)
+
+
+def _against_epsilon(found: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Accuracy (mean ± std over seeds) against ε on a log axis, a line per method; the run
+    without DP drawn as a dashed level (its ε is infinite)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (method, rows), colour in zip(found.items(), ("#3182bd", "#e6550d"), strict=False):
+        noisy = sorted((r["epsilon (delta 1/10)"], r["accuracy"], r["± std"]) for r in rows if r["epsilon (delta 1/10)"] != float("inf"))
+        if noisy:
+            eps, acc, std = zip(*noisy, strict=True)
+            ax.errorbar(eps, acc, yerr=std, marker="o", capsize=3, color=colour, label=f"{method} with DP")
+        clean = [r["accuracy"] for r in rows if r["epsilon (delta 1/10)"] == float("inf")]
+        if clean:
+            ax.axhline(clean[0], linestyle="--", color=colour, label=f"{method} without DP")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε at δ = 1/10 (RDP accountant), per client or node")
+    ax.set_ylabel("accuracy on the client's own test split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
