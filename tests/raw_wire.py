@@ -4,6 +4,9 @@ one whole message back (a header, then its transfer's chunks)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import zmq.asyncio
 
 from p2pmoe.wire.codec import MessageReader, wire_messages
@@ -26,3 +29,17 @@ async def recv_frames(sock: zmq.asyncio.Socket) -> list[bytes]:
         frames.extend(more)
         received += sum(len(f) for f in more[1:])
     return frames
+
+
+async def replies_once_refused(node: Any, sock: zmq.asyncio.Socket, refused: int, quiet: float = 0.3) -> int:
+    """Wait (at most 5 s) until the node has refused `refused` messages in all, then read what
+    comes back on `sock` until it has been quiet for `quiet` seconds: how many replies came."""
+    for _ in range(500):
+        if node.refused >= refused:
+            break
+        await asyncio.sleep(0.01)
+    replies = 0
+    while await sock.poll(int(quiet * 1000)):
+        await sock.recv_multipart()
+        replies += 1
+    return replies

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.asyncio
+from raw_wire import replies_once_refused
 
 from p2pmoe.config import default_config
 from p2pmoe.data.images import FMNIST_ROOT
@@ -186,14 +187,7 @@ def test_a_flood_of_bad_messages_is_logged_in_a_few_lines(caplog):
             peer.connect(node.address)
             for _ in range(200):
                 await peer.send_multipart([b"\xff" * 16])
-            for _ in range(500):
-                if node.refused == 200:
-                    break
-                await asyncio.sleep(0.01)
-            replies = 0
-            while await peer.poll(300):
-                await peer.recv_multipart()
-                replies += 1
+            replies = await replies_once_refused(node, peer, 200)
             assert node.refused == 200 and replies + node.unanswered == 200  # every one refused; a few answered a second
             assert 1 <= replies <= 40
             peer.close()

@@ -21,7 +21,7 @@ import pytest
 import torch
 import zmq
 import zmq.asyncio
-from raw_wire import send_frames
+from raw_wire import replies_once_refused, send_frames
 
 import p2pmoe.node.transport as transport_module
 from p2pmoe.node.transport import Transport
@@ -438,14 +438,7 @@ def test_junk_gets_a_few_error_replies_a_second_and_a_refused_request_always_get
             try:
                 for _ in range(300):
                     await sender.send(b"\x00junk")
-                for _ in range(200):
-                    if node.refused == 300:
-                        break
-                    await asyncio.sleep(0.01)
-                replies = 0
-                while await sender.poll(200):
-                    await sender.recv_multipart()
-                    replies += 1
+                replies = await replies_once_refused(node, sender, 300)
                 assert node.refused == 300 and replies + node.unanswered == 300
                 assert 1 <= replies <= 2 * transport_module.UNASKED_ERRORS_PER_SECOND  # the flood spans at most two windows
                 await sender.send_multipart([b"\x00junk", b"x"], copy=True)  # no req is readable: unanswered too
@@ -458,14 +451,7 @@ def test_junk_gets_a_few_error_replies_a_second_and_a_refused_request_always_get
                 before = node.unanswered
                 for req in range(500):  # junk that carries a req (review finding): bounded too
                     await sender.send_multipart([encode("junk", Message(MessageKind.HELLO, 0, meta={"req": req}))[0], b"x"])
-                for _ in range(300):
-                    if node.refused >= 302 + 500:
-                        break
-                    await asyncio.sleep(0.01)
-                replies = 0
-                while await sender.poll(200):
-                    await sender.recv_multipart()
-                    replies += 1
+                replies = await replies_once_refused(node, sender, 302 + 500)
                 assert replies <= 2 * transport_module.ASKED_ERRORS_PER_SECOND and node.unanswered - before >= 500 - replies
             finally:
                 context.destroy(linger=0)
