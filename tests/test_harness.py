@@ -197,6 +197,10 @@ def test_finished_runs_are_read_back_and_only_the_missing_ones_run(tmp_path, mon
     run_seeds(with_options(base, rounds=2), variants[:1], [0], tmp_path)  # another setting in the same folder: run again
     assert calls[-1] == ("local", 0) and len(calls) == 5
 
+    parallel = run_seeds(base, variants, [0, 1], tmp_path / "parallel", jobs=2)  # spawned workers: the same runs, the same order
+    assert [(r.label, r.seed, r.summary["metrics"]) for r in parallel] == [(r.label, r.seed, r.summary["metrics"]) for r in first]
+    assert len(calls) == 5  # the workers ran them, not this process
+
 
 def test_a_torn_summary_is_not_a_finished_run(tmp_path):
     cfg = default_config(out=str(tmp_path))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,23 +62,52 @@ def run_seeds(
     root: Path,
     checkpoint_every: int = 0,
     only_finished: bool = False,
+    jobs: int = 1,
 ) -> list[RunResult]:
     """Every variant for every seed (seed-major, so a partial benchmark has whole seeds first),
     each in `root/<slug>/seed<k>`; finished runs of the same experiment are read back. With
-    `only_finished`, nothing runs: the finished runs alone (tables of a benchmark under way)."""
-    results = []
+    `only_finished`, nothing runs: the finished runs alone (tables of a benchmark under way).
+    With `jobs` > 1 the missing runs go `jobs` at a time, one spawned process each; a run that
+    fails does not stop the others, and the first failure is raised once they are done (the
+    finished ones are in their folders, read back by the next call)."""
+    planned = []
     for seed in seeds:
         for variant in variants:
             out = root / slug(variant.label) / f"seed{seed}"
             cfg = variant.config(base, seed, out)
-            summary = finished_summary(out, cfg)
-            if summary is None and only_finished:
-                continue
-            if summary is None:
-                print(f"running {variant.label}, seed {seed} -> {out}", file=sys.stderr, flush=True)
-                summary = run_simulation(cfg, report=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
-            results.append(RunResult(variant.label, seed, out, summary))
-    return results
+            planned.append((variant.label, seed, out, cfg, finished_summary(out, cfg)))
+    missing = {} if only_finished else {str(i): p[3] for i, p in enumerate(planned) if p[4] is None}
+    for key, cfg in missing.items():
+        print(f"{'running' if jobs == 1 else 'queued'} {planned[int(key)][0]}, seed {cfg.run.seed} -> {cfg.run.out}", file=sys.stderr, flush=True)
+        if jobs == 1:
+            planned[int(key)] = (*planned[int(key)][:4], simulate_quietly(cfg, checkpoint_every))
+    failed = []
+    for key, outcome in _in_pool(simulate_quietly, missing, jobs, checkpoint_every) if jobs > 1 else ():
+        if isinstance(outcome, Exception):
+            failed.append(outcome)
+        else:
+            planned[int(key)] = (*planned[int(key)][:4], outcome)
+    if failed:
+        raise failed[0]
+    return [RunResult(label, seed, out, summary) for label, seed, out, _, summary in planned if summary is not None]
+
+
+def simulate_quietly(cfg: ExperimentConfig, checkpoint_every: int = 0) -> dict[str, Any]:
+    """One benchmark run: no per-run report (the benchmark writes its own), checkpoints every
+    `checkpoint_every` rounds and resumption from the folder's checkpoint when there is one."""
+    return run_simulation(cfg, report=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
+
+
+def _in_pool(
+    task: Callable[[ExperimentConfig, int], dict[str, Any]], configs: Mapping[str, ExperimentConfig], jobs: int, checkpoint_every: int
+) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    """(key, `task`'s summary or the error that stopped it) as each run finishes, `jobs` at a
+    time in spawned workers."""
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(task, cfg, checkpoint_every): key for key, cfg in configs.items()}
+        for future in as_completed(futures):
+            error = future.exception()
+            yield futures[future], error if isinstance(error, Exception) else future.result()
 
 
 def fine_tuned_final(result: RunResult, epochs: int) -> dict[str, dict[str, float]]:
@@ -108,17 +137,12 @@ def timed_run(cfg: ExperimentConfig, checkpoint_every: int = 0) -> dict[str, Any
 
 
 def run_parallel(configs: Mapping[str, ExperimentConfig], jobs: int, checkpoint_every: int = 0) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
-    """(key, summary or the error that stopped it) as each run finishes: in this process for
-    one job, else `jobs` spawned workers. One run's failure does not lose the others'."""
-    if jobs == 1:
-        for key, cfg in configs.items():
-            try:
-                yield key, timed_run(cfg, checkpoint_every)
-            except Exception as exc:  # reported in the table; the other runs still go
-                yield key, exc
-        return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(timed_run, cfg, checkpoint_every): key for key, cfg in configs.items()}
-        for future in as_completed(futures):
-            error = future.exception()
-            yield futures[future], error if isinstance(error, Exception) else future.result()
+    """(key, summary with `cpu_seconds`, or the error that stopped it) as each run finishes: in
+    this process for one job, else `jobs` spawned workers. One run's failure does not lose the
+    others'."""
+    for key, cfg in configs.items() if jobs == 1 else ():
+        try:
+            yield key, timed_run(cfg, checkpoint_every)
+        except Exception as exc:  # reported in the table; the other runs still go
+            yield key, exc
+    yield from _in_pool(timed_run, configs, jobs, checkpoint_every) if jobs > 1 else ()

@@ -49,7 +49,7 @@ def write_results(folder: Path, name: str, data: Any, text: str, figures: Mappin
         print(text, flush=True)
 
 
-RUN_ONLY_FLAGS = ("threads", "name", "results", "checkpoint_every", "report_only")
+RUN_ONLY_FLAGS = ("threads", "jobs", "name", "results", "checkpoint_every", "report_only")
 """Flags that change how a benchmark runs or where it writes, not what it measures: the rerun
 command leaves them out."""
 
