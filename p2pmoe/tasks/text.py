@@ -22,14 +22,14 @@ import numpy as np
 from torch import nn
 
 from p2pmoe.data.movielens import GENRE_DOMAINS, load_movielens, non_overlapped_domains
-from p2pmoe.data.sequences import DomainSequences
+from p2pmoe.data.sequences import DomainSequences, unseen_targets
 from p2pmoe.learners.base import Learner
 from p2pmoe.learners.text import METRICS, TextRecLearner, TextSetup
 from p2pmoe.models.text_lora import LoraSpec, LoraTextEncoder, build_text_encoder, load_backbone
 from p2pmoe.options import Options, option
 from p2pmoe.seeds import node_stream
 from p2pmoe.settings import ExperimentConfig
-from p2pmoe.tasks.base import ModelFactory, Selection, Task, register_task, resolve_device
+from p2pmoe.tasks.base import ModelFactory, Selection, Task, ranking_profile, register_task, resolve_device
 
 DATA = {"ml-1m-text": "ml-1m", "ml-100k-text": "ml-100k"}
 
@@ -140,6 +140,14 @@ class TextTask(Task[TextOptions]):
 
     def template(self, cfg: ExperimentConfig, model: ModelFactory | None = None) -> nn.Module:
         return text_encoder(self.options_of(cfg), cfg.run.seed)[0]
+
+    def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """Per domain, the share of valid and test targets no sampled user trained on (the
+        text encoder still scores them by title), and what random ranking scores against
+        `negatives` + 1 candidates: the level a ranking table must show (issue 31)."""
+        opts = self.options_of(cfg)
+        domains = text_domains(cfg.run.data, cfg.run.data_root, opts.users, cfg.run.seed)
+        return ranking_profile(unseen_targets(d for d, _ in domains), opts.negatives + 1)
 
 
 register_task(TextTask())
