@@ -9,6 +9,7 @@ import csv
 import gzip
 import json
 import shlex
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from conftest import FIXTURE_DOMAINS, _write_domain
 from p2pmoe.cli import main
 from p2pmoe.config import default_config, with_options
 from p2pmoe.report import load_run, rerun_command, write_report
-from p2pmoe.report.folders import traffic_matrix
+from p2pmoe.report.folders import load_runs, traffic_matrix
+from p2pmoe.report.seeds import seeds_table
 from p2pmoe.sim.runner import run_simulation
 
 ACROSS = [
@@ -104,6 +106,33 @@ def test_report_of_an_image_and_a_sequence_run(runs, tmp_path, capsys):
     one = next(r for r in long if r["run"] == "sequence" and r["name"] == "valid_mrr" and r["round"] == "1" and r["node"] == "node-00")
     row = next(r for r in rows if "valid_mrr" in r.get("metrics", {}) and r["round"] == 1 and r["node"] == "node-00")
     assert float(one["value"]) == pytest.approx(row["metrics"]["valid_mrr"])
+
+
+def test_runs_repeated_over_seeds_get_a_paired_table_and_a_spread_figure(runs, tmp_path):
+    """Issue 31: `p2pmoe report` of one experiment per method over seeds groups the folders by
+    their setting without the seed and compares the groups pairwise by seed."""
+    accuracy = {"fedmoe-da": (0.50, 0.51, 0.52), "local": (0.40, 0.43, 0.41)}
+    folders = []
+    for method, values in accuracy.items():
+        for seed, value in enumerate(values):
+            folder = tmp_path / method / f"seed{seed}"
+            shutil.copytree(runs["image"], folder, ignore=shutil.ignore_patterns("report"))
+            summary = json.loads((folder / "summary.json").read_text())
+            summary["setting"]["run"].update(seed=seed, method=method)
+            summary["metrics"]["accuracy"] = value
+            for node in summary["per_node"].values():
+                node["accuracy"] = value
+            (folder / "summary.json").write_text(json.dumps(summary))
+            folders.append(folder)
+    found = seeds_table(load_runs(folders))
+    assert found is not None
+    heading, rows = found
+    assert "accuracy" in heading and [(r["method"], r["seeds"]) for r in rows] == [("fedmoe-da", 3), ("local", 3)]
+    assert rows[1]["fedmoe-da − this"] == pytest.approx(0.0967, abs=1e-4) and rows[1]["verdict"] == "better"
+    assert seeds_table(load_runs(folders[::3])) is None  # one seed per method: nothing to say over seeds
+    report = write_report(folders, tmp_path / "report", echo=False)
+    assert "seeds.png" in report.figures and "over seeds" in report.index.read_text()
+    _is_picture(tmp_path / "report" / "seeds.png")
 
 
 def test_simulate_writes_its_report_unless_told_not_to(runs):

@@ -16,6 +16,7 @@ from typing import Any
 
 from p2pmoe.report.folders import RunData, client_bytes_by_round, load_runs, long_rows, run_labels, spread_by_round
 from p2pmoe.report.page import html_table, render
+from p2pmoe.report.seeds import seeds_table
 from p2pmoe.report.tables import columns_of, format_table, participation_lines, profile_lines, random_ranking_rows
 
 LONG_COLUMNS = ["run", "round", "node", "section", "name", "value"]
@@ -148,6 +149,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, wri
     tables = [("summary (selected round, mean over clients and domains)", overview)]
     if domains:
         tables.append(("per domain (selected round, mean over clients)", domains))
+    over_seeds = seeds_table(runs)
+    if over_seeds is not None:
+        tables.append(over_seeds)
     page = render(
         "p2pmoe report",
         [(label, str(r.path), r.setting_text()) for r, label in zip(runs, labels, strict=True)],

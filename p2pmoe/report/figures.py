@@ -41,6 +41,7 @@ from p2pmoe.report.folders import (  # noqa: E402
     spread_by_round,
     traffic_matrix,
 )
+from p2pmoe.report.seeds import compared_metric, draw_seeds, repeated, seed_groups  # noqa: E402
 from p2pmoe.topology import load_topology, make_topology  # noqa: E402
 
 MAX_PANELS = 8
@@ -490,7 +491,19 @@ def node_timeline(run: RunData, out: Path) -> list[Figure]:
     return [_save(fig, out, f"timeline_{slug(run.label)}.png", f"node timeline ({run.label})", caption)]
 
 
-ACROSS_RUNS = (metric_vs_bytes, metrics_per_round, metrics_per_domain, train_loss_per_round, bytes_per_round, traffic, sim_time)
+def seed_spread(runs: list[RunData], out: Path) -> list[Figure]:
+    """Runs repeated over seeds: each group's mean with a dot per seed, and the first group's
+    per-node differences against the others (only when some group has several seeds)."""
+    groups, metric = seed_groups(runs), compared_metric(runs)
+    if not repeated(groups) or metric is None:
+        return []
+    first = next(iter(groups))
+    draw_seeds(groups, [metric], first, out, "seeds.png", f"{metric} over seeds")
+    caption = f"Left: mean over seeds of {metric} in the selected round, a dot per seed. Right: {first} minus each other group, per node and seed."
+    return [Figure("seeds.png", f"{metric} over seeds", caption)]
+
+
+ACROSS_RUNS = (metric_vs_bytes, metrics_per_round, metrics_per_domain, train_loss_per_round, bytes_per_round, traffic, sim_time, seed_spread)
 PER_RUN = (expert_graph, gate_correlation, gate_weights, node_timeline)
 
 

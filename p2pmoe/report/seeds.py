@@ -8,13 +8,58 @@ seeds with its standard error and the verdict of `p2pmoe.report.stats.Paired`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from p2pmoe.report.folders import UNCOMPARED, RunData, differences
 from p2pmoe.report.stats import Paired, paired, spread
 
 Summaries = Mapping[str, Mapping[int, Mapping[str, Any]]]  # label -> seed -> summary
+
+
+def seed_groups(runs: Sequence[RunData]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Run folders with a summary, grouped by their setting with the seed left out: a group is
+    one experiment repeated over seeds (label -> seed -> summary). A group's label is its method
+    and the options on which it differs from the other groups, the seed aside, so
+    `p2pmoe report A/seed0 A/seed1 B/seed0 B/seed1` compares A and B over seeds."""
+    grouped: dict[str, list[RunData]] = {}
+    for run in runs:
+        if run.summary.get("setting") and run.summary.get("per_node"):
+            values = {k: v for k, v in run.setting_values().items() if k not in UNCOMPARED and k != "seed"}
+            grouped.setdefault(json.dumps(values, sort_keys=True), []).append(run)
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    for group, differ in zip(grouped.values(), differences([g[0] for g in grouped.values()]), strict=True):
+        shown = {k: v for k, v in differ.items() if k not in ("seed", "method")}
+        label = str(group[0].run_setting.get("method", "?")) + (f" ({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+        label = label if label not in found else f"{label} #{len(found) + 1}"
+        found[label] = {int(r.run_setting.get("seed", 0)): r.summary for r in group}
+    return found
+
+
+def repeated(groups: Mapping[str, Mapping[int, Any]]) -> bool:
+    """Whether any group holds more than one seed (a seed table has something to say)."""
+    return any(len(by_seed) > 1 for by_seed in groups.values())
+
+
+def compared_metric(runs: Sequence[RunData]) -> str | None:
+    """The test metric a seed table compares: the first run's headline, its test name when the
+    headline is a validation metric the run also scores on test (valid_ndcg@5 -> ndcg@5)."""
+    headline = runs[0].headline if runs else None
+    test = headline.removeprefix("valid_") if headline else None
+    return test if test in runs[0].metric_names else headline
+
+
+def seeds_table(runs: Sequence[RunData]) -> tuple[str, list[dict[str, Any]]] | None:
+    """`p2pmoe report`'s table over seeds, with its heading: one row per group of `seed_groups`
+    and the paired difference against the first group; None when no group repeats a seed."""
+    groups, metric = seed_groups(runs), compared_metric(runs)
+    if not repeated(groups) or metric is None:
+        return None
+    first = next(iter(groups))
+    heading = f"over seeds ({metric} in the selected round: mean ± std over seeds; paired difference of {first} against each, verdict beyond 2 SE)"
+    return heading, seed_table(groups, metric, first, first)
 
 
 def metric_by_seed(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[int, float]:
