@@ -29,15 +29,17 @@ from p2pmoe.sim.runner import run_simulation
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of a comparison: a label, the method, its `[method]` options and `[run]` changes."""
+    """One row of a comparison: a label, the method, its `[method]` options, `[run]` changes and
+    `[task]` changes (a model ablation)."""
 
     label: str
     method: str
     method_options: Mapping[str, Any] = field(default_factory=dict)
     run: Mapping[str, Any] = field(default_factory=dict)
+    task: Mapping[str, Any] = field(default_factory=dict)
 
     def config(self, base: ExperimentConfig, seed: int, out: Path) -> ExperimentConfig:
-        return with_options(base, method_options=self.method_options, method=self.method, seed=seed, out=str(out), **self.run)
+        return with_options(base, method_options=self.method_options, task_options=self.task, method=self.method, seed=seed, out=str(out), **self.run)
 
 
 @dataclass(frozen=True)

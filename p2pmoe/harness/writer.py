@@ -9,7 +9,7 @@ of this machine as a placeholder), so a reader can paste it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +61,15 @@ def write_seed_tables(
     doc: str | None,
     tables: Mapping[str, list[dict[str, Any]]],
     figures: Mapping[str, Figure] | None = None,
+    findings: Sequence[str] = (),
 ) -> None:
     """The report of a comparison over seeds: the setting (the script's docstring after its
-    first paragraph), the rerun command, and one table per heading of `tables` (headings with
-    no rows left out), written with `figures` as <name>.json, .md and PNGs."""
+    first paragraph), the rerun command, one table per heading of `tables` (headings with no
+    rows left out) and the script's `findings` as a list, written with `figures` as
+    <name>.json, .md and PNGs."""
     sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in tables.items() if rows]
+    sections += ["".join(f"- {line}\n" for line in findings)] if findings else []
     command = rerun_command(parser, args, skip=tuple(flag for flag in RUN_ONLY_FLAGS if hasattr(args, flag)))
     paragraphs = (doc or "").split("\n\n", 1)
     text = markdown(title, paragraphs[-1].strip(), command, *sections)
-    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": dict(tables)}, text, figures)
+    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": dict(tables), "findings": list(findings)}, text, figures)
