@@ -13,8 +13,11 @@ share of a slot plus the slot median, and the check of each fetched expert on 10
 examples of the node's own (validated). Each row is the honest clients' accuracy on their own
 test split after the round's exchange (every method scored at the same point), mean over
 seeds; the paired difference is the reference row minus the row, with its standard error and
-a verdict only beyond two standard errors. "fetched from liars" is, for FedMoE-DA, the mean
-over rounds of the honest nodes whose plan gives a liar's expert some weight.
+a verdict only beyond two standard errors. For FedMoE-DA, "fetched from liars" is the mean
+over rounds of the honest nodes (of 8) whose plan gives a liar's expert some weight, "liars'
+weight share" the mean share of an honest node's aggregation weight that its plan gives to
+liars' experts, and "peer experts vetoed/node" how many fetched experts the held-out check
+refused over the run (validated only).
 """
 
 from __future__ import annotations
@@ -52,17 +55,31 @@ def variants() -> list[Variant]:
     return found
 
 
-def fetched_from_liars(out: Path, liars: set[str]) -> float:
-    """Mean over rounds of the honest nodes whose FedMoE-DA plan weights a liar's expert."""
+def fetched_from_liars(out: Path, liars: set[str]) -> dict[str, float]:
+    """FedMoE-DA's selection under attack, from the run's diagnostics: `fetched`, the mean over
+    rounds of the honest nodes whose plan weights a liar's expert; `share`, the mean over honest
+    nodes and rounds of the plan weight on liars' experts (each slot's row sums to 1, so this is
+    the liars' share of a node's aggregation); `vetoed`, with validated
+    aggregation, the peer experts an honest node's held-out check refused over the run (mean
+    over honest nodes; NaN without the check)."""
     counts: dict[int, int] = {}
+    vetoed: dict[str, int] = {}
+    shares = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         found = row.get("diagnostics", {})
         if row.get("node") in liars or "plan_sources" not in found:
             continue
-        used = {tuple(s) for s, w in zip(found["plan_sources"], zip(*found["plan_weights"], strict=True), strict=True) if any(w)}
-        counts[row["round"]] = counts.get(row["round"], 0) + any(node in liars for node, _ in used)
-    return sum(counts.values()) / len(counts) if counts else float("nan")
+        by_source = [sum(w) for w in zip(*found["plan_weights"], strict=True)]  # a column's weight over the node's slots
+        counts[row["round"]] = counts.get(row["round"], 0) + any(w and s[0] in liars for s, w in zip(found["plan_sources"], by_source, strict=True))
+        shares.append(sum(w for s, w in zip(found["plan_sources"], by_source, strict=True) if s[0] in liars) / len(found["plan_weights"]))
+        if "dropped_by_validation" in found:
+            vetoed[row["node"]] = found["dropped_by_validation"]  # a running count: the last row holds the run's
+    return {
+        "fetched": sum(counts.values()) / len(counts) if counts else float("nan"),
+        "share": sum(shares) / len(shares) if shares else float("nan"),
+        "vetoed": sum(vetoed.values()) / len(vetoed) if vetoed else float("nan"),
+    }
 
 
 def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
@@ -80,9 +97,10 @@ def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[st
             found[f"{method}, {case}: each defence against none"] = seed_table(mine, "accuracy", f"{method} none / {case}", f"{method} none / {case}")
     for rows in found.values():
         for row in rows:
-            liars = [s.get("fetched_from_liars") for s in runs[row["method"]].values()]
-            if row["method"].startswith("fedmoe-da") and None not in liars:
-                row["fetched from liars"] = sum(liars) / len(liars)
+            if row["method"].startswith("fedmoe-da"):
+                for key, column in (("fetched", "fetched from liars"), ("share", "liars' weight share"), ("vetoed", "peer experts vetoed/node")):
+                    values = [s["liar_selection"][key] for s in runs[row["method"]].values()]
+                    row[column] = sum(values) / len(values)
     return found
 
 
@@ -99,7 +117,7 @@ def main() -> None:
     picked = set(chosen(cli, args, [v.label for v in every], parts=True))
     todo = [v for v in every if v.label in picked]
     for r in run_seeds(base, todo, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only):
-        runs.setdefault(r.label, {})[r.seed] = {**honest_view(r.summary), "fetched_from_liars": fetched_from_liars(r.out, set(r.summary.get("attackers", [])))}
+        runs.setdefault(r.label, {})[r.seed] = {**honest_view(r.summary), "liar_selection": fetched_from_liars(r.out, set(r.summary.get("attackers", [])))}
     found = tables(runs)
     figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in DEFENCES if f"{m} none / no attack" in runs}
     write_seed_tables(cli, args, "Attacks and defences, every method", __doc__, found, figures)
