@@ -58,7 +58,7 @@ def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[st
 def parser() -> argparse.ArgumentParser:
     p = bench_parser(__doc__)
     add_experiment_arguments(p, sys.argv[1:], DEFAULTS)
-    add_flags(p, "seeds", "only", "jobs", "name", "results", "checkpoint_every", "report_only", name="pf_msmtrec_ml1m")
+    add_flags(p, "seeds", "only", "jobs", "name", "results", "checkpoint_every", "report_only", name="pf_msmtrec_ml1m_seeds")
     return p
 
 

@@ -13,11 +13,11 @@ share of a slot plus the slot median, and the check of each fetched expert on 10
 examples of the node's own (validated). Each row is the honest clients' accuracy on their own
 test split after the round's exchange (every method scored at the same point), mean over
 seeds; the paired difference is the reference row minus the row, with its standard error and
-a verdict only beyond two standard errors. For FedMoE-DA, "fetched from liars" is the mean
-over rounds of the honest nodes (of 8) whose plan gives a liar's expert some weight, "liars'
-weight share" the mean share of an honest node's aggregation weight that its plan gives to
-liars' experts, and "peer experts vetoed/node" how many fetched experts the held-out check
-refused over the run (validated only).
+a verdict only beyond two standard errors. For FedMoE-DA, from the plan the gates make before
+any defence acts: "planned from liars" is the share of honest nodes whose plan gives a liar's
+expert some weight (mean over rounds), "liars' planned weight" the share of an honest node's
+plan weight on liars' experts (mean over nodes and rounds); "vetoed pairs/node" counts the
+(slot, peer expert) pairs the held-out check refused over the run (validated only).
 """
 
 from __future__ import annotations
@@ -57,12 +57,14 @@ def variants() -> list[Variant]:
 
 def fetched_from_liars(out: Path, liars: set[str]) -> dict[str, float]:
     """FedMoE-DA's selection under attack, from the run's diagnostics: `fetched`, the mean over
-    rounds of the honest nodes whose plan weights a liar's expert; `share`, the mean over honest
-    nodes and rounds of the plan weight on liars' experts (each slot's row sums to 1, so this is
-    the liars' share of a node's aggregation); `vetoed`, with validated
-    aggregation, the peer experts an honest node's held-out check refused over the run (mean
-    over honest nodes; NaN without the check)."""
-    counts: dict[int, int] = {}
+    rounds of the share of honest nodes whose plan weights a liar's expert; `share`, the mean
+    over honest nodes and rounds of the plan's weight on liars' experts (each slot's row sums to
+    1). Both are the plan by gate correlation, before the defences (cap, median, held-out check)
+    act on it: they show whether mimicry gets liars selected, not what was mixed in. `vetoed`,
+    with validated aggregation, the (slot, peer expert) pairs an honest node's held-out check
+    refused over the run, liars' and honest ones alike (mean over honest nodes; NaN without the
+    check; a run resumed from a checkpoint counts from the resume)."""
+    counts: dict[int, list[bool]] = {}
     vetoed: dict[str, int] = {}
     shares = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -71,12 +73,12 @@ def fetched_from_liars(out: Path, liars: set[str]) -> dict[str, float]:
         if row.get("node") in liars or "plan_sources" not in found:
             continue
         by_source = [sum(w) for w in zip(*found["plan_weights"], strict=True)]  # a column's weight over the node's slots
-        counts[row["round"]] = counts.get(row["round"], 0) + any(w and s[0] in liars for s, w in zip(found["plan_sources"], by_source, strict=True))
+        counts.setdefault(row["round"], []).append(any(w and s[0] in liars for s, w in zip(found["plan_sources"], by_source, strict=True)))
         shares.append(sum(w for s, w in zip(found["plan_sources"], by_source, strict=True) if s[0] in liars) / len(found["plan_weights"]))
         if "dropped_by_validation" in found:
             vetoed[row["node"]] = found["dropped_by_validation"]  # a running count: the last row holds the run's
     return {
-        "fetched": sum(counts.values()) / len(counts) if counts else float("nan"),
+        "fetched": sum(sum(c) / len(c) for c in counts.values()) / len(counts) if counts else float("nan"),
         "share": sum(shares) / len(shares) if shares else float("nan"),
         "vetoed": sum(vetoed.values()) / len(vetoed) if vetoed else float("nan"),
     }
@@ -98,7 +100,7 @@ def tables(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[dict[st
     for rows in found.values():
         for row in rows:
             if row["method"].startswith("fedmoe-da"):
-                for key, column in (("fetched", "fetched from liars"), ("share", "liars' weight share"), ("vetoed", "peer experts vetoed/node")):
+                for key, column in (("fetched", "planned from liars"), ("share", "liars' planned weight"), ("vetoed", "vetoed pairs/node")):
                     values = [s["liar_selection"][key] for s in runs[row["method"]].values()]
                     row[column] = sum(values) / len(values)
     return found

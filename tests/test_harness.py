@@ -1,6 +1,7 @@
 """The benchmark harness: common flags, variants x seeds with finished runs read back and
 other settings rerun, the row schema, and the writer with its rerun command."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -139,6 +140,15 @@ def test_a_finished_run_is_read_back_and_not_run_again(tmp_path, monkeypatch):
     assert len(calls) == 4 and [r.summary for r in again] == [r.summary for r in first]
     run_seeds(with_options(base, rounds=2), variants[:1], [0], tmp_path)  # another setting, same folder: run again
     assert calls[-1] == ("local", 0, 0)
+
+
+def test_run_seeds_refuses_no_jobs_and_labels_that_share_a_folder(tmp_path):
+    base = default_config(nodes=2, rounds=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        run_seeds(base, [Variant("alone", "local")], [0], tmp_path, jobs=0)
+    with pytest.raises(ValueError, match="share a folder"):
+        run_seeds(base, [Variant("fedavg 50%", "fedavg"), Variant("fedavg 50_", "fedavg")], [0], tmp_path)
+    assert seed_list(argparse.Namespace(seeds="0,1,0,2,1")) == [0, 1, 2]
 
 
 def test_the_row_schema_for_a_run_a_domain_run_and_a_failure():

@@ -118,7 +118,7 @@ def test_runs_repeated_over_seeds_get_a_paired_table_and_a_spread_figure(runs, t
             folder = tmp_path / method / f"seed{seed}"
             shutil.copytree(runs["image"], folder, ignore=shutil.ignore_patterns("report"))
             summary = json.loads((folder / "summary.json").read_text())
-            summary["setting"]["run"].update(seed=seed, method=method)
+            summary["setting"]["run"].update(seed=seed, method=method, threads=1 + seed)  # how a run ran does not split a group
             summary["metrics"]["accuracy"] = value
             for node in summary["per_node"].values():
                 node["accuracy"] = value

@@ -48,3 +48,26 @@ def test_js_divergence_is_zero_for_equal_shapes_and_one_for_disjoint_supports():
     assert 0 < js_divergence([3, 1], [1, 3]) < 1
     with pytest.raises(ValueError):
         js_divergence([0, 0], [1, 1])
+
+
+def _summary(accuracy: float, round_index: int) -> dict:
+    return {
+        "metrics": {"accuracy": accuracy},
+        "per_node": {"node-00": {"accuracy": accuracy}},
+        "bytes": {"per_node_per_round": {"total": 10.0}},
+        "selection": {"round": round_index},
+    }
+
+
+def test_a_seed_table_says_each_seed_s_round_and_pairs_only_seeds_in_common():
+    from p2pmoe.report.seeds import seed_table
+
+    runs = {
+        "a": {0: _summary(0.6, 4), 1: _summary(0.62, 9), 2: _summary(0.61, 9)},
+        "b": {0: _summary(0.5, 3), 1: _summary(0.52, 9), 2: _summary(0.5, 2)},
+        "c": {5: _summary(0.4, 0)},  # a run of another seed only: nothing to pair
+    }
+    rows = {r["method"]: r for r in seed_table(runs, "accuracy", "a", "a")}
+    assert rows["a"]["selected round"] == "5/10/10" and rows["b"]["verdict"] == "better"
+    assert rows["b"]["a − this"] == pytest.approx(0.1033, abs=1e-4)
+    assert rows["c"]["verdict"] == "no seed in common" and "a − this" not in rows["c"]

@@ -71,8 +71,8 @@ def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
 
 
 def seed_list(args: argparse.Namespace) -> list[int]:
-    """`--seeds` as numbers."""
-    return [int(s) for s in args.seeds.split(",") if s]
+    """`--seeds` as numbers, each once (a repeated seed would run into the same folder)."""
+    return list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s))
 
 
 def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace, known: Sequence[str], parts: bool = False) -> list[str]:

@@ -69,9 +69,15 @@ def run_seeds(
     """Every variant for every seed (seed-major, so a partial benchmark has whole seeds first),
     each in `root/<slug>/seed<k>`; finished runs of the same experiment are read back. With
     `only_finished`, nothing runs: the finished runs alone (tables of a benchmark under way).
-    With `jobs` > 1 the missing runs go `jobs` at a time, one spawned process each; a run that
-    fails does not stop the others, and the first failure is raised once they are done (the
-    finished ones are in their folders, read back by the next call)."""
+    With `jobs` > 1 the missing runs go `jobs` at a time, one spawned process each, without
+    progress bars; a run that fails does not stop the others, and once they are done one error
+    names every failed run (the finished ones are in their folders, read back by the next
+    call or by `only_finished`)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    folders = [slug(v.label) for v in variants]
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"variant labels {[v.label for v in variants]} share a folder name: make them differ in letters or digits")
     planned = []
     for seed in seeds:
         for variant in variants:
@@ -82,22 +88,24 @@ def run_seeds(
     for key, cfg in missing.items():
         print(f"{'running' if jobs == 1 else 'queued'} {planned[int(key)][0]}, seed {cfg.run.seed} -> {cfg.run.out}", file=sys.stderr, flush=True)
         if jobs == 1:
-            planned[int(key)] = (*planned[int(key)][:4], simulate_quietly(cfg, checkpoint_every))
+            planned[int(key)] = (*planned[int(key)][:4], simulate_quietly(cfg, checkpoint_every, progress=True))
     failed = []
     for key, outcome in _in_pool(simulate_quietly, missing, jobs, checkpoint_every) if jobs > 1 else ():
+        label, seed = planned[int(key)][:2]
         if isinstance(outcome, Exception):
-            failed.append(outcome)
+            failed.append(f"{label}, seed {seed}: {outcome}")
         else:
             planned[int(key)] = (*planned[int(key)][:4], outcome)
     if failed:
-        raise failed[0]
+        raise RuntimeError(f"{len(failed)} of {len(missing)} runs failed (the others are in their folders; --report-only tables them): " + "; ".join(failed))
     return [RunResult(label, seed, out, summary) for label, seed, out, _, summary in planned if summary is not None]
 
 
-def simulate_quietly(cfg: ExperimentConfig, checkpoint_every: int = 0) -> dict[str, Any]:
+def simulate_quietly(cfg: ExperimentConfig, checkpoint_every: int = 0, progress: bool = False) -> dict[str, Any]:
     """One benchmark run: no per-run report (the benchmark writes its own), checkpoints every
-    `checkpoint_every` rounds and resumption from the folder's checkpoint when there is one."""
-    return run_simulation(cfg, report=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
+    `checkpoint_every` rounds and resumption from the folder's checkpoint when there is one; a
+    progress bar only when asked (runs in worker processes would interleave theirs)."""
+    return run_simulation(cfg, progress=progress, report=False, checkpoint_every=checkpoint_every, resume=checkpoint_every > 0)
 
 
 def _in_pool(
@@ -142,6 +150,8 @@ def run_parallel(configs: Mapping[str, ExperimentConfig], jobs: int, checkpoint_
     """(key, summary with `cpu_seconds`, or the error that stopped it) as each run finishes: in
     this process for one job, else `jobs` spawned workers. One run's failure does not lose the
     others'."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
     for key, cfg in configs.items() if jobs == 1 else ():
         try:
             yield key, timed_run(cfg, checkpoint_every)

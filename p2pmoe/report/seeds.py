@@ -19,6 +19,11 @@ from p2pmoe.report.stats import Paired, paired, spread
 Summaries = Mapping[str, Mapping[int, Mapping[str, Any]]]  # label -> seed -> summary
 
 
+UNGROUPED = UNCOMPARED | {"seed", "threads", "workers", "plugins", "tensorboard", "mlflow", "data_root"}
+"""Setting keys that do not make runs different experiments when grouping them over seeds: the
+seed itself, where the run wrote, and how it ran (threads, workers, trackers)."""
+
+
 def seed_groups(runs: Sequence[RunData]) -> dict[str, dict[int, dict[str, Any]]]:
     """Run folders with a summary, grouped by their setting with the seed left out: a group is
     one experiment repeated over seeds (label -> seed -> summary). A group's label is its method
@@ -27,7 +32,7 @@ def seed_groups(runs: Sequence[RunData]) -> dict[str, dict[int, dict[str, Any]]]
     grouped: dict[str, list[RunData]] = {}
     for run in runs:
         if run.summary.get("setting") and run.summary.get("per_node"):
-            values = {k: v for k, v in run.setting_values().items() if k not in UNCOMPARED and k != "seed"}
+            values = {k: v for k, v in run.setting_values().items() if k not in UNGROUPED}
             grouped.setdefault(json.dumps(values, sort_keys=True), []).append(run)
     found: dict[str, dict[int, dict[str, Any]]] = {}
     for group, differ in zip(grouped.values(), differences([g[0] for g in grouped.values()]), strict=True):
@@ -58,7 +63,10 @@ def seeds_table(runs: Sequence[RunData]) -> tuple[str, list[dict[str, Any]]] | N
     if not repeated(groups) or metric is None:
         return None
     first = next(iter(groups))
-    heading = f"over seeds ({metric} in the selected round: mean ± std over seeds; paired difference of {first} against each, verdict beyond 2 SE)"
+    heading = (
+        f"over seeds ({metric} in the selected round: mean ± std over seeds; paired difference of {first} against each, "
+        "a verdict only with at least 3 seeds and beyond 2 SE)"
+    )
     return heading, seed_table(groups, metric, first, first)
 
 
@@ -98,9 +106,14 @@ def seed_table(runs: Summaries, metric: str, reference: str, bytes_unit: str, ex
             f"x {bytes_unit} bytes": per_round / unit if unit else float("nan"),
             "sample-epochs/node/round": _mean(by_seed, lambda x: x.get("compute", {}).get("per_node_per_round", float("nan"))),
         }
-        if label != reference and reference in runs:
+        chosen = [s.get("selection", {}).get("round") for s in by_seed.values()]
+        row["selected round"] = "/".join("-" if r is None else str(r + 1) for r in chosen)  # per seed, counted from 1
+        common = set(metric_by_seed(runs[reference], metric)) & set(values) if reference in runs else set()
+        if label != reference and common:
             diff = compare(runs, reference, label, metric)
             row |= {f"{reference} − this": diff.by_seed.mean, "± se": diff.by_seed.se, "verdict": diff.verdict}
+        elif label != reference and reference in runs:
+            row["verdict"] = "no seed in common"
         rows.append(row)
     return rows
 

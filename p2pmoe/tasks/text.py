@@ -142,9 +142,11 @@ class TextTask(Task[TextOptions]):
         return text_encoder(self.options_of(cfg), cfg.run.seed)[0]
 
     def profile(self, cfg: ExperimentConfig) -> dict[str, Any]:
-        """Per domain, the share of valid and test targets no sampled user trained on (the
-        text encoder still scores them by title), and what random ranking scores against
-        `negatives` + 1 candidates: the level a ranking table must show (issue 31)."""
+        """Per domain, the share of valid and test targets that occur nowhere in the sampled
+        users' training sequences (a lower bound on the items never trained on as a target:
+        a learner trains on the last `train_targets` positions; the encoder still scores every
+        item by its title), and what random ranking scores against `negatives` + 1 candidates:
+        the level a ranking table must show (issue 31)."""
         opts = self.options_of(cfg)
         domains = text_domains(cfg.run.data, cfg.run.data_root, opts.users, cfg.run.seed)
         return ranking_profile(unseen_targets(d for d, _ in domains), opts.negatives + 1)
