@@ -62,14 +62,16 @@ def write_seed_tables(
     tables: Mapping[str, list[dict[str, Any]]],
     figures: Mapping[str, Figure] | None = None,
     findings: Sequence[str] = (),
+    rows: Sequence[dict[str, Any]] = (),
 ) -> None:
     """The report of a comparison over seeds: the setting (the script's docstring after its
     first paragraph), the rerun command, one table per heading of `tables` (headings with no
     rows left out) and the script's `findings` as a list, written with `figures` as
-    <name>.json, .md and PNGs."""
-    sections = [f"## {heading}\n\n```\n{format_table(rows, columns_of(rows))}\n```\n" for heading, rows in tables.items() if rows]
+    <name>.json, .md and PNGs; the JSON also keeps `rows`, one `result_row` per run (per-node
+    and per-domain metrics a table leaves out; run folders do not always outlive a session)."""
+    sections = [f"## {heading}\n\n```\n{format_table(table, columns_of(table))}\n```\n" for heading, table in tables.items() if table]
     sections += ["".join(f"- {line}\n" for line in findings)] if findings else []
     command = rerun_command(parser, args, skip=tuple(flag for flag in RUN_ONLY_FLAGS if hasattr(args, flag)))
     paragraphs = (doc or "").split("\n\n", 1)
     text = markdown(title, paragraphs[-1].strip(), command, *sections)
-    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": dict(tables), "findings": list(findings)}, text, figures)
+    write_results(args.results, args.name, {"seeds": seed_list(args), "tables": dict(tables), "findings": list(findings), "rows": list(rows)}, text, figures)
