@@ -170,7 +170,8 @@ def test_checkpoint_restores_lora_alpha_directions_and_optimisers(tiny_backbone:
     first = client_with(0)
     randomise_lora(first.model, 6)
     first.model.integrate([foreign_of(encoder(tiny_backbone), 7), foreign_of(encoder(tiny_backbone), 8)], "softmax", True, "column")
-    first.train_local(0)
+    stats = first.train_local(0)
+    assert stats["sample_epochs"] == 8 * (1 + 1)  # the alpha pass and the LoRA pass over 8 pairs: the compute every method reports
     state = first.state_dict()
     assert any(k.startswith("fed.alpha_optim.") for k in state) and any(k.startswith("optim.") for k in state)
     save_checkpoint(tmp_path / "checkpoint.safetensors", 0, state)  # what the daemon writes after a round

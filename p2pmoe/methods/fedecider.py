@@ -114,9 +114,12 @@ class LoraSharingClient(ServerClient):
 
     # -- local work -------------------------------------------------------------------------
     def train_local(self, round_index: int) -> dict[str, float]:
-        """α first (everything else frozen), then the own LoRA (α frozen)."""
+        """α first (everything else frozen), then the own LoRA (α frozen). The compute is every
+        pass over the training pairs, α's included (`sample_epochs`, as every method reports)."""
         stats: dict[str, float] = {}
+        passes = self.local_epochs
         if self.model.alpha.numel() and self.alpha_kind != "uniform" and self.opts.alpha_epochs:
+            passes += self.opts.alpha_epochs
             lora = self.model.lora_parameters()
             for p in lora:
                 p.requires_grad_(False)
@@ -129,7 +132,7 @@ class LoraSharingClient(ServerClient):
             for p in lora:
                 p.requires_grad_(True)
         stats.update(self.text.train(self.local_epochs))
-        return stats
+        return {**stats, "sample_epochs": float(self.text.num_train_examples * passes)}
 
     def upload(self) -> Factors:
         """What leaves this client (on the CPU): direction factors (FeDecider), or the LoRA factors."""
