@@ -86,9 +86,12 @@ def run_seeds(
             planned.append((variant.label, seed, out, cfg, finished_summary(out, cfg)))
     missing = {} if only_finished else {str(i): p[3] for i, p in enumerate(planned) if p[4] is None}
     for key, cfg in missing.items():
-        print(f"{'running' if jobs == 1 else 'queued'} {planned[int(key)][0]}, seed {cfg.run.seed} -> {cfg.run.out}", file=sys.stderr, flush=True)
+        label, seed, out = planned[int(key)][:3]
+        done = finished_summary(out, cfg) if jobs == 1 else None  # another process sharing the root may have run it meanwhile
+        if done is None:
+            print(f"{'running' if jobs == 1 else 'queued'} {label}, seed {seed} -> {out}", file=sys.stderr, flush=True)
         if jobs == 1:
-            planned[int(key)] = (*planned[int(key)][:4], simulate_quietly(cfg, checkpoint_every, progress=True))
+            planned[int(key)] = (*planned[int(key)][:4], done or simulate_quietly(cfg, checkpoint_every, progress=True))
     failed = []
     for key, outcome in _in_pool(simulate_quietly, missing, jobs, checkpoint_every) if jobs > 1 else ():
         label, seed = planned[int(key)][:2]
