@@ -9,8 +9,9 @@ FedMoE-DA, `mimic-mean+sign-flip:5` (they publish the mean of their neighbours' 
 everyone selects them, then serve flipped experts). A sign-flip row at 10 % and 30 % shows
 the fraction. Defences: FedAvg's coordinate-wise median and trimmed mean (20 %); gossip's
 self-centred clipping (ClippedGossip, tau 1); FedMoE-DA's cap of 0.34 on any one source's
-share of a slot plus the slot median, and the check of each fetched expert on 100 held-out
-examples of the node's own (validated). Each row is the honest clients' accuracy on their own
+share of a slot plus the slot median, the check of each fetched expert on 100 held-out
+examples of the node's own (validated), and that check with φ gossip clipped as in
+ClippedGossip (tau 1; validated+clip, run at 20 % and without attackers only). Each row is the honest clients' accuracy on their own
 test split after the round's exchange (every method scored at the same point), mean over
 seeds; the paired difference is the reference row minus the row, with its standard error and
 a verdict only beyond two standard errors. For FedMoE-DA, from the plan the gates make before
@@ -34,7 +35,12 @@ ATTACKS = {"sign-flip": "sign-flip:5", "noise": "noise:0.5", "label-flip": "labe
 DEFENCES = {
     "fedavg": {"none": {}, "median": {"aggregation": "median"}, "trimmed": {"aggregation": "trimmed:0.2"}},
     "gossip": {"none": {}, "clipped": {"clip": 1.0}},
-    "fedmoe-da": {"none": {}, "cap+median": {"source_cap": 0.34, "slot_rule": "median"}, "validated": {"validation_examples": 100}},
+    "fedmoe-da": {
+        "none": {},
+        "cap+median": {"source_cap": 0.34, "slot_rule": "median"},
+        "validated": {"validation_examples": 100},
+        "validated+clip": {"validation_examples": 100, "phi_clip": 1.0},
+    },
 }
 FRACTIONS = (0.1, 0.3)  # sign-flip only, beside the 20 % of every attack
 

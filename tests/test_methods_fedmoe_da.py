@@ -500,6 +500,27 @@ def test_a_slot_median_keeps_a_poisoned_expert_out_of_an_honest_slot():
     assert poisoned_scale > 3 * honest_scale  # the mean let the -50x expert in; the median of three kept the honest values
 
 
+def test_clipped_phi_gossip_bounds_what_a_sign_flipping_partner_does_to_honest_phi():
+    """Issue 30: a liar's φ (own φ x -50, every round) reaches its ring neighbours n0 and n2 by
+    gossip; with `phi_clip` each partner's difference is clipped to norm 1 before mixing
+    (ClippedGossip), so honest φ moves by at most its weight x 1 instead of taking on the lie."""
+    from p2pmoe.methods.attacks import Adversary, parse_attack
+    from p2pmoe.methods.fedmoe_da import FedMoEDAOptions
+
+    def honest_phi_scale(clip: float | None) -> float:
+        nodes, learners = _swarm(p=1, embedding="gossip")
+        for n in ("n0", "n1", "n2"):
+            nodes[n].gossip.clip = clip
+        SimNetwork(nodes, adversaries={"n3": Adversary("n3", parse_attack("sign-flip:50"), 0)}).run_round(0)
+        return max(float(t.abs().max()) for n in ("n0", "n2") for t in float_state(learners[n].model, "embedder.").values())
+
+    plain, clipped = honest_phi_scale(None), honest_phi_scale(1.0)
+    assert plain > 5 * clipped and clipped < 2.0  # the mean took on a third of -50x; the clipped mix stayed at the honest scale
+    assert FedMoEDAOptions(phi_clip=1.0).phi_clip == 1.0
+    with pytest.raises(ValueError, match="phi_clip"):
+        FedMoEDAOptions(phi_clip=1.0, embedding="frozen")
+
+
 def test_a_refused_gate_or_phi_ends_the_wait_for_that_peer_this_round():
     """Issue 26 N1 (found measuring it): a liar whose gate and φ every honest node refuses
     must not hold their rounds to the deadline. The refusal ends the wait for that peer: the

@@ -122,6 +122,12 @@ class FedMoEDAOptions(Options):
         "how a slot combines the experts it selected: mean (Eq. 11) or median (coordinate-wise; a defence, beyond the paper)",
         choices=SLOT_RULES,
     )
+    phi_clip: float | None = option(
+        None,
+        "ClippedGossip on phi: each gossip partner's phi difference from this node's clipped to this norm before mixing "
+        "(none: plain mixing; a defence against peers that lie, beyond the paper, see docs/methods.md)",
+        above=0,
+    )
     dp_clip: float | None = option(
         None,
         "node-level DP of what a node shares: clip each round's change of its experts and gossiped phi, together, to this norm S "
@@ -136,6 +142,8 @@ class FedMoEDAOptions(Options):
             raise ValueError("[method] dp_clip and dp_noise go together: set both or neither")
         if self.dp_clip is not None and (self.embedding in ("server", "pretrained") or self.embedding_error_feedback):
             raise ValueError("[method] DP noises gossiped or frozen phi only, without error feedback: use embedding = 'gossip' or 'frozen'")
+        if self.phi_clip is not None and self.embedding != "gossip":
+            raise ValueError("[method] phi_clip clips gossiped phi: use it with embedding = 'gossip'")
         if (self.embedding == "pretrained") != (self.phi_path is not None):
             raise ValueError("[method] embedding = 'pretrained' and phi_path go together: set both or neither")
         # embedding_peers and embedding_every have non-trivial defaults, so only error feedback
@@ -211,6 +219,7 @@ class FedMoEDANode(LearnerMethod):
         source_cap: float = 1.0,
         slot_rule: str = "mean",
         dp: tuple[float, float, int] | None = None,
+        phi_clip: float | None = None,
     ) -> None:
         """`embedding_partners` narrows gossip to some neighbours a round (default: all, every
         round); `embedding_feedback` corrects a lossy wire; `phi` is the pretrained φ that the
@@ -219,8 +228,9 @@ class FedMoEDANode(LearnerMethod):
         `warmup_rounds` rounds the node aggregates no peer's experts (P = 0). Against peers
         that lie (issue 30): `source_cap` bounds any one peer's share of an own slot's weights,
         `slot_rule` "median" replaces a slot's weighted mean by the coordinate-wise median of
-        the experts it selected. `dp` = (clip S, noise multiplier σ, seed) noises every expert and
-        φ the node shares (`NoisyRelease`); its own model stays private."""
+        the experts it selected, and `phi_clip` clips each partner's φ difference before mixing
+        (ClippedGossip). `dp` = (clip S, noise multiplier σ, seed) noises every expert and φ the
+        node shares (`NoisyRelease`); its own model stays private."""
         super().__init__(node_id, learner, local_epochs, participation, finetune_epochs)
         if embedding not in EMBEDDING_MODES:
             raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
@@ -255,6 +265,7 @@ class FedMoEDANode(LearnerMethod):
             partners=embedding_partners,
             feedback=embedding_feedback,
             publish=(lambda own: self._released_phi) if dp is not None else None,
+            clip=phi_clip,
         )
         if validation is not None and not isinstance(moe, MixtureOfExperts):
             raise TypeError(f"validated aggregation needs a MixtureOfExperts layer, got {type(moe).__name__}")
@@ -775,6 +786,7 @@ def _client(ctx: BuildContext[FedMoEDAOptions], node: str) -> Method:
         source_cap=opts.source_cap,
         slot_rule=opts.slot_rule,
         dp=(opts.dp_clip, opts.dp_noise, node_stream(ctx.cfg.run.seed, "dp", ctx.index(node))) if opts.dp_clip is not None else None,
+        phi_clip=opts.phi_clip,
     )
 
 
