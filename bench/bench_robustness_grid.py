@@ -7,7 +7,8 @@ Fashion-MNIST, 10 clients of at most 500 images, Dirichlet 0.3, 10 rounds x 2 lo
 `noise:0.5` (Gaussian noise added), `label-flip` (they train on permuted labels) and, for
 FedMoE-DA, `mimic-mean+sign-flip:5` (they publish the mean of their neighbours' gates so that
 everyone selects them, then serve flipped experts). A sign-flip row at 10 % and 30 % shows
-the fraction. Defences: FedAvg's coordinate-wise median and trimmed mean (20 %); gossip's
+the fraction. Defences: FedAvg's coordinate-wise median, trimmed mean (20 %) and centred
+clipping (tau 1; run at 20 % and without attackers only); gossip's
 self-centred clipping (ClippedGossip, tau 1); FedMoE-DA's cap of 0.34 on any one source's
 share of a slot plus the slot median, the check of each fetched expert on 100 held-out
 examples of the node's own (validated), and that check with φ gossip clipped as in
@@ -33,7 +34,7 @@ from p2pmoe.report.seeds import draw_seeds, seed_table
 
 ATTACKS = {"sign-flip": "sign-flip:5", "noise": "noise:0.5", "label-flip": "label-flip"}
 DEFENCES = {
-    "fedavg": {"none": {}, "median": {"aggregation": "median"}, "trimmed": {"aggregation": "trimmed:0.2"}},
+    "fedavg": {"none": {}, "median": {"aggregation": "median"}, "trimmed": {"aggregation": "trimmed:0.2"}, "clipped": {"aggregation": "clip:1"}},
     "gossip": {"none": {}, "clipped": {"clip": 1.0}},
     "fedmoe-da": {
         "none": {},
