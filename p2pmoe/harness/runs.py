@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from p2pmoe.config import build_config, with_options
 from p2pmoe.harness.folders import finished_summary
@@ -25,6 +25,8 @@ from p2pmoe.node.checkpoint import CheckpointError
 from p2pmoe.settings import ExperimentConfig
 from p2pmoe.sim.resume import restored_experiment
 from p2pmoe.sim.runner import run_simulation
+
+Key = TypeVar("Key")
 
 
 @dataclass(frozen=True)
@@ -78,30 +80,30 @@ def run_seeds(
     folders = [slug(v.label) for v in variants]
     if len(set(folders)) != len(folders):
         raise ValueError(f"variant labels {[v.label for v in variants]} share a folder name: make them differ in letters or digits")
-    planned = []
-    for seed in seeds:
-        for variant in variants:
-            out = root / slug(variant.label) / f"seed{seed}"
-            cfg = variant.config(base, seed, out)
-            planned.append((variant.label, seed, out, cfg, finished_summary(out, cfg)))
-    missing = {} if only_finished else {str(i): p[3] for i, p in enumerate(planned) if p[4] is None}
-    for key, cfg in missing.items():
-        label, seed, out = planned[int(key)][:3]
-        done = finished_summary(out, cfg) if jobs == 1 else None  # another process sharing the root may have run it meanwhile
-        if done is None:
-            print(f"{'running' if jobs == 1 else 'queued'} {label}, seed {seed} -> {out}", file=sys.stderr, flush=True)
-        if jobs == 1:
-            planned[int(key)] = (*planned[int(key)][:4], done or simulate_quietly(cfg, checkpoint_every, progress=True))
-    failed = []
-    for key, outcome in _in_pool(simulate_quietly, missing, jobs, checkpoint_every) if jobs > 1 else ():
-        label, seed = planned[int(key)][:2]
-        if isinstance(outcome, Exception):
-            failed.append(f"{label}, seed {seed}: {outcome}")
-        else:
-            planned[int(key)] = (*planned[int(key)][:4], outcome)
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(missing)} runs failed (the others are in their folders; --report-only tables them): " + "; ".join(failed))
-    return [RunResult(label, seed, out, summary) for label, seed, out, _, summary in planned if summary is not None]
+    planned = [(v, seed, root / slug(v.label) / f"seed{seed}") for seed in seeds for v in variants]
+    configs = [v.config(base, seed, out) for v, seed, out in planned]
+    summaries = [finished_summary(out, cfg) for (_, _, out), cfg in zip(planned, configs, strict=True)]
+    missing = {} if only_finished else {i: cfg for i, cfg in enumerate(configs) if summaries[i] is None}
+    if jobs == 1:
+        for i, cfg in missing.items():
+            variant, seed, out = planned[i]
+            summaries[i] = finished_summary(out, cfg)  # another process sharing the root may have run it meanwhile
+            if summaries[i] is None:
+                print(f"running {variant.label}, seed {seed} -> {out}", file=sys.stderr, flush=True)
+                summaries[i] = simulate_quietly(cfg, checkpoint_every, progress=True)
+    else:
+        print(f"queued {len(missing)} runs, {jobs} at a time, under {root}", file=sys.stderr, flush=True)
+        failed = []
+        for i, outcome in _in_pool(simulate_quietly, missing, jobs, checkpoint_every):
+            if isinstance(outcome, Exception):
+                failed.append(f"{planned[i][0].label}, seed {planned[i][1]}: {outcome}")
+            else:
+                summaries[i] = outcome
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} of {len(missing)} runs failed (the others are in their folders; --report-only tables them): " + "; ".join(failed)
+            )
+    return [RunResult(v.label, seed, out, summary) for (v, seed, out), summary in zip(planned, summaries, strict=True) if summary is not None]
 
 
 def simulate_quietly(cfg: ExperimentConfig, checkpoint_every: int = 0, progress: bool = False) -> dict[str, Any]:
@@ -112,8 +114,8 @@ def simulate_quietly(cfg: ExperimentConfig, checkpoint_every: int = 0, progress:
 
 
 def _in_pool(
-    task: Callable[[ExperimentConfig, int], dict[str, Any]], configs: Mapping[str, ExperimentConfig], jobs: int, checkpoint_every: int
-) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    task: Callable[[ExperimentConfig, int], dict[str, Any]], configs: Mapping[Key, ExperimentConfig], jobs: int, checkpoint_every: int
+) -> Iterator[tuple[Key, dict[str, Any] | Exception]]:
     """(key, `task`'s summary or the error that stopped it) as each run finishes, `jobs` at a
     time in spawned workers."""
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
