@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, parse_flags, run_seeds, seed_list, write_seed_tables
+from p2pmoe.harness import Variant, add_flags, bench_parser, by_label, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import draw_seeds, seed_table
 
 NOISE = {"fedavg": (0.3, 1.0, 3.0), "fedmoe-da": (0.003, 0.01, 0.03)}
@@ -52,9 +52,7 @@ def main() -> None:
     args = parse_flags(cli)
     setting = {"nodes": 10, "max_train_per_node": 500, "partition": "dirichlet:0.3", "rounds": 10, "local_epochs": 2, "eval_every": 10}
     base = with_options(default_config(data="fmnist", threads=args.threads, **setting), task_options={"global_test_size": 500})
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only):
-        runs.setdefault(r.label, {})[r.seed] = r.summary
+    runs = by_label(run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only))
     found = tables(runs)
     figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in NOISE if f"{m}, no DP" in runs}
     figures[f"{args.name}.png"] = lambda folder, file_name: _against_epsilon(found, folder / file_name)

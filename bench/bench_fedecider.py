@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, parse_flags, result_row, run_seeds, seed_list, write_seed_tables
+from p2pmoe.harness import Variant, add_flags, bench_parser, by_label, chosen, parse_flags, result_row, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import draw_seeds, seed_table
 from p2pmoe.report.tables import random_ranking_rows
 from p2pmoe.settings import ExperimentConfig
@@ -66,11 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     cli = parser()
     args = parse_flags(cli, argv)
     variants = [Variant(LABELS[m], m) for m in chosen(cli, args, list(LABELS))]
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    rows = []
-    for r in run_seeds(base_config(args), variants, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only, args.jobs):
-        runs.setdefault(r.label, {})[r.seed] = r.summary
-        rows.append(result_row(r.summary, r.label))
+    results = run_seeds(base_config(args), variants, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only, args.jobs)
+    runs, rows = by_label(results), [result_row(r.summary, r.label) for r in results]
     title = "FeDecider and the LoRA baselines: test NDCG@5 by seed"
     figures = {f"{args.name}.png": lambda folder, name: draw_seeds(runs, ["ndcg@5"], REFERENCE, folder, name, title)} if REFERENCE in runs else {}
     write_seed_tables(cli, args, "FeDecider on MovieLens-1M titles, over seeds", __doc__, tables(runs), figures, rows=rows)

@@ -27,6 +27,7 @@ from p2pmoe.harness import (
     Variant,
     add_flags,
     bench_parser,
+    by_label,
     chosen,
     fine_tuned_final,
     markdown,
@@ -180,14 +181,6 @@ def verdicts(runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
                 f"{diff.by_seed.n} seeds; {diff.verdict}) at {ratio:.2f}x FedAvg-100 %'s bytes: target {'MET' if met else 'missed'}.\n"
             )
     return lines
-
-
-def by_label(results: list[RunResult]) -> dict[str, dict[int, dict[str, Any]]]:
-    """label -> seed -> summary, as `seed_table` reads them."""
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in results:
-        runs.setdefault(r.label, {})[r.seed] = r.summary
-    return runs
 
 
 def differences(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, float]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import add_experiment_arguments, config_from_args, resolve
-from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, method_defaults, parse_flags, result_row, run_seeds, seed_list, write_seed_tables
+from p2pmoe.harness import Variant, add_flags, bench_parser, by_label, chosen, method_defaults, parse_flags, result_row, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import draw_seeds, seed_table
 from p2pmoe.settings import ExperimentConfig
 
@@ -69,12 +69,9 @@ def main() -> None:
         cli.error("--method, --out and --seed are set per run by the benchmark; use --only, --seeds and --name")
     base = resolve(config_from_args(args, DEFAULTS))
     chosen_variants = variants(base, chosen(cli, args, list(VARIANTS)))
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    rows = []
     root = Path("runs") / f"bench_{args.name}"
-    for r in run_seeds(base, chosen_variants, seed_list(args), root, args.checkpoint_every, args.report_only, args.jobs):
-        runs.setdefault(r.label, {})[r.seed] = r.summary
-        rows.append(result_row(r.summary, r.label))
+    results = run_seeds(base, chosen_variants, seed_list(args), root, args.checkpoint_every, args.report_only, args.jobs)
+    runs, rows = by_label(results), [result_row(r.summary, r.label) for r in results]
     figures = {f"{args.name}.png": _figure(runs)} if REFERENCE in runs else {}
     write_seed_tables(cli, args, f"PF-MSMTrec on {base.run.data}, over seeds", __doc__, tables(runs), figures, rows=rows)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
+from p2pmoe.harness import Variant, add_flags, bench_parser, by_label, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import seed_table
 
 CASES = (("none", 3e38), ("fp16", -65504.0), ("int8", -3e38))
@@ -69,9 +69,7 @@ def main() -> None:
         threads=args.threads,
     )
     base = with_options(base, task_options={"global_test_size": 200})
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"):
-        runs.setdefault(r.label, {})[r.seed] = r.summary
+    runs = by_label(run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"))
     write_seed_tables(cli, args, "Finite but huge values from a peer (issue 26 N1)", __doc__, tables(runs))
 
 

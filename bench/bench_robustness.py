@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
+from p2pmoe.harness import Variant, add_flags, bench_parser, by_label, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import seed_table
 
 ATTACK = {"attack": "sign-flip:5", "attackers": 0.2}
@@ -46,9 +46,7 @@ def main() -> None:
     args = parse_flags(cli)
     base = default_config(data="fmnist", nodes=10, max_train_per_node=500, partition="dirichlet:0.3", rounds=10, eval_every=10, threads=args.threads)
     base = with_options(base, task_options={"global_test_size": 500})
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"):
-        runs.setdefault(r.label, {})[r.seed] = honest_view(r.summary)
+    runs = by_label(run_seeds(base, variants(), seed_list(args), Path("runs") / f"bench_{args.name}"), lambda r: honest_view(r.summary))
     write_seed_tables(cli, args, "FedAvg's aggregation rules under attack", __doc__, tables(runs))
 
 

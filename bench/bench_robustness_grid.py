@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
+from p2pmoe.harness import Variant, add_flags, bench_parser, by_label, chosen, honest_view, parse_flags, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import draw_seeds, seed_table
 
 ATTACKS = {"sign-flip": "sign-flip:5", "noise": "noise:0.5", "label-flip": "label-flip"}
@@ -121,12 +121,11 @@ def main() -> None:
         data="fmnist", nodes=10, max_train_per_node=500, partition="dirichlet:0.3", rounds=10, local_epochs=2, eval_every=10, threads=args.threads
     )
     base = with_options(base, task_options={"global_test_size": 500})
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
     every = variants()
     picked = set(chosen(cli, args, [v.label for v in every], parts=True))
     todo = [v for v in every if v.label in picked]
-    for r in run_seeds(base, todo, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only):
-        runs.setdefault(r.label, {})[r.seed] = {**honest_view(r.summary), "liar_selection": fetched_from_liars(r.out, set(r.summary.get("attackers", [])))}
+    results = run_seeds(base, todo, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only)
+    runs = by_label(results, lambda r: {**honest_view(r.summary), "liar_selection": fetched_from_liars(r.out, set(r.summary.get("attackers", [])))})
     found = tables(runs)
     figures = {f"{args.name}_{m}.png": _figure(runs, m) for m in DEFENCES if f"{m} none / no attack" in runs}
     write_seed_tables(cli, args, "Attacks and defences, every method", __doc__, found, figures)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pmoe.config import default_config, with_options
-from p2pmoe.harness import Variant, add_flags, bench_parser, chosen, parse_flags, result_row, run_seeds, seed_list, write_seed_tables
+from p2pmoe.harness import Variant, add_flags, bench_parser, by_label, chosen, parse_flags, result_row, run_seeds, seed_list, write_seed_tables
 from p2pmoe.report.seeds import draw_seeds, metric_by_seed, seed_table
 from p2pmoe.report.stats import spread
 from p2pmoe.report.tables import random_ranking_rows
@@ -117,11 +117,8 @@ def main() -> None:
     args.nodes = args.nodes or (1 if args.part == "model" else 4)
     args.name = args.name or f"syncrec{'_p2p' if args.part == 'p2p' else ''}_ml1m{'_allneg' if args.negatives_from == 'all' else ''}_seeds"
     variants = [PARTS[args.part][label] for label in chosen(cli, args, list(PARTS[args.part]))]
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    rows = []
-    for r in run_seeds(base_config(args), variants, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only, args.jobs):
-        runs.setdefault(r.label, {})[r.seed] = r.summary
-        rows.append(result_row(r.summary, r.label))
+    results = run_seeds(base_config(args), variants, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only, args.jobs)
+    runs, rows = by_label(results), [result_row(r.summary, r.label) for r in results]
     reference = REFERENCE[args.part]
     title = f"{args.name}: test MRR by seed"
     figures = {f"{args.name}.png": lambda folder, name: draw_seeds(runs, ["mrr"], reference, folder, name, title)} if reference in runs else {}

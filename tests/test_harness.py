@@ -11,9 +11,11 @@ import p2pmoe.harness.runs as runs
 from p2pmoe.config import default_config, with_options
 from p2pmoe.data.images import FMNIST_ROOT
 from p2pmoe.harness import (
+    RunResult,
     Variant,
     add_flags,
     bench_parser,
+    by_label,
     chosen,
     failed_row,
     finished_summary,
@@ -140,6 +142,12 @@ def test_a_finished_run_is_read_back_and_not_run_again(tmp_path, monkeypatch):
     assert len(calls) == 4 and [r.summary for r in again] == [r.summary for r in first]
     run_seeds(with_options(base, rounds=2), variants[:1], [0], tmp_path)  # another setting, same folder: run again
     assert calls[-1] == ("local", 0, 0)
+
+
+def test_runs_are_grouped_by_label_and_seed_through_an_optional_view(tmp_path):
+    results = [RunResult("a", 0, tmp_path, {"m": 1}), RunResult("b", 0, tmp_path, {"m": 2}), RunResult("a", 2, tmp_path, {"m": 3})]
+    assert by_label(results) == {"a": {0: {"m": 1}, 2: {"m": 3}}, "b": {0: {"m": 2}}}
+    assert by_label(results, lambda r: {"seed": r.seed})["a"] == {0: {"seed": 0}, 2: {"seed": 2}}
 
 
 def test_run_seeds_refuses_no_jobs_and_labels_that_share_a_folder(tmp_path):

@@ -71,3 +71,12 @@ def test_a_seed_table_says_each_seed_s_round_and_pairs_only_seeds_in_common():
     assert rows["a"]["selected round"] == "5/10/10" and rows["b"]["verdict"] == "better"
     assert rows["b"]["a − this"] == pytest.approx(0.1033, abs=1e-4)
     assert rows["c"]["verdict"] == "no seed in common" and "a − this" not in rows["c"]
+
+
+def test_a_seed_table_column_named_node_slash_metric_is_that_node_s_value_over_seeds():
+    from p2pmoe.report.seeds import seed_table
+
+    runs = {"a": {0: _summary(0.6, 1), 1: _summary(0.7, 1)}, "b": {0: {**_summary(0.5, 1), "per_node": {}}}}
+    rows = {r["method"]: r for r in seed_table(runs, "accuracy", "a", "a", ["node-00/accuracy", "node-07/accuracy"])}
+    assert rows["a"]["node-00/accuracy"] == pytest.approx(0.65)
+    assert math.isnan(rows["a"]["node-07/accuracy"]) and math.isnan(rows["b"]["node-00/accuracy"])  # no such node: no value

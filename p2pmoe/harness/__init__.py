@@ -9,7 +9,7 @@ several runs at once (`runs`), reading run folders back (`folders`), the one row
 from p2pmoe.harness.flags import RESULTS, add_flags, bench_parser, chosen, method_defaults, parse_flags, seed_list
 from p2pmoe.harness.folders import client_traffic, finished_summary, partial_summary
 from p2pmoe.harness.rows import failed_row, honest_view, result_row, upgraded
-from p2pmoe.harness.runs import RunResult, Variant, fine_tuned_final, run_parallel, run_seeds, slug, timed_run
+from p2pmoe.harness.runs import RunResult, Variant, by_label, fine_tuned_final, run_parallel, run_seeds, slug, timed_run
 from p2pmoe.harness.writer import markdown, rerun_command, write_results, write_seed_tables
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Variant",
     "add_flags",
     "bench_parser",
+    "by_label",
     "chosen",
     "client_traffic",
     "failed_row",

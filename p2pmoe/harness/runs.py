@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +104,15 @@ def run_seeds(
                 f"{len(failed)} of {len(missing)} runs failed (the others are in their folders; --report-only tables them): " + "; ".join(failed)
             )
     return [RunResult(v.label, seed, out, summary) for (v, seed, out), summary in zip(planned, summaries, strict=True) if summary is not None]
+
+
+def by_label(results: Iterable[RunResult], view: Callable[[RunResult], dict[str, Any]] | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+    """label -> seed -> summary, as the seed tables read runs; `view` replaces each summary by
+    what a table needs of the run (the honest nodes' view of an attacked run, say)."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        runs.setdefault(r.label, {})[r.seed] = view(r) if view else r.summary
+    return runs
 
 
 def simulate_quietly(cfg: ExperimentConfig, checkpoint_every: int = 0, progress: bool = False) -> dict[str, Any]:

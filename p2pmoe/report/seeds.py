@@ -71,8 +71,18 @@ def seeds_table(runs: Sequence[RunData]) -> tuple[str, list[dict[str, Any]]] | N
 
 
 def metric_by_seed(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[int, float]:
-    """The summary's mean over nodes of `metric`, by seed (seeds without it left out)."""
-    return {seed: float(s["metrics"][metric]) for seed, s in runs.items() if metric in s["metrics"]}
+    """The summary's mean over nodes of `metric`, by seed (seeds without it left out); a name
+    `<node>/<metric>` that the summary's metrics lack is that node's own value (one client per
+    domain: the domain's column)."""
+    return {seed: value for seed, s in runs.items() if (value := _summary_metric(s, metric)) is not None}
+
+
+def _summary_metric(summary: Mapping[str, Any], metric: str) -> float | None:
+    if metric in summary["metrics"]:
+        return float(summary["metrics"][metric])
+    node, _, name = metric.partition("/")
+    own = summary.get("per_node", {}).get(node, {})
+    return float(own[name]) if name in own else None
 
 
 def nodes_by_seed(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[int, dict[str, float]]:

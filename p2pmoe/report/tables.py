@@ -167,8 +167,9 @@ def participation_lines(took_part: Mapping[str, str], rounds: int) -> list[str]:
     return [f"{node:<{width}}  rounds {ran} of 0-{rounds - 1}" for node, ran in sorted(took_part.items())]
 
 
-LOCAL_PLACEHOLDERS = {"run.data_root": "DIR"}
-"""Options whose value is a path of the machine that ran the command, and what stands for it."""
+LOCAL_PLACEHOLDERS = {"run.data_root": "DIR", "data_root": "DIR"}
+"""Options whose value is a path of the machine that ran the command (the experiment flag, or a
+script's own `--data-root`), and what stands for it."""
 
 
 def rerun_command(script: str, args: argparse.Namespace, skip: Iterable[str] = (), parser: argparse.ArgumentParser | None = None) -> str:
