@@ -15,7 +15,7 @@
 #   fkcb_h256     hidden 256 (the paper's): FMoE-CDSR, Local SASRec, FedSASRec
 #   ml1m          hidden 64, 99 negatives: the same seven methods as fkcb
 #   branch        FMoE-CDSR's specified branch against the tied head without the graph layer,
-#                 seeds 0-2, FKCB and ML-1M, each pair compared by `p2pmoe report` over seeds
+#                 with Local SASRec and FedSASRec, seeds 0-2, FKCB and ML-1M (bench_fmoe_cdsr_seeds.py)
 # Results (bench/results-style .md and .json) and every run folder's metrics.jsonl and
 # summary.json are packed into OUT_DIR/results.tar.gz and OUT_DIR/runs.tar.gz. Environment: PYTHON (python3),
 # DEVICE (cuda), EXTRA (flags appended to every run, e.g. a tiny setting to try the script on a CPU),
@@ -93,24 +93,14 @@ wanted h256 && until_budget nice -n 5 $BENCH --data fkcb --data-root "$FKCB" --e
 wanted ml1m && until_budget nice -n 5 $BENCH --data ml-1m --data-root "$ML1M" --embed-dim 64 --negatives 99 --rounds "$rounds" --only "$SEVEN" --jobs 4 --name fmoe_cdsr_ml1m \
     ${EXTRA:-} >"$OUT/logs/ml1m.log" 2>&1 &
 # The branch choice of issue 31 (opt-in: RUN_GROUPS=branch): FMoE-CDSR with the specified branch
-# and with the tied head and no graph layer, seeds 0, 1 and 2, on both data sets; then one
-# `p2pmoe report` per data set pairs the two branches seed by seed (its "over seeds" table).
+# and with the tied head and no graph layer, next to Local SASRec and FedSASRec, seeds 0, 1 and 2,
+# on both data sets (bench_fmoe_cdsr_seeds.py: a paired table over seeds per data set).
 if wanted branch; then
-    for seed in 0 1 2; do
-        until_budget $BENCH --data fkcb --data-root "$FKCB" --embed-dim 64 --rounds "$rounds" --only fmoe-cdsr --seed $seed \
-            --name fmoe_cdsr_fkcb_specified_seed$seed ${EXTRA:-} >"$OUT/logs/branch_fkcb_specified_$seed.log" 2>&1 &
-        until_budget $BENCH --data fkcb --data-root "$FKCB" --embed-dim 64 --rounds "$rounds" --only fmoe-cdsr --seed $seed --fmoe-head tied --fmoe-graph false \
-            --name fmoe_cdsr_fkcb_tied_seed$seed ${EXTRA:-} >"$OUT/logs/branch_fkcb_tied_$seed.log" 2>&1 &
-        until_budget $BENCH --data ml-1m --data-root "$ML1M" --embed-dim 64 --negatives 99 --rounds "$rounds" --only fmoe-cdsr --seed $seed \
-            --name fmoe_cdsr_ml1m_specified_seed$seed ${EXTRA:-} >"$OUT/logs/branch_ml1m_specified_$seed.log" 2>&1 &
-        until_budget $BENCH --data ml-1m --data-root "$ML1M" --embed-dim 64 --negatives 99 --rounds "$rounds" --only fmoe-cdsr --seed $seed --fmoe-head tied \
-            --fmoe-graph false --name fmoe_cdsr_ml1m_tied_seed$seed ${EXTRA:-} >"$OUT/logs/branch_ml1m_tied_$seed.log" 2>&1 &
+    for data in fkcb ml-1m; do
+        root=$FKCB; [ $data = ml-1m ] && root=$ML1M
+        until_budget $PYTHON bench/bench_fmoe_cdsr_seeds.py --data $data --data-root "$root" --rounds "$rounds" --device ${DEVICE:-cuda} --jobs 6 \
+            --results "$OUT/results" ${EXTRA:-} >"$OUT/logs/branch_$data.log" 2>&1 &
     done
 fi
 wait
-if wanted branch; then
-    for data in fkcb ml1m; do
-        "$PYTHON" -m p2pmoe.cli report runs/bench_fmoe_cdsr_${data}_*_seed*/fmoe-cdsr --out "$OUT/results/branch_$data" >"$OUT/logs/branch_$data.txt" 2>&1
-    done
-fi
 tail -n 30 "$OUT"/logs/*.log
