@@ -5,8 +5,10 @@
     python bench/bench_syncrec.py --part p2p --users 800 --nodes 4 --rounds 12 --seeds 0,1,2
 
 `model`: SyNCRec, SASRec per domain, SASRec on the merged timeline and SyNCRec without LC-NTG,
-without SC-MIM and without the asymmetric stop-gradients, each trained on one node holding
-every sampled user (`--method local`). `p2p`: the users split over `--nodes` nodes, SyNCRec
+without SC-MIM and without the asymmetric stop-gradients, and SyNCRec scoring a target with
+its cross-domain task's representation instead of the single-domain one (`score_with cross`,
+a read-out the paper does not use), each trained on one node holding every sampled user
+(`--method local`). `p2p`: the users split over `--nodes` nodes, SyNCRec
 trained alone per node (Local), averaged whole by a server (FedAvg), and with its ACMoE
 experts shared by FedMoE-DA peer to peer (P = 1, φ, the item and position embeddings, kept
 local: FedMoE-DA's `frozen` embedding mode; towers are local in every mode). A seed changes
@@ -45,6 +47,7 @@ PARTS: dict[str, dict[str, Variant]] = {
             Variant("SyNCRec w/o LC-NTG", "local", task={"lc_ntg": False}),
             Variant("SyNCRec w/o SC-MIM", "local", task={"mim_weight": 0.0}),
             Variant("SyNCRec w/o stop-gradients", "local", task={"stop_gradient": False}),
+            Variant("SyNCRec read out by its cross-domain task", "local", task={"score_with": "cross"}),
         )
     },
     "p2p": {
