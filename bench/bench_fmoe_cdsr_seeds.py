@@ -11,7 +11,7 @@ rounds x 1 local epoch, batch 64, hidden 64, the lean encoder, 99 sampled negati
 embeddings (tied head), the branch that beat it on FKCB and lost to it on ML-1M with one seed
 each. A seed changes the initial weights, the shuffling and the sampled negatives. Metrics:
 test split at the round with the best mean validation MRR, unweighted means over the domains
-(one client each), `<client>/mrr` per domain. Rows are means over seeds; the paired
+(one client each), and each client's own MRR as `<domain>/mrr`. Rows are means over seeds; the paired
 difference is the specified branch minus the row with its standard error over seeds, and a
 verdict only beyond two standard errors; the last row is what ranking at random scores.
 Each (variant, seed) is a run folder under runs/bench_<name>/; a killed benchmark goes on
@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def base_config(args: argparse.Namespace) -> ExperimentConfig:
-    task = {"embed_dim": args.embed_dim, "negatives": args.negatives or NEGATIVES[args.data]}
+    task = {"embed_dim": args.embed_dim, "negatives": NEGATIVES[args.data] if args.negatives is None else args.negatives}
     run = {"rounds": args.rounds, "batch_size": 64, "device": args.device, "threads": 1}
     where = {"data_root": args.data_root} if args.data_root else {}
     return with_options(default_config(data=args.data, method="fmoe-cdsr", **where, **run), task_options=task, method_options={"encoder": "lean"})

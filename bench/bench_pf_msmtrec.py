@@ -1,7 +1,7 @@
 """PF-MSMTrec on MovieLens-1M (age groups as scenarios, click and like), its four ablations and
 the MMoE baselines (Local, FedAvg, FedBN-style), all under one protocol, over seeds.
 
-    python bench/bench_pf_msmtrec.py --seeds 0,1,2 --rounds 15 --users-per-scenario 40 --lr 0.01 --batch-size 256 --threads 1 --jobs 2
+    python bench/bench_pf_msmtrec.py --seeds 0,1,2 --rounds 15 --users-per-scenario 100 --lr 0.01 --batch-size 256 --threads 1 --jobs 2
 
 Every variant is a full simulation (server included), once per seed; a seed changes the users
 drawn per scenario, the sampled negatives, the initial weights and the shuffling. Metrics are

@@ -18,7 +18,8 @@
 #                 with Local SASRec and FedSASRec, seeds 0-2, FKCB and ML-1M (bench_fmoe_cdsr_seeds.py)
 # Results (bench/results-style .md and .json) and every run folder's metrics.jsonl and
 # summary.json are packed into OUT_DIR/results.tar.gz and OUT_DIR/runs.tar.gz. Environment: PYTHON (python3),
-# DEVICE (cuda), EXTRA (flags appended to every run, e.g. a tiny setting to try the script on a CPU),
+# DEVICE (cuda), EXTRA (flags appended to every run, e.g. a tiny setting to try the script on a CPU; the branch
+# group's bench_fmoe_cdsr_seeds.py takes only --embed-dim, --negatives and the harness flags of those),
 # RUN_GROUPS (which of "fkcb experts h256 ml1m branch" to run; all but branch by default), FKCB_METHODS and H256_METHODS
 # (the methods of those two groups, to rerun some), PROBE_METHODS (the probe's).
 set -u

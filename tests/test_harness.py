@@ -106,6 +106,9 @@ def test_seed_tables_are_written_with_the_setting_and_a_rerun_command_without_ru
     assert written.startswith("# X\n\npython bench/bench_x.py\n\nThe setting.\n\nCommand: `python bench/bench_x.py --settings c --seeds 0,1`")
     assert "## first" in written and "0.5" in written and "## empty" not in written and "--threads" not in written
     assert json.loads((tmp_path / "x.json").read_text())["seeds"] == [0, 1]
+    other = parse_flags(parser, ["--seeds", "0,1", "--name", "probe", "--results", str(tmp_path)])
+    write_seed_tables(parser, other, "X", doc, {"first": [{"method": "a", "accuracy": 0.5}]})
+    assert "--seeds 0,1 --name probe`" in (tmp_path / "probe.md").read_text()  # its own run folders: a rerun needs the name
     capsys.readouterr()
 
 

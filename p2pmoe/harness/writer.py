@@ -51,7 +51,8 @@ def write_results(folder: Path, name: str, data: Any, text: str, figures: Mappin
 
 RUN_ONLY_FLAGS = ("threads", "jobs", "name", "results", "checkpoint_every", "report_only")
 """Flags that change how a benchmark runs or where it writes, not what it measures: the rerun
-command leaves them out."""
+command leaves them out, but for a `--name` other than the script's default: the name also
+picks the run folders, so a rerun without it would read, and overwrite, the default's."""
 
 
 def write_seed_tables(
@@ -71,7 +72,8 @@ def write_seed_tables(
     and per-domain metrics a table leaves out; run folders do not always outlive a session)."""
     sections = [f"## {heading}\n\n```\n{format_table(table, columns_of(table))}\n```\n" for heading, table in tables.items() if table]
     sections += ["".join(f"- {line}\n" for line in findings)] if findings else []
-    command = rerun_command(parser, args, skip=tuple(flag for flag in RUN_ONLY_FLAGS if hasattr(args, flag)))
+    own_name = getattr(args, "name", None) not in (None, parser.get_default("name"))
+    command = rerun_command(parser, args, skip=tuple(flag for flag in RUN_ONLY_FLAGS if hasattr(args, flag) and not (flag == "name" and own_name)))
     paragraphs = (doc or "").split("\n\n", 1)
     text = markdown(title, paragraphs[-1].strip(), command, *sections)
     write_results(args.results, args.name, {"seeds": seed_list(args), "tables": dict(tables), "findings": list(findings), "rows": list(rows)}, text, figures)
