@@ -28,7 +28,7 @@ class ConstantLearner:
         return {"train_loss": self.value}
 
     def evaluate(self) -> dict[str, float]:
-        return {"accuracy": float(self.model.weight.mean())}
+        return {"accuracy": float(self.model.weight.detach().mean())}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return float_state(self.model)
