@@ -51,13 +51,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--negatives", type=int, default=None, help="sampled negatives per evaluated sequence (default: 99 on ML-1M, 999 on FKCB)")
+    p.add_argument("--train-negatives", type=int, default=0, help="0: full-softmax training (the paper's); N: sampled softmax against N items a step")
     p.add_argument("--device", default="cpu")
     add_flags(p, "seeds", "only", "jobs", "name", "results", "checkpoint_every", "report_only")
     return p
 
 
 def base_config(args: argparse.Namespace) -> ExperimentConfig:
-    task = {"embed_dim": args.embed_dim, "negatives": NEGATIVES[args.data] if args.negatives is None else args.negatives}
+    task = {
+        "embed_dim": args.embed_dim,
+        "negatives": NEGATIVES[args.data] if args.negatives is None else args.negatives,
+        "train_negatives": args.train_negatives,
+    }
     run = {"rounds": args.rounds, "batch_size": 64, "device": args.device, "threads": 1}
     where = {"data_root": args.data_root} if args.data_root else {}
     return with_options(default_config(data=args.data, method="fmoe-cdsr", **where, **run), task_options=task, method_options={"encoder": "lean"})
@@ -75,7 +80,8 @@ def tables(runs: dict[str, dict[int, dict[str, Any]]], domains: list[str]) -> di
 def main() -> None:
     cli = parser()
     args = parse_flags(cli)
-    args.name = args.name or f"fmoe_cdsr_{args.data.replace('-', '')}_branch_seeds"
+    sampled = f"_sampled{args.train_negatives}" if args.train_negatives else ""
+    args.name = args.name or f"fmoe_cdsr_{args.data.replace('-', '')}{sampled}_branch_seeds"
     variants = [VARIANTS[label] for label in chosen(cli, args, list(VARIANTS))]
     results = run_seeds(base_config(args), variants, seed_list(args), Path("runs") / f"bench_{args.name}", args.checkpoint_every, args.report_only, args.jobs)
     domains = [d.name for d in sequence_domains(args.data, args.data_root)]

@@ -8,7 +8,9 @@ runs as in every round after the first: all K branches live, the foreign experts
 (from independently initialised experts; their values do not change the cost) and either
 frozen (the method) or trainable (the "unfrozen" ablation). A last row times only the work
 FMoE-CDSR's objective cannot skip, its K heads and K + 1 softmax cross-entropies
-(`HeadsFloor`): a lower bound for any exact implementation. The methods take turns, one
+(`HeadsFloor`): a lower bound for any exact implementation. ``--train-negatives N`` adds
+Local SASRec and FMoE-CDSR trained with a sampled softmax of N items (`[task] train_negatives`),
+which changes the objective and so is not bound by that floor. The methods take turns, one
 epoch each, ``--repeats`` times, so a load change on a shared machine hits all of them alike;
 the table reports the median epoch in CPU seconds of this process (one torch thread: its
 CPU time is its compute, which wall time on a shared machine is not). Writes bench/results/step.json and step.md.
@@ -42,11 +44,12 @@ from p2pmoe.models.fmoe_cdsr import FMoECDSR, transition_adjacency
 from p2pmoe.report import format_table
 
 
-def fmoe_model(domains: list[DomainSequences], c: int, args: argparse.Namespace, frozen: bool) -> FMoECDSR:
+def fmoe_model(domains: list[DomainSequences], c: int, args: argparse.Namespace, frozen: bool, train_negatives: int = 0) -> FMoECDSR:
     """Client c's model with every foreign branch live, as from round 2 on."""
     data = domains[c]
     options = dict(max_len=args.max_len, hidden=args.hidden, dropout=args.dropout)
-    model = FMoECDSR(data.num_items, len(domains), c, transition_adjacency(data.train, data.num_items), **options)
+    adjacency = transition_adjacency(data.train, data.num_items)
+    model = FMoECDSR(data.num_items, len(domains), c, adjacency, **options, train_negatives=train_negatives)
     for i in range(len(domains)):
         if i != c:
             model.set_expert_state(i, model.expert_state(i))
@@ -154,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.3)
     add_flags(p, "threads")
     p.add_argument("--repeats", type=int, default=3, help="epochs timed per method (median reported)")
+    p.add_argument("--train-negatives", type=int, default=0, metavar="N", help="also time Local SASRec and FMoE-CDSR with a sampled softmax of N items")
     add_flags(p, "name", "results", name="step")
     p.add_argument("--quality", type=int, default=0, metavar="EPOCHS", help="train the one-branch recipes this long instead of timing")
     p.add_argument("--recipes", choices=sorted(RECIPES), default="init", help="which one-branch recipes --quality trains")
@@ -174,6 +178,12 @@ def epoch_seconds(domains: list[DomainSequences], c: int, args: argparse.Namespa
         "FMoE-CDSR unfrozen": lambda: fmoe_model(domains, c, args, frozen=False),
         "FMoE-CDSR heads and softmaxes only (floor)": lambda: HeadsFloor(data.num_items, len(domains), args.hidden),
     }
+    if args.train_negatives:
+        n = args.train_negatives
+        builders[f"Local SASRec, sampled softmax ({n})"] = lambda: SASRecNextItem(
+            data.num_items, args.max_len, args.hidden, heads=4, blocks=2, dropout=args.dropout, train_negatives=n
+        )
+        builders[f"FMoE-CDSR, sampled softmax ({n})"] = lambda: fmoe_model(domains, c, args, frozen=True, train_negatives=n)
     learners = {name: learner(build()) for name, build in builders.items()}
     seconds: dict[str, list[float]] = {name: [] for name in learners}
     for lrn in learners.values():  # warm-up epoch, not timed (allocator, lazy init)

@@ -22,13 +22,14 @@ from torch import Tensor
 _CELL_BUDGET = 8_000_000
 
 
-def check_negatives_fit(pools: Mapping[str, int], n: int) -> None:
+def check_negatives_fit(pools: Mapping[str, int], n: int, option: str = "negatives") -> None:
     """Refuse ``n`` sampled negatives when a domain's pool is too small, naming every such
     domain at once and the largest ``n`` that fits them all.
 
     ``pools[d]`` is the fewest negatives any evaluated target of domain ``d`` may be ranked
     against (its domain's items minus what the protocol excludes). Checked before any model is
-    built, so a user with short domains of their own learns the remedy in one try.
+    built, so a user with short domains of their own learns the remedy in one try. ``option``
+    is the ``[task]`` key the remedy names.
     """
     short = {domain: pool for domain, pool in pools.items() if pool < n}
     if not short:
@@ -36,7 +37,7 @@ def check_negatives_fit(pools: Mapping[str, int], n: int) -> None:
     listed = ", ".join(f"{domain} allows {pool}" for domain, pool in sorted(short.items(), key=lambda kv: kv[1]))
     fits = min(pools.values())
     remedy = (
-        f"pass --negatives N (or [task] negatives = N) with N <= {fits}"
+        f"pass --{option.replace('_', '-')} N (or [task] {option} = N) with N <= {fits}"
         if fits >= 1
         else "a domain without a single candidate cannot be ranked: leave it out of the data"
     )

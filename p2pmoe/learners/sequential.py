@@ -20,6 +20,7 @@ from p2pmoe.data.sequences import DomainSequences
 from p2pmoe.eval.metrics import ranking_metrics, ranks_against_negatives
 from p2pmoe.eval.negatives import sample_negatives
 from p2pmoe.learners.base import shuffled_batches
+from p2pmoe.models.sampled_softmax import draw_train_negatives, sampled_cross_entropy, sampled_logits
 from p2pmoe.models.sasrec import SASRec
 from p2pmoe.wire.codec import check_like
 
@@ -292,13 +293,22 @@ class SASRecNextItem(SASRec):
     Padding positions are dropped before the ``[positions, items]`` logits are formed: those
     logits dominate the step's cost, and about half the slots of an FKCB batch are padding.
     Scores are tied to the item embeddings; the encoder is ``encoder`` so
-    FedSASRec can average ``encoder.*`` alone.
+    FedSASRec can average ``encoder.*`` alone. ``train_negatives`` > 0 swaps the full softmax
+    for a sampled one (`p2pmoe.models.sampled_softmax`, a project option).
     """
+
+    def __init__(self, num_items: int, max_len: int, hidden: int = 64, heads: int = 4, blocks: int = 2, dropout: float = 0.2, train_negatives: int = 0) -> None:
+        super().__init__(num_items, max_len, hidden, heads, blocks, dropout)
+        self.train_negatives = train_negatives
 
     def loss(self, batch: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
         keep = ~batch.pad_mask
-        hidden = self(batch.inputs)[keep]
-        ce = F.cross_entropy(self.all_scores(hidden), batch.targets[keep])
+        hidden, targets = self(batch.inputs)[keep], batch.targets[keep]
+        if self.train_negatives:
+            negatives = draw_train_negatives(self.num_items, self.train_negatives, hidden.device)
+            ce = sampled_cross_entropy(sampled_logits(hidden, self.item_emb.weight, targets, negatives), targets, negatives)
+        else:
+            ce = F.cross_entropy(self.all_scores(hidden), targets)
         return ce, {"ce": float(ce.detach())}
 
     def score_candidates(self, inputs: Tensor, candidates: Tensor) -> Tensor:

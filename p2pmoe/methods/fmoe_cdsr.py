@@ -270,6 +270,7 @@ def _model_factory(opts: FMoECDSROptions) -> Callable[[ExperimentConfig, DomainS
             init=opts.init,
             graph=opts.graph,
             input_norm=opts.input_norm,
+            train_negatives=task.train_negatives,
         )
 
     return build

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p2pmoe.models.sampled_softmax import draw_train_negatives, sampled_cross_entropy, sampled_logits
 from p2pmoe.models.sasrec import SASRecEncoder, _dropout
 from p2pmoe.wire.codec import check_like
 
@@ -87,7 +88,8 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 class _GatedSum(torch.autograd.Function):
-    """``Σ_r w[:, r] · ℓ_r`` for constant logit tables ``ℓ_r`` ``[P, items]`` and weights ``w``
+    """``Σ_r w[:, r] · ℓ_r`` for constant logit tables ``ℓ_r`` ``[P, C]`` (C: the items, or a
+    sampled softmax's candidates) and weights ``w``
     ``[P, R]`` or ``[1, R]``, with a gradient for ``w`` only.
 
     The same value as the plain expression, but one ``[P, items]`` table is written instead of
@@ -161,6 +163,12 @@ class Branch(nn.Module):
             return self.head(z)
         return z @ self.item_emb.weight[: self.num_items].T
 
+    def sampled_scores(self, z: Tensor, targets: Tensor, negatives: Tensor) -> Tensor:
+        """`scores` at each row's target and the shared ``negatives`` only (`sampled_logits`)."""
+        if self.head is not None:
+            return sampled_logits(z, self.head.weight, targets, negatives, self.head.bias)
+        return sampled_logits(z, self.item_emb.weight, targets, negatives)
+
     def item_table(self, adjacency: Tensor) -> Tensor:
         """``(H + E)`` for every item, ``H = (E + A·E + b) / 2`` (``E`` without the graph
         layer): computed once per step and shared by the sequence and its permuted view."""
@@ -215,7 +223,9 @@ class FMoECDSR(nn.Module):
     score depends on what else is in the batch); ``head`` "linear" (default: each branch its
     own linear prediction head, as the official code) or "tied" (scores are dot products with
     the branch's item embeddings, as SASRec scores); ``graph`` and ``input_norm`` (default True,
-    as the paper) are ablations of the branch, see `Branch`.
+    as the paper) are ablations of the branch, see `Branch`; ``train_negatives`` > 0 (default 0,
+    the paper's full softmax) trains every CE term, the mixture's included, as a sampled softmax
+    over the target and the same ``train_negatives`` items per step (`p2pmoe.models.sampled_softmax`).
     """
 
     # Buffers and submodules by type (nn.Module's attribute lookup is typed `Tensor | Module`).
@@ -249,6 +259,7 @@ class FMoECDSR(nn.Module):
         init: str = "sasrec",
         graph: bool = True,
         input_norm: bool = True,
+        train_negatives: int = 0,
     ) -> None:
         super().__init__()
         if not 0 <= domain_index < num_domains:
@@ -266,6 +277,7 @@ class FMoECDSR(nn.Module):
         self.kl_cap, self.kl_anneal_steps = kl_cap, kl_anneal_steps
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
         self.gate_pooling = gate_pooling
+        self.train_negatives = train_negatives
         self.register_buffer("adjacency", adjacency.coalesce(), persistent=False)
         self.register_buffer("available", torch.arange(num_domains) == domain_index)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -376,6 +388,14 @@ class FMoECDSR(nn.Module):
         if self.contrastive_weight:
             seqs = torch.cat([seqs, self._permuted(batch.inputs, batch.pad_mask)])
         pad_mask = seqs == self.pad_index
+        negatives = draw_train_negatives(self.num_items, self.train_negatives, seqs.device) if self.train_negatives else None
+
+        def scores(branch: Branch, z: Tensor) -> Tensor:
+            return branch.scores(z) if negatives is None else branch.sampled_scores(z, targets, negatives)
+
+        def cross_entropy(logits: Tensor) -> Tensor:
+            return F.cross_entropy(logits, targets) if negatives is None else sampled_cross_entropy(logits, targets, negatives)
+
         terms: dict[str, Tensor] = {}
         logits: dict[int, Tensor] = {}
         reps: dict[int, Tensor] = {}
@@ -384,8 +404,8 @@ class FMoECDSR(nn.Module):
             x = branch.embed(branch.item_table(self.adjacency), seqs, self.dropout)
             mu = expert.mu(x, pad_mask)
             z = mu[:b][keep]
-            logits[i] = branch.scores(z)
-            terms["ce"] = terms.get("ce", 0) + F.cross_entropy(logits[i], targets)
+            logits[i] = scores(branch, z)
+            terms["ce"] = terms.get("ce", 0) + cross_entropy(logits[i])
             reps[i] = z if self.gate_pooling == "position" else mu[:b, -1]
             if self.vae:
                 assert expert.logvar is not None  # built exactly when vae is
@@ -395,7 +415,7 @@ class FMoECDSR(nn.Module):
             if self.contrastive_weight:
                 terms["contrastive"] = terms.get("contrastive", 0) + nt_xent(mu[:b, -1], mu[b:, -1], self.temperature)
         weights = self._position_weights(self._gate_weights(reps), rows)
-        terms["ce_moe"] = F.cross_entropy(self._mixture(weights, logits), targets)
+        terms["ce_moe"] = cross_entropy(self._mixture(weights, logits))
         return terms, weights.detach()
 
     def loss(self, batch: SequenceBatch) -> tuple[Tensor, dict[str, float]]:

@@ -51,13 +51,19 @@ class SequenceOptions(Options):
     dropout: float = option(0.3, "dropout rate", minimum=0, maximum=1)
     domain_field: str = option("category", "atomic data: the .item field naming each item's domain (token, token_seq: first token, or float)")
     negatives: int = option(999, "sampled negatives per evaluated sequence (drawn once, fixed seed)", minimum=1)
+    train_negatives: int = option(
+        0,
+        "training loss: 0 = cross-entropy over all of the domain's items (the papers'); N = sampled softmax, each prediction"
+        " against N items drawn uniformly each step (a project option for large catalogues; evaluation is unchanged)",
+        minimum=0,
+    )
 
 
 def sasrec_model(cfg: ExperimentConfig, domain: DomainSequences | None, k: int, num_domains: int) -> nn.Module:
     """The family's default model: SASRec over the domain's items, scores tied to item embeddings."""
     opts = options_as(cfg.task, SequenceOptions, "sequential data")
     items = domain.num_items if domain is not None else 1
-    return SASRecNextItem(items, opts.max_len, opts.embed_dim, heads=opts.heads, blocks=opts.blocks, dropout=opts.dropout)
+    return SASRecNextItem(items, opts.max_len, opts.embed_dim, opts.heads, opts.blocks, opts.dropout, train_negatives=opts.train_negatives)
 
 
 def _fkcb_root(root: str | None) -> Path:
@@ -119,14 +125,22 @@ class SequentialTask(Task[SequenceOptions]):
         run, opts = cfg.run, self.options_of(cfg)
         assert run.lr is not None  # `resolve` set it
         domains = sequence_domains(run.data, run.data_root, opts.domain_field)
-        check_negatives_fit({d.name: d.num_items - 1 for d in domains}, opts.negatives)  # every domain, not only this node's
+        pools = {d.name: d.num_items - 1 for d in domains}
+        check_negatives_fit(pools, opts.negatives)  # every domain, not only this node's
+        check_negatives_fit(pools, opts.train_negatives, "train_negatives")
         device = resolve_device(run.device)
         factory = model or sasrec_model
         out: dict[int, Learner] = {}
         for k in indices:
             with seeded_init(run.seed):  # identical initial encoder weights on every client
+                built = factory(cfg, domains[k], k, len(domains))
+                if getattr(built, "train_negatives", 0) != opts.train_negatives:
+                    raise ValueError(
+                        f"[task] train_negatives = {opts.train_negatives} (--train-negatives): the model {type(built).__name__} does not"
+                        " train with sampled negatives (no matching `train_negatives` attribute); leave the option out or give the model one"
+                    )
                 out[k] = NextItemLearner(
-                    factory(cfg, domains[k], k, len(domains)),
+                    built,
                     domains[k],
                     opts.max_len,
                     batch_size=run.batch_size,
