@@ -199,6 +199,8 @@ def epoch_seconds(domains: list[DomainSequences], c: int, args: argparse.Namespa
 def main() -> None:
     cli = parser()
     args = parse_flags(cli)
+    if args.train_negatives and args.name == cli.get_default("name"):
+        args.name = "step_sampled"  # the full-softmax table keeps its own file; the rerun command (no --name) lands here again
     torch.set_num_threads(args.threads)
     domains = load_feddcsr(args.data_root)
     c = [d.name for d in domains].index(args.domain)

@@ -110,3 +110,32 @@ def test_a_model_without_sampled_training_refuses_the_option(fkcb_like):
     resolved = resolve_experiment(_config(fkcb_like, "local", 5))
     with pytest.raises(ValueError, match=r"train_negatives = 5 .*SASRecNextItem does not train with sampled negatives"):
         task_for_data("fkcb").learners(resolved.cfg, [0], model=plain)
+
+
+@pytest.mark.parametrize("head", ["linear", "tied"])
+def test_a_branchs_sampled_scores_are_its_full_scores_columns(head):
+    branch = model(head=head).branch(0)
+    torch.manual_seed(5)
+    z, targets, negatives = torch.randn(7, 8), torch.randint(N, (7,)), torch.tensor([3, 0, 11, 19])
+    full = branch.scores(z)
+    expected = torch.cat([full.gather(1, targets[:, None]), full[:, negatives]], dim=1)
+    torch.testing.assert_close(branch.sampled_scores(z, targets, negatives), expected)
+
+
+def test_full_softmax_training_draws_nothing_from_the_rng():
+    """The default path consumes the node's random stream as before the option existed."""
+    sasrec = SASRecNextItem(40, 6, 8, heads=2, blocks=1, dropout=0.0)
+    step = SequenceBatcher(40, 6).training([[1, 2, 3], [4, 5, 6, 7]])
+    state = torch.get_rng_state()
+    sasrec.loss(step)
+    assert torch.equal(torch.get_rng_state(), state)
+    sasrec.train_negatives = 5
+    sasrec.loss(step)
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("method", ["local", "fedsasrec", "fmoe-cdsr", "fmoe-cdsr-uniform"])
+def test_the_built_in_sequential_methods_take_the_option(fkcb_like, method):
+    experiment = build_experiment(resolve_experiment(_config(fkcb_like, method, 5)))
+    models = [node.learner.model for name, node in experiment.nodes.items() if name in experiment.clients]
+    assert len(models) == 3 and all(m.train_negatives == 5 for m in models)

@@ -5,7 +5,7 @@ that ``[positions, items]`` logit table, its softmax and their gradients are mos
 cost on FKCB (14-35k items a domain, hidden 64), and FMoE-CDSR forms one table per branch.
 A sampled softmax keeps the loss's form and swaps the catalogue for the target plus ``n``
 items drawn uniformly without replacement once per step and shared by every position of the
-batch (one ``[positions, n]`` product, no per-row gather). With a uniform proposal the usual
+batch (one ``[positions, n]`` product, no ``[positions, n, d]`` gather). With a uniform proposal the usual
 log-Q correction is one constant for every candidate and cancels. A negative that is the row's
 own target is masked out of that row.
 
@@ -24,11 +24,12 @@ __all__ = ["draw_train_negatives", "sampled_cross_entropy", "sampled_logits"]
 
 
 def draw_train_negatives(num_items: int, n: int, device: torch.device) -> Tensor:
-    """``n`` distinct item ids of ``0..num_items-1`` from torch's global RNG (the node's own
-    stream under the driver, so runs and resumes are reproducible)."""
+    """``n`` distinct item ids of ``0..num_items-1`` from torch's global CPU RNG (the node's own
+    stream under the driver, so runs and resumes are reproducible, on CUDA too: the ids are
+    drawn on the CPU and moved)."""
     if not 0 < n < num_items:
         raise ValueError(f"{n} training negatives need 1 <= n < {num_items} items")
-    return torch.randperm(num_items, device=device)[:n]
+    return torch.randperm(num_items)[:n].to(device)
 
 
 def sampled_logits(z: Tensor, weight: Tensor, targets: Tensor, negatives: Tensor, bias: Tensor | None = None) -> Tensor:
