@@ -52,6 +52,7 @@ def test_a_plugin_file_named_by_the_run_trains_like_any_method(tmp_path):
     assert median["per_node"] != mean["per_node"]
 
 
+@pytest.mark.slow  # two fresh interpreters import torch
 def test_an_entry_point_of_an_installed_distribution_is_listed_with_the_built_ins(tmp_path):
     site = tmp_path / "site"
     (site / "my_rule-0.1.dist-info").mkdir(parents=True)

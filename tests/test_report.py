@@ -108,6 +108,7 @@ def test_report_of_an_image_and_a_sequence_run(runs, tmp_path, capsys):
     assert float(one["value"]) == pytest.approx(row["metrics"]["valid_mrr"])
 
 
+@pytest.mark.slow  # draws a whole report of six runs
 def test_runs_repeated_over_seeds_get_a_paired_table_and_a_spread_figure(runs, tmp_path):
     """Issue 31: `p2pmoe report` of one experiment per method over seeds groups the folders by
     their setting without the seed and compares the groups pairwise by seed."""

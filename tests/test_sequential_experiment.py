@@ -44,7 +44,10 @@ def _run(root: Path, method: str, out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["local", "fedsasrec", "fmoe-cdsr", "fmoe-cdsr-uniform", "fmoe-cdsr-unfrozen"])
+# the default suite runs one server-mediated method, FMoE-CDSR and the baseline; the ablations are slow
+@pytest.mark.parametrize(
+    "method", ["local", "fmoe-cdsr", *(pytest.param(m, marks=pytest.mark.slow) for m in ("fedsasrec", "fmoe-cdsr-uniform", "fmoe-cdsr-unfrozen"))]
+)
 def test_every_method_runs_one_client_per_domain_with_ranking_metrics(fkcb_like, tmp_path, method):
     summary = _run(fkcb_like, method, tmp_path / method)
     assert summary["nodes"] == len(DOMAINS)  # one client per domain, whatever --nodes said
